@@ -1,0 +1,33 @@
+# make demo | make test | make local | make bench — each sets itself up first.
+PYTHON   ?= python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+API_PORT ?= 8000
+export API_PORT
+
+.PHONY: install demo test local bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt device/requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Python 3.11 or newer is needed (found: $$($(PYTHON) --version 2>&1))."; exit 1; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+	  echo "python venv is missing. Install it with: apt-get install -y python3-venv"; exit 1; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+demo: install
+	$(PY) devstack/demo.py
+
+local: install
+	$(PY) devstack/local.py --api-port $(API_PORT)
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .state .pytest_cache

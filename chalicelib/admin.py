@@ -1,0 +1,160 @@
+"""Operator CLI: python -m chalicelib.admin [--stage local] COMMAND ...
+
+Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
+the process environment), so the CLI and the server always look at the same registry and keys.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from chalicelib import wiring
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
+from chalicelib.errors import ConfigError
+from chalicelib.issuers.local_ca import write_private
+from chalicelib.registry.base import STATUSES
+
+THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")  # AWS IoT's rule for thing names
+
+
+class CommandError(Exception):
+    """A problem the operator can fix; printed without a traceback."""
+
+
+def stage_settings(stage: str, state_dir: str | None) -> Settings:
+    env = {}
+    config_file = PROJECT_DIR / ".chalice" / "config.json"
+    if config_file.exists():
+        stages = json.loads(config_file.read_text()).get("stages", {})
+        if stage not in stages:
+            raise CommandError(f"stage {stage!r} is not in {config_file} (stages: {', '.join(stages)})")
+        env.update(stages[stage].get("environment_variables", {}))
+    env.update({k: v for k, v in os.environ.items() if k.startswith("GIP_")})
+    env["GIP_STAGE"] = stage
+    if state_dir:
+        env["GIP_STATE_DIR"] = str(Path(state_dir).resolve())
+    return Settings.from_env(env)
+
+
+def cmd_keygen(config: Settings, args) -> int:
+    out = Path(args.out_dir).resolve() if args.out_dir else config.keys_dir
+    private_path, public_path = out / FLEET_PRIVATE_KEY_NAME, out / FLEET_PUBLIC_KEY_NAME
+    if private_path.exists() and not args.force:
+        raise CommandError(f"{private_path} exists; every device signs with it. Use --force to replace it.")
+    out.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
+    write_private(private_path, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    print(f"private key (for device firmware, keep secret): {private_path}")
+    print(f"public key (the service verifies with it):      {public_path}")
+    if public_path != config.fleet_public_key:
+        print(f"note: the stage reads its key from {config.fleet_public_key}; set GIP_FLEET_PUBLIC_KEY to use this one")
+    return 0
+
+
+def cmd_init(config: Settings, args) -> int:
+    wiring.registry(config).create()
+    print(f"registry ready: {config.registry_path}")
+    return 0
+
+
+def cmd_register(config: Settings, args) -> int:
+    if args.prefix is not None:
+        if args.names:
+            raise CommandError("give names or --prefix/--count, not both")
+        if args.count is None or args.count < 1:
+            raise CommandError("--prefix needs --count N (N >= 1)")
+        names = [f"{args.prefix}{i}" for i in range(args.start, args.start + args.count)]
+    elif args.names:
+        names = list(dict.fromkeys(args.names))
+    else:
+        raise CommandError("give device names, or --prefix NAME --count N")
+    bad = [name for name in names if not THING_NAME.match(name)]
+    if bad:
+        raise CommandError(f"not valid thing names (letters, digits, ':', '_', '-'; 1-128 characters): "
+                           f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}")
+    registry = wiring.registry(config)
+    registry.create()
+    added = registry.register(names)
+    print(f"registered {added} new device(s); {len(names) - added} already present")
+    return 0
+
+
+def cmd_list(config: Settings, args) -> int:
+    items = list(wiring.registry(config).list(args.status))
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    columns = ("thing_name", "prov_status", "aws_region", "prov_datetime")
+    rows = [columns] + [tuple(item.get(c, "-") for c in columns) for item in items]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+    print(f"({len(items)} device(s))")
+    return 0
+
+
+def cmd_show(config: Settings, args) -> int:
+    item = wiring.registry(config).get(args.name)
+    if item is None:
+        raise CommandError(f"{args.name} is not registered")
+    if item.get("certificate_id") and item.get("aws_region"):
+        item["certificate"] = wiring.issuer(config).certificate(item["certificate_id"])
+    print(json.dumps(item, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m chalicelib.admin", description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--stage", default="local", help="stage whose settings to use (default: local)")
+    top.add_argument("--state-dir", help="override the stage's state directory (registry, CAs, keys)")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="make the fleet provisioning signing key pair")
+    p.add_argument("--out-dir", help="where to write the two PEM files (default: the stage's keys directory)")
+    p.add_argument("--bits", type=int, default=2048, choices=(2048, 3072, 4096), help="RSA key size")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("init", help="create the registry (safe to repeat)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("register", help="add devices to the allow-list as unprovisioned",
+                       description="Add devices to the allow-list. Names already registered are left unchanged.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="thing names")
+    p.add_argument("--prefix", help="register PREFIX<start> .. PREFIX<start+count-1>")
+    p.add_argument("--count", type=int, help="how many names to make with --prefix")
+    p.add_argument("--start", type=int, default=1, help="first number with --prefix (default 1)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("list", help="list registered devices")
+    p.add_argument("--status", choices=STATUSES, help="only devices in this state")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show one device's registry item as JSON")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_show)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(stage_settings(args.stage, args.state_dir), args)
+    except (CommandError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

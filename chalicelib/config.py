@@ -1,0 +1,96 @@
+"""Settings of a stage, read from its environment (set by .chalice/config.json or the caller).
+
+Read once when first needed and validated, so a bad setting fails at startup with a message that
+names it, not on the first device.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from chalicelib.errors import ConfigError
+from chalicelib.regions import DEFAULT_REGION, SAMPLE_REGIONS
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+FLEET_PRIVATE_KEY_NAME = "global-provisioning.priv.key.pem"
+FLEET_PUBLIC_KEY_NAME = "global-provisioning.pub.key.pem"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    stage: str
+    state_dir: Path
+    fleet_public_key: Path
+    enabled_regions: tuple[str, ...]
+    default_region: str
+    trust_forwarded_for: bool
+    mqtt_host: str
+    mqtt_base_port: int
+    claim_lease_seconds: int
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.sqlite3"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.state_dir / "ca"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        stage = env.get("GIP_STAGE", "local")
+        state_dir = _path(env.get("GIP_STATE_DIR") or f".state/{stage}")
+        return cls(
+            stage=stage,
+            state_dir=state_dir,
+            fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY"]) if env.get("GIP_FLEET_PUBLIC_KEY")
+            else state_dir / "keys" / FLEET_PUBLIC_KEY_NAME,
+            enabled_regions=_list(env.get("GIP_ENABLED_REGIONS")) or SAMPLE_REGIONS,
+            default_region=env.get("GIP_DEFAULT_REGION") or DEFAULT_REGION,
+            trust_forwarded_for=_bool(env, "GIP_TRUST_FORWARDED_FOR", False),
+            mqtt_host=env.get("GIP_MQTT_HOST") or "localhost",
+            mqtt_base_port=_int(env, "GIP_MQTT_BASE_PORT", 18883),
+            claim_lease_seconds=_int(env, "GIP_CLAIM_LEASE_SECONDS", 300),
+        )
+
+
+def _path(value: str) -> Path:
+    # Relative paths are relative to the project, whatever directory a command runs from.
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else PROJECT_DIR / path
+
+
+def _list(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true or false")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r}: must be positive")
+    return value

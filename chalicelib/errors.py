@@ -1,0 +1,47 @@
+"""Domain errors. Each carries a stable machine code; app.py maps classes to HTTP statuses."""
+
+
+class ProvisioningError(Exception):
+    """Base of every error a device may be told about."""
+
+    code = "error"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+
+
+class MalformedRequest(ProvisioningError):
+    code = "malformed-request"
+
+
+class SignatureInvalid(ProvisioningError):
+    code = "invalid-signature"
+
+
+class NotRegistered(ProvisioningError):
+    code = "not-registered"
+
+
+class AlreadyProvisioned(ProvisioningError):
+    code = "already-provisioned"
+
+
+class ProvisioningInProgress(ProvisioningError):
+    code = "provisioning-in-progress"
+
+
+class ServiceUnavailable(ProvisioningError):
+    """An upstream part (issuer, registry) failed; the device may retry later."""
+
+    code = "service-unavailable"
+
+    def __init__(self, message: str, code: str | None = None, retry_after: int = 5):
+        super().__init__(message, code)
+        self.retry_after = retry_after
+
+
+class ConfigError(Exception):
+    """The stage's configuration is wrong; raised at startup with a message naming the setting."""

@@ -1,0 +1,29 @@
+"""What every issuer backend offers."""
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    region: str
+    certificate_id: str
+    certificate_pem: str
+    endpoint: Endpoint
+    private_key_pem: str | None = None  # only when the issuer made the key pair; never stored
+
+
+class Issuer(Protocol):
+    def issue(self, thing_name: str, region: str,
+              csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
+        """Create the device's identity in `region`: from the CSR's key, or with a new RSA-2048 key pair."""
+
+    def revoke(self, issued: IssuedCertificate) -> None:
+        """Undo `issue` (rollback): the certificate can no longer be used."""

@@ -1,0 +1,206 @@
+"""The local stage's issuer: a real certificate authority per simulated region.
+
+Each region's CA is made on first use under the stage's state directory; every certificate it issues is
+recorded (serial, thing, region, time, status) in one SQLite file, so revocation and audits can work.
+"""
+import fcntl
+import hashlib
+import os
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from chalicelib.issuers.base import Endpoint, IssuedCertificate
+
+CA_LIFETIME = timedelta(days=3650 * 3)
+DEVICE_LIFETIME = timedelta(days=3650)
+_BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between issuer and broker
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _private_pem(key, fmt=serialization.PrivateFormat.PKCS8) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only, from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+class LocalCertificateAuthority:
+    """One region's CA: an EC P-256 key (fast to sign with) and a self-signed certificate."""
+
+    def __init__(self, region: str, directory: Path, clock: Callable[[], datetime] = _utcnow):
+        self.region = region
+        self.directory = Path(directory) / region
+        self.cert_path = self.directory / "ca.cert.pem"
+        self.key_path = self.directory / "ca.key.pem"
+        self._clock = clock
+        self._load_or_create()
+
+    def _load_or_create(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Another process (the admin CLI, devstack, a second server) may be making the same CA right now.
+        with open(self.directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self.cert_path.exists():
+                self._create()
+        self.key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        self.certificate = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+
+    def _create(self) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Global IoT Device Provisioning (local)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"Local IoT CA {self.region}"),
+        ])
+        now = self._clock()
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (x509.CertificateBuilder()
+                .subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - _BACKDATE).not_valid_after(now + CA_LIFETIME)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                             key_encipherment=False, data_encipherment=False,
+                                             key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                             encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(ski, critical=False)
+                .sign(key, hashes.SHA256()))
+        write_private(self.key_path, _private_pem(key))
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def sign(self, common_name: str, public_key, *, server_names: Iterable[str] = (),
+             lifetime: timedelta = DEVICE_LIFETIME) -> x509.Certificate:
+        """A leaf certificate for `public_key`; a client certificate, or a server one when names are given."""
+        now = self._clock()
+        server_names = list(server_names)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                   .issuer_name(self.certificate.subject).public_key(public_key)
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - _BACKDATE).not_valid_after(now + lifetime)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage(
+                       [ExtendedKeyUsageOID.SERVER_AUTH] if server_names else [ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                                  critical=False))
+        if server_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(n) for n in server_names]),
+                                            critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def certificate_id(cert: x509.Certificate) -> str:
+    """64 hex digits, the SHA-256 of the DER certificate: the same form as AWS IoT certificate ids."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+_CERT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS certificates (
+    certificate_id TEXT PRIMARY KEY,
+    serial         TEXT NOT NULL,
+    thing_name     TEXT NOT NULL,
+    region         TEXT NOT NULL,
+    issued_at      TEXT NOT NULL,
+    not_after      TEXT NOT NULL,
+    status         TEXT NOT NULL CHECK (status IN ('ACTIVE', 'REVOKED'))
+);
+CREATE INDEX IF NOT EXISTS certificates_by_thing ON certificates (thing_name);
+"""
+
+
+class LocalIssuer:
+    """Issues device certificates from the chosen region's local CA and records each one."""
+
+    def __init__(self, ca_dir: Path, endpoints: Mapping[str, Endpoint],
+                 clock: Callable[[], datetime] = _utcnow):
+        self._ca_dir = Path(ca_dir)
+        self._endpoints = dict(endpoints)
+        self._clock = clock
+        self._cas: dict[str, LocalCertificateAuthority] = {}
+        self._ca_lock = threading.Lock()
+        self._local = threading.local()
+
+    def authority(self, region: str) -> LocalCertificateAuthority:
+        ca = self._cas.get(region)
+        if ca is None:
+            with self._ca_lock:
+                ca = self._cas.get(region) or LocalCertificateAuthority(region, self._ca_dir, self._clock)
+                self._cas[region] = ca
+        return ca
+
+    def endpoint(self, region: str) -> Endpoint:
+        return self._endpoints[region]
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self._ca_dir.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._ca_dir / "certificates.sqlite3", isolation_level=None, timeout=10)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_CERT_SCHEMA)
+            self._local.db = db
+        return db
+
+    def issue(self, thing_name: str, region: str,
+              csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
+        endpoint = self.endpoint(region)
+        private_key_pem = None
+        if csr is None:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            public_key = key.public_key()
+            # The form AWS IoT returns ("BEGIN RSA PRIVATE KEY"), which the sample's device expects.
+            private_key_pem = _private_pem(key, serialization.PrivateFormat.TraditionalOpenSSL).decode()
+        else:
+            public_key = csr.public_key()
+        # The subject is always the thing name, whatever the CSR asked for: brokers map CN to the MQTT user.
+        cert = self.authority(region).sign(thing_name, public_key)
+        cert_id = certificate_id(cert)
+        self._db().execute(
+            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, 'ACTIVE')",
+            (cert_id, format(cert.serial_number, "x"), thing_name, region,
+             self._clock().strftime("%Y-%m-%dT%H:%M:%SZ"),
+             cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")))
+        return IssuedCertificate(region, cert_id, cert.public_bytes(serialization.Encoding.PEM).decode(),
+                                 endpoint, private_key_pem)
+
+    def revoke(self, issued: IssuedCertificate) -> None:
+        self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
+                           (issued.certificate_id,))
+
+    def certificate(self, certificate_id: str) -> dict | None:
+        row = self._db().execute("SELECT * FROM certificates WHERE certificate_id = ?",
+                                 (certificate_id,)).fetchone()
+        return dict(row) if row else None
+
+    def certificates(self, thing_name: str) -> list[dict]:
+        return [dict(row) for row in self._db().execute(
+            "SELECT * FROM certificates WHERE thing_name = ? ORDER BY issued_at", (thing_name,))]
+
+
+def local_endpoints(regions: Iterable[str], host: str, base_port: int) -> dict[str, Endpoint]:
+    """Each enabled region's broker listener: base_port + its position in the enabled list."""
+    return {region: Endpoint(host, base_port + i) for i, region in enumerate(regions)}

@@ -1,0 +1,129 @@
+"""The orchestrator: verify, claim, locate, choose a region, issue, record. Collaborators are passed in."""
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping
+
+from cryptography import x509
+
+from chalicelib.errors import MalformedRequest, ProvisioningError, ServiceUnavailable
+from chalicelib.geo import GeoLocator
+from chalicelib.issuers.base import IssuedCertificate, Issuer
+from chalicelib.regions import RegionChoice, RegionPolicy
+from chalicelib.registry.base import Registry
+from chalicelib.signatures import FleetKeyVerifier, decode_signature
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProvisioningRequest:
+    thing_name: str
+    signature: bytes
+    csr: x509.CertificateSigningRequest | None
+
+    @classmethod
+    def from_body(cls, body: Any) -> "ProvisioningRequest":
+        """Check the wire format (design.md); anything wrong is a MalformedRequest naming the field."""
+        if not isinstance(body, Mapping):
+            raise MalformedRequest("the body must be a JSON object")
+        thing_name = _required_text(body, "thing-name")
+        signature = decode_signature(_required_text(body, "thing-name-sig"))
+        csr_pem = body.get("CSR")
+        if csr_pem is None or csr_pem == "":
+            return cls(thing_name, signature, None)
+        if not isinstance(csr_pem, str):
+            raise MalformedRequest("CSR must be a PEM string", "malformed-csr")
+        return cls(thing_name, signature, parse_csr(csr_pem))
+
+
+def _required_text(body: Mapping, field: str) -> str:
+    value = body.get(field)
+    if value is None or value == "":
+        raise MalformedRequest(f"{field} is missing", "missing-field")
+    if not isinstance(value, str):
+        raise MalformedRequest(f"{field} must be a string", "malformed-request")
+    return value
+
+
+def parse_csr(csr_pem: str) -> x509.CertificateSigningRequest:
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode("utf-8"))
+    except ValueError:
+        raise MalformedRequest("CSR is not a PEM certificate signing request", "malformed-csr") from None
+    if not csr.is_signature_valid:
+        raise MalformedRequest("CSR's self-signature is not valid", "malformed-csr")
+    return csr
+
+
+@dataclass(frozen=True)
+class ProvisioningResult:
+    thing_name: str
+    choice: RegionChoice
+    issued: IssuedCertificate
+    note: str | None = None
+
+    def response_body(self) -> dict:
+        body = {
+            "status": "success",
+            "thingName": self.thing_name,
+            "region": self.choice.region,
+            "distance": self.choice.distance_km,
+            "reason": self.choice.reason,
+            "endpointAddress": self.issued.endpoint.address,
+            "endpointPort": self.issued.endpoint.port,
+            "certificateId": self.issued.certificate_id,
+            "certificatePem": self.issued.certificate_pem,
+        }
+        if self.issued.private_key_pem is not None:
+            body["PrivateKey"] = self.issued.private_key_pem
+        if self.note:
+            body["message"] = self.note
+        return body
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ProvisioningService:
+    def __init__(self, registry: Registry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
+                 verifier: FleetKeyVerifier, lease_seconds: int = 300,
+                 clock: Callable[[], datetime] = _utcnow):
+        self._registry = registry
+        self._issuer = issuer
+        self._locator = locator
+        self._regions = regions
+        self._verifier = verifier
+        self._lease_seconds = lease_seconds
+        self._clock = clock
+
+    def provision(self, request: ProvisioningRequest, client_ip: str) -> ProvisioningResult:
+        # Signature first: an unsigned caller learns nothing about the allow-list and changes nothing.
+        self._verifier.verify(request.thing_name, request.signature)
+        claim = self._registry.claim(request.thing_name, self._clock(), self._lease_seconds)
+        issued = None
+        try:
+            location = self._locator.locate(client_ip)
+            choice = self._regions.choose(location)
+            issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
+            self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock())
+        except Exception as exc:
+            self._undo(claim, issued, exc)
+            if isinstance(exc, ProvisioningError):
+                raise
+            raise ServiceUnavailable("provisioning failed on the server side; try again later") from exc
+        note = None if choice.reason != "default" else (
+            f"location of {client_ip} is unknown; using the default region {choice.region}")
+        return ProvisioningResult(request.thing_name, choice, issued, note)
+
+    def _undo(self, claim, issued: IssuedCertificate | None, cause: Exception) -> None:
+        """Compensate in reverse order; a failure here is logged and never hides the original error."""
+        log.error("provisioning %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
+        try:
+            if issued is not None:
+                self._issuer.revoke(issued)
+            self._registry.release(claim, f"{type(cause).__name__}: {cause}"[:500])
+        except Exception:
+            log.exception("rollback of %s incomplete (certificate %s): operator action needed",
+                          claim.thing_name, issued.certificate_id if issued else None)

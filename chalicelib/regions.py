@@ -1,0 +1,143 @@
+"""Region choice: the nearest enabled AWS IoT Core region to a device, by great-circle distance.
+
+Pure and stdlib-only so it can be table-tested and runs cheaply on every provisioning request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from chalicelib.errors import ConfigError
+
+EARTH_RADIUS_KM = 6371.0088  # IUGG mean Earth radius
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    metro: str
+    latitude: float
+    longitude: float
+
+
+# Every commercial (aws partition) region with an AWS IoT Core data-plane (iot:Data-ATS) endpoint, as of
+# 2026-11-28: the `data-ats.iot` service in botocore 1.44.8's endpoints.json, checked against the AWS General
+# Reference "AWS IoT Core endpoints and quotas" page (docs.aws.amazon.com/general/latest/gr/iot-core.html).
+# GovCloud and China are other partitions (other accounts, other endpoints) and are left out on purpose.
+# Coordinates are the metro area holding the region's data centres (good to ~100 km), not the city the
+# region is named after: us-east-1 is Ashburn, Virginia and us-west-2 is Boardman, Oregon.
+CATALOGUE: dict[str, Region] = {
+    r.name: r
+    for r in (
+        Region("us-east-1", "Northern Virginia (Ashburn)", 39.04, -77.49),
+        Region("us-east-2", "Ohio (Columbus)", 40.00, -83.00),
+        Region("us-west-1", "Northern California (San Jose)", 37.34, -121.89),
+        Region("us-west-2", "Oregon (Boardman)", 45.84, -119.70),
+        Region("ca-central-1", "Montreal", 45.50, -73.57),
+        Region("sa-east-1", "Sao Paulo", -23.55, -46.63),
+        Region("eu-west-1", "Dublin", 53.35, -6.26),
+        Region("eu-west-2", "London", 51.51, -0.13),
+        Region("eu-west-3", "Paris", 48.86, 2.35),
+        Region("eu-central-1", "Frankfurt", 50.11, 8.68),
+        Region("eu-north-1", "Stockholm", 59.33, 18.07),
+        Region("eu-south-1", "Milan", 45.46, 9.19),
+        Region("eu-south-2", "Aragon (Zaragoza)", 41.65, -0.88),
+        Region("il-central-1", "Tel Aviv", 32.09, 34.78),
+        Region("me-central-1", "UAE (Dubai)", 25.20, 55.27),
+        Region("me-south-1", "Bahrain (Manama)", 26.23, 50.59),
+        Region("ap-south-1", "Mumbai", 19.08, 72.88),
+        Region("ap-southeast-1", "Singapore", 1.35, 103.82),
+        Region("ap-southeast-5", "Malaysia (Kuala Lumpur)", 3.14, 101.69),
+        Region("ap-east-1", "Hong Kong", 22.32, 114.17),
+        Region("ap-northeast-2", "Seoul", 37.57, 126.98),
+        Region("ap-northeast-1", "Tokyo", 35.68, 139.69),
+        Region("ap-southeast-2", "Sydney", -33.87, 151.21),
+    )
+}
+
+# The original sample's eleven regions: the default enabled list.
+SAMPLE_REGIONS: tuple[str, ...] = (
+    "ap-northeast-1", "eu-west-1", "ap-southeast-2", "us-east-2", "eu-central-1",
+    "us-east-1", "ap-northeast-2", "ap-southeast-1", "ap-south-1", "us-west-2", "eu-west-2",
+)
+DEFAULT_REGION = "eu-west-2"
+
+
+@dataclass(frozen=True)
+class Location:
+    latitude: float | None
+    longitude: float | None
+    country: str | None = None  # ISO 3166-1 alpha-2, when known
+
+    @property
+    def known(self) -> bool:
+        return self.latitude is not None and self.longitude is not None
+
+
+@dataclass(frozen=True)
+class RegionChoice:
+    region: str
+    distance_km: float | None
+    reason: str  # "nearest" or "default"
+
+
+def _haversine(phi1: float, lam1: float, cos1: float, phi2: float, lam2: float, cos2: float) -> float:
+    # Haversine stays accurate for short distances and wraps longitude naturally (no antimeridian case).
+    a = math.sin((phi2 - phi1) / 2) ** 2 + cos1 * cos2 * math.sin((lam2 - lam1) / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))  # min(): rounding can push a past 1
+
+
+def great_circle_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    phi1, phi2 = math.radians(lat1), math.radians(lat2)
+    return _haversine(phi1, math.radians(lon1), math.cos(phi1), phi2, math.radians(lon2), math.cos(phi2))
+
+
+def _unknown_region(name: object, setting: str) -> ConfigError:
+    close = difflib.get_close_matches(str(name), CATALOGUE, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known regions: {', '.join(sorted(CATALOGUE))}"
+    return ConfigError(f"{setting}: {name!r} is not an AWS IoT Core region{hint}")
+
+
+class RegionPolicy:
+    """Which regions devices may be sent to, and which one to use when the device's location is unknown."""
+
+    def __init__(self, enabled: Sequence[str] = SAMPLE_REGIONS, default: str = DEFAULT_REGION):
+        if isinstance(enabled, str):  # a bare string would be read as a list of one-letter names
+            raise ConfigError(f"enabled regions: expected a list of region names, got the string {enabled!r}")
+        enabled = tuple(enabled)
+        if not enabled:
+            raise ConfigError("enabled regions: the list is empty; enable at least one region")
+        seen: set[str] = set()
+        for name in enabled:
+            if name not in CATALOGUE:
+                raise _unknown_region(name, "enabled regions")
+            if name in seen:
+                raise ConfigError(f"enabled regions: {name!r} is listed more than once")
+            seen.add(name)
+        if default not in CATALOGUE:
+            raise _unknown_region(default, "default region")
+        if default not in seen:
+            raise ConfigError(f"default region: {default!r} is not in the enabled regions {list(enabled)}")
+        self.enabled: tuple[str, ...] = enabled
+        self.default: str = default
+        # Radians and cosines of every enabled region, computed once: choose() runs per request.
+        self._points = []
+        for name in enabled:
+            phi = math.radians(CATALOGUE[name].latitude)
+            self._points.append((name, phi, math.radians(CATALOGUE[name].longitude), math.cos(phi)))
+
+    def choose(self, location: Location | None) -> RegionChoice:
+        if location is None or not location.known or not math.isfinite(location.latitude + location.longitude):
+            return RegionChoice(self.default, None, "default")  # NaN or inf from a geo lookup counts as unknown
+        phi = math.radians(location.latitude)
+        lam = math.radians(location.longitude)
+        cos_phi = math.cos(phi)
+        best_name, best_km = self.default, math.inf
+        for name, r_phi, r_lam, r_cos in self._points:
+            km = _haversine(phi, lam, cos_phi, r_phi, r_lam, r_cos)
+            if km < best_km:  # strict: on a tie the region listed first wins
+                best_name, best_km = name, km
+        return RegionChoice(best_name, round(best_km, 1), "nearest")

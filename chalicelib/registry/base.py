@@ -1,0 +1,41 @@
+"""What every registry backend offers. Status changes are conditional writes, never read-then-write."""
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Iterator, Protocol
+
+UNPROVISIONED = "unprovisioned"
+PROVISIONING = "provisioning"
+PROVISIONED = "provisioned"
+STATUSES = (UNPROVISIONED, PROVISIONING, PROVISIONED)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Proof that this request, and no other, is provisioning the device until the lease ends."""
+
+    thing_name: str
+    token: str
+
+
+class Registry(Protocol):
+    def create(self) -> None:
+        """Make the table if it is missing; safe to repeat."""
+
+    def register(self, thing_names: Iterable[str]) -> int:
+        """Add devices as unprovisioned; names already present are left as they are. Returns how many were new."""
+
+    def get(self, thing_name: str) -> dict | None: ...
+
+    def list(self, status: str | None = None) -> Iterator[dict]: ...
+
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int) -> Claim:
+        """unprovisioned (or provisioning with an expired lease) -> provisioning, atomically.
+
+        Raises NotRegistered, AlreadyProvisioned or ProvisioningInProgress.
+        """
+
+    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime) -> None:
+        """provisioning -> provisioned, only while `claim` still holds; else raises ProvisioningInProgress."""
+
+    def release(self, claim: Claim, error: str) -> None:
+        """provisioning -> unprovisioned after a failure, only while `claim` still holds; records the error."""

@@ -1,0 +1,123 @@
+"""The local stage's registry: one SQLite file in WAL mode, the original sample's attribute names."""
+import secrets
+import sqlite3
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from chalicelib.errors import AlreadyProvisioned, NotRegistered, ProvisioningInProgress
+from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    thing_name     TEXT PRIMARY KEY,
+    prov_status    TEXT NOT NULL DEFAULT 'unprovisioned'
+                   CHECK (prov_status IN ('unprovisioned', 'provisioning', 'provisioned')),
+    prov_datetime  TEXT,
+    aws_region     TEXT,
+    certificate_id TEXT,
+    claim_token    TEXT,
+    lease_expires  REAL,
+    last_error     TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS devices_by_status ON devices (prov_status);
+"""
+_PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id", "last_error")
+
+
+def _timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class SqliteRegistry:
+    def __init__(self, path: Path):
+        self._path = Path(path)
+        # chalice local serves each request on its own thread; a sqlite3 connection belongs to one thread.
+        self._local = threading.local()
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, isolation_level=None, timeout=10)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
+            self._local.db = db
+        return db
+
+    def create(self) -> None:
+        self._db().executescript(_SCHEMA)
+
+    def register(self, thing_names: Iterable[str]) -> int:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO devices (thing_name) VALUES (?)",
+                           ((name,) for name in thing_names))
+            added = db.total_changes - before
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return added
+
+    def get(self, thing_name: str) -> dict | None:
+        row = self._db().execute(
+            f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
+        return _item(row) if row else None
+
+    def list(self, status: str | None = None) -> Iterator[dict]:
+        query = f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices"
+        args: tuple = ()
+        if status:
+            query += " WHERE prov_status = ?"
+            args = (status,)
+        for row in self._db().execute(query + " ORDER BY thing_name", args):
+            yield _item(row)
+
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int) -> Claim:
+        token = secrets.token_hex(16)
+        at = now.timestamp()
+        changed = self._db().execute(
+            "UPDATE devices SET prov_status = 'provisioning', claim_token = ?, lease_expires = ? "
+            "WHERE thing_name = ? AND (prov_status = 'unprovisioned' "
+            "OR (prov_status = 'provisioning' AND lease_expires < ?))",
+            (token, at + lease_seconds, thing_name, at)).rowcount
+        if changed == 1:
+            return Claim(thing_name, token)
+        # The write was refused; read only to say why.
+        row = self._db().execute("SELECT prov_status FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
+        if row is None:
+            raise NotRegistered(f"{thing_name} is not on the allow-list")
+        if row["prov_status"] == PROVISIONED:
+            raise AlreadyProvisioned(f"{thing_name} is already provisioned")
+        raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request")
+
+    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime) -> None:
+        changed = self._db().execute(
+            "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
+            "claim_token = NULL, lease_expires = NULL, last_error = NULL "
+            "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            (PROVISIONED, _timestamp(now), region, certificate_id, claim.thing_name, PROVISIONING,
+             claim.token)).rowcount
+        if changed != 1:
+            raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
+
+    def release(self, claim: Claim, error: str) -> None:
+        self._db().execute(
+            "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ? "
+            "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            (UNPROVISIONED, error, claim.thing_name, PROVISIONING, claim.token))
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+def _item(row: sqlite3.Row) -> dict:
+    return {key: row[key] for key in row.keys() if row[key] is not None}

@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""Sample device for Global IoT Device Provisioning.
+
+The device asks the provisioning API for credentials once (wire protocol v1, as in the original
+aws-samples device), stores them, then connects to the regional MQTT endpoint over mutual TLS and
+publishes to data/<thing-name>/misc. A second start reuses the stored credentials.
+
+Standalone on purpose: it ships to devices, so it never imports the service's code.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import os
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import certifi
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
+
+EXIT_OK, EXIT_LOCAL, EXIT_REFUSED, EXIT_CONFLICT, EXIT_BAD_REQUEST = 0, 2, 3, 4, 5
+EXIT_UNAVAILABLE, EXIT_MQTT, EXIT_INTERRUPTED = 6, 7, 130
+RETRYABLE_STATUS = {429, 503}
+EXIT_BY_STATUS = {401: EXIT_REFUSED, 403: EXIT_REFUSED, 409: EXIT_CONFLICT,
+                  400: EXIT_BAD_REQUEST, 413: EXIT_BAD_REQUEST}
+CAUSE = {EXIT_REFUSED: "provisioning refused", EXIT_CONFLICT: "already provisioned or in progress",
+         EXIT_BAD_REQUEST: "bad request", EXIT_UNAVAILABLE: "provisioning failed"}
+
+EPILOG = """exit codes:
+  0    done (provisioned and/or published --count messages; --count 0 = provision only, no MQTT)
+  2    usage or local problem (bad flags, unreadable signing key, damaged state files)
+  3    provisioning refused (HTTP 401/403: bad signature or device not allowed)
+  4    already provisioned or provisioning in progress (HTTP 409)
+  5    bad request (HTTP 400/413)
+  6    server or network failure after all retries (429/503/connection errors/timeouts, other errors)
+  7    MQTT broker refused the connection or a publish was not authorized
+  130  interrupted (Ctrl-C)"""
+
+
+class ClientError(Exception):
+    """A failure that ends the program with a specific exit code."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------- signing (v1 now; a v2 signed text slots in next to v1_signed_text) ----------
+
+def v1_signed_text(thing_name: str) -> bytes:
+    return thing_name.encode("utf-8")
+
+
+def sign(private_key, text: bytes) -> bytes:
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        return private_key.sign(text, padding.PKCS1v15(), hashes.SHA256())
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        return private_key.sign(text, ec.ECDSA(hashes.SHA256()))
+    raise ClientError(EXIT_LOCAL, f"unsupported signing key type {type(private_key).__name__}")
+
+
+def build_v1_request(thing_name: str, signing_key, csr_pem: str | None) -> dict:
+    body = {"thing-name": thing_name,
+            "thing-name-sig": base64.b64encode(sign(signing_key, v1_signed_text(thing_name))).decode()}
+    if csr_pem:
+        body["CSR"] = csr_pem
+    return body
+
+
+def load_signing_key(path: str):
+    try:
+        with open(path, "rb") as f:
+            return serialization.load_pem_private_key(f.read(), password=None)
+    except (OSError, ValueError, TypeError) as err:
+        raise ClientError(EXIT_LOCAL, f"cannot read provisioning signing key {path}: {err}") from err
+
+
+def generate_device_key(key_type: str):
+    if key_type == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def make_csr(thing_name: str, device_key) -> str:
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, thing_name)]))
+           .sign(device_key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def key_to_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+# ---------- local state ----------
+
+@dataclass
+class StatePaths:
+    key: str
+    cert: str
+    endpoint: str
+
+    @classmethod
+    def for_thing(cls, state_dir: str, thing: str) -> "StatePaths":
+        join = lambda suffix: os.path.join(state_dir, thing + suffix)  # noqa: E731
+        return cls(join(".device.key.pem"), join(".device.cert.pem"), join(".endpoint"))
+
+    def complete(self) -> bool:
+        # The endpoint file is written last, so all three present means a whole credential set.
+        return all(os.path.isfile(p) for p in (self.key, self.cert, self.endpoint))
+
+
+def write_file_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
+    # The mode is set at creation, before any byte is written, and the rename means readers
+    # see either the old file or the whole new one, never half of it.
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_endpoint(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        if not isinstance(info, dict) or not info.get("endpointAddress"):
+            raise ValueError("no endpointAddress")
+        return info
+    except (OSError, ValueError) as err:
+        raise ClientError(EXIT_LOCAL, f"damaged state file {path} ({err}); remove the "
+                                      "thing's files to provision again") from err
+
+
+def load_or_create_device_key(path: str, key_type: str):
+    # A key saved by an earlier -k run whose response was lost is reused, so its CSR stays valid.
+    if os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+            print(f"=> reusing the device private key in {path}")
+            return key
+        except ValueError:
+            print(f"=> {path} is not a usable key; making a new one")
+    key = generate_device_key(key_type)
+    write_file_atomically(path, key_to_pem(key), 0o600)
+    print(f"=> created a {'P-256' if key_type == 'ec' else 'RSA-2048'} device key, saved to {path} (0600)")
+    return key
+
+
+# ---------- provisioning over HTTP ----------
+
+class ProvisioningClient:
+    """POSTs the request, retrying throttling and outages with jittered exponential backoff."""
+
+    def __init__(self, api_base: str, session: requests.Session | None = None, *, max_attempts: int = 6,
+                 base_delay: float = 1.0, max_delay: float = 30.0, timeout: tuple = (10, 35),
+                 forwarded_for: str | None = None, sleep=time.sleep):
+        self.url = api_base.rstrip("/") + "/device-provisioning"
+        self.session = session or requests.Session()
+        self.max_attempts, self.base_delay, self.max_delay = max(1, max_attempts), base_delay, max_delay
+        self.timeout, self.sleep = timeout, sleep
+        self.headers = {"Content-Type": "application/json"}
+        if forwarded_for:
+            self.headers["X-Forwarded-For"] = forwarded_for
+
+    def provision(self, body: dict) -> dict:
+        last_problem = "no attempt made"
+        for attempt in range(1, self.max_attempts + 1):
+            retry_after = None
+            try:
+                resp = self.session.post(self.url, data=json.dumps(body), headers=self.headers,
+                                         timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as err:
+                last_problem = f"network error: {err.__class__.__name__}: {err}"
+            else:
+                data = _json_or_empty(resp)
+                if resp.status_code == 200 and data.get("status") == "success":
+                    return data
+                problem = f"HTTP {resp.status_code} {data.get('code', '')}: {data.get('message') or resp.reason}"
+                if resp.status_code not in RETRYABLE_STATUS:
+                    code = EXIT_BY_STATUS.get(resp.status_code, EXIT_UNAVAILABLE)
+                    raise ClientError(code, f"{CAUSE[code]}: {problem}")
+                last_problem, retry_after = problem, _retry_after_seconds(resp)
+            if attempt == self.max_attempts:
+                break
+            delay = self._delay(attempt, retry_after)
+            print(f"<= attempt {attempt}/{self.max_attempts} failed ({last_problem}); retrying in {delay:.1f}s")
+            self.sleep(delay)
+        raise ClientError(EXIT_UNAVAILABLE, f"service unavailable, gave up after {self.max_attempts} attempts: {last_problem}")
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:  # the server knows best when it will have capacity again
+            return min(retry_after, self.max_delay)
+        # Full jitter keeps a fleet that lost the service at once from retrying in lockstep.
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+def _json_or_empty(resp: requests.Response) -> dict:
+    try:
+        data = resp.json()
+        return data if isinstance(data, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _retry_after_seconds(resp: requests.Response) -> float | None:
+    try:
+        return max(0.0, float(resp.headers["Retry-After"]))
+    except (KeyError, ValueError):
+        return None  # absent or an HTTP date: fall back to our own backoff
+
+
+def provision(args, paths: StatePaths, client: ProvisioningClient, pause) -> dict:
+    print(f"=> provisioning {args.thing_name} via {client.url}")
+    print(f"   own key (CSR): {args.own_key}, fake device: {args.fake_device}")
+    pause()
+    signing_key = load_signing_key(args.signing_key)
+    csr_pem = None
+    if args.own_key:
+        csr_pem = make_csr(args.thing_name, load_or_create_device_key(paths.key, args.key_type))
+    if args.fake_device:
+        # A key the service has never seen: the signature cannot verify, so the service must refuse.
+        print("=> fake device: signing with a throwaway key")
+        signing_key = generate_device_key("rsa")
+    body = build_v1_request(args.thing_name, signing_key, csr_pem)
+    print(f"=> sending thing-name={body['thing-name']!r}, thing-name-sig={body['thing-name-sig'][:16]}..., "
+          f"CSR={'yes' if csr_pem else 'no (server makes the key)'}"
+          + (f", X-Forwarded-For={args.forwarded_for}" if args.forwarded_for else ""))
+    pause()
+    reply = client.provision(body)
+    missing = [k for k in ("certificatePem", "endpointAddress") if not reply.get(k)]
+    if not csr_pem and not reply.get("PrivateKey"):
+        missing.append("PrivateKey")
+    if missing:
+        raise ClientError(EXIT_UNAVAILABLE, f"success reply without {', '.join(missing)}")
+    print(f"<= provisioned in region {reply.get('region')} ({reply.get('distance')} km away), "
+          f"endpoint {reply['endpointAddress']}:{reply.get('endpointPort', 8883)}, "
+          f"certificate {reply.get('certificateId')}")
+    if reply.get("message"):
+        print(f"<= message: {reply['message']}")
+    save_credentials(paths, reply, server_key=None if csr_pem else reply["PrivateKey"])
+    return read_endpoint(paths.endpoint)
+
+
+def save_credentials(paths: StatePaths, reply: dict, server_key: str | None) -> None:
+    if server_key:
+        write_file_atomically(paths.key, server_key.encode(), 0o600)
+    write_file_atomically(paths.cert, reply["certificatePem"].encode())
+    endpoint = {"endpointAddress": reply["endpointAddress"], "endpointPort": int(reply.get("endpointPort") or 8883),
+                "region": reply.get("region"), "certificateId": reply.get("certificateId")}
+    write_file_atomically(paths.endpoint, json.dumps(endpoint, indent=2).encode())  # last: marks completion
+    print(f"=> saved {paths.key}, {paths.cert}, {paths.endpoint}")
+
+
+# ---------- MQTT ----------
+
+def sample_message(thing: str) -> dict:
+    # Same fields and meanings as the original sample device's message.
+    return {"thing-name": thing, "global": "device provisioning",
+            "datetime": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def publish_loop(thing: str, paths: StatePaths, endpoint: dict, root_ca: str, count: int | None,
+                 interval: float, pause, sleep=time.sleep) -> int:
+    import paho.mqtt.client as mqtt  # only needed once provisioned
+
+    host, port, region = endpoint["endpointAddress"], int(endpoint.get("endpointPort") or 8883), endpoint.get("region")
+    topic = f"data/{thing}/misc"
+    connack, acks, refusal = threading.Event(), {}, []
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            refusal.append(f"connection refused: {reason_code}")
+        connack.set()
+
+    def on_publish(client, userdata, mid, reason_code, properties):
+        acks[mid] = reason_code
+
+    def on_disconnect(client, userdata, flags, reason_code, properties):
+        if getattr(reason_code, "value", 0) == 135:  # Not authorized: retrying cannot help
+            refusal.append(f"disconnected by broker: {reason_code}")
+
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=thing,
+                         protocol=mqtt.MQTTv5)
+    client.on_connect, client.on_publish, client.on_disconnect = on_connect, on_publish, on_disconnect
+    client.tls_set(ca_certs=root_ca, certfile=paths.cert, keyfile=paths.key)
+    client.reconnect_delay_set(min_delay=1, max_delay=32)
+    print(f"=> connecting to {host}:{port} (region {region}) as {thing}")
+    try:
+        client.connect(host, port, keepalive=60)
+    except OSError as err:  # includes TLS handshake refusals
+        print(f"error: could not connect to {host}:{port}: {err}", file=sys.stderr)
+        return EXIT_MQTT
+    client.loop_start()
+    try:
+        if not connack.wait(30) or refusal:
+            print(f"error: {refusal[0] if refusal else 'no CONNACK within 30 s'}", file=sys.stderr)
+            return EXIT_MQTT
+        print(f"<= connected; subscribe to {topic} to watch the messages")
+        pause()
+        sent = 0
+        while count is None or sent < count:
+            message = sample_message(thing)
+            print(f"=> publishing to {topic}: {json.dumps(message)}")
+            info = client.publish(topic, json.dumps(message, indent=4), qos=1)
+            try:
+                info.wait_for_publish(timeout=10)
+            except (RuntimeError, ValueError) as err:
+                print(f"warning: publish not queued: {err}")
+            if refusal or (info.mid in acks and acks[info.mid].is_failure):
+                reason = refusal[0] if refusal else acks[info.mid]
+                print(f"error: publish to {topic} not accepted: {reason}", file=sys.stderr)
+                return EXIT_MQTT
+            if not info.is_published():
+                print("warning: publish not acknowledged within 10 s; paho resends it after reconnecting")
+            sent += 1
+            if count is None or sent < count:
+                sleep(interval)
+        print(f"=> published {sent} message(s); disconnecting")
+        return EXIT_OK
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+# ---------- CLI ----------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Sample device for global provisioning with AWS IoT Core.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-t", "--thing-name", required=True, help="thing name of this device")
+    p.add_argument("-a", "--api-gw", required=True, metavar="URL",
+                   help="API base URL; the client POSTs to URL/device-provisioning")
+    p.add_argument("-k", "--own-key", action="store_true",
+                   help="make the private key on the device and send a CSR (CN=<thing name>)")
+    p.add_argument("--key-type", choices=("rsa", "ec"), default="rsa",
+                   help="device key type with -k: RSA-2048 (default) or EC P-256")
+    p.add_argument("-f", "--fake-device", action="store_true",
+                   help="sign with a throwaway key to demonstrate that the service refuses it")
+    p.add_argument("-c", "--continue", dest="no_prompts", action="store_true",
+                   help="continue without interaction (prompts only appear on a terminal anyway)")
+    p.add_argument("--signing-key", default="global-provisioning.priv.key.pem", metavar="PATH",
+                   help="fleet provisioning private key, PEM (default: %(default)s)")
+    p.add_argument("--state-dir", default=".", metavar="DIR",
+                   help="where <thing>.device.key.pem, .device.cert.pem and .endpoint live (default: .)")
+    p.add_argument("--root-ca", default=certifi.where(), metavar="PATH",
+                   help="CA bundle that verifies the MQTT endpoint (default: certifi's, holds the Amazon roots)")
+    p.add_argument("--count", type=int, default=None, metavar="N",
+                   help="publish N messages then exit (default: forever); 0 = provision only, no MQTT")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds between messages (default: 2)")
+    p.add_argument("--forwarded-for", metavar="IP",
+                   help="local stage only: send X-Forwarded-For: IP so the server geolocates that IP")
+    p.add_argument("--max-attempts", type=int, default=6, metavar="N",
+                   help="provisioning attempts on 429/503/network errors (default: 6)")
+    p.add_argument("--retry-base-delay", type=float, default=1.0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.count is not None and args.count < 0:
+        p.error("--count must be >= 0")
+    return args
+
+
+def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep) -> int:
+    args = parse_args(argv)
+
+    def pause():
+        # Like the sample, wait between steps, but never block a script or a service manager.
+        if not args.no_prompts and sys.stdin is not None and sys.stdin.isatty():
+            input("== press <enter> to continue, <ctrl+c> to abort\n")
+
+    paths = StatePaths.for_thing(args.state_dir, args.thing_name)
+    try:
+        if paths.complete():
+            endpoint = read_endpoint(paths.endpoint)
+            print(f"=> {args.thing_name} is already provisioned (credentials in {args.state_dir}); "
+                  f"skipping provisioning. region: {endpoint.get('region')}, endpoint: {endpoint['endpointAddress']}")
+        else:
+            os.makedirs(args.state_dir, exist_ok=True)
+            client = ProvisioningClient(args.api_gw, session, max_attempts=args.max_attempts,
+                                        base_delay=args.retry_base_delay, forwarded_for=args.forwarded_for,
+                                        sleep=sleep)
+            endpoint = provision(args, paths, client, pause)
+        if args.count == 0:
+            print("=> --count 0: provisioning only, not connecting")
+            return EXIT_OK
+        pause()
+        return publish_loop(args.thing_name, paths, endpoint, args.root_ca, args.count, args.interval,
+                            pause, sleep)
+    except ClientError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("\n=> interrupted; bye", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

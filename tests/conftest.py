@@ -1,0 +1,70 @@
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
+
+from chalicelib import admin, wiring
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
+
+VECTORS_PATH = PROJECT_DIR.parent / "shared" / "vectors" / "signatures.json"
+
+# Well-known public addresses and where the bundled GeoLite2 database puts them.
+LONDON_IP = "81.2.69.142"      # GB, London
+TOKYO_IP = "126.0.0.1"         # JP, Tokyo
+SYDNEY_IP = "1.1.1.1"          # AU, Melbourne area
+
+
+def sign_v1(private_key, thing_name: str) -> str:
+    return base64.b64encode(
+        private_key.sign(thing_name.encode(), padding.PKCS1v15(), hashes.SHA256())).decode()
+
+
+def make_csr(thing_name: str, key=None) -> tuple[str, object]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, thing_name)]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM).decode(), key
+
+
+@dataclass
+class Stage:
+    state_dir: Path
+    fleet_key: rsa.RSAPrivateKey
+
+    def admin(self, *argv: str) -> int:
+        return admin.main(["--state-dir", str(self.state_dir), *argv])
+
+    def body(self, thing_name: str, csr_pem: str | None = None) -> dict:
+        body = {"thing-name": thing_name, "thing-name-sig": sign_v1(self.fleet_key, thing_name)}
+        if csr_pem:
+            body["CSR"] = csr_pem
+        return body
+
+
+@pytest.fixture
+def stage(tmp_path, monkeypatch) -> Stage:
+    """A fresh local stage in a temporary directory: keys made and mydevice1..5 registered by the CLI."""
+    state_dir = tmp_path / "state"
+    monkeypatch.setenv("GIP_STATE_DIR", str(state_dir))
+    for name in ("GIP_FLEET_PUBLIC_KEY", "GIP_ENABLED_REGIONS", "GIP_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    wiring.reset()
+    s = Stage(state_dir, None)
+    assert s.admin("keygen") == 0
+    assert s.admin("register", "--prefix", "mydevice", "--count", "5") == 0
+    s.fleet_key = serialization.load_pem_private_key(
+        (state_dir / "keys" / FLEET_PRIVATE_KEY_NAME).read_bytes(), password=None)
+    yield s
+    wiring.reset()
+
+
+@pytest.fixture(scope="session")
+def vectors() -> dict:
+    return json.loads(VECTORS_PATH.read_text())

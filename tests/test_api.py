@@ -1,0 +1,169 @@
+"""The HTTP API through chalice.test.Client, on a real local stage (SQLite registry, local CAs, GeoLite2)."""
+import json
+
+import pytest
+from chalice.test import Client
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from app import app
+from chalicelib import wiring
+from chalicelib.config import PROJECT_DIR
+from chalicelib.registry.sqlite import SqliteRegistry
+from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1
+
+
+@pytest.fixture
+def client(stage):
+    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as c:
+        yield c
+
+
+def post(client, body, ip=LONDON_IP, raw=None):
+    response = client.http.post("/device-provisioning",
+                                headers={"Content-Type": "application/json", "X-Forwarded-For": ip},
+                                body=raw if raw is not None else json.dumps(body))
+    return response.status_code, json.loads(response.body)
+
+
+def registry(stage):
+    return SqliteRegistry(stage.state_dir / "registry.sqlite3")
+
+
+def ca_certificate(stage, region):
+    return x509.load_pem_x509_certificate((stage.state_dir / "ca" / region / "ca.cert.pem").read_bytes())
+
+
+def assert_issued_by(cert, ca):
+    assert cert.issuer == ca.subject
+    cert.verify_directly_issued_by(ca)  # raises when the signature or names do not chain
+
+
+def test_health(client):
+    response = client.http.get("/health")
+    assert response.status_code == 200
+    assert json.loads(response.body)["stage"] == "local"
+
+
+def test_without_csr_the_server_makes_the_key_pair(client, stage):
+    status, body = post(client, stage.body("mydevice1"), ip=LONDON_IP)
+    assert status == 200, body
+    assert body["status"] == "success" and body["thingName"] == "mydevice1"
+    assert body["region"] == "eu-west-2" and body["reason"] == "nearest"
+    assert 0 <= body["distance"] < 50
+    assert body["endpointAddress"] == "localhost"
+    assert body["endpointPort"] == 18883 + wiring.settings().enabled_regions.index("eu-west-2")
+    cert = x509.load_pem_x509_certificate(body["certificatePem"].encode())
+    key = serialization.load_pem_private_key(body["PrivateKey"].encode(), password=None)
+    assert body["PrivateKey"].startswith("-----BEGIN RSA PRIVATE KEY-----")
+    assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    assert cert.subject.rfc4514_string() == "CN=mydevice1"
+    assert_issued_by(cert, ca_certificate(stage, "eu-west-2"))
+
+    item = registry(stage).get("mydevice1")
+    assert item["prov_status"] == "provisioned"
+    assert item["aws_region"] == "eu-west-2"
+    assert item["certificate_id"] == body["certificateId"]
+    assert item["prov_datetime"].endswith("Z")
+
+
+def test_with_csr_the_certificate_carries_the_csr_key(client, stage):
+    csr_pem, device_key = make_csr("mydevice2")
+    status, body = post(client, stage.body("mydevice2", csr_pem), ip=TOKYO_IP)
+    assert status == 200, body
+    assert body["region"] == "ap-northeast-1"
+    assert "PrivateKey" not in body
+    cert = x509.load_pem_x509_certificate(body["certificatePem"].encode())
+    assert cert.public_key() == device_key.public_key()
+    assert_issued_by(cert, ca_certificate(stage, "ap-northeast-1"))
+    # A certificate of one region does not chain to another region's CA.
+    with pytest.raises(Exception):
+        cert.verify_directly_issued_by(ca_certificate(stage, "eu-west-2"))
+    assert registry(stage).get("mydevice2")["aws_region"] == "ap-northeast-1"
+
+
+def test_wrong_signature_is_refused_and_changes_nothing(client, stage):
+    impostor = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    body = {"thing-name": "mydevice3", "thing-name-sig": sign_v1(impostor, "mydevice3")}
+    status, answer = post(client, body)
+    assert status == 403
+    assert answer == {"status": "error", "code": "invalid-signature", "message": answer["message"]}
+    assert registry(stage).get("mydevice3")["prov_status"] == "unprovisioned"
+
+
+def test_signature_for_another_thing_is_refused(client, stage):
+    body = {"thing-name": "mydevice3", "thing-name-sig": stage.body("mydevice4")["thing-name-sig"]}
+    assert post(client, body)[0] == 403
+
+
+def test_already_provisioned_is_409_and_keeps_the_first_certificate(client, stage):
+    first = post(client, stage.body("mydevice1"))[1]
+    status, body = post(client, stage.body("mydevice1"))
+    assert status == 409 and body["status"] == "error" and body["code"] == "already-provisioned"
+    assert registry(stage).get("mydevice1")["certificate_id"] == first["certificateId"]
+
+
+def test_unknown_device_is_403(client, stage):
+    status, body = post(client, stage.body("not-on-the-list"))
+    assert status == 403 and body["code"] == "not-registered"
+    assert registry(stage).get("not-on-the-list") is None
+
+
+def test_unknown_location_gets_the_default_region_with_a_message(client, stage):
+    status, body = post(client, stage.body("mydevice5"), ip="10.1.2.3")
+    assert status == 200, body
+    assert body["region"] == "eu-west-2" and body["reason"] == "default" and body["distance"] is None
+    assert "unknown" in body["message"]
+
+
+def test_another_continent_gets_its_nearest_region(client, stage):
+    status, body = post(client, stage.body("mydevice4"), ip=SYDNEY_IP)
+    assert status == 200 and body["region"] == "ap-southeast-2"
+
+
+@pytest.mark.parametrize("raw, code", [
+    ("not json", "malformed-request"),
+    ("[1, 2]", "malformed-request"),
+    ("\"text\"", "malformed-request"),
+    ("{}", "missing-field"),
+    (json.dumps({"thing-name": "mydevice1"}), "missing-field"),
+    (json.dumps({"thing-name-sig": "AAAA"}), "missing-field"),
+    (json.dumps({"thing-name": 7, "thing-name-sig": "AAAA"}), "malformed-request"),
+    (json.dumps({"thing-name": "mydevice1", "thing-name-sig": ["AAAA"]}), "malformed-request"),
+    (json.dumps({"thing-name": "mydevice1", "thing-name-sig": "%%% not base64"}), "malformed-signature"),
+    (json.dumps({"thing-name": "mydevice1", "thing-name-sig": "AAAA", "CSR": "-----BEGIN nonsense"}),
+     "malformed-csr"),
+    (json.dumps({"thing-name": "mydevice1", "thing-name-sig": "AAAA", "CSR": 12}), "malformed-csr"),
+])
+def test_malformed_bodies_are_400_and_change_nothing(client, stage, raw, code):
+    status, body = post(client, None, raw=raw)
+    assert status == 400, body
+    assert body["status"] == "error" and body["code"] == code and body["message"]
+    assert all(item["prov_status"] == "unprovisioned" for item in registry(stage).list())
+
+
+def test_csr_with_a_broken_self_signature_is_400(client, stage):
+    csr_pem, _ = make_csr("mydevice1")
+    der = bytearray(x509.load_pem_x509_csr(csr_pem.encode()).public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0xFF  # inside the signature
+    tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
+    status, body = post(client, stage.body("mydevice1", tampered))
+    assert status == 400 and body["code"] == "malformed-csr"
+    assert registry(stage).get("mydevice1")["prov_status"] == "unprovisioned"
+
+
+def test_body_too_large_is_413(client, stage):
+    body = stage.body("mydevice1")
+    body["padding"] = "x" * 20000
+    status, answer = post(client, body)
+    assert status == 413 and answer["code"] == "body-too-large"
+
+
+def test_missing_fleet_key_is_a_clear_503_not_a_crash(client, stage):
+    (stage.state_dir / "keys" / "global-provisioning.pub.key.pem").unlink()
+    wiring.reset()
+    status, body = post(client, stage.body("mydevice1"))
+    assert status == 503 and body["code"] == "service-misconfigured"
+    assert registry(stage).get("mydevice1")["prov_status"] == "unprovisioned"

@@ -1,0 +1,305 @@
+"""Unit tests for the device client (device/global_device.py).
+
+Provisioning runs against a real, scripted HTTP server on 127.0.0.1; MQTT is skipped with
+--count 0 (the broker end-to-end tests live elsewhere).
+"""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import socket
+import stat
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parents[1]
+VECTORS_CANDIDATES = [ROOT.parent / "shared" / "vectors" / "signatures.json",
+                      ROOT / "shared" / "vectors" / "signatures.json"]
+
+
+def _load_device_module():
+    # device/ is a standalone program, not a package: load it by file path.
+    spec = importlib.util.spec_from_file_location("global_device", ROOT / "device" / "global_device.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+gd = _load_device_module()
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    for path in VECTORS_CANDIDATES:
+        if path.is_file():
+            return json.loads(path.read_text())
+    pytest.skip("signature test vectors not found")
+
+
+@pytest.fixture(scope="module")
+def fleet_public_key(vectors):
+    return serialization.load_pem_public_key(vectors["fleet_public_key_pem"].encode())
+
+
+@pytest.fixture()
+def signing_key_file(tmp_path, vectors):
+    path = tmp_path / "global-provisioning.priv.key.pem"
+    path.write_text(vectors["fleet_private_key_pem"])
+    return path
+
+
+SERVER_KEY_PEM = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+    serialization.NoEncryption()).decode()
+CERT_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
+
+
+def success_body(thing="mydevice3", with_key=True):
+    body = {"status": "success", "thingName": thing, "region": "eu-west-2", "distance": 12.3,
+            "endpointAddress": "broker.eu-west-2.example", "endpointPort": 8883,
+            "certificateId": "abc123", "certificatePem": CERT_PEM}
+    if with_key:
+        body["PrivateKey"] = SERVER_KEY_PEM
+    return body
+
+
+def error_body(code, message):
+    return {"status": "error", "code": code, "message": message}
+
+
+class ScriptedServer:
+    """Answers POSTs from a script of (status, body, headers); the last entry repeats."""
+
+    def __init__(self, script):
+        self.script, self.requests = list(script), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.requests.append({"path": self.path, "headers": dict(self.headers),
+                                       "body": json.loads(self.rfile.read(length) or b"null")})
+                status, body, headers = outer.script[min(len(outer.requests), len(outer.script)) - 1]
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def run_client(server_url, signing_key_file, state_dir, *extra, sleeps=None):
+    argv = ["-t", "mydevice3", "-a", server_url, "-c", "--count", "0",
+            "--signing-key", str(signing_key_file), "--state-dir", str(state_dir),
+            "--retry-base-delay", "0.001", *extra]
+    return gd.main(argv, sleep=(sleeps.append if sleeps is not None else lambda s: None))
+
+
+def verifies(public_key, signature_b64, text):
+    try:
+        public_key.verify(base64.b64decode(signature_b64), text.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return True
+    except InvalidSignature:
+        return False
+
+
+# ---------- signing and CSR ----------
+
+def test_v1_signature_equals_vector(vectors):
+    key = serialization.load_pem_private_key(vectors["fleet_private_key_pem"].encode(), password=None)
+    body = gd.build_v1_request(vectors["thing_name"], key, None)
+    assert gd.v1_signed_text(vectors["thing_name"]) == vectors["v1"]["signed_text"].encode()
+    assert base64.b64decode(body["thing-name-sig"]) == base64.b64decode(vectors["v1"]["signature_b64"])
+    assert body == {"thing-name": "mydevice3", "thing-name-sig": vectors["v1"]["signature_b64"]}
+
+
+@pytest.mark.parametrize("key_type", ["rsa", "ec"])
+def test_csr_has_thing_cn_and_verifies(key_type):
+    key = gd.generate_device_key(key_type)
+    csr = x509.load_pem_x509_csr(gd.make_csr("mydevice3", key).encode())
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "mydevice3"
+    assert csr.public_key() == key.public_key()
+
+
+# ---------- provisioning against a real HTTP server ----------
+
+def test_success_without_csr_writes_key_cert_and_endpoint(tmp_path, signing_key_file, fleet_public_key):
+    state = tmp_path / "state"
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, state) == 0
+    [request] = server.requests
+    assert request["path"] == "/api/device-provisioning"
+    assert "CSR" not in request["body"]
+    assert verifies(fleet_public_key, request["body"]["thing-name-sig"], "mydevice3")
+    key_file = state / "mydevice3.device.key.pem"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert key_file.read_text() == SERVER_KEY_PEM
+    assert (state / "mydevice3.device.cert.pem").read_text() == CERT_PEM
+    assert json.loads((state / "mydevice3.endpoint").read_text()) == {
+        "endpointAddress": "broker.eu-west-2.example", "endpointPort": 8883,
+        "region": "eu-west-2", "certificateId": "abc123"}
+    assert not list(state.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("key_type", ["rsa", "ec"])
+def test_own_key_sends_csr_for_the_saved_key(tmp_path, signing_key_file, key_type, capsys):
+    with ScriptedServer([(200, success_body(with_key=False), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "-k", "--key-type", key_type) == 0
+    csr = x509.load_pem_x509_csr(server.requests[0]["body"]["CSR"].encode())
+    key_file = tmp_path / "mydevice3.device.key.pem"
+    saved = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    assert csr.public_key() == saved.public_key()
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert "PRIVATE KEY" not in capsys.readouterr().out
+
+
+def test_own_key_survives_a_failed_request_and_is_reused(tmp_path, signing_key_file):
+    with ScriptedServer([(503, error_body("unavailable", "down"), {"Retry-After": "0"})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "-k", "--max-attempts", "2") == 6
+    key_file = tmp_path / "mydevice3.device.key.pem"
+    first_key = key_file.read_bytes()
+    with ScriptedServer([(200, success_body(with_key=False), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "-k") == 0
+    csr = x509.load_pem_x509_csr(server.requests[0]["body"]["CSR"].encode())
+    assert key_file.read_bytes() == first_key
+    assert csr.public_key() == serialization.load_pem_private_key(first_key, None).public_key()
+
+
+@pytest.mark.parametrize("status, code, exit_code", [
+    (403, "forbidden", 3), (401, "unauthorized", 3), (409, "already_provisioned", 4),
+    (400, "bad_request", 5), (413, "too_large", 5)])
+def test_errors_print_server_message_and_exit_by_cause(tmp_path, signing_key_file, capsys,
+                                                        status, code, exit_code):
+    with ScriptedServer([(status, error_body(code, f"server says {code}"), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path) == exit_code
+    assert len(server.requests) == 1  # not retried
+    err = capsys.readouterr().err
+    assert f"server says {code}" in err and code in err
+    assert not (tmp_path / "mydevice3.endpoint").exists()
+
+
+def test_503_with_retry_after_is_retried_then_succeeds(tmp_path, signing_key_file):
+    busy = (503, error_body("unavailable", "busy"), {"Retry-After": "0"})
+    sleeps = []
+    with ScriptedServer([busy, busy, (200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, sleeps=sleeps) == 0
+    assert len(server.requests) == 3
+    assert sleeps == [0.0, 0.0]
+    assert (tmp_path / "mydevice3.endpoint").exists()
+
+
+def test_always_503_gives_up_after_max_attempts(tmp_path, signing_key_file, capsys):
+    sleeps = []
+    with ScriptedServer([(503, error_body("unavailable", "try later"), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "--max-attempts", "4", sleeps=sleeps) == 6
+    assert len(server.requests) == 4
+    assert len(sleeps) == 3 and all(0 <= s <= 0.001 * 2 ** i for i, s in enumerate(sleeps))
+    assert "try later" in capsys.readouterr().err
+
+
+def test_connection_refused_is_retried_then_exit_6(tmp_path, signing_key_file):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sleeps = []
+    assert run_client(f"http://127.0.0.1:{port}", signing_key_file, tmp_path,
+                      "--max-attempts", "3", sleeps=sleeps) == 6
+    assert len(sleeps) == 2
+
+
+def test_backoff_honours_retry_after_and_caps_it():
+    client = gd.ProvisioningClient("http://x", base_delay=1, max_delay=30)
+    assert client._delay(1, 7.0) == 7.0
+    assert client._delay(1, 600.0) == 30
+    assert all(0 <= client._delay(10, None) <= 30 for _ in range(50))
+
+
+def test_credentials_present_skip_provisioning(tmp_path, signing_key_file, capsys):
+    (tmp_path / "mydevice3.device.key.pem").write_text(SERVER_KEY_PEM)
+    (tmp_path / "mydevice3.device.cert.pem").write_text(CERT_PEM)
+    (tmp_path / "mydevice3.endpoint").write_text(json.dumps(
+        {"endpointAddress": "b.example", "endpointPort": 8883, "region": "eu-west-2", "certificateId": "x"}))
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path) == 0
+    assert server.requests == []
+    assert "already provisioned" in capsys.readouterr().out
+
+
+def test_half_written_state_is_not_taken_as_credentials(tmp_path, signing_key_file):
+    (tmp_path / "mydevice3.device.key.pem").write_text(SERVER_KEY_PEM)
+    (tmp_path / "mydevice3.device.cert.pem").write_text(CERT_PEM)  # endpoint file missing
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path) == 0
+    assert len(server.requests) == 1
+
+
+def test_fake_device_signature_does_not_verify(tmp_path, signing_key_file, fleet_public_key):
+    with ScriptedServer([(403, error_body("forbidden", "signature invalid"), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "-f") == 3
+    body = server.requests[0]["body"]
+    assert body["thing-name"] == "mydevice3"
+    assert not verifies(fleet_public_key, body["thing-name-sig"], "mydevice3")
+
+
+def test_forwarded_for_header(tmp_path, signing_key_file):
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "--forwarded-for", "81.2.69.160") == 0
+    assert server.requests[0]["headers"].get("X-Forwarded-For") == "81.2.69.160"
+
+
+def test_no_forwarded_for_header_by_default(tmp_path, signing_key_file):
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path) == 0
+    assert "X-Forwarded-For" not in server.requests[0]["headers"]
+
+
+def test_missing_signing_key_is_a_local_error(tmp_path):
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, tmp_path / "nope.pem", tmp_path) == 2
+    assert server.requests == []
+
+
+def test_help_documents_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        gd.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for code in ("3 ", "4 ", "5 ", "6 ", "7 ", "130"):
+        assert code in out
+
+
+def test_sample_message_shape():
+    message = gd.sample_message("mydevice3")
+    assert set(message) == {"thing-name", "global", "datetime"}
+    assert message["thing-name"] == "mydevice3"
+    assert message["datetime"].endswith("Z")
