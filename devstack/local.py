@@ -1,0 +1,49 @@
+"""make local: run the local stage (region CAs, mosquitto, chalice local) until Ctrl-C, then stop it all."""
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chalicelib.admin import stage_settings  # noqa: E402
+from chalicelib.errors import ConfigError  # noqa: E402
+from devstack.stack import LocalStack, StackError, die_with_parent  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="make local", description=__doc__)
+    parser.add_argument("--api-port", type=int, default=int(os.environ.get("API_PORT", 8000)),
+                        help="HTTP port of the API (default: $API_PORT or 8000)")
+    parser.add_argument("--state-dir", help="state directory (default: the local stage's, .state/local)")
+    args = parser.parse_args(argv)
+    die_with_parent()  # if make is killed, we hear of it and stop our children
+    try:
+        settings = stage_settings("local", args.state_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stack = LocalStack(settings, args.api_port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below on kill too
+    try:
+        stack.start()
+        print("\nRunning. Region endpoints (mqtts, mutual TLS):")
+        for listener in stack.files.listeners():
+            print(f"  {listener.region:<15} localhost:{listener.port}")
+        print(f"CA bundle for devices (--root-ca): {stack.files.bundle}")
+        print(f"Logs: {stack.log_dir}\nPress Ctrl-C to stop.", flush=True)
+        signal.pause()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+        print("stopped mosquitto and chalice local", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
