@@ -19,7 +19,7 @@ from chalicelib.errors import ConfigError
 from chalicelib.issuers.local_ca import write_private
 from chalicelib.registry.base import STATUSES
 
-THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")  # AWS IoT's rule for thing names
+THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")  # AWS IoT's rule for thing names; use fullmatch
 
 
 class CommandError(Exception):
@@ -73,11 +73,13 @@ def cmd_register(config: Settings, args) -> int:
         if args.count is None or args.count < 1:
             raise CommandError("--prefix needs --count N (N >= 1)")
         names = [f"{args.prefix}{i}" for i in range(args.start, args.start + args.count)]
+    elif args.count is not None:
+        raise CommandError("--count needs --prefix")
     elif args.names:
         names = list(dict.fromkeys(args.names))
     else:
         raise CommandError("give device names, or --prefix NAME --count N")
-    bad = [name for name in names if not THING_NAME.match(name)]
+    bad = [name for name in names if not THING_NAME.fullmatch(name)]
     if bad:
         raise CommandError(f"not valid thing names (letters, digits, ':', '_', '-'; 1-128 characters): "
                            f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}")

@@ -35,10 +35,8 @@ def issuer(config: Settings) -> LocalIssuer:
 
 
 def build_service(config: Settings) -> ProvisioningService:
-    reg = registry(config)
-    reg.create()
     return ProvisioningService(
-        registry=reg,
+        registry=registry(config),
         issuer=issuer(config),
         locator=MaxMindLocator.bundled(),
         regions=region_policy(config),

@@ -91,10 +91,6 @@ def test_keygen_force_replaces_the_pair(cli):
     assert stat.S_IMODE(cli.private_key.stat().st_mode) == 0o600
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG chalicelib/issuers/local_ca.py write_private(): os.open(..., O_CREAT|O_TRUNC, 0o600) applies the "
-    "mode only when it creates the file, so keygen --force over an existing group/world-readable private "
-    "key writes the new secret key into a file that keeps its old permissions (0644 here)"))
 def test_keygen_force_makes_an_existing_readable_private_key_owner_only(cli):
     assert cli("keygen")[0] == 0
     cli.private_key.chmod(0o644)
@@ -177,10 +173,6 @@ def test_an_invalid_prefix_is_refused(cli):
     assert not cli.registry_path.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG chalicelib/admin.py THING_NAME = re.compile(r'^[a-zA-Z0-9:_-]{1,128}$') used with .match(): "
-    "'$' also matches before a trailing newline, so 'dev\\n' (and a 128-char name plus '\\n') is accepted "
-    "and stored; use re.fullmatch or \\Z"))
 def test_a_name_with_a_trailing_newline_is_refused(cli):
     code, _, err = cli("register", "dev\n")
     assert code == 2 and "not valid thing names" in err
@@ -245,10 +237,6 @@ def test_list_refuses_an_unknown_status(cli):
     assert exit_.value.code == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG chalicelib/admin.py cmd_list/cmd_show: on a state dir where init/register never ran, "
-    "SqliteRegistry.list()/get() raise sqlite3.OperationalError 'no such table: devices' out of main() "
-    "(a traceback) instead of an empty list or an 'error: ...' line with exit 2"))
 @pytest.mark.parametrize("argv", [("list",), ("show", "dev-a")])
 def test_list_and_show_before_init_do_not_crash(cli, argv):
     code, out, err = cli(*argv)

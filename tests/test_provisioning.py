@@ -5,6 +5,7 @@ Failures are made by small wrappers around the real parts, passed in through the
 import logging
 import sqlite3
 import threading
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -135,7 +136,7 @@ def statuses(issuer: LocalIssuer, thing_name: str) -> list[str]:
 
 
 def claim_token(registry_path, thing_name: str) -> str | None:
-    with sqlite3.connect(registry_path) as db:
+    with closing(sqlite3.connect(registry_path)) as db:
         return db.execute("SELECT claim_token FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()[0]
 
 

@@ -36,6 +36,7 @@ def _private_pem(key, fmt=serialization.PrivateFormat.PKCS8) -> bytes:
 def write_private(path: Path, data: bytes) -> None:
     """Write a private key readable by its owner only, from the first byte."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only when the file is new
     with os.fdopen(fd, "wb") as out:
         out.write(data)
 

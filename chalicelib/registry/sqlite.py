@@ -44,11 +44,12 @@ class SqliteRegistry:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
+            db.executescript(_SCHEMA)  # idempotent; a new state directory just works
             self._local.db = db
         return db
 
     def create(self) -> None:
-        self._db().executescript(_SCHEMA)
+        self._db()
 
     def register(self, thing_names: Iterable[str]) -> int:
         db = self._db()
