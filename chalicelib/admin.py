@@ -42,11 +42,15 @@ def stage_settings(stage: str, state_dir: str | None) -> Settings:
 
 
 def cmd_keygen(config: Settings, args) -> int:
-    out = Path(args.out_dir).resolve() if args.out_dir else config.keys_dir
-    private_path, public_path = out / FLEET_PRIVATE_KEY_NAME, out / FLEET_PUBLIC_KEY_NAME
+    if args.out_dir:
+        out = Path(args.out_dir).resolve()
+        private_path, public_path = out / FLEET_PRIVATE_KEY_NAME, out / FLEET_PUBLIC_KEY_NAME
+    else:  # the public key goes where the stage reads it (prod: inside chalicelib/, so it ships)
+        private_path, public_path = config.keys_dir / FLEET_PRIVATE_KEY_NAME, config.fleet_public_key
     if private_path.exists() and not args.force:
         raise CommandError(f"{private_path} exists; every device signs with it. Use --force to replace it.")
-    out.mkdir(parents=True, exist_ok=True)
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    public_path.parent.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
     write_private(private_path, key.private_bytes(serialization.Encoding.PEM,
                                                   serialization.PrivateFormat.PKCS8,
@@ -55,8 +59,6 @@ def cmd_keygen(config: Settings, args) -> int:
                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
     print(f"private key (for device firmware, keep secret): {private_path}")
     print(f"public key (the service verifies with it):      {public_path}")
-    if public_path != config.fleet_public_key:
-        print(f"note: the stage reads its key from {config.fleet_public_key}; set GIP_FLEET_PUBLIC_KEY to use this one")
     return 0
 
 

@@ -30,6 +30,11 @@ class Settings:
     mqtt_host: str
     mqtt_base_port: int
     claim_lease_seconds: int
+    registry: str = "sqlite"
+    issuer: str = "local-ca"
+    table_name: str = "iot-global-provisioning"
+    ipstack_key_parameter: str | None = None
+    maxmind_db: Path | None = None
 
     @property
     def registry_path(self) -> Path:
@@ -59,6 +64,11 @@ class Settings:
             mqtt_host=env.get("GIP_MQTT_HOST") or "localhost",
             mqtt_base_port=_int(env, "GIP_MQTT_BASE_PORT", 18883),
             claim_lease_seconds=_int(env, "GIP_CLAIM_LEASE_SECONDS", 300),
+            registry=_choice(env, "GIP_REGISTRY", ("sqlite", "dynamodb")),
+            issuer=_choice(env, "GIP_ISSUER", ("local-ca", "aws-iot")),
+            table_name=env.get("GIP_TABLE_NAME") or "iot-global-provisioning",
+            ipstack_key_parameter=env.get("GIP_IPSTACK_KEY_PARAMETER") or None,
+            maxmind_db=_path(env["GIP_MAXMIND_DB"]) if env.get("GIP_MAXMIND_DB") else None,
         )
 
 
@@ -70,6 +80,13 @@ def _path(value: str) -> Path:
 
 def _list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

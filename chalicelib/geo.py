@@ -1,12 +1,27 @@
-"""Where a caller is: its IP address, and that address's estimated location."""
+"""Where a caller is: its IP address, and that address's estimated location.
+
+Providers answer a Location or None (unknown, or the provider is down); FallbackLocator asks them in
+order, so an outage of one never blocks provisioning: the last resort is the region policy's default.
+"""
 import ipaddress
-from typing import Mapping, Protocol
+import logging
+from typing import Callable, Mapping, Protocol, Sequence
 
 from chalicelib.regions import Location
+
+log = logging.getLogger(__name__)
 
 
 class GeoLocator(Protocol):
     def locate(self, ip: str) -> Location | None: ...
+
+
+def public_address(ip: str) -> bool:
+    """Private, loopback and reserved addresses have no location anywhere: don't ask."""
+    try:
+        return ipaddress.ip_address(ip).is_global
+    except ValueError:
+        return False
 
 
 class MaxMindLocator:
@@ -17,25 +32,76 @@ class MaxMindLocator:
 
     @classmethod
     def bundled(cls) -> "MaxMindLocator":
-        import maxminddb
         from _maxminddb_geolite2 import geolite2_database
 
-        # mmap: opening is instant and the 56 MB file is paged in only where looked up.
-        return cls(maxminddb.open_database(geolite2_database(), maxminddb.MODE_MMAP))
+        return cls.open(geolite2_database())
+
+    @classmethod
+    def open(cls, path: str) -> "MaxMindLocator":
+        import maxminddb
+
+        # mmap: opening is instant and the file is paged in only where looked up.
+        return cls(maxminddb.open_database(str(path), maxminddb.MODE_MMAP))
 
     def locate(self, ip: str) -> Location | None:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
+        if not public_address(ip):
             return None
-        if not address.is_global:
-            return None  # private, loopback, reserved: no database knows where they are
-        record = self._reader.get(address)
+        record = self._reader.get(ip)
         location = (record or {}).get("location") or {}
         if "latitude" not in location or "longitude" not in location:
             return None
-        country = ((record.get("country") or record.get("registered_country") or {}).get("iso_code"))
+        country = (record.get("country") or record.get("registered_country") or {}).get("iso_code")
         return Location(location["latitude"], location["longitude"], country)
+
+
+class IpstackLocator:
+    """ipstack over HTTPS, one reused session, a short timeout; the access key comes from `access_key()`.
+
+    ipstack takes its key only in the query string, so URLs are never logged.
+    """
+
+    URL = "https://api.ipstack.com/{ip}"
+
+    def __init__(self, session, access_key: Callable[[], str | None], timeout: float = 1.5):
+        self._session = session
+        self._access_key = access_key
+        self._timeout = timeout
+
+    def locate(self, ip: str) -> Location | None:
+        if not public_address(ip):
+            return None
+        key = self._access_key()
+        if not key:
+            return None
+        try:
+            response = self._session.get(self.URL.format(ip=ip), timeout=self._timeout,
+                                         params={"access_key": key, "fields": "latitude,longitude,country_code"})
+            body = response.json() if response.status_code == 200 else {}
+        except Exception as exc:  # network, timeout, not JSON: fall back, never fail the device
+            log.warning("ipstack unavailable (%s); falling back", type(exc).__name__)
+            return None
+        if not isinstance(body, dict) or body.get("success") is False:
+            error = (body.get("error") or {}) if isinstance(body, dict) else {}
+            log.warning("ipstack refused the lookup (status %s, %s); falling back",
+                        response.status_code, error.get("type", "no body"))
+            return None
+        if body.get("latitude") is None or body.get("longitude") is None:
+            return None
+        return Location(float(body["latitude"]), float(body["longitude"]), body.get("country_code"))
+
+
+class FallbackLocator:
+    """The first provider that knows the address answers."""
+
+    def __init__(self, providers: Sequence[GeoLocator]):
+        self._providers = list(providers)
+
+    def locate(self, ip: str) -> Location | None:
+        for provider in self._providers:
+            location = provider.locate(ip)
+            if location is not None:
+                return location
+        return None
 
 
 def client_ip(source_ip: str, headers: Mapping[str, str], trust_forwarded_for: bool) -> str:

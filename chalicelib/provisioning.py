@@ -118,12 +118,19 @@ class ProvisioningService:
         return ProvisioningResult(request.thing_name, choice, issued, note)
 
     def _undo(self, claim, issued: IssuedCertificate | None, cause: Exception) -> None:
-        """Compensate in reverse order; a failure here is logged and never hides the original error."""
+        """Compensate in reverse order. A failure here is logged and never hides the original error; the claim
+        is released anyway (no stuck device) with last_error naming what is left for the audit."""
         log.error("provisioning %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
-        try:
-            if issued is not None:
+        error = f"{type(cause).__name__}: {cause}"
+        if issued is not None:
+            try:
                 self._issuer.revoke(issued)
-            self._registry.release(claim, f"{type(cause).__name__}: {cause}"[:500])
+            except Exception:
+                log.exception("rollback of %s incomplete: certificate %s in %s may still be active",
+                              claim.thing_name, issued.certificate_id, issued.region)
+                error = f"rollback incomplete, certificate {issued.certificate_id} in {issued.region}; {error}"
+        try:
+            self._registry.release(claim, error[:500])
         except Exception:
-            log.exception("rollback of %s incomplete (certificate %s): operator action needed",
-                          claim.thing_name, issued.certificate_id if issued else None)
+            log.exception("could not release the claim on %s; it frees itself when the lease ends",
+                          claim.thing_name)

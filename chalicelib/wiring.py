@@ -1,17 +1,19 @@
-"""The one place where the stage's collaborators are built: lazily, once per process, reset for tests."""
+"""The one place where the stage's collaborators are built: lazily, once per process, reset for tests.
+
+Backends are imported only when the stage uses them, so the local stage never imports boto3.
+"""
 import threading
 
 from chalicelib.config import Settings
-from chalicelib.geo import MaxMindLocator
-from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.geo import FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
 from chalicelib.provisioning import ProvisioningService
 from chalicelib.regions import RegionPolicy
-from chalicelib.registry.sqlite import SqliteRegistry
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
 
 _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
+_aws = None
 
 
 def settings() -> Settings:
@@ -21,24 +23,56 @@ def settings() -> Settings:
     return _settings
 
 
+def aws_clients():
+    global _aws
+    if _aws is None:
+        from chalicelib.aws import AwsClients
+        _aws = AwsClients()
+    return _aws
+
+
 def region_policy(config: Settings) -> RegionPolicy:
     return RegionPolicy(config.enabled_regions, config.default_region)
 
 
-def registry(config: Settings) -> SqliteRegistry:
+def registry(config: Settings):
+    if config.registry == "dynamodb":
+        from chalicelib.registry.dynamodb import DynamoDbRegistry
+        return DynamoDbRegistry(aws_clients().client("dynamodb"), config.table_name)
+    from chalicelib.registry.sqlite import SqliteRegistry
     return SqliteRegistry(config.registry_path)
 
 
-def issuer(config: Settings) -> LocalIssuer:
+def issuer(config: Settings):
+    if config.issuer == "aws-iot":
+        from chalicelib.issuers.aws_iot import AwsIotIssuer
+        clients = aws_clients()
+        return AwsIotIssuer(lambda region: clients.client("iot", region))
+    from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
     policy = region_policy(config)
     return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port))
+
+
+def locator(config: Settings) -> GeoLocator:
+    """ipstack (key in SSM) and/or a MaxMind City file when configured, then the bundled GeoLite2."""
+    providers: list[GeoLocator] = []
+    if config.ipstack_key_parameter:
+        import requests
+
+        from chalicelib.aws import SsmSecret
+        key = SsmSecret(aws_clients().client("ssm"), config.ipstack_key_parameter)
+        providers.append(IpstackLocator(requests.Session(), key))
+    if config.maxmind_db:
+        providers.append(MaxMindLocator.open(config.maxmind_db))
+    providers.append(MaxMindLocator.bundled())
+    return providers[0] if len(providers) == 1 else FallbackLocator(providers)
 
 
 def build_service(config: Settings) -> ProvisioningService:
     return ProvisioningService(
         registry=registry(config),
         issuer=issuer(config),
-        locator=MaxMindLocator.bundled(),
+        locator=locator(config),
         regions=region_policy(config),
         verifier=FleetKeyVerifier(load_public_key(config.fleet_public_key)),
         lease_seconds=config.claim_lease_seconds,
@@ -54,9 +88,18 @@ def service() -> ProvisioningService:
     return _service
 
 
+def configure(config: Settings) -> None:
+    """Use these settings instead of the environment's (tests); the service is rebuilt on next use."""
+    global _settings, _service
+    with _lock:
+        _settings = config
+        _service = None
+
+
 def reset() -> None:
     """Forget what was built, so the next call reads the environment again (tests)."""
-    global _settings, _service
+    global _settings, _service, _aws
     with _lock:
         _settings = None
         _service = None
+        _aws = None

@@ -260,6 +260,10 @@ def test_a_failing_rollback_does_not_hide_the_original_error(build, registry, is
     # The operator is told which certificate may be left active.
     assert any(issued.certificate_id in record.getMessage() for record in caplog.records)
     assert issuer.certificate(issued.certificate_id)["status"] == "ACTIVE"  # revoke really did not happen
+    # The device is not stuck, and the item names what the audit must clean up.
+    item = registry.get("dev-1")
+    assert item["prov_status"] == "unprovisioned"
+    assert "rollback incomplete" in item["last_error"] and issued.certificate_id in item["last_error"]
 
 
 def test_a_domain_error_inside_propagates_unchanged(build, registry, issuer, request_for):

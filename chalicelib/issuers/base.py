@@ -18,6 +18,8 @@ class IssuedCertificate:
     certificate_pem: str
     endpoint: Endpoint
     private_key_pem: str | None = None  # only when the issuer made the key pair; never stored
+    thing_name: str | None = None
+    certificate_arn: str | None = None  # AWS IoT only
 
 
 class Issuer(Protocol):

@@ -186,7 +186,7 @@ class LocalIssuer:
              self._clock().strftime("%Y-%m-%dT%H:%M:%SZ"),
              cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")))
         return IssuedCertificate(region, cert_id, cert.public_bytes(serialization.Encoding.PEM).decode(),
-                                 endpoint, private_key_pem)
+                                 endpoint, private_key_pem, thing_name)
 
     def revoke(self, issued: IssuedCertificate) -> None:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",

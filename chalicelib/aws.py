@@ -1,0 +1,58 @@
+"""boto3 clients for the prod stage: one per (service, region), made once per container, with timeouts and retries.
+
+Imported only by the prod wiring, so the local stage never pays for importing boto3.
+"""
+import logging
+import threading
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+log = logging.getLogger(__name__)
+
+# Throttling and 5xx are retried by botocore with backoff; past that the device gets 503 + Retry-After.
+CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=2, read_timeout=5)
+
+
+class AwsClients:
+    def __init__(self, session=None, config: Config = CLIENT_CONFIG):
+        self._session = session or boto3.session.Session()
+        self._config = config
+        self._clients: dict[tuple[str, str | None], object] = {}
+        self._lock = threading.Lock()
+
+    def client(self, service: str, region: str | None = None):
+        key = (service, region)
+        client = self._clients.get(key)
+        if client is None:
+            with self._lock:  # boto3 sessions are not thread-safe to create clients from
+                client = self._clients.get(key) or self._session.client(service, region_name=region,
+                                                                         config=self._config)
+                self._clients[key] = client
+        return client
+
+
+class SsmSecret:
+    """A SecureString parameter read once per container; None (and a warning) when it cannot be read."""
+
+    _UNSET = object()
+
+    def __init__(self, client, name: str):
+        self._client = client
+        self._name = name
+        self._value = self._UNSET
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str | None:
+        if self._value is self._UNSET:
+            with self._lock:
+                if self._value is self._UNSET:
+                    try:
+                        self._value = self._client.get_parameter(
+                            Name=self._name, WithDecryption=True)["Parameter"]["Value"]
+                    except (ClientError, BotoCoreError) as exc:
+                        log.warning("cannot read SSM parameter %s (%s); that provider is off for this container",
+                                    self._name, type(exc).__name__)
+                        self._value = None
+        return self._value

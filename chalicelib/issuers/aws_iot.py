@@ -1,0 +1,221 @@
+"""The prod stage's issuer: AWS IoT Core in the chosen region, through one boto3 client per region."""
+import concurrent.futures as cf
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from botocore.exceptions import BotoCoreError, ClientError
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from chalicelib.errors import MalformedRequest, ProvisioningError, ServiceUnavailable
+from chalicelib.issuers.base import Endpoint, IssuedCertificate
+
+log = logging.getLogger(__name__)
+
+DEVICE_POLICY_NAME = "iot-global-provisioning-device"
+MQTT_PORT = 8883
+_THING = "${iot:Connection.Thing.ThingName}"
+
+# Codes after which the same request may well succeed later; any 5xx counts too.
+_AWS_ERRORS = (ClientError, BotoCoreError)
+_TRANSIENT = {"ThrottlingException", "LimitExceededException", "ServiceUnavailableException",
+              "InternalFailureException", "InternalException", "RequestTimeoutException"}
+# Detaching a principal is asynchronous in AWS IoT: deleting right after may still meet a conflict.
+_DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
+_default_executor = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aws-iot")
+
+
+def device_policy_document() -> dict:
+    """Each device may connect as itself and use only data/<its thing name>/..., like the local ACL data/%u/#.
+
+    ${iot:Connection.Thing.ThingName} resolves only when the certificate is attached to the thing and the
+    MQTT client id equals the thing name, so the device must connect with its thing name as client id.
+    """
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect",
+             "Resource": f"arn:aws:iot:*:*:client/{_THING}",
+             "Condition": {"Bool": {"iot:Connection.Thing.IsAttached": "true"}}},
+            {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
+             "Resource": f"arn:aws:iot:*:*:topic/data/{_THING}/*"},
+            {"Effect": "Allow", "Action": "iot:Subscribe",
+             "Resource": f"arn:aws:iot:*:*:topicfilter/data/{_THING}/*"},
+        ],
+    }
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
+
+
+def _is_not_found(exc: Exception) -> bool:
+    return isinstance(exc, ClientError) and _code(exc) == "ResourceNotFoundException"
+
+
+def _domain_error(exc: Exception, region: str) -> ProvisioningError:
+    """AWS errors become domain errors, so no raw ClientError reaches the orchestrator or the device."""
+    if isinstance(exc, BotoCoreError):  # connection errors, timeouts: AWS IoT could not be reached
+        return ServiceUnavailable(f"AWS IoT in {region} cannot be reached; try again later", retry_after=5)
+    code, operation = _code(exc), exc.operation_name
+    if operation == "CreateCertificateFromCsr" and code == "InvalidRequestException":
+        return MalformedRequest(f"AWS IoT in {region} refused the CSR", "malformed-csr")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in _TRANSIENT or status >= 500:
+        return ServiceUnavailable(f"AWS IoT {operation} in {region} is busy or unavailable; try again later",
+                                  retry_after=5)
+    log.error("AWS IoT %s in %s failed: %s", operation, region, code)
+    return ServiceUnavailable(f"AWS IoT {operation} in {region} failed; try again later", retry_after=30)
+
+
+class AwsIotIssuer:
+    """Creates the thing and its certificate in the chosen region, with the device policy attached.
+
+    issue() waits for tasks on `executor`: never call it from that executor's own threads.
+    """
+
+    def __init__(self, client_for_region: Callable[[str], Any], policy_name: str = DEVICE_POLICY_NAME,
+                 executor: cf.Executor | None = None):
+        self._client = client_for_region
+        self._policy_name = policy_name
+        self._executor = executor or _default_executor
+        self._lock = threading.Lock()
+        self._once_per_region: dict[tuple[str, str], cf.Future] = {}
+
+    def _once(self, what: str, region: str, fn: Callable[[str], Any]) -> cf.Future:
+        """One shared call per region for the container's life; a failed one is tried again next time."""
+        with self._lock:
+            future = self._once_per_region.get((what, region))
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._once_per_region[(what, region)] = self._executor.submit(fn, region)
+        return future
+
+    def _describe_endpoint(self, region: str) -> Endpoint:
+        address = self._client(region).describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
+        return Endpoint(address, MQTT_PORT)
+
+    def _ensure_policy(self, region: str) -> None:
+        client = self._client(region)
+        try:
+            client.get_policy(policyName=self._policy_name)
+            return
+        except ClientError as exc:
+            if not _is_not_found(exc):
+                raise
+        try:
+            client.create_policy(policyName=self._policy_name,
+                                 policyDocument=json.dumps(device_policy_document()))
+        except ClientError as exc:
+            if _code(exc) != "ResourceAlreadyExistsException":  # another container made it meanwhile
+                raise
+
+    def endpoint(self, region: str) -> Endpoint:
+        try:
+            return self._once("endpoint", region, self._describe_endpoint).result()
+        except _AWS_ERRORS as exc:
+            raise _domain_error(exc, region) from exc
+
+    def issue(self, thing_name: str, region: str,
+              csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
+        client = self._client(region)
+        endpoint_f = self._once("endpoint", region, self._describe_endpoint)
+        policy_f = self._once("policy", region, self._ensure_policy)
+        thing_f = self._executor.submit(client.create_thing, thingName=thing_name)
+        cert_f = self._executor.submit(_create_certificate, client, csr)
+        cf.wait([endpoint_f, policy_f, thing_f, cert_f])
+        # Whatever succeeded is ours to undo if anything else failed.
+        made_thing = thing_f.exception() is None
+        cert = cert_f.result() if cert_f.exception() is None else None
+        try:
+            for future in (cert_f, thing_f, policy_f, endpoint_f):
+                future.result()
+            attached = [self._executor.submit(client.attach_policy, policyName=self._policy_name,
+                                              target=cert["certificateArn"]),
+                        self._executor.submit(client.attach_thing_principal, thingName=thing_name,
+                                              principal=cert["certificateArn"])]
+            cf.wait(attached)
+            for future in attached:
+                future.result()
+        except Exception as exc:
+            self._undo(client, region, thing_name if made_thing else None, cert)
+            if isinstance(exc, _AWS_ERRORS):
+                raise _domain_error(exc, region) from exc
+            raise
+        return IssuedCertificate(region, cert["certificateId"], cert["certificatePem"], endpoint_f.result(),
+                                 cert.get("keyPair", {}).get("PrivateKey"), thing_name, cert["certificateArn"])
+
+    def revoke(self, issued: IssuedCertificate) -> None:
+        """Undo `issue` fully; parts already gone are fine.
+
+        What issue() returned names the thing and the certificate ARN; from a certificate id alone (an
+        operator's reset) they are looked up first.
+        """
+        region, client = issued.region, self._client(issued.region)
+        if issued.certificate_arn and issued.thing_name:
+            arn, things = issued.certificate_arn, [issued.thing_name]
+        else:
+            try:
+                arn = client.describe_certificate(
+                    certificateId=issued.certificate_id)["certificateDescription"]["certificateArn"]
+                things = client.list_principal_things(principal=arn)["things"]
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    return
+                raise _domain_error(exc, region) from exc
+        cert = {"certificateId": issued.certificate_id, "certificateArn": arn}
+        failures = [self._undo(client, region, thing, cert) for thing in things or [None]]
+        if any(failures):
+            raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
+
+    def _undo(self, client, region: str, thing_name: str | None, cert: dict | None) -> bool:
+        """Remove, in reverse order of creation, what issue made; logs failures and returns whether any."""
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        if cert:
+            arn, cert_id = cert["certificateArn"], cert["certificateId"]
+            if thing_name:
+                steps.append(("detach thing", lambda: client.detach_thing_principal(
+                    thingName=thing_name, principal=arn)))
+            steps += [
+                ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
+                ("deactivate certificate", lambda: client.update_certificate(
+                    certificateId=cert_id, newStatus="INACTIVE")),
+                ("delete certificate", lambda: _after_detach(
+                    "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
+            ]
+        if thing_name:
+            # AWS answers InvalidRequestException while the thing still has a principal attached.
+            steps.append(("delete thing", lambda: _after_detach(
+                "InvalidRequestException", client.delete_thing, thingName=thing_name)))
+        failed = False
+        for step, call in steps:
+            try:
+                call()
+            except Exception as exc:
+                if _is_not_found(exc):
+                    continue
+                failed = True
+                log.error("cleanup step %r failed for thing %s in %s (certificate %s): %s: %s", step,
+                          thing_name, region, cert and cert["certificateId"], type(exc).__name__,
+                          _code(exc) if isinstance(exc, ClientError) else exc)
+        return failed
+
+
+def _create_certificate(client, csr: x509.CertificateSigningRequest | None) -> dict:
+    if csr is None:
+        return client.create_keys_and_certificate(setAsActive=True)
+    pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+    return client.create_certificate_from_csr(certificateSigningRequest=pem, setAsActive=True)
+
+
+def _after_detach(conflict_code: str, call: Callable[..., Any], **kwargs) -> Any:
+    """Retry a delete while a just-made detachment propagates."""
+    for wait in (*_DETACH_WAITS, None):
+        try:
+            return call(**kwargs)
+        except ClientError as exc:
+            if wait is None or _code(exc) != conflict_code:
+                raise
+            time.sleep(wait)

@@ -1,0 +1,187 @@
+"""The prod stage's registry: one DynamoDB table keyed by thing_name, the original sample's attribute names."""
+import secrets
+import time
+from datetime import datetime
+from typing import Iterable, Iterator
+
+from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+from chalicelib.errors import AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable
+from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
+
+DEFAULT_TABLE_NAME = "iot-global-provisioning"
+_PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id", "last_error")
+# Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
+_UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
+                                "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
+_BATCH_GET_LIMIT = 100
+_BATCH_WRITE_LIMIT = 25
+_BATCH_ATTEMPTS = 8
+# Every attribute goes through a placeholder: "status", "name" and friends are reserved words.
+_NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_datetime", "#region": "aws_region",
+          "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error"}
+
+
+def _code(error: ClientError) -> str:
+    return error.response.get("Error", {}).get("Code", "")
+
+
+def _timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(0.05 * 2 ** attempt, 1.0))
+
+
+def _item(raw: dict) -> dict:
+    return {key: raw[key]["S"] for key in _PUBLIC_ATTRIBUTES if key in raw and "S" in raw[key]}
+
+
+class DynamoDbRegistry:
+    def __init__(self, client, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None):
+        self._client = client
+        self._table = table_name
+        self._page_size = page_size  # Scan's Limit; None lets DynamoDB fill 1 MB pages
+
+    def _call(self, operation: str, **kwargs) -> dict:
+        try:
+            return getattr(self._client, operation)(**kwargs)
+        except ClientError as e:
+            if _code(e) in _UNAVAILABLE_CODES:
+                raise ServiceUnavailable(f"registry unavailable: DynamoDB {operation} failed with {_code(e)}") from e
+            raise
+        except (BotoConnectionError, HTTPClientError) as e:
+            raise ServiceUnavailable(f"registry unavailable: DynamoDB {operation} could not be reached") from e
+
+    def _key(self, thing_name: str) -> dict:
+        return {"thing_name": {"S": thing_name}}
+
+    def create(self) -> None:
+        try:
+            self._call("create_table", TableName=self._table,
+                       KeySchema=[{"AttributeName": "thing_name", "KeyType": "HASH"}],
+                       AttributeDefinitions=[{"AttributeName": "thing_name", "AttributeType": "S"}],
+                       BillingMode="PAY_PER_REQUEST")
+        except ClientError as e:
+            if _code(e) != "ResourceInUseException":  # already there (or being made): wait for it below
+                raise
+        self._client.get_waiter("table_exists").wait(TableName=self._table)
+
+    def register(self, thing_names: Iterable[str]) -> int:
+        names = list(dict.fromkeys(thing_names))
+        existing = self._existing(names)
+        new = [name for name in names if name not in existing]
+        # BatchWriteItem cannot be conditional, so existing names were filtered out above. Only a concurrent
+        # register of the same new name can race this, and it writes the same fresh item.
+        for chunk in _chunks(new, _BATCH_WRITE_LIMIT):
+            request = {self._table: [{"PutRequest": {"Item": {**self._key(name), "prov_status": {"S": UNPROVISIONED}}}}
+                                     for name in chunk]}
+            for attempt in range(_BATCH_ATTEMPTS):
+                request = self._call("batch_write_item", RequestItems=request).get("UnprocessedItems")
+                if not request:
+                    break
+                _backoff(attempt)
+            else:
+                raise ServiceUnavailable("registry unavailable: DynamoDB batch_write_item kept items unprocessed")
+        return len(new)
+
+    def _existing(self, names: list[str]) -> set[str]:
+        found = set()
+        for chunk in _chunks(names, _BATCH_GET_LIMIT):
+            request = {self._table: {"Keys": [self._key(name) for name in chunk], "ConsistentRead": True,
+                                     "ProjectionExpression": "#name",
+                                     "ExpressionAttributeNames": {"#name": "thing_name"}}}
+            for attempt in range(_BATCH_ATTEMPTS):
+                response = self._call("batch_get_item", RequestItems=request)
+                found.update(raw["thing_name"]["S"] for raw in response["Responses"].get(self._table, []))
+                request = response.get("UnprocessedKeys")
+                if not request:
+                    break
+                _backoff(attempt)
+            else:
+                raise ServiceUnavailable("registry unavailable: DynamoDB batch_get_item kept keys unprocessed")
+        return found
+
+    def get(self, thing_name: str) -> dict | None:
+        raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
+        return _item(raw) if raw else None
+
+    def list(self, status: str | None = None) -> Iterator[dict]:
+        kwargs: dict = {"TableName": self._table}
+        if status:
+            kwargs.update(FilterExpression="#status = :status", ExpressionAttributeNames={"#status": "prov_status"},
+                          ExpressionAttributeValues={":status": {"S": status}})
+        if self._page_size:
+            kwargs["Limit"] = self._page_size
+        items = []
+        while True:
+            page = self._call("scan", **kwargs)
+            items.extend(_item(raw) for raw in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        # A scan comes back in hash order; sort like the SQLite backend does.
+        yield from sorted(items, key=lambda item: item["thing_name"])
+
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int) -> Claim:
+        token = secrets.token_hex(16)
+        at = now.timestamp()
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(thing_name),
+                UpdateExpression="SET #status = :provisioning, #token = :token, #lease = :lease",
+                ConditionExpression="attribute_exists(#name) AND (#status = :unprovisioned "
+                                    "OR (#status = :provisioning AND #lease < :now))",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#token", "#lease")},
+                ExpressionAttributeValues={":provisioning": {"S": PROVISIONING}, ":unprovisioned": {"S": UNPROVISIONED},
+                                           ":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
+                                           ":now": {"N": repr(at)}},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD")
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            # The refusal carries the item as it was, so telling why costs no second read.
+            old = e.response.get("Item")
+            if old is None:
+                raise NotRegistered(f"{thing_name} is not on the allow-list") from None
+            if old.get("prov_status", {}).get("S") == PROVISIONED:
+                raise AlreadyProvisioned(f"{thing_name} is already provisioned") from None
+            raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request") from None
+        return Claim(thing_name, token)
+
+    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime) -> None:
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(claim.thing_name),
+                UpdateExpression="SET #status = :provisioned, #datetime = :datetime, #region = :region, #cert = :cert "
+                                 "REMOVE #token, #lease, #error",
+                ConditionExpression="#status = :provisioning AND #token = :token",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
+                                                                 "#lease", "#error")},
+                ExpressionAttributeValues={":provisioned": {"S": PROVISIONED}, ":provisioning": {"S": PROVISIONING},
+                                           ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
+                                           ":cert": {"S": certificate_id}, ":token": {"S": claim.token}})
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            raise ProvisioningInProgress(
+                f"{claim.thing_name}: the claim's lease ran out before provisioning ended") from None
+
+    def release(self, claim: Claim, error: str) -> None:
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(claim.thing_name),
+                UpdateExpression="SET #status = :unprovisioned, #error = :error REMOVE #token, #lease",
+                ConditionExpression="#status = :provisioning AND #token = :token",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#error", "#token", "#lease")},
+                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}, ":provisioning": {"S": PROVISIONING},
+                                           ":error": {"S": error}, ":token": {"S": claim.token}})
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":  # the claim is gone already: nothing to undo
+                raise

@@ -1,0 +1,294 @@
+"""One contract for every registry backend: SQLite (real file) and DynamoDB (moto).
+
+DynamoDB failures are made with botocore event hooks on the injected client, never by patching our modules.
+"""
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from chalicelib.errors import AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable
+from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
+from chalicelib.registry.dynamodb import DynamoDbRegistry
+from chalicelib.registry.sqlite import SqliteRegistry
+
+LEASE = 300
+T0 = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+TABLE = "iot-global-provisioning"
+
+
+@pytest.fixture
+def dynamodb_client(monkeypatch):
+    """A DynamoDB client that only ever talks to moto: dummy credentials, no profile or config file."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "eu-west-2",
+                        "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with mock_aws():
+        yield boto3.client("dynamodb", region_name="eu-west-2")
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def registry(request, tmp_path):
+    if request.param == "sqlite":
+        registry = SqliteRegistry(tmp_path / "r.sqlite3")
+        registry.create()
+        yield registry
+        registry.close()
+    else:
+        registry = DynamoDbRegistry(request.getfixturevalue("dynamodb_client"), TABLE)
+        registry.create()
+        yield registry
+
+
+def provisioned(registry, name: str, at: datetime = T0) -> None:
+    registry.finalize(registry.claim(name, at, LEASE), "eu-west-2", f"cert-{name}", at)
+
+
+def answer(status: int, body: dict):
+    """What a before-call hook returns to stand in for DynamoDB's HTTP answer."""
+    return SimpleNamespace(status_code=status, headers={}), body
+
+
+# --- the contract, for both backends ---------------------------------------------------------------------------
+
+def test_create_is_idempotent_and_keeps_items(registry):
+    registry.register(["dev1"])
+    registry.create()
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": UNPROVISIONED}
+
+
+def test_register_counts_new_and_leaves_existing_unchanged(registry):
+    assert registry.register(["dev1", "dev2"]) == 2
+    provisioned(registry, "dev1")
+    before = registry.get("dev1")
+
+    assert registry.register(["dev1", "dev2", "dev3"]) == 1
+
+    assert registry.get("dev1") == before
+    assert before["prov_status"] == PROVISIONED
+    assert [item["thing_name"] for item in registry.list()] == ["dev1", "dev2", "dev3"]
+
+
+def test_register_counts_duplicates_in_the_input_once(registry):
+    assert registry.register(["dev1", "dev2", "dev1", "dev2", "dev1"]) == 2
+    assert [item["thing_name"] for item in registry.list()] == ["dev1", "dev2"]
+
+
+def test_get_unknown_is_none(registry):
+    assert registry.get("nobody") is None
+
+
+def test_list_is_sorted_and_filtered_by_status(registry):
+    registry.register(["c", "a", "d", "b"])
+    provisioned(registry, "d")
+    registry.claim("b", T0, LEASE)
+
+    assert [item["thing_name"] for item in registry.list()] == ["a", "b", "c", "d"]
+    assert [item["thing_name"] for item in registry.list(UNPROVISIONED)] == ["a", "c"]
+    assert [item["thing_name"] for item in registry.list(PROVISIONING)] == ["b"]
+    assert list(registry.list(PROVISIONED)) == [registry.get("d")]
+
+
+def test_claim_then_finalize_gives_the_public_item_shape(registry):
+    registry.register(["dev1"])
+    claim = registry.claim("dev1", T0, LEASE)
+    assert claim.thing_name == "dev1" and len(claim.token) == 32
+    # The claim's token and lease stay private.
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING}
+
+    registry.finalize(claim, "ap-northeast-1", "cert-123", T0 + timedelta(seconds=5))
+
+    expected = {"thing_name": "dev1", "prov_status": PROVISIONED, "prov_datetime": "2026-11-28T12:00:05Z",
+                "aws_region": "ap-northeast-1", "certificate_id": "cert-123"}
+    assert registry.get("dev1") == expected
+    assert list(registry.list()) == [expected]
+
+
+def test_claim_of_unknown_device_is_not_registered(registry):
+    with pytest.raises(NotRegistered, match="nobody is not on the allow-list"):
+        registry.claim("nobody", T0, LEASE)
+    assert registry.get("nobody") is None  # the refused write made nothing
+
+
+def test_claim_within_the_lease_is_in_progress(registry):
+    registry.register(["dev1"])
+    registry.claim("dev1", T0, LEASE)
+    with pytest.raises(ProvisioningInProgress, match="dev1 is being provisioned by another request"):
+        registry.claim("dev1", T0 + timedelta(seconds=LEASE - 1), LEASE)
+
+
+def test_claim_after_the_lease_ran_out_takes_over_with_a_new_token(registry):
+    registry.register(["dev1"])
+    first = registry.claim("dev1", T0, LEASE)
+    second = registry.claim("dev1", T0 + timedelta(seconds=LEASE + 1), LEASE)
+    assert second.token != first.token
+    registry.finalize(second, "eu-west-2", "cert-2", T0 + timedelta(seconds=LEASE + 2))
+    assert registry.get("dev1")["certificate_id"] == "cert-2"
+
+
+def test_finalize_with_a_stale_claim_is_refused_and_the_new_claim_holds(registry):
+    registry.register(["dev1"])
+    stale = registry.claim("dev1", T0, LEASE)
+    current = registry.claim("dev1", T0 + timedelta(seconds=LEASE + 1), LEASE)
+
+    with pytest.raises(ProvisioningInProgress, match="dev1: the claim's lease ran out"):
+        registry.finalize(stale, "eu-west-2", "cert-stale", T0 + timedelta(seconds=LEASE + 2))
+
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING}
+    with pytest.raises(ProvisioningInProgress):  # still within the new claim's lease
+        registry.claim("dev1", T0 + timedelta(seconds=LEASE + 3), LEASE)
+    registry.finalize(current, "eu-west-2", "cert-current", T0 + timedelta(seconds=LEASE + 4))
+    assert registry.get("dev1")["certificate_id"] == "cert-current"
+
+
+def test_finalize_of_unknown_device_is_refused(registry):
+    with pytest.raises(ProvisioningInProgress):
+        registry.finalize(Claim("nobody", "0" * 32), "eu-west-2", "cert", T0)
+    assert registry.get("nobody") is None
+
+
+def test_release_returns_to_unprovisioned_with_the_error(registry):
+    registry.register(["dev1"])
+    registry.release(registry.claim("dev1", T0, LEASE), "issuer down")
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": UNPROVISIONED, "last_error": "issuer down"}
+    registry.claim("dev1", T0 + timedelta(seconds=1), LEASE)  # claimable again at once, lease or not
+
+
+def test_stale_release_changes_nothing(registry):
+    registry.register(["dev1"])
+    stale = registry.claim("dev1", T0, LEASE)
+    current = registry.claim("dev1", T0 + timedelta(seconds=LEASE + 1), LEASE)
+
+    registry.release(stale, "too late")
+
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING}
+    registry.finalize(current, "eu-west-2", "cert-1", T0 + timedelta(seconds=LEASE + 2))
+    registry.release(current, "after the fact")  # a finished claim cannot be undone either
+    assert registry.get("dev1")["prov_status"] == PROVISIONED
+    assert "last_error" not in registry.get("dev1")
+
+
+def test_claim_of_provisioned_device_is_already_provisioned(registry):
+    registry.register(["dev1"])
+    provisioned(registry, "dev1")
+    with pytest.raises(AlreadyProvisioned, match="dev1 is already provisioned"):
+        registry.claim("dev1", T0 + timedelta(days=1), LEASE)
+
+
+def test_successful_finalize_clears_the_last_error(registry):
+    registry.register(["dev1"])
+    registry.release(registry.claim("dev1", T0, LEASE), "issuer down")
+    provisioned(registry, "dev1", T0 + timedelta(seconds=10))
+    item = registry.get("dev1")
+    assert item["prov_status"] == PROVISIONED and "last_error" not in item
+
+
+def test_register_a_thousand_devices_in_batches(registry):
+    names = [f"dev{i:04d}" for i in range(1000)]
+    assert registry.register(names) == 1000
+    assert registry.register(reversed(names)) == 0
+    assert [item["thing_name"] for item in registry.list(UNPROVISIONED)] == names
+
+
+def test_only_one_of_many_concurrent_claims_wins(registry):
+    if isinstance(registry, DynamoDbRegistry):
+        pytest.skip("moto serialises requests in-process, so it cannot show DynamoDB's conditional-write atomicity")
+    registry.register(["dev1"])
+    start = threading.Barrier(8)
+    won, refused = [], []
+
+    def contend():
+        start.wait()
+        try:
+            won.append(registry.claim("dev1", T0, LEASE))
+        except ProvisioningInProgress:
+            refused.append(True)
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and len(refused) == 7
+
+
+# --- DynamoDB only: paging, batching and throttling ---------------------------------------------------------------
+
+def test_dynamodb_list_follows_every_scan_page(dynamodb_client):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, page_size=7)
+    registry.create()
+    names = [f"dev{i:02d}" for i in range(50)]
+    registry.register(names)
+    provisioned(registry, "dev07")
+    scans = []
+    dynamodb_client.meta.events.register("before-call.dynamodb.Scan", lambda **kw: scans.append(1))
+
+    assert [item["thing_name"] for item in registry.list()] == names
+    assert len(scans) >= 8  # 50 items, 7 a page
+    assert [item["thing_name"] for item in registry.list(PROVISIONED)] == ["dev07"]
+
+
+def test_dynamodb_register_retries_unprocessed_items_and_keys(dynamodb_client):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+    registry.create()
+    registry.register(["dev000"])
+    refused = {"BatchGetItem": 0, "BatchWriteItem": 0}
+
+    def refuse_first(operation: str, field: str, answer_field: str):
+        def hook(params, **_):
+            if refused[operation]:
+                return None
+            refused[operation] += 1
+            # DynamoDB did nothing and hands the whole request back, as it may when throttled.
+            return answer(200, {"Responses": {}, answer_field: json.loads(params["body"])[field]})
+        return hook
+
+    dynamodb_client.meta.events.register("before-call.dynamodb.BatchGetItem",
+                                         refuse_first("BatchGetItem", "RequestItems", "UnprocessedKeys"))
+    dynamodb_client.meta.events.register("before-call.dynamodb.BatchWriteItem",
+                                         refuse_first("BatchWriteItem", "RequestItems", "UnprocessedItems"))
+    provisioned(registry, "dev000")
+
+    assert registry.register([f"dev{i:03d}" for i in range(30)]) == 29
+
+    assert refused == {"BatchGetItem": 1, "BatchWriteItem": 1}
+    assert len(list(registry.list())) == 30
+    assert registry.get("dev000")["prov_status"] == PROVISIONED
+
+
+@pytest.mark.parametrize("code", ["ProvisionedThroughputExceededException", "ThrottlingException",
+                                  "InternalServerError"])
+def test_dynamodb_throttling_becomes_service_unavailable(dynamodb_client, code):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+    registry.create()
+    registry.register(["dev1"])
+    dynamodb_client.meta.events.register(
+        "before-call.dynamodb.UpdateItem",
+        lambda **_: answer(400, {"Error": {"Code": code, "Message": "slow down"}}))
+
+    with pytest.raises(ServiceUnavailable, match=f"update_item failed with {code}") as caught:
+        registry.claim("dev1", T0, LEASE)
+
+    assert caught.value.retry_after > 0
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": UNPROVISIONED}
+
+
+def test_dynamodb_throttled_reads_become_service_unavailable(dynamodb_client):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+    registry.create()
+    for operation in ("GetItem", "Scan", "BatchGetItem"):
+        dynamodb_client.meta.events.register(
+            f"before-call.dynamodb.{operation}",
+            lambda **_: answer(400, {"Error": {"Code": "ThrottlingException", "Message": "slow down"}}))
+    with pytest.raises(ServiceUnavailable, match="get_item"):
+        registry.get("dev1")
+    with pytest.raises(ServiceUnavailable, match="scan"):
+        list(registry.list())
+    with pytest.raises(ServiceUnavailable, match="batch_get_item"):
+        registry.register(["dev1"])
