@@ -111,7 +111,7 @@ def cmd_show(config: Settings, args) -> int:
     if item is None:
         raise CommandError(f"{args.name} is not registered")
     if item.get("certificate_id") and item.get("aws_region"):
-        item["certificate"] = wiring.issuer(config).certificate(item["certificate_id"])
+        item["certificate"] = wiring.issuer(config).certificate(item["certificate_id"], item["aws_region"])
     print(json.dumps(item, indent=2))
     return 0
 

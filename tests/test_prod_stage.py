@@ -38,7 +38,8 @@ def prod(tmp_path, monkeypatch):
     public = tmp_path / "fleet.pub.pem"
     public.write_bytes(fleet_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
-    with mock_aws():
+    # responses: no HTTP request may leave this machine; ipstack answers only what a test registers.
+    with mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False) as http:
         wiring.reset()
         settings = Settings.from_env({**PROD_ENV, "GIP_FLEET_PUBLIC_KEY": str(public),
                                       "GIP_STATE_DIR": str(tmp_path / "state")})
@@ -46,7 +47,7 @@ def prod(tmp_path, monkeypatch):
         wiring.registry(settings).create()
         wiring.registry(settings).register([f"mydevice{i}" for i in range(1, 6)])
         boto3.client("ssm").put_parameter(Name=IPSTACK_PARAMETER, Value="ipstack-key", Type="SecureString")
-        yield settings, fleet_key
+        yield settings, fleet_key, http
         wiring.reset()
 
 
@@ -65,7 +66,7 @@ def post(client, data):
 
 
 def test_http_route_on_prod_wiring_all_sample_modes(prod):
-    settings, fleet_key = prod
+    settings, fleet_key, http = prod
     iot = boto3.client("iot", region_name="eu-west-2")
     with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
         # chalice's test gateway reports 127.0.0.1 and prod ignores X-Forwarded-For: default region.
@@ -100,7 +101,8 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
 
 
 def test_admin_cli_on_prod_lists_and_shows_dynamodb_items(prod, capsys, monkeypatch):
-    settings, fleet_key = prod
+    settings, fleet_key, http = prod
+    issued = wiring.service().provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice4")), TOKYO_IP)
     for name, value in PROD_ENV.items():
         monkeypatch.setenv(name, value)
     assert admin.main(["--stage", "prod", "register", "--prefix", "mydevice", "--count", "7"]) == 0
@@ -110,6 +112,11 @@ def test_admin_cli_on_prod_lists_and_shows_dynamodb_items(prod, capsys, monkeypa
     assert [item["thing_name"] for item in items] == sorted(f"mydevice{i}" for i in range(1, 8))
     assert admin.main(["--stage", "prod", "show", "mydevice7"]) == 0
     assert json.loads(capsys.readouterr().out)["prov_status"] == "unprovisioned"
+    assert admin.main(["--stage", "prod", "show", "mydevice4"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["prov_status"] == "provisioned" and shown["aws_region"] == "ap-northeast-1"
+    assert shown["certificate"]["certificate_id"] == issued.issued.certificate_id
+    assert shown["certificate"]["status"] == "ACTIVE" and shown["certificate"]["region"] == "ap-northeast-1"
 
 
 def _record_actions(settings, actions: set):
@@ -131,12 +138,11 @@ def _policy_actions(prefixes=("dynamodb:", "iot:", "ssm:")) -> set:
     return {a for a in granted if a.startswith(prefixes)}
 
 
-@responses.activate
 def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
-    settings, fleet_key = prod
-    responses.get("https://api.ipstack.com/" + LONDON_IP,
+    settings, fleet_key, http = prod
+    http.get("https://api.ipstack.com/" + LONDON_IP,
                   json={"latitude": 51.5, "longitude": -0.12, "country_code": "GB"})
-    responses.get("https://api.ipstack.com/" + TOKYO_IP,
+    http.get("https://api.ipstack.com/" + TOKYO_IP,
                   json={"latitude": 35.7, "longitude": 139.7, "country_code": "JP"})
     actions: set = set()
     _record_actions(settings, actions)
@@ -148,7 +154,7 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
     first = service.provision(request("mydevice1"), LONDON_IP)                 # server-made key
     second = service.provision(request("mydevice2", make_csr("mydevice2")[0]), TOKYO_IP)  # CSR
     assert (first.choice.region, second.choice.region) == ("eu-west-2", "ap-northeast-1")
-    assert len(responses.calls) == 2  # ipstack answered both; the key came from SSM
+    assert len(http.calls) == 2  # ipstack answered both; the key came from SSM
     with pytest.raises(Exception):
         service.provision(request("mydevice1"), LONDON_IP)                     # refused: already provisioned
 
@@ -182,7 +188,7 @@ def test_policy_resources_are_narrow():
 
 
 def test_endpoint_and_policy_lookups_are_once_per_container(prod):
-    settings, fleet_key = prod
+    settings, fleet_key, http = prod
     actions: list = []
     clients = wiring.aws_clients()
     for region in settings.enabled_regions:

@@ -170,6 +170,19 @@ class AwsIotIssuer:
         if any(failures):
             raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
 
+    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
+        try:
+            found = self._client(region).describe_certificate(certificateId=certificate_id)
+        except ClientError as exc:
+            if _is_not_found(exc):
+                return None
+            raise _domain_error(exc, region) from exc
+        cert = found["certificateDescription"]
+        validity = cert.get("validity", {})
+        return {"certificate_id": cert["certificateId"], "region": region, "status": cert["status"],
+                "issued_at": str(cert.get("creationDate")), "not_after": str(validity.get("notAfter")),
+                "arn": cert["certificateArn"]}
+
     def _undo(self, client, region: str, thing_name: str | None, cert: dict | None) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any."""
         steps: list[tuple[str, Callable[[], Any]]] = []

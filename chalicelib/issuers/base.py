@@ -29,3 +29,6 @@ class Issuer(Protocol):
 
     def revoke(self, issued: IssuedCertificate) -> None:
         """Undo `issue` (rollback): the certificate can no longer be used."""
+
+    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
+        """What the issuer knows of a certificate (status, validity) for operators; None when unknown."""

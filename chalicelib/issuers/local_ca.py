@@ -192,7 +192,7 @@ class LocalIssuer:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
                            (issued.certificate_id,))
 
-    def certificate(self, certificate_id: str) -> dict | None:
+    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
         row = self._db().execute("SELECT * FROM certificates WHERE certificate_id = ?",
                                  (certificate_id,)).fetchone()
         return dict(row) if row else None
