@@ -28,6 +28,10 @@ class NotRegistered(ProvisioningError):
 class AlreadyProvisioned(ProvisioningError):
     code = "already-provisioned"
 
+    def __init__(self, message: str, code: str | None = None, item: dict | None = None):
+        super().__init__(message, code)
+        self.item = item or {}  # the registry item as it is, so a lost-response retry needs no second read
+
 
 class ProvisioningInProgress(ProvisioningError):
     code = "provisioning-in-progress"

@@ -5,11 +5,12 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
-from chalicelib.errors import MalformedRequest, ProvisioningError, ServiceUnavailable
+from chalicelib.errors import AlreadyProvisioned, MalformedRequest, ProvisioningError, ServiceUnavailable
 from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import IssuedCertificate, Issuer
-from chalicelib.regions import RegionChoice, RegionPolicy
+from chalicelib.regions import CATALOGUE, Location, RegionChoice, RegionPolicy, great_circle_km
 from chalicelib.registry.base import Registry
 from chalicelib.signatures import FleetKeyVerifier, decode_signature
 
@@ -82,6 +83,21 @@ class ProvisioningResult:
         return body
 
 
+def key_fingerprint(public_key) -> str:
+    """SHA-256 of the SubjectPublicKeyInfo DER, hex: what the registry remembers of a device's key."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(public_key.public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    return digest.finalize().hex()
+
+
+def _distance(location: Location | None, region: str) -> float | None:
+    if location is None or not location.known:
+        return None
+    metro = CATALOGUE[region]
+    return round(great_circle_km(location.latitude, location.longitude, metro.latitude, metro.longitude), 1)
+
+
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -101,13 +117,19 @@ class ProvisioningService:
     def provision(self, request: ProvisioningRequest, client_ip: str) -> ProvisioningResult:
         # Signature first: an unsigned caller learns nothing about the allow-list and changes nothing.
         self._verifier.verify(request.thing_name, request.signature)
-        claim = self._registry.claim(request.thing_name, self._clock(), self._lease_seconds)
+        try:
+            claim = self._registry.claim(request.thing_name, self._clock(), self._lease_seconds)
+        except AlreadyProvisioned as refused:
+            return self._earlier_answer(request, refused, client_ip)
         issued = None
         try:
             location = self._locator.locate(client_ip)
             choice = self._regions.choose(location)
             issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
-            self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock())
+            public_key = (request.csr.public_key() if request.csr is not None
+                          else x509.load_pem_x509_certificate(issued.certificate_pem.encode()).public_key())
+            self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
+                                    key_fingerprint(public_key))
         except Exception as exc:
             self._undo(claim, issued, exc)
             if isinstance(exc, ProvisioningError):
@@ -116,6 +138,27 @@ class ProvisioningService:
         note = None if choice.reason != "default" else (
             f"location of {client_ip} is unknown; using the default region {choice.region}")
         return ProvisioningResult(request.thing_name, choice, issued, note)
+
+    def _earlier_answer(self, request: ProvisioningRequest, refused: AlreadyProvisioned,
+                        client_ip: str) -> ProvisioningResult:
+        """A provisioned device asks again: its earlier answer was lost. With the same key (CSR) it gets the
+        same certificate, and nothing is created; a server-made key was never kept, so that needs a reset."""
+        item = refused.item
+        if request.csr is None:
+            raise AlreadyProvisioned(f"{request.thing_name} is already provisioned and its server-made key is not "
+                                     "kept; an operator must reset it (admin reset) before it can provision again")
+        if item.get("public_key_fingerprint") != key_fingerprint(request.csr.public_key()):
+            raise AlreadyProvisioned(f"{request.thing_name} is already provisioned with another key")
+        region, certificate_id = item["aws_region"], item["certificate_id"]
+        cert = self._issuer.certificate(certificate_id, region)
+        if cert is None or cert["status"] != "ACTIVE":
+            raise AlreadyProvisioned(f"{request.thing_name} is provisioned but its certificate is no longer active; "
+                                     "an operator must reset it (admin reset)")
+        choice = RegionChoice(region, _distance(self._locator.locate(client_ip), region), "previous")
+        issued = IssuedCertificate(region, certificate_id, cert["certificate_pem"], self._issuer.endpoint(region),
+                                   thing_name=request.thing_name)
+        return ProvisioningResult(request.thing_name, choice, issued,
+                                  "already provisioned with this key: the same certificate again")
 
     def _undo(self, claim, issued: IssuedCertificate | None, cause: Exception) -> None:
         """Compensate in reverse order. A failure here is logged and never hides the original error; the claim

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Sample device for Global IoT Device Provisioning.
 
-The device asks the provisioning API for credentials once (wire protocol v1, as in the original
-aws-samples device), stores them, then connects to the regional MQTT endpoint over mutual TLS and
+The device asks the provisioning API for credentials once (signed request v1 as in the original
+aws-samples device, or v2 with timestamp, nonce and CSR hash), stores them, then connects to the regional MQTT endpoint over mutual TLS and
 publishes to data/<thing-name>/misc. A second start reuses the stored credentials.
 
 Standalone on purpose: it ships to devices, so it never imports the service's code.
@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import hashlib
 import json
 import os
 import random
+import secrets
 import sys
 import threading
 import time
@@ -30,6 +32,9 @@ from cryptography.x509.oid import NameOID
 EXIT_OK, EXIT_LOCAL, EXIT_REFUSED, EXIT_CONFLICT, EXIT_BAD_REQUEST = 0, 2, 3, 4, 5
 EXIT_UNAVAILABLE, EXIT_MQTT, EXIT_INTERRUPTED = 6, 7, 130
 RETRYABLE_STATUS = {429, 503}
+# Signed request version sent unless --signature-version/--legacy-signature says otherwise.
+# 1 until the server accepts v2; then flipping this constant is the only change needed.
+DEFAULT_SIGNATURE_VERSION = 1
 EXIT_BY_STATUS = {401: EXIT_REFUSED, 403: EXIT_REFUSED, 409: EXIT_CONFLICT,
                   400: EXIT_BAD_REQUEST, 413: EXIT_BAD_REQUEST}
 CAUSE = {EXIT_REFUSED: "provisioning refused", EXIT_CONFLICT: "already provisioned or in progress",
@@ -54,10 +59,15 @@ class ClientError(Exception):
         self.exit_code = exit_code
 
 
-# ---------- signing (v1 now; a v2 signed text slots in next to v1_signed_text) ----------
+# ---------- signing: v1 (the sample's, thing name only) and v2 (timestamp, nonce, CSR hash) ----------
 
 def v1_signed_text(thing_name: str) -> bytes:
     return thing_name.encode("utf-8")
+
+
+def v2_signed_text(thing_name: str, timestamp: str, nonce: str, csr_pem: str | None) -> bytes:
+    csr_hash = hashlib.sha256(csr_pem.encode("utf-8")).hexdigest() if csr_pem else ""
+    return f"v2\n{thing_name}\n{timestamp}\n{nonce}\n{csr_hash}".encode("utf-8")
 
 
 def sign(private_key, text: bytes) -> bytes:
@@ -74,6 +84,30 @@ def build_v1_request(thing_name: str, signing_key, csr_pem: str | None) -> dict:
     if csr_pem:
         body["CSR"] = csr_pem
     return body
+
+
+def build_v2_request(thing_name: str, signing_key, csr_pem: str | None,
+                     timestamp: str | None = None, nonce: str | None = None) -> dict:
+    # Fresh timestamp and nonce on every call: the server refuses a replayed nonce.
+    timestamp = timestamp or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    nonce = nonce or secrets.token_urlsafe(16)
+    sig = sign(signing_key, v2_signed_text(thing_name, timestamp, nonce, csr_pem))
+    body = {"thing-name": thing_name, "thing-name-sig": base64.b64encode(sig).decode(),
+            "timestamp": timestamp, "nonce": nonce}
+    if csr_pem:
+        body["CSR"] = csr_pem
+    return body
+
+
+def check_signing_key(signing_key, version: int, path: str) -> None:
+    if isinstance(signing_key, ec.EllipticCurvePrivateKey):
+        if not isinstance(signing_key.curve, ec.SECP256R1):
+            raise ClientError(EXIT_LOCAL, f"signing key {path} is EC {signing_key.curve.name}; only P-256 is supported")
+        if version == 1:
+            raise ClientError(EXIT_LOCAL, f"signing key {path} is an EC key, but signature v1 (the original "
+                                          "sample's) is RSA-only; use --signature-version 2 with an EC key")
+    elif not isinstance(signing_key, rsa.RSAPrivateKey):
+        raise ClientError(EXIT_LOCAL, f"signing key {path} must be an RSA or EC P-256 private key")
 
 
 def load_signing_key(path: str):
@@ -183,12 +217,13 @@ class ProvisioningClient:
         if forwarded_for:
             self.headers["X-Forwarded-For"] = forwarded_for
 
-    def provision(self, body: dict) -> dict:
+    def provision(self, make_body) -> dict:
+        """make_body() is called for every attempt, so each retry is signed afresh (v2 nonces)."""
         last_problem = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
             retry_after = None
             try:
-                resp = self.session.post(self.url, data=json.dumps(body), headers=self.headers,
+                resp = self.session.post(self.url, data=json.dumps(make_body()), headers=self.headers,
                                          timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as err:
                 last_problem = f"network error: {err.__class__.__name__}: {err}"
@@ -234,20 +269,30 @@ def provision(args, paths: StatePaths, client: ProvisioningClient, pause) -> dic
     print(f"=> provisioning {args.thing_name} via {client.url}")
     print(f"   own key (CSR): {args.own_key}, fake device: {args.fake_device}")
     pause()
-    signing_key = load_signing_key(args.signing_key)
+    signing_key, version = load_signing_key(args.signing_key), args.signature_version
+    check_signing_key(signing_key, version, args.signing_key)
     csr_pem = None
     if args.own_key:
         csr_pem = make_csr(args.thing_name, load_or_create_device_key(paths.key, args.key_type))
     if args.fake_device:
         # A key the service has never seen: the signature cannot verify, so the service must refuse.
         print("=> fake device: signing with a throwaway key")
-        signing_key = generate_device_key("rsa")
-    body = build_v1_request(args.thing_name, signing_key, csr_pem)
-    print(f"=> sending thing-name={body['thing-name']!r}, thing-name-sig={body['thing-name-sig'][:16]}..., "
+        signing_key = generate_device_key("ec" if isinstance(signing_key, ec.EllipticCurvePrivateKey) else "rsa")
+    print(f"=> sending a signed request v{version}: thing-name={args.thing_name!r}, "
           f"CSR={'yes' if csr_pem else 'no (server makes the key)'}"
           + (f", X-Forwarded-For={args.forwarded_for}" if args.forwarded_for else ""))
     pause()
-    reply = client.provision(body)
+
+    def make_body() -> dict:  # signed at send time, so a retry never replays a timestamp/nonce
+        if version == 1:
+            body = build_v1_request(args.thing_name, signing_key, csr_pem)
+        else:
+            body = build_v2_request(args.thing_name, signing_key, csr_pem)
+            print(f"   timestamp={body['timestamp']}, nonce={body['nonce']}")
+        print(f"   thing-name-sig={body['thing-name-sig'][:16]}...")
+        return body
+
+    reply = client.provision(make_body)
     missing = [k for k in ("certificatePem", "endpointAddress") if not reply.get(k)]
     if not csr_pem and not reply.get("PrivateKey"):
         missing.append("PrivateKey")
@@ -360,7 +405,15 @@ def parse_args(argv):
     p.add_argument("-c", "--continue", dest="no_prompts", action="store_true",
                    help="continue without interaction (prompts only appear on a terminal anyway)")
     p.add_argument("--signing-key", default="global-provisioning.priv.key.pem", metavar="PATH",
-                   help="fleet provisioning private key, PEM (default: %(default)s)")
+                   help="provisioning signing key, PEM: the fleet RSA key or a per-device RSA or "
+                        "EC P-256 key; EC needs signature v2 (default: %(default)s)")
+    version = p.add_mutually_exclusive_group()
+    version.add_argument("--signature-version", type=int, choices=(1, 2), default=DEFAULT_SIGNATURE_VERSION,
+                         help="signed request version: 1 = the original sample's (thing name only, RSA "
+                              "only); 2 = also signs a timestamp, a nonce and the CSR's SHA-256, RSA or "
+                              "EC P-256 (default: %(default)s)")
+    version.add_argument("--legacy-signature", dest="signature_version", action="store_const", const=1,
+                         help="same as --signature-version 1")
     p.add_argument("--state-dir", default=".", metavar="DIR",
                    help="where <thing>.device.key.pem, .device.cert.pem and .endpoint live (default: .)")
     p.add_argument("--root-ca", default=certifi.where(), metavar="PATH",

@@ -6,6 +6,8 @@ Provisioning runs against a real, scripted HTTP server on 127.0.0.1; MQTT is ski
 from __future__ import annotations
 
 import base64
+import hashlib
+import datetime as dt
 import importlib.util
 import json
 import os
@@ -20,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,11 +127,28 @@ def run_client(server_url, signing_key_file, state_dir, *extra, sleeps=None):
 
 
 def verifies(public_key, signature_b64, text):
+    scheme = ((ec.ECDSA(hashes.SHA256()),) if isinstance(public_key, ec.EllipticCurvePublicKey)
+              else (padding.PKCS1v15(), hashes.SHA256()))
     try:
-        public_key.verify(base64.b64decode(signature_b64), text.encode(), padding.PKCS1v15(), hashes.SHA256())
+        public_key.verify(base64.b64decode(signature_b64), text.encode(), *scheme)
         return True
     except InvalidSignature:
         return False
+
+
+def signed_text(body):
+    """What the server reconstructs from a received body (v2 when it has a nonce, else v1)."""
+    if "nonce" not in body:
+        return body["thing-name"]
+    csr_hash = hashlib.sha256(body["CSR"].encode()).hexdigest() if "CSR" in body else ""
+    return f"v2\n{body['thing-name']}\n{body['timestamp']}\n{body['nonce']}\n{csr_hash}"
+
+
+@pytest.fixture()
+def ec_key_file(tmp_path, vectors):
+    path = tmp_path / "device-ec.priv.key.pem"
+    path.write_text(vectors["device_ec_private_key_pem"])
+    return path
 
 
 # ---------- signing and CSR ----------
@@ -140,6 +159,25 @@ def test_v1_signature_equals_vector(vectors):
     assert gd.v1_signed_text(vectors["thing_name"]) == vectors["v1"]["signed_text"].encode()
     assert base64.b64decode(body["thing-name-sig"]) == base64.b64decode(vectors["v1"]["signature_b64"])
     assert body == {"thing-name": "mydevice3", "thing-name-sig": vectors["v1"]["signature_b64"]}
+
+
+@pytest.mark.parametrize("case, with_csr", [("v2_rsa_with_csr", True), ("v2_rsa_without_csr", False)])
+def test_v2_rsa_signature_equals_vector(vectors, case, with_csr):
+    key = serialization.load_pem_private_key(vectors["fleet_private_key_pem"].encode(), password=None)
+    csr = vectors["csr_pem"] if with_csr else None
+    args = (vectors["thing_name"], vectors["timestamp"], vectors["nonce"], csr)
+    assert gd.v2_signed_text(*args) == vectors[case]["signed_text"].encode()
+    body = gd.build_v2_request(vectors["thing_name"], key, csr, vectors["timestamp"], vectors["nonce"])
+    assert base64.b64decode(body["thing-name-sig"]) == base64.b64decode(vectors[case]["signature_b64"])
+    assert (body["timestamp"], body["nonce"], body.get("CSR")) == (vectors["timestamp"], vectors["nonce"], csr)
+
+
+def test_v2_ec_signature_verifies_and_text_matches_vector(vectors):
+    key = serialization.load_pem_private_key(vectors["device_ec_private_key_pem"].encode(), password=None)
+    public = serialization.load_pem_public_key(vectors["device_ec_public_key_pem"].encode())
+    text = gd.v2_signed_text(vectors["thing_name"], vectors["timestamp"], vectors["nonce"], vectors["csr_pem"])
+    assert verifies(public, base64.b64encode(gd.sign(key, text)).decode(), vectors["v2_ec_with_csr"]["signed_text"])
+    assert verifies(public, vectors["v2_ec_with_csr"]["signature_b64"], text.decode())
 
 
 @pytest.mark.parametrize("key_type", ["rsa", "ec"])
@@ -160,7 +198,7 @@ def test_success_without_csr_writes_key_cert_and_endpoint(tmp_path, signing_key_
     [request] = server.requests
     assert request["path"] == "/api/device-provisioning"
     assert "CSR" not in request["body"]
-    assert verifies(fleet_public_key, request["body"]["thing-name-sig"], "mydevice3")
+    assert verifies(fleet_public_key, request["body"]["thing-name-sig"], signed_text(request["body"]))
     key_file = state / "mydevice3.device.key.pem"
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert key_file.read_text() == SERVER_KEY_PEM
@@ -268,7 +306,57 @@ def test_fake_device_signature_does_not_verify(tmp_path, signing_key_file, fleet
         assert run_client(server.url, signing_key_file, tmp_path, "-f") == 3
     body = server.requests[0]["body"]
     assert body["thing-name"] == "mydevice3"
-    assert not verifies(fleet_public_key, body["thing-name-sig"], "mydevice3")
+    assert not verifies(fleet_public_key, body["thing-name-sig"], signed_text(body))
+
+
+@pytest.mark.parametrize("key_type", ["rsa", "ec"])
+def test_v2_request_verifies_over_reconstructed_text(tmp_path, signing_key_file, fleet_public_key, key_type):
+    with ScriptedServer([(200, success_body(with_key=False), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "-k", "--key-type", key_type,
+                          "--signature-version", "2") == 0
+    body = server.requests[0]["body"]
+    assert set(body) == {"thing-name", "thing-name-sig", "CSR", "timestamp", "nonce"}
+    sent = dt.datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    assert abs((dt.datetime.now(dt.timezone.utc) - sent).total_seconds()) < 60
+    assert verifies(fleet_public_key, body["thing-name-sig"], signed_text(body))
+
+
+def test_v2_retries_are_signed_with_fresh_nonces(tmp_path, signing_key_file, fleet_public_key):
+    busy = (429, error_body("throttled", "slow down"), {"Retry-After": "0"})
+    with ScriptedServer([busy, busy, (200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "--signature-version", "2") == 0
+    bodies = [r["body"] for r in server.requests]
+    assert len({b["nonce"] for b in bodies}) == 3
+    assert all(verifies(fleet_public_key, b["thing-name-sig"], signed_text(b)) for b in bodies)
+
+
+def test_v2_with_ec_signing_key_verifies_with_ec_public_key(tmp_path, ec_key_file, vectors):
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, ec_key_file, tmp_path, "--signature-version", "2") == 0
+    body = server.requests[0]["body"]
+    public = serialization.load_pem_public_key(vectors["device_ec_public_key_pem"].encode())
+    assert verifies(public, body["thing-name-sig"], signed_text(body))
+
+
+@pytest.mark.parametrize("flag", [["--legacy-signature"], ["--signature-version", "1"]])
+def test_v1_with_ec_signing_key_is_a_usage_error(tmp_path, ec_key_file, capsys, flag):
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, ec_key_file, tmp_path, *flag) == 2
+    assert server.requests == []
+    assert "EC key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("default", [1, 2])
+def test_default_version_comes_from_the_constant(tmp_path, signing_key_file, monkeypatch, capsys, default):
+    monkeypatch.setattr(gd, "DEFAULT_SIGNATURE_VERSION", default)
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path) == 0
+        (tmp_path / "mydevice3.endpoint").unlink()
+        assert run_client(server.url, signing_key_file, tmp_path, "--legacy-signature") == 0
+    assert [("nonce" in r["body"]) for r in server.requests] == [default == 2, False]
+    with pytest.raises(SystemExit):
+        gd.main(["--help"])
+    assert f"(default: {default})" in " ".join(capsys.readouterr().out.split())
 
 
 def test_forwarded_for_header(tmp_path, signing_key_file):

@@ -152,9 +152,12 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
         return ProvisioningRequest.from_body(body(fleet_key, thing, csr))
 
     first = service.provision(request("mydevice1"), LONDON_IP)                 # server-made key
-    second = service.provision(request("mydevice2", make_csr("mydevice2")[0]), TOKYO_IP)  # CSR
+    csr_pem = make_csr("mydevice2")[0]
+    second = service.provision(request("mydevice2", csr_pem), TOKYO_IP)        # CSR
     assert (first.choice.region, second.choice.region) == ("eu-west-2", "ap-northeast-1")
     assert len(http.calls) == 2  # ipstack answered both; the key came from SSM
+    again = service.provision(request("mydevice2", csr_pem), TOKYO_IP)         # the answer was lost: ask again
+    assert again.issued.certificate_id == second.issued.certificate_id
     with pytest.raises(Exception):
         service.provision(request("mydevice1"), LONDON_IP)                     # refused: already provisioned
 

@@ -2,6 +2,7 @@
 
 Failures are made by small wrappers around the real parts, passed in through the constructor.
 """
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -10,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.errors import (AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable,
@@ -74,7 +76,7 @@ class FailingFinalizeRegistry:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def finalize(self, claim, region, certificate_id, now):
+    def finalize(self, claim, region, certificate_id, now, fingerprint=None):
         raise self.error
 
 
@@ -154,8 +156,11 @@ def test_success_records_provisioned_region_and_an_active_certificate(build, reg
     assert cert.public_key() == request.csr.public_key()
 
     item = registry.get("dev-1")
+    spki = request.csr.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
     assert item == {"thing_name": "dev-1", "prov_status": "provisioned", "prov_datetime": "2026-11-28T12:00:00Z",
-                    "aws_region": "eu-west-2", "certificate_id": result.issued.certificate_id}
+                    "aws_region": "eu-west-2", "certificate_id": result.issued.certificate_id,
+                    "public_key_fingerprint": hashlib.sha256(spki).hexdigest()}
     record = issuer.certificate(result.issued.certificate_id)
     assert record["status"] == "ACTIVE"
     assert record["thing_name"] == "dev-1" and record["region"] == "eu-west-2"

@@ -4,7 +4,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography import x509
@@ -181,7 +181,20 @@ class AwsIotIssuer:
         validity = cert.get("validity", {})
         return {"certificate_id": cert["certificateId"], "region": region, "status": cert["status"],
                 "issued_at": str(cert.get("creationDate")), "not_after": str(validity.get("notAfter")),
-                "arn": cert["certificateArn"]}
+                "arn": cert["certificateArn"], "certificate_pem": cert["certificatePem"]}
+
+    def active_certificates(self, region: str) -> Iterator[dict]:
+        client = self._client(region)
+        try:
+            for page in client.get_paginator("list_certificates").paginate():
+                for cert in page["certificates"]:
+                    if cert["status"] != "ACTIVE":
+                        continue
+                    things = client.list_principal_things(principal=cert["certificateArn"])["things"]
+                    yield {"certificate_id": cert["certificateId"], "thing_name": things[0] if things else None,
+                           "region": region, "status": cert["status"]}
+        except _AWS_ERRORS as exc:
+            raise _domain_error(exc, region) from exc
 
     def _undo(self, client, region: str, thing_name: str | None, cert: dict | None) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any."""

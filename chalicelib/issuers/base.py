@@ -1,6 +1,6 @@
 """What every issuer backend offers."""
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from cryptography import x509
 
@@ -31,4 +31,7 @@ class Issuer(Protocol):
         """Undo `issue` (rollback): the certificate can no longer be used."""
 
     def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
-        """What the issuer knows of a certificate (status, validity) for operators; None when unknown."""
+        """What the issuer knows of a certificate (status, validity, certificate_pem); None when unknown."""
+
+    def active_certificates(self, region: str) -> Iterator[dict]:
+        """Every active certificate in the region with the thing it belongs to (for the audit)."""

@@ -11,7 +11,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -126,7 +126,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     region         TEXT NOT NULL,
     issued_at      TEXT NOT NULL,
     not_after      TEXT NOT NULL,
-    status         TEXT NOT NULL CHECK (status IN ('ACTIVE', 'REVOKED'))
+    status         TEXT NOT NULL CHECK (status IN ('ACTIVE', 'REVOKED')),
+    certificate_pem TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS certificates_by_thing ON certificates (thing_name);
 """
@@ -180,13 +181,13 @@ class LocalIssuer:
         # The subject is always the thing name, whatever the CSR asked for: brokers map CN to the MQTT user.
         cert = self.authority(region).sign(thing_name, public_key)
         cert_id = certificate_id(cert)
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         self._db().execute(
-            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, 'ACTIVE')",
+            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, 'ACTIVE', ?)",
             (cert_id, format(cert.serial_number, "x"), thing_name, region,
              self._clock().strftime("%Y-%m-%dT%H:%M:%SZ"),
-             cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")))
-        return IssuedCertificate(region, cert_id, cert.public_bytes(serialization.Encoding.PEM).decode(),
-                                 endpoint, private_key_pem, thing_name)
+             cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"), pem))
+        return IssuedCertificate(region, cert_id, pem, endpoint, private_key_pem, thing_name)
 
     def revoke(self, issued: IssuedCertificate) -> None:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
@@ -200,6 +201,12 @@ class LocalIssuer:
     def certificates(self, thing_name: str) -> list[dict]:
         return [dict(row) for row in self._db().execute(
             "SELECT * FROM certificates WHERE thing_name = ? ORDER BY issued_at", (thing_name,))]
+
+    def active_certificates(self, region: str) -> Iterator[dict]:
+        for row in self._db().execute(
+                "SELECT certificate_id, thing_name, region, status FROM certificates "
+                "WHERE region = ? AND status = 'ACTIVE' ORDER BY issued_at", (region,)):
+            yield dict(row)
 
 
 def local_endpoints(regions: Iterable[str], host: str, base_port: int) -> dict[str, Endpoint]:

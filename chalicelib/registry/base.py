@@ -1,4 +1,6 @@
 """What every registry backend offers. Status changes are conditional writes, never read-then-write."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Iterator, Protocol
@@ -34,8 +36,21 @@ class Registry(Protocol):
         Raises NotRegistered, AlreadyProvisioned or ProvisioningInProgress.
         """
 
-    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime) -> None:
-        """provisioning -> provisioned, only while `claim` still holds; else raises ProvisioningInProgress."""
+    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
+                 fingerprint: str | None = None) -> None:
+        """provisioning -> provisioned, only while `claim` still holds; else raises ProvisioningInProgress.
+
+        `fingerprint` is the SHA-256 of the certificate's public key (SubjectPublicKeyInfo DER), hex."""
 
     def release(self, claim: Claim, error: str) -> None:
         """provisioning -> unprovisioned after a failure, only while `claim` still holds; records the error."""
+
+    def stuck(self, now: datetime) -> list[dict]:
+        """Items in provisioning whose lease has ended (a process died mid-way), with `lease_expires`."""
+
+    def release_stuck(self, thing_name: str, now: datetime) -> bool:
+        """provisioning with an ended lease -> unprovisioned; False when it is no longer stuck."""
+
+    def reset(self, thing_name: str) -> dict | None:
+        """Back to unprovisioned whatever the state, forgetting region and certificate; returns the item as
+        it was, or None when the device is not registered."""

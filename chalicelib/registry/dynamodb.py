@@ -1,4 +1,6 @@
 """The prod stage's registry: one DynamoDB table keyed by thing_name, the original sample's attribute names."""
+from __future__ import annotations
+
 import secrets
 import time
 from datetime import datetime
@@ -10,7 +12,8 @@ from chalicelib.errors import AlreadyProvisioned, NotRegistered, ProvisioningInP
 from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
 
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
-_PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id", "last_error")
+_PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
+                      "public_key_fingerprint", "last_error")
 # Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
@@ -19,7 +22,8 @@ _BATCH_WRITE_LIMIT = 25
 _BATCH_ATTEMPTS = 8
 # Every attribute goes through a placeholder: "status", "name" and friends are reserved words.
 _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_datetime", "#region": "aws_region",
-          "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error"}
+          "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error",
+          "#fingerprint": "public_key_fingerprint"}
 
 
 def _code(error: ClientError) -> str:
@@ -151,22 +155,28 @@ class DynamoDbRegistry:
             if old is None:
                 raise NotRegistered(f"{thing_name} is not on the allow-list") from None
             if old.get("prov_status", {}).get("S") == PROVISIONED:
-                raise AlreadyProvisioned(f"{thing_name} is already provisioned") from None
+                raise AlreadyProvisioned(f"{thing_name} is already provisioned", item=_item(old)) from None
             raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request") from None
         return Claim(thing_name, token)
 
-    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime) -> None:
+    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
+                 fingerprint: str | None = None) -> None:
+        values = {":provisioned": {"S": PROVISIONED}, ":provisioning": {"S": PROVISIONING},
+                  ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
+                  ":cert": {"S": certificate_id}, ":token": {"S": claim.token}}
+        update = "SET #status = :provisioned, #datetime = :datetime, #region = :region, #cert = :cert"
+        if fingerprint:
+            values[":fingerprint"] = {"S": fingerprint}
+            update += ", #fingerprint = :fingerprint REMOVE #token, #lease, #error"
+        else:
+            update += " REMOVE #token, #lease, #error, #fingerprint"
         try:
             self._call(
-                "update_item", TableName=self._table, Key=self._key(claim.thing_name),
-                UpdateExpression="SET #status = :provisioned, #datetime = :datetime, #region = :region, #cert = :cert "
-                                 "REMOVE #token, #lease, #error",
+                "update_item", TableName=self._table, Key=self._key(claim.thing_name), UpdateExpression=update,
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
-                                                                 "#lease", "#error")},
-                ExpressionAttributeValues={":provisioned": {"S": PROVISIONED}, ":provisioning": {"S": PROVISIONING},
-                                           ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
-                                           ":cert": {"S": certificate_id}, ":token": {"S": claim.token}})
+                                                                 "#lease", "#error", "#fingerprint")},
+                ExpressionAttributeValues=values)
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
@@ -185,3 +195,48 @@ class DynamoDbRegistry:
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":  # the claim is gone already: nothing to undo
                 raise
+
+    def stuck(self, now: datetime) -> list[dict]:
+        kwargs: dict = {"TableName": self._table, "FilterExpression": "#status = :provisioning AND #lease < :now",
+                        "ExpressionAttributeNames": {k: _NAMES[k] for k in ("#status", "#lease")},
+                        "ExpressionAttributeValues": {":provisioning": {"S": PROVISIONING},
+                                                      ":now": {"N": repr(now.timestamp())}}}
+        found = []
+        while True:
+            page = self._call("scan", **kwargs)
+            found += [{**_item(raw), "lease_expires": float(raw["lease_expires"]["N"])} for raw in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return sorted(found, key=lambda item: item["thing_name"])
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def release_stuck(self, thing_name: str, now: datetime) -> bool:
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(thing_name),
+                UpdateExpression="SET #status = :unprovisioned, #error = :error REMOVE #token, #lease",
+                ConditionExpression="#status = :provisioning AND #lease < :now",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#error", "#token", "#lease")},
+                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}, ":provisioning": {"S": PROVISIONING},
+                                           ":error": {"S": "claim expired; released by audit"},
+                                           ":now": {"N": repr(now.timestamp())}})
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
+
+    def reset(self, thing_name: str) -> dict | None:
+        try:
+            old = self._call(
+                "update_item", TableName=self._table, Key=self._key(thing_name),
+                UpdateExpression="SET #status = :unprovisioned "
+                                 "REMOVE #datetime, #region, #cert, #fingerprint, #token, #lease, #error",
+                ConditionExpression="attribute_exists(#name)",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#datetime", "#region", "#cert",
+                                                                 "#fingerprint", "#token", "#lease", "#error")},
+                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}}, ReturnValues="ALL_OLD")
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            return None
+        return _item(old["Attributes"])

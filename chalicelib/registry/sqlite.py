@@ -1,4 +1,6 @@
 """The local stage's registry: one SQLite file in WAL mode, the original sample's attribute names."""
+from __future__ import annotations
+
 import secrets
 import sqlite3
 import threading
@@ -17,13 +19,15 @@ CREATE TABLE IF NOT EXISTS devices (
     prov_datetime  TEXT,
     aws_region     TEXT,
     certificate_id TEXT,
+    public_key_fingerprint TEXT,
     claim_token    TEXT,
     lease_expires  REAL,
     last_error     TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS devices_by_status ON devices (prov_status);
 """
-_PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id", "last_error")
+_PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
+                   "public_key_fingerprint", "last_error")
 
 
 def _timestamp(now: datetime) -> str:
@@ -90,19 +94,20 @@ class SqliteRegistry:
         if changed == 1:
             return Claim(thing_name, token)
         # The write was refused; read only to say why.
-        row = self._db().execute("SELECT prov_status FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-        if row is None:
+        item = self.get(thing_name)
+        if item is None:
             raise NotRegistered(f"{thing_name} is not on the allow-list")
-        if row["prov_status"] == PROVISIONED:
-            raise AlreadyProvisioned(f"{thing_name} is already provisioned")
+        if item["prov_status"] == PROVISIONED:
+            raise AlreadyProvisioned(f"{thing_name} is already provisioned", item=item)
         raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request")
 
-    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime) -> None:
+    def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
+                 fingerprint: str | None = None) -> None:
         changed = self._db().execute(
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
-            "claim_token = NULL, lease_expires = NULL, last_error = NULL "
+            "public_key_fingerprint = ?, claim_token = NULL, lease_expires = NULL, last_error = NULL "
             "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (PROVISIONED, _timestamp(now), region, certificate_id, claim.thing_name, PROVISIONING,
+            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, claim.thing_name, PROVISIONING,
              claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
@@ -112,6 +117,34 @@ class SqliteRegistry:
             "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ? "
             "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (UNPROVISIONED, error, claim.thing_name, PROVISIONING, claim.token))
+
+    def stuck(self, now: datetime) -> list[dict]:
+        rows = self._db().execute(
+            f"SELECT {', '.join(_PUBLIC_COLUMNS)}, lease_expires FROM devices "
+            "WHERE prov_status = 'provisioning' AND lease_expires < ? ORDER BY thing_name", (now.timestamp(),))
+        return [_item(row) for row in rows]
+
+    def release_stuck(self, thing_name: str, now: datetime) -> bool:
+        return self._db().execute(
+            "UPDATE devices SET prov_status = 'unprovisioned', claim_token = NULL, lease_expires = NULL, "
+            "last_error = 'claim expired; released by audit' "
+            "WHERE thing_name = ? AND prov_status = 'provisioning' AND lease_expires < ?",
+            (thing_name, now.timestamp())).rowcount == 1
+
+    def reset(self, thing_name: str) -> dict | None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # the item returned is the one replaced
+        try:
+            before = self.get(thing_name)
+            db.execute(
+                "UPDATE devices SET prov_status = 'unprovisioned', prov_datetime = NULL, aws_region = NULL, "
+                "certificate_id = NULL, public_key_fingerprint = NULL, claim_token = NULL, lease_expires = NULL, "
+                "last_error = NULL WHERE thing_name = ?", (thing_name,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return before
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
