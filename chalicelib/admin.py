@@ -1,6 +1,6 @@
 """Operator CLI: python -m chalicelib.admin [--stage local] COMMAND ...
 
-Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
+Commands: keygen, init, register, list, show, reset, audit. Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
 the process environment), so the CLI and the server always look at the same registry and keys.
 """
 import argparse
@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from chalicelib import wiring
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
 from chalicelib.errors import ConfigError
+from chalicelib.issuers.base import CertificateRef
 from chalicelib.issuers.local_ca import write_private
 from chalicelib.registry.base import STATUSES
 
@@ -116,6 +118,77 @@ def cmd_show(config: Settings, args) -> int:
     return 0
 
 
+def cmd_reset(config: Settings, args) -> int:
+    registry, issuer = wiring.registry(config), wiring.issuer(config)
+    item = registry.get(args.name)
+    if item is None:
+        raise CommandError(f"{args.name} is not registered")
+    if item.get("certificate_id") and item.get("aws_region"):
+        # Revoke first: if that fails the device stays provisioned and the command can be run again.
+        issuer.revoke(CertificateRef(item["aws_region"], item["certificate_id"], args.name))
+        print(f"revoked certificate {item['certificate_id']} in {item['aws_region']} and removed the thing")
+    registry.reset(args.name)
+    print(f"{args.name}: {item['prov_status']} -> unprovisioned; it can provision again")
+    return 0
+
+
+def audit(config: Settings, registry, issuer, now: datetime) -> dict:
+    """What a crashed or half-failed provisioning can leave behind, on any backend."""
+    items = list(registry.list())
+    stuck = registry.stuck(now)
+    # A live claim may be about to record its certificate: that certificate is not an orphan yet.
+    live_claims = ({item["thing_name"] for item in items if item["prov_status"] == "provisioning"}
+                   - {item["thing_name"] for item in stuck})
+    referenced = {(item.get("aws_region"), item.get("certificate_id")) for item in items
+                  if item["prov_status"] == "provisioned"}
+    orphans = [cert for region in config.enabled_regions for cert in issuer.active_certificates(region)
+               if (region, cert["certificate_id"]) not in referenced and cert.get("thing_name") not in live_claims]
+    missing = []
+    for item in items:
+        if item["prov_status"] == "provisioned":
+            cert = issuer.certificate(item.get("certificate_id", ""), item.get("aws_region"))
+            if cert is None or cert["status"] != "ACTIVE":
+                missing.append({"thing_name": item["thing_name"], "certificate_id": item.get("certificate_id"),
+                                "region": item.get("aws_region"), "status": cert["status"] if cert else "gone"})
+    return {"stuck_claims": stuck, "orphan_certificates": orphans, "missing_certificates": missing}
+
+
+def cmd_audit(config: Settings, args) -> int:
+    registry, issuer = wiring.registry(config), wiring.issuer(config)
+    now = datetime.now(timezone.utc)
+    found = audit(config, registry, issuer, now)
+    fixed = []
+    if args.fix:
+        for item in found["stuck_claims"]:
+            if registry.release_stuck(item["thing_name"], now):
+                fixed.append(f"released the expired claim on {item['thing_name']}")
+        for cert in found["orphan_certificates"]:
+            issuer.revoke(CertificateRef(cert["region"], cert["certificate_id"], cert.get("thing_name")))
+            fixed.append(f"revoked orphan certificate {cert['certificate_id']} in {cert['region']}"
+                         f" (thing {cert.get('thing_name')})")
+        for item in found["missing_certificates"]:
+            registry.reset(item["thing_name"])
+            fixed.append(f"reset {item['thing_name']} (its certificate is {item['status']}) to unprovisioned")
+    if args.json:
+        print(json.dumps({**found, "fixed": fixed}, indent=2, default=str))
+    else:
+        for item in found["stuck_claims"]:
+            print(f"stuck claim: {item['thing_name']} (lease ended "
+                  f"{datetime.fromtimestamp(item['lease_expires'], timezone.utc):%Y-%m-%dT%H:%M:%SZ})")
+        for cert in found["orphan_certificates"]:
+            print(f"orphan certificate: {cert['certificate_id']} in {cert['region']} (thing {cert.get('thing_name')})")
+        for item in found["missing_certificates"]:
+            print(f"missing certificate: {item['thing_name']} refers to {item['certificate_id']} "
+                  f"in {item['region']}, which is {item['status']}")
+        for line in fixed:
+            print(f"fixed: {line}")
+        total = sum(len(v) for v in found.values())
+        print(f"{total} finding(s)" + (f", {len(fixed)} fixed" if args.fix else
+                                        ("; run with --fix to repair" if total else "")))
+    findings = sum(len(v) for v in found.values())
+    return 0 if findings == 0 or (args.fix and len(fixed) == findings) else 1
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m chalicelib.admin", description=__doc__.split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +221,23 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="show one device's registry item as JSON")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("reset", help="deprovision a device so it can provision again",
+                       description="Revoke and delete the device's certificate, delete its thing, and set it back "
+                                   "to unprovisioned (after a factory reset, a lost server-made key, or a move "
+                                   "to another continent).")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_reset)
+
+    p = sub.add_parser("audit", help="find stuck claims, orphan certificates and missing certificates",
+                       description="Lists claims whose lease ended (a process died mid-way), active certificates "
+                                   "in any enabled region that no registry item refers to, and provisioned "
+                                   "devices whose certificate is gone. Exit code 1 when something is found "
+                                   "and not fixed.")
+    p.add_argument("--fix", action="store_true",
+                   help="release stuck claims, revoke orphan certificates, reset devices whose certificate is gone")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_audit)
     return top
 
 

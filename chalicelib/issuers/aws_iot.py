@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from chalicelib.errors import MalformedRequest, ProvisioningError, ServiceUnavailable
-from chalicelib.issuers.base import Endpoint, IssuedCertificate
+from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class AwsIotIssuer:
         return IssuedCertificate(region, cert["certificateId"], cert["certificatePem"], endpoint_f.result(),
                                  cert.get("keyPair", {}).get("PrivateKey"), thing_name, cert["certificateArn"])
 
-    def revoke(self, issued: IssuedCertificate) -> None:
+    def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:
         """Undo `issue` fully; parts already gone are fine.
 
         What issue() returned names the thing and the certificate ARN; from a certificate id alone (an

@@ -12,6 +12,16 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class CertificateRef:
+    """Enough to find and revoke a certificate that an earlier request issued (operators, audit)."""
+
+    region: str
+    certificate_id: str
+    thing_name: str | None = None
+    certificate_arn: str | None = None
+
+
+@dataclass(frozen=True)
 class IssuedCertificate:
     region: str
     certificate_id: str
@@ -27,8 +37,8 @@ class Issuer(Protocol):
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
         """Create the device's identity in `region`: from the CSR's key, or with a new RSA-2048 key pair."""
 
-    def revoke(self, issued: IssuedCertificate) -> None:
-        """Undo `issue` (rollback): the certificate can no longer be used."""
+    def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:
+        """Undo `issue` (rollback, reset, audit): the certificate can no longer be used; parts gone are fine."""
 
     def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
         """What the issuer knows of a certificate (status, validity, certificate_pem); None when unknown."""

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from chalicelib.issuers.base import Endpoint, IssuedCertificate
+from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
 
 CA_LIFETIME = timedelta(days=3650 * 3)
 DEVICE_LIFETIME = timedelta(days=3650)
@@ -189,7 +189,7 @@ class LocalIssuer:
              cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"), pem))
         return IssuedCertificate(region, cert_id, pem, endpoint, private_key_pem, thing_name)
 
-    def revoke(self, issued: IssuedCertificate) -> None:
+    def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
                            (issued.certificate_id,))
 
