@@ -6,7 +6,6 @@ the process environment), so the CLI and the server always look at the same regi
 import argparse
 import json
 import os
-import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,9 +18,9 @@ from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PRO
 from chalicelib.errors import ConfigError
 from chalicelib.issuers.base import CertificateRef
 from chalicelib.issuers.local_ca import write_private
+from chalicelib.provisioning import THING_NAME
 from chalicelib.registry.base import STATUSES
 
-THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")  # AWS IoT's rule for thing names; use fullmatch
 
 
 class CommandError(Exception):

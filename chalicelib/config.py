@@ -35,6 +35,8 @@ class Settings:
     table_name: str = "iot-global-provisioning"
     ipstack_key_parameter: str | None = None
     maxmind_db: Path | None = None
+    allow_v1: bool = True
+    timestamp_skew_seconds: int = 300
 
     @property
     def registry_path(self) -> Path:
@@ -69,6 +71,8 @@ class Settings:
             table_name=env.get("GIP_TABLE_NAME") or "iot-global-provisioning",
             ipstack_key_parameter=env.get("GIP_IPSTACK_KEY_PARAMETER") or None,
             maxmind_db=_path(env["GIP_MAXMIND_DB"]) if env.get("GIP_MAXMIND_DB") else None,
+            allow_v1=_bool(env, "GIP_ALLOW_V1", True),
+            timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
         )
 
 

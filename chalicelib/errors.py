@@ -21,6 +21,10 @@ class SignatureInvalid(ProvisioningError):
     code = "invalid-signature"
 
 
+# One answer for every signature refusal, so a caller cannot tell an unknown device from a wrong key.
+REFUSED = "the signature does not match the thing name and the device's key"
+
+
 class NotRegistered(ProvisioningError):
     code = "not-registered"
 

@@ -1,20 +1,30 @@
 """The orchestrator: verify, claim, locate, choose a region, issue, record. Collaborators are passed in."""
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
-from chalicelib.errors import AlreadyProvisioned, MalformedRequest, ProvisioningError, ServiceUnavailable
+from chalicelib.errors import (REFUSED, AlreadyProvisioned, MalformedRequest, ProvisioningError, ServiceUnavailable,
+                               SignatureInvalid)
 from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import IssuedCertificate, Issuer
 from chalicelib.regions import CATALOGUE, Location, RegionChoice, RegionPolicy, great_circle_km
 from chalicelib.registry.base import Registry
-from chalicelib.signatures import FleetKeyVerifier, decode_signature
+from chalicelib.signatures import (FleetKeyVerifier, decode_signature, load_device_key, parse_timestamp, v1_text,
+                                   v2_text, verifies)
 
 log = logging.getLogger(__name__)
+
+
+# AWS IoT's rule for thing names; it also keeps MQTT wildcards and '/' out of topics and ACLs.
+THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -22,20 +32,40 @@ class ProvisioningRequest:
     thing_name: str
     signature: bytes
     csr: x509.CertificateSigningRequest | None
+    csr_pem: str | None = None
+    timestamp: str | None = None  # with nonce: a signed request v2
+    nonce: str | None = None
+
+    @property
+    def version(self) -> int:
+        return 2 if self.timestamp is not None else 1
+
+    def signed_text(self) -> bytes:
+        if self.version == 1:
+            return v1_text(self.thing_name)
+        return v2_text(self.thing_name, self.timestamp, self.nonce, self.csr_pem)
 
     @classmethod
     def from_body(cls, body: Any) -> "ProvisioningRequest":
-        """Check the wire format (design.md); anything wrong is a MalformedRequest naming the field."""
+        """Check the wire format (design.md); anything wrong is a MalformedRequest naming the field and rule."""
         if not isinstance(body, Mapping):
             raise MalformedRequest("the body must be a JSON object")
         thing_name = _required_text(body, "thing-name")
+        if not THING_NAME.fullmatch(thing_name):
+            raise MalformedRequest("thing-name must be 1-128 letters, digits, ':', '_' or '-'", "invalid-thing-name")
         signature = decode_signature(_required_text(body, "thing-name-sig"))
+        timestamp, nonce = body.get("timestamp"), body.get("nonce")
+        if timestamp is not None or nonce is not None:
+            timestamp, nonce = _required_text(body, "timestamp"), _required_text(body, "nonce")
+            parse_timestamp(timestamp)
+            if len(nonce) > 128:
+                raise MalformedRequest("nonce must be at most 128 characters", "malformed-nonce")
         csr_pem = body.get("CSR")
         if csr_pem is None or csr_pem == "":
-            return cls(thing_name, signature, None)
+            return cls(thing_name, signature, None, None, timestamp, nonce)
         if not isinstance(csr_pem, str):
             raise MalformedRequest("CSR must be a PEM string", "malformed-csr")
-        return cls(thing_name, signature, parse_csr(csr_pem))
+        return cls(thing_name, signature, parse_csr(csr_pem, thing_name), csr_pem, timestamp, nonce)
 
 
 def _required_text(body: Mapping, field: str) -> str:
@@ -47,13 +77,37 @@ def _required_text(body: Mapping, field: str) -> str:
     return value
 
 
-def parse_csr(csr_pem: str) -> x509.CertificateSigningRequest:
+def parse_csr(csr_pem: str, thing_name: str) -> x509.CertificateSigningRequest:
+    """A CSR the service will sign: each rule that fails is named in the 400 answer."""
+    def refuse(rule: str):
+        return MalformedRequest(f"CSR refused: {rule}", "malformed-csr")
+
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode("utf-8"))
-    except ValueError:
-        raise MalformedRequest("CSR is not a PEM certificate signing request", "malformed-csr") from None
+        key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise refuse("not a PEM certificate signing request") from None
     if not csr.is_signature_valid:
-        raise MalformedRequest("CSR's self-signature is not valid", "malformed-csr")
+        raise refuse("its self-signature is not valid")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [thing_name]:
+        raise refuse(f"the subject CN must be the thing name {thing_name!r}")
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise refuse(f"an RSA key must have at least 2048 bits, not {key.key_size}")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, (ec.SECP256R1, ec.SECP384R1)):
+            raise refuse(f"an EC key must be on P-256 or P-384, not {key.curve.name}")
+    else:
+        raise refuse("the key must be RSA (2048 bits or more) or EC P-256/P-384")
+    try:
+        constraints = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    except ValueError:
+        raise refuse("its extensions cannot be parsed") from None
+    if constraints is not None and constraints.ca:
+        raise refuse("it asks for a CA certificate")
     return csr
 
 
@@ -105,7 +159,7 @@ def _utcnow() -> datetime:
 class ProvisioningService:
     def __init__(self, registry: Registry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
                  verifier: FleetKeyVerifier, lease_seconds: int = 300,
-                 clock: Callable[[], datetime] = _utcnow):
+                 clock: Callable[[], datetime] = _utcnow, allow_v1: bool = True, skew_seconds: int = 300):
         self._registry = registry
         self._issuer = issuer
         self._locator = locator
@@ -113,12 +167,13 @@ class ProvisioningService:
         self._verifier = verifier
         self._lease_seconds = lease_seconds
         self._clock = clock
+        self._allow_v1 = allow_v1
+        self._skew = skew_seconds
 
     def provision(self, request: ProvisioningRequest, client_ip: str) -> ProvisioningResult:
-        # Signature first: an unsigned caller learns nothing about the allow-list and changes nothing.
-        self._verifier.verify(request.thing_name, request.signature)
+        fleet_key = self._authenticate(request)
         try:
-            claim = self._registry.claim(request.thing_name, self._clock(), self._lease_seconds)
+            claim = self._registry.claim(request.thing_name, self._clock(), self._lease_seconds, fleet_key)
         except AlreadyProvisioned as refused:
             return self._earlier_answer(request, refused, client_ip)
         issued = None
@@ -138,6 +193,33 @@ class ProvisioningService:
         note = None if choice.reason != "default" else (
             f"location of {client_ip} is unknown; using the default region {choice.region}")
         return ProvisioningResult(request.thing_name, choice, issued, note)
+
+    def _authenticate(self, request: ProvisioningRequest) -> bool:
+        """Check the signature before anything changes; returns whether the fleet key made it.
+
+        A request the fleet key did not sign may be signed by the device's own key; an unknown device and a
+        wrong signature get the same answer, so a caller cannot learn which devices exist.
+        """
+        now = self._clock()
+        if request.version == 1 and not self._allow_v1:
+            raise SignatureInvalid("this service accepts only signed requests v2 (timestamp, nonce)", "v1-refused")
+        if request.version == 2:
+            skew = abs((now - parse_timestamp(request.timestamp)).total_seconds())
+            if skew > self._skew:
+                raise SignatureInvalid(f"the timestamp is {skew:.0f} s away from the server's clock "
+                                       f"(at most {self._skew} s allowed)", "stale-timestamp")
+        text = request.signed_text()
+        fleet_key = self._verifier.verifies(text, request.signature)
+        if not fleet_key:
+            item = self._registry.get(request.thing_name)
+            pem = (item or {}).get("public_key")
+            if not pem or not verifies(load_device_key(pem), text, request.signature):
+                raise SignatureInvalid(REFUSED)
+        # Only a correctly signed request may use up a nonce, so nobody can block a device's next request.
+        if request.version == 2 and not self._registry.remember_nonce(
+                request.thing_name, request.nonce, now.timestamp() + 2 * self._skew, now):
+            raise SignatureInvalid("this request was seen before (nonce replayed)", "replayed-request")
+        return fleet_key
 
     def _earlier_answer(self, request: ProvisioningRequest, refused: AlreadyProvisioned,
                         client_ip: str) -> ProvisioningResult:

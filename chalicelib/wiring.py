@@ -76,6 +76,8 @@ def build_service(config: Settings) -> ProvisioningService:
         regions=region_policy(config),
         verifier=FleetKeyVerifier(load_public_key(config.fleet_public_key)),
         lease_seconds=config.claim_lease_seconds,
+        allow_v1=config.allow_v1,
+        skew_seconds=config.timestamp_skew_seconds,
     )
 
 

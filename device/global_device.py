@@ -34,7 +34,7 @@ EXIT_UNAVAILABLE, EXIT_MQTT, EXIT_INTERRUPTED = 6, 7, 130
 RETRYABLE_STATUS = {429, 503}
 # Signed request version sent unless --signature-version/--legacy-signature says otherwise.
 # 1 until the server accepts v2; then flipping this constant is the only change needed.
-DEFAULT_SIGNATURE_VERSION = 1
+DEFAULT_SIGNATURE_VERSION = 2
 EXIT_BY_STATUS = {401: EXIT_REFUSED, 403: EXIT_REFUSED, 409: EXIT_CONFLICT,
                   400: EXIT_BAD_REQUEST, 413: EXIT_BAD_REQUEST}
 CAUSE = {EXIT_REFUSED: "provisioning refused", EXIT_CONFLICT: "already provisioned or in progress",

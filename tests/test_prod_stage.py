@@ -3,15 +3,17 @@
 Also the IAM policy check: the AWS actions the Lambda really calls, recorded through botocore's event
 hooks, must be exactly the ones .chalice/policy-prod.json grants.
 """
+import base64
 import json
+from datetime import datetime, timezone
 
 import boto3
 import pytest
 import responses
 from chalice.test import Client
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from moto import mock_aws
 
 from app import app
@@ -19,6 +21,7 @@ from chalicelib import admin, wiring
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
 from chalicelib.provisioning import ProvisioningRequest
+from chalicelib.signatures import v2_text
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
@@ -158,6 +161,18 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
     assert len(http.calls) == 2  # ipstack answered both; the key came from SSM
     again = service.provision(request("mydevice2", csr_pem), TOKYO_IP)         # the answer was lost: ask again
     assert again.issued.certificate_id == second.issued.certificate_id
+    # A device with its own EC key, signed request v2: its key is read from the table, its nonce recorded.
+    device_key = ec.generate_private_key(ec.SECP256R1())
+    seen_before = set(actions)
+    wiring.registry(settings).register(["own-key-1"], {"own-key-1": device_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()})
+    actions.clear()  # registering is the operator's job, not the Lambda's
+    stamp, nonce = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "n-1"
+    signature = device_key.sign(v2_text("own-key-1", stamp, nonce, None), ec.ECDSA(hashes.SHA256()))
+    own = service.provision(ProvisioningRequest.from_body({
+        "thing-name": "own-key-1", "thing-name-sig": base64.b64encode(signature).decode(),
+        "timestamp": stamp, "nonce": nonce}), LONDON_IP)
+    assert own.choice.region == "eu-west-2"
     with pytest.raises(Exception):
         service.provision(request("mydevice1"), LONDON_IP)                     # refused: already provisioned
 
@@ -171,6 +186,8 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
         service.provision(request("mydevice3"), LONDON_IP)
     iot.meta.events.unregister("before-call.iot.AttachThingPrincipal", fail)
 
+    assert actions >= {"dynamodb:GetItem", "dynamodb:PutItem"}
+    actions.update(seen_before)
     assert actions == _policy_actions()
     item = boto3.client("dynamodb").get_item(TableName=settings.table_name, Key={"thing_name": {"S": "mydevice3"}})
     assert item["Item"]["prov_status"] == {"S": "unprovisioned"}

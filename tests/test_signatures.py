@@ -4,35 +4,61 @@ import base64
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from chalicelib.errors import ConfigError, MalformedRequest, SignatureInvalid
-from chalicelib.signatures import FleetKeyVerifier, decode_signature, load_public_key
+from chalicelib.errors import ConfigError, MalformedRequest
+from chalicelib.provisioning import ProvisioningRequest
+from chalicelib.signatures import (decode_signature, load_device_key, load_public_key, v1_text, v2_text,
+                                   verifies)
 
 
-@pytest.fixture
-def verifier(vectors):
-    return FleetKeyVerifier(serialization.load_pem_public_key(vectors["fleet_public_key_pem"].encode()))
+def public(vectors, name):
+    return serialization.load_pem_public_key(vectors[name].encode())
 
 
-def test_v1_vector_verifies(verifier, vectors):
+def test_v1_vector_verifies(vectors):
     v1 = vectors["v1"]
-    verifier.verify(v1["signed_text"], decode_signature(v1["signature_b64"]))
+    assert v1_text(vectors["thing_name"]).decode() == v1["signed_text"]
+    assert verifies(public(vectors, "fleet_public_key_pem"), v1_text(vectors["thing_name"]),
+                    decode_signature(v1["signature_b64"]))
 
 
-def test_v1_vector_request_body_verifies(verifier, vectors):
-    body = vectors["request_v1_without_csr"]
-    verifier.verify(body["thing-name"], decode_signature(body["thing-name-sig"]))
+@pytest.mark.parametrize("case, csr", [("v2_rsa_with_csr", True), ("v2_rsa_without_csr", False)])
+def test_v2_rsa_vectors_verify(vectors, case, csr):
+    text = v2_text(vectors["thing_name"], vectors["timestamp"], vectors["nonce"], vectors["csr_pem"] if csr else None)
+    assert text.decode() == vectors[case]["signed_text"]
+    assert verifies(public(vectors, "fleet_public_key_pem"), text, decode_signature(vectors[case]["signature_b64"]))
 
 
-def test_v1_signature_of_one_name_does_not_verify_another(verifier, vectors):
-    with pytest.raises(SignatureInvalid):
-        verifier.verify("mydevice4", decode_signature(vectors["v1"]["signature_b64"]))
+def test_v2_ec_vector_verifies_with_the_device_key(vectors):
+    text = v2_text(vectors["thing_name"], vectors["timestamp"], vectors["nonce"], vectors["csr_pem"])
+    assert text.decode() == vectors["v2_ec_with_csr"]["signed_text"]
+    key = load_device_key(vectors["device_ec_public_key_pem"])
+    assert verifies(key, text, decode_signature(vectors["v2_ec_with_csr"]["signature_b64"]))
+    assert not verifies(public(vectors, "fleet_public_key_pem"), text,
+                        decode_signature(vectors["v2_ec_with_csr"]["signature_b64"]))
 
 
-def test_flipped_bit_does_not_verify(verifier, vectors):
+def test_request_bodies_of_the_vectors_rebuild_the_signed_text(vectors):
+    v2 = ProvisioningRequest.from_body(vectors["request_v2_with_csr"])
+    assert v2.version == 2 and v2.signed_text().decode() == vectors["v2_rsa_with_csr"]["signed_text"]
+    v1 = ProvisioningRequest.from_body(vectors["request_v1_without_csr"])
+    assert v1.version == 1 and v1.signed_text().decode() == vectors["v1"]["signed_text"]
+
+
+def test_a_swapped_csr_breaks_the_v2_signature(vectors):
+    text = v2_text(vectors["thing_name"], vectors["timestamp"], vectors["nonce"], vectors["csr_pem"] + "\n")
+    assert not verifies(public(vectors, "fleet_public_key_pem"), text,
+                        decode_signature(vectors["v2_rsa_with_csr"]["signature_b64"]))
+
+
+def test_signature_of_one_name_does_not_verify_another(vectors):
+    assert not verifies(public(vectors, "fleet_public_key_pem"), v1_text("mydevice4"),
+                        decode_signature(vectors["v1"]["signature_b64"]))
+
+
+def test_flipped_bit_does_not_verify(vectors):
     signature = bytearray(base64.b64decode(vectors["v1"]["signature_b64"]))
     signature[10] ^= 1
-    with pytest.raises(SignatureInvalid):
-        verifier.verify(vectors["thing_name"], bytes(signature))
+    assert not verifies(public(vectors, "fleet_public_key_pem"), v1_text(vectors["thing_name"]), bytes(signature))
 
 
 @pytest.mark.parametrize("text", ["not base64!", "QUJD=X", "\u00e9"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Mapping, Protocol
 
 UNPROVISIONED = "unprovisioned"
 PROVISIONING = "provisioning"
@@ -23,18 +23,24 @@ class Registry(Protocol):
     def create(self) -> None:
         """Make the table if it is missing; safe to repeat."""
 
-    def register(self, thing_names: Iterable[str]) -> int:
-        """Add devices as unprovisioned; names already present are left as they are. Returns how many were new."""
+    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None) -> int:
+        """Add devices as unprovisioned, with their own public key (PEM) where given; names already present are
+        left as they are. Returns how many were new."""
 
     def get(self, thing_name: str) -> dict | None: ...
 
     def list(self, status: str | None = None) -> Iterator[dict]: ...
 
-    def claim(self, thing_name: str, now: datetime, lease_seconds: int) -> Claim:
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False) -> Claim:
         """unprovisioned (or provisioning with an expired lease) -> provisioning, atomically.
 
-        Raises NotRegistered, AlreadyProvisioned or ProvisioningInProgress.
+        With `fleet_key` (the request was signed with the fleet key) the claim also requires that the device
+        has no key of its own. Raises NotRegistered, AlreadyProvisioned, ProvisioningInProgress or
+        SignatureInvalid.
         """
+
+    def remember_nonce(self, thing_name: str, nonce: str, expires: float, now: datetime) -> bool:
+        """Record a v2 request's nonce until `expires` (epoch seconds); False if it is already recorded."""
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None) -> None:

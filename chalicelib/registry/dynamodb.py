@@ -4,16 +4,17 @@ from __future__ import annotations
 import secrets
 import time
 from datetime import datetime
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
-from chalicelib.errors import AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable
+from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress,
+                               ServiceUnavailable, SignatureInvalid)
 from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
 
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
 _PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
-                      "public_key_fingerprint", "last_error")
+                      "public_key_fingerprint", "public_key", "last_error")
 # Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
@@ -23,7 +24,7 @@ _BATCH_ATTEMPTS = 8
 # Every attribute goes through a placeholder: "status", "name" and friends are reserved words.
 _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_datetime", "#region": "aws_region",
           "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error",
-          "#fingerprint": "public_key_fingerprint"}
+          "#fingerprint": "public_key_fingerprint", "#key": "public_key"}
 
 
 def _code(error: ClientError) -> str:
@@ -51,6 +52,7 @@ class DynamoDbRegistry:
     def __init__(self, client, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None):
         self._client = client
         self._table = table_name
+        self._nonces = f"{table_name}-nonces"  # v2 request nonces, kept apart so scans of devices stay lean
         self._page_size = page_size  # Scan's Limit; None lets DynamoDB fill 1 MB pages
 
     def _call(self, operation: str, **kwargs) -> dict:
@@ -67,25 +69,33 @@ class DynamoDbRegistry:
         return {"thing_name": {"S": thing_name}}
 
     def create(self) -> None:
-        try:
-            self._call("create_table", TableName=self._table,
-                       KeySchema=[{"AttributeName": "thing_name", "KeyType": "HASH"}],
-                       AttributeDefinitions=[{"AttributeName": "thing_name", "AttributeType": "S"}],
-                       BillingMode="PAY_PER_REQUEST")
-        except ClientError as e:
-            if _code(e) != "ResourceInUseException":  # already there (or being made): wait for it below
-                raise
-        self._client.get_waiter("table_exists").wait(TableName=self._table)
+        for table, key in ((self._table, "thing_name"), (self._nonces, "nonce_key")):
+            try:
+                self._call("create_table", TableName=table,
+                           KeySchema=[{"AttributeName": key, "KeyType": "HASH"}],
+                           AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"}],
+                           BillingMode="PAY_PER_REQUEST")
+            except ClientError as e:
+                if _code(e) != "ResourceInUseException":  # already there (or being made): wait for it below
+                    raise
+            self._client.get_waiter("table_exists").wait(TableName=table)
+        # DynamoDB deletes expired nonces by itself (within days; remember_nonce ignores expired ones meanwhile).
+        ttl = self._call("describe_time_to_live", TableName=self._nonces)["TimeToLiveDescription"]
+        if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+            self._call("update_time_to_live", TableName=self._nonces,
+                       TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires"})
 
-    def register(self, thing_names: Iterable[str]) -> int:
+    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None) -> int:
+        keys = public_keys or {}
         names = list(dict.fromkeys(thing_names))
         existing = self._existing(names)
         new = [name for name in names if name not in existing]
         # BatchWriteItem cannot be conditional, so existing names were filtered out above. Only a concurrent
         # register of the same new name can race this, and it writes the same fresh item.
         for chunk in _chunks(new, _BATCH_WRITE_LIMIT):
-            request = {self._table: [{"PutRequest": {"Item": {**self._key(name), "prov_status": {"S": UNPROVISIONED}}}}
-                                     for name in chunk]}
+            request = {self._table: [{"PutRequest": {"Item": {
+                **self._key(name), "prov_status": {"S": UNPROVISIONED},
+                **({"public_key": {"S": keys[name]}} if keys.get(name) else {})}}} for name in chunk]}
             for attempt in range(_BATCH_ATTEMPTS):
                 request = self._call("batch_write_item", RequestItems=request).get("UnprocessedItems")
                 if not request:
@@ -133,16 +143,21 @@ class DynamoDbRegistry:
         # A scan comes back in hash order; sort like the SQLite backend does.
         yield from sorted(items, key=lambda item: item["thing_name"])
 
-    def claim(self, thing_name: str, now: datetime, lease_seconds: int) -> Claim:
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False) -> Claim:
         token = secrets.token_hex(16)
         at = now.timestamp()
+        condition = ("attribute_exists(#name) AND (#status = :unprovisioned "
+                     "OR (#status = :provisioning AND #lease < :now))")
+        names = ("#name", "#status", "#token", "#lease")
+        if fleet_key:  # a device with a key of its own may not be claimed with the fleet key's signature
+            condition += " AND attribute_not_exists(#key)"
+            names += ("#key",)
         try:
             self._call(
                 "update_item", TableName=self._table, Key=self._key(thing_name),
                 UpdateExpression="SET #status = :provisioning, #token = :token, #lease = :lease",
-                ConditionExpression="attribute_exists(#name) AND (#status = :unprovisioned "
-                                    "OR (#status = :provisioning AND #lease < :now))",
-                ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#token", "#lease")},
+                ConditionExpression=condition,
+                ExpressionAttributeNames={k: _NAMES[k] for k in names},
                 ExpressionAttributeValues={":provisioning": {"S": PROVISIONING}, ":unprovisioned": {"S": UNPROVISIONED},
                                            ":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
                                            ":now": {"N": repr(at)}},
@@ -154,6 +169,8 @@ class DynamoDbRegistry:
             old = e.response.get("Item")
             if old is None:
                 raise NotRegistered(f"{thing_name} is not on the allow-list") from None
+            if fleet_key and "public_key" in old:
+                raise SignatureInvalid(REFUSED) from None
             if old.get("prov_status", {}).get("S") == PROVISIONED:
                 raise AlreadyProvisioned(f"{thing_name} is already provisioned", item=_item(old)) from None
             raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request") from None
@@ -195,6 +212,18 @@ class DynamoDbRegistry:
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":  # the claim is gone already: nothing to undo
                 raise
+
+    def remember_nonce(self, thing_name: str, nonce: str, expires: float, now: datetime) -> bool:
+        try:
+            self._call("put_item", TableName=self._nonces,
+                       Item={"nonce_key": {"S": f"{thing_name}\n{nonce}"}, "expires": {"N": repr(expires)}},
+                       ConditionExpression="attribute_not_exists(nonce_key) OR expires < :now",
+                       ExpressionAttributeValues={":now": {"N": repr(now.timestamp())}})
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
 
     def stuck(self, now: datetime) -> list[dict]:
         kwargs: dict = {"TableName": self._table, "FilterExpression": "#status = :provisioning AND #lease < :now",

@@ -6,9 +6,9 @@ import sqlite3
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
-from chalicelib.errors import AlreadyProvisioned, NotRegistered, ProvisioningInProgress
+from chalicelib.errors import REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid
 from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
 
 _SCHEMA = """
@@ -20,14 +20,21 @@ CREATE TABLE IF NOT EXISTS devices (
     aws_region     TEXT,
     certificate_id TEXT,
     public_key_fingerprint TEXT,
+    public_key     TEXT,
     claim_token    TEXT,
     lease_expires  REAL,
     last_error     TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS devices_by_status ON devices (prov_status);
+CREATE TABLE IF NOT EXISTS nonces (
+    thing_name TEXT NOT NULL,
+    nonce      TEXT NOT NULL,
+    expires    REAL NOT NULL,
+    PRIMARY KEY (thing_name, nonce)
+) WITHOUT ROWID;
 """
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
-                   "public_key_fingerprint", "last_error")
+                   "public_key_fingerprint", "public_key", "last_error")
 
 
 def _timestamp(now: datetime) -> str:
@@ -55,13 +62,14 @@ class SqliteRegistry:
     def create(self) -> None:
         self._db()
 
-    def register(self, thing_names: Iterable[str]) -> int:
+    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None) -> int:
+        keys = public_keys or {}
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO devices (thing_name) VALUES (?)",
-                           ((name,) for name in thing_names))
+            db.executemany("INSERT OR IGNORE INTO devices (thing_name, public_key) VALUES (?, ?)",
+                           ((name, keys.get(name)) for name in thing_names))
             added = db.total_changes - before
             db.execute("COMMIT")
         except BaseException:
@@ -83,20 +91,22 @@ class SqliteRegistry:
         for row in self._db().execute(query + " ORDER BY thing_name", args):
             yield _item(row)
 
-    def claim(self, thing_name: str, now: datetime, lease_seconds: int) -> Claim:
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False) -> Claim:
         token = secrets.token_hex(16)
         at = now.timestamp()
         changed = self._db().execute(
             "UPDATE devices SET prov_status = 'provisioning', claim_token = ?, lease_expires = ? "
             "WHERE thing_name = ? AND (prov_status = 'unprovisioned' "
-            "OR (prov_status = 'provisioning' AND lease_expires < ?))",
-            (token, at + lease_seconds, thing_name, at)).rowcount
+            "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL)",
+            (token, at + lease_seconds, thing_name, at, int(fleet_key))).rowcount
         if changed == 1:
             return Claim(thing_name, token)
         # The write was refused; read only to say why.
         item = self.get(thing_name)
         if item is None:
             raise NotRegistered(f"{thing_name} is not on the allow-list")
+        if fleet_key and item.get("public_key"):
+            raise SignatureInvalid(REFUSED)
         if item["prov_status"] == PROVISIONED:
             raise AlreadyProvisioned(f"{thing_name} is already provisioned", item=item)
         raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request")
@@ -117,6 +127,14 @@ class SqliteRegistry:
             "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ? "
             "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (UNPROVISIONED, error, claim.thing_name, PROVISIONING, claim.token))
+
+    def remember_nonce(self, thing_name: str, nonce: str, expires: float, now: datetime) -> bool:
+        db = self._db()
+        if secrets.randbelow(100) == 0:  # now and then, forget nonces whose timestamps are out of the window
+            db.execute("DELETE FROM nonces WHERE expires < ?", (now.timestamp(),))
+        return db.execute(
+            "INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
+            "WHERE nonces.expires < ?", (thing_name, nonce, expires, now.timestamp())).rowcount == 1
 
     def stuck(self, now: datetime) -> list[dict]:
         rows = self._db().execute(
