@@ -19,6 +19,7 @@ from chalicelib.errors import ConfigError
 from chalicelib.issuers.base import CertificateRef
 from chalicelib.issuers.local_ca import write_private
 from chalicelib.provisioning import THING_NAME
+from chalicelib.signatures import load_device_key
 from chalicelib.registry.base import STATUSES
 
 
@@ -86,9 +87,19 @@ def cmd_register(config: Settings, args) -> int:
     if bad:
         raise CommandError(f"not valid thing names (letters, digits, ':', '_', '-'; 1-128 characters): "
                            f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}")
+    public_keys = None
+    if args.public_key:
+        if len(names) != 1:
+            raise CommandError("--public-key goes with exactly one NAME")
+        try:
+            pem = Path(args.public_key).read_text()
+            load_device_key(pem)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"{args.public_key}: not a usable device public key: {exc}") from None
+        public_keys = {names[0]: pem}
     registry = wiring.registry(config)
     registry.create()
-    added = registry.register(names)
+    added = registry.register(names, public_keys)
     print(f"registered {added} new device(s); {len(names) - added} already present")
     return 0
 
@@ -210,6 +221,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="register PREFIX<start> .. PREFIX<start+count-1>")
     p.add_argument("--count", type=int, help="how many names to make with --prefix")
     p.add_argument("--start", type=int, default=1, help="first number with --prefix (default 1)")
+    p.add_argument("--public-key", metavar="FILE",
+                   help="the device's own signing public key (PEM, RSA 2048+ or EC P-256): then only that key, "
+                        "not the fleet key, is accepted for it")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("list", help="list registered devices")
