@@ -36,6 +36,7 @@ class Settings:
     ipstack_key_parameter: str | None = None
     maxmind_db: Path | None = None
     allow_v1: bool = True
+    previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
     timestamp_skew_seconds: int = 300
 
     @property
@@ -72,6 +73,8 @@ class Settings:
             ipstack_key_parameter=env.get("GIP_IPSTACK_KEY_PARAMETER") or None,
             maxmind_db=_path(env["GIP_MAXMIND_DB"]) if env.get("GIP_MAXMIND_DB") else None,
             allow_v1=_bool(env, "GIP_ALLOW_V1", True),
+            previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
+            if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
         )
 

@@ -89,10 +89,11 @@ def load_public_key(path: Path) -> rsa.RSAPublicKey:
 
 
 class FleetKeyVerifier:
-    """The fleet-wide provisioning key the service checks signatures with when a device has none of its own."""
+    """The fleet-wide provisioning key the service checks signatures with when a device has none of its own;
+    during a rotation, the previous key too."""
 
-    def __init__(self, public_key: rsa.RSAPublicKey):
-        self.public_key = public_key
+    def __init__(self, public_key: rsa.RSAPublicKey, *previous: rsa.RSAPublicKey):
+        self.keys = (public_key, *previous)
 
     def verifies(self, text: bytes, signature: bytes) -> bool:
-        return verifies(self.public_key, text, signature)
+        return any(verifies(key, text, signature) for key in self.keys)

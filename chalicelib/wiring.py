@@ -74,7 +74,9 @@ def build_service(config: Settings) -> ProvisioningService:
         issuer=issuer(config),
         locator=locator(config),
         regions=region_policy(config),
-        verifier=FleetKeyVerifier(load_public_key(config.fleet_public_key)),
+        verifier=FleetKeyVerifier(load_public_key(config.fleet_public_key),
+                                  *([load_public_key(config.previous_fleet_public_key)]
+                                    if config.previous_fleet_public_key else [])),
         lease_seconds=config.claim_lease_seconds,
         allow_v1=config.allow_v1,
         skew_seconds=config.timestamp_skew_seconds,

@@ -3,10 +3,11 @@ import base64
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.errors import ConfigError, MalformedRequest
 from chalicelib.provisioning import ProvisioningRequest
-from chalicelib.signatures import (decode_signature, load_device_key, load_public_key, v1_text, v2_text,
+from chalicelib.signatures import (FleetKeyVerifier, decode_signature, load_device_key, load_public_key, v1_text, v2_text,
                                    verifies)
 
 
@@ -76,3 +77,12 @@ def test_key_file_problems_are_config_errors(tmp_path, vectors):
     (tmp_path / "ec.pem").write_text(vectors["device_ec_public_key_pem"])
     with pytest.raises(ConfigError, match="RSA"):
         load_public_key(tmp_path / "ec.pem")
+
+
+def test_during_a_rotation_both_fleet_keys_verify(vectors):
+    new = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    old = public(vectors, "fleet_public_key_pem")
+    signature = decode_signature(vectors["v1"]["signature_b64"])
+    text = v1_text(vectors["thing_name"])
+    assert FleetKeyVerifier(new.public_key(), old).verifies(text, signature)
+    assert not FleetKeyVerifier(new.public_key()).verifies(text, signature)
