@@ -10,9 +10,11 @@ from chalicelib.errors import (AlreadyProvisioned, ConfigError, MalformedRequest
                                SignatureInvalid)
 from chalicelib.geo import client_ip
 from chalicelib.provisioning import ProvisioningRequest
+from chalicelib.regions import RegionBlocked
 
 app = Chalice(app_name="iot-global-provisioning")
 app.log.setLevel(logging.INFO)
+wiring.validate()
 
 MAX_BODY_BYTES = 16 * 1024
 HTTP_STATUS = {
@@ -21,6 +23,7 @@ HTTP_STATUS = {
     NotRegistered: 403,
     AlreadyProvisioned: 409,
     ProvisioningInProgress: 409,
+    RegionBlocked: 403,
     ServiceUnavailable: 503,
 }
 

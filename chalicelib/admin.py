@@ -1,6 +1,6 @@
 """Operator CLI: python -m chalicelib.admin [--stage local] COMMAND ...
 
-Commands: keygen, init, register, list, show, reset, audit. Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
+Commands: keygen, init, register, list, show, reset, audit, regions, where. Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
 the process environment), so the CLI and the server always look at the same registry and keys.
 """
 import argparse
@@ -20,6 +20,7 @@ from chalicelib.issuers.base import CertificateRef
 from chalicelib.issuers.local_ca import write_private
 from chalicelib.provisioning import THING_NAME
 from chalicelib.signatures import load_device_key
+from chalicelib.regions import CATALOGUE, CONTINENTS, RegionBlocked
 from chalicelib.registry.base import STATUSES
 
 
@@ -199,6 +200,35 @@ def cmd_audit(config: Settings, args) -> int:
     return 0 if findings == 0 or (args.fix and len(fixed) == findings) else 1
 
 
+def cmd_regions(config: Settings, args) -> int:
+    policy = wiring.region_policy(config)
+    print("enabled regions (nearest by great-circle distance, after the rules):")
+    for name in policy.enabled:
+        region = CATALOGUE[name]
+        marker = "  (default for unknown locations)" if name == policy.default else ""
+        print(f"  {name:<15} {region.metro:<32} {region.latitude:8.2f} {region.longitude:8.2f}{marker}")
+    print("rules, in order:")
+    print(f"  blocked countries: {', '.join(sorted(policy.blocked)) or 'none'}")
+    print("  country rules: " + (", ".join(f"{c} -> {r}" for c, r in sorted(policy.countries.items())) or "none"))
+    print("  continent rules: " + (", ".join(f"{c} ({CONTINENTS[c]}) -> {r}"
+                                              for c, r in sorted(policy.continents.items())) or "none"))
+    return 0
+
+
+def cmd_where(config: Settings, args) -> int:
+    location = wiring.locator(config).locate(args.ip)
+    answer = {"ip": args.ip, "location": None if location is None else {
+        "latitude": location.latitude, "longitude": location.longitude,
+        "country": location.country, "continent": location.continent}}
+    try:
+        choice = wiring.region_policy(config).choose(location)
+        answer.update(region=choice.region, reason=choice.reason, distance=choice.distance_km)
+    except RegionBlocked as exc:
+        answer.update(region=None, reason=exc.code, message=exc.message)
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m chalicelib.admin", description=__doc__.split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,6 +264,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="show one device's registry item as JSON")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("regions", help="show the enabled regions, their coordinates and the region rules")
+    p.set_defaults(func=cmd_regions)
+
+    p = sub.add_parser("where", help="show which region an IP address would get, and why (provisions nothing)")
+    p.add_argument("ip", metavar="IP")
+    p.set_defaults(func=cmd_where)
 
     p = sub.add_parser("reset", help="deprovision a device so it can provision again",
                        description="Revoke and delete the device's certificate, delete its thing, and set it back "

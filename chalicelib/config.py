@@ -3,8 +3,9 @@
 Read once when first needed and validated, so a bad setting fails at startup with a message that
 names it, not on the first device.
 """
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -37,6 +38,7 @@ class Settings:
     maxmind_db: Path | None = None
     allow_v1: bool = True
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
+    region_rules: Mapping = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
     timestamp_skew_seconds: int = 300
 
     @property
@@ -73,6 +75,7 @@ class Settings:
             ipstack_key_parameter=env.get("GIP_IPSTACK_KEY_PARAMETER") or None,
             maxmind_db=_path(env["GIP_MAXMIND_DB"]) if env.get("GIP_MAXMIND_DB") else None,
             allow_v1=_bool(env, "GIP_ALLOW_V1", True),
+            region_rules=_json(env, "GIP_REGION_RULES"),
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
@@ -93,6 +96,19 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     value = env.get(name) or choices[0]
     if value not in choices:
         raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _json(env: Mapping[str, str], name: str) -> dict:
+    raw = env.get(name)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a JSON object")
     return value
 
 

@@ -3,6 +3,7 @@
 Providers answer a Location or None (unknown, or the provider is down); FallbackLocator asks them in
 order, so an outage of one never blocks provisioning: the last resort is the region policy's default.
 """
+import functools
 import ipaddress
 import logging
 from typing import Callable, Mapping, Protocol, Sequence
@@ -51,7 +52,8 @@ class MaxMindLocator:
         if "latitude" not in location or "longitude" not in location:
             return None
         country = (record.get("country") or record.get("registered_country") or {}).get("iso_code")
-        return Location(location["latitude"], location["longitude"], country)
+        continent = (record.get("continent") or {}).get("code")
+        return Location(location["latitude"], location["longitude"], country, continent)
 
 
 class IpstackLocator:
@@ -75,7 +77,8 @@ class IpstackLocator:
             return None
         try:
             response = self._session.get(self.URL.format(ip=ip), timeout=self._timeout,
-                                         params={"access_key": key, "fields": "latitude,longitude,country_code"})
+                                         params={"access_key": key,
+                                                 "fields": "latitude,longitude,country_code,continent_code"})
             body = response.json() if response.status_code == 200 else {}
         except Exception as exc:  # network, timeout, not JSON: fall back, never fail the device
             log.warning("ipstack unavailable (%s); falling back", type(exc).__name__)
@@ -87,7 +90,8 @@ class IpstackLocator:
             return None
         if body.get("latitude") is None or body.get("longitude") is None:
             return None
-        return Location(float(body["latitude"]), float(body["longitude"]), body.get("country_code"))
+        return Location(float(body["latitude"]), float(body["longitude"]), body.get("country_code"),
+                        body.get("continent_code"))
 
 
 class FallbackLocator:
@@ -102,6 +106,13 @@ class FallbackLocator:
             if location is not None:
                 return location
         return None
+
+
+class CachingLocator:
+    """Remembers answers per IP for the container's life, at most `size` of them (least recently used go)."""
+
+    def __init__(self, inner: GeoLocator, size: int = 10_000):
+        self.locate = functools.lru_cache(maxsize=size)(inner.locate)
 
 
 def client_ip(source_ip: str, headers: Mapping[str, str], trust_forwarded_for: bool) -> str:

@@ -15,7 +15,7 @@ from chalicelib.errors import (REFUSED, AlreadyProvisioned, MalformedRequest, Pr
                                SignatureInvalid)
 from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import IssuedCertificate, Issuer
-from chalicelib.regions import CATALOGUE, Location, RegionChoice, RegionPolicy, great_circle_km
+from chalicelib.regions import RegionChoice, RegionPolicy
 from chalicelib.registry.base import Registry
 from chalicelib.signatures import (FleetKeyVerifier, decode_signature, load_device_key, parse_timestamp, v1_text,
                                    v2_text, verifies)
@@ -125,6 +125,7 @@ class ProvisioningResult:
             "region": self.choice.region,
             "distance": self.choice.distance_km,
             "reason": self.choice.reason,
+            **({"country": self.choice.country} if self.choice.country else {}),
             "endpointAddress": self.issued.endpoint.address,
             "endpointPort": self.issued.endpoint.port,
             "certificateId": self.issued.certificate_id,
@@ -143,13 +144,6 @@ def key_fingerprint(public_key) -> str:
     digest.update(public_key.public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo))
     return digest.finalize().hex()
-
-
-def _distance(location: Location | None, region: str) -> float | None:
-    if location is None or not location.known:
-        return None
-    metro = CATALOGUE[region]
-    return round(great_circle_km(location.latitude, location.longitude, metro.latitude, metro.longitude), 1)
 
 
 def _utcnow() -> datetime:
@@ -236,7 +230,9 @@ class ProvisioningService:
         if cert is None or cert["status"] != "ACTIVE":
             raise AlreadyProvisioned(f"{request.thing_name} is provisioned but its certificate is no longer active; "
                                      "an operator must reset it (admin reset)")
-        choice = RegionChoice(region, _distance(self._locator.locate(client_ip), region), "previous")
+        location = self._locator.locate(client_ip)
+        choice = RegionChoice(region, self._regions.distance_km(location, region), "previous",
+                              location.country if location else None)
         issued = IssuedCertificate(region, certificate_id, cert["certificate_pem"], self._issuer.endpoint(region),
                                    thing_name=request.thing_name)
         return ProvisioningResult(request.thing_name, choice, issued,

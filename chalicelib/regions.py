@@ -8,9 +8,9 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from chalicelib.errors import ConfigError
+from chalicelib.errors import ConfigError, ProvisioningError
 
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean Earth radius
 
@@ -66,11 +66,16 @@ SAMPLE_REGIONS: tuple[str, ...] = (
 DEFAULT_REGION = "eu-west-2"
 
 
+CONTINENTS = {"AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe", "NA": "North America",
+              "OC": "Oceania", "SA": "South America"}
+
+
 @dataclass(frozen=True)
 class Location:
     latitude: float | None
     longitude: float | None
     country: str | None = None  # ISO 3166-1 alpha-2, when known
+    continent: str | None = None  # one of CONTINENTS, when known
 
     @property
     def known(self) -> bool:
@@ -81,7 +86,12 @@ class Location:
 class RegionChoice:
     region: str
     distance_km: float | None
-    reason: str  # "nearest" or "default"
+    reason: str  # "country-rule", "continent-rule", "nearest", "default" (or "previous": an earlier answer)
+    country: str | None = None
+
+
+class RegionBlocked(ProvisioningError):
+    code = "country-blocked"
 
 
 def _haversine(phi1: float, lam1: float, cos1: float, phi2: float, lam2: float, cos2: float) -> float:
@@ -102,9 +112,15 @@ def _unknown_region(name: object, setting: str) -> ConfigError:
 
 
 class RegionPolicy:
-    """Which regions devices may be sent to, and which one to use when the device's location is unknown."""
+    """Which regions devices may be sent to, and how one is chosen for a location.
 
-    def __init__(self, enabled: Sequence[str] = SAMPLE_REGIONS, default: str = DEFAULT_REGION):
+    Rules come before distance: a blocked country is refused, then a country rule (data residency), then
+    a continent rule, then the nearest enabled region; an unknown location gets the default region.
+    """
+
+    def __init__(self, enabled: Sequence[str] = SAMPLE_REGIONS, default: str = DEFAULT_REGION,
+                 countries: Mapping[str, str] | None = None, continents: Mapping[str, str] | None = None,
+                 blocked: Sequence[str] = ()):
         if isinstance(enabled, str):  # a bare string would be read as a list of one-letter names
             raise ConfigError(f"enabled regions: expected a list of region names, got the string {enabled!r}")
         enabled = tuple(enabled)
@@ -117,21 +133,75 @@ class RegionPolicy:
             if name in seen:
                 raise ConfigError(f"enabled regions: {name!r} is listed more than once")
             seen.add(name)
-        if default not in CATALOGUE:
-            raise _unknown_region(default, "default region")
-        if default not in seen:
-            raise ConfigError(f"default region: {default!r} is not in the enabled regions {list(enabled)}")
         self.enabled: tuple[str, ...] = enabled
-        self.default: str = default
+        self.default: str = self._enabled_region(default, "default region")
+        self.countries = {self._code(c, "countries", 2): self._enabled_region(r, f"countries.{c}")
+                          for c, r in dict(countries or {}).items()}
+        self.continents = {self._continent(c): self._enabled_region(r, f"continents.{c}")
+                           for c, r in dict(continents or {}).items()}
+        if isinstance(blocked, str):
+            raise ConfigError(f"blocked: expected a list of country codes, got the string {blocked!r}")
+        self.blocked = frozenset(self._code(c, "blocked", 2) for c in blocked)
+        both = self.blocked & set(self.countries)
+        if both:
+            raise ConfigError(f"blocked: {sorted(both)} also have a country rule; a country is one or the other")
         # Radians and cosines of every enabled region, computed once: choose() runs per request.
         self._points = []
         for name in enabled:
             phi = math.radians(CATALOGUE[name].latitude)
             self._points.append((name, phi, math.radians(CATALOGUE[name].longitude), math.cos(phi)))
 
-    def choose(self, location: Location | None) -> RegionChoice:
+    def _enabled_region(self, name: object, setting: str) -> str:
+        if name not in CATALOGUE:
+            raise _unknown_region(name, setting)
+        if name not in self.enabled:
+            raise ConfigError(f"{setting}: {name!r} is not in the enabled regions {list(self.enabled)}")
+        return name
+
+    @staticmethod
+    def _code(code: object, setting: str, length: int) -> str:
+        if not isinstance(code, str) or len(code) != length or not code.isalpha() or not code.isupper():
+            raise ConfigError(f"{setting}: {code!r} is not an ISO 3166 country code (two capital letters, like DE)")
+        return code
+
+    @staticmethod
+    def _continent(code: object) -> str:
+        if code not in CONTINENTS:
+            raise ConfigError(f"continents: {code!r} is not a continent code; use one of {', '.join(CONTINENTS)}")
+        return code
+
+    @classmethod
+    def from_rules(cls, enabled: Sequence[str], default: str, rules: Mapping) -> "RegionPolicy":
+        """From the stage's JSON rules: {"countries": {...}, "continents": {...}, "blocked": [...]}."""
+        if not isinstance(rules, Mapping):
+            raise ConfigError("region rules: expected a JSON object with countries, continents, blocked")
+        unknown = set(rules) - {"countries", "continents", "blocked"}
+        if unknown:
+            raise ConfigError(f"region rules: unknown key(s) {sorted(unknown)}; use countries, continents, blocked")
+        for key in ("countries", "continents"):
+            if not isinstance(rules.get(key, {}), Mapping):
+                raise ConfigError(f"region rules: {key} must be an object like {{\"DE\": \"eu-central-1\"}}")
+        return cls(enabled, default, rules.get("countries"), rules.get("continents"), rules.get("blocked", ()))
+
+    def distance_km(self, location: Location | None, region: str) -> float | None:
         if location is None or not location.known or not math.isfinite(location.latitude + location.longitude):
-            return RegionChoice(self.default, None, "default")  # NaN or inf from a geo lookup counts as unknown
+            return None
+        metro = CATALOGUE[region]
+        return round(great_circle_km(location.latitude, location.longitude, metro.latitude, metro.longitude), 1)
+
+    def choose(self, location: Location | None) -> RegionChoice:
+        country = location.country if location is not None else None
+        if country in self.blocked:
+            raise RegionBlocked(f"devices in {country} may not be provisioned by this service")
+        if country in self.countries:
+            region = self.countries[country]
+            return RegionChoice(region, self.distance_km(location, region), "country-rule", country)
+        continent = location.continent if location is not None else None
+        if continent in self.continents:
+            region = self.continents[continent]
+            return RegionChoice(region, self.distance_km(location, region), "continent-rule", country)
+        if location is None or not location.known or not math.isfinite(location.latitude + location.longitude):
+            return RegionChoice(self.default, None, "default", country)  # NaN or inf counts as unknown
         phi = math.radians(location.latitude)
         lam = math.radians(location.longitude)
         cos_phi = math.cos(phi)
@@ -140,4 +210,4 @@ class RegionPolicy:
             km = _haversine(phi, lam, cos_phi, r_phi, r_lam, r_cos)
             if km < best_km:  # strict: on a tie the region listed first wins
                 best_name, best_km = name, km
-        return RegionChoice(best_name, round(best_km, 1), "nearest")
+        return RegionChoice(best_name, round(best_km, 1), "nearest", country)

@@ -5,7 +5,8 @@ Backends are imported only when the stage uses them, so the local stage never im
 import threading
 
 from chalicelib.config import Settings
-from chalicelib.geo import FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
+from chalicelib.errors import ConfigError
+from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
 from chalicelib.provisioning import ProvisioningService
 from chalicelib.regions import RegionPolicy
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
@@ -32,7 +33,15 @@ def aws_clients():
 
 
 def region_policy(config: Settings) -> RegionPolicy:
-    return RegionPolicy(config.enabled_regions, config.default_region)
+    try:
+        return RegionPolicy.from_rules(config.enabled_regions, config.default_region, config.region_rules)
+    except ConfigError as exc:
+        raise ConfigError(f"region policy (GIP_ENABLED_REGIONS, GIP_DEFAULT_REGION, GIP_REGION_RULES): {exc}") from None
+
+
+def validate() -> None:
+    """Fail at startup, not on the first device, when the stage's settings are wrong (cheap: no I/O)."""
+    region_policy(settings())
 
 
 def registry(config: Settings):
@@ -65,7 +74,7 @@ def locator(config: Settings) -> GeoLocator:
     if config.maxmind_db:
         providers.append(MaxMindLocator.open(config.maxmind_db))
     providers.append(MaxMindLocator.bundled())
-    return providers[0] if len(providers) == 1 else FallbackLocator(providers)
+    return CachingLocator(providers[0] if len(providers) == 1 else FallbackLocator(providers))
 
 
 def build_service(config: Settings) -> ProvisioningService:

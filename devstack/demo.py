@@ -15,6 +15,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 from chalicelib import admin  # noqa: E402
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME  # noqa: E402
+from chalicelib.errors import ConfigError  # noqa: E402
 from devstack.monitor import Monitor  # noqa: E402
 from devstack.stack import LocalStack, StackError, die_with_parent, free_port, free_port_run  # noqa: E402
 
@@ -68,7 +69,7 @@ def main() -> int:
         stack.start()
         with Monitor(stack.files) as monitor:
             return walkthrough(stack, monitor)
-    except StackError as exc:
+    except (StackError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -34,14 +34,15 @@ def main(argv=None) -> int:
         print(f"CA bundle for devices (--root-ca): {stack.files.bundle}")
         print(f"Logs: {stack.log_dir}\nPress Ctrl-C to stop.", flush=True)
         signal.pause()
-    except StackError as exc:
+    except (StackError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
     finally:
-        stack.stop()
-        print("stopped mosquitto and chalice local", flush=True)
+        if stack.processes:
+            stack.stop()
+            print("stopped mosquitto and chalice local", flush=True)
     return 0
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 from chalicelib.config import Settings  # noqa: E402
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints, write_private  # noqa: E402
+from chalicelib.wiring import region_policy  # noqa: E402
 
 # Not a valid thing name ('@' is outside AWS IoT's alphabet), so no device can ever be issued this identity.
 MONITOR_IDENTITY = "monitor@devstack"
@@ -186,6 +187,7 @@ class LocalStack:
 
     def start(self) -> "LocalStack":
         try:
+            region_policy(self.settings)  # a wrong setting is reported here, before anything starts
             mosquitto = ensure_mosquitto()
             self._say(f"[stack] region CAs and broker certificates in {self.settings.state_dir}")
             self.files.write()

@@ -69,6 +69,21 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
     return response.status_code, response.json()
 
 
+def accept_queue(port: int) -> int:
+    """Connections waiting for the server's accept() on 127.0.0.1:port (Linux: rx_queue of the LISTEN socket)."""
+    local = f"0100007F:{port:04X}"
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        time.sleep(0.005)
+        return 0
+    for line in lines:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
+
 def fire_together(url: str, payloads: list[dict]) -> tuple[list[tuple[int, dict]], float]:
     """Every request on its own connection, opened beforehand, all sent at one Barrier: the server has them all
     at the same moment. (Opening the connections at the Barrier instead overflows chalice local's listen backlog
@@ -79,6 +94,10 @@ def fire_together(url: str, payloads: list[dict]) -> tuple[list[tuple[int, dict]
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         connection.connect()
         connections.append(connection)
+        # Let the server accept before the next connect: a full accept queue drops SYNs (1 s retransmits).
+        deadline = time.monotonic() + 0.5
+        while accept_queue(port) >= 2 and time.monotonic() < deadline:
+            time.sleep(0.0005)
     barrier = threading.Barrier(len(payloads) + 1)
     results: list = [None] * len(payloads)
 
@@ -207,6 +226,11 @@ def test_concurrent_requests_with_the_same_csr_all_get_the_one_certificate(stage
         (wins[0]["certificateId"], wins[0]["certificatePem"], wins[0]["endpointPort"])}
     assert all("PrivateKey" not in p for p in wins)
     assert {p["code"] for status, p in results if status == 409} <= {"provisioning-in-progress"}
+    # A second burst after the winner finished: every one takes the lost-response path, nothing new is made.
+    again, took = fire_together(stack.api_url, [payload] * 20)
+    print(f"[same CSR x20, after the first finished] {dict(summary(again))} in {took:.2f} s")
+    assert {(status, p["certificateId"], p["certificatePem"]) for status, p in again} == {
+        (200, wins[0]["certificateId"], wins[0]["certificatePem"])}, summary(again)
     issued = certificates(stack.settings.ca_dir, "samecsr1")
     assert [c["certificate_id"] for c in issued] == [wins[0]["certificateId"]]
     item = SqliteRegistry(stack.settings.registry_path).get("samecsr1")
@@ -249,9 +273,9 @@ def test_lost_response_retry_returns_the_same_certificate_and_issues_none(stage)
 
 # --- kill -9 between certificate creation and finalize ----------------------------------------------------------
 
-def _chalice(stack):
-    """The chalice local process among the stack's children (the others are mosquitto)."""
-    [process] = [p for p in stack.processes if Path(str(p.args[0])).name == "chalice"]
+def _chalice_of(processes):
+    """The chalice local process among a stack's children (the others are mosquitto)."""
+    [process] = [p for p in processes if Path(str(p.args[0])).name == "chalice"]
     return process
 
 
@@ -284,12 +308,13 @@ def _kill_between_issue_and_finalize(stack, fleet_key, thing: str) -> bool:
                 caller.join(30)
                 return False
             assert time.monotonic() < deadline, "the claim never showed"
+            time.sleep(0.001)
         # Holding the lock: wait for the issuer to record the certificate (RSA key generation comes first).
         deadline = time.monotonic() + 8  # well inside the server's 10 s busy timeout
         while not [c for c in certificates(ca_dir, thing) if c["status"] == "ACTIVE"]:
             assert time.monotonic() < deadline, "no certificate was issued while finalize was held"
             time.sleep(0.005)
-        chalice = _chalice(stack)
+        chalice = _chalice_of(stack.processes)
         os.kill(chalice.pid, signal.SIGKILL)
         assert chalice.wait(timeout=10) == -signal.SIGKILL
         lock.execute("ROLLBACK")
@@ -322,11 +347,14 @@ def test_kill_9_between_issue_and_finalize_is_found_and_fixed_by_the_audit(tmp_p
             if _kill_between_issue_and_finalize(first, fleet_key, f"victim{i}"):
                 victim = f"victim{i}"
                 break
-            print(f"\n[kill -9] victim{i} finished before the registry lock was taken; next device")
+            with capsys.disabled():
+                print(f"\n[kill -9] victim{i} finished before the registry lock was taken; next device")
         assert victim, "could not stop the server between issue and finalize in 5 tries"
     finally:
         first.stop()
     # Nothing of the killed stack is left: the brokers were stopped, chalice local died of SIGKILL.
+    assert len(first_processes) == len(settings.enabled_regions) + 1
+    assert _chalice_of(first_processes).returncode == -signal.SIGKILL
     assert [p.returncode for p in first_processes if p.returncode is None] == []
     assert [p.pid for p in first_processes if _alive(p.pid)] == []
 
@@ -338,14 +366,19 @@ def test_kill_9_between_issue_and_finalize_is_found_and_fixed_by_the_audit(tmp_p
 
     second = LocalStack(settings, free_port(), quiet=True).start()
     try:
-        lease_ends = sqlite3.connect(settings.registry_path).execute(
-            "SELECT lease_expires FROM devices WHERE thing_name = ?", (victim,)).fetchone()[0]
+        db = sqlite3.connect(settings.registry_path)
+        lease_ends = db.execute("SELECT lease_expires FROM devices WHERE thing_name = ?", (victim,)).fetchone()[0]
+        db.close()
         code, found = audit(state, capsys)
-        print(f"\n[audit right after restart, lease {'ended' if time.time() > lease_ends else 'running'}] "
-              f"stuck={[s['thing_name'] for s in found['stuck_claims']]} "
-              f"orphans={[c['certificate_id'][:12] for c in found['orphan_certificates']]}")
-        if time.time() < lease_ends - 0.2:
+        with capsys.disabled():
+            print(f"\n[audit right after restart, lease {'ended' if time.time() > lease_ends else 'running'}] "
+                  f"stuck={[s['thing_name'] for s in found['stuck_claims']]} "
+                  f"orphans={[c['certificate_id'][:12] for c in found['orphan_certificates']]}")
+        if time.time() < lease_ends - 0.5:
             assert found["stuck_claims"] == []
+            # The dead request's claim still holds while its lease runs: the device has to wait.
+            status, payload = post(second.api_url, body(fleet_key, victim))
+            assert (status, payload.get("code")) == (409, "provisioning-in-progress"), payload
         time.sleep(max(0.0, lease_ends - time.time()) + 0.3)
 
         code, found = audit(state, capsys)

@@ -71,7 +71,8 @@ def test_nearest_sample_region(sample_policy, city, lat, lon, expected):
 
 @pytest.mark.parametrize("location", [None, Location(None, None), Location(51.5, None), Location(None, -0.1, "GB")])
 def test_unknown_location_gets_the_default(sample_policy, location):
-    assert sample_policy.choose(location) == RegionChoice(DEFAULT_REGION, None, "default")
+    country = location.country if location else None
+    assert sample_policy.choose(location) == RegionChoice(DEFAULT_REGION, None, "default", country)
 
 
 def test_nan_coordinates_get_the_default(sample_policy):
