@@ -43,7 +43,7 @@ def device_provisioning():
     try:
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             raise MalformedRequest("the body is not valid JSON") from None
         provisioning_request = ProvisioningRequest.from_body(body)
         thing_name = provisioning_request.thing_name

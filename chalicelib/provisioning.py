@@ -74,6 +74,10 @@ def _required_text(body: Mapping, field: str) -> str:
         raise MalformedRequest(f"{field} is missing", "missing-field")
     if not isinstance(value, str):
         raise MalformedRequest(f"{field} must be a string", "malformed-request")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can carry lone surrogates, which no signed text can hold
+        raise MalformedRequest(f"{field} is not valid Unicode text", "malformed-request") from None
     return value
 
 
@@ -85,7 +89,7 @@ def parse_csr(csr_pem: str, thing_name: str) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode("utf-8"))
         key = csr.public_key()
-    except (ValueError, UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm):  # UnicodeEncodeError is a ValueError
         raise refuse("not a PEM certificate signing request") from None
     if not csr.is_signature_valid:
         raise refuse("its self-signature is not valid")
@@ -178,7 +182,7 @@ class ProvisioningService:
             public_key = (request.csr.public_key() if request.csr is not None
                           else x509.load_pem_x509_certificate(issued.certificate_pem.encode()).public_key())
             self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
-                                    key_fingerprint(public_key))
+                                    key_fingerprint(public_key), choice.country, choice.reason)
         except Exception as exc:
             self._undo(claim, issued, exc)
             if isinstance(exc, ProvisioningError):

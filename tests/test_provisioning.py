@@ -76,7 +76,7 @@ class FailingFinalizeRegistry:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def finalize(self, claim, region, certificate_id, now, fingerprint=None):
+    def finalize(self, *args, **kwargs):
         raise self.error
 
 
@@ -160,7 +160,8 @@ def test_success_records_provisioned_region_and_an_active_certificate(build, reg
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
     assert item == {"thing_name": "dev-1", "prov_status": "provisioned", "prov_datetime": "2026-11-28T12:00:00Z",
                     "aws_region": "eu-west-2", "certificate_id": result.issued.certificate_id,
-                    "public_key_fingerprint": hashlib.sha256(spki).hexdigest()}
+                    "public_key_fingerprint": hashlib.sha256(spki).hexdigest(), "country": "GB",
+                    "region_reason": "nearest"}
     record = issuer.certificate(result.issued.certificate_id)
     assert record["status"] == "ACTIVE"
     assert record["thing_name"] == "dev-1" and record["region"] == "eu-west-2"

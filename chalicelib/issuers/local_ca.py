@@ -8,6 +8,7 @@ import hashlib
 import os
 import sqlite3
 import threading
+import warnings
 from datetime import datetime, timedelta, timezone
 from ipaddress import ip_address
 from pathlib import Path
@@ -19,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
+
+# See LocalCertificateAuthority.sign: a CN over 64 characters is deliberate here.
+warnings.filterwarnings("ignore", message="Attribute's length must be", category=UserWarning)
 
 CA_LIFETIME = timedelta(days=3650 * 3)
 DEVICE_LIFETIME = timedelta(days=3650)
@@ -90,7 +94,9 @@ class LocalCertificateAuthority:
         now = self._clock()
         server_names = list(server_names)
         builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                   # Thing names may have 128 characters, X.509's CN only 64; brokers map CN to the MQTT user,
+                   # so the whole name goes in (OpenSSL and mosquitto read longer CNs without complaint).
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name, _validate=False)]))
                    .issuer_name(self.certificate.subject).public_key(public_key)
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(now - _BACKDATE).not_valid_after(now + lifetime)

@@ -43,10 +43,11 @@ class Registry(Protocol):
         """Record a v2 request's nonce until `expires` (epoch seconds); False if it is already recorded."""
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
         """provisioning -> provisioned, only while `claim` still holds; else raises ProvisioningInProgress.
 
-        `fingerprint` is the SHA-256 of the certificate's public key (SubjectPublicKeyInfo DER), hex."""
+        `fingerprint` is the SHA-256 of the certificate's public key (SubjectPublicKeyInfo DER), hex;
+        `country` and `reason` say where the device was and why its region was chosen."""
 
     def release(self, claim: Claim, error: str) -> None:
         """provisioning -> unprovisioned after a failure, only while `claim` still holds; records the error."""

@@ -14,7 +14,7 @@ from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, C
 
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
 _PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
-                      "public_key_fingerprint", "public_key", "last_error")
+                      "public_key_fingerprint", "public_key", "country", "region_reason", "last_error")
 # Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
@@ -24,7 +24,8 @@ _BATCH_ATTEMPTS = 8
 # Every attribute goes through a placeholder: "status", "name" and friends are reserved words.
 _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_datetime", "#region": "aws_region",
           "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error",
-          "#fingerprint": "public_key_fingerprint", "#key": "public_key"}
+          "#fingerprint": "public_key_fingerprint", "#key": "public_key", "#country": "country",
+          "#reason": "region_reason"}
 
 
 def _code(error: ClientError) -> str:
@@ -177,22 +178,26 @@ class DynamoDbRegistry:
         return Claim(thing_name, token)
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
         values = {":provisioned": {"S": PROVISIONED}, ":provisioning": {"S": PROVISIONING},
                   ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
                   ":cert": {"S": certificate_id}, ":token": {"S": claim.token}}
-        update = "SET #status = :provisioned, #datetime = :datetime, #region = :region, #cert = :cert"
-        if fingerprint:
-            values[":fingerprint"] = {"S": fingerprint}
-            update += ", #fingerprint = :fingerprint REMOVE #token, #lease, #error"
-        else:
-            update += " REMOVE #token, #lease, #error, #fingerprint"
+        sets = ["#status = :provisioned", "#datetime = :datetime", "#region = :region", "#cert = :cert"]
+        removes = ["#token", "#lease", "#error"]
+        for name, value in (("#fingerprint", fingerprint), ("#country", country), ("#reason", reason)):
+            if value:
+                values[":" + name[1:]] = {"S": value}
+                sets.append(f"{name} = :{name[1:]}")
+            else:
+                removes.append(name)
+        update = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
         try:
             self._call(
                 "update_item", TableName=self._table, Key=self._key(claim.thing_name), UpdateExpression=update,
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
-                                                                 "#lease", "#error", "#fingerprint")},
+                                                                 "#lease", "#error", "#fingerprint", "#country",
+                                                                 "#reason")},
                 ExpressionAttributeValues=values)
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
@@ -258,11 +263,12 @@ class DynamoDbRegistry:
         try:
             old = self._call(
                 "update_item", TableName=self._table, Key=self._key(thing_name),
-                UpdateExpression="SET #status = :unprovisioned "
-                                 "REMOVE #datetime, #region, #cert, #fingerprint, #token, #lease, #error",
+                UpdateExpression="SET #status = :unprovisioned REMOVE #datetime, #region, #cert, #fingerprint, "
+                                 "#country, #reason, #token, #lease, #error",
                 ConditionExpression="attribute_exists(#name)",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#datetime", "#region", "#cert",
-                                                                 "#fingerprint", "#token", "#lease", "#error")},
+                                                                 "#fingerprint", "#country", "#reason", "#token",
+                                                                 "#lease", "#error")},
                 ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}}, ReturnValues="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":

@@ -21,6 +21,8 @@ CREATE TABLE IF NOT EXISTS devices (
     certificate_id TEXT,
     public_key_fingerprint TEXT,
     public_key     TEXT,
+    country        TEXT,
+    region_reason  TEXT,
     claim_token    TEXT,
     lease_expires  REAL,
     last_error     TEXT
@@ -34,7 +36,7 @@ CREATE TABLE IF NOT EXISTS nonces (
 ) WITHOUT ROWID;
 """
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
-                   "public_key_fingerprint", "public_key", "last_error")
+                   "public_key_fingerprint", "public_key", "country", "region_reason", "last_error")
 
 
 def _timestamp(now: datetime) -> str:
@@ -112,13 +114,13 @@ class SqliteRegistry:
         raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request")
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
         changed = self._db().execute(
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
-            "public_key_fingerprint = ?, claim_token = NULL, lease_expires = NULL, last_error = NULL "
-            "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, claim.thing_name, PROVISIONING,
-             claim.token)).rowcount
+            "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
+            "last_error = NULL WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, country, reason, claim.thing_name,
+             PROVISIONING, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
@@ -156,7 +158,8 @@ class SqliteRegistry:
             before = self.get(thing_name)
             db.execute(
                 "UPDATE devices SET prov_status = 'unprovisioned', prov_datetime = NULL, aws_region = NULL, "
-                "certificate_id = NULL, public_key_fingerprint = NULL, claim_token = NULL, lease_expires = NULL, "
+                "certificate_id = NULL, public_key_fingerprint = NULL, country = NULL, region_reason = NULL, "
+                "claim_token = NULL, lease_expires = NULL, "
                 "last_error = NULL WHERE thing_name = ?", (thing_name,))
             db.execute("COMMIT")
         except BaseException:
