@@ -154,6 +154,9 @@ def audit(config: Settings, registry, issuer, now: datetime) -> dict:
                   if item["prov_status"] == "provisioned"}
     orphans = [cert for region in config.enabled_regions for cert in issuer.active_certificates(region)
                if (region, cert["certificate_id"]) not in referenced and cert.get("thing_name") not in live_claims]
+    placed = {(item.get("aws_region"), item["thing_name"]) for item in items if item["prov_status"] == "provisioned"}
+    things = [{"thing_name": name, "region": region} for region in config.enabled_regions
+              for name in issuer.things(region) if (region, name) not in placed and name not in live_claims]
     missing = []
     for item in items:
         if item["prov_status"] == "provisioned":
@@ -161,7 +164,8 @@ def audit(config: Settings, registry, issuer, now: datetime) -> dict:
             if cert is None or cert["status"] != "ACTIVE":
                 missing.append({"thing_name": item["thing_name"], "certificate_id": item.get("certificate_id"),
                                 "region": item.get("aws_region"), "status": cert["status"] if cert else "gone"})
-    return {"stuck_claims": stuck, "orphan_certificates": orphans, "missing_certificates": missing}
+    return {"stuck_claims": stuck, "orphan_certificates": orphans, "orphan_things": things,
+            "missing_certificates": missing}
 
 
 def cmd_audit(config: Settings, args) -> int:
@@ -177,7 +181,12 @@ def cmd_audit(config: Settings, args) -> int:
             issuer.revoke(CertificateRef(cert["region"], cert["certificate_id"], cert.get("thing_name")))
             fixed.append(f"revoked orphan certificate {cert['certificate_id']} in {cert['region']}"
                          f" (thing {cert.get('thing_name')})")
+        for thing in found["orphan_things"]:
+            issuer.delete_thing(thing["region"], thing["thing_name"])
+            fixed.append(f"deleted orphan thing {thing['thing_name']} in {thing['region']}")
         for item in found["missing_certificates"]:
+            issuer.revoke(CertificateRef(item["region"], item["certificate_id"], item["thing_name"]))
+            issuer.delete_thing(item["region"], item["thing_name"])
             registry.reset(item["thing_name"])
             fixed.append(f"reset {item['thing_name']} (its certificate is {item['status']}) to unprovisioned")
     if args.json:
@@ -188,6 +197,8 @@ def cmd_audit(config: Settings, args) -> int:
                   f"{datetime.fromtimestamp(item['lease_expires'], timezone.utc):%Y-%m-%dT%H:%M:%SZ})")
         for cert in found["orphan_certificates"]:
             print(f"orphan certificate: {cert['certificate_id']} in {cert['region']} (thing {cert.get('thing_name')})")
+        for thing in found["orphan_things"]:
+            print(f"orphan thing: {thing['thing_name']} in {thing['region']} (no registry item places it there)")
         for item in found["missing_certificates"]:
             print(f"missing certificate: {item['thing_name']} refers to {item['certificate_id']} "
                   f"in {item['region']}, which is {item['status']}")
@@ -281,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="find stuck claims, orphan certificates and missing certificates",
                        description="Lists claims whose lease ended (a process died mid-way), active certificates "
-                                   "in any enabled region that no registry item refers to, and provisioned "
+                                   "and things in any enabled region that no registry item refers to, and provisioned "
                                    "devices whose certificate is gone. Exit code 1 when something is found "
                                    "and not fixed.")
     p.add_argument("--fix", action="store_true",

@@ -247,6 +247,8 @@ class ProvisioningService:
         is released anyway (no stuck device) with last_error naming what is left for the audit."""
         log.error("provisioning %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
         error = f"{type(cause).__name__}: {cause}"
+        if getattr(cause, "leftover", None):  # the issuer could not undo all of its own steps
+            error = f"rollback incomplete, {cause.leftover}; {error}"
         if issued is not None:
             try:
                 self._issuer.revoke(issued)

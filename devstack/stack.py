@@ -199,8 +199,8 @@ class LocalStack:
                 self._wait_port(listener.port, broker, f"mosquitto.{listener.region}")
             self._say(f"[stack] mosquitto: a mutual-TLS broker per region ({len(listeners)}) on 127.0.0.1:"
                       f"{listeners[0].port}-{listeners[-1].port}")
-            chalice = str(Path(sys.executable).with_name("chalice"))
-            api = self._spawn("chalice", [chalice, "local", "--stage", "local", "--host", "127.0.0.1",
+            api = self._spawn("chalice", [sys.executable, str(PROJECT_DIR / "devstack" / "chalice_local.py"),
+                                          "local", "--stage", "local", "--host", "127.0.0.1",
                                           "--port", str(self.api_port), "--no-autoreload"])
             self._wait_http(f"{self.api_url}/health", api)
             self._say(f"[stack] API (chalice local): {self.api_url}/device-provisioning")

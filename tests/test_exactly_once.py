@@ -148,7 +148,7 @@ class Backend:
         assert item.get("last_error")
         assert "certificate_id" not in item and "aws_region" not in item
         assert self.claim_token(thing) is None
-        assert self.audit() == {"stuck_claims": [], "orphan_certificates": [], "missing_certificates": []}
+        assert self.audit() == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
 
     def assert_provisioned(self, thing: str, result) -> None:
         item = self.registry.get(thing)
@@ -349,7 +349,7 @@ def test_a_fault_at_any_step_after_the_claim_leaves_nothing_and_the_device_then_
     result = backend.service().provision(request, LONDON_IP)  # the same request, the fault gone
     assert result.choice.region == "eu-west-2"
     backend.assert_provisioned("dev-1", result)
-    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "missing_certificates": []}
+    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
 
 
 # ------------------------------------------------------------------------------------------- 2. lost response
@@ -541,7 +541,7 @@ def test_what_a_killed_process_leaves_is_found_and_fixed(backend, capsys):
     assert code == 0, out
     assert backend.active_certificates("dev-4") == set()
     assert backend.registry.get("dev-4")["prov_status"] == "unprovisioned"
-    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "missing_certificates": []}
+    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
     backend.assert_provisioned("dev-4", backend.service().provision(backend.request("dev-4", make_csr("dev-4")[0]),
                                                                      LONDON_IP))
 
@@ -551,7 +551,7 @@ def test_a_live_claims_certificate_is_not_an_orphan_until_its_lease_ends(backend
     backend.registry.claim("dev-5", now, LEASE)  # a request is between issue and finalize right now
     csr = x509.load_pem_x509_csr(make_csr("dev-5")[0].encode())
     in_flight = backend.issuer.issue("dev-5", "eu-west-2", csr)
-    assert backend.audit(now) == {"stuck_claims": [], "orphan_certificates": [], "missing_certificates": []}
+    assert backend.audit(now) == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
     code, out = _audit_cli(backend, capsys, "--fix")
     assert code == 0 and "fixed:" not in out
     assert backend.active_certificates("dev-5") == {("eu-west-2", in_flight.certificate_id)}  # left alone
@@ -583,15 +583,10 @@ def test_a_certificate_revoked_out_of_band_is_reported_missing_and_fix_resets_th
     assert again.choice.region == "ap-northeast-1"
     assert backend.registry.get("dev-1")["certificate_id"] == again.issued.certificate_id
     assert backend.active_certificates("dev-1") == {("ap-northeast-1", again.issued.certificate_id)}
-    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "missing_certificates": []}
+    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
 
 
 @pytest.mark.parametrize("backend", ["aws"], indirect=True)
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG chalicelib/admin.py cmd_audit (--fix of missing_certificates, line 180) only calls registry.reset(): "
-    "on AWS the thing in the old region and the revoked certificate attached to it stay, and audit() "
-    "(line 145-165) never lists things, so after the device re-provisions elsewhere nothing reports the "
-    "unreferenced thing left in eu-west-2 (issue 5: audit lists things no registry item references)"))
 def test_aws_missing_fix_then_move_leaves_no_unreferenced_thing_behind(backend, capsys):
     first = backend.service().provision(backend.request("dev-1", make_csr("dev-1")[0]), LONDON_IP)
     backend.look["eu-west-2"].update_certificate(certificateId=first.issued.certificate_id, newStatus="REVOKED")
@@ -620,12 +615,6 @@ def test_aws_a_rollback_that_cannot_deactivate_leaves_an_orphan_the_audit_fixes(
 
 
 @pytest.mark.parametrize("backend", ["aws"], indirect=True)
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when AwsIotIssuer._undo (chalicelib/issuers/aws_iot.py lines 199-230, called at 143) cannot delete "
-    "the thing it made, "
-    "issue() raises the original error only, so ProvisioningService._undo (provisioning.py lines 241-254) records "
-    "a plain last_error without 'rollback incomplete', and admin.audit() never lists things: the leftover "
-    "thing is invisible to the operator (issue 5: item marked for the audit; audit lists orphan things)"))
 def test_aws_a_rollback_that_cannot_delete_the_thing_is_visible_to_the_audit(backend):
     request = backend.request("dev-1", make_csr("dev-1")[0])
     with iot_fault(backend, "AttachThingPrincipal"), iot_fault(backend, "DeleteThing", "AccessDeniedException", 403):

@@ -140,10 +140,13 @@ class AwsIotIssuer:
             for future in attached:
                 future.result()
         except Exception as exc:
-            self._undo(client, region, thing_name if made_thing else None, cert)
-            if isinstance(exc, _AWS_ERRORS):
-                raise _domain_error(exc, region) from exc
-            raise
+            incomplete = self._undo(client, region, thing_name if made_thing else None, cert)
+            error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
+            if incomplete:  # the orchestrator records it, for the operator and the audit
+                error.leftover = f"thing {thing_name} or certificate {cert and cert['certificateId']} in {region}"
+            if error is exc:
+                raise
+            raise error from exc
         return IssuedCertificate(region, cert["certificateId"], cert["certificatePem"], endpoint_f.result(),
                                  cert.get("keyPair", {}).get("PrivateKey"), thing_name, cert["certificateArn"])
 
@@ -195,6 +198,26 @@ class AwsIotIssuer:
                            "region": region, "status": cert["status"]}
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
+
+    def things(self, region: str) -> Iterator[str]:
+        client = self._client(region)
+        try:
+            for page in client.get_paginator("list_things").paginate():
+                yield from (thing["thingName"] for thing in page["things"])
+        except _AWS_ERRORS as exc:
+            raise _domain_error(exc, region) from exc
+
+    def delete_thing(self, region: str, thing_name: str) -> None:
+        """Detach whatever is attached to the thing, then delete it; gone already is fine."""
+        client = self._client(region)
+        try:
+            principals = client.list_thing_principals(thingName=thing_name)["principals"]
+            for principal in principals:
+                client.detach_thing_principal(thingName=thing_name, principal=principal)
+            _after_detach("InvalidRequestException", client.delete_thing, thingName=thing_name)
+        except ClientError as exc:
+            if not _is_not_found(exc):
+                raise _domain_error(exc, region) from exc
 
     def _undo(self, client, region: str, thing_name: str | None, cert: dict | None) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any."""

@@ -45,3 +45,9 @@ class Issuer(Protocol):
 
     def active_certificates(self, region: str) -> Iterator[dict]:
         """Every active certificate in the region with the thing it belongs to (for the audit)."""
+
+    def things(self, region: str) -> Iterator[str]:
+        """Every thing in the region (for the audit); none where the backend has no things."""
+
+    def delete_thing(self, region: str, thing_name: str) -> None:
+        """Detach and delete a thing left behind (audit --fix)."""

@@ -208,6 +208,12 @@ class LocalIssuer:
         return [dict(row) for row in self._db().execute(
             "SELECT * FROM certificates WHERE thing_name = ? ORDER BY issued_at", (thing_name,))]
 
+    def things(self, region: str) -> Iterator[str]:
+        return iter(())  # the local stage has certificates only; brokers know devices by their certificate
+
+    def delete_thing(self, region: str, thing_name: str) -> None:
+        pass
+
     def active_certificates(self, region: str) -> Iterator[dict]:
         for row in self._db().execute(
                 "SELECT certificate_id, thing_name, region, status FROM certificates "
