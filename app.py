@@ -1,14 +1,15 @@
 """HTTP routes only: parse -> one service call -> map domain errors to HTTP (design.md)."""
 import json
 import logging
+import uuid
 
 from chalice import Chalice, Response
 
-from chalicelib import wiring
-from chalicelib.errors import (AlreadyProvisioned, ConfigError, MalformedRequest, NotRegistered,
-                               ProvisioningError, ProvisioningInProgress, ServiceUnavailable,
-                               SignatureInvalid)
+from chalicelib import observability, wiring
+from chalicelib.errors import (AlreadyProvisioned, BodyTooLarge, ConfigError, MalformedRequest, NotRegistered,
+                               ProvisioningError, ProvisioningInProgress, ServiceUnavailable, SignatureInvalid)
 from chalicelib.geo import client_ip
+from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.regions import RegionBlocked
 
@@ -18,6 +19,7 @@ wiring.validate()
 
 MAX_BODY_BYTES = 16 * 1024
 HTTP_STATUS = {
+    BodyTooLarge: 413,
     MalformedRequest: 400,
     SignatureInvalid: 403,
     NotRegistered: 403,
@@ -28,41 +30,50 @@ HTTP_STATUS = {
 }
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    return Response({"status": "error", "code": code, "message": message}, status_code=status,
-                    headers={"Content-Type": "application/json", **(headers or {})})
-
-
 @app.route("/device-provisioning", methods=["POST"])
 def device_provisioning():
     request = app.current_request
-    raw = request.raw_body or b""
-    if len(raw) > MAX_BODY_BYTES:
-        return error_response(413, "body-too-large", f"the body must be at most {MAX_BODY_BYTES} bytes")
-    thing_name = None
+    steps = Steps()
+    request_id = request.context.get("requestId") or uuid.uuid4().hex  # chalice local gives none
+    thing_name, result, headers, detail = None, None, {"X-Request-Id": request_id}, {}
     try:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
-            raise MalformedRequest("the body is not valid JSON") from None
-        provisioning_request = ProvisioningRequest.from_body(body)
+        provisioning_request = ProvisioningRequest.from_body(parse_json(request.raw_body or b""))
         thing_name = provisioning_request.thing_name
-        config = wiring.settings()
         ip = client_ip(request.context.get("identity", {}).get("sourceIp", ""), request.headers,
-                       config.trust_forwarded_for)
-        result = wiring.service().provision(provisioning_request, ip)
+                       wiring.settings().trust_forwarded_for)
+        detail = {"client_ip": ip, "signature_version": provisioning_request.version,
+                  "csr": provisioning_request.csr is not None}
+        result = wiring.service().provision(provisioning_request, ip, steps)
+        status, code, body = 200, "provisioned", result.response_body()
     except ProvisioningError as exc:
         status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
-        app.log.info("provisioning refused thing=%s status=%d code=%s", thing_name, status, exc.code)
-        retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServiceUnavailable) else None
-        return error_response(status, exc.code, exc.message, retry)
+        code, body = exc.code, error_body(exc.code, exc.message)
+        if isinstance(exc, ServiceUnavailable):
+            headers["Retry-After"] = str(exc.retry_after)
     except ConfigError as exc:
         app.log.error("stage misconfigured: %s", exc)
-        return error_response(503, "service-misconfigured", "the service is not configured; try again later",
-                              {"Retry-After": "60"})
-    app.log.info("provisioned thing=%s region=%s reason=%s", thing_name, result.choice.region,
-                 result.choice.reason)
-    return result.response_body()
+        status, code = 503, "service-misconfigured"
+        body = error_body(code, "the service is not configured; try again later")
+        headers["Retry-After"] = "60"
+    choice = result.choice if result else None
+    observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
+                               steps=steps, region=choice and choice.region, reason=choice and choice.reason,
+                               country=choice and choice.country,
+                               detail={**detail, "certificate_id": result and result.issued.certificate_id})
+    return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
+
+
+def parse_json(raw: bytes):
+    if len(raw) > MAX_BODY_BYTES:
+        raise BodyTooLarge(f"the body must be at most {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise MalformedRequest("the body is not valid JSON") from None
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"status": "error", "code": code, "message": message}
 
 
 @app.route("/health", methods=["GET"])

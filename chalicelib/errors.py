@@ -17,6 +17,10 @@ class MalformedRequest(ProvisioningError):
     code = "malformed-request"
 
 
+class BodyTooLarge(ProvisioningError):
+    code = "body-too-large"
+
+
 class SignatureInvalid(ProvisioningError):
     code = "invalid-signature"
 

@@ -15,6 +15,7 @@ from chalicelib.errors import (REFUSED, AlreadyProvisioned, MalformedRequest, Pr
                                SignatureInvalid)
 from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import IssuedCertificate, Issuer
+from chalicelib.observability import Steps
 from chalicelib.regions import RegionChoice, RegionPolicy
 from chalicelib.registry.base import Registry
 from chalicelib.signatures import (FleetKeyVerifier, decode_signature, load_device_key, parse_timestamp, v1_text,
@@ -168,23 +169,31 @@ class ProvisioningService:
         self._allow_v1 = allow_v1
         self._skew = skew_seconds
 
-    def provision(self, request: ProvisioningRequest, client_ip: str) -> ProvisioningResult:
-        fleet_key = self._authenticate(request)
-        try:
-            claim = self._registry.claim(request.thing_name, self._clock(), self._lease_seconds, fleet_key)
-        except AlreadyProvisioned as refused:
-            return self._earlier_answer(request, refused, client_ip)
+    def provision(self, request: ProvisioningRequest, client_ip: str,
+                  steps: Steps | None = None) -> ProvisioningResult:
+        steps = steps or Steps()
+        with steps.step("verify"):
+            fleet_key = self._authenticate(request)
+        with steps.step("claim"):
+            try:
+                claim = self._registry.claim(request.thing_name, self._clock(), self._lease_seconds, fleet_key)
+            except AlreadyProvisioned as refused:
+                return self._earlier_answer(request, refused, client_ip)
         issued = None
         try:
-            location = self._locator.locate(client_ip)
-            choice = self._regions.choose(location)
-            issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
-            public_key = (request.csr.public_key() if request.csr is not None
-                          else x509.load_pem_x509_certificate(issued.certificate_pem.encode()).public_key())
-            self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
-                                    key_fingerprint(public_key), choice.country, choice.reason)
+            with steps.step("geo"):
+                location = self._locator.locate(client_ip)
+                choice = self._regions.choose(location)
+            with steps.step("issue"):
+                issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
+            with steps.step("finalize"):
+                public_key = (request.csr.public_key() if request.csr is not None
+                              else x509.load_pem_x509_certificate(issued.certificate_pem.encode()).public_key())
+                self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
+                                        key_fingerprint(public_key), choice.country, choice.reason)
         except Exception as exc:
-            self._undo(claim, issued, exc)
+            with steps.step("rollback"):
+                self._undo(claim, issued, exc)
             if isinstance(exc, ProvisioningError):
                 raise
             raise ServiceUnavailable("provisioning failed on the server side; try again later") from exc

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import MAX_BODY_BYTES, app
-from chalicelib import admin, wiring
+from chalicelib import admin, observability, wiring
 from chalicelib.config import PROJECT_DIR
 from chalicelib.registry.sqlite import SqliteRegistry
 from tests.conftest import LONDON_IP, make_csr, sign_v1
@@ -744,6 +744,7 @@ def test_no_secret_in_any_log(stage, keys, caplog, capfd):
     root.addHandler(collect)
     app_logger.addHandler(collect)
     app_logger.setLevel(logging.DEBUG)
+    observability.logger.setLevel("DEBUG")
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger=app_logger.name)
     try:
@@ -778,9 +779,12 @@ def test_no_secret_in_any_log(stage, keys, caplog, capfd):
         root.removeHandler(collect)
         app_logger.removeHandler(collect)
         app_logger.setLevel(saved_level)
+        observability.logger.setLevel("INFO")
     out, err = capfd.readouterr()
     captured = "\n".join([*collect.lines, caplog.text, *(r.getMessage() for r in caplog.records), out, err])
-    assert "provisioned thing=mydevice1" in captured  # the capture did see the service's log
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    # the capture did see the service's request log
+    assert any(line.get("thing_name") == "mydevice1" and line.get("outcome") == "provisioned" for line in lines)
     assert "PRIVATE KEY" not in captured
     for signature in secrets_sent:
         assert signature not in captured
