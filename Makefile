@@ -1,11 +1,11 @@
-# make demo | make test | make local — each sets itself up first.
+# make demo | make test | make local | make bench — each sets itself up first.
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
 API_PORT ?= 8000
 export API_PORT
 
-.PHONY: install demo test local clean
+.PHONY: install demo test local bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ local: install
 
 test: install
 	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/run.py --size full
+
+bench-quick: install
+	$(PY) bench/run.py --size quick
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache

@@ -17,12 +17,14 @@ class GeoLocator(Protocol):
     def locate(self, ip: str) -> Location | None: ...
 
 
-def public_address(ip: str) -> bool:
-    """Private, loopback and reserved addresses have no location anywhere: don't ask."""
+def public_address(ip: str):
+    """The parsed address when it is public; None for private, loopback, reserved and garbage, which have
+    no location anywhere, so nobody is asked."""
     try:
-        return ipaddress.ip_address(ip).is_global
+        address = ipaddress.ip_address(ip)
     except ValueError:
-        return False
+        return None
+    return address if address.is_global else None
 
 
 class MaxMindLocator:
@@ -41,13 +43,15 @@ class MaxMindLocator:
     def open(cls, path: str) -> "MaxMindLocator":
         import maxminddb
 
-        # mmap: opening is instant and the file is paged in only where looked up.
-        return cls(maxminddb.open_database(str(path), maxminddb.MODE_MMAP))
+        # The C extension over mmap when it is there (several times faster than the pure-Python reader);
+        # opening is instant and the file is paged in only where looked up.
+        return cls(maxminddb.open_database(str(path), maxminddb.MODE_AUTO))
 
     def locate(self, ip: str) -> Location | None:
-        if not public_address(ip):
+        address = public_address(ip)
+        if address is None:
             return None
-        record = self._reader.get(ip)
+        record = self._reader.get(address)
         location = (record or {}).get("location") or {}
         if "latitude" not in location or "longitude" not in location:
             return None

@@ -65,6 +65,7 @@ class LocalCertificateAuthority:
                 self._create()
         self.key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         self.certificate = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        self._authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
 
     def _create(self) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -104,8 +105,7 @@ class LocalCertificateAuthority:
                    .add_extension(x509.ExtendedKeyUsage(
                        [ExtendedKeyUsageOID.SERVER_AUTH] if server_names else [ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                                  critical=False))
+                   .add_extension(self._authority_key_id, critical=False))
         if server_names:
             builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(n) for n in server_names]),
                                             critical=False)
@@ -169,6 +169,7 @@ class LocalIssuer:
             db = sqlite3.connect(self._ca_dir / "certificates.sqlite3", isolation_level=None, timeout=10)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # as the registry: no fsync per commit, safe with WAL
             db.executescript(_CERT_SCHEMA)
             self._local.db = db
         return db
