@@ -1,15 +1,18 @@
 """Operator CLI: python -m chalicelib.admin [--stage local] COMMAND ...
 
-Commands: keygen, init, register, list, show, reset, audit, regions, where. Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
+Commands: keygen, init, register, list, stats, show, reset, audit, regions, where. Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
 the process environment), so the CLI and the server always look at the same registry and keys.
 """
 import argparse
+import csv
 import json
 import os
 import sys
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -21,8 +24,7 @@ from chalicelib.issuers.local_ca import write_private
 from chalicelib.provisioning import THING_NAME
 from chalicelib.signatures import load_device_key
 from chalicelib.regions import CATALOGUE, CONTINENTS, RegionBlocked
-from chalicelib.registry.base import STATUSES
-
+from chalicelib.registry.base import PROVISIONED, STATUSES
 
 
 class CommandError(Exception):
@@ -71,8 +73,89 @@ def cmd_init(config: Settings, args) -> int:
     return 0
 
 
+def read_enrolment_csv(path: Path) -> tuple[list[str], dict, dict, int]:
+    """Names, public keys and attributes from an enrolment CSV, every row checked before anything is written.
+
+    Raises CommandError after printing every bad row (with its line in the file) to stderr."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets start with a BOM
+            return _parse_enrolment(csv.reader(f), path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{path}: cannot read it: {exc}") from None
+
+
+def _parse_enrolment(reader, path: Path) -> tuple[list[str], dict, dict, int]:
+    header = next(reader, None) or []
+    if "thing_name" not in header or len(set(header)) != len(header) or "" in header:
+        raise CommandError(f"{path}: line 1 must be a header with a thing_name column and no blank or repeated "
+                           f"names (found {','.join(header) or 'nothing'})")
+    name_at, key_at = header.index("thing_name"), header.index("public_key") if "public_key" in header else None
+    extra = [(i, column) for i, column in enumerate(header) if i not in (name_at, key_at)]
+    rows: dict[str, tuple[int, list[str]]] = {}  # name -> (line, row): a repeated name must repeat its row
+    keys, attributes, errors, duplicates = {}, {}, [], 0
+    line = reader.line_num + 1
+    try:
+        for row in reader:
+            start, line = line, reader.line_num + 1  # a quoted inline PEM spans lines: report where the row starts
+            if not row:
+                continue
+            name = row[name_at] if len(row) > name_at else ""
+            if len(row) != len(header):
+                errors.append(f"line {start}: {len(row)} field(s), the header has {len(header)}")
+            elif not THING_NAME.fullmatch(name):
+                errors.append(f"line {start}: {name!r} is not a valid thing name "
+                              "(letters, digits, ':', '_', '-'; 1-128 characters)")
+            elif name in rows:
+                if rows[name][1] == row:
+                    duplicates += 1
+                else:
+                    errors.append(f"line {start}: {name} is also on line {rows[name][0]} with other values")
+            else:
+                rows[name] = (start, row)
+                if key_at is not None and row[key_at].strip():
+                    try:
+                        keys[name] = _device_key(row[key_at], path.parent)
+                    except (OSError, ValueError) as exc:
+                        errors.append(f"line {start}: public_key of {name} is not usable: {exc}")
+                attrs = {column: row[i] for i, column in extra if row[i] != ""}
+                if attrs:
+                    attributes[name] = attrs
+    except csv.Error as exc:
+        errors.append(f"line {line}: {exc}")
+    if errors:
+        for error in errors:
+            print(f"{path}: {error}", file=sys.stderr)
+        raise CommandError(f"{path}: {len(errors)} bad row(s); nothing was written")
+    return list(rows), keys, attributes, duplicates
+
+
+def _device_key(value: str, folder: Path) -> str:
+    """An inline PEM, or the path of a PEM file relative to the CSV's folder; checked like the service will."""
+    pem = value if value.lstrip().startswith("-----BEGIN") else (folder / value.strip()).read_text()
+    load_device_key(pem)
+    return pem
+
+
+def _progress_bar(total: int):
+    """A tqdm bar on a terminal; None where tqdm is not installed (the Lambda package) or output is a file."""
+    if not sys.stdout.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="device", file=sys.stdout)
+
+
 def cmd_register(config: Settings, args) -> int:
-    if args.prefix is not None:
+    keys, attributes, duplicates = None, None, 0
+    if args.csv is not None:
+        if args.names or args.prefix is not None or args.count is not None:
+            raise CommandError("give --csv FILE, names or --prefix/--count: one of them")
+        names, keys, attributes, duplicates = read_enrolment_csv(Path(args.csv))
+        if not names:
+            raise CommandError(f"{args.csv}: no devices in it")
+    elif args.prefix is not None:
         if args.names:
             raise CommandError("give names or --prefix/--count, not both")
         if args.count is None or args.count < 1:
@@ -88,27 +171,55 @@ def cmd_register(config: Settings, args) -> int:
     if bad:
         raise CommandError(f"not valid thing names (letters, digits, ':', '_', '-'; 1-128 characters): "
                            f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}")
-    public_keys = None
     if args.public_key:
-        if len(names) != 1:
+        if len(names) != 1 or args.csv is not None:
             raise CommandError("--public-key goes with exactly one NAME")
         try:
             pem = Path(args.public_key).read_text()
             load_device_key(pem)
         except (OSError, ValueError) as exc:
             raise CommandError(f"{args.public_key}: not a usable device public key: {exc}") from None
-        public_keys = {names[0]: pem}
+        keys = {names[0]: pem}
     registry = wiring.registry(config)
     registry.create()
-    added = registry.register(names, public_keys)
-    print(f"registered {added} new device(s); {len(names) - added} already present")
+    bar = _progress_bar(len(names))
+    try:
+        added = registry.register(names, keys, attributes,
+                                  progress=None if bar is None else lambda done: bar.update(done - bar.n))
+    finally:
+        if bar:
+            bar.close()
+    print(f"registered {added} new device(s); {len(names) - added} already present"
+          + (": nothing changed" if added == 0 else "")
+          + (f" ({duplicates} repeated row(s) skipped)" if duplicates else ""))
     return 0
 
 
+def parse_since(text: str) -> datetime:
+    """An ISO date or date-time; without a zone it is UTC, like every time the registry stores."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or date-time: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+_CSV_COLUMNS = ("thing_name", "prov_status", "aws_region", "prov_datetime", "certificate_id", "country",
+                "attempts", "last_error", "attributes")
+
+
 def cmd_list(config: Settings, args) -> int:
-    items = list(wiring.registry(config).list(args.status))
+    items = list(wiring.registry(config).list(args.status, args.region, args.since))
     if args.json:
         print(json.dumps(items, indent=2))
+        return 0
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(_CSV_COLUMNS)
+        for item in items:
+            if "attributes" in item:  # one cell, however many attributes a device has
+                item["attributes"] = json.dumps(item["attributes"], sort_keys=True, ensure_ascii=False)
+            writer.writerow([item.get(c, "") for c in _CSV_COLUMNS])
         return 0
     columns = ("thing_name", "prov_status", "aws_region", "prov_datetime")
     rows = [columns] + [tuple(item.get(c, "-") for c in columns) for item in items]
@@ -119,12 +230,55 @@ def cmd_list(config: Settings, args) -> int:
     return 0
 
 
+def fleet_stats(registry, now: datetime) -> dict:
+    """Counts from one pass over the registry, so they add up to its total."""
+    items = list(registry.list())
+    by_status = Counter(item["prov_status"] for item in items)
+    by_region = Counter(item.get("aws_region", "-") for item in items if item["prov_status"] == PROVISIONED)
+    stuck = [{"thing_name": item["thing_name"], "lease_expires": _iso(item["lease_expires"])}
+             for item in registry.stuck(now)]
+    return {"total": len(items), "by_status": {status: by_status[status] for status in STATUSES},
+            "provisioned_by_region": dict(sorted(by_region.items())), "stuck": stuck}
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_stats(config: Settings, args) -> int:
+    stats = fleet_stats(wiring.registry(config), datetime.now(timezone.utc))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"devices: {stats['total']}")
+    for status, count in stats["by_status"].items():
+        print(f"  {status:<15} {count}")
+    print("provisioned by region:")
+    for region, count in stats["provisioned_by_region"].items():
+        print(f"  {region:<15} {count}")
+    print(f"stuck in provisioning (lease ended): {len(stats['stuck'])}")
+    for item in stats["stuck"]:
+        print(f"  {item['thing_name']} (lease ended {item['lease_expires']})")
+    return 0
+
+
+def certificate_details(found: dict) -> dict:
+    """What the issuer knows, with validity and issuer read from the certificate itself (same on every backend)."""
+    cert = x509.load_pem_x509_certificate(found["certificate_pem"].encode())
+    return {**{k: v for k, v in found.items() if k != "certificate_pem"},
+            "not_before": cert.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "issuer": cert.issuer.rfc4514_string(), "subject": cert.subject.rfc4514_string()}
+
+
 def cmd_show(config: Settings, args) -> int:
     item = wiring.registry(config).get(args.name)
     if item is None:
         raise CommandError(f"{args.name} is not registered")
+    item.setdefault("attempts", 0)  # never claimed yet
     if item.get("certificate_id") and item.get("aws_region"):
-        item["certificate"] = wiring.issuer(config).certificate(item["certificate_id"], item["aws_region"])
+        found = wiring.issuer(config).certificate(item["certificate_id"], item["aws_region"])
+        item["certificate"] = found and certificate_details(found)
     print(json.dumps(item, indent=2))
     return 0
 
@@ -262,6 +416,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="register PREFIX<start> .. PREFIX<start+count-1>")
     p.add_argument("--count", type=int, help="how many names to make with --prefix")
     p.add_argument("--start", type=int, default=1, help="first number with --prefix (default 1)")
+    p.add_argument("--csv", metavar="FILE",
+                   help="register the devices in a CSV file: a thing_name column, optionally public_key (inline PEM "
+                        "or a PEM file's path relative to the CSV) and any other columns as attributes; every row is "
+                        "checked first and nothing is written if one is bad")
     p.add_argument("--public-key", metavar="FILE",
                    help="the device's own signing public key (PEM, RSA 2048+ or EC P-256): then only that key, "
                         "not the fleet key, is accepted for it")
@@ -269,10 +427,19 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered devices")
     p.add_argument("--status", choices=STATUSES, help="only devices in this state")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--region", help="only devices provisioned in this region")
+    p.add_argument("--since", type=parse_since, metavar="DATE",
+                   help="only devices provisioned at or after DATE (ISO date or date-time; UTC unless it says)")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("show", help="show one device's registry item as JSON")
+    p = sub.add_parser("stats", help="count devices by status and region; list claims stuck in provisioning")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("show", help="show one device's registry item, certificate and history as JSON")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_show)
 

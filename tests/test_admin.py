@@ -247,7 +247,7 @@ def test_show_prints_the_item_like_the_samples_get_item(cli):
     assert cli("register", "dev-a")[0] == 0
     code, out, _ = cli("show", "dev-a")
     assert code == 0
-    assert json.loads(out) == {"thing_name": "dev-a", "prov_status": "unprovisioned"}
+    assert json.loads(out) == {"thing_name": "dev-a", "prov_status": "unprovisioned", "attempts": 0}
 
 
 def test_show_unknown_name_is_an_error_on_stderr(cli):

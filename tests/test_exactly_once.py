@@ -642,7 +642,7 @@ def test_reset_revokes_and_the_device_provisions_again_in_another_region(backend
     else:
         assert backend.things("dev-2") == []
     item = backend.registry.get("dev-2")
-    assert item == {"thing_name": "dev-2", "prov_status": "unprovisioned"}
+    assert item == {"thing_name": "dev-2", "prov_status": "unprovisioned", "attempts": 1}  # history is kept
 
     moved = backend.service().provision(backend.request("dev-2", make_csr("dev-2")[0]), TOKYO_IP)  # moved to Japan
     assert moved.choice.region == "ap-northeast-1"

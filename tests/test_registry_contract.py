@@ -100,12 +100,12 @@ def test_claim_then_finalize_gives_the_public_item_shape(registry):
     claim = registry.claim("dev1", T0, LEASE)
     assert claim.thing_name == "dev1" and len(claim.token) == 32
     # The claim's token and lease stay private.
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING}
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 1}
 
     registry.finalize(claim, "ap-northeast-1", "cert-123", T0 + timedelta(seconds=5))
 
     expected = {"thing_name": "dev1", "prov_status": PROVISIONED, "prov_datetime": "2026-11-28T12:00:05Z",
-                "aws_region": "ap-northeast-1", "certificate_id": "cert-123"}
+                "aws_region": "ap-northeast-1", "certificate_id": "cert-123", "attempts": 1}
     assert registry.get("dev1") == expected
     assert list(registry.list()) == [expected]
 
@@ -140,7 +140,7 @@ def test_finalize_with_a_stale_claim_is_refused_and_the_new_claim_holds(registry
     with pytest.raises(ProvisioningInProgress, match="dev1: the claim's lease ran out"):
         registry.finalize(stale, "eu-west-2", "cert-stale", T0 + timedelta(seconds=LEASE + 2))
 
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING}
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 2}
     with pytest.raises(ProvisioningInProgress):  # still within the new claim's lease
         registry.claim("dev1", T0 + timedelta(seconds=LEASE + 3), LEASE)
     registry.finalize(current, "eu-west-2", "cert-current", T0 + timedelta(seconds=LEASE + 4))
@@ -156,7 +156,8 @@ def test_finalize_of_unknown_device_is_refused(registry):
 def test_release_returns_to_unprovisioned_with_the_error(registry):
     registry.register(["dev1"])
     registry.release(registry.claim("dev1", T0, LEASE), "issuer down")
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": UNPROVISIONED, "last_error": "issuer down"}
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": UNPROVISIONED, "last_error": "issuer down",
+                                     "attempts": 1}
     registry.claim("dev1", T0 + timedelta(seconds=1), LEASE)  # claimable again at once, lease or not
 
 
@@ -167,7 +168,7 @@ def test_stale_release_changes_nothing(registry):
 
     registry.release(stale, "too late")
 
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING}
+    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 2}
     registry.finalize(current, "eu-west-2", "cert-1", T0 + timedelta(seconds=LEASE + 2))
     registry.release(current, "after the fact")  # a finished claim cannot be undone either
     assert registry.get("dev1")["prov_status"] == PROVISIONED
@@ -194,6 +195,52 @@ def test_register_a_thousand_devices_in_batches(registry):
     assert registry.register(names) == 1000
     assert registry.register(reversed(names)) == 0
     assert [item["thing_name"] for item in registry.list(UNPROVISIONED)] == names
+
+
+def test_register_stores_keys_and_attributes_and_reports_progress(registry):
+    done = []
+    names = [f"dev{i:03d}" for i in range(250)]
+    added = registry.register(names + ["dev000"], {"dev001": "PEM"}, {"dev002": {"site": "Köln", "line": "2"}},
+                              progress=done.append)
+    assert added == 250
+    assert done == sorted(done) and done[-1] == 250 and len(done) >= 1
+    assert registry.get("dev001") == {"thing_name": "dev001", "prov_status": UNPROVISIONED, "public_key": "PEM"}
+    assert registry.get("dev002")["attributes"] == {"line": "2", "site": "Köln"}
+    # Present names keep what they had, attributes included.
+    assert registry.register(["dev002"], attributes={"dev002": {"site": "other"}}) == 0
+    assert registry.get("dev002")["attributes"] == {"line": "2", "site": "Köln"}
+
+
+def test_attempts_count_successful_claims_only_and_survive_reset(registry):
+    registry.register(["dev1"])
+    assert "attempts" not in registry.get("dev1")
+    registry.release(registry.claim("dev1", T0, LEASE), "issuer down")
+    provisioned(registry, "dev1", T0 + timedelta(seconds=1))
+    with pytest.raises(AlreadyProvisioned):
+        registry.claim("dev1", T0 + timedelta(seconds=2), LEASE)  # refused: not an attempt
+    assert registry.get("dev1")["attempts"] == 2
+    registry.reset("dev1")
+    assert registry.get("dev1")["attempts"] == 2  # history, kept for the operator
+
+
+def test_list_filters_by_status_region_and_since_together(registry):
+    registry.register(["a", "b", "c", "d", "e"])
+    for name, region, at in (("a", "eu-west-2", T0), ("b", "us-east-1", T0 + timedelta(hours=1)),
+                             ("c", "eu-west-2", T0 + timedelta(days=1))):
+        registry.finalize(registry.claim(name, at, LEASE), region, f"cert-{name}", at)
+    registry.claim("d", T0 + timedelta(days=2), LEASE)
+
+    def names(**filters):
+        return [item["thing_name"] for item in registry.list(**filters)]
+
+    assert names(region="eu-west-2") == ["a", "c"]
+    assert names(since=T0 + timedelta(minutes=30)) == ["b", "c"]
+    assert names(since=T0) == ["a", "b", "c"]  # at or after
+    # An aware time in another zone means the same instant: 13:30+01:00 is 12:30Z.
+    assert names(since=datetime(2026, 11, 28, 13, 30, tzinfo=timezone(timedelta(hours=1)))) == ["b", "c"]
+    assert names(status=PROVISIONED, region="eu-west-2", since=T0 + timedelta(seconds=1)) == ["c"]
+    assert names(status=UNPROVISIONED, region="eu-west-2") == []
+    assert names(status=PROVISIONING) == ["d"]
 
 
 def test_only_one_of_many_concurrent_claims_wins(registry):

@@ -1,14 +1,27 @@
 """What every registry backend offers. Status changes are conditional writes, never read-then-write."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Iterable, Iterator, Mapping, Protocol
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 UNPROVISIONED = "unprovisioned"
 PROVISIONING = "provisioning"
 PROVISIONED = "provisioned"
 STATUSES = (UNPROVISIONED, PROVISIONING, PROVISIONED)
+
+
+def timestamp(now: datetime) -> str:
+    """How prov_datetime is stored: fixed width UTC, so text order is time order (list's `since`)."""
+    if now.tzinfo is not None:
+        now = now.astimezone(timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def attributes_json(attributes: Mapping[str, str] | None) -> str | None:
+    """Operator attributes as stored: one JSON object string, the same text on both backends."""
+    return json.dumps(dict(attributes), sort_keys=True, separators=(",", ":")) if attributes else None
 
 
 @dataclass(frozen=True)
@@ -23,20 +36,27 @@ class Registry(Protocol):
     def create(self) -> None:
         """Make the table if it is missing; safe to repeat."""
 
-    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None) -> int:
-        """Add devices as unprovisioned, with their own public key (PEM) where given; names already present are
-        left as they are. Returns how many were new."""
+    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None,
+                 attributes: Mapping[str, Mapping[str, str]] | None = None,
+                 progress: Callable[[int], None] | None = None) -> int:
+        """Add devices as unprovisioned, with their own public key (PEM) and attributes where given; names
+        already present are left as they are. Returns how many were new.
 
-    def get(self, thing_name: str) -> dict | None: ...
+        `progress(done)` is called after each batch with how many distinct names have been dealt with so far."""
 
-    def list(self, status: str | None = None) -> Iterator[dict]: ...
+    def get(self, thing_name: str) -> dict | None:
+        """The public item: `attempts` (claims so far) is an int, `attributes` a dict; absent fields are left out."""
+
+    def list(self, status: str | None = None, region: str | None = None,
+             since: datetime | None = None) -> Iterator[dict]:
+        """Items sorted by name; only those in `status`, in `region`, provisioned at or after `since` when given."""
 
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False) -> Claim:
         """unprovisioned (or provisioning with an expired lease) -> provisioning, atomically.
 
         With `fleet_key` (the request was signed with the fleet key) the claim also requires that the device
-        has no key of its own. Raises NotRegistered, AlreadyProvisioned, ProvisioningInProgress or
-        SignatureInvalid.
+        has no key of its own. Each successful claim adds one to the item's `attempts`.
+        Raises NotRegistered, AlreadyProvisioned, ProvisioningInProgress or SignatureInvalid.
         """
 
     def remember_nonce(self, thing_name: str, nonce: str, expires: float, now: datetime) -> bool:

@@ -1,20 +1,22 @@
 """The prod stage's registry: one DynamoDB table keyed by thing_name, the original sample's attribute names."""
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from datetime import datetime
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress,
                                ServiceUnavailable, SignatureInvalid)
-from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
+from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json,
+                                      timestamp as _timestamp)
 
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
 _PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
-                      "public_key_fingerprint", "public_key", "country", "region_reason", "last_error")
+                      "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attributes")
 # Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
@@ -25,15 +27,11 @@ _BATCH_ATTEMPTS = 8
 _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_datetime", "#region": "aws_region",
           "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error",
           "#fingerprint": "public_key_fingerprint", "#key": "public_key", "#country": "country",
-          "#reason": "region_reason"}
+          "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime"}
 
 
 def _code(error: ClientError) -> str:
     return error.response.get("Error", {}).get("Code", "")
-
-
-def _timestamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -46,7 +44,12 @@ def _backoff(attempt: int) -> None:
 
 
 def _item(raw: dict) -> dict:
-    return {key: raw[key]["S"] for key in _PUBLIC_ATTRIBUTES if key in raw and "S" in raw[key]}
+    item = {key: raw[key]["S"] for key in _PUBLIC_ATTRIBUTES if key in raw and "S" in raw[key]}
+    if "N" in raw.get("attempts", {}):
+        item["attempts"] = int(raw["attempts"]["N"])
+    if "attributes" in item:
+        item["attributes"] = json.loads(item["attributes"])
+    return item
 
 
 class DynamoDbRegistry:
@@ -86,25 +89,42 @@ class DynamoDbRegistry:
             self._call("update_time_to_live", TableName=self._nonces,
                        TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires"})
 
-    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None) -> int:
-        keys = public_keys or {}
+    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None,
+                 attributes: Mapping[str, Mapping[str, str]] | None = None,
+                 progress: Callable[[int], None] | None = None) -> int:
+        keys, attrs = public_keys or {}, attributes or {}
         names = list(dict.fromkeys(thing_names))
-        existing = self._existing(names)
-        new = [name for name in names if name not in existing]
-        # BatchWriteItem cannot be conditional, so existing names were filtered out above. Only a concurrent
-        # register of the same new name can race this, and it writes the same fresh item.
-        for chunk in _chunks(new, _BATCH_WRITE_LIMIT):
-            request = {self._table: [{"PutRequest": {"Item": {
-                **self._key(name), "prov_status": {"S": UNPROVISIONED},
-                **({"public_key": {"S": keys[name]}} if keys.get(name) else {})}}} for name in chunk]}
-            for attempt in range(_BATCH_ATTEMPTS):
-                request = self._call("batch_write_item", RequestItems=request).get("UnprocessedItems")
-                if not request:
-                    break
-                _backoff(attempt)
-            else:
-                raise ServiceUnavailable("registry unavailable: DynamoDB batch_write_item kept items unprocessed")
-        return len(new)
+        added = 0
+        # One BatchGetItem's worth of names at a time, so progress moves and memory stays flat on large fleets.
+        for done, names_chunk in enumerate(_chunks(names, _BATCH_GET_LIMIT)):
+            existing = self._existing(names_chunk)
+            new = [name for name in names_chunk if name not in existing]
+            # BatchWriteItem cannot be conditional, so existing names were filtered out above. Only a concurrent
+            # register of the same new name can race this, and it writes the same fresh item.
+            for chunk in _chunks(new, _BATCH_WRITE_LIMIT):
+                self._write_batch([{"PutRequest": {"Item": self._new_item(name, keys.get(name), attrs.get(name))}}
+                                   for name in chunk])
+            added += len(new)
+            if progress:
+                progress(min((done + 1) * _BATCH_GET_LIMIT, len(names)))
+        return added
+
+    def _new_item(self, name: str, public_key: str | None, attributes: Mapping[str, str] | None) -> dict:
+        item = {**self._key(name), "prov_status": {"S": UNPROVISIONED}}
+        if public_key:
+            item["public_key"] = {"S": public_key}
+        if attributes:
+            item["attributes"] = {"S": attributes_json(attributes)}
+        return item
+
+    def _write_batch(self, requests: list[dict]) -> None:
+        request = {self._table: requests}
+        for attempt in range(_BATCH_ATTEMPTS):
+            request = self._call("batch_write_item", RequestItems=request).get("UnprocessedItems")
+            if not request:
+                return
+            _backoff(attempt)
+        raise ServiceUnavailable("registry unavailable: DynamoDB batch_write_item kept items unprocessed")
 
     def _existing(self, names: list[str]) -> set[str]:
         found = set()
@@ -127,11 +147,16 @@ class DynamoDbRegistry:
         raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
         return _item(raw) if raw else None
 
-    def list(self, status: str | None = None) -> Iterator[dict]:
+    def list(self, status: str | None = None, region: str | None = None,
+             since: datetime | None = None) -> Iterator[dict]:
         kwargs: dict = {"TableName": self._table}
-        if status:
-            kwargs.update(FilterExpression="#status = :status", ExpressionAttributeNames={"#status": "prov_status"},
-                          ExpressionAttributeValues={":status": {"S": status}})
+        filters = [(condition, name, value) for condition, name, value in (
+            ("#status = :status", "#status", status), ("#region = :region", "#region", region),
+            ("#since >= :since", "#since", since and _timestamp(since))) if value]
+        if filters:
+            kwargs.update(FilterExpression=" AND ".join(condition for condition, _, _ in filters),
+                          ExpressionAttributeNames={name: _NAMES[name] for _, name, _ in filters},
+                          ExpressionAttributeValues={f":{name[1:]}": {"S": value} for _, name, value in filters})
         if self._page_size:
             kwargs["Limit"] = self._page_size
         items = []
@@ -149,19 +174,19 @@ class DynamoDbRegistry:
         at = now.timestamp()
         condition = ("attribute_exists(#name) AND (#status = :unprovisioned "
                      "OR (#status = :provisioning AND #lease < :now))")
-        names = ("#name", "#status", "#token", "#lease")
+        names = ("#name", "#status", "#token", "#lease", "#attempts")
         if fleet_key:  # a device with a key of its own may not be claimed with the fleet key's signature
             condition += " AND attribute_not_exists(#key)"
             names += ("#key",)
         try:
             self._call(
                 "update_item", TableName=self._table, Key=self._key(thing_name),
-                UpdateExpression="SET #status = :provisioning, #token = :token, #lease = :lease",
+                UpdateExpression="SET #status = :provisioning, #token = :token, #lease = :lease ADD #attempts :one",
                 ConditionExpression=condition,
                 ExpressionAttributeNames={k: _NAMES[k] for k in names},
                 ExpressionAttributeValues={":provisioning": {"S": PROVISIONING}, ":unprovisioned": {"S": UNPROVISIONED},
                                            ":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
-                                           ":now": {"N": repr(at)}},
+                                           ":now": {"N": repr(at)}, ":one": {"N": "1"}},
                 ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":

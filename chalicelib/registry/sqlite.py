@@ -1,15 +1,17 @@
 """The local stage's registry: one SQLite file in WAL mode, the original sample's attribute names."""
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from chalicelib.errors import REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid
-from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
+from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json,
+                                      timestamp as _timestamp)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -25,7 +27,9 @@ CREATE TABLE IF NOT EXISTS devices (
     region_reason  TEXT,
     claim_token    TEXT,
     lease_expires  REAL,
-    last_error     TEXT
+    last_error     TEXT,
+    attempts       INTEGER,
+    attributes     TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS devices_by_status ON devices (prov_status);
 CREATE TABLE IF NOT EXISTS nonces (
@@ -36,11 +40,9 @@ CREATE TABLE IF NOT EXISTS nonces (
 ) WITHOUT ROWID;
 """
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
-                   "public_key_fingerprint", "public_key", "country", "region_reason", "last_error")
-
-
-def _timestamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+                   "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
+                   "attributes")
+_REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all inside one transaction
 
 
 class SqliteRegistry:
@@ -64,14 +66,21 @@ class SqliteRegistry:
     def create(self) -> None:
         self._db()
 
-    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None) -> int:
-        keys = public_keys or {}
+    def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None,
+                 attributes: Mapping[str, Mapping[str, str]] | None = None,
+                 progress: Callable[[int], None] | None = None) -> int:
+        keys, attrs = public_keys or {}, attributes or {}
+        names = list(dict.fromkeys(thing_names))
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO devices (thing_name, public_key) VALUES (?, ?)",
-                           ((name, keys.get(name)) for name in thing_names))
+            for start in range(0, len(names), _REGISTER_CHUNK):
+                db.executemany("INSERT OR IGNORE INTO devices (thing_name, public_key, attributes) VALUES (?, ?, ?)",
+                               ((name, keys.get(name), attributes_json(attrs.get(name)))
+                                for name in names[start:start + _REGISTER_CHUNK]))
+                if progress:
+                    progress(min(start + _REGISTER_CHUNK, len(names)))
             added = db.total_changes - before
             db.execute("COMMIT")
         except BaseException:
@@ -84,20 +93,22 @@ class SqliteRegistry:
             f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
         return _item(row) if row else None
 
-    def list(self, status: str | None = None) -> Iterator[dict]:
+    def list(self, status: str | None = None, region: str | None = None,
+             since: datetime | None = None) -> Iterator[dict]:
+        where = [(column, value) for column, value in (("prov_status = ?", status), ("aws_region = ?", region),
+                                                       ("prov_datetime >= ?", since and _timestamp(since))) if value]
         query = f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices"
-        args: tuple = ()
-        if status:
-            query += " WHERE prov_status = ?"
-            args = (status,)
-        for row in self._db().execute(query + " ORDER BY thing_name", args):
+        if where:
+            query += " WHERE " + " AND ".join(column for column, _ in where)
+        for row in self._db().execute(query + " ORDER BY thing_name", [value for _, value in where]):
             yield _item(row)
 
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False) -> Claim:
         token = secrets.token_hex(16)
         at = now.timestamp()
         changed = self._db().execute(
-            "UPDATE devices SET prov_status = 'provisioning', claim_token = ?, lease_expires = ? "
+            "UPDATE devices SET prov_status = 'provisioning', claim_token = ?, lease_expires = ?, "
+            "attempts = COALESCE(attempts, 0) + 1 "
             "WHERE thing_name = ? AND (prov_status = 'unprovisioned' "
             "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL)",
             (token, at + lease_seconds, thing_name, at, int(fleet_key))).rowcount
@@ -175,4 +186,7 @@ class SqliteRegistry:
 
 
 def _item(row: sqlite3.Row) -> dict:
-    return {key: row[key] for key in row.keys() if row[key] is not None}
+    item = {key: row[key] for key in row.keys() if row[key] is not None}
+    if "attributes" in item:
+        item["attributes"] = json.loads(item["attributes"])
+    return item
