@@ -135,7 +135,6 @@ CREATE TABLE IF NOT EXISTS certificates (
     status         TEXT NOT NULL CHECK (status IN ('ACTIVE', 'REVOKED')),
     certificate_pem TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS certificates_by_thing ON certificates (thing_name);
 """
 
 
