@@ -1,6 +1,5 @@
 """HTTP routes only: parse -> one service call -> map domain errors to HTTP (design.md)."""
 import json
-import logging
 import uuid
 
 from chalice import Chalice, Response
@@ -13,8 +12,7 @@ from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.regions import RegionBlocked
 
-app = Chalice(app_name="iot-global-provisioning")
-app.log.setLevel(logging.INFO)
+app = Chalice(app_name="iot-global-provisioning")  # its app.log is observability.logger's logger too
 wiring.validate()
 
 MAX_BODY_BYTES = 16 * 1024
@@ -51,10 +49,15 @@ def device_provisioning():
         if isinstance(exc, ServiceUnavailable):
             headers["Retry-After"] = str(exc.retry_after)
     except ConfigError as exc:
-        app.log.error("stage misconfigured: %s", exc)
+        observability.logger.error("stage misconfigured: %s", exc)
         status, code = 503, "service-misconfigured"
         body = error_body(code, "the service is not configured; try again later")
         headers["Retry-After"] = "60"
+    except Exception:  # a bug or an unforeseen failure: logged in full here, never a 500 or a trace outside
+        observability.logger.exception("unexpected failure", extra={"request_id": request_id})
+        status, code = 503, "service-unavailable"
+        body = error_body(code, "the service failed unexpectedly; try again later")
+        headers["Retry-After"] = "30"
     choice = result.choice if result else None
     observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
                                steps=steps, region=choice and choice.region, reason=choice and choice.reason,

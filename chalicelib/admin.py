@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib import wiring
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
-from chalicelib.errors import ConfigError
+from chalicelib.errors import ConfigError, ProvisioningError
 from chalicelib.issuers.base import CertificateRef
 from chalicelib.issuers.local_ca import write_private
 from chalicelib.provisioning import THING_NAME
@@ -69,7 +69,9 @@ def cmd_keygen(config: Settings, args) -> int:
 
 def cmd_init(config: Settings, args) -> int:
     wiring.registry(config).create()
-    print(f"registry ready: {config.registry_path}")
+    where = (f"DynamoDB tables {config.table_name} and {config.table_name}-nonces"
+             if config.registry == "dynamodb" else str(config.registry_path))
+    print(f"registry ready: {where}")
     return 0
 
 
@@ -476,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 log = logging.getLogger(__name__)
+# botocore logs whole responses at DEBUG, decrypted SecureString parameters included.
+logging.getLogger("botocore").setLevel(logging.INFO)
 
 # Throttling and 5xx are retried by botocore with backoff; past that the device gets 503 + Retry-After.
-CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=2, read_timeout=5)
+# Short timeouts and few attempts keep a request within the Lambda timeout (25 s, under API Gateway's 29 s).
+CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5)
 
 
 class AwsClients:

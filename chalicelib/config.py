@@ -68,7 +68,7 @@ class Settings:
             trust_forwarded_for=_bool(env, "GIP_TRUST_FORWARDED_FOR", False),
             mqtt_host=env.get("GIP_MQTT_HOST") or "localhost",
             mqtt_base_port=_int(env, "GIP_MQTT_BASE_PORT", 18883),
-            claim_lease_seconds=_int(env, "GIP_CLAIM_LEASE_SECONDS", 300),
+            claim_lease_seconds=_int(env, "GIP_CLAIM_LEASE_SECONDS", 120),
             registry=_choice(env, "GIP_REGISTRY", ("sqlite", "dynamodb")),
             issuer=_choice(env, "GIP_ISSUER", ("local-ca", "aws-iot")),
             table_name=env.get("GIP_TABLE_NAME") or "iot-global-provisioning",

@@ -25,6 +25,10 @@ class SignatureInvalid(ProvisioningError):
     code = "invalid-signature"
 
 
+def replayed_request() -> "SignatureInvalid":
+    return SignatureInvalid("this request was seen before (nonce replayed)", "replayed-request")
+
+
 # One answer for every signature refusal, so a caller cannot tell an unknown device from a wrong key.
 REFUSED = "the signature does not match the thing name and the device's key"
 

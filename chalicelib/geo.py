@@ -11,6 +11,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 from chalicelib.regions import Location
 
 log = logging.getLogger(__name__)
+# urllib3 logs each URL at DEBUG, and ipstack's carries its access key.
+logging.getLogger("urllib3").setLevel(logging.INFO)
 
 
 class GeoLocator(Protocol):
@@ -92,10 +94,11 @@ class IpstackLocator:
             log.warning("ipstack refused the lookup (status %s, %s); falling back",
                         response.status_code, error.get("type", "no body"))
             return None
-        if body.get("latitude") is None or body.get("longitude") is None:
+        try:
+            return Location(float(body["latitude"]), float(body["longitude"]), body.get("country_code"),
+                            body.get("continent_code"))
+        except (KeyError, TypeError, ValueError):  # no coordinates, or not numbers: the next provider answers
             return None
-        return Location(float(body["latitude"]), float(body["longitude"]), body.get("country_code"),
-                        body.get("continent_code"))
 
 
 class FallbackLocator:

@@ -94,8 +94,14 @@ def parse_csr(csr_pem: str, thing_name: str) -> x509.CertificateSigningRequest:
         raise refuse("not a PEM certificate signing request") from None
     if not csr.is_signature_valid:
         raise refuse("its self-signature is not valid")
-    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if [n.value for n in names] != [thing_name]:
+    try:  # cryptography parses the subject and extensions only when first read
+        names = [n.value for n in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        constraints = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise refuse("its subject or extensions cannot be parsed") from None
+    if names != [thing_name]:
         raise refuse(f"the subject CN must be the thing name {thing_name!r}")
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < 2048:
@@ -105,12 +111,6 @@ def parse_csr(csr_pem: str, thing_name: str) -> x509.CertificateSigningRequest:
             raise refuse(f"an EC key must be on P-256 or P-384, not {key.curve.name}")
     else:
         raise refuse("the key must be RSA (2048 bits or more) or EC P-256/P-384")
-    try:
-        constraints = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
-    except ValueError:
-        raise refuse("its extensions cannot be parsed") from None
     if constraints is not None and constraints.ca:
         raise refuse("it asks for a CA certificate")
     return csr
@@ -175,8 +175,11 @@ class ProvisioningService:
         with steps.step("verify"):
             fleet_key = self._authenticate(request)
         with steps.step("claim"):
+            now = self._clock()
+            # The nonce is recorded only now, for a correctly signed request: nobody can use up a device's.
+            nonce = (request.nonce, now.timestamp() + 2 * self._skew) if request.version == 2 else None
             try:
-                claim = self._registry.claim(request.thing_name, self._clock(), self._lease_seconds, fleet_key)
+                claim = self._registry.claim(request.thing_name, now, self._lease_seconds, fleet_key, nonce)
             except AlreadyProvisioned as refused:
                 return self._earlier_answer(request, refused, client_ip)
         issued = None
@@ -220,12 +223,13 @@ class ProvisioningService:
         if not fleet_key:
             item = self._registry.get(request.thing_name)
             pem = (item or {}).get("public_key")
-            if not pem or not verifies(load_device_key(pem), text, request.signature):
+            try:
+                device_key = load_device_key(pem) if pem else None
+            except ValueError:  # registered with a key the CLI would have refused: say so, refuse the device
+                log.error("the registered public key of %s cannot be used", request.thing_name)
+                device_key = None
+            if device_key is None or not verifies(device_key, text, request.signature):
                 raise SignatureInvalid(REFUSED)
-        # Only a correctly signed request may use up a nonce, so nobody can block a device's next request.
-        if request.version == 2 and not self._registry.remember_nonce(
-                request.thing_name, request.nonce, now.timestamp() + 2 * self._skew, now):
-            raise SignatureInvalid("this request was seen before (nonce replayed)", "replayed-request")
         return fleet_key
 
     def _earlier_answer(self, request: ProvisioningRequest, refused: AlreadyProvisioned,

@@ -31,9 +31,9 @@ from cryptography.x509.oid import NameOID
 
 EXIT_OK, EXIT_LOCAL, EXIT_REFUSED, EXIT_CONFLICT, EXIT_BAD_REQUEST = 0, 2, 3, 4, 5
 EXIT_UNAVAILABLE, EXIT_MQTT, EXIT_INTERRUPTED = 6, 7, 130
-RETRYABLE_STATUS = {429, 503}
+# Busy, down, or a gateway that gave up waiting: the same request may work a little later.
+RETRYABLE_STATUS = {429, 502, 503, 504}
 # Signed request version sent unless --signature-version/--legacy-signature says otherwise.
-# 1 until the server accepts v2; then flipping this constant is the only change needed.
 DEFAULT_SIGNATURE_VERSION = 2
 EXIT_BY_STATUS = {401: EXIT_REFUSED, 403: EXIT_REFUSED, 409: EXIT_CONFLICT,
                   400: EXIT_BAD_REQUEST, 413: EXIT_BAD_REQUEST}
@@ -46,7 +46,8 @@ EPILOG = """exit codes:
   3    provisioning refused (HTTP 401/403: bad signature or device not allowed)
   4    already provisioned or provisioning in progress (HTTP 409)
   5    bad request (HTTP 400/413)
-  6    server or network failure after all retries (429/503/connection errors/timeouts, other errors)
+  6    server or network failure after all retries (429/502/503/504, 409 provisioning-in-progress,
+       connection errors and timeouts are retried; other errors)
   7    MQTT broker refused the connection or a publish was not authorized
   130  interrupted (Ctrl-C)"""
 
@@ -232,7 +233,9 @@ class ProvisioningClient:
                 if resp.status_code == 200 and data.get("status") == "success":
                     return data
                 problem = f"HTTP {resp.status_code} {data.get('code', '')}: {data.get('message') or resp.reason}"
-                if resp.status_code not in RETRYABLE_STATUS:
+                # Another attempt of ours may still hold the claim (its answer was lost): wait it out.
+                in_progress = resp.status_code == 409 and data.get("code") == "provisioning-in-progress"
+                if resp.status_code not in RETRYABLE_STATUS and not in_progress:
                     code = EXIT_BY_STATUS.get(resp.status_code, EXIT_UNAVAILABLE)
                     raise ClientError(code, f"{CAUSE[code]}: {problem}")
                 last_problem, retry_after = problem, _retry_after_seconds(resp)
@@ -348,7 +351,11 @@ def publish_loop(thing: str, paths: StatePaths, endpoint: dict, root_ca: str, co
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=thing,
                          protocol=mqtt.MQTTv5)
     client.on_connect, client.on_publish, client.on_disconnect = on_connect, on_publish, on_disconnect
-    client.tls_set(ca_certs=root_ca, certfile=paths.cert, keyfile=paths.key)
+    try:
+        client.tls_set(ca_certs=root_ca, certfile=paths.cert, keyfile=paths.key)
+    except (OSError, ValueError) as err:  # unreadable CA bundle, a key that does not match the certificate
+        print(f"error: cannot set up TLS with {root_ca}, {paths.cert}, {paths.key}: {err}", file=sys.stderr)
+        return EXIT_LOCAL
     client.reconnect_delay_set(min_delay=1, max_delay=32)
     print(f"=> connecting to {host}:{port} (region {region}) as {thing}")
     try:
@@ -425,7 +432,7 @@ def parse_args(argv):
     p.add_argument("--forwarded-for", metavar="IP",
                    help="local stage only: send X-Forwarded-For: IP so the server geolocates that IP")
     p.add_argument("--max-attempts", type=int, default=6, metavar="N",
-                   help="provisioning attempts on 429/503/network errors (default: 6)")
+                   help="provisioning attempts on 429/502/503/504, 409 in progress and network errors (default: 6)")
     p.add_argument("--retry-base-delay", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.count is not None and args.count < 0:

@@ -256,6 +256,15 @@ def test_503_with_retry_after_is_retried_then_succeeds(tmp_path, signing_key_fil
     assert (tmp_path / "mydevice3.endpoint").exists()
 
 
+def test_a_gateway_timeout_and_a_claim_still_in_progress_are_waited_out(tmp_path, signing_key_file):
+    gateway = (504, {"message": "Endpoint request timed out"}, {})
+    in_progress = (409, error_body("provisioning-in-progress", "being provisioned by another request"),
+                   {"Retry-After": "0"})
+    with ScriptedServer([gateway, in_progress, (200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, sleeps=[]) == 0
+    assert len(server.requests) == 3
+
+
 def test_always_503_gives_up_after_max_attempts(tmp_path, signing_key_file, capsys):
     sleeps = []
     with ScriptedServer([(503, error_body("unavailable", "try later"), {})]) as server:

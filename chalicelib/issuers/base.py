@@ -33,6 +33,9 @@ class IssuedCertificate:
 
 
 class Issuer(Protocol):
+    def endpoint(self, region: str) -> Endpoint:
+        """Where devices of `region` connect (MQTT over mutual TLS)."""
+
     def issue(self, thing_name: str, region: str,
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
         """Create the device's identity in `region`: from the CSR's key, or with a new RSA-2048 key pair."""

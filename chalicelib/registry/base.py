@@ -51,16 +51,16 @@ class Registry(Protocol):
              since: datetime | None = None) -> Iterator[dict]:
         """Items sorted by name; only those in `status`, in `region`, provisioned at or after `since` when given."""
 
-    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False) -> Claim:
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
+              nonce: tuple[str, float] | None = None) -> Claim:
         """unprovisioned (or provisioning with an expired lease) -> provisioning, atomically.
 
         With `fleet_key` (the request was signed with the fleet key) the claim also requires that the device
-        has no key of its own. Each successful claim adds one to the item's `attempts`.
-        Raises NotRegistered, AlreadyProvisioned, ProvisioningInProgress or SignatureInvalid.
+        has no key of its own. Each successful claim adds one to the item's `attempts`. `nonce` (a v2
+        request's nonce, and until when to remember it, epoch seconds) is recorded whatever becomes of the
+        claim; one seen before refuses the request. Raises NotRegistered, AlreadyProvisioned,
+        ProvisioningInProgress or SignatureInvalid.
         """
-
-    def remember_nonce(self, thing_name: str, nonce: str, expires: float, now: datetime) -> bool:
-        """Record a v2 request's nonce until `expires` (epoch seconds); False if it is already recorded."""
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:

@@ -2,24 +2,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Callable, Iterable, Iterator, Mapping
 
-from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress,
-                               ServiceUnavailable, SignatureInvalid)
+from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningError,
+                               ProvisioningInProgress, ServiceUnavailable, SignatureInvalid, replayed_request)
 from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json,
                                       timestamp as _timestamp)
 
+log = logging.getLogger(__name__)
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="registry")
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
 _PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                       "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attributes")
 # Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
+# Refusals the callers turn into answers; every other error means the registry cannot be used right now.
+_ANSWERS = frozenset({"ConditionalCheckFailedException", "ResourceInUseException", "TransactionCanceledException"})
 _BATCH_GET_LIMIT = 100
 _BATCH_WRITE_LIMIT = 25
 _BATCH_ATTEMPTS = 8
@@ -63,11 +69,13 @@ class DynamoDbRegistry:
         try:
             return getattr(self._client, operation)(**kwargs)
         except ClientError as e:
-            if _code(e) in _UNAVAILABLE_CODES:
-                raise ServiceUnavailable(f"registry unavailable: DynamoDB {operation} failed with {_code(e)}") from e
-            raise
-        except (BotoConnectionError, HTTPClientError) as e:
-            raise ServiceUnavailable(f"registry unavailable: DynamoDB {operation} could not be reached") from e
+            if _code(e) in _ANSWERS:
+                raise
+            if _code(e) not in _UNAVAILABLE_CODES:  # access denied, missing table...: an operator must look
+                log.error("DynamoDB %s failed: %s", operation, _code(e))
+            raise ServiceUnavailable(f"registry unavailable: DynamoDB {operation} failed with {_code(e)}") from e
+        except BotoCoreError as e:  # no connection, no credentials, timeouts
+            raise ServiceUnavailable(f"registry unavailable: DynamoDB {operation}: {type(e).__name__}") from e
 
     def _key(self, thing_name: str) -> dict:
         return {"thing_name": {"S": thing_name}}
@@ -83,7 +91,7 @@ class DynamoDbRegistry:
                 if _code(e) != "ResourceInUseException":  # already there (or being made): wait for it below
                     raise
             self._client.get_waiter("table_exists").wait(TableName=table)
-        # DynamoDB deletes expired nonces by itself (within days; remember_nonce ignores expired ones meanwhile).
+        # DynamoDB deletes expired nonces by itself (within days; _remember_nonce ignores expired ones meanwhile).
         ttl = self._call("describe_time_to_live", TableName=self._nonces)["TimeToLiveDescription"]
         if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
             self._call("update_time_to_live", TableName=self._nonces,
@@ -169,7 +177,24 @@ class DynamoDbRegistry:
         # A scan comes back in hash order; sort like the SQLite backend does.
         yield from sorted(items, key=lambda item: item["thing_name"])
 
-    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False) -> Claim:
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
+              nonce: tuple[str, float] | None = None) -> Claim:
+        if nonce is None:
+            return self._claim(thing_name, now, lease_seconds, fleet_key)
+        # Two tables, two round trips: run them side by side rather than one after the other.
+        fresh = _POOL.submit(self._remember_nonce, thing_name, nonce, now)
+        try:
+            claim = self._claim(thing_name, now, lease_seconds, fleet_key)
+        except ProvisioningError:
+            if not fresh.result():
+                raise replayed_request() from None
+            raise
+        if not fresh.result():
+            self.release(claim, "replayed request refused")
+            raise replayed_request()
+        return claim
+
+    def _claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool) -> Claim:
         token = secrets.token_hex(16)
         at = now.timestamp()
         condition = ("attribute_exists(#name) AND (#status = :unprovisioned "
@@ -243,10 +268,11 @@ class DynamoDbRegistry:
             if _code(e) != "ConditionalCheckFailedException":  # the claim is gone already: nothing to undo
                 raise
 
-    def remember_nonce(self, thing_name: str, nonce: str, expires: float, now: datetime) -> bool:
+    def _remember_nonce(self, thing_name: str, nonce: tuple[str, float], now: datetime) -> bool:
+        value, expires = nonce
         try:
             self._call("put_item", TableName=self._nonces,
-                       Item={"nonce_key": {"S": f"{thing_name}\n{nonce}"}, "expires": {"N": repr(expires)}},
+                       Item={"nonce_key": {"S": f"{thing_name}\n{value}"}, "expires": {"N": repr(expires)}},
                        ConditionExpression="attribute_not_exists(nonce_key) OR expires < :now",
                        ExpressionAttributeValues={":now": {"N": repr(now.timestamp())}})
         except ClientError as e:

@@ -9,7 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-from chalicelib.errors import REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid
+from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid,
+                               replayed_request)
 from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json,
                                       timestamp as _timestamp)
 
@@ -104,15 +105,27 @@ class SqliteRegistry:
         for row in self._db().execute(query + " ORDER BY thing_name", [value for _, value in where]):
             yield _item(row)
 
-    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False) -> Claim:
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
+              nonce: tuple[str, float] | None = None) -> Claim:
         token = secrets.token_hex(16)
         at = now.timestamp()
-        changed = self._db().execute(
-            "UPDATE devices SET prov_status = 'provisioning', claim_token = ?, lease_expires = ?, "
-            "attempts = COALESCE(attempts, 0) + 1 "
-            "WHERE thing_name = ? AND (prov_status = 'unprovisioned' "
-            "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL)",
-            (token, at + lease_seconds, thing_name, at, int(fleet_key))).rowcount
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # the nonce and the claim in one commit
+        try:
+            if nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
+                db.execute("ROLLBACK")
+                raise replayed_request()
+            changed = db.execute(
+                "UPDATE devices SET prov_status = 'provisioning', claim_token = ?, lease_expires = ?, "
+                "attempts = COALESCE(attempts, 0) + 1 "
+                "WHERE thing_name = ? AND (prov_status = 'unprovisioned' "
+                "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL)",
+                (token, at + lease_seconds, thing_name, at, int(fleet_key))).rowcount
+            db.execute("COMMIT")  # a refused claim still uses up its nonce
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         if changed == 1:
             return Claim(thing_name, token)
         # The write was refused; read only to say why.
@@ -142,13 +155,13 @@ class SqliteRegistry:
             "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (UNPROVISIONED, error, claim.thing_name, PROVISIONING, claim.token))
 
-    def remember_nonce(self, thing_name: str, nonce: str, expires: float, now: datetime) -> bool:
-        db = self._db()
+    @staticmethod
+    def _remember_nonce(db: sqlite3.Connection, thing_name: str, nonce: tuple[str, float], at: float) -> bool:
         if secrets.randbelow(100) == 0:  # now and then, forget nonces whose timestamps are out of the window
-            db.execute("DELETE FROM nonces WHERE expires < ?", (now.timestamp(),))
+            db.execute("DELETE FROM nonces WHERE expires < ?", (at,))
         return db.execute(
             "INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
-            "WHERE nonces.expires < ?", (thing_name, nonce, expires, now.timestamp())).rowcount == 1
+            "WHERE nonces.expires < ?", (thing_name, *nonce, at)).rowcount == 1
 
     def stuck(self, now: datetime) -> list[dict]:
         rows = self._db().execute(
