@@ -6,11 +6,11 @@ from chalice import Chalice, Response
 
 from chalicelib import observability, wiring
 from chalicelib.errors import (AlreadyProvisioned, BodyTooLarge, ConfigError, MalformedRequest, NotRegistered,
-                               ProvisioningError, ProvisioningInProgress, ServiceUnavailable, SignatureInvalid)
+                               ProvisioningError, ProvisioningInProgress, RegionBlocked, ServiceUnavailable,
+                               SignatureInvalid)
 from chalicelib.geo import client_ip
 from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningRequest
-from chalicelib.regions import RegionBlocked
 
 app = Chalice(app_name="iot-global-provisioning")  # its app.log is observability.logger's logger too
 wiring.validate()

@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib import wiring
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
-from chalicelib.errors import ConfigError, ProvisioningError
+from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
 from chalicelib.issuers.base import CertificateRef
 from chalicelib.issuers.local_ca import write_private
 from chalicelib.provisioning import THING_NAME
 from chalicelib.signatures import load_device_key
-from chalicelib.regions import CATALOGUE, CONTINENTS, RegionBlocked
+from chalicelib.regions import CATALOGUE, CONTINENTS
 from chalicelib.registry.base import PROVISIONED, STATUSES
 
 

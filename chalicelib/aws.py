@@ -18,9 +18,13 @@ logging.getLogger("botocore").setLevel(logging.INFO)
 CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5)
 
 
+def error_code(error: ClientError) -> str:
+    return error.response.get("Error", {}).get("Code", "")
+
+
 class AwsClients:
-    def __init__(self, session=None, config: Config = CLIENT_CONFIG):
-        self._session = session or boto3.session.Session()
+    def __init__(self, config: Config = CLIENT_CONFIG):
+        self._session = boto3.session.Session()
         self._config = config
         self._clients: dict[tuple[str, str | None], object] = {}
         self._lock = threading.Lock()

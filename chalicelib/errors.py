@@ -49,6 +49,12 @@ class ProvisioningInProgress(ProvisioningError):
     code = "provisioning-in-progress"
 
 
+class RegionBlocked(ProvisioningError):
+    """The region policy refuses devices from the caller's country."""
+
+    code = "country-blocked"
+
+
 class ServiceUnavailable(ProvisioningError):
     """An upstream part (issuer, registry) failed; the device may retry later."""
 

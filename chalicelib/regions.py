@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from chalicelib.errors import ConfigError, ProvisioningError
+from chalicelib.errors import ConfigError, RegionBlocked
 
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean Earth radius
 
@@ -90,10 +90,6 @@ class RegionChoice:
     country: str | None = None
 
 
-class RegionBlocked(ProvisioningError):
-    code = "country-blocked"
-
-
 def _haversine(phi1: float, lam1: float, cos1: float, phi2: float, lam2: float, cos2: float) -> float:
     # Haversine stays accurate for short distances and wraps longitude naturally (no antimeridian case).
     a = math.sin((phi2 - phi1) / 2) ** 2 + cos1 * cos2 * math.sin((lam2 - lam1) / 2) ** 2
@@ -135,13 +131,13 @@ class RegionPolicy:
             seen.add(name)
         self.enabled: tuple[str, ...] = enabled
         self.default: str = self._enabled_region(default, "default region")
-        self.countries = {self._code(c, "countries", 2): self._enabled_region(r, f"countries.{c}")
+        self.countries = {self._code(c, "countries"): self._enabled_region(r, f"countries.{c}")
                           for c, r in dict(countries or {}).items()}
         self.continents = {self._continent(c): self._enabled_region(r, f"continents.{c}")
                            for c, r in dict(continents or {}).items()}
         if isinstance(blocked, str):
             raise ConfigError(f"blocked: expected a list of country codes, got the string {blocked!r}")
-        self.blocked = frozenset(self._code(c, "blocked", 2) for c in blocked)
+        self.blocked = frozenset(self._code(c, "blocked") for c in blocked)
         both = self.blocked & set(self.countries)
         if both:
             raise ConfigError(f"blocked: {sorted(both)} also have a country rule; a country is one or the other")
@@ -159,8 +155,8 @@ class RegionPolicy:
         return name
 
     @staticmethod
-    def _code(code: object, setting: str, length: int) -> str:
-        if not isinstance(code, str) or len(code) != length or not code.isalpha() or not code.isupper():
+    def _code(code: object, setting: str) -> str:
+        if not isinstance(code, str) or len(code) != 2 or not code.isalpha() or not code.isupper():
             raise ConfigError(f"{setting}: {code!r} is not an ISO 3166 country code (two capital letters, like DE)")
         return code
 

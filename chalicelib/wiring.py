@@ -52,13 +52,13 @@ def registry(config: Settings):
     return SqliteRegistry(config.registry_path)
 
 
-def issuer(config: Settings):
+def issuer(config: Settings, policy: RegionPolicy | None = None):
     if config.issuer == "aws-iot":
         from chalicelib.issuers.aws_iot import AwsIotIssuer
         clients = aws_clients()
         return AwsIotIssuer(lambda region: clients.client("iot", region))
     from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
-    policy = region_policy(config)
+    policy = policy or region_policy(config)
     return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port))
 
 
@@ -78,11 +78,12 @@ def locator(config: Settings) -> GeoLocator:
 
 
 def build_service(config: Settings) -> ProvisioningService:
+    policy = region_policy(config)
     return ProvisioningService(
         registry=registry(config),
-        issuer=issuer(config),
+        issuer=issuer(config, policy),
         locator=locator(config),
-        regions=region_policy(config),
+        regions=policy,
         verifier=FleetKeyVerifier(load_public_key(config.fleet_public_key),
                                   *([load_public_key(config.previous_fleet_public_key)]
                                     if config.previous_fleet_public_key else [])),

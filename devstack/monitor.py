@@ -35,7 +35,11 @@ class Monitor:
             client.on_connect = lambda c, u, f, rc, p: c.subscribe("data/#", qos=1)
             client.on_subscribe = lambda c, u, mid, rcs, p, ready=ready: ready.set()
             client.on_message = self._handler(listener.region)
-            client.connect(self._host, listener.port)
+            try:
+                client.connect(self._host, listener.port)
+            except OSError:
+                self.stop()  # the listeners already joined must not keep their threads running
+                raise
             client.loop_start()
             self._clients.append(client)
             subscribed.append(ready)

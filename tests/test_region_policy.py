@@ -11,9 +11,9 @@ from chalice.test import Client
 
 from chalicelib import wiring
 from chalicelib.config import PROJECT_DIR
-from chalicelib.errors import ConfigError
+from chalicelib.errors import ConfigError, RegionBlocked
 from chalicelib.geo import CachingLocator, MaxMindLocator
-from chalicelib.regions import CATALOGUE, SAMPLE_REGIONS, Location, RegionBlocked, RegionPolicy
+from chalicelib.regions import CATALOGUE, SAMPLE_REGIONS, Location, RegionPolicy
 from tests.conftest import LONDON_IP
 
 RULES = {"countries": {"IE": "eu-west-2", "DE": "eu-central-1", "ZA": "ap-south-1"},

@@ -10,6 +10,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from chalicelib.aws import error_code as _code
 from chalicelib.errors import MalformedRequest, ProvisioningError, ServiceUnavailable
 from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
 
@@ -46,10 +47,6 @@ def device_policy_document() -> dict:
              "Resource": f"arn:aws:iot:*:*:topicfilter/data/{_THING}/*"},
         ],
     }
-
-
-def _code(exc: ClientError) -> str:
-    return exc.response.get("Error", {}).get("Code", "")
 
 
 def _is_not_found(exc: Exception) -> bool:

@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from chalicelib.aws import error_code as _code
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningError,
                                ProvisioningInProgress, ServiceUnavailable, SignatureInvalid, replayed_request)
 from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json,
@@ -34,10 +35,6 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error",
           "#fingerprint": "public_key_fingerprint", "#key": "public_key", "#country": "country",
           "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime"}
-
-
-def _code(error: ClientError) -> str:
-    return error.response.get("Error", {}).get("Code", "")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
