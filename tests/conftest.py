@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from chalicelib import admin, wiring
+from chalicelib.geo import MaxMindLocator
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
 
 VECTORS_PATH = PROJECT_DIR.parent / "shared" / "vectors" / "signatures.json"
@@ -63,6 +64,17 @@ def stage(tmp_path, monkeypatch) -> Stage:
         (state_dir / "keys" / FLEET_PRIVATE_KEY_NAME).read_bytes(), password=None)
     yield s
     wiring.reset()
+
+
+@pytest.fixture(scope="session")
+def fleet_key() -> rsa.RSAPrivateKey:
+    """A fleet signing key for tests that build the service by hand (the `stage` fixture makes its own)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def locator():
+    return MaxMindLocator.bundled()
 
 
 @pytest.fixture(scope="session")

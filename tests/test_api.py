@@ -4,8 +4,8 @@ import json
 import pytest
 from chalice.test import Client
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from app import app
 from chalicelib import wiring

@@ -164,16 +164,6 @@ class Backend:
         return admin.audit(self.settings, self.registry, self.issuer, now or utcnow())
 
 
-@pytest.fixture(scope="session")
-def fleet_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="session")
-def locator() -> MaxMindLocator:
-    return MaxMindLocator.bundled()
-
-
 def _isolated_env(monkeypatch, tmp_path, fleet_key) -> Path:
     """No GIP_ setting from the caller's shell; the CLI sees the two regions and our fleet key."""
     for name in [n for n in os.environ if n.startswith("GIP_")]:

@@ -12,11 +12,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.errors import (AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable,
                                SignatureInvalid)
-from chalicelib.geo import MaxMindLocator
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
 from chalicelib.provisioning import ProvisioningRequest, ProvisioningService
 from chalicelib.regions import SAMPLE_REGIONS, RegionPolicy
@@ -78,16 +76,6 @@ class FailingFinalizeRegistry:
 
     def finalize(self, *args, **kwargs):
         raise self.error
-
-
-@pytest.fixture(scope="session")
-def fleet_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="session")
-def locator() -> MaxMindLocator:
-    return MaxMindLocator.bundled()
 
 
 @pytest.fixture

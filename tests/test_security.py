@@ -24,7 +24,7 @@ from app import MAX_BODY_BYTES, app
 from chalicelib import admin, observability, wiring
 from chalicelib.config import PROJECT_DIR
 from chalicelib.registry.sqlite import SqliteRegistry
-from tests.conftest import LONDON_IP, make_csr, sign_v1
+from tests.conftest import LONDON_IP, sign_v1
 
 HOSTILE = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                                      HealthCheck.data_too_large])
