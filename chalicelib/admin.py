@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib import wiring
+from chalicelib.clock import timestamp, utcnow
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
 from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
 from chalicelib.issuers.base import CertificateRef
@@ -244,11 +245,11 @@ def fleet_stats(registry, now: datetime) -> dict:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timestamp(datetime.fromtimestamp(epoch, timezone.utc))
 
 
 def cmd_stats(config: Settings, args) -> int:
-    stats = fleet_stats(wiring.registry(config), datetime.now(timezone.utc))
+    stats = fleet_stats(wiring.registry(config), utcnow())
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -268,8 +269,8 @@ def certificate_details(found: dict) -> dict:
     """What the issuer knows, with validity and issuer read from the certificate itself (same on every backend)."""
     cert = x509.load_pem_x509_certificate(found["certificate_pem"].encode())
     return {**{k: v for k, v in found.items() if k != "certificate_pem"},
-            "not_before": cert.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "not_before": timestamp(cert.not_valid_before_utc),
+            "not_after": timestamp(cert.not_valid_after_utc),
             "issuer": cert.issuer.rfc4514_string(), "subject": cert.subject.rfc4514_string()}
 
 
@@ -326,7 +327,7 @@ def audit(config: Settings, registry, issuer, now: datetime) -> dict:
 
 def cmd_audit(config: Settings, args) -> int:
     registry, issuer = wiring.registry(config), wiring.issuer(config)
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     found = audit(config, registry, issuer, now)
     fixed = []
     if args.fix:
@@ -350,7 +351,7 @@ def cmd_audit(config: Settings, args) -> int:
     else:
         for item in found["stuck_claims"]:
             print(f"stuck claim: {item['thing_name']} (lease ended "
-                  f"{datetime.fromtimestamp(item['lease_expires'], timezone.utc):%Y-%m-%dT%H:%M:%SZ})")
+                  f"{timestamp(datetime.fromtimestamp(item['lease_expires'], timezone.utc))})")
         for cert in found["orphan_certificates"]:
             print(f"orphan certificate: {cert['certificate_id']} in {cert['region']} (thing {cert.get('thing_name')})")
         for thing in found["orphan_things"]:

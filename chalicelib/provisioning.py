@@ -2,7 +2,7 @@
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable, Mapping
 
 from cryptography import x509
@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from chalicelib.clock import utcnow
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, MalformedRequest, ProvisioningError, ServiceUnavailable,
                                SignatureInvalid)
 from chalicelib.geo import GeoLocator
@@ -151,14 +152,10 @@ def key_fingerprint(public_key) -> str:
     return digest.finalize().hex()
 
 
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 class ProvisioningService:
     def __init__(self, registry: Registry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
                  verifier: FleetKeyVerifier, lease_seconds: int = 300,
-                 clock: Callable[[], datetime] = _utcnow, allow_v1: bool = True, skew_seconds: int = 300):
+                 clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300):
         self._registry = registry
         self._issuer = issuer
         self._locator = locator

@@ -14,9 +14,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from chalicelib.clock import TIMESTAMP_FORMAT
 from chalicelib.errors import ConfigError, MalformedRequest
 
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def decode_signature(signature_b64: str) -> bytes:

@@ -9,7 +9,7 @@ import os
 import sqlite3
 import threading
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from chalicelib.clock import timestamp, utcnow
 from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
 
 # See LocalCertificateAuthority.sign: a CN over 64 characters is deliberate here.
@@ -27,10 +28,6 @@ warnings.filterwarnings("ignore", message="Attribute's length must be", category
 CA_LIFETIME = timedelta(days=3650 * 3)
 DEVICE_LIFETIME = timedelta(days=3650)
 _BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between issuer and broker
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _private_pem(key, fmt=serialization.PrivateFormat.PKCS8) -> bytes:
@@ -48,7 +45,7 @@ def write_private(path: Path, data: bytes) -> None:
 class LocalCertificateAuthority:
     """One region's CA: an EC P-256 key (fast to sign with) and a self-signed certificate."""
 
-    def __init__(self, region: str, directory: Path, clock: Callable[[], datetime] = _utcnow):
+    def __init__(self, region: str, directory: Path, clock: Callable[[], datetime] = utcnow):
         self.region = region
         self.directory = Path(directory) / region
         self.cert_path = self.directory / "ca.cert.pem"
@@ -142,7 +139,7 @@ class LocalIssuer:
     """Issues device certificates from the chosen region's local CA and records each one."""
 
     def __init__(self, ca_dir: Path, endpoints: Mapping[str, Endpoint],
-                 clock: Callable[[], datetime] = _utcnow):
+                 clock: Callable[[], datetime] = utcnow):
         self._ca_dir = Path(ca_dir)
         self._endpoints = dict(endpoints)
         self._clock = clock
@@ -191,8 +188,7 @@ class LocalIssuer:
         self._db().execute(
             "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, 'ACTIVE', ?)",
             (cert_id, format(cert.serial_number, "x"), thing_name, region,
-             self._clock().strftime("%Y-%m-%dT%H:%M:%SZ"),
-             cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"), pem))
+             timestamp(self._clock()), timestamp(cert.not_valid_after_utc), pem))
         return IssuedCertificate(region, cert_id, pem, endpoint, private_key_pem, thing_name)
 
     def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:

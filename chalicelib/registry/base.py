@@ -3,20 +3,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 UNPROVISIONED = "unprovisioned"
 PROVISIONING = "provisioning"
 PROVISIONED = "provisioned"
 STATUSES = (UNPROVISIONED, PROVISIONING, PROVISIONED)
-
-
-def timestamp(now: datetime) -> str:
-    """How prov_datetime is stored: fixed width UTC, so text order is time order (list's `since`)."""
-    if now.tzinfo is not None:
-        now = now.astimezone(timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def attributes_json(attributes: Mapping[str, str] | None) -> str | None:

@@ -12,10 +12,10 @@ from typing import Callable, Iterable, Iterator, Mapping
 from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.aws import error_code as _code
+from chalicelib.clock import timestamp as _timestamp
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningError,
                                ProvisioningInProgress, ServiceUnavailable, SignatureInvalid, replayed_request)
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json,
-                                      timestamp as _timestamp)
+from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json)
 
 log = logging.getLogger(__name__)
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="registry")

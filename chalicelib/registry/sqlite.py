@@ -9,10 +9,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
+from chalicelib.clock import timestamp as _timestamp
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid,
                                replayed_request)
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json,
-                                      timestamp as _timestamp)
+from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
