@@ -63,6 +63,8 @@ class LocalCertificateAuthority:
         self.key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         self.certificate = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
         self._authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
+        self._client_base = self._leaf_base(ExtendedKeyUsageOID.CLIENT_AUTH)
+        self._server_base = self._leaf_base(ExtendedKeyUsageOID.SERVER_AUTH)
 
     def _create(self) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -91,22 +93,26 @@ class LocalCertificateAuthority:
         """A leaf certificate for `public_key`; a client certificate, or a server one when names are given."""
         now = self._clock()
         server_names = list(server_names)
-        builder = (x509.CertificateBuilder()
+        builder = (self._server_base if server_names else self._client_base)
+        builder = (builder
                    # Thing names may have 128 characters, X.509's CN only 64; brokers map CN to the MQTT user,
                    # so the whole name goes in (OpenSSL and mosquitto read longer CNs without complaint).
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name, _validate=False)]))
-                   .issuer_name(self.certificate.subject).public_key(public_key)
+                   .public_key(public_key)
                    .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - _BACKDATE).not_valid_after(now + lifetime)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage(
-                       [ExtendedKeyUsageOID.SERVER_AUTH] if server_names else [ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-                   .add_extension(self._authority_key_id, critical=False))
+                   .not_valid_before(now - _BACKDATE).not_valid_after(now + lifetime))
         if server_names:
             builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(n) for n in server_names]),
                                             critical=False)
         return builder.sign(self.key, hashes.SHA256())
+
+    def _leaf_base(self, usage) -> x509.CertificateBuilder:
+        """What every leaf of this CA shares, built once: a builder is immutable, so each leaf extends a copy."""
+        return (x509.CertificateBuilder()
+                .issuer_name(self.certificate.subject)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .add_extension(self._authority_key_id, critical=False))
 
 
 def _general_name(name: str) -> x509.GeneralName:
