@@ -21,6 +21,18 @@ TOKYO_IP = "126.0.0.1"         # JP, Tokyo
 SYDNEY_IP = "1.1.1.1"          # AU, Melbourne area
 
 
+@pytest.fixture(scope="session", autouse=True)
+def moto_routers_built_on_one_thread():
+    """moto builds each service's request router on first use, not thread-safely (getmoto/moto#7166); the AWS
+    issuer's first provisioning calls IoT from four threads at once. Build them once, here, on one thread."""
+    import boto3
+    from moto import mock_aws
+    with mock_aws():
+        boto3.client("iot", region_name="eu-west-2").list_things()
+        boto3.client("dynamodb", region_name="eu-west-2").list_tables()
+        boto3.client("ssm", region_name="eu-west-2").describe_parameters()
+
+
 def sign_v1(private_key, thing_name: str) -> str:
     return base64.b64encode(
         private_key.sign(thing_name.encode(), padding.PKCS1v15(), hashes.SHA256())).decode()
