@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-SIZES = {  # devices in-process, devices over HTTP, rows into SQLite, rows into DynamoDB, repetitions
-    "full": dict(inproc=2000, http=1000, sqlite_rows=100_000, dynamo_rows=10_000, reps=3, cold=5),
-    "quick": dict(inproc=300, http=200, sqlite_rows=20_000, dynamo_rows=1_000, reps=3, cold=3),
-    "tiny": dict(inproc=5, http=5, sqlite_rows=50, dynamo_rows=30, reps=1, cold=1),
+SIZES = {  # devices in-process, devices over HTTP, rows into SQLite, rows into DynamoDB, repetitions, AWS-path devices
+    "full": dict(inproc=2000, http=1000, sqlite_rows=100_000, dynamo_rows=10_000, reps=3, aws=9, cold=5),
+    "quick": dict(inproc=300, http=200, sqlite_rows=20_000, dynamo_rows=1_000, reps=3, aws=5, cold=3),
+    "tiny": dict(inproc=5, http=5, sqlite_rows=50, dynamo_rows=30, reps=1, aws=1, cold=1),
 }
 LONDON_IP = "81.2.69.142"
 
@@ -63,19 +63,17 @@ def rsa_key():
 # ---------------------------------------------------------------- 1. in-process throughput vs the crypto floor
 
 def local_service(state: Path, fleet_key):
-    from chalicelib.geo import MaxMindLocator
-    from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
-    from chalicelib.provisioning import ProvisioningService
-    from chalicelib.regions import RegionPolicy
-    from chalicelib.registry.sqlite import SqliteRegistry
-    from chalicelib.signatures import FleetKeyVerifier
-    policy = RegionPolicy()
-    return ProvisioningService(SqliteRegistry(state / "registry.sqlite3"),
-                               LocalIssuer(state / "ca", local_endpoints(policy.enabled, "localhost", 18883)),
-                               MaxMindLocator.bundled(), policy, FleetKeyVerifier(fleet_key.public_key()))
+    """The service exactly as the local stage composes it (wiring), on a fresh state directory."""
+    from chalicelib import wiring
+    from chalicelib.config import Settings
+    public = state / "fleet.pub.pem"
+    public.write_bytes(fleet_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+    return wiring.build_service(Settings.from_env({"GIP_STATE_DIR": str(state), "GIP_FLEET_PUBLIC_KEY": str(public)}))
 
 
 def bench_inprocess(n: int, reps: int) -> dict:
+    from chalicelib.observability import Steps
     from chalicelib.provisioning import ProvisioningRequest
     fleet = rsa_key()
     say(f"  making {n} RSA-2048 device keys and CSRs (not timed) ...")
@@ -86,10 +84,17 @@ def bench_inprocess(n: int, reps: int) -> dict:
                        "CSR": make_csr(name, rsa_key())})
     requests = [ProvisioningRequest.from_body(b) for b in bodies[:1]]  # warm the import paths
 
-    def provision_all(service, items) -> float:
+    def provision_all(service, items, spent: dict | None = None) -> float:
+        """Seconds for all; `spent` gains each step's seconds (parse = body and CSR checks, then the service's)."""
         started = time.perf_counter()
         for body in items:
-            service.provision(ProvisioningRequest.from_body(body), LONDON_IP)
+            steps = Steps()
+            with steps.step("parse"):
+                request = ProvisioningRequest.from_body(body)
+            service.provision(request, LONDON_IP, steps)
+            if spent is not None:
+                for step, ms in steps.ms.items():
+                    spent[step] = spent.get(step, 0.0) + ms / 1000
         return time.perf_counter() - started
 
     def floor_once(items, ca_key, fleet_public) -> float:
@@ -105,7 +110,7 @@ def bench_inprocess(n: int, reps: int) -> dict:
             ca_key.sign(data, ec.ECDSA(hashes.SHA256()))
         return time.perf_counter() - started
 
-    rates, floors, server_key_rates = [], [], []
+    rates, floors, server_key_rates, breakdowns = [], [], [], []
     for rep in range(reps):
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp)
@@ -113,8 +118,10 @@ def bench_inprocess(n: int, reps: int) -> dict:
             service._registry.register(b["thing-name"] for b in bodies)
             service.provision(requests[0], LONDON_IP)  # first use: makes the region's CA (not timed)
             ca_key = service._issuer.authority("eu-west-2").key
-            elapsed = provision_all(service, bodies[1:])
+            spent: dict = {}
+            elapsed = provision_all(service, bodies[1:], spent)
             rates.append((n - 1) / elapsed)
+            breakdowns.append({step: seconds / (n - 1) * 1e6 for step, seconds in spent.items()})
             floors.append((n - 1) / floor_once(bodies[1:], ca_key, fleet.public_key()))
             # server-made keys: RSA-2048 generation dominates; a smaller batch is plenty
             m = max(2, n // 20)
@@ -124,8 +131,12 @@ def bench_inprocess(n: int, reps: int) -> dict:
             server_key_rates.append(m / provision_all(service, plain))
         say(f"  rep {rep + 1}: {rates[-1]:.0f}/s, floor {floors[-1]:.0f}/s")
     rate, floor = statistics.median(rates), statistics.median(floors)
+    # Where a device's time goes, microseconds per step (the median repetition's), next to the floor's.
+    breakdown = breakdowns[rates.index(statistics.median_low(rates))]
     return {"devices": n, "csr_mode_per_s": round(rate, 1), "crypto_floor_per_s": round(floor, 1),
-            "ratio_to_floor": round(rate / floor, 3), "server_key_mode_per_s": round(statistics.median(server_key_rates), 1)}
+            "ratio_to_floor": round(rate / floor, 3), "server_key_mode_per_s": round(statistics.median(server_key_rates), 1),
+            "us_per_device": round(1e6 / rate), "floor_us_per_device": round(1e6 / floor),
+            "us_per_step": {step: round(us) for step, us in breakdown.items()}}
 
 
 # ---------------------------------------------------------------- 2. HTTP throughput against the local stage
@@ -181,6 +192,26 @@ def bench_http(n: int, clients: int = 8) -> dict:
 # ---------------------------------------------------------------- 3. AWS path: calls and simulated latency
 
 def bench_aws(reps: int) -> dict:
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_SESSION_TOKEN="testing",
+                      AWS_DEFAULT_REGION="eu-west-2", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    prod_env = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
+    delays = {"dynamodb": 0.008, "ssm": 0.008, "iot": 0.120, "http": 0.080}
+    fleet = rsa_key()
+    results = {}
+    # moto plays AWS inside this process, so its work on concurrent calls competes for the GIL, which the
+    # interpreter hands over only every 5 ms; a real endpoint works on its own machines while our threads wait
+    # on sockets. A finer switch interval brings the model closer to that (the sample's calls are sequential).
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        for geo in ("bundled", "ipstack"):
+            results[geo] = _aws_path(geo, reps, fleet, delays, prod_env)
+    finally:
+        sys.setswitchinterval(switch_interval)
+    return {"delays_ms": {k: v * 1000 for k, v in delays.items()}, **results}
+
+
+def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
     import boto3
     import responses
     from moto import mock_aws
@@ -188,92 +219,87 @@ def bench_aws(reps: int) -> dict:
     from chalicelib import wiring
     from chalicelib.config import Settings
     from chalicelib.provisioning import ProvisioningRequest
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_SESSION_TOKEN="testing",
-                      AWS_DEFAULT_REGION="eu-west-2", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    prod_env = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
-    delays = {"dynamodb": 0.008, "ssm": 0.008, "iot": 0.120, "http": 0.080}
-    fleet = rsa_key()
-    results = {}
-    for geo in ("bundled", "ipstack"):
-        with tempfile.TemporaryDirectory() as tmp, mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False) as http:
-            public = Path(tmp) / "fleet.pem"
-            public.write_bytes(fleet.public_key().public_bytes(serialization.Encoding.PEM,
-                                                               serialization.PublicFormat.SubjectPublicKeyInfo))
-            env = {**prod_env, "GIP_FLEET_PUBLIC_KEY": str(public), "GIP_STATE_DIR": tmp}
-            if geo == "bundled":
-                env.pop("GIP_IPSTACK_KEY_PARAMETER")
-            wiring.reset()
-            settings = Settings.from_env(env)
-            wiring.configure(settings)
-            registry = wiring.registry(settings)
-            registry.create()
-            names = [f"aws-{i}" for i in range(reps + 1)]
-            registry.register(names)
-            boto3.client("ssm").put_parameter(Name=prod_env["GIP_IPSTACK_KEY_PARAMETER"], Value="k",
-                                              Type="SecureString")
+    with tempfile.TemporaryDirectory() as tmp, mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False) as http:
+        public = Path(tmp) / "fleet.pem"
+        public.write_bytes(fleet.public_key().public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+        env = {**prod_env, "GIP_FLEET_PUBLIC_KEY": str(public), "GIP_STATE_DIR": tmp}
+        if geo == "bundled":
+            env.pop("GIP_IPSTACK_KEY_PARAMETER")
+        wiring.reset()
+        settings = Settings.from_env(env)
+        wiring.configure(settings)
+        registry = wiring.registry(settings)
+        registry.create()
+        names = [f"aws-{i}" for i in range(reps + 1)]
+        registry.register(names)
+        boto3.client("ssm").put_parameter(Name=prod_env["GIP_IPSTACK_KEY_PARAMETER"], Value="k",
+                                          Type="SecureString")
 
-            def ipstack(request):
-                time.sleep(delays["http"])
-                return 200, {}, json.dumps({"latitude": 51.5, "longitude": -0.12, "country_code": "GB",
-                                            "continent_code": "EU"})
-            http.add_callback("GET", re.compile(r"https://api\.ipstack\.com/.*"), callback=ipstack)
-            calls: list[str] = []
-            began_at = threading.local()
+        def ipstack(request):
+            time.sleep(delays["http"])
+            return 200, {}, json.dumps({"latitude": 51.5, "longitude": -0.12, "country_code": "GB",
+                                        "continent_code": "EU"})
+        http.add_callback("GET", re.compile(r"https://api\.ipstack\.com/.*"), callback=ipstack)
+        calls: list[str] = []
+        began_at = threading.local()
 
-            # Each call lasts `delay` in all, moto's own work included, as a real round trip does: moto's
-            # key generation would otherwise add its time to every call on both sides of the comparison.
-            def before(event_name, **_):
-                calls.append(event_name.split(".", 1)[1])
-                began_at.t = time.perf_counter()
+        # Each call lasts `delay` in all, moto's own work included, as a real round trip does: moto's
+        # key generation would otherwise add its time to every call on both sides of the comparison.
+        def before(event_name, **_):
+            calls.append(event_name.split(".", 1)[1])
+            began_at.t = time.perf_counter()
 
-            def after(event_name, **_):
-                delay = delays["iot" if event_name.split(".")[1] == "iot" else "dynamodb"]
-                time.sleep(max(0.0, delay - (time.perf_counter() - began_at.t)))
-            clients = wiring.aws_clients()
-            for client in [clients.client("dynamodb"), clients.client("ssm"),
-                           *(clients.client("iot", r) for r in settings.enabled_regions)]:
-                client.meta.events.register("before-call.*.*", before)
-                client.meta.events.register("after-call.*.*", after)
-            service = wiring.service()
-            timings = []
-            for i, name in enumerate(names):
-                calls.clear()
-                request = ProvisioningRequest.from_body(v2_body(fleet, name))  # what the device sends by default
-                began = time.perf_counter()
-                service.provision(request, f"81.2.69.{10 + i}")  # a new device, a new address: no cache hit
-                took = time.perf_counter() - began
-                if i == 0:
-                    first_calls, first_ms = sorted(calls), took * 1000
-                else:
-                    steady_calls = sorted(calls)
-                    timings.append(took * 1000)
-            # The original sample's sequence, one call after another, under the same delays.
-            iot = clients.client("iot", "eu-west-2")
-            ddb = clients.client("dynamodb")
-            sample = []
-            for i in range(reps):
-                name = f"sample-{i}"
-                registry.register([name])
-                began = time.perf_counter()
-                ddb.get_item(TableName=settings.table_name, Key={"thing_name": {"S": name}})
-                time.sleep(delays["http"])  # the sample's plain-HTTP ipstack lookup
-                iot.describe_endpoint(endpointType="iot:Data-ATS")
-                try:
-                    iot.get_policy(policyName="iot-global-provisioning-device")
-                except iot.exceptions.ResourceNotFoundException:
-                    pass
-                iot.create_thing(thingName=name)
-                cert = iot.create_keys_and_certificate(setAsActive=True)
-                iot.attach_policy(policyName="iot-global-provisioning-device", target=cert["certificateArn"])
-                iot.attach_thing_principal(thingName=name, principal=cert["certificateArn"])
-                ddb.update_item(TableName=settings.table_name, Key={"thing_name": {"S": name}},
-                                UpdateExpression="SET prov_status = :p", ExpressionAttributeValues={":p": {"S": "provisioned"}})
-                sample.append((time.perf_counter() - began) * 1000)
-            ours, theirs = statistics.median(timings), statistics.median(sample)
-            results[geo] = {"first_calls": first_calls, "steady_calls": steady_calls, "first_ms": round(first_ms),
-                            "steady_ms": round(ours), "sample_ms": round(theirs), "speedup": round(theirs / ours, 2)}
-            wiring.reset()
-    return {"delays_ms": {k: v * 1000 for k, v in delays.items()}, **results}
+        def after(event_name, **_):
+            delay = delays["iot" if event_name.split(".")[1] == "iot" else "dynamodb"]
+            time.sleep(max(0.0, delay - (time.perf_counter() - began_at.t)))
+        clients = wiring.aws_clients()
+        # moto builds its IoT request router on first use, not thread-safely (getmoto/moto#7166), and our first
+        # provisioning calls IoT from four threads at once: build it here, on one thread, before timing anything.
+        clients.client("iot", settings.default_region).list_things(maxResults=1)
+        for client in [clients.client("dynamodb"), clients.client("ssm"),
+                       *(clients.client("iot", r) for r in settings.enabled_regions)]:
+            client.meta.events.register("before-call.*.*", before)
+            client.meta.events.register("after-call.*.*", after)
+        service = wiring.service()
+        timings = []
+        for i, name in enumerate(names):
+            calls.clear()
+            request = ProvisioningRequest.from_body(v2_body(fleet, name))  # what the device sends by default
+            began = time.perf_counter()
+            service.provision(request, f"81.2.69.{10 + i}")  # a new device, a new address: no cache hit
+            took = time.perf_counter() - began
+            if i == 0:
+                first_calls, first_ms = sorted(calls), took * 1000
+            else:
+                steady_calls = sorted(calls)
+                timings.append(took * 1000)
+        # The original sample's sequence, one call after another, under the same delays.
+        iot = clients.client("iot", "eu-west-2")
+        ddb = clients.client("dynamodb")
+        sample = []
+        for i in range(reps):
+            name = f"sample-{i}"
+            registry.register([name])
+            began = time.perf_counter()
+            ddb.get_item(TableName=settings.table_name, Key={"thing_name": {"S": name}})
+            time.sleep(delays["http"])  # the sample's plain-HTTP ipstack lookup
+            iot.describe_endpoint(endpointType="iot:Data-ATS")
+            try:
+                iot.get_policy(policyName="iot-global-provisioning-device")
+            except iot.exceptions.ResourceNotFoundException:
+                pass
+            iot.create_thing(thingName=name)
+            cert = iot.create_keys_and_certificate(setAsActive=True)
+            iot.attach_policy(policyName="iot-global-provisioning-device", target=cert["certificateArn"])
+            iot.attach_thing_principal(thingName=name, principal=cert["certificateArn"])
+            ddb.update_item(TableName=settings.table_name, Key={"thing_name": {"S": name}},
+                            UpdateExpression="SET prov_status = :p", ExpressionAttributeValues={":p": {"S": "provisioned"}})
+            sample.append((time.perf_counter() - began) * 1000)
+        ours, theirs = statistics.median(timings), statistics.median(sample)
+        wiring.reset()
+        return {"first_calls": first_calls, "steady_calls": steady_calls, "first_ms": round(first_ms),
+                "steady_ms": round(ours), "sample_ms": round(theirs), "speedup": round(theirs / ours, 2)}
 
 
 # ---------------------------------------------------------------- 4. cold start
@@ -363,6 +389,8 @@ def table(r: dict) -> str:
         ("In-process provisioning, CSR mode (RSA-2048 device keys), 1 core", f"{i['csr_mode_per_s']:.0f} /s", ""),
         ("Crypto floor (request sig verify + CSR sig verify + CA signature)", f"{i['crypto_floor_per_s']:.0f} /s", ""),
         ("Throughput / crypto floor", f"{i['ratio_to_floor']:.2f}", "target >= 0.5"),
+        ("Microseconds per device, by step", f"{i['us_per_device']} us",
+         ", ".join(f"{step} {us}" for step, us in i["us_per_step"].items()) + f"; the floor is {i['floor_us_per_device']} us"),
         ("In-process, server-made RSA-2048 keys", f"{i['server_key_mode_per_s']:.0f} /s", "key generation bound"),
         (f"HTTP, chalice local, {h['clients']} clients, {h['devices']} devices", f"{h['requests_per_s']:.0f} req/s",
          f"p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, errors {h['errors']}"),
@@ -401,7 +429,7 @@ def main(argv=None) -> int:
     say("2/5 HTTP throughput against the local stage")
     results["http"] = bench_http(size["http"])
     say("3/5 AWS path under moto: calls and simulated latency")
-    results["aws"] = bench_aws(size["reps"])
+    results["aws"] = bench_aws(size["aws"])
     say("4/5 cold start")
     results["cold"] = bench_cold(size["cold"])
     say("5/5 bulk enrolment")
