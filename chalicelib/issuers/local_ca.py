@@ -93,8 +93,7 @@ class LocalCertificateAuthority:
         """A leaf certificate for `public_key`; a client certificate, or a server one when names are given."""
         now = self._clock()
         server_names = list(server_names)
-        builder = (self._server_base if server_names else self._client_base)
-        builder = (builder
+        builder = ((self._server_base if server_names else self._client_base)
                    # Thing names may have 128 characters, X.509's CN only 64; brokers map CN to the MQTT user,
                    # so the whole name goes in (OpenSSL and mosquitto read longer CNs without complaint).
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name, _validate=False)]))
