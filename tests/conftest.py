@@ -13,7 +13,11 @@ from chalicelib import admin, wiring
 from chalicelib.geo import MaxMindLocator
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
 
-VECTORS_PATH = PROJECT_DIR.parent / "shared" / "vectors" / "signatures.json"
+# The wire-protocol vectors live in ../shared beside the repository; a copy travels with the repository so a
+# clone anywhere runs the whole suite, and test_signatures keeps the copy equal to the original.
+SHARED_VECTORS_PATH = PROJECT_DIR.parent / "shared" / "vectors" / "signatures.json"
+VECTORS_COPY_PATH = PROJECT_DIR / "tests" / "vectors" / "signatures.json"
+VECTORS_PATH = SHARED_VECTORS_PATH if SHARED_VECTORS_PATH.is_file() else VECTORS_COPY_PATH
 
 # Well-known public addresses and where the bundled GeoLite2 database puts them.
 LONDON_IP = "81.2.69.142"      # GB, London

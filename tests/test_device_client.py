@@ -26,8 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parents[1]
-VECTORS_CANDIDATES = [ROOT.parent / "shared" / "vectors" / "signatures.json",
-                      ROOT / "shared" / "vectors" / "signatures.json"]
 
 
 def _load_device_module():
@@ -40,14 +38,6 @@ def _load_device_module():
 
 
 gd = _load_device_module()
-
-
-@pytest.fixture(scope="module")
-def vectors():
-    for path in VECTORS_CANDIDATES:
-        if path.is_file():
-            return json.loads(path.read_text())
-    pytest.skip("signature test vectors not found")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The server's verifier against the shared test vectors (../shared/vectors/signatures.json)."""
 import base64
+import json
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -9,6 +10,12 @@ from chalicelib.errors import ConfigError, MalformedRequest
 from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.signatures import (FleetKeyVerifier, decode_signature, load_device_key, load_public_key, v1_text, v2_text,
                                    verifies)
+from tests.conftest import SHARED_VECTORS_PATH, VECTORS_COPY_PATH
+
+
+@pytest.mark.skipif(not SHARED_VECTORS_PATH.is_file(), reason="no ../shared beside this clone to compare with")
+def test_the_vectors_copy_equals_the_shared_original():
+    assert json.loads(VECTORS_COPY_PATH.read_text()) == json.loads(SHARED_VECTORS_PATH.read_text())
 
 
 def public(vectors, name):
