@@ -33,7 +33,11 @@ def main(argv=None) -> int:
             print(f"  {listener.region:<15} localhost:{listener.port}")
         print(f"CA bundle for devices (--root-ca): {stack.files.bundle}")
         print(f"Logs: {stack.log_dir}\nPress Ctrl-C to stop.", flush=True)
-        signal.pause()
+        # A broker that dies is restarted by the stack; one that keeps dying, or a dead API, ends it all here.
+        while not stack.failed.wait(1):
+            pass
+        print(f"error: stopping the local stack: {stack.failure}", file=sys.stderr)
+        return 1
     except (StackError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

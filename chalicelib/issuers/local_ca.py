@@ -225,3 +225,44 @@ class LocalIssuer:
 def local_endpoints(regions: Iterable[str], host: str, base_port: int) -> dict[str, Endpoint]:
     """Each enabled region's broker listener: base_port + its position in the enabled list."""
     return {region: Endpoint(host, base_port + i) for i, region in enumerate(regions)}
+
+
+# ---- revocation lists for the local brokers (devstack watches these; the CA records stay the truth) ----
+
+CRL_LIFETIME = timedelta(days=1)
+
+
+def index_revocations(issuer: LocalIssuer) -> None:
+    """A partial index holding only revoked certificates: the brokers' watcher reads them often, and issuing
+    (status ACTIVE) never writes to it, so the hot path keeps its single-table insert."""
+    issuer._db().execute("CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (region, serial) "
+                         "WHERE status = 'REVOKED'")
+
+
+def revoked_serials(issuer: LocalIssuer) -> dict[str, frozenset[int]]:
+    """Serial numbers of every revoked certificate, by region."""
+    found: dict[str, set[int]] = {}
+    for region, serial in issuer._db().execute(
+            "SELECT region, serial FROM certificates WHERE status = 'REVOKED'"):
+        found.setdefault(region, set()).add(int(serial, 16))
+    return {region: frozenset(serials) for region, serials in found.items()}
+
+
+def records_version(issuer: LocalIssuer) -> int:
+    """Changes whenever another connection commits to the CA records: a cheap test before reading them."""
+    return issuer._db().execute("PRAGMA data_version").fetchone()[0]
+
+
+def certificate_revocation_list(ca: LocalCertificateAuthority, serials: Iterable[int],
+                                lifetime: timedelta = CRL_LIFETIME) -> bytes:
+    """The CA's signed CRL (PEM) naming `serials`. OpenSSL refuses every certificate once nextUpdate has
+    passed, so whoever serves it must make a new one well before `lifetime` ends."""
+    now = ca._clock()
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca.certificate.subject)
+               .last_update(now - _BACKDATE).next_update(now + lifetime)
+               .add_extension(ca._authority_key_id, critical=False))
+    for serial in sorted(serials):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - _BACKDATE).build())
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
