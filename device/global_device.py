@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 EXIT_OK, EXIT_LOCAL, EXIT_REFUSED, EXIT_CONFLICT, EXIT_BAD_REQUEST = 0, 2, 3, 4, 5
 EXIT_UNAVAILABLE, EXIT_MQTT, EXIT_INTERRUPTED = 6, 7, 130
+EXIT_CERT_REFUSED = 8  # the broker refused our certificate at the TLS handshake
 # Busy, down, or a gateway that gave up waiting: the same request may work a little later.
 RETRYABLE_STATUS = {429, 502, 503, 504}
 # Signed request version sent unless --signature-version/--legacy-signature says otherwise.
@@ -49,6 +50,8 @@ EPILOG = """exit codes:
   6    server or network failure after all retries (429/502/503/504, 409 provisioning-in-progress,
        connection errors and timeouts are retried; other errors)
   7    MQTT broker refused the connection or a publish was not authorized
+  8    MQTT broker refused the device's certificate at the TLS handshake: revoked (see
+       --reprovision-if-revoked) or not issued for this broker's region
   130  interrupted (Ctrl-C)"""
 
 
@@ -58,6 +61,26 @@ class ClientError(Exception):
     def __init__(self, exit_code: int, message: str):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class CertificateRefused(ClientError):
+    """The broker's TLS alert about our certificate; `revoked` when it said so (alert certificate_revoked)."""
+
+    def __init__(self, alert: str, detail: str):
+        self.revoked = alert == "certificate revoked"
+        hint = ("; an operator revoked it (reset, audit): run with --reprovision-if-revoked after the reset"
+                if self.revoked else "; is this the endpoint of the region that issued it?")
+        super().__init__(EXIT_CERT_REFUSED, f"the broker refused this device's certificate ({alert}){hint}: {detail}")
+
+
+# The TLS alerts a broker sends about a client certificate, as OpenSSL words them in its error text.
+CERTIFICATE_ALERTS = ("certificate revoked", "unknown ca", "bad certificate", "certificate unknown",
+                      "certificate expired", "unsupported certificate")
+
+
+def certificate_refusal(text: str) -> CertificateRefused | None:
+    alert = next((a for a in CERTIFICATE_ALERTS if a in text.lower()), None)
+    return CertificateRefused(alert, text) if alert else None
 
 
 # ---------- signing: v1 (the sample's, thing name only) and v2 (timestamp, nonce, CSR hash) ----------
@@ -320,6 +343,14 @@ def save_credentials(paths: StatePaths, reply: dict, server_key: str | None) -> 
     print(f"=> saved {paths.key}, {paths.cert}, {paths.endpoint}")
 
 
+def discard_credentials(paths: StatePaths) -> None:
+    # The endpoint file goes first: without it the set is incomplete and the next start provisions.
+    for path in (paths.endpoint, paths.cert, paths.key):
+        if os.path.exists(path):
+            os.replace(path, path + ".revoked")
+            print(f"=> moved {path} to {path}.revoked")
+
+
 # ---------- MQTT ----------
 
 def sample_message(thing: str) -> dict:
@@ -347,10 +378,20 @@ def publish_loop(thing: str, paths: StatePaths, endpoint: dict, root_ca: str, co
     def on_disconnect(client, userdata, flags, reason_code, properties):
         if getattr(reason_code, "value", 0) == 135:  # Not authorized: retrying cannot help
             refusal.append(f"disconnected by broker: {reason_code}")
+        if not connack.is_set():  # closed before answering: with TLS 1.3 a refused certificate shows up here
+            refusal.append(tls_errors[-1] if tls_errors else f"connection closed before CONNACK: {reason_code}")
+            connack.set()
+
+    tls_errors: list[str] = []  # paho reports the broker's TLS alert only in its log
+
+    def on_log(client, userdata, level, text):
+        if level == mqtt.MQTT_LOG_ERR:
+            tls_errors.append(text)
 
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=thing,
                          protocol=mqtt.MQTTv5)
     client.on_connect, client.on_publish, client.on_disconnect = on_connect, on_publish, on_disconnect
+    client.on_log = on_log
     try:
         client.tls_set(ca_certs=root_ca, certfile=paths.cert, keyfile=paths.key)
     except (OSError, ValueError) as err:  # unreadable CA bundle, a key that does not match the certificate
@@ -361,11 +402,17 @@ def publish_loop(thing: str, paths: StatePaths, endpoint: dict, root_ca: str, co
     try:
         client.connect(host, port, keepalive=60)
     except OSError as err:  # includes TLS handshake refusals
+        refused = certificate_refusal(str(err))
+        if refused:
+            raise refused from err
         print(f"error: could not connect to {host}:{port}: {err}", file=sys.stderr)
         return EXIT_MQTT
     client.loop_start()
     try:
         if not connack.wait(30) or refusal:
+            refused = certificate_refusal(refusal[0]) if refusal else None
+            if refused:
+                raise refused
             print(f"error: {refusal[0] if refusal else 'no CONNACK within 30 s'}", file=sys.stderr)
             return EXIT_MQTT
         print(f"<= connected; subscribe to {topic} to watch the messages")
@@ -434,6 +481,9 @@ def parse_args(argv):
     p.add_argument("--max-attempts", type=int, default=6, metavar="N",
                    help="provisioning attempts on 429/502/503/504, 409 in progress and network errors (default: 6)")
     p.add_argument("--retry-base-delay", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--reprovision-if-revoked", action="store_true",
+                   help="when the broker says the stored certificate is revoked (after an operator reset), set the "
+                        "stored credentials aside (<file>.revoked) and provision again with --signing-key")
     args = p.parse_args(argv)
     if args.count is not None and args.count < 0:
         p.error("--count must be >= 0")
@@ -464,8 +514,21 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
             print("=> --count 0: provisioning only, not connecting")
             return EXIT_OK
         pause()
-        return publish_loop(args.thing_name, paths, endpoint, args.root_ca, args.count, args.interval,
-                            pause, sleep)
+        try:
+            return publish_loop(args.thing_name, paths, endpoint, args.root_ca, args.count, args.interval,
+                                pause, sleep)
+        except CertificateRefused as refused:
+            if not (refused.revoked and args.reprovision_if_revoked):
+                raise
+            # Only now, with the broker's word that the certificate is revoked, are the credentials worthless.
+            print(f"<= {refused}\n=> --reprovision-if-revoked: setting the revoked credentials aside")
+            discard_credentials(paths)
+            client = ProvisioningClient(args.api_gw, session, max_attempts=args.max_attempts,
+                                        base_delay=args.retry_base_delay, forwarded_for=args.forwarded_for,
+                                        sleep=sleep)
+            endpoint = provision(args, paths, client, pause)
+            return publish_loop(args.thing_name, paths, endpoint, args.root_ca, args.count, args.interval,
+                                pause, sleep)
     except ClientError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

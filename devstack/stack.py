@@ -187,7 +187,7 @@ class StackFiles:
         common = ["# Written by devstack/stack.py; remade at every start.",
                   "per_listener_settings false", "allow_anonymous false", "persistence false",
                   "log_dest stdout", "log_type error", "log_type warning",
-                  "log_type notice", "connection_messages true",
+                  "log_type notice", "log_type information", "connection_messages true",
                   # Run as the caller so the broker can read keys that only the caller may read.
                   f"user {getpass.getuser()}",
                   # The rules AWS IoT applies to a device connection (client id = the certificate's CN, revoked
