@@ -353,6 +353,22 @@ def discard_credentials(paths: StatePaths) -> None:
 
 # ---------- MQTT ----------
 
+def tls_verdict(host: str, port: int, root_ca: str, paths: StatePaths, timeout: float = 2.0) -> str:
+    """What the broker says of our certificate to a client that only shakes hands and listens. With TLS 1.3 its
+    refusal (an alert such as certificate_revoked) comes after the handshake, and a client that has already sent
+    CONNECT, as paho does, sees only the connection close."""
+    import socket
+    import ssl
+    context = ssl.create_default_context(cafile=root_ca)
+    try:
+        context.load_cert_chain(paths.cert, paths.key)
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                tls.recv(1)
+    except OSError as err:  # ssl.SSLError is an OSError
+        return str(err)
+    return ""
+
 def sample_message(thing: str) -> dict:
     # Same fields and meanings as the original sample device's message.
     return {"thing-name": thing, "global": "device provisioning",
@@ -379,19 +395,12 @@ def publish_loop(thing: str, paths: StatePaths, endpoint: dict, root_ca: str, co
         if getattr(reason_code, "value", 0) == 135:  # Not authorized: retrying cannot help
             refusal.append(f"disconnected by broker: {reason_code}")
         if not connack.is_set():  # closed before answering: with TLS 1.3 a refused certificate shows up here
-            refusal.append(tls_errors[-1] if tls_errors else f"connection closed before CONNACK: {reason_code}")
+            refusal.append(f"connection closed before CONNACK ({reason_code})")
             connack.set()
-
-    tls_errors: list[str] = []  # paho reports the broker's TLS alert only in its log
-
-    def on_log(client, userdata, level, text):
-        if level == mqtt.MQTT_LOG_ERR:
-            tls_errors.append(text)
 
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=thing,
                          protocol=mqtt.MQTTv5)
     client.on_connect, client.on_publish, client.on_disconnect = on_connect, on_publish, on_disconnect
-    client.on_log = on_log
     try:
         client.tls_set(ca_certs=root_ca, certfile=paths.cert, keyfile=paths.key)
     except (OSError, ValueError) as err:  # unreadable CA bundle, a key that does not match the certificate
@@ -410,7 +419,8 @@ def publish_loop(thing: str, paths: StatePaths, endpoint: dict, root_ca: str, co
     client.loop_start()
     try:
         if not connack.wait(30) or refusal:
-            refused = certificate_refusal(refusal[0]) if refusal else None
+            closed_early = bool(refusal) and refusal[0].startswith("connection closed before CONNACK")
+            refused = certificate_refusal(tls_verdict(host, port, root_ca, paths)) if closed_early else None
             if refused:
                 raise refused
             print(f"error: {refusal[0] if refusal else 'no CONNACK within 30 s'}", file=sys.stderr)

@@ -176,7 +176,7 @@ class StackFiles:
         partial.write_bytes(certificate_revocation_list(self.issuer.authority(region), serials, lifetime))
         os.replace(partial, path)
 
-    def write(self, plugin: Path) -> None:
+    def write(self, plugin: Path, log_dir: Path) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         pem = serialization.Encoding.PEM
         server_key = ec.generate_private_key(ec.SECP256R1())
@@ -186,7 +186,7 @@ class StackFiles:
         write_private(self.monitor_key, monitor_key.private_bytes(pem, *private))
         common = ["# Written by devstack/stack.py; remade at every start.",
                   "per_listener_settings false", "allow_anonymous false", "persistence false",
-                  "log_dest stdout", "log_type error", "log_type warning",
+                  "log_type error", "log_type warning",
                   "log_type notice", "log_type information", "connection_messages true",
                   # Run as the caller so the broker can read keys that only the caller may read.
                   f"user {getpass.getuser()}",
@@ -203,6 +203,8 @@ class StackFiles:
             # One broker process per region, as regions do not share messages; it trusts only its region's CA.
             # No use_identity_as_username: with it mosquitto skips the plugin's check (the plugin sets the CN).
             self.config(listener.region).write_text("\n".join(common + [
+                # Its own file, line-buffered: what a broker said before a kill -9 is kept (stdout would lose it).
+                f"log_dest file {log_dir / f'mosquitto.{listener.region}.log'}",
                 f"plugin_opt_crl_file {self.crl(listener.region)}",
                 f"listener {listener.port} 127.0.0.1",
                 f"cafile {ca.cert_path}",
@@ -273,7 +275,10 @@ class LocalStack:
 
     def _spawn(self, name: str, argv: list[str], append: bool = False) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab" if append else "wb")
+        path = self.log_dir / f"{name}.log"
+        if not append:
+            path.write_bytes(b"")
+        log = open(path, "ab")  # appending, as mosquitto writes the same file
         process = subprocess.Popen(argv, cwd=PROJECT_DIR, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         log.close()
@@ -296,7 +301,7 @@ class LocalStack:
             self._mosquitto = ensure_mosquitto()
             plugin = build_plugin(self.files.build_dir)
             self._say(f"[stack] region CAs and broker certificates in {self.settings.state_dir}")
-            self.files.write(plugin)
+            self.files.write(plugin, self.log_dir)
             index_revocations(self.files.issuer)
             # Every revocation made while the brokers were down is in the CRLs they start with.
             self._publish(revoked_serials(self.files.issuer), force=True)

@@ -392,3 +392,81 @@ def _broker_pids(parent: int, region: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+# ------------------------------------------------------------------------------- the device client says why
+
+def run_device(stack, thing: str, *flags: str, count: int = 1) -> tuple[subprocess.CompletedProcess, float]:
+    argv = [sys.executable, "device/global_device.py", "-t", thing, "-a", stack.api_url, "-c", "-k",
+            "--forwarded-for", LONDON_IP, "--state-dir", str(stack.settings.state_dir / "devices"),
+            "--root-ca", str(stack.files.bundle),
+            "--signing-key", str(stack.settings.keys_dir / FLEET_PRIVATE_KEY_NAME),
+            "--count", str(count), "--interval", "0.1", "--max-attempts", "1", *flags]
+    started = time.monotonic()
+    result = subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+    return result, time.monotonic() - started
+
+
+def endpoint_file(stack, thing: str) -> Path:
+    return stack.settings.state_dir / "devices" / f"{thing}.endpoint"
+
+
+def test_device_exits_at_once_when_its_certificate_is_revoked(stack, capsys):
+    assert run_device(stack, "dev14")[0].returncode == 0
+    assert cli(stack, "reset", "dev14") == 0
+    result, took = run_device(stack, "dev14")
+    assert result.returncode == 8, result.stdout + result.stderr
+    assert "certificate revoked" in result.stderr and "--reprovision-if-revoked" in result.stderr
+    assert took < DEADLINE, f"took {took:.1f} s"
+    assert endpoint_file(stack, "dev14").exists()  # without the flag, nothing is discarded
+    with capsys.disabled():
+        print(f"\n[device] revoked certificate: exit 8 after {took:.2f} s (process start included)")
+
+
+def test_device_exits_at_once_on_another_regions_broker(stack):
+    assert run_device(stack, "dev15")[0].returncode == 0
+    path = endpoint_file(stack, "dev15")
+    endpoint = json.loads(path.read_text())
+    tokyo = next(item for item in stack.files.listeners() if item.region == "ap-northeast-1")
+    path.write_text(json.dumps({**endpoint, "endpointPort": tokyo.port}))
+    result, took = run_device(stack, "dev15")
+    assert result.returncode == 8, result.stdout + result.stderr
+    assert "unknown ca" in result.stderr and "region" in result.stderr
+    assert took < DEADLINE, f"took {took:.1f} s"
+
+
+def test_device_provisions_again_after_a_reset_when_told_to(stack, monitor_messages):
+    assert run_device(stack, "dev16")[0].returncode == 0
+    before = json.loads(endpoint_file(stack, "dev16").read_text())["certificateId"]
+    monitor_messages("dev16", 1.0)  # the first run's message
+    assert cli(stack, "reset", "dev16") == 0
+    result, _ = run_device(stack, "dev16", "--reprovision-if-revoked", count=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "certificate revoked" in result.stdout and "setting the revoked credentials aside" in result.stdout
+    after = json.loads(endpoint_file(stack, "dev16").read_text())["certificateId"]
+    assert after != before
+    assert json.loads(Path(f"{endpoint_file(stack, 'dev16')}.revoked").read_text())["certificateId"] == before
+    assert [m.payload["thing-name"] for m in monitor_messages("dev16")] == ["dev16", "dev16"]
+
+
+def test_device_keeps_its_credentials_when_the_refusal_is_not_a_revocation(stack):
+    assert run_device(stack, "dev17")[0].returncode == 0
+    path = endpoint_file(stack, "dev17")
+    endpoint = json.loads(path.read_text())
+    tokyo = next(item for item in stack.files.listeners() if item.region == "ap-northeast-1")
+    path.write_text(json.dumps({**endpoint, "endpointPort": tokyo.port}))
+    result, _ = run_device(stack, "dev17", "--reprovision-if-revoked")
+    assert result.returncode == 8, result.stdout + result.stderr
+    assert path.exists() and not Path(f"{path}.revoked").exists()
+
+
+@pytest.fixture
+def monitor_messages(stack):
+    from devstack.monitor import Monitor
+    with Monitor(stack.files) as monitor:
+        def received(thing: str, wait: float = 3.0) -> list:
+            deadline, got = time.monotonic() + wait, []
+            while time.monotonic() < deadline:
+                got += [m for m in monitor.drain(wait=0.2) if m.topic.startswith(f"data/{thing}/")]
+            return got
+        yield received
