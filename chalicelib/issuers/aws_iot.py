@@ -226,8 +226,11 @@ class AwsIotIssuer:
                     thingName=thing_name, principal=arn)))
             steps += [
                 ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
-                ("deactivate certificate", lambda: client.update_certificate(
-                    certificateId=cert_id, newStatus="INACTIVE")),
+                # REVOKED, not INACTIVE: either makes AWS IoT disconnect the certificate's devices "within a few
+                # minutes" and refuse them after (docs.aws.amazon.com/iot/latest/apireference/API_UpdateCertificate.html),
+                # but only REVOKED is final, so a certificate whose deletion fails can never be switched back on.
+                ("revoke certificate", lambda: client.update_certificate(
+                    certificateId=cert_id, newStatus="REVOKED")),
                 ("delete certificate", lambda: _after_detach(
                     "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
             ]
