@@ -343,9 +343,10 @@ class LocalStack:
             except sqlite3.Error as exc:  # a busy or briefly unreadable CA file: the next poll tries again
                 self._say(f"[stack] could not read the CA records ({exc}); trying again")
             except StackError as exc:
-                self.failure = str(exc)  # the owner reports it and stops the stack (make local: exit 1)
+                # The owner reports it and stops the stack (make local: exit 1). This thread lives on until
+                # stop(): the brokers it restarted get SIGTERM when it ends (PR_SET_PDEATHSIG is per thread).
+                self.failure = str(exc)
                 self.failed.set()
-                return
 
     def _publish(self, revoked: dict[str, frozenset[int]], force: bool = False) -> None:
         for region in self.settings.enabled_regions:
@@ -366,6 +367,8 @@ class LocalStack:
                 self._reload_pending.discard(region)
 
     def _check_children(self) -> None:
+        if self.failed.is_set():
+            return
         if self.api is not None and self.api.poll() is not None:
             raise StackError(f"chalice local stopped (exit status {self.api.returncode}); last lines of its log:\n"
                              f"{self._log_tail('chalice')}")
