@@ -75,7 +75,7 @@ def local_service(state: Path, fleet_key):
 
 def bench_inprocess(n: int, reps: int) -> dict:
     from chalicelib.observability import Steps
-    from chalicelib.provisioning import ProvisioningRequest
+    from chalicelib.wire import ProvisioningRequest
     fleet = rsa_key()
     say(f"  making {n} RSA-2048 device keys and CSRs (not timed) ...")
     bodies = []
@@ -154,10 +154,11 @@ def bench_http(n: int, clients: int = 8) -> dict:
     import requests
 
     from chalicelib import admin
+    from chalicelib.config import Settings
     from devstack.stack import LocalStack, free_port, free_port_run
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.update(GIP_STATE_DIR=tmp, GIP_MQTT_BASE_PORT=str(free_port_run(11)))
-        settings = admin.stage_settings("local", tmp)
+        settings = Settings.for_stage("local", tmp)
         with open(os.devnull, "w") as quiet:
             stdout, sys.stdout = sys.stdout, quiet
             try:
@@ -227,7 +228,7 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
 
     from chalicelib import wiring
     from chalicelib.config import Settings
-    from chalicelib.provisioning import ProvisioningRequest
+    from chalicelib.wire import ProvisioningRequest
     with tempfile.TemporaryDirectory() as tmp, mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False) as http:
         public = Path(tmp) / "fleet.pem"
         public.write_bytes(fleet.public_key().public_bytes(serialization.Encoding.PEM,

@@ -12,8 +12,11 @@ from contextlib import contextmanager
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
+from chalicelib.registry.base import PROVISIONED
+
 SERVICE = "iot-global-provisioning"
 NAMESPACE = "IotGlobalProvisioning"
+SUCCESS = PROVISIONED.value  # the outcome code of a request that provisioned its device (log lines, metrics)
 
 class _Stdout(logging.StreamHandler):
     """Writes to whatever sys.stdout is at the time (a test harness or chalice local may have replaced it)."""
@@ -59,7 +62,7 @@ def request_done(*, request_id: str | None, thing_name: str | None, status: int,
     logger.info("provisioning request", extra={k: v for k, v in fields.items() if v is not None})
     if detail:
         logger.debug("provisioning detail", extra={"request_id": request_id, **detail})
-    if code == "provisioned":
+    if code == SUCCESS:
         _metric("Provisioned", MetricUnit.Count, 1, region=region or "unknown")
     else:
         _metric("Refused", MetricUnit.Count, 1, code=code)

@@ -14,7 +14,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
 from chalicelib import admin  # noqa: E402
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME  # noqa: E402
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, Settings  # noqa: E402
 from chalicelib.errors import ConfigError  # noqa: E402
 from devstack.monitor import Monitor  # noqa: E402
 from devstack.stack import LocalStack, StackError, die_with_parent, free_port, free_port_run  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> int:
     die_with_parent()
     shutil.rmtree(STATE, ignore_errors=True)  # each demo starts from factory-fresh devices
     os.environ.update(GIP_STATE_DIR=str(STATE), GIP_MQTT_BASE_PORT=str(free_port_run(11)))
-    settings = admin.stage_settings("local", str(STATE))
+    settings = Settings.for_stage("local", str(STATE))
 
     section("1. Start the local stage: a CA and an MQTT broker per region, the API")
     stack = LocalStack(settings, free_port())

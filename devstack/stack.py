@@ -26,9 +26,9 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
 from chalicelib.config import Settings  # noqa: E402
+from chalicelib.files import write_private  # noqa: E402
 from chalicelib.issuers.local_ca import (CRL_LIFETIME, LocalIssuer, certificate_revocation_list,  # noqa: E402
-                                         index_revocations, local_endpoints, records_version, revoked_serials,
-                                         write_private)
+                                         index_revocations, local_endpoints, records_version, revoked_serials)
 from chalicelib.wiring import region_policy  # noqa: E402
 
 # Not a valid thing name ('@' is outside AWS IoT's alphabet), so no device can ever be issued this identity.

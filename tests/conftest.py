@@ -1,5 +1,6 @@
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def moto_routers_built_on_one_thread():
         boto3.client("iot", region_name="eu-west-2").list_things()
         boto3.client("dynamodb", region_name="eu-west-2").list_tables()
         boto3.client("ssm", region_name="eu-west-2").describe_parameters()
+
+
+@pytest.fixture(scope="session")
+def executor():
+    """The thread pool a composition root would give the AWS backends (wiring.pool in the service)."""
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="test-pool") as pool:
+        yield pool
 
 
 def sign_v1(private_key, thing_name: str) -> str:

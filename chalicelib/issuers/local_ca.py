@@ -5,7 +5,6 @@ recorded (serial, thing, region, time, status) in one SQLite file, so revocation
 """
 import fcntl
 import hashlib
-import os
 import sqlite3
 import threading
 import warnings
@@ -20,7 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chalicelib.clock import timestamp, utcnow
-from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
+from chalicelib.files import write_private
+from chalicelib.issuers.base import CertificateInfo, CertificateRef, Endpoint, IssuedCertificate
+from chalicelib.keypolicy import MIN_RSA_BITS
 
 # See LocalCertificateAuthority.sign: a CN over 64 characters is deliberate here.
 warnings.filterwarnings("ignore", message="Attribute's length must be", category=UserWarning)
@@ -32,14 +33,6 @@ _BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between iss
 
 def _private_pem(key, fmt=serialization.PrivateFormat.PKCS8) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only, from the first byte."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # the mode above applies only when the file is new
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
 
 
 class LocalCertificateAuthority:
@@ -180,7 +173,7 @@ class LocalIssuer:
         endpoint = self.endpoint(region)
         private_key_pem = None
         if csr is None:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            key = rsa.generate_private_key(public_exponent=65537, key_size=MIN_RSA_BITS)
             public_key = key.public_key()
             # The form AWS IoT returns ("BEGIN RSA PRIVATE KEY"), which the sample's device expects.
             private_key_pem = _private_pem(key, serialization.PrivateFormat.TraditionalOpenSSL).decode()
@@ -200,26 +193,28 @@ class LocalIssuer:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
                            (issued.certificate_id,))
 
-    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
+    def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         row = self._db().execute("SELECT * FROM certificates WHERE certificate_id = ?",
                                  (certificate_id,)).fetchone()
-        return dict(row) if row else None
+        return _info(row) if row else None
 
-    def certificates(self, thing_name: str) -> list[dict]:
-        return [dict(row) for row in self._db().execute(
+    def certificates(self, thing_name: str) -> list[CertificateInfo]:
+        """Every certificate ever issued to the thing, oldest first (tests, the fleet report)."""
+        return [_info(row) for row in self._db().execute(
             "SELECT * FROM certificates WHERE thing_name = ? ORDER BY issued_at", (thing_name,))]
 
-    def things(self, region: str) -> Iterator[str]:
-        return iter(())  # the local stage has certificates only; brokers know devices by their certificate
-
-    def delete_thing(self, region: str, thing_name: str) -> None:
-        pass
-
-    def active_certificates(self, region: str) -> Iterator[dict]:
+    # The local stage has certificates only (brokers know devices by their certificate), so no ThingInventory.
+    def active_certificates(self, region: str) -> Iterator[CertificateInfo]:
         for row in self._db().execute(
                 "SELECT certificate_id, thing_name, region, status FROM certificates "
                 "WHERE region = ? AND status = 'ACTIVE' ORDER BY issued_at", (region,)):
-            yield dict(row)
+            yield CertificateInfo(row["certificate_id"], row["region"], row["status"], row["thing_name"])
+
+
+def _info(row: sqlite3.Row) -> CertificateInfo:
+    return CertificateInfo(row["certificate_id"], row["region"], row["status"], row["thing_name"],
+                           row["certificate_pem"], datetime.fromisoformat(row["issued_at"]),
+                           datetime.fromisoformat(row["not_after"]), row["serial"])
 
 
 def local_endpoints(regions: Iterable[str], host: str, base_port: int) -> dict[str, Endpoint]:
