@@ -26,7 +26,7 @@ from chalicelib import admin, wiring
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
 from chalicelib.provisioning import ProvisioningRequest, ProvisioningService
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
-from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
+from devstack.stack import LocalStack, StackError, build_plugin, free_port, free_port_run, mosquitto_binary
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None,
@@ -473,3 +473,11 @@ def monitor_messages(stack):
                 got += [m for m in monitor.drain(wait=0.2) if m.topic.startswith(f"data/{thing}/")]
             return got
         yield received
+
+
+def test_without_the_build_tools_the_stack_says_what_to_install(tmp_path):
+    needs = {"gcc": None, "no-such-dev": str(tmp_path / "no-such-header.h")}
+    with pytest.raises(StackError) as raised:
+        build_plugin(tmp_path / "build", needs, root=False)
+    assert "needs no-such-dev. Install with: sudo apt-get install -y gcc no-such-dev" in str(raised.value)
+    assert not (tmp_path / "build").exists()
