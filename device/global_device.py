@@ -362,9 +362,9 @@ def tls_verdict(host: str, port: int, root_ca: str, paths: StatePaths, timeout: 
     context = ssl.create_default_context(cafile=root_ca)
     try:
         context.load_cert_chain(paths.cert, paths.key)
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=host) as tls:
-                tls.recv(1)
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.recv(1)
     except OSError as err:  # ssl.SSLError is an OSError
         return str(err)
     return ""

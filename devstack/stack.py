@@ -27,8 +27,15 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 from chalicelib.config import Settings  # noqa: E402
 from chalicelib.files import write_private  # noqa: E402
-from chalicelib.issuers.local_ca import (CRL_LIFETIME, LocalIssuer, certificate_revocation_list,  # noqa: E402
-                                         index_revocations, local_endpoints, records_version, revoked_serials)
+from chalicelib.issuers.local_ca import (  # noqa: E402
+    CRL_LIFETIME,
+    LocalIssuer,
+    certificate_revocation_list,
+    index_revocations,
+    local_endpoints,
+    records_version,
+    revoked_serials,
+)
 from chalicelib.wiring import region_policy  # noqa: E402
 
 # Not a valid thing name ('@' is outside AWS IoT's alphabet), so no device can ever be issued this identity.
@@ -84,12 +91,12 @@ def build_plugin(build_dir: Path, needs: dict[str, str | None] = PLUGIN_BUILD_NE
         print(f"building the brokers' plugin needs {', '.join(missing)}; installing ({install}) ...", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
-            if subprocess.run(command, env=env).returncode != 0:
+            if subprocess.run(command, env=env, check=False).returncode != 0:
                 raise StackError(f"could not install {', '.join(missing)}; run: {install}")
     build_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     result = subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(partial),
-                             str(PLUGIN_SOURCE), "-lcrypto"], capture_output=True, text=True)
+                             str(PLUGIN_SOURCE), "-lcrypto"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         raise StackError(f"could not build {PLUGIN_SOURCE.name} (needs {install}):\n{result.stderr.strip()}")
