@@ -1,7 +1,8 @@
 """Operator CLI: python -m chalicelib.admin [--stage local] COMMAND ...
 
-Commands: keygen, init, register, list, stats, show, reset, audit, regions, where. Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
-the process environment), so the CLI and the server always look at the same registry and keys.
+Commands: keygen, init, register, list, stats, show, reset, audit, regions, where. Reads the same settings as
+the service (the stage's environment in .chalice/config.json, overridden by the process environment), so the
+CLI and the server always look at the same registry and keys. The use cases live in chalicelib.operations.
 """
 import argparse
 import csv
@@ -23,8 +24,15 @@ from chalicelib.files import write_private
 from chalicelib.issuers.base import CertificateInfo
 from chalicelib.keypolicy import KEYGEN_RSA_BITS, MIN_RSA_BITS
 from chalicelib.regions import CATALOGUE, CONTINENTS
-from chalicelib.registry.base import (CSV_COLUMNS, STATUSES, TABLE_COLUMNS, DeviceRecord, DeviceStatus, item_cells,
-                                      item_of)
+from chalicelib.registry.base import (
+    CSV_COLUMNS,
+    STATUSES,
+    TABLE_COLUMNS,
+    DeviceRecord,
+    DeviceStatus,
+    item_cells,
+    item_of,
+)
 from chalicelib.signatures import load_device_key
 from chalicelib.wire import THING_NAME
 

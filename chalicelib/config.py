@@ -38,7 +38,8 @@ class Settings:
     maxmind_db: Path | None = None
     allow_v1: bool = True
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
-    region_rules: Mapping[str, Any] = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
+    # {"countries": {...}, "continents": {...}, "blocked": [...]}
+    region_rules: Mapping[str, Any] = field(default_factory=dict)
     timestamp_skew_seconds: int = 300
 
     @property

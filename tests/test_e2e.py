@@ -200,7 +200,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
 def test_killing_make_local_leaves_no_process(tmp_path, how):
     env = {**os.environ, "GIP_STATE_DIR": str(tmp_path), "GIP_MQTT_BASE_PORT": str(free_port_run(11))}
-    runner = subprocess.Popen([sys.executable, "devstack/local.py", "--api-port", str(free_port())],
+    runner = subprocess.Popen([sys.executable, "-m", "devstack.local", "--api-port", str(free_port())],
                               cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in runner.stdout:
