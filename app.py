@@ -5,9 +5,18 @@ from typing import Any
 from chalice import Chalice, Response
 
 from chalicelib import observability, wiring
-from chalicelib.errors import (AlreadyProvisioned, BodyTooLarge, ConfigError, MalformedRequest, NotRegistered,
-                               ProvisioningError, ProvisioningInProgress, RegionBlocked, ServiceUnavailable,
-                               SignatureInvalid)
+from chalicelib.errors import (
+    AlreadyProvisioned,
+    BodyTooLarge,
+    ConfigError,
+    MalformedRequest,
+    NotRegistered,
+    ProvisioningError,
+    ProvisioningInProgress,
+    RegionBlocked,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
 from chalicelib.geo import client_ip
 from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningResult
@@ -31,6 +40,7 @@ HTTP_STATUS: dict[type[ProvisioningError], int] = {
 @app.route("/device-provisioning", methods=["POST"])
 def device_provisioning() -> Response:
     request = app.current_request
+    assert request is not None  # chalice sets it for every routed call
     steps = Steps()
     request_id = request.context.get("requestId") or uuid.uuid4().hex  # chalice local gives none
     thing_name: str | None = None
@@ -64,9 +74,9 @@ def device_provisioning() -> Response:
         headers["Retry-After"] = "30"
     choice = result.choice if result else None
     observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
-                               steps=steps, region=choice and choice.region, reason=choice and choice.reason,
-                               country=choice and choice.country,
-                               detail={**detail, "certificate_id": result and result.issued.certificate_id})
+                               steps=steps, region=choice.region if choice else None,
+                               reason=choice.reason if choice else None, country=choice.country if choice else None,
+                               detail={**detail, "certificate_id": result.issued.certificate_id if result else None})
     return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
 
 

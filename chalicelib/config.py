@@ -38,7 +38,8 @@ class Settings:
     maxmind_db: Path | None = None
     allow_v1: bool = True
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
-    region_rules: Mapping[str, Any] = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
+    # {"countries": {...}, "continents": {...}, "blocked": [...]}
+    region_rules: Mapping[str, Any] = field(default_factory=dict)
     timestamp_skew_seconds: int = 300
 
     @property
@@ -54,13 +55,13 @@ class Settings:
         return self.state_dir / "keys"
 
     @classmethod
-    def for_stage(cls, stage: str, state_dir: str | Path | None = None,
-                  environ: Mapping[str, str] | None = None) -> "Settings":
+    def for_stage(cls, stage: str, state_dir: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                  config_file: Path | None = None) -> "Settings":
         """A stage's settings outside Lambda (CLI, devstack, bench): `.chalice/config.json`'s top-level
         `environment_variables` overridden by the stage's, as Chalice merges them, then by GIP_* variables of
         the process environment; `state_dir` overrides the stage's state directory."""
         env: dict[str, str] = {}
-        config_file = PROJECT_DIR / ".chalice" / "config.json"
+        config_file = config_file or PROJECT_DIR / ".chalice" / "config.json"
         if config_file.exists():
             chalice_config = json.loads(config_file.read_text())
             stages = chalice_config.get("stages", {})

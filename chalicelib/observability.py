@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
+from typing import IO, Any, Iterator
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
@@ -22,11 +23,11 @@ class _Stdout(logging.StreamHandler):
     """Writes to whatever sys.stdout is at the time (a test harness or chalice local may have replaced it)."""
 
     @property
-    def stream(self):
+    def stream(self) -> IO[str]:
         return sys.stdout
 
     @stream.setter
-    def stream(self, _):
+    def stream(self, _: IO[str]) -> None:
         pass
 
 
@@ -36,12 +37,12 @@ logger = Logger(service=SERVICE, logger_handler=_Stdout())  # level from POWERTO
 class Steps:
     """Milliseconds spent in each named step of one request."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ms: dict[str, float] = {}
         self._start = time.perf_counter()
 
     @contextmanager
-    def step(self, name: str):
+    def step(self, name: str) -> Iterator[None]:
         began = time.perf_counter()
         try:
             yield
@@ -54,7 +55,7 @@ class Steps:
 
 def request_done(*, request_id: str | None, thing_name: str | None, status: int, code: str, steps: Steps,
                  region: str | None = None, reason: str | None = None, country: str | None = None,
-                 detail: dict | None = None) -> None:
+                 detail: dict[str, Any] | None = None) -> None:
     """The request's log line, then its metrics: provisioned per region, refusals per code, latency."""
     total = steps.total_ms()
     fields = {"request_id": request_id, "thing_name": thing_name, "status": status, "outcome": code,

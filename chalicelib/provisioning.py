@@ -9,8 +9,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from chalicelib.clock import utcnow
-from chalicelib.errors import (REFUSED, AlreadyProvisioned, IssueIncomplete, ProvisioningError, ServiceUnavailable,
-                               SignatureInvalid)
+from chalicelib.errors import (
+    REFUSED,
+    AlreadyProvisioned,
+    IssueIncomplete,
+    ProvisioningError,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
 from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import IssuedCertificate, Issuer
 from chalicelib.observability import Steps

@@ -71,7 +71,9 @@ class ProvisioningRequest:
         return cls(thing_name, signature, csr, csr_pem, timestamp, nonce, signed)
 
 
-def parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes | str) -> Any:
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
     if len(raw) > MAX_BODY_BYTES:
         raise BodyTooLarge(f"the body must be at most {MAX_BODY_BYTES} bytes")
     try:

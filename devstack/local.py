@@ -1,15 +1,15 @@
-"""make local: run the local stage (region CAs, mosquitto, chalice local) until Ctrl-C, then stop it all."""
+"""make local: run the local stage (region CAs, mosquitto, chalice local) until Ctrl-C, then stop it all.
+
+Run from the project directory as a module: python -m devstack.local
+"""
 import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from chalicelib.config import Settings  # noqa: E402
-from chalicelib.errors import ConfigError  # noqa: E402
-from devstack.stack import LocalStack, StackError, die_with_parent  # noqa: E402
+from chalicelib.config import Settings
+from chalicelib.errors import ConfigError
+from devstack.stack import LocalStack, StackError, die_with_parent
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from chalicelib import admin, wiring
-from chalicelib.geo import MaxMindLocator
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
+from chalicelib.geo import MaxMindLocator
 
 # The wire-protocol vectors live in ../shared beside the repository; a copy travels with the repository so a
 # clone anywhere runs the whole suite, and test_signatures keeps the copy equal to the original.

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib import admin, wiring
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, Settings
-from chalicelib.wire import ProvisioningRequest
 from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.wire import ProvisioningRequest
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 
 

@@ -367,7 +367,7 @@ def test_a_dead_broker_is_restarted_and_keeps_its_revocations(stack):
 def test_make_local_names_a_dead_broker_and_stops_when_it_keeps_dying(tmp_path):
     env = {**os.environ, "GIP_STATE_DIR": str(tmp_path), "GIP_MQTT_BASE_PORT": str(free_port_run(2)),
            "GIP_ENABLED_REGIONS": REGIONS, "GIP_DEFAULT_REGION": "eu-west-2"}
-    runner = subprocess.Popen([sys.executable, "devstack/local.py", "--api-port", str(free_port())],
+    runner = subprocess.Popen([sys.executable, "-m", "devstack.local", "--api-port", str(free_port())],
                               cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in runner.stdout:

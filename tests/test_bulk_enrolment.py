@@ -1,11 +1,11 @@
 """admin register --csv (and --prefix/--count) on both registry backends: SQLite files and DynamoDB under moto."""
 import csv
-from datetime import datetime, timezone
 import io
 import json
 import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pytest
 from cryptography.hazmat.primitives import serialization

@@ -31,16 +31,16 @@ from chalicelib import admin, operations, wiring
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.errors import AlreadyProvisioned, ServiceUnavailable
 from chalicelib.geo import MaxMindLocator
-from chalicelib.operations import AuditReport, MissingCertificate
 from chalicelib.issuers.aws_iot import AwsIotIssuer
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.operations import AuditReport, MissingCertificate
 from chalicelib.provisioning import ProvisioningService
-from chalicelib.registry.base import UNPROVISIONED, DeviceRecord
-from chalicelib.wire import ProvisioningRequest, response_body
 from chalicelib.regions import RegionPolicy
+from chalicelib.registry.base import UNPROVISIONED, DeviceRecord
 from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.registry.sqlite import SqliteRegistry
 from chalicelib.signatures import FleetKeyVerifier
+from chalicelib.wire import ProvisioningRequest, response_body
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]

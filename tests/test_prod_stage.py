@@ -20,8 +20,8 @@ from app import app
 from chalicelib import admin, wiring
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
-from chalicelib.wire import ProvisioningRequest
 from chalicelib.signatures import v2_text
+from chalicelib.wire import ProvisioningRequest
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]

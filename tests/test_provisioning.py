@@ -13,15 +13,20 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from chalicelib.errors import (AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable,
-                               SignatureInvalid)
+from chalicelib.errors import (
+    AlreadyProvisioned,
+    NotRegistered,
+    ProvisioningInProgress,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
 from chalicelib.provisioning import ProvisioningService
-from chalicelib.registry.base import item_of
-from chalicelib.wire import ProvisioningRequest, response_body
 from chalicelib.regions import SAMPLE_REGIONS, RegionPolicy
+from chalicelib.registry.base import item_of
 from chalicelib.registry.sqlite import SqliteRegistry
 from chalicelib.signatures import FleetKeyVerifier
+from chalicelib.wire import ProvisioningRequest, response_body
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 LEASE = 300

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import app
-from chalicelib.wire import MAX_BODY_BYTES
 from chalicelib import admin, observability, wiring
 from chalicelib.config import PROJECT_DIR
 from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.wire import MAX_BODY_BYTES
 from tests.conftest import LONDON_IP, sign_v1
 
 HOSTILE = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

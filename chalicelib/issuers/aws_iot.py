@@ -75,7 +75,7 @@ class AwsIotIssuer:
     detachment propagates.
     """
 
-    def __init__(self, client_for_region: Callable[[str], Any], executor: cf.Executor,
+    def __init__(self, client_for_region: Callable[[str | None], Any], executor: cf.Executor,
                  policy_name: str = DEVICE_POLICY_NAME, sleep: Callable[[float], None] = time.sleep,
                  detach_waits: tuple[float, ...] = DETACH_WAITS) -> None:
         self._client = client_for_region
@@ -160,6 +160,7 @@ class AwsIotIssuer:
         operator's reset) they are looked up first.
         """
         region, client = issued.region, self._client(issued.region)
+        things: list[str | None]
         if issued.certificate_arn and issued.thing_name:
             arn, things = issued.certificate_arn, [issued.thing_name]
         else:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chalicelib.clock import timestamp, utcnow
@@ -31,7 +32,7 @@ DEVICE_LIFETIME = timedelta(days=3650)
 _BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between issuer and broker
 
 
-def _private_pem(key, fmt=serialization.PrivateFormat.PKCS8) -> bytes:
+def _private_pem(key: PrivateKeyTypes, fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
 
 
@@ -53,7 +54,10 @@ class LocalCertificateAuthority:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not self.cert_path.exists():
                 self._create()
-        self.key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{self.key_path} is not the EC key this CA makes")
+        self.key = key
         self.certificate = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
         self._authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
         self._client_base = self._leaf_base(ExtendedKeyUsageOID.CLIENT_AUTH)
@@ -81,7 +85,7 @@ class LocalCertificateAuthority:
         write_private(self.key_path, _private_pem(key))
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
-    def sign(self, common_name: str, public_key, *, server_names: Iterable[str] = (),
+    def sign(self, common_name: str, public_key: CertificatePublicKeyTypes, *, server_names: Iterable[str] = (),
              lifetime: timedelta = DEVICE_LIFETIME) -> x509.Certificate:
         """A leaf certificate for `public_key`; a client certificate, or a server one when names are given."""
         now = self._clock()
@@ -98,7 +102,7 @@ class LocalCertificateAuthority:
                                             critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
-    def _leaf_base(self, usage) -> x509.CertificateBuilder:
+    def _leaf_base(self, usage: x509.ObjectIdentifier) -> x509.CertificateBuilder:
         """What every leaf of this CA shares, built once: a builder is immutable, so each leaf extends a copy."""
         return (x509.CertificateBuilder()
                 .issuer_name(self.certificate.subject)
@@ -172,6 +176,7 @@ class LocalIssuer:
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
         endpoint = self.endpoint(region)
         private_key_pem = None
+        public_key: CertificatePublicKeyTypes
         if csr is None:
             key = rsa.generate_private_key(public_exponent=65537, key_size=MIN_RSA_BITS)
             public_key = key.public_key()

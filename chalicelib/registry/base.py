@@ -6,6 +6,7 @@ attribute names, `thing_name`, `prov_status`, `prov_datetime`, `aws_region`, ...
 """
 from __future__ import annotations
 
+import builtins
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,8 +14,14 @@ from enum import StrEnum
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from chalicelib.clock import timestamp
-from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningError, ProvisioningInProgress,
-                               SignatureInvalid)
+from chalicelib.errors import (
+    REFUSED,
+    AlreadyProvisioned,
+    NotRegistered,
+    ProvisioningError,
+    ProvisioningInProgress,
+    SignatureInvalid,
+)
 
 
 class DeviceStatus(StrEnum):
@@ -180,7 +187,7 @@ class Registry(Protocol):
     def release(self, claim: Claim, error: str) -> None:
         """provisioning -> unprovisioned after a failure, only while `claim` still holds; records the error."""
 
-    def stuck(self, now: datetime) -> list[DeviceRecord]:
+    def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
         """Records in provisioning whose lease has ended (a process died mid-way)."""
 
     def release_stuck(self, thing_name: str, now: datetime) -> bool:

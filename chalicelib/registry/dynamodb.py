@@ -1,6 +1,7 @@
 """The prod stage's registry: one DynamoDB table keyed by thing_name, the original sample's attribute names."""
 from __future__ import annotations
 
+import builtins
 import logging
 import secrets
 import time
@@ -13,8 +14,19 @@ from botocore.exceptions import BotoCoreError, ClientError
 from chalicelib.aws import error_code as _code
 from chalicelib.clock import timestamp as _timestamp
 from chalicelib.errors import ProvisioningError, ProvisioningInProgress, ServiceUnavailable, replayed_request
-from chalicelib.registry.base import (ITEM_ATTRIBUTES, PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, DeviceRecord, DeviceStatus,
-                                      Nonce, attributes_json, claim_refusal, record_from_item)
+from chalicelib.registry.base import (
+    ITEM_ATTRIBUTES,
+    PROVISIONED,
+    PROVISIONING,
+    UNPROVISIONED,
+    Claim,
+    DeviceRecord,
+    DeviceStatus,
+    Nonce,
+    attributes_json,
+    claim_refusal,
+    record_from_item,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
@@ -48,11 +60,11 @@ def _record(raw: Mapping[str, Any]) -> DeviceRecord:
 
 
 class DynamoDbRegistry:
-    """`executor` (the composition root's) runs a v2 claim's two writes side by side; without one they run
-    in turn. `sleep` waits between retries of unprocessed batch items."""
+    """`executor` (the composition root's pool) runs a v2 claim's two writes side by side; `sleep` waits
+    between retries of unprocessed batch items."""
 
-    def __init__(self, client: Any, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None,
-                 executor: Executor | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, client: Any, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None, *,
+                 executor: Executor, sleep: Callable[[float], None] = time.sleep) -> None:
         self._client = client
         self._table = table_name
         self._nonces = f"{table_name}-nonces"  # v2 request nonces, kept apart so scans of devices stay lean
@@ -124,7 +136,7 @@ class DynamoDbRegistry:
             item["attributes"] = {"S": attributes_json(attributes)}
         return item
 
-    def _write_batch(self, requests: list[dict[str, Any]]) -> None:
+    def _write_batch(self, requests: builtins.list[dict[str, Any]]) -> None:
         request: dict[str, Any] | None = {self._table: requests}
         for attempt in range(_BATCH_ATTEMPTS):
             request = self._call("batch_write_item", RequestItems=request).get("UnprocessedItems")
@@ -133,12 +145,12 @@ class DynamoDbRegistry:
             self._backoff(attempt)
         raise ServiceUnavailable("registry unavailable: DynamoDB batch_write_item kept items unprocessed")
 
-    def _existing(self, names: list[str]) -> set[str]:
+    def _existing(self, names: builtins.list[str]) -> set[str]:
         found: set[str] = set()
         for chunk in _chunks(names, _BATCH_GET_LIMIT):
-            request: dict[str, Any] | None = {self._table: {"Keys": [self._key(name) for name in chunk], "ConsistentRead": True,
-                                     "ProjectionExpression": "#name",
-                                     "ExpressionAttributeNames": {"#name": "thing_name"}}}
+            request: dict[str, Any] | None = {self._table: {
+                "Keys": [self._key(name) for name in chunk], "ConsistentRead": True,
+                "ProjectionExpression": "#name", "ExpressionAttributeNames": {"#name": "thing_name"}}}
             for attempt in range(_BATCH_ATTEMPTS):
                 response = self._call("batch_get_item", RequestItems=request)
                 found.update(raw["thing_name"]["S"] for raw in response["Responses"].get(self._table, []))
@@ -158,7 +170,8 @@ class DynamoDbRegistry:
              since: datetime | None = None) -> Iterator[DeviceRecord]:
         kwargs: dict[str, Any] = {"TableName": self._table}
         filters = [(condition, name, value) for condition, name, value in (
-            ("#status = :status", "#status", status and DeviceStatus(status).value), ("#region = :region", "#region", region),
+            ("#status = :status", "#status", status and DeviceStatus(status).value),
+            ("#region = :region", "#region", region),
             ("#since >= :since", "#since", since and _timestamp(since))) if value]
         if filters:
             kwargs.update(FilterExpression=" AND ".join(condition for condition, _, _ in filters),
@@ -166,7 +179,7 @@ class DynamoDbRegistry:
                           ExpressionAttributeValues={f":{name[1:]}": {"S": value} for _, name, value in filters})
         if self._page_size:
             kwargs["Limit"] = self._page_size
-        records = []
+        records: builtins.list[DeviceRecord] = []
         while True:
             page = self._call("scan", **kwargs)
             records.extend(_record(raw) for raw in page.get("Items", []))
@@ -179,10 +192,6 @@ class DynamoDbRegistry:
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
               nonce: Nonce | None = None) -> Claim:
         if nonce is None:
-            return self._claim(thing_name, now, lease_seconds, fleet_key)
-        if self._executor is None:
-            if not self._remember_nonce(thing_name, nonce, now):
-                raise replayed_request()
             return self._claim(thing_name, now, lease_seconds, fleet_key)
         # Two tables, two round trips: run them side by side rather than one after the other.
         fresh = self._executor.submit(self._remember_nonce, thing_name, nonce, now)
@@ -202,7 +211,7 @@ class DynamoDbRegistry:
         at = now.timestamp()
         condition = ("attribute_exists(#name) AND (#status = :unprovisioned "
                      "OR (#status = :provisioning AND #lease < :now))")
-        names = ("#name", "#status", "#token", "#lease", "#attempts")
+        names: tuple[str, ...] = ("#name", "#status", "#token", "#lease", "#attempts")
         if fleet_key:  # a device with a key of its own may not be claimed with the fleet key's signature
             condition += " AND attribute_not_exists(#key)"
             names += ("#key",)
@@ -260,7 +269,8 @@ class DynamoDbRegistry:
                 UpdateExpression="SET #status = :unprovisioned, #error = :error REMOVE #token, #lease",
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#error", "#token", "#lease")},
-                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value}, ":provisioning": {"S": PROVISIONING.value},
+                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value},
+                                           ":provisioning": {"S": PROVISIONING.value},
                                            ":error": {"S": error}, ":token": {"S": claim.token}})
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":  # the claim is gone already: nothing to undo
@@ -279,12 +289,13 @@ class DynamoDbRegistry:
             return False
         return True
 
-    def stuck(self, now: datetime) -> list[DeviceRecord]:
+    def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
         kwargs: dict[str, Any] = {
             "TableName": self._table, "FilterExpression": "#status = :provisioning AND #lease < :now",
             "ExpressionAttributeNames": {k: _NAMES[k] for k in ("#status", "#lease")},
-            "ExpressionAttributeValues": {":provisioning": {"S": PROVISIONING.value}, ":now": {"N": repr(now.timestamp())}}}
-        found: list[DeviceRecord] = []
+            "ExpressionAttributeValues": {":provisioning": {"S": PROVISIONING.value},
+                                          ":now": {"N": repr(now.timestamp())}}}
+        found: builtins.list[DeviceRecord] = []
         while True:
             page = self._call("scan", **kwargs)
             found += [_record(raw) for raw in page.get("Items", [])]
@@ -299,7 +310,8 @@ class DynamoDbRegistry:
                 UpdateExpression="SET #status = :unprovisioned, #error = :error REMOVE #token, #lease",
                 ConditionExpression="#status = :provisioning AND #lease < :now",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#error", "#token", "#lease")},
-                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value}, ":provisioning": {"S": PROVISIONING.value},
+                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value},
+                                           ":provisioning": {"S": PROVISIONING.value},
                                            ":error": {"S": "claim expired; released by audit"},
                                            ":now": {"N": repr(now.timestamp())}})
         except ClientError as e:

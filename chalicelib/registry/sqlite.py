@@ -1,6 +1,7 @@
 """The local stage's registry: one SQLite file in WAL mode, the original sample's attribute names."""
 from __future__ import annotations
 
+import builtins
 import secrets
 import sqlite3
 import threading
@@ -10,8 +11,18 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from chalicelib.clock import timestamp as _timestamp
 from chalicelib.errors import ProvisioningInProgress, replayed_request
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, DeviceRecord, DeviceStatus, Nonce,
-                                      attributes_json, claim_refusal, record_from_item)
+from chalicelib.registry.base import (
+    PROVISIONED,
+    PROVISIONING,
+    UNPROVISIONED,
+    Claim,
+    DeviceRecord,
+    DeviceStatus,
+    Nonce,
+    attributes_json,
+    claim_refusal,
+    record_from_item,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -153,10 +164,11 @@ class SqliteRegistry:
         if secrets.randbelow(100) == 0:  # now and then, forget nonces whose timestamps are out of the window
             db.execute("DELETE FROM nonces WHERE expires < ?", (at,))
         return db.execute(
-            "INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
+            "INSERT INTO nonces VALUES (?, ?, ?) "
+            "ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
             "WHERE nonces.expires < ?", (thing_name, nonce.value, nonce.expires.timestamp(), at)).rowcount == 1
 
-    def stuck(self, now: datetime) -> list[DeviceRecord]:
+    def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
         rows = self._db().execute(
             f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices "
             "WHERE prov_status = 'provisioning' AND lease_expires < ? ORDER BY thing_name", (now.timestamp(),))
