@@ -80,7 +80,8 @@ def build_plugin(build_dir: Path, needs: dict[str, str | None] = PLUGIN_BUILD_NE
     target = build_dir / f"gip_auth-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if target.exists():
         return target
-    missing = [package for package, path in needs.items() if not (os.path.exists(path) if path else shutil.which(package))]
+    missing = [package for package, path in needs.items()
+               if not (os.path.exists(path) if path else shutil.which(package))]
     install = f"apt-get install -y {' '.join(needs)}"
     if missing and not (os.geteuid() == 0 if root is None else root):
         raise StackError(f"building the brokers' plugin needs {', '.join(missing)}. Install with: sudo {install}")

@@ -233,8 +233,8 @@ class AwsIotIssuer:
             steps += [
                 ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
                 # REVOKED, not INACTIVE: either makes AWS IoT disconnect the certificate's devices "within a few
-                # minutes" and refuse them after (docs.aws.amazon.com/iot/latest/apireference/API_UpdateCertificate.html),
-                # but only REVOKED is final, so a certificate whose deletion fails can never be switched back on.
+                # minutes" and refuse them after, but only REVOKED is final, so a certificate whose deletion fails
+                # can never be switched back on. docs.aws.amazon.com/iot/latest/apireference/API_UpdateCertificate.html
                 ("revoke certificate", lambda: client.update_certificate(
                     certificateId=cert_id, newStatus="REVOKED")),
                 ("delete certificate", lambda: self._after_detach(
