@@ -313,12 +313,22 @@ def test_one_certificate_cannot_open_sessions_under_other_client_ids(stack):
 
 # -------------------------------------------------------------------------------------------- subscriptions
 
+_provisioned: dict = {}
+
+
+def provisioned(stack, thing: str) -> Device:
+    """The thing's device, provisioned on first use (the parametrized test runs twice)."""
+    if thing not in _provisioned:
+        _provisioned[thing] = provision(stack, thing)
+    return _provisioned[thing]
+
+
 FORBIDDEN = ["#", "$SYS/#", "data/#", "data/+/misc", "data/dev11/#", "dev10/#", "data/dev10x/#"]
 
 
 @pytest.mark.parametrize("protocol, refused", [(mqtt.MQTTv311, 0x80), (mqtt.MQTTv5, 0x87)])
 def test_forbidden_subscriptions_get_a_failure_code(stack, protocol, refused):
-    device = stack_device(stack, "dev10")
+    device = provisioned(stack, "dev10")
     client = client_for(device, protocol=protocol)
     granted: list = []
     client.on_subscribe = lambda c, u, mid, codes, p: granted.extend(codes)
@@ -333,15 +343,6 @@ def test_forbidden_subscriptions_get_a_failure_code(stack, protocol, refused):
         client.disconnect()
         client.loop_stop()
     assert [code.value for code in granted] == [refused] * len(FORBIDDEN) + [1, 1]
-
-
-_devices: dict = {}
-
-
-def stack_device(stack, thing: str) -> Device:
-    if thing not in _devices:
-        _devices[thing] = provision(stack, thing)
-    return _devices[thing]
 
 
 # ----------------------------------------------------------------------------------------- dead brokers
