@@ -36,23 +36,25 @@ BIG = {"US": 30, "DE": 12, "JP": 10, "GB": 9, "IN": 8, "BR": 7, "FR": 6, "CN": 6
        "MX": 3, "IT": 3, "ES": 3, "NL": 2, "SE": 2, "PL": 2, "ZA": 2, "SG": 2, "AE": 2}
 
 
-def country_points() -> list[tuple[str, float, float]]:
-    """(code, lon, lat) of each country's anchor (its largest piece's centroid), in degrees."""
-    return [(s.code, *s.anchor) for s in worldmap.shapes(worldmap.Frame()) if s.code and s.code != "AQ"]
+def country_points() -> list[tuple[str, float, float, float]]:
+    """(code, lon, lat, spread) of each country: its anchor (the largest piece's centroid) and how far devices
+    scatter around it, in degrees."""
+    return [(s.code, *s.anchor, min(8.0, 0.1 * s.area ** 0.5)) for s in worldmap.shapes(worldmap.Frame())
+            if s.code and s.code != "AQ"]
 
 
 def synthetic_fleet(state_dir: Path, devices: int, seed: int = 20) -> None:
     rng = random.Random(seed)
     policy = RegionPolicy.from_rules(admin.stage_settings("local", str(state_dir)).enabled_regions, "eu-west-2", RULES)
     points = country_points()
-    weights = [BIG.get(code, 0.05 + rng.random() * 0.25) for code, _, _ in points]
+    weights = [BIG.get(code, 0.05 + rng.random() * 0.25) for code, _, _, _ in points]
     registry = SqliteRegistry(state_dir / "registry.sqlite3")
     names = [f"sensor-{i:06d}" for i in range(devices)]
     registry.register(names)
     now = datetime.now(timezone.utc)
     rows = []
     chosen = rng.choices(points, weights, k=devices)
-    for name, (code, lon, lat) in zip(names, chosen):
+    for name, (code, lon, lat, spread) in zip(names, chosen):
         roll = rng.random()
         if roll < 0.07:
             continue  # still unprovisioned
@@ -62,7 +64,7 @@ def synthetic_fleet(state_dir: Path, devices: int, seed: int = 20) -> None:
         if roll < 0.10:
             location = None  # the geolocation database did not know the address
         else:
-            location = Location(lat + rng.uniform(-2, 2), lon + rng.uniform(-2, 2), code,
+            location = Location(lat + rng.uniform(-spread, spread) / 2, lon + rng.uniform(-spread, spread), code,
                                 "SA" if code in SOUTH_AMERICA else None)
         choice = policy.choose(location)
         age = rng.triangular(0, 45, 0)  # more recent days have more provisionings

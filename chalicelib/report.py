@@ -334,7 +334,7 @@ def render_per_day(fleet: Fleet, today: date) -> str:
     counts = [fleet.per_day.get(d.isoformat(), 0) for d in days]
     earlier = sum(n for d, n in fleet.per_day.items() if d < days[0].isoformat())
     top = max(counts) or 1
-    width, height, pad = 900, 150, 24
+    width, height, pad = 600, 150, 24
     bar = (width - 2 * pad) / len(days)
     parts = [f'<svg id="per-day" viewBox="0 0 {width} {height + 22}" role="img" '
              f'aria-label="Provisionings per day" xmlns="http://www.w3.org/2000/svg">',
@@ -437,10 +437,10 @@ stroke-linejoin:round;pointer-events:none}
 .legend{display:flex;flex-wrap:wrap;align-items:center;gap:6px 8px;margin-top:10px;color:var(--muted);font-size:12.5px}
 .key{white-space:nowrap}
 .legend-title{color:var(--ink);font-weight:600;margin-right:2px}
-.swatch{display:inline-block;width:16px;height:12px;border-radius:2px;margin-left:4px}
-.line{display:inline-block;width:18px;height:3px;border-radius:2px;margin-left:6px}
-.dot-key{display:inline-block;width:12px;height:12px;border-radius:50%;background:#1e293b;margin-left:4px}
-.idle-key{display:inline-block;width:10px;height:10px;border-radius:50%;border:1.2px dashed #1e293b;margin-left:10px}
+.swatch{display:inline-block;width:16px;height:12px;border-radius:2px;margin:0 4px 0 6px;vertical-align:-1px}
+.line{display:inline-block;width:18px;height:3px;border-radius:2px;margin:0 5px 0 8px;vertical-align:3px}
+.dot-key{display:inline-block;width:12px;height:12px;border-radius:50%;background:#1e293b;margin:0 5px 0 4px;vertical-align:-1px}
+.idle-key{display:inline-block;width:10px;height:10px;border-radius:50%;border:1.2px dashed #1e293b;margin:0 5px 0 12px;vertical-align:-1px}
 .sep{width:1px;height:14px;background:var(--line);margin:0 8px}
 table{border-collapse:collapse;width:100%}
 th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;vertical-align:middle}
@@ -453,7 +453,7 @@ tr:last-child td{border-bottom:0}
 .empty,.note{color:var(--muted)}.ok{color:#15803d}.warn{color:#c2410c;font-weight:600}
 code{font:12.5px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#eef2f6;padding:1px 4px;border-radius:4px}
 #per-day{width:100%;height:auto}.bar{fill:var(--accent)}.bar:hover{fill:#0b5447}
-.axis{stroke:#cbd5e1}.tick{fill:var(--muted);font-size:11px}
+.axis{stroke:#cbd5e1}.tick{fill:var(--muted);font-size:10px}
 footer{padding:0 32px 28px;color:var(--muted);font-size:12.5px}
 footer li{margin:2px 0}
 #tip{position:fixed;pointer-events:none;display:none;background:#0f172a;color:#f8fafc;padding:7px 10px;border-radius:6px;

@@ -72,7 +72,7 @@ def world() -> World:
     data = json.loads(OUTLINES.read_text(encoding="utf-8"))
     countries = tuple(
         Country(c["code"], c["name"],
-                tuple(tuple((flat[i] / 10, flat[i + 1] / 10) for i in range(0, len(flat), 2)) for flat in c["rings"]))
+                tuple(tuple((flat[i] / 100, flat[i + 1] / 100) for i in range(0, len(flat), 2)) for flat in c["rings"]))
         for c in data["countries"])
     return World(data["source"], countries)
 

