@@ -102,7 +102,8 @@ class Shape:
     anchor: tuple[float, float]
 
 
-def shapes(frame: Frame) -> list[Shape]:
+@functools.lru_cache(maxsize=4)
+def shapes(frame: Frame) -> tuple[Shape, ...]:
     """Every country in `frame`, pieces with one code merged. The anchor is the centroid of the largest piece,
     so a line from France starts in France, not between Paris and French Guiana."""
     pieces: dict[str, list[tuple[str, tuple[tuple[float, float], ...]]]] = {}
@@ -112,13 +113,13 @@ def shapes(frame: Frame) -> list[Shape]:
     result = []
     for key, rings in pieces.items():
         projected = [[frame.point(lon, lat) for lon, lat in ring] for _, ring in rings]
-        largest = max(range(len(rings)), key=lambda i: ring_area_centroid(list(rings[i][1]))[0])
-        _, lon, lat = ring_area_centroid(list(rings[largest][1]))
+        measured = [ring_area_centroid(list(ring)) for _, ring in rings]
+        largest = max(range(len(rings)), key=lambda i: measured[i][0])
         path = "".join("M" + "L".join(f"{x:.1f},{y:.1f}" for x, y in points) + "Z" for points in projected)
         code = key if len(key) == 2 and key.isupper() else ""
         result.append(Shape(code, rings[largest][0], path, sum(ring_area_centroid(p)[0] for p in projected),
-                            (lon, lat)))
-    return result
+                            measured[largest][1:]))
+    return tuple(result)
 
 
 def sphere_outline(frame: Frame, steps: int = 90) -> str:
