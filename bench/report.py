@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -80,8 +81,10 @@ def synthetic_fleet(state_dir: Path, devices: int, seed: int = 20) -> None:
     db.close()
 
 
-def screenshot(page: Path, png: Path, width: int = 1280, height: int = 1500) -> None:
+def screenshot(page: Path, png: Path, width: int = 1280, height: int = 1400) -> None:
     """Headless Chromium, no network: the page as a person sees it."""
+    if not shutil.which("chromium"):
+        raise SystemExit("chromium is missing: apt-get install -y chromium")
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",

@@ -181,12 +181,15 @@ def shade_breaks(maximum: int, classes: int = len(SHADES)) -> list[int]:
 
 
 def shade_for(count: int, breaks: list[int]) -> str:
+    """The top class is always the darkest shade, so a small fleet's countries stand out too."""
     index = max(i for i, lower in enumerate(breaks) if count >= lower)
-    return SHADES[round(index * (len(SHADES) - 1) / max(len(breaks) - 1, 1))]
+    return SHADES[len(SHADES) - len(breaks) + index]
 
 
 def _marker_radius(count: int, largest: int) -> float:
-    return 4.0 if count == 0 else 5.0 + 17.0 * math.sqrt(count / max(largest, 1))  # area ~ devices
+    # Area grows with devices; below 1,000 devices in the busiest region the circles stay small, so a
+    # two-device demo does not cover the country it sits in.
+    return 4.0 if count == 0 else 5.0 + 17.0 * math.sqrt(count / max(largest, 1000))
 
 
 def _arc(start: tuple[float, float], end: tuple[float, float]) -> str:
@@ -277,8 +280,8 @@ def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: wor
 
     out.append('<g class="regions">')
     largest = max((fleet.by_region[r] for r in enabled), default=0)
-    placed: list[tuple[float, float, float, float]] = []  # boxes labels must not cover: markers, then labels
-    for region in enabled:
+    placed: list[tuple[float, float, float, float]] = []  # boxes labels must not cover: busy markers, then labels
+    for region in (r for r in enabled if fleet.by_region[r]):
         x, y = frame.point(CATALOGUE[region].longitude, CATALOGUE[region].latitude)
         r = _marker_radius(fleet.by_region[region], largest)
         placed.append((x - r, y - r, x + r, y + r))
@@ -303,20 +306,20 @@ def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: wor
     out.append("</g>")
     out.append('<g class="labels">' + "".join(labels) + "</g></svg>")
 
-    legend = ['<div class="legend"><span class="legend-title">Devices per country</span>']
+    legend = ['<div class="legend"><div class="group"><span class="legend-title">Devices per country</span>']
+    most = max(fleet.by_country.values(), default=1)
     for i, lower in enumerate(breaks):
-        upper = breaks[i + 1] - 1 if i + 1 < len(breaks) else None
-        text = _n(lower) if upper == lower else (f"{_n(lower)}–{_n(upper)}" if upper else f"{_n(lower)}+")
+        upper = breaks[i + 1] - 1 if i + 1 < len(breaks) else most
+        text = _n(lower) if upper <= lower else f"{_n(lower)}–{_n(upper)}"
         legend.append(f'<span class="key"><span class="swatch" style="background:{shade_for(lower, breaks)}"></span>'
                       f'{text}</span>')
-    legend.append('<span class="sep"></span><span class="legend-title">Sent to a region by</span>')
-    used = [r for r in REASON_COLOURS if fleet.by_reason[r]] or ["nearest"]
-    used += [r for r in fleet.by_reason if r not in REASON_COLOURS]
-    for reason in used:
+    legend.append('</div><div class="group"><span class="legend-title">Sent to a region by</span>')
+    drawn = {reason for _, _, reason in fleet.flows}
+    for reason in [r for r in REASON_COLOURS if r in drawn] + sorted(drawn - set(REASON_COLOURS)) or ["nearest"]:
         colour = REASON_COLOURS.get(reason, UNKNOWN_REASON_COLOUR)
         legend.append(f'<span class="key"><span class="line" style="background:{colour}"></span>{_esc(reason)}</span>')
-    legend.append('<span class="sep"></span><span class="key"><span class="dot-key"></span>region, sized by devices</span>'
-                  '<span class="key"><span class="idle-key"></span>enabled, none yet</span></div>')
+    legend.append('</div><div class="group"><span class="key"><span class="dot-key"></span>region, sized by devices</span>'
+                  '<span class="key"><span class="idle-key"></span>enabled, none yet</span></div></div>')
     missing = sorted(c for c in fleet.by_country if c not in by_code)
     note = ""
     if missing:
@@ -433,14 +436,14 @@ box-shadow:0 1px 2px rgba(15,23,42,.04)}
 .region:hover{fill:#0f766e}
 .label{font-size:11px;font-weight:600;fill:#1e293b;paint-order:stroke;stroke:#fff;stroke-width:3px;
 stroke-linejoin:round;pointer-events:none}
-.legend{display:flex;flex-wrap:wrap;align-items:center;gap:6px 8px;margin-top:10px;color:var(--muted);font-size:12.5px}
+.legend{display:flex;flex-wrap:wrap;align-items:center;gap:8px 28px;margin-top:10px;color:var(--muted);font-size:12.5px}
+.legend .group{display:flex;flex-wrap:wrap;align-items:center;gap:4px 6px}
 .key{white-space:nowrap}
 .legend-title{color:var(--ink);font-weight:600;margin-right:2px}
 .swatch{display:inline-block;width:16px;height:12px;border-radius:2px;margin:0 4px 0 6px;vertical-align:-1px}
 .line{display:inline-block;width:18px;height:3px;border-radius:2px;margin:0 5px 0 8px;vertical-align:3px}
 .dot-key{display:inline-block;width:12px;height:12px;border-radius:50%;background:#1e293b;margin:0 5px 0 4px;vertical-align:-1px}
 .idle-key{display:inline-block;width:10px;height:10px;border-radius:50%;border:1.2px dashed #1e293b;margin:0 5px 0 12px;vertical-align:-1px}
-.sep{width:1px;height:14px;background:var(--line);margin:0 8px}
 table{border-collapse:collapse;width:100%}
 th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;vertical-align:middle}
 th{font-weight:600;color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.03em}

@@ -220,6 +220,8 @@ def test_shade_breaks_start_at_one_and_rise():
     breaks = report.shade_breaks(10_000)
     shades = [report.SHADES.index(report.shade_for(n, breaks)) for n in (1, 10, 100, 1000, 10_000)]
     assert shades == sorted(shades) and shades[0] == 0 and shades[-1] == len(report.SHADES) - 1
+    # A small fleet's busiest country gets the darkest shade too, not the palest.
+    assert report.shade_for(1, report.shade_breaks(1)) == report.SHADES[-1]
 
 
 # --- the page ------------------------------------------------------------------------------------------
