@@ -15,6 +15,7 @@ from chalicelib.config import PROJECT_DIR
 from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.registry.sqlite import SqliteRegistry
 from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1
+from tests.test_bulk_enrolment import backend  # noqa: F401  (the fixture: SQLite stage and prod under moto)
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 
@@ -335,3 +336,23 @@ def test_report_of_100000_devices_stays_under_2_mb(tmp_path):
                                            page))
     assert 80_000 < total < 100_000  # most of them provisioned, every one counted in some region
     assert page.count("<circle") < 400 and page.count("<path") < 1500  # aggregated, not one element per device
+
+
+def test_the_report_reads_either_backend(backend, tmp_path):
+    """The same page from the local stage's SQLite and the prod stage's DynamoDB (under moto)."""
+    assert backend("register", "--prefix", "dev", "--count", "4")[0] == 0
+    registry = backend.registry()
+    for name, region, country, reason in (("dev1", "eu-west-2", "GB", "nearest"), ("dev2", "eu-west-2", "FR", "default"),
+                                          ("dev3", "ap-southeast-2", "NZ", "country-rule")):
+        claim = registry.claim(name, NOW, lease_seconds=60)
+        registry.finalize(claim, region, f"cert-{name}", NOW, country=country, reason=reason)
+    out = tmp_path / "fleet.html"
+    code, stdout, err = backend("report", "--html", str(out))
+    assert code == 0, err
+    page = out.read_text()
+    assert dict(re.findall(r'<circle class="region used" data-region="([^"]+)" data-count="(\d+)"', page)) == \
+        {"eu-west-2": "2", "ap-southeast-2": "1"}
+    assert dict(re.findall(r'<path class="flow[^"]*" data-reason="([^"]+)"[^>]*data-tip="(\w\w) ', page)) == \
+        {"nearest": "GB", "default": "FR", "country-rule": "NZ"}
+    assert f"stage <b>{backend.settings.stage}</b>" in page
+    assert ("DynamoDB table" if backend.name == "dynamodb" else "SQLite registry") in page
