@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import AbstractSet, Any, Callable, Iterable, Mapping, NamedTuple
 
 from chalicelib import worldmap
 from chalicelib.clock import timestamp, utcnow
@@ -300,9 +300,9 @@ def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: wor
         out.append(f'<circle class="{cls}" data-region="{region}" data-count="{count}" cx="{x:.1f}" cy="{y:.1f}" '
                    f'r="{radius:.1f}" data-tip="{_esc(chr(10).join(lines))}"/>')
         if count:
-            label = _place_label(region, x, y, radius, placed)
-            if label:
-                labels.append(label)
+            text = _place_label(region, x, y, radius, placed)
+            if text:
+                labels.append(text)
     out.append("</g>")
     out.append('<g class="labels">' + "".join(labels) + "</g></svg>")
 
@@ -356,7 +356,7 @@ def render_per_day(fleet: Fleet, today: date) -> str:
     return "".join(parts)
 
 
-def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset(), cls: str = "") -> str:  # type: ignore[assignment]
+def _table(header: list[str], rows: list[list[str]], numeric: AbstractSet[int] = frozenset(), cls: str = "") -> str:
     head = "".join(f'<th{" class=num" if i in numeric else ""}>{h}</th>' for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{c}</td>' for i, c in enumerate(row))
                    + "</tr>" for row in rows)

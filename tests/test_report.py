@@ -347,7 +347,7 @@ def test_the_report_reads_either_backend(backend, tmp_path):
         claim = registry.claim(name, NOW, lease_seconds=60)
         registry.finalize(claim, region, f"cert-{name}", NOW, country=country, reason=reason)
     out = tmp_path / "fleet.html"
-    code, stdout, err = backend("report", "--html", str(out))
+    code, _, err = backend("report", "--html", str(out))
     assert code == 0, err
     page = out.read_text()
     assert dict(re.findall(r'<circle class="region used" data-region="([^"]+)" data-count="(\d+)"', page)) == \
