@@ -400,7 +400,10 @@ def cmd_where(config: Settings, args) -> int:
 def cmd_report(config: Settings, args) -> int:
     from chalicelib import report  # only this command needs the map data
 
-    print(f"report written: {report.write(config, Path(args.html), audit if args.audit else None)}")
+    try:
+        print(f"report written: {report.write(config, Path(args.html), audit if args.audit else None)}")
+    except report.CannotWrite as exc:
+        raise CommandError(str(exc)) from None
     return 0
 
 

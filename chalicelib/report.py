@@ -351,6 +351,9 @@ def render_per_day(fleet: Fleet, today: date) -> str:
             parts.append(f'<text class="tick" x="{x + bar / 2:.1f}" y="{height + 16}" text-anchor="middle">'
                          f'{day.strftime("%d %b")}</text>')
     parts.append("</svg>")
+    busiest = max(range(len(days)), key=lambda i: counts[i])
+    parts.append(f'<p class="note">{_n(sum(counts))} in these {DAYS_SHOWN} days · last 7 days: {_n(sum(counts[-7:]))}'
+                 f' · busiest day: {days[busiest].strftime("%d %b")} ({_n(counts[busiest])})</p>')
     if earlier:
         parts.append(f'<p class="note">{_n(earlier)} earlier provisioning(s), before {days[0].isoformat()}.</p>')
     return "".join(parts)
@@ -466,7 +469,9 @@ font-size:12.5px;white-space:pre-line;max-width:340px;box-shadow:0 4px 14px rgba
 _SCRIPT = """
 (function(){var tip=document.getElementById('tip');
 document.addEventListener('mouseover',function(e){var t=e.target.closest&&e.target.closest('[data-tip]');
-if(!t){tip.style.display='none';return;}tip.textContent=t.getAttribute('data-tip');tip.style.display='block';});
+if(!t){tip.style.display='none';return;}var lines=t.getAttribute('data-tip').split('\\n'),head=document.createElement('b');
+head.textContent=lines[0];tip.textContent='';tip.appendChild(head);
+if(lines.length>1)tip.appendChild(document.createTextNode('\\n'+lines.slice(1).join('\\n')));tip.style.display='block';});
 document.addEventListener('mousemove',function(e){var w=tip.offsetWidth,h=tip.offsetHeight;
 var x=e.clientX+14,y=e.clientY+14;if(x+w>innerWidth-8)x=e.clientX-w-14;if(y+h>innerHeight-8)y=e.clientY-h-14;
 tip.style.left=x+'px';tip.style.top=y+'px';});})();
@@ -561,20 +566,21 @@ def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str,
 AuditFunction = Callable[[Settings, Any, Any, datetime], Mapping[str, list]]
 
 
-def write(config: Settings, path: Path, audit: AuditFunction | None = None,
-          now: datetime | None = None, progress: Callable[[str], None] | None = None) -> Path:
+class CannotWrite(Exception):
+    """The report's file cannot be written there (a message for the operator)."""
+
+
+def write(config: Settings, path: Path, audit: AuditFunction | None = None, now: datetime | None = None) -> Path:
     """Read the stage's registry (and with `audit`, its issuer), write the report to `path`."""
     from chalicelib import wiring
 
     now = now or utcnow()
-    say = progress or (lambda _: None)
     registry = wiring.registry(config)
     policy = wiring.region_policy(config)
     findings = None
     lookup = None
     if audit is not None:
         issuer = wiring.issuer(config, policy)
-        say("auditing the registry against the issuer")
         findings = audit(config, registry, issuer, now)
 
         def lookup(device: DeviceFacts) -> str | None:
@@ -582,7 +588,6 @@ def write(config: Settings, path: Path, audit: AuditFunction | None = None,
                 return None
             found = issuer.certificate(device.certificate_id, device.region)
             return str(found["not_after"]) if found and found.get("not_after") else None
-    say("reading the registry")
     fleet = aggregate((device_facts(item) for item in registry.list()), now, lookup)
     where = (f"DynamoDB table {config.table_name}" if config.registry == "dynamodb"
              else f"SQLite registry {config.registry_path}")
@@ -597,8 +602,10 @@ def write(config: Settings, path: Path, audit: AuditFunction | None = None,
                   generated=now, sources=sources, findings=findings,
                   expiry_known=fleet.expiry_checked > 0)
     path = Path(path)
-    if path.parent and not path.parent.exists():
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise CannotWrite(f"{path}: cannot write the report there ({exc.strerror or exc})") from None
     return path.resolve()
 

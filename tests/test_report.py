@@ -320,6 +320,14 @@ def test_admin_report_needs_a_file(stage, capsys):
     assert "--html" in capsys.readouterr().err
 
 
+def test_an_unwritable_path_is_a_clear_error(stage, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory")
+    capsys.readouterr()
+    assert stage.admin("report", "--html", str(tmp_path / "a-file" / "report.html")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot write the report there" in err and "Traceback" not in err
+
+
 def test_report_of_100000_devices_stays_under_2_mb(tmp_path):
     """The issue's scale: 100,000 devices in SQLite. The size is asserted; the time is printed (no timing asserts
     in the suite: `python bench/report.py` measures it)."""
