@@ -1,7 +1,7 @@
 """The fleet report at scale: a synthetic SQLite registry of N devices, then `admin report` on it, timed.
 
-    python bench/report.py                         # 100,000 devices: prints the file's size and the time
-    python bench/report.py --devices 20000 --screenshot docs/report.png   # make report-screenshot
+    python -m bench.report                         # 100,000 devices: prints the file's size and the time
+    python -m bench.report --devices 20000 --screenshot docs/report.png   # make report-screenshot
 
 The devices are spread over every country on the map (a few large markets, a long tail), placed by the real
 region policy with a couple of rules, so the page looks like a fleet's: some unknown locations on the default
@@ -22,13 +22,11 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
-
-from chalicelib import admin, worldmap  # noqa: E402
-from chalicelib.clock import timestamp  # noqa: E402
-from chalicelib.regions import Location, RegionPolicy  # noqa: E402
-from chalicelib.registry.sqlite import SqliteRegistry  # noqa: E402
+from chalicelib import admin, worldmap
+from chalicelib.config import Settings
+from chalicelib.clock import timestamp
+from chalicelib.regions import Location, RegionPolicy
+from chalicelib.registry.sqlite import SqliteRegistry
 
 RULES = {"countries": {"CH": "eu-central-1", "NZ": "ap-southeast-2", "CA": "us-east-1"},
          "continents": {"SA": "us-east-1"}}
@@ -46,7 +44,7 @@ def country_points() -> list[tuple[str, float, float, float]]:
 
 def synthetic_fleet(state_dir: Path, devices: int, seed: int = 20) -> None:
     rng = random.Random(seed)
-    policy = RegionPolicy.from_rules(admin.stage_settings("local", str(state_dir)).enabled_regions, "eu-west-2", RULES)
+    policy = RegionPolicy.from_rules(Settings.for_stage("local", str(state_dir)).enabled_regions, "eu-west-2", RULES)
     points = country_points()
     weights = [BIG.get(code, 0.05 + rng.random() * 0.25) for code, _, _, _ in points]
     registry = SqliteRegistry(state_dir / "registry.sqlite3")

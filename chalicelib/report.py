@@ -13,12 +13,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import AbstractSet, Any, Callable, Iterable, Mapping, NamedTuple
+from typing import AbstractSet, Callable, Iterable, NamedTuple
 
-from chalicelib import worldmap
+from chalicelib import operations, worldmap
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.config import Settings
+from chalicelib.operations import AuditReport
 from chalicelib.regions import CATALOGUE
+from chalicelib.registry.base import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord
 
 EXPIRY_WINDOW = timedelta(days=30)
 DAYS_SHOWN = 60  # provisionings per day: the last this many days
@@ -38,24 +40,24 @@ SHADES = ("#d7ece6", "#a9d8cb", "#6fbfab", "#38a08a", "#167a68", "#0b5447")
 
 
 class DeviceFacts(NamedTuple):  # a tuple, not a dataclass: 100,000 of them are made per report
-    """What the report reads of a registry item."""
+    """What the report reads of a registry record."""
 
     thing_name: str
     status: str
     region: str | None
     country: str | None
     reason: str | None
-    provisioned_at: str | None  # the registry's UTC timestamp text
+    provisioned_on: str | None  # YYYY-MM-DD, UTC
     certificate_id: str | None
-    certificate_not_after: str | None
+    certificate_not_after: datetime | None
 
 
-def device_facts(item: Any) -> DeviceFacts:
-    """From a registry item (a dict today, a record object once the ports are typed): the one place that knows
-    the registry's field names."""
-    get: Callable[[str], Any] = item.get if isinstance(item, dict) else (lambda name: getattr(item, name, None))
-    return DeviceFacts(get("thing_name"), get("prov_status"), get("aws_region"), get("country"), get("region_reason"),
-                       get("prov_datetime"), get("certificate_id"), get("certificate_not_after"))
+def device_facts(record: DeviceRecord) -> DeviceFacts:
+    """The one place that knows which of the record's fields the report uses."""
+    return DeviceFacts(record.thing_name, str(record.status), record.region, record.country, record.region_reason,
+                       record.provisioned_at.date().isoformat() if record.provisioned_at else None,
+                       record.certificate_id,
+                       getattr(record, "certificate_not_after", None))  # where the registry comes to record it
 
 
 @dataclass
@@ -71,11 +73,11 @@ class Fleet:
     per_day: Counter[str] = field(default_factory=Counter)  # YYYY-MM-DD -> provisionings recorded that day
     unknown_country: int = 0  # provisioned, no country recorded
     expiry_checked: int = 0  # provisioned devices whose certificate's expiry is known
-    expiring: list[tuple[str, str, str]] = field(default_factory=list)  # (thing, region, not_after), soonest first
+    expiring: list[tuple[str, str, datetime]] = field(default_factory=list)  # (thing, region, not after), soonest first
 
     @property
     def provisioned(self) -> int:
-        return self.by_status["provisioned"]
+        return self.by_status[PROVISIONED]
 
     def default_share(self) -> float:
         """Share of provisioned devices sent to the default region because their location was unknown."""
@@ -83,14 +85,14 @@ class Fleet:
 
 
 def aggregate(facts: Iterable[DeviceFacts], now: datetime,
-              not_after: Callable[[DeviceFacts], str | None] | None = None) -> Fleet:
+              not_after: Callable[[DeviceFacts], datetime | None] | None = None) -> Fleet:
     """One pass. `not_after` looks a certificate's expiry up where the registry does not record it."""
     fleet = Fleet()
     horizon = now + EXPIRY_WINDOW
     for device in facts:
         fleet.total += 1
         fleet.by_status[device.status] += 1
-        if device.status != "provisioned":
+        if device.status != PROVISIONED:
             continue
         region, reason = device.region or "?", device.reason or "unrecorded"
         fleet.by_region[region] += 1
@@ -100,20 +102,15 @@ def aggregate(facts: Iterable[DeviceFacts], now: datetime,
             fleet.flows[(device.country, region, reason)] += 1
         else:
             fleet.unknown_country += 1
-        if device.provisioned_at:
-            fleet.per_day[device.provisioned_at[:10]] += 1
+        if device.provisioned_on:
+            fleet.per_day[device.provisioned_on] += 1
         expires = device.certificate_not_after or (not_after(device) if not_after else None)
         if expires:
             fleet.expiry_checked += 1
-        if expires and _parse_time(expires) <= horizon:
-            fleet.expiring.append((device.thing_name, region, expires))
-    fleet.expiring.sort(key=lambda e: _parse_time(e[2]))
+            if expires <= horizon:
+                fleet.expiring.append((device.thing_name, region, expires))
+    fleet.expiring.sort(key=lambda e: e[2])
     return fleet
-
-
-def _parse_time(text: str) -> datetime:
-    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 # --- data sources ----------------------------------------------------------------------------------------
@@ -370,29 +367,27 @@ def _bar(part: int, whole: int) -> str:
     return f'<span class="hbar"><span style="width:{100 * part / whole if whole else 0:.1f}%"></span></span>'
 
 
-def render_audit(findings: Mapping[str, list] | None) -> str:
+def render_audit(findings: AuditReport | None) -> str:
     if findings is None:
         return ('<p class="empty">Not checked: run <code>python -m chalicelib.admin report --html FILE --audit</code> '
                 'to list stuck claims, orphan certificates and things, and missing certificates.</p>')
     rows = []
-    for item in findings.get("stuck_claims", []):
-        ended = timestamp(datetime.fromtimestamp(item["lease_expires"], timezone.utc)) if item.get("lease_expires") else "?"
-        rows.append(["stuck claim", _esc(item["thing_name"]), "", f"lease ended {ended}"])
-    for cert in findings.get("orphan_certificates", []):
-        rows.append(["orphan certificate", _esc(cert.get("thing_name") or ""), _esc(cert.get("region")),
-                     _esc(cert.get("certificate_id"))])
-    for thing in findings.get("orphan_things", []):
-        rows.append(["orphan thing", _esc(thing["thing_name"]), _esc(thing["region"]), "no registry item places it there"])
-    for item in findings.get("missing_certificates", []):
-        rows.append(["missing certificate", _esc(item["thing_name"]), _esc(item.get("region")),
-                     f'{_esc(item.get("certificate_id"))} is {_esc(item.get("status"))}'])
+    for record in findings.stuck_claims:
+        ended = timestamp(record.lease_expires) if record.lease_expires else "?"
+        rows.append(["stuck claim", _esc(record.thing_name), "", f"lease ended {ended}"])
+    for cert in findings.orphan_certificates:
+        rows.append(["orphan certificate", _esc(cert.thing_name or ""), _esc(cert.region), _esc(cert.certificate_id)])
+    for thing in findings.orphan_things:
+        rows.append(["orphan thing", _esc(thing.thing_name), _esc(thing.region), "no registry item places it there"])
+    for missing in findings.missing_certificates:
+        rows.append(["missing certificate", _esc(missing.thing_name), _esc(missing.region),
+                     f"{_esc(missing.certificate_id)} is {_esc(missing.status)}"])
     if not rows:
         return '<p class="ok">Nothing found: no stuck claim, orphan or missing certificate.</p>'
-    shown = rows[:200]
-    more = f'<p class="note">and {_n(len(rows) - 200)} more; <code>admin audit</code> lists them all.</p>' \
-        if len(rows) > 200 else ""
-    return f'<p class="warn">{_n(len(rows))} finding(s); <code>admin audit --fix</code> repairs them.</p>' \
-        + _table(["finding", "device", "region", "detail"], shown) + more
+    more = (f'<p class="note">and {_n(len(rows) - 200)} more; <code>admin audit</code> lists them all.</p>'
+            if len(rows) > 200 else "")
+    return (f'<p class="warn">{_n(len(rows))} finding(s); <code>admin audit --fix</code> repairs them.</p>'
+            + _table(["finding", "device", "region", "detail"], rows[:200]) + more)
 
 
 def render_expiring(fleet: Fleet, known: bool) -> str:
@@ -401,7 +396,7 @@ def render_expiring(fleet: Fleet, known: bool) -> str:
             return ('<p class="empty">The registry records no certificate expiry dates; with <code>--audit</code> '
                     'the report asks the issuer for each provisioned device\'s certificate.</p>')
         return '<p class="ok">No certificate expires within 30 days.</p>'
-    rows = [[_esc(thing), _esc(region), _esc(expires)] for thing, region, expires in fleet.expiring[:200]]
+    rows = [[_esc(thing), _esc(region), timestamp(expires)] for thing, region, expires in fleet.expiring[:200]]
     more = f'<p class="note">and {_n(len(fleet.expiring) - 200)} more.</p>' if len(fleet.expiring) > 200 else ""
     return (f'<p class="warn">{_n(len(fleet.expiring))} certificate(s) expire within 30 days.</p>'
             + _table(["device", "region", "not after"], rows) + more)
@@ -479,11 +474,10 @@ tip.style.left=x+'px';tip.style.top=y+'px';});})();
 
 
 def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str, generated: datetime,
-           sources: list[str], findings: Mapping[str, list] | None = None, expiry_known: bool = False) -> str:
+           sources: list[str], findings: AuditReport | None = None, expiry_known: bool = False) -> str:
     frame = worldmap.Frame()
     provisioned = fleet.provisioned
-    statuses = ["unprovisioned", "provisioning", "provisioned"]
-    statuses += sorted(s for s in fleet.by_status if s not in statuses)
+    statuses = [str(s) for s in STATUSES] + sorted(s for s in fleet.by_status if s not in STATUSES)
     status_rows = [[_esc(s), _n(fleet.by_status[s]), _pct(fleet.by_status[s], fleet.total)] for s in statuses]
     region_names = list(enabled) + sorted(r for r in fleet.by_region if r not in enabled)
     region_rows = []
@@ -510,11 +504,11 @@ def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str,
                              _pct(fleet.unknown_country, provisioned), ""])
     reason_rows = [[f'<span class="line" style="background:{REASON_COLOURS.get(r, UNKNOWN_REASON_COLOUR)}"></span> '
                     f"{_esc(r)}", _n(n), _pct(n, provisioned)] for r, n in fleet.by_reason.most_common()]
-    stuck = len(findings.get("stuck_claims", [])) if findings is not None else None
+    stuck = len(findings.stuck_claims) if findings is not None else None
     share = fleet.default_share()
     kpis = [("devices", _n(fleet.total), False),
             (f"provisioned ({_pct(provisioned, fleet.total)})", _n(provisioned), False),
-            ("in provisioning now", _n(fleet.by_status["provisioning"]), False),
+            ("in provisioning now", _n(fleet.by_status[PROVISIONING]), False),
             ("countries", _n(len(fleet.by_country)), False),
             ("regions in use", f"{sum(1 for r in enabled if fleet.by_region[r])} / {len(enabled)}", False),
             (f"sent to the default region ({_esc(default_region)}): location unknown",
@@ -563,14 +557,11 @@ def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str,
 
 # --- the command ---------------------------------------------------------------------------------------
 
-AuditFunction = Callable[[Settings, Any, Any, datetime], Mapping[str, list]]
-
-
 class CannotWrite(Exception):
     """The report's file cannot be written there (a message for the operator)."""
 
 
-def write(config: Settings, path: Path, audit: AuditFunction | None = None, now: datetime | None = None) -> Path:
+def write(config: Settings, path: Path, audit: bool = False, now: datetime | None = None) -> Path:
     """Read the stage's registry (and with `audit`, its issuer), write the report to `path`."""
     from chalicelib import wiring
 
@@ -579,20 +570,20 @@ def write(config: Settings, path: Path, audit: AuditFunction | None = None, now:
     policy = wiring.region_policy(config)
     findings = None
     lookup = None
-    if audit is not None:
+    if audit:
         issuer = wiring.issuer(config, policy)
-        findings = audit(config, registry, issuer, now)
+        findings = operations.audit(registry, issuer, policy.enabled, now)
 
-        def lookup(device: DeviceFacts) -> str | None:
+        def lookup(device: DeviceFacts) -> datetime | None:
             if not device.certificate_id or not device.region:
                 return None
             found = issuer.certificate(device.certificate_id, device.region)
-            return str(found["not_after"]) if found and found.get("not_after") else None
-    fleet = aggregate((device_facts(item) for item in registry.list()), now, lookup)
+            return found.not_after if found else None
+    fleet = aggregate((device_facts(record) for record in registry.list()), now, lookup)
     where = (f"DynamoDB table {config.table_name}" if config.registry == "dynamodb"
              else f"SQLite registry {config.registry_path}")
     sources = [f"Registry: {where}, read {timestamp(now)}."]
-    if audit is not None:
+    if audit:
         sources.append("Issuer: " + ("AWS IoT Core in each enabled region" if config.issuer == "aws-iot"
                                      else f"local CAs in {config.ca_dir}") + " (audit and certificate expiry).")
     sources += [f"Geolocation: {s}" for s in geolocation_sources(config)]

