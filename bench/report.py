@@ -23,8 +23,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from chalicelib import admin, worldmap
-from chalicelib.config import Settings
 from chalicelib.clock import timestamp
+from chalicelib.config import Settings
 from chalicelib.regions import Location, RegionPolicy
 from chalicelib.registry.sqlite import SqliteRegistry
 

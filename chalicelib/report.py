@@ -247,13 +247,14 @@ def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: wor
                 small.append((shape, count, tip))
         else:
             label = f"{shape.name} ({shape.code})" if shape.code else shape.name
-            out.append(f'<path class="country" data-code="{shape.code}" data-tip="{_esc(label + chr(10) + "no devices")}" '
-                       f'd="{shape.path}"/>')
+            tip = f"{label}\nno devices"
+            out.append(f'<path class="country" data-code="{shape.code}" data-tip="{_esc(tip)}" d="{shape.path}"/>')
     out.append("</g>")
     for shape, count, tip in small:
         x, y = frame.point(*shape.anchor)
         out.append(f'<circle class="country shaded dot" data-code="{shape.code}" data-count="{count}" '
-                   f'style="fill:{shade_for(count, breaks)}" cx="{x:.1f}" cy="{y:.1f}" r="2.6" data-tip="{_esc(tip)}"/>')
+                   f'style="fill:{shade_for(count, breaks)}" cx="{x:.1f}" cy="{y:.1f}" r="2.6" '
+                   f'data-tip="{_esc(tip)}"/>')
 
     out.append('<g class="flows" clip-path="url(#globe)">')
     largest_flow = max(fleet.flows.values(), default=1)
@@ -315,7 +316,8 @@ def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: wor
     for reason in [r for r in REASON_COLOURS if r in drawn] + sorted(drawn - set(REASON_COLOURS)) or ["nearest"]:
         colour = REASON_COLOURS.get(reason, UNKNOWN_REASON_COLOUR)
         legend.append(f'<span class="key"><span class="line" style="background:{colour}"></span>{_esc(reason)}</span>')
-    legend.append('</div><div class="group"><span class="key"><span class="dot-key"></span>region, sized by devices</span>'
+    legend.append('</div><div class="group">'
+                  '<span class="key"><span class="dot-key"></span>region, sized by devices</span>'
                   '<span class="key"><span class="idle-key"></span>enabled, none yet</span></div></div>')
     missing = sorted(c for c in fleet.by_country if c not in by_code)
     note = ""
@@ -440,8 +442,10 @@ stroke-linejoin:round;pointer-events:none}
 .legend-title{color:var(--ink);font-weight:600;margin-right:2px}
 .swatch{display:inline-block;width:16px;height:12px;border-radius:2px;margin:0 4px 0 6px;vertical-align:-1px}
 .line{display:inline-block;width:18px;height:3px;border-radius:2px;margin:0 5px 0 8px;vertical-align:3px}
-.dot-key{display:inline-block;width:12px;height:12px;border-radius:50%;background:#1e293b;margin:0 5px 0 4px;vertical-align:-1px}
-.idle-key{display:inline-block;width:10px;height:10px;border-radius:50%;border:1.2px dashed #1e293b;margin:0 5px 0 12px;vertical-align:-1px}
+.dot-key{display:inline-block;width:12px;height:12px;border-radius:50%;background:#1e293b;margin:0 5px 0 4px;
+vertical-align:-1px}
+.idle-key{display:inline-block;width:10px;height:10px;border-radius:50%;border:1.2px dashed #1e293b;margin:0 5px 0 12px;
+vertical-align:-1px}
 table{border-collapse:collapse;width:100%}
 th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;vertical-align:middle}
 th{font-weight:600;color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.03em}
@@ -451,20 +455,23 @@ tr:last-child td{border-bottom:0}
 .hbar span{display:block;height:100%;background:var(--accent)}
 .tag{display:inline-block;padding:0 6px;border-radius:9px;font-size:12px;background:#eef2f6;color:var(--muted)}
 .empty,.note{color:var(--muted)}.ok{color:#15803d}.warn{color:#c2410c;font-weight:600}
-code{font:12.5px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#eef2f6;padding:1px 4px;border-radius:4px}
+code{font:12.5px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#eef2f6;padding:1px 4px;
+border-radius:4px}
 #per-day{width:100%;height:auto}.bar{fill:var(--accent)}.bar:hover{fill:#0b5447}
 .axis{stroke:#cbd5e1}.tick{fill:var(--muted);font-size:10px}
 footer{padding:0 32px 28px;color:var(--muted);font-size:12.5px}
 footer li{margin:2px 0}
-#tip{position:fixed;pointer-events:none;display:none;background:#0f172a;color:#f8fafc;padding:7px 10px;border-radius:6px;
-font-size:12.5px;white-space:pre-line;max-width:340px;box-shadow:0 4px 14px rgba(15,23,42,.25);z-index:10}
+#tip{position:fixed;pointer-events:none;display:none;background:#0f172a;color:#f8fafc;padding:7px 10px;
+border-radius:6px;font-size:12.5px;white-space:pre-line;max-width:340px;box-shadow:0 4px 14px rgba(15,23,42,.25);
+z-index:10}
 """
 
 # The hover box: shows the data-tip text of whatever the pointer is over (no network, no library).
 _SCRIPT = """
 (function(){var tip=document.getElementById('tip');
 document.addEventListener('mouseover',function(e){var t=e.target.closest&&e.target.closest('[data-tip]');
-if(!t){tip.style.display='none';return;}var lines=t.getAttribute('data-tip').split('\\n'),head=document.createElement('b');
+if(!t){tip.style.display='none';return;}
+var lines=t.getAttribute('data-tip').split('\\n'),head=document.createElement('b');
 head.textContent=lines[0];tip.textContent='';tip.appendChild(head);
 if(lines.length>1)tip.appendChild(document.createTextNode('\\n'+lines.slice(1).join('\\n')));tip.style.display='block';});
 document.addEventListener('mousemove',function(e){var w=tip.offsetWidth,h=tip.offsetHeight;
@@ -518,11 +525,13 @@ def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str,
     kpi_html = "".join(f'<div class="card kpi{" alert" if alert else ""}"><div class="v">{v}</div>'
                        f'<div class="l">{label}</div></div>' for label, v, alert in kpis)
     generated_text = timestamp(generated)
+    nothing_yet = '<p class="empty">No device provisioned yet.</p>'
     source_items = "".join(f"<li>{_esc(s)}</li>" for s in sources)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">
 <title>Fleet report · {_esc(stage)} · {generated_text}</title>
 <style>{_CSS}</style></head>
 <body>
@@ -538,15 +547,16 @@ def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str,
 <section class="card span6"><h2>Devices by status</h2>
 {_table(["status", "devices", "share"], status_rows, {1, 2})}
 <h2 style="margin-top:18px">Why each region was chosen</h2>
-{_table(["reason", "devices", "share"], reason_rows, {1, 2}) if reason_rows else '<p class="empty">No device provisioned yet.</p>'}
+{_table(["reason", "devices", "share"], reason_rows, {1, 2}) if reason_rows else nothing_yet}
 </section>
 <section class="card span6"><h2>Top countries</h2>
-{_table(["country", "devices", "share", "sent to"], country_rows, {1, 2}) if country_rows else '<p class="empty">No device provisioned yet.</p>'}
+{_table(["country", "devices", "share", "sent to"], country_rows, {1, 2}) if country_rows else nothing_yet}
 </section>
 <section class="card span6"><h2>Provisionings per day (last {DAYS_SHOWN} days, UTC)</h2>
 {render_per_day(fleet, generated.date())}</section>
 <section class="card span6"><h2>Stuck claims and audit findings</h2>{render_audit(findings)}</section>
-<section class="card span6"><h2>Certificates expiring within 30 days</h2>{render_expiring(fleet, expiry_known)}</section>
+<section class="card span6"><h2>Certificates expiring within 30 days</h2>
+{render_expiring(fleet, expiry_known)}</section>
 </main>
 <footer><b>Data sources</b><ul>{source_items}</ul></footer>
 <div id="tip" role="tooltip"></div>

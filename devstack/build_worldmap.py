@@ -44,7 +44,8 @@ def read_dbf(data: bytes) -> list[dict[str, str]]:
 
 def read_shp(data: bytes) -> list[list[list[tuple[float, float]]]]:
     """Polygons (shape type 5) as lists of rings of (lon, lat)."""
-    shapes, at = [], 100
+    shapes: list[list[list[tuple[float, float]]]] = []
+    at = 100
     while at < len(data):
         _, words = struct.unpack(">ii", data[at:at + 8])
         content = data[at + 8:at + 8 + words * 2]
@@ -104,7 +105,7 @@ def build(zip_bytes: bytes) -> dict:
                 continue
             # Small pieces (Hong Kong, Singapore, Bahrain) are simplified less, so they keep their shape.
             simple = simplify(ring, min(TOLERANCE, area(ring) ** 0.5 / 15))
-            flat = []
+            flat: list[int] = []
             for lon, lat in simple[:-1]:  # rings are closed: the last point repeats the first
                 point = [round(lon * 100), round(lat * 100)]
                 if flat[-2:] != point:

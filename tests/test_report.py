@@ -5,12 +5,11 @@ import math
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from chalicelib import admin, report, wiring, worldmap
+from chalicelib import report, wiring, worldmap
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.operations import AuditReport
 from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, DeviceRecord
@@ -339,7 +338,7 @@ def test_report_of_100000_devices_stays_under_2_mb(tmp_path):
     assert page.count("<circle") < 400 and page.count("<path") < 1500  # aggregated, not one element per device
 
 
-def test_the_report_reads_either_backend(backend, tmp_path):
+def test_the_report_reads_either_backend(backend, tmp_path):  # noqa: F811
     """The same page from the local stage's SQLite and the prod stage's DynamoDB (under moto)."""
     assert backend("register", "--prefix", "dev", "--count", "4")[0] == 0
     registry = backend.registry()
