@@ -104,19 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building a synthetic registry of {args.devices:,} devices ...", file=sys.stderr, flush=True)
         synthetic_fleet(state, args.devices)
         out = Path(args.out) if args.out else Path(tmp) / "report.html"
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         code = admin.main(["--state-dir", str(state), "report", "--html", str(out)])
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu  # CPU: fairer on a busy machine
         if code != 0:
             return code
         size = out.stat().st_size
         if args.screenshot:
             screenshot(out, Path(args.screenshot))
             print(f"screenshot: {args.screenshot}", file=sys.stderr)
-        result = {"devices": args.devices, "bytes": size, "seconds": round(seconds, 3)}
+        result = {"devices": args.devices, "bytes": size, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3)}
         print(json.dumps(result) if args.json else
               f"{args.devices:,} devices: report of {size / 1e6:.2f} MB written in {seconds:.2f} s "
-              f"(limits: 2 MB, 5 s)")
+              f"({cpu:.2f} s of CPU; limits: 2 MB, 5 s)")
     return 0
 
 
