@@ -49,15 +49,13 @@ class DeviceFacts(NamedTuple):  # a tuple, not a dataclass: 100,000 of them are 
     reason: str | None
     provisioned_on: str | None  # YYYY-MM-DD, UTC
     certificate_id: str | None
-    certificate_not_after: datetime | None
 
 
 def device_facts(record: DeviceRecord) -> DeviceFacts:
     """The one place that knows which of the record's fields the report uses."""
     return DeviceFacts(record.thing_name, str(record.status), record.region, record.country, record.region_reason,
                        record.provisioned_at.date().isoformat() if record.provisioned_at else None,
-                       record.certificate_id,
-                       getattr(record, "certificate_not_after", None))  # where the registry comes to record it
+                       record.certificate_id)
 
 
 @dataclass
@@ -86,7 +84,7 @@ class Fleet:
 
 def aggregate(facts: Iterable[DeviceFacts], now: datetime,
               not_after: Callable[[DeviceFacts], datetime | None] | None = None) -> Fleet:
-    """One pass. `not_after` looks a certificate's expiry up where the registry does not record it."""
+    """One pass. `not_after` looks a certificate's expiry up (the registry does not record it; the issuer knows)."""
     fleet = Fleet()
     horizon = now + EXPIRY_WINDOW
     for device in facts:
@@ -104,7 +102,7 @@ def aggregate(facts: Iterable[DeviceFacts], now: datetime,
             fleet.unknown_country += 1
         if device.provisioned_on:
             fleet.per_day[device.provisioned_on] += 1
-        expires = device.certificate_not_after or (not_after(device) if not_after else None)
+        expires = not_after(device) if not_after else None
         if expires:
             fleet.expiry_checked += 1
             if expires <= horizon:
@@ -395,8 +393,8 @@ def render_audit(findings: AuditReport | None) -> str:
 def render_expiring(fleet: Fleet, known: bool) -> str:
     if not fleet.expiring:
         if not known:
-            return ('<p class="empty">The registry records no certificate expiry dates; with <code>--audit</code> '
-                    'the report asks the issuer for each provisioned device\'s certificate.</p>')
+            return ('<p class="empty">Not checked: the issuer knows each certificate\'s expiry, and with '
+                    '<code>--audit</code> the report asks it about every provisioned device.</p>')
         return '<p class="ok">No certificate expires within 30 days.</p>'
     rows = [[_esc(thing), _esc(region), timestamp(expires)] for thing, region, expires in fleet.expiring[:200]]
     more = f'<p class="note">and {_n(len(fleet.expiring) - 200)} more.</p>' if len(fleet.expiring) > 200 else ""

@@ -154,13 +154,12 @@ RECORDS = [
 EXPIRY = {"a5": datetime(2026, 12, 10, tzinfo=timezone.utc), "a6": datetime(2027, 6, 1, tzinfo=timezone.utc)}
 
 
-def _facts(records=RECORDS, expiry=None):
-    """The facts as the adapter reads them, with a certificate expiry where the registry would record one."""
-    return [report.device_facts(r)._replace(certificate_not_after=(expiry or {}).get(r.thing_name)) for r in records]
+def _facts(records=RECORDS):
+    return [report.device_facts(r) for r in records]
 
 
 def test_aggregate_counts_every_device_once_by_status_region_country_reason_and_day():
-    fleet = report.aggregate(_facts(expiry=EXPIRY), NOW)
+    fleet = report.aggregate(_facts(), NOW, lambda device: EXPIRY.get(device.thing_name))
     assert fleet.total == 9
     assert dict(fleet.by_status) == {"provisioned": 6, "provisioning": 1, "unprovisioned": 2}
     assert dict(fleet.by_region) == {"eu-west-2": 3, "eu-central-1": 1, "ap-northeast-1": 2}
@@ -175,23 +174,24 @@ def test_aggregate_counts_every_device_once_by_status_region_country_reason_and_
     assert fleet.expiry_checked == 2
 
 
-def test_aggregate_asks_the_lookup_only_where_the_registry_has_no_expiry():
+def test_aggregate_asks_about_provisioned_devices_only_and_lists_the_soonest_first():
     asked = []
+    expiry = {**EXPIRY, "a1": datetime(2026, 11, 30, tzinfo=timezone.utc), "a2": datetime(2025, 1, 1, tzinfo=timezone.utc)}
 
     def not_after(device):
         asked.append(device.thing_name)
-        return {"a1": datetime(2026, 11, 30, tzinfo=timezone.utc),
-                "a2": datetime(2025, 1, 1, tzinfo=timezone.utc)}.get(device.thing_name)
+        return expiry.get(device.thing_name)
 
-    fleet = report.aggregate(_facts(expiry=EXPIRY), NOW, not_after)
-    assert sorted(asked) == ["a1", "a2", "a3", "a4"]
+    fleet = report.aggregate(_facts(), NOW, not_after)
+    assert sorted(asked) == ["a1", "a2", "a3", "a4", "a5", "a6"]
     # Soonest first; an already expired certificate is listed too.
     assert [e[0] for e in fleet.expiring] == ["a2", "a1", "a5"]
+    assert report.aggregate(_facts(), NOW).expiry_checked == 0  # without a lookup, nothing is known
 
 
 def test_the_adapter_reads_what_the_report_needs_from_a_record():
     facts = report.device_facts(RECORDS[0])
-    assert facts == ("a1", "provisioned", "eu-west-2", "GB", "nearest", "2026-11-27", None, None)
+    assert facts == ("a1", "provisioned", "eu-west-2", "GB", "nearest", "2026-11-27", None)
     assert type(facts.status) is str  # a plain string, whatever enum the registry uses
 
 
