@@ -5,7 +5,7 @@ PY       := $(VENV)/bin/python
 API_PORT ?= 8000
 export API_PORT
 
-.PHONY: install demo test local bench bench-quick clean
+.PHONY: install demo test local bench bench-quick report-screenshot clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench.run --size quick
+
+# The README's picture of the fleet report: a synthetic 20,000-device fleet, headless Chromium.
+report-screenshot: install
+	$(PY) -m bench.report --devices 20000 --screenshot docs/report.png
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache

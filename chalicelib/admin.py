@@ -1,8 +1,9 @@
 """Operator CLI: python -m chalicelib.admin [--stage local] COMMAND ...
 
-Commands: keygen, init, register, list, stats, show, reset, audit, regions, where. Reads the same settings as
-the service (the stage's environment in .chalice/config.json, overridden by the process environment), so the
-CLI and the server always look at the same registry and keys. The use cases live in chalicelib.operations.
+Commands: keygen, init, register, list, stats, show, reset, audit, regions, where, report. Reads the same
+settings as the service (the stage's environment in .chalice/config.json, overridden by the process
+environment), so the CLI and the server always look at the same registry and keys. The use cases live in
+chalicelib.operations.
 """
 import argparse
 import csv
@@ -342,6 +343,16 @@ def cmd_where(config: Settings, args: Args) -> int:
     return 0
 
 
+def cmd_report(config: Settings, args: Args) -> int:
+    from chalicelib import report  # only this command needs the map data
+
+    try:
+        print(f"report written: {report.write(config, Path(args.html), args.audit)}")
+    except report.CannotWrite as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m chalicelib.admin", description=(__doc__ or "").split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -414,6 +425,16 @@ def parser() -> argparse.ArgumentParser:
                    help="release stuck claims, revoke orphan certificates, reset devices whose certificate is gone")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("report", help="write the fleet report: one self-contained HTML page with a world map",
+                       description="Counts by status, region and country, a world map of where devices are and "
+                                   "which region each country was sent to, provisionings per day and the data "
+                                   "sources, in one HTML file that needs no network to open.")
+    p.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
+    p.add_argument("--audit", action="store_true",
+                   help="also list stuck claims and audit findings, and certificates expiring within 30 days "
+                        "(asks the issuer about every provisioned device, like audit)")
+    p.set_defaults(func=cmd_report)
     return top
 
 
