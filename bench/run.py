@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
+from bench import local_http  # noqa: E402
+
 SIZES = {  # devices in-process, devices over HTTP, rows into SQLite, rows into DynamoDB, repetitions, AWS-path devices
     "full": dict(inproc=2000, http=1000, sqlite_rows=100_000, dynamo_rows=10_000, reps=3, aws=9, cold=5),
     "quick": dict(inproc=300, http=200, sqlite_rows=20_000, dynamo_rows=1_000, reps=3, aws=5, cold=3),
@@ -403,6 +405,7 @@ def table(r: dict) -> str:
         ("In-process, server-made RSA-2048 keys", f"{i['server_key_mode_per_s']:.0f} /s", "key generation bound"),
         (f"HTTP, chalice local, {h['clients']} clients, {h['devices']} devices", f"{h['requests_per_s']:.0f} req/s",
          f"p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, errors {h['errors']}"),
+        *local_http.rows(r["local_http"], i["us_per_device"]),
         ("AWS calls, first provisioning in a container", str(len(a["bundled"]["first_calls"])),
          ", ".join(a["bundled"]["first_calls"])),
         ("AWS calls, steady state", str(len(a["bundled"]["steady_calls"])), ", ".join(a["bundled"]["steady_calls"])),
@@ -437,6 +440,7 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, cpus)
     say("2/5 HTTP throughput against the local stage")
     results["http"] = bench_http(size["http"])
+    results["local_http"] = local_http.bench(args.size)  # p50/p99 of GET /health and provisioning, 1 and 8 clients
     say("3/5 AWS path under moto: calls and simulated latency")
     results["aws"] = bench_aws(size["aws"])
     say("4/5 cold start")
