@@ -1,5 +1,6 @@
 """HTTP routes only: parse -> one service call -> map domain errors to HTTP (design.md)."""
 import json
+import os
 import uuid
 
 from chalice import Chalice, Response
@@ -26,6 +27,19 @@ HTTP_STATUS = {
     RegionBlocked: 403,
     ServiceUnavailable: 503,
 }
+
+
+@app.middleware("http")
+def refuse_local_backends_on_lambda(event, get_response):
+    """Chalice gives `chalice local`, `package` and `deploy` one stage's environment and the default stage `dev`
+    is local: a function deployed without --stage prod would run SQLite and a local CA on Lambda. Refuse."""
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and wiring.settings().stage != "prod":
+        message = (f"this function runs the {wiring.settings().stage!r} stage's local backends on AWS Lambda: it "
+                   "was deployed without --stage prod; redeploy with `chalice deploy --stage prod`")
+        observability.logger.error(message)
+        return Response(error_body("stage-not-deployable", message), status_code=503,
+                        headers={"Content-Type": "application/json", "Retry-After": "3600"})
+    return get_response(event)
 
 
 @app.route("/device-provisioning", methods=["POST"])
