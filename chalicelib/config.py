@@ -13,6 +13,7 @@ from chalicelib.errors import ConfigError
 from chalicelib.regions import DEFAULT_REGION, SAMPLE_REGIONS
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+STATE_DIR_NAME = "iot-global-provisioning"
 FLEET_PRIVATE_KEY_NAME = "global-provisioning.priv.key.pem"
 FLEET_PUBLIC_KEY_NAME = "global-provisioning.pub.key.pem"
 
@@ -57,7 +58,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
         stage = env.get("GIP_STAGE", "local")
-        state_dir = _path(env.get("GIP_STATE_DIR") or f".state/{stage}")
+        state_dir = _path(env["GIP_STATE_DIR"]) if env.get("GIP_STATE_DIR") else default_state_dir(stage, env)
         return cls(
             stage=stage,
             state_dir=state_dir,
@@ -80,6 +81,19 @@ class Settings:
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
         )
+
+
+def default_state_dir(stage: str, env: Mapping[str, str] | None = None) -> Path:
+    """$XDG_STATE_HOME/iot-global-provisioning/<stage>, else ~/.local/state/...: outside the project, because
+    `chalice local`'s reloader watches the whole project tree and restarts on every change to the registry."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME") or os.environ.get("XDG_STATE_HOME")
+    if not base or not Path(base).is_absolute():  # the XDG spec: a relative value is ignored
+        home = Path(os.path.expanduser("~"))
+        if not home.is_absolute():  # no HOME and no passwd entry (some containers)
+            return PROJECT_DIR / ".state" / stage
+        base = str(home / ".local" / "state")
+    return Path(base) / STATE_DIR_NAME / stage
 
 
 def _path(value: str) -> Path:

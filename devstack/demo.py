@@ -1,6 +1,6 @@
 """make demo: the original sample's README walkthrough on the local stage, non-interactive.
 
-Starts the stack on free ports in a fresh state directory (.state/demo), makes the signing keys, registers
+Starts the stack on free ports in a fresh state directory (its own, next to the local stage's), makes the signing keys, registers
 mydevice1..10, provisions two devices from two continents, shows a refusal, shows the registry, shows
 each device's messages arriving at its own region's broker, restarts a device, and stops everything.
 """
@@ -14,13 +14,13 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
 from chalicelib import admin  # noqa: E402
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME  # noqa: E402
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, default_state_dir  # noqa: E402
 from chalicelib.errors import ConfigError  # noqa: E402
 from devstack.monitor import Monitor  # noqa: E402
 from devstack.stack import LocalStack, StackError, die_with_parent, free_port, free_port_run  # noqa: E402
 
 LONDON, TOKYO, SAO_PAULO = "81.2.69.142", "126.0.0.1", "200.147.67.142"
-STATE = PROJECT_DIR / ".state" / "demo"
+STATE = default_state_dir("demo")  # like the local stage's, outside the project
 
 
 HEADER_WIDTH = 80
