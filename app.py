@@ -42,7 +42,19 @@ def refuse_local_backends_on_lambda(event, get_response):
     return get_response(event)
 
 
-@app.route("/device-provisioning", methods=["POST"])
+@app.middleware("http")
+def answer_undefined_methods_like_api_gateway(event, get_response):
+    """On AWS, API Gateway itself answers a method a path does not have (the function never sees it); chalice
+    local would let Chalice answer 405 in its own body shape. Answer as API Gateway does, on every stage."""
+    if event.method not in app.routes.get(event.context.get("resourcePath", ""), {}):
+        return Response({"message": "Missing Authentication Token"}, status_code=403,
+                        headers={"x-amzn-ErrorType": "MissingAuthenticationTokenException"})
+    return get_response(event)
+
+
+# Any Content-Type: the original device and many embedded HTTP stacks send none or an odd one, and the body is
+# parsed as JSON whatever it says (Chalice would answer 415 in its own body shape before the handler).
+@app.route("/device-provisioning", methods=["POST"], content_types=["*/*"])
 def device_provisioning():
     request = app.current_request
     steps = Steps()

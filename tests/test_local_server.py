@@ -91,3 +91,25 @@ def test_a_client_that_never_sends_its_headers_is_closed(server):
     with socket.create_connection(("127.0.0.1", server)) as silent:
         silent.sendall(b"GET /hea")
         assert closed_by_server(silent)
+
+
+def test_unknown_paths_methods_and_content_types_answer_as_on_api_gateway(server):
+    import json
+    import urllib.error
+
+    def call(method, path, content_type=None):
+        request = urllib.request.Request(f"http://127.0.0.1:{server}{path}", data=b'{"thing-name": "x"}',
+                                         method=method, headers={"Content-Type": content_type} if content_type else {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    missing = (403, {"message": "Missing Authentication Token"})
+    assert call("GET", "/nowhere") == missing
+    assert call("GET", "/device-provisioning") == missing
+    assert call("PUT", "/health") == missing
+    for content_type in (None, "text/plain", "application/octet-stream"):
+        status, body = call("POST", "/device-provisioning", content_type)
+        assert status != 415 and body["status"] == "error" and body["code"] and body["message"], (status, body)
