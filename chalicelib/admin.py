@@ -20,6 +20,7 @@ from chalicelib import wiring
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
 from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
+from chalicelib.fleet_keys import rotated_value
 from chalicelib.issuers.base import CertificateRef
 from chalicelib.issuers.local_ca import write_private
 from chalicelib.provisioning import THING_NAME
@@ -48,24 +49,48 @@ def stage_settings(stage: str, state_dir: str | None) -> Settings:
 
 
 def cmd_keygen(config: Settings, args) -> int:
+    parameter = None if args.out_dir else config.fleet_public_key_parameter
     if args.out_dir:
         out = Path(args.out_dir).resolve()
         private_path, public_path = out / FLEET_PRIVATE_KEY_NAME, out / FLEET_PUBLIC_KEY_NAME
-    else:  # the public key goes where the stage reads it (prod: inside chalicelib/, so it ships)
+    else:  # the public key goes where the stage reads it (prod: the SSM parameter, below)
         private_path, public_path = config.keys_dir / FLEET_PRIVATE_KEY_NAME, config.fleet_public_key
     if private_path.exists() and not args.force:
         raise CommandError(f"{private_path} exists; every device signs with it. Use --force to replace it.")
+    current = _fleet_key_parameter(parameter) if parameter else None
+    if current and not args.force:
+        raise CommandError(f"SSM parameter {parameter} already holds the fleet public key (made elsewhere?); "
+                           "--force replaces it, keeping it accepted as the previous key")
     private_path.parent.mkdir(parents=True, exist_ok=True)
     public_path.parent.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
     write_private(private_path, key.private_bytes(serialization.Encoding.PEM,
                                                   serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption()))
+    print(f"private key (for device firmware, keep secret): {private_path}")
+    if parameter:
+        # The new key first; the one it replaces stays accepted until the next rotation (devices in the field
+        # still carry it). Containers pick the change up without a redeploy (chalicelib/fleet_keys.py).
+        value = rotated_value(key.public_key(), current)
+        wiring.aws_clients().client("ssm").put_parameter(Name=parameter, Value=value, Type="String", Overwrite=True)
+        print(f"public key (the service verifies with it):      SSM parameter {parameter}"
+              + (" (the replaced key stays accepted as the previous one)" if current else ""))
+        return 0
     public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
-    print(f"private key (for device firmware, keep secret): {private_path}")
     print(f"public key (the service verifies with it):      {public_path}")
     return 0
+
+
+def _fleet_key_parameter(name: str) -> str | None:
+    """The parameter's value, or None when it does not exist yet."""
+    from botocore.exceptions import ClientError
+    try:
+        return wiring.aws_clients().client("ssm").get_parameter(Name=name)["Parameter"]["Value"]
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
+            return None
+        raise
 
 
 def cmd_init(config: Settings, args) -> int:

@@ -39,6 +39,9 @@ class Settings:
     maxmind_db: Path | None = None
     allow_v1: bool = True
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
+    # SSM String parameter with the fleet public key(s), current then previous (prod); a key file set
+    # explicitly with GIP_FLEET_PUBLIC_KEY takes precedence.
+    fleet_public_key_parameter: str | None = None
     region_rules: Mapping = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
     timestamp_skew_seconds: int = 300
 
@@ -80,6 +83,8 @@ class Settings:
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
+            fleet_public_key_parameter=None if env.get("GIP_FLEET_PUBLIC_KEY")
+            else env.get("GIP_FLEET_PUBLIC_KEY_PARAMETER") or None,
         )
 
 
