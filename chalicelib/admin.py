@@ -5,8 +5,10 @@ the process environment), so the CLI and the server always look at the same regi
 """
 import argparse
 import csv
+import ipaddress
 import json
 import os
+import re
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib import wiring
 from chalicelib.clock import timestamp, utcnow
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings, default_state_dir
 from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
 from chalicelib.fleet_keys import rotated_value
 from chalicelib.issuers.base import CertificateRef
@@ -33,16 +35,57 @@ class CommandError(Exception):
     """A problem the operator can fix; printed without a traceback."""
 
 
+def existing_registry(config: Settings):
+    """The stage's registry; an error rather than a new empty one when it does not exist (a mistyped --state-dir).
+    Only `init` and `register` create it."""
+    if config.registry == "sqlite" and not config.registry_path.exists():
+        raise CommandError(f"no registry at {config.registry_path}: check --state-dir / GIP_STATE_DIR, or create "
+                           "it with `init` or `register`")
+    return wiring.registry(config)
+
+
+def natural_key(name: str) -> list:
+    """mydevice2 before mydevice10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IPv4 or IPv6 address: {text!r}") from None
+
+
+def aws_problem(exc: Exception) -> str | None:
+    """One line an operator can act on for a botocore failure; None for anything else."""
+    if "botocore" not in sys.modules or not type(exc).__module__.startswith("botocore"):
+        return None
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
+    if isinstance(exc, NoRegionError):
+        return ("no AWS region: set one with `export AWS_DEFAULT_REGION=eu-west-2` (the region of the table and "
+                "the API), or `aws configure`")
+    if isinstance(exc, NoCredentialsError):
+        return "no AWS credentials: run `aws configure`, or set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    if isinstance(exc, EndpointConnectionError):
+        return f"cannot reach AWS: {exc}"
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"AWS refused {exc.operation_name}: {error.get('Code')}: {error.get('Message')}"
+    return f"AWS call failed: {exc}"
+
+
 def stage_settings(stage: str, state_dir: str | None) -> Settings:
     env = {}
     config_file = PROJECT_DIR / ".chalice" / "config.json"
+    stage_env: dict = {}
     if config_file.exists():
         stages = json.loads(config_file.read_text()).get("stages", {})
         if stage not in stages:
             raise CommandError(f"stage {stage!r} is not in {config_file} (stages: {', '.join(stages)})")
-        env.update(stages[stage].get("environment_variables", {}))
+        stage_env = stages[stage].get("environment_variables", {})
+        env.update(stage_env)
     env.update({k: v for k, v in os.environ.items() if k.startswith("GIP_")})
-    env["GIP_STAGE"] = stage
+    env["GIP_STAGE"] = stage_env.get("GIP_STAGE") or stage  # Chalice's stage dev runs the local stage
     if state_dir:
         env["GIP_STATE_DIR"] = str(Path(state_dir).resolve())
     return Settings.from_env(env)
@@ -93,11 +136,14 @@ def _fleet_key_parameter(name: str) -> str | None:
         raise
 
 
+def registry_location(config: Settings) -> str:
+    return (f"DynamoDB tables {config.table_name} and {config.table_name}-nonces"
+            if config.registry == "dynamodb" else str(config.registry_path))
+
+
 def cmd_init(config: Settings, args) -> int:
     wiring.registry(config).create()
-    where = (f"DynamoDB tables {config.table_name} and {config.table_name}-nonces"
-             if config.registry == "dynamodb" else str(config.registry_path))
-    print(f"registry ready: {where}")
+    print(f"registry ready: {registry_location(config)}")
     return 0
 
 
@@ -217,7 +263,7 @@ def cmd_register(config: Settings, args) -> int:
     finally:
         if bar:
             bar.close()
-    print(f"registered {added} new device(s); {len(names) - added} already present"
+    print(f"registered {added} new device(s) in {registry_location(config)}; {len(names) - added} already present"
           + (": nothing changed" if added == 0 else "")
           + (f" ({duplicates} repeated row(s) skipped)" if duplicates else ""))
     return 0
@@ -237,7 +283,8 @@ _CSV_COLUMNS = ("thing_name", "prov_status", "aws_region", "prov_datetime", "cer
 
 
 def cmd_list(config: Settings, args) -> int:
-    items = list(wiring.registry(config).list(args.status, args.region, args.since))
+    items = sorted(existing_registry(config).list(args.status, args.region, args.since),
+                   key=lambda item: natural_key(item["thing_name"]))
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
@@ -274,7 +321,7 @@ def _iso(epoch: float) -> str:
 
 
 def cmd_stats(config: Settings, args) -> int:
-    stats = fleet_stats(wiring.registry(config), utcnow())
+    stats = fleet_stats(existing_registry(config), utcnow())
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -300,7 +347,7 @@ def certificate_details(found: dict) -> dict:
 
 
 def cmd_show(config: Settings, args) -> int:
-    item = wiring.registry(config).get(args.name)
+    item = existing_registry(config).get(args.name)
     if item is None:
         raise CommandError(f"{args.name} is not registered")
     item.setdefault("attempts", 0)  # never claimed yet
@@ -312,7 +359,7 @@ def cmd_show(config: Settings, args) -> int:
 
 
 def cmd_reset(config: Settings, args) -> int:
-    registry, issuer = wiring.registry(config), wiring.issuer(config)
+    registry, issuer = existing_registry(config), wiring.issuer(config)
     item = registry.get(args.name)
     if item is None:
         raise CommandError(f"{args.name} is not registered")
@@ -351,7 +398,7 @@ def audit(config: Settings, registry, issuer, now: datetime) -> dict:
 
 
 def cmd_audit(config: Settings, args) -> int:
-    registry, issuer = wiring.registry(config), wiring.issuer(config)
+    registry, issuer = existing_registry(config), wiring.issuer(config)
     now = utcnow()
     found = audit(config, registry, issuer, now)
     fixed = []
@@ -423,10 +470,14 @@ def cmd_where(config: Settings, args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m chalicelib.admin", description=__doc__.split("\n\n")[0],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="python -m chalicelib.admin", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="state directory (registry, CAs, keys, logs): --state-dir, else $GIP_STATE_DIR, else\n"
+               f"  {default_state_dir('<stage>')}\n"
+               f"  (the local stage's now: {os.environ.get('GIP_STATE_DIR') or default_state_dir('local')})")
     top.add_argument("--stage", default="local", help="stage whose settings to use (default: local)")
-    top.add_argument("--state-dir", help="override the stage's state directory (registry, CAs, keys)")
+    top.add_argument("--state-dir", help="the stage's state directory: registry, CAs, keys (default: see below)")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="make the fleet provisioning signing key pair")
@@ -475,7 +526,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_regions)
 
     p = sub.add_parser("where", help="show which region an IP address would get, and why (provisions nothing)")
-    p.add_argument("ip", metavar="IP")
+    p.add_argument("ip", metavar="IP", type=ip_address, help="an IPv4 or IPv6 address")
     p.set_defaults(func=cmd_where)
 
     p = sub.add_parser("reset", help="deprovision a device so it can provision again",
@@ -494,6 +545,9 @@ def parser() -> argparse.ArgumentParser:
                    help="release stuck claims, revoke orphan certificates, reset devices whose certificate is gone")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_audit)
+    for action in sub._choices_actions:  # every command's --help says what it does, not only its usage
+        command = sub.choices[action.dest]
+        command.description = command.description or f"{action.help[0].upper()}{action.help[1:]}."
     return top
 
 
@@ -506,6 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        problem = aws_problem(exc)  # no region, no credentials, access denied: one line, no traceback
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         return 1
 
 

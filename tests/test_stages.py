@@ -97,3 +97,10 @@ def test_plain_chalice_local_serves_the_local_stage_and_keeps_serving(tmp_path, 
     finally:
         chalice.terminate()
         chalice.wait(10)
+
+
+def test_the_cli_for_stage_dev_sees_what_chalice_local_for_dev_sees(tmp_path, monkeypatch):
+    monkeypatch.delenv("GIP_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert admin.stage_settings("dev", None) == admin.stage_settings("local", None)
+    assert admin.stage_settings("dev", None).state_dir == tmp_path / "iot-global-provisioning" / "local"
