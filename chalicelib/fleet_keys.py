@@ -58,8 +58,8 @@ class SsmFleetKeyVerifier(FleetKeyVerifier):
         self._read_at: float | None = None
         self._lock = threading.Lock()
 
-    @property  # type: ignore[override]  # a property here, an attribute of the file-based verifier
-    def keys(self) -> tuple[rsa.RSAPublicKey, ...]:
+    @property  # a property here, an attribute of the file-based verifier
+    def keys(self) -> tuple[rsa.RSAPublicKey, ...]:  # type: ignore[override]
         if self._keys is None:
             self._read()
         if self._keys is None:
