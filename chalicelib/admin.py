@@ -263,7 +263,7 @@ def cmd_register(config: Settings, args) -> int:
     finally:
         if bar:
             bar.close()
-    print(f"registered {added} new device(s) in {registry_location(config)}; {len(names) - added} already present"
+    print(f"registered {added} new device(s); {len(names) - added} already present"
           + (": nothing changed" if added == 0 else "")
           + (f" ({duplicates} repeated row(s) skipped)" if duplicates else ""))
     return 0

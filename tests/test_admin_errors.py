@@ -62,7 +62,7 @@ def test_a_mistyped_state_dir_is_an_error_not_a_new_empty_registry(clean_env, ca
 def test_init_and_register_create_the_registry(clean_env, capsys, argv):
     state = clean_env / "new-state"
     assert admin.main(["--state-dir", str(state), *argv]) == 0
-    assert str(state / "registry.sqlite3") in capsys.readouterr().out
+    assert (state / "registry.sqlite3").is_file()
     assert admin.main(["--state-dir", str(state), "list"]) == 0
 
 
