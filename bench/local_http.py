@@ -2,7 +2,7 @@
 with 1 and 8 clients each keeping its connection alive, as a device fleet behind one gateway would.
 
 The in-process row times the service alone; this one adds Chalice's dev server, HTTP and loopback, so the
-gap between the two is what the local HTTP server costs. `python bench/local_http.py [--size quick]` runs it
+gap between the two is what the local HTTP server costs. `python -m bench.local_http [--size quick]` runs it
 alone; `make bench` runs it as one of its rows.
 """
 import argparse
@@ -15,10 +15,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
+from typing import Any, Callable
 
 SIZES = {"full": dict(health=2000, devices=400), "quick": dict(health=500, devices=100),
          "tiny": dict(health=16, devices=8)}
@@ -30,7 +27,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
 
 
-def _timed(calls: list, clients: int) -> dict:
+def _timed(calls: list[Callable[[Any], int]], clients: int) -> dict[str, Any]:
     """Runs call(session) for each of `calls` on `clients` threads, one kept-alive session per thread."""
     import requests
     latencies: list[float] = []
@@ -59,19 +56,21 @@ def _timed(calls: list, clients: int) -> dict:
 
 
 def bench(size: str = "full") -> dict:
+    import requests
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, padding
-    from cryptography import x509
     from cryptography.x509.oid import NameOID
 
     from chalicelib import admin
+    from chalicelib.config import Settings
     from devstack.stack import LocalStack, free_port, free_port_run
 
     n = SIZES[size]
     devices = n["devices"] * len(CLIENTS)  # each run provisions devices of its own
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.update(GIP_STATE_DIR=tmp, GIP_MQTT_BASE_PORT=str(free_port_run(11)))
-        settings = admin.stage_settings("local", tmp)
+        settings = Settings.for_stage("local", tmp)
         with open(os.devnull, "w") as quiet:
             stdout, sys.stdout = sys.stdout, quiet
             try:
@@ -95,7 +94,6 @@ def bench(size: str = "full") -> dict:
         results: dict = {"health": [], "provisioning": []}
         with LocalStack(settings, free_port(), quiet=True) as stack:
             health, provision = f"{stack.api_url}/health", f"{stack.api_url}/device-provisioning"
-            import requests
             requests.post(provision, json={}, timeout=60)  # the first request builds the service (not timed)
             for clients in CLIENTS:
                 results["health"].append(_timed(
@@ -122,7 +120,7 @@ def rows(result: dict, inprocess_us_per_device: float | None = None) -> list[tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python bench/local_http.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.local_http", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="quick")
     args = parser.parse_args(argv)
     result = bench(args.size)

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from chalicelib.errors import ConfigError
 from chalicelib.regions import DEFAULT_REGION, SAMPLE_REGIONS
@@ -42,7 +42,8 @@ class Settings:
     # SSM String parameter with the fleet public key(s), current then previous (prod); a key file set
     # explicitly with GIP_FLEET_PUBLIC_KEY takes precedence.
     fleet_public_key_parameter: str | None = None
-    region_rules: Mapping = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
+    # {"countries": {...}, "continents": {...}, "blocked": [...]}
+    region_rules: Mapping[str, Any] = field(default_factory=dict)
     timestamp_skew_seconds: int = 300
 
     @property
@@ -56,6 +57,30 @@ class Settings:
     @property
     def keys_dir(self) -> Path:
         return self.state_dir / "keys"
+
+    @classmethod
+    def for_stage(cls, stage: str, state_dir: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                  config_file: Path | None = None) -> "Settings":
+        """A stage's settings outside Lambda (CLI, devstack, bench): `.chalice/config.json`'s top-level
+        `environment_variables` overridden by the stage's, as Chalice merges them, then by GIP_* variables of
+        the process environment; `state_dir` overrides the stage's state directory."""
+        env: dict[str, str] = {}
+        config_file = config_file or PROJECT_DIR / ".chalice" / "config.json"
+        stage_env: dict[str, str] = {}
+        if config_file.exists():
+            chalice_config = json.loads(config_file.read_text())
+            stages = chalice_config.get("stages", {})
+            if stage not in stages:
+                raise ConfigError(f"stage {stage!r} is not in {config_file} (stages: {', '.join(stages)})")
+            stage_env = stages[stage].get("environment_variables", {})
+            env.update(chalice_config.get("environment_variables", {}))
+            env.update(stage_env)
+        environ = os.environ if environ is None else environ
+        env.update({k: v for k, v in environ.items() if k.startswith("GIP_") or k == "XDG_STATE_HOME"})
+        env["GIP_STAGE"] = stage_env.get("GIP_STAGE") or stage  # Chalice's default stage dev runs the local stage
+        if state_dir:
+            env["GIP_STATE_DIR"] = str(Path(state_dir).resolve())
+        return cls.from_env(env)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -118,7 +143,7 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _json(env: Mapping[str, str], name: str) -> dict:
+def _json(env: Mapping[str, str], name: str) -> dict[str, Any]:
     raw = env.get(name)
     if not raw:
         return {}

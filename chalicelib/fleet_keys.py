@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib import observability
 from chalicelib.errors import ConfigError
+from chalicelib.keypolicy import check_fleet_key
 from chalicelib.signatures import FleetKeyVerifier, verifies
 
 _PEM = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.S)
@@ -23,16 +24,14 @@ REREAD_SECONDS = 60.0
 
 
 def fleet_keys_from_pem(text: str, where: str) -> tuple[rsa.RSAPublicKey, ...]:
-    """Every PEM public key in `text`, in order; each must be RSA of 2048 bits or more."""
+    """Every PEM public key in `text`, in order; each must pass the fleet key rule (keypolicy)."""
     keys = []
     for block in _PEM.findall(text):
         try:
             key = serialization.load_pem_public_key(block.encode())
         except ValueError as exc:
             raise ConfigError(f"fleet public key in {where} is not a PEM public key: {exc}") from None
-        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
-            raise ConfigError(f"fleet public key in {where} must be RSA of at least 2048 bits")
-        keys.append(key)
+        keys.append(check_fleet_key(key, where))
     if not keys:
         raise ConfigError(f"{where} holds no PEM public key")
     return tuple(keys)
@@ -44,6 +43,23 @@ def rotated_value(new_key: rsa.RSAPublicKey, current_value: str | None) -> str:
     new = new_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     previous = _PEM.findall(current_value or "")[:1]
     return new + "".join(f"{pem}\n" for pem in previous)
+
+
+def read_parameter(ssm: Any, name: str) -> str | None:
+    """The parameter's value, or None when it does not exist yet."""
+    from botocore.exceptions import ClientError
+    try:
+        value: str = ssm.get_parameter(Name=name)["Parameter"]["Value"]
+        return value
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
+            return None
+        raise
+
+
+def publish(ssm: Any, name: str, new_key: rsa.RSAPublicKey, current_value: str | None) -> None:
+    """Written by `admin keygen`: running functions pick it up without a redeploy (SsmFleetKeyVerifier)."""
+    ssm.put_parameter(Name=name, Value=rotated_value(new_key, current_value), Type="String", Overwrite=True)
 
 
 class SsmFleetKeyVerifier(FleetKeyVerifier):

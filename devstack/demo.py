@@ -1,23 +1,21 @@
 """make demo: the original sample's README walkthrough on the local stage, non-interactive.
 
-Starts the stack on free ports in a fresh state directory (its own, next to the local stage's), makes the signing keys, registers
-mydevice1..10, provisions two devices from two continents, shows a refusal, shows the registry, shows
-each device's messages arriving at its own region's broker, restarts a device, and stops everything.
+Starts the stack on free ports in a fresh state directory (its own, next to the local stage's), makes the
+signing keys, registers mydevice1..10, provisions two devices from two continents, shows a refusal, shows
+the registry, shows each device's messages arriving at its own region's broker, restarts a device, and
+stops everything.
+Run from the project directory as a module: python -m devstack.demo
 """
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
-
-from chalicelib import admin  # noqa: E402
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME, default_state_dir  # noqa: E402
-from chalicelib.errors import ConfigError  # noqa: E402
-from devstack.monitor import Monitor  # noqa: E402
-from devstack.stack import LocalStack, StackError, die_with_parent, free_port, free_port_run  # noqa: E402
+from chalicelib import admin
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings, default_state_dir
+from chalicelib.errors import ConfigError
+from devstack.monitor import Monitor
+from devstack.stack import LocalStack, StackError, die_with_parent, free_port, free_port_run
 
 LONDON, TOKYO, SAO_PAULO = "81.2.69.142", "126.0.0.1", "200.147.67.142"
 STATE = default_state_dir("demo")  # like the local stage's, outside the project
@@ -66,7 +64,7 @@ def main() -> int:
     die_with_parent()
     shutil.rmtree(STATE, ignore_errors=True)  # each demo starts from factory-fresh devices
     os.environ.update(GIP_STATE_DIR=str(STATE), GIP_MQTT_BASE_PORT=str(free_port_run(11)))
-    settings = admin.stage_settings("local", str(STATE))
+    settings = Settings.for_stage("local", str(STATE))
 
     section(1, "Start the local stage: a CA and an MQTT broker per region, the API")
     stack = LocalStack(settings, free_port())

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from app import app
 from chalicelib import admin, wiring
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
 from chalicelib.registry.sqlite import SqliteRegistry
 from devstack.stack import free_port
 from tests.conftest import LONDON_IP, TOKYO_IP, sign_v1
@@ -102,5 +102,5 @@ def test_plain_chalice_local_serves_the_local_stage_and_keeps_serving(tmp_path, 
 def test_the_cli_for_stage_dev_sees_what_chalice_local_for_dev_sees(tmp_path, monkeypatch):
     monkeypatch.delenv("GIP_STATE_DIR", raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
-    assert admin.stage_settings("dev", None) == admin.stage_settings("local", None)
-    assert admin.stage_settings("dev", None).state_dir == tmp_path / "iot-global-provisioning" / "local"
+    assert Settings.for_stage("dev", None) == Settings.for_stage("local", None)
+    assert Settings.for_stage("dev", None).state_dir == tmp_path / "iot-global-provisioning" / "local"
