@@ -93,7 +93,7 @@ def test_plain_chalice_local_serves_the_local_stage_and_keeps_serving(tmp_path, 
         time.sleep(3)  # the reloader polls the project tree every second: give it time to see a change
         assert session.get(f"{url}/health", timeout=5).json()["stage"] == "local"
         assert _children(chalice.pid) == {worker}, "chalice local restarted its server"
-        assert SqliteRegistry(state / "registry.sqlite3").get("mydevice2")["prov_status"] == "provisioned"
+        assert SqliteRegistry(state / "registry.sqlite3").get("mydevice2").status == "provisioned"
     finally:
         chalice.terminate()
         chalice.wait(10)
