@@ -12,10 +12,13 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt device/requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "Python 3.11 or newer is needed (found: $$($(PYTHON) --version 2>&1))."; exit 1; }
+	@echo "make install: creating the virtualenv $(VENV) with $$($(PYTHON) --version 2>&1) (once, and again when a requirements file changes)"
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
 	  echo "python venv is missing. Install it with: apt-get install -y python3-venv"; exit 1; }
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@echo "make install: installing the service, device and test packages from PyPI into $(VENV) (about a minute)"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements-dev.txt
 	@touch $@
+	@echo "make install: done; $(VENV)/bin has python and chalice"
 
 demo: install
 	$(PY) -m devstack.demo

@@ -1,8 +1,10 @@
 """HTTP routes only: parse -> one service call -> map domain errors to HTTP (design.md)."""
+import os
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from chalice import Chalice, Response
+from chalice.app import Request
 
 from chalicelib import observability, wiring
 from chalicelib.errors import (
@@ -37,7 +39,33 @@ HTTP_STATUS: dict[type[ProvisioningError], int] = {
 }
 
 
-@app.route("/device-provisioning", methods=["POST"])
+@app.middleware("http")
+def refuse_local_backends_on_lambda(event: Request, get_response: Callable[[Request], Response]) -> Response:
+    """Chalice gives `chalice local`, `package` and `deploy` one stage's environment and the default stage `dev`
+    is local: a function deployed without --stage prod would run SQLite and a local CA on Lambda. Refuse."""
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and wiring.settings().stage != "prod":
+        message = (f"this function runs the {wiring.settings().stage!r} stage's local backends on AWS Lambda: it "
+                   "was deployed without --stage prod; redeploy with `chalice deploy --stage prod`")
+        observability.logger.error(message)
+        return Response(error_body("stage-not-deployable", message), status_code=503,
+                        headers={"Content-Type": "application/json", "Retry-After": "3600"})
+    return get_response(event)
+
+
+@app.middleware("http")
+def answer_undefined_methods_like_api_gateway(event: Request,
+                                              get_response: Callable[[Request], Response]) -> Response:
+    """On AWS, API Gateway itself answers a method a path does not have (the function never sees it); chalice
+    local would let Chalice answer 405 in its own body shape. Answer as API Gateway does, on every stage."""
+    if event.method not in app.routes.get(event.context.get("resourcePath", ""), {}):
+        return Response({"message": "Missing Authentication Token"}, status_code=403,
+                        headers={"x-amzn-ErrorType": "MissingAuthenticationTokenException"})
+    return get_response(event)
+
+
+# Any Content-Type: the original device and many embedded HTTP stacks send none or an odd one, and the body is
+# parsed as JSON whatever it says (Chalice would answer 415 in its own body shape before the handler).
+@app.route("/device-provisioning", methods=["POST"], content_types=["*/*"])
 def device_provisioning() -> Response:
     request = app.current_request
     assert request is not None  # chalice sets it for every routed call

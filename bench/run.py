@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from bench import local_http
 from chalicelib.config import PROJECT_DIR
 
 SIZES = {  # devices in-process, devices over HTTP, rows into SQLite, rows into DynamoDB, repetitions, AWS-path devices
@@ -404,6 +405,7 @@ def table(r: dict) -> str:
         ("In-process, server-made RSA-2048 keys", f"{i['server_key_mode_per_s']:.0f} /s", "key generation bound"),
         (f"HTTP, chalice local, {h['clients']} clients, {h['devices']} devices", f"{h['requests_per_s']:.0f} req/s",
          f"p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, errors {h['errors']}"),
+        *local_http.rows(r["local_http"], i["us_per_device"]),
         ("AWS calls, first provisioning in a container", str(len(a["bundled"]["first_calls"])),
          ", ".join(a["bundled"]["first_calls"])),
         ("AWS calls, steady state", str(len(a["bundled"]["steady_calls"])), ", ".join(a["bundled"]["steady_calls"])),
@@ -438,6 +440,7 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, cpus)
     say("2/5 HTTP throughput against the local stage")
     results["http"] = bench_http(size["http"])
+    results["local_http"] = local_http.bench(args.size)  # p50/p99 of GET /health and provisioning, 1 and 8 clients
     say("3/5 AWS path under moto: calls and simulated latency")
     results["aws"] = bench_aws(size["aws"])
     say("4/5 cold start")

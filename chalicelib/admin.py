@@ -7,7 +7,10 @@ chalicelib.operations.
 """
 import argparse
 import csv
+import ipaddress
 import json
+import os
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,9 +18,9 @@ from typing import Any, Callable
 
 from cryptography import x509
 
-from chalicelib import operations, wiring
+from chalicelib import fleet_keys, operations, wiring
 from chalicelib.clock import timestamp, utcnow
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, Settings
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, Settings, default_state_dir
 from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
 from chalicelib.issuers.base import CertificateInfo
 from chalicelib.keypolicy import KEYGEN_RSA_BITS, MIN_RSA_BITS
@@ -41,17 +44,68 @@ class CommandError(Exception):
     """A problem the operator can fix; printed without a traceback."""
 
 
+def existing_registry(config: Settings) -> Any:
+    """The stage's registry; an error rather than a new empty one when it does not exist (a mistyped --state-dir).
+    Only `init` and `register` create it."""
+    if config.registry == "sqlite" and not config.registry_path.exists():
+        raise CommandError(f"no registry at {config.registry_path}: check --state-dir / GIP_STATE_DIR, or create "
+                           "it with `init` or `register`")
+    return wiring.registry(config)
+
+
+def natural_key(name: str) -> list[Any]:
+    """mydevice2 before mydevice10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IPv4 or IPv6 address: {text!r}") from None
+
+
+def aws_problem(exc: Exception) -> str | None:
+    """One line an operator can act on for a botocore failure; None for anything else."""
+    if "botocore" not in sys.modules or not type(exc).__module__.startswith("botocore"):
+        return None
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
+    if isinstance(exc, NoRegionError):
+        return ("no AWS region: set one with `export AWS_DEFAULT_REGION=eu-west-2` (the region of the table and "
+                "the API), or `aws configure`")
+    if isinstance(exc, NoCredentialsError):
+        return "no AWS credentials: run `aws configure`, or set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    if isinstance(exc, EndpointConnectionError):
+        return f"cannot reach AWS: {exc}"
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"AWS refused {exc.operation_name}: {error.get('Code')}: {error.get('Message')}"
+    return f"AWS call failed: {exc}"
+
+
 def cmd_keygen(config: Settings, args: Args) -> int:
+    parameter = None if args.out_dir else config.fleet_public_key_parameter
     if args.out_dir:
         out = Path(args.out_dir).resolve()
         private_path, public_path = out / FLEET_PRIVATE_KEY_NAME, out / FLEET_PUBLIC_KEY_NAME
-    else:  # the public key goes where the stage reads it (prod: inside chalicelib/, so it ships)
+    else:  # the public key goes where the stage reads it (prod: the SSM parameter)
         private_path, public_path = config.keys_dir / FLEET_PRIVATE_KEY_NAME, config.fleet_public_key
     if private_path.exists() and not args.force:
         raise CommandError(f"{private_path} exists; every device signs with it. Use --force to replace it.")
-    operations.make_fleet_key(private_path, public_path, args.bits)
+    ssm = wiring.aws_clients().client("ssm") if parameter else None
+    current = fleet_keys.read_parameter(ssm, parameter) if parameter else None
+    if current and not args.force:
+        raise CommandError(f"SSM parameter {parameter} already holds the fleet public key (made elsewhere?); "
+                           "--force replaces it, keeping it accepted as the previous key")
+    public_key = operations.make_fleet_key(private_path, None if parameter else public_path, args.bits)
     print(f"private key (for device firmware, keep secret): {private_path}")
-    print(f"public key (the service verifies with it):      {public_path}")
+    if parameter:
+        # The new key first; the one it replaces stays accepted until the next rotation.
+        fleet_keys.publish(ssm, parameter, public_key, current)
+        print(f"public key (the service verifies with it):      SSM parameter {parameter}"
+              + (" (the replaced key stays accepted as the previous one)" if current else ""))
+    else:
+        print(f"public key (the service verifies with it):      {public_path}")
     return 0
 
 
@@ -203,7 +257,8 @@ def parse_since(text: str) -> datetime:
 
 
 def cmd_list(config: Settings, args: Args) -> int:
-    records = list(wiring.registry(config).list(args.status, args.region, args.since))
+    records = sorted(existing_registry(config).list(args.status, args.region, args.since),
+                     key=lambda record: natural_key(record.thing_name))
     if args.json:
         print(json.dumps([item_of(record) for record in records], indent=2))
         return 0
@@ -225,7 +280,7 @@ def _lease_end(record: DeviceRecord) -> str:
 
 
 def cmd_stats(config: Settings, args: Args) -> int:
-    stats = operations.fleet_stats(wiring.registry(config), utcnow())
+    stats = operations.fleet_stats(existing_registry(config), utcnow())
     if args.json:
         print(json.dumps({"total": stats.total,
                           "by_status": {status.value: count for status, count in stats.by_status.items()},
@@ -260,7 +315,7 @@ def certificate_details(cert: CertificateInfo) -> dict[str, Any]:
 
 
 def cmd_show(config: Settings, args: Args) -> int:
-    record, cert = operations.show(wiring.registry(config), wiring.issuer(config), args.name)
+    record, cert = operations.show(existing_registry(config), wiring.issuer(config), args.name)
     shown = item_of(record)
     shown.setdefault("attempts", 0)  # never claimed yet
     if record.certificate_id and record.region:
@@ -270,7 +325,7 @@ def cmd_show(config: Settings, args: Args) -> int:
 
 
 def cmd_reset(config: Settings, args: Args) -> int:
-    outcome = operations.reset(wiring.registry(config), wiring.issuer(config), args.name)
+    outcome = operations.reset(existing_registry(config), wiring.issuer(config), args.name)
     if outcome.revoked:
         print(f"revoked certificate {outcome.revoked.certificate_id} in {outcome.revoked.region} and removed the thing")
     print(f"{args.name}: {outcome.before.status.value} -> unprovisioned; it can provision again")
@@ -290,7 +345,7 @@ def audit_json(report: operations.AuditReport, fixed: list[str]) -> dict[str, An
 
 
 def cmd_audit(config: Settings, args: Args) -> int:
-    registry, issuer = wiring.registry(config), wiring.issuer(config)
+    registry, issuer = existing_registry(config), wiring.issuer(config)
     now = utcnow()
     report = operations.audit(registry, issuer, config.enabled_regions, now)
     fixed = operations.repair(registry, issuer, report, now) if args.fix else []
@@ -354,10 +409,14 @@ def cmd_report(config: Settings, args: Args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m chalicelib.admin", description=(__doc__ or "").split("\n\n")[0],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="python -m chalicelib.admin", description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="state directory (registry, CAs, keys, logs): --state-dir, else $GIP_STATE_DIR, else\n"
+               f"  {default_state_dir('<stage>')}\n"
+               f"  (the local stage's now: {os.environ.get('GIP_STATE_DIR') or default_state_dir('local')})")
     top.add_argument("--stage", default="local", help="stage whose settings to use (default: local)")
-    top.add_argument("--state-dir", help="override the stage's state directory (registry, CAs, keys)")
+    top.add_argument("--state-dir", help="the stage's state directory: registry, CAs, keys (default: see below)")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="make the fleet provisioning signing key pair")
@@ -406,7 +465,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_regions)
 
     p = sub.add_parser("where", help="show which region an IP address would get, and why (provisions nothing)")
-    p.add_argument("ip", metavar="IP")
+    p.add_argument("ip", metavar="IP", type=ip_address, help="an IPv4 or IPv6 address")
     p.set_defaults(func=cmd_where)
 
     p = sub.add_parser("reset", help="deprovision a device so it can provision again",
@@ -435,6 +494,10 @@ def parser() -> argparse.ArgumentParser:
                    help="also list stuck claims and audit findings, and certificates expiring within 30 days "
                         "(asks the issuer about every provisioned device, like audit)")
     p.set_defaults(func=cmd_report)
+    for action in sub._choices_actions:  # every command's --help says what it does, not only its usage
+        command = sub.choices[action.dest]
+        text = action.help or ""
+        command.description = command.description or f"{text[:1].upper()}{text[1:]}."
     return top
 
 
@@ -448,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        problem = aws_problem(exc)  # no region, no credentials, access denied: one line, no traceback
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         return 1
 
 

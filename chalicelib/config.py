@@ -13,6 +13,7 @@ from chalicelib.errors import ConfigError
 from chalicelib.regions import DEFAULT_REGION, SAMPLE_REGIONS
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+STATE_DIR_NAME = "iot-global-provisioning"
 FLEET_PRIVATE_KEY_NAME = "global-provisioning.priv.key.pem"
 FLEET_PUBLIC_KEY_NAME = "global-provisioning.pub.key.pem"
 
@@ -38,6 +39,9 @@ class Settings:
     maxmind_db: Path | None = None
     allow_v1: bool = True
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
+    # SSM String parameter with the fleet public key(s), current then previous (prod); a key file set
+    # explicitly with GIP_FLEET_PUBLIC_KEY takes precedence.
+    fleet_public_key_parameter: str | None = None
     # {"countries": {...}, "continents": {...}, "blocked": [...]}
     region_rules: Mapping[str, Any] = field(default_factory=dict)
     timestamp_skew_seconds: int = 300
@@ -62,16 +66,18 @@ class Settings:
         the process environment; `state_dir` overrides the stage's state directory."""
         env: dict[str, str] = {}
         config_file = config_file or PROJECT_DIR / ".chalice" / "config.json"
+        stage_env: dict[str, str] = {}
         if config_file.exists():
             chalice_config = json.loads(config_file.read_text())
             stages = chalice_config.get("stages", {})
             if stage not in stages:
                 raise ConfigError(f"stage {stage!r} is not in {config_file} (stages: {', '.join(stages)})")
+            stage_env = stages[stage].get("environment_variables", {})
             env.update(chalice_config.get("environment_variables", {}))
-            env.update(stages[stage].get("environment_variables", {}))
+            env.update(stage_env)
         environ = os.environ if environ is None else environ
-        env.update({k: v for k, v in environ.items() if k.startswith("GIP_")})
-        env["GIP_STAGE"] = stage
+        env.update({k: v for k, v in environ.items() if k.startswith("GIP_") or k == "XDG_STATE_HOME"})
+        env["GIP_STAGE"] = stage_env.get("GIP_STAGE") or stage  # Chalice's default stage dev runs the local stage
         if state_dir:
             env["GIP_STATE_DIR"] = str(Path(state_dir).resolve())
         return cls.from_env(env)
@@ -80,7 +86,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
         stage = env.get("GIP_STAGE", "local")
-        state_dir = _path(env.get("GIP_STATE_DIR") or f".state/{stage}")
+        state_dir = _path(env["GIP_STATE_DIR"]) if env.get("GIP_STATE_DIR") else default_state_dir(stage, env)
         return cls(
             stage=stage,
             state_dir=state_dir,
@@ -102,7 +108,22 @@ class Settings:
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
+            fleet_public_key_parameter=None if env.get("GIP_FLEET_PUBLIC_KEY")
+            else env.get("GIP_FLEET_PUBLIC_KEY_PARAMETER") or None,
         )
+
+
+def default_state_dir(stage: str, env: Mapping[str, str] | None = None) -> Path:
+    """$XDG_STATE_HOME/iot-global-provisioning/<stage>, else ~/.local/state/...: outside the project, because
+    `chalice local`'s reloader watches the whole project tree and restarts on every change to the registry."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME") or os.environ.get("XDG_STATE_HOME")
+    if not base or not Path(base).is_absolute():  # the XDG spec: a relative value is ignored
+        home = Path(os.path.expanduser("~"))
+        if not home.is_absolute():  # no HOME and no passwd entry (some containers)
+            return PROJECT_DIR / ".state" / stage
+        base = str(home / ".local" / "state")
+    return Path(base) / STATE_DIR_NAME / stage
 
 
 def _path(value: str) -> Path:

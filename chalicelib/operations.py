@@ -159,13 +159,15 @@ def show(registry: Registry, issuer: Issuer, thing_name: str) -> tuple[DeviceRec
     return record, cert
 
 
-def make_fleet_key(private_path: Path, public_path: Path, bits: int) -> None:
-    """A new fleet signing key pair: the private half for device firmware (mode 0600), the public half
-    where the service reads it."""
+def make_fleet_key(private_path: Path, public_path: Path | None, bits: int) -> rsa.RSAPublicKey:
+    """A new fleet signing key pair: the private half for device firmware (mode 0600), the public half where the
+    service reads it (a file; None when the caller publishes it elsewhere, as prod does in SSM)."""
     private_path.parent.mkdir(parents=True, exist_ok=True)
-    public_path.parent.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     write_private(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption()))
-    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    if public_path is not None:
+        public_path.parent.mkdir(parents=True, exist_ok=True)
+        public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key.public_key()

@@ -102,6 +102,15 @@ def locator(config: Settings) -> GeoLocator:
     return CachingLocator(providers[0] if len(providers) == 1 else FallbackLocator(providers))
 
 
+def fleet_verifier(config: Settings) -> FleetKeyVerifier:
+    if config.fleet_public_key_parameter:  # prod: in SSM, read on first use (chalicelib/fleet_keys.py)
+        from chalicelib.fleet_keys import SsmFleetKeyVerifier
+        return SsmFleetKeyVerifier(aws_clients().client("ssm"), config.fleet_public_key_parameter)
+    return FleetKeyVerifier(load_public_key(config.fleet_public_key),
+                            *([load_public_key(config.previous_fleet_public_key)]
+                              if config.previous_fleet_public_key else []))
+
+
 def build_service(config: Settings) -> ProvisioningService:
     policy = region_policy(config)
     return ProvisioningService(
@@ -109,9 +118,7 @@ def build_service(config: Settings) -> ProvisioningService:
         issuer=issuer(config, policy),
         locator=locator(config),
         regions=policy,
-        verifier=FleetKeyVerifier(load_public_key(config.fleet_public_key),
-                                  *([load_public_key(config.previous_fleet_public_key)]
-                                    if config.previous_fleet_public_key else [])),
+        verifier=fleet_verifier(config),
         lease_seconds=config.claim_lease_seconds,
         allow_v1=config.allow_v1,
         skew_seconds=config.timestamp_skew_seconds,

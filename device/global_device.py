@@ -17,9 +17,11 @@ import json
 import os
 import random
 import secrets
+import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import certifi
@@ -43,7 +45,7 @@ CAUSE = {EXIT_REFUSED: "provisioning refused", EXIT_CONFLICT: "already provision
 
 EPILOG = """exit codes:
   0    done (provisioned and/or published --count messages; --count 0 = provision only, no MQTT)
-  2    usage or local problem (bad flags, unreadable signing key, damaged state files)
+  2    usage or local problem (bad flags or URL, unreadable signing key or --root-ca, damaged state files)
   3    provisioning refused (HTTP 401/403: bad signature or device not allowed)
   4    already provisioned or provisioning in progress (HTTP 409)
   5    bad request (HTTP 400/413)
@@ -138,8 +140,29 @@ def load_signing_key(path: str):
     try:
         with open(path, "rb") as f:
             return serialization.load_pem_private_key(f.read(), password=None)
+    except FileNotFoundError:
+        raise ClientError(EXIT_LOCAL, f"no provisioning signing key at {path}. Make the fleet key pair with "
+                                      "`python -m chalicelib.admin keygen` (for the local stage it writes "
+                                      f"{local_stage_signing_key()}) and pass it with --signing-key") from None
     except (OSError, ValueError, TypeError) as err:
         raise ClientError(EXIT_LOCAL, f"cannot read provisioning signing key {path}: {err}") from err
+
+
+def local_stage_signing_key() -> str:
+    """Where `admin keygen` puts the local stage's fleet private key (chalicelib/config.py's rule, restated here
+    because the device never imports the service)."""
+    state = os.environ.get("GIP_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"),
+        "iot-global-provisioning", "local")
+    return os.path.join(state, "keys", "global-provisioning.priv.key.pem")
+
+
+def check_root_ca(path: str) -> None:
+    """Before any request: a device that cannot verify its broker should not take an identity it cannot use."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+        raise ClientError(EXIT_LOCAL, f"--root-ca {path} is not a readable PEM CA bundle: {err}") from None
 
 
 def generate_device_key(key_type: str):
@@ -296,15 +319,17 @@ def provision(args, paths: StatePaths, client: ProvisioningClient, pause) -> dic
     print(f"=> provisioning {args.thing_name} via {client.url}")
     print(f"   own key (CSR): {args.own_key}, fake device: {args.fake_device}")
     pause()
-    signing_key, version = load_signing_key(args.signing_key), args.signature_version
-    check_signing_key(signing_key, version, args.signing_key)
+    version = args.signature_version
+    if args.fake_device:
+        # A key the service has never seen: the signature cannot verify, so the service must refuse.
+        print("=> fake device: signing with a throwaway key (--signing-key is not read)")
+        signing_key = generate_device_key("rsa")
+    else:
+        signing_key = load_signing_key(args.signing_key)
+        check_signing_key(signing_key, version, args.signing_key)
     csr_pem = None
     if args.own_key:
         csr_pem = make_csr(args.thing_name, load_or_create_device_key(paths.key, args.key_type))
-    if args.fake_device:
-        # A key the service has never seen: the signature cannot verify, so the service must refuse.
-        print("=> fake device: signing with a throwaway key")
-        signing_key = generate_device_key("ec" if isinstance(signing_key, ec.EllipticCurvePrivateKey) else "rsa")
     print(f"=> sending a signed request v{version}: thing-name={args.thing_name!r}, "
           f"CSR={'yes' if csr_pem else 'no (server makes the key)'}"
           + (f", X-Forwarded-For={args.forwarded_for}" if args.forwarded_for else ""))
@@ -325,7 +350,9 @@ def provision(args, paths: StatePaths, client: ProvisioningClient, pause) -> dic
         missing.append("PrivateKey")
     if missing:
         raise ClientError(EXIT_UNAVAILABLE, f"success reply without {', '.join(missing)}")
-    print(f"<= provisioned in region {reply.get('region')} ({reply.get('distance')} km away), "
+    distance = reply.get("distance")
+    away = f"{distance} km away" if isinstance(distance, (int, float)) else "distance unknown"
+    print(f"<= provisioned in region {reply.get('region')} ({away}), "
           f"endpoint {reply['endpointAddress']}:{reply.get('endpointPort', 8883)}, "
           f"certificate {reply.get('certificateId')}")
     if reply.get("message"):
@@ -498,6 +525,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.count is not None and args.count < 0:
         p.error("--count must be >= 0")
+    url = urllib.parse.urlsplit(args.api_gw)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        p.error(f"--api-gw {args.api_gw!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:8000)")
     return args
 
 
@@ -511,6 +541,8 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
 
     paths = StatePaths.for_thing(args.state_dir, args.thing_name)
     try:
+        if args.count != 0:
+            check_root_ca(args.root_ca)
         if paths.complete():
             endpoint = read_endpoint(paths.endpoint)
             print(f"=> {args.thing_name} is already provisioned (credentials in {args.state_dir}); "

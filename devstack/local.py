@@ -16,7 +16,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="make local", description=__doc__)
     parser.add_argument("--api-port", type=int, default=int(os.environ.get("API_PORT", 8000)),
                         help="HTTP port of the API (default: $API_PORT or 8000)")
-    parser.add_argument("--state-dir", help="state directory (default: the local stage's, .state/local)")
+    parser.add_argument("--state-dir", help="state directory (default: $GIP_STATE_DIR, else "
+                                            "$XDG_STATE_HOME/iot-global-provisioning/local, "
+                                            "XDG_STATE_HOME defaulting to ~/.local/state)")
     args = parser.parse_args(argv)
     die_with_parent()  # if make is killed, we hear of it and stop our children
     try:
@@ -31,6 +33,7 @@ def main(argv=None) -> int:
         print("\nRunning. Region endpoints (mqtts, mutual TLS):")
         for listener in stack.files.listeners():
             print(f"  {listener.region:<15} localhost:{listener.port}")
+        print(f"State (registry, CAs, keys, devices' files, logs): {settings.state_dir}")
         print(f"CA bundle for devices (--root-ca): {stack.files.bundle}")
         print(f"Logs: {stack.log_dir}\nPress Ctrl-C to stop.", flush=True)
         # A broker that dies is restarted by the stack; one that keeps dying, or a dead API, ends it all here.

@@ -1,5 +1,6 @@
 import base64
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,19 @@ VECTORS_PATH = SHARED_VECTORS_PATH if SHARED_VECTORS_PATH.is_file() else VECTORS
 LONDON_IP = "81.2.69.142"      # GB, London
 TOKYO_IP = "126.0.0.1"         # JP, Tokyo
 SYDNEY_IP = "1.1.1.1"          # AU, Melbourne area
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_home_of_the_tests(tmp_path_factory):
+    """The local stage keeps its state in $XDG_STATE_HOME (config.default_state_dir): point it, for this process
+    and every process a test starts, at a temporary directory, so no test reads or writes the real home's."""
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield Path(os.environ["XDG_STATE_HOME"])
+    if saved is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
 
 
 @pytest.fixture(scope="session", autouse=True)

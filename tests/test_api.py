@@ -168,3 +168,21 @@ def test_missing_fleet_key_is_a_clear_503_not_a_crash(client, stage):
     status, body = post(client, stage.body("mydevice1"))
     assert status == 503 and body["code"] == "service-misconfigured"
     assert registry(stage).get("mydevice1").status == "unprovisioned"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "application/octet-stream", "application/json; charset=utf-8", "nonsense"])
+def test_a_json_body_is_accepted_whatever_its_content_type(client, stage, content_type):
+    headers = {"X-Forwarded-For": LONDON_IP, **({"Content-Type": content_type} if content_type else {})}
+    response = client.http.post("/device-provisioning", headers=headers, body=json.dumps(stage.body("mydevice1")))
+    assert response.status_code == 200, response.body
+    assert json.loads(response.body)["region"] == "eu-west-2"
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/device-provisioning"), ("PUT", "/device-provisioning"),
+                                          ("POST", "/health"), ("DELETE", "/health")])
+def test_a_method_the_path_does_not_have_gets_api_gateways_answer(client, stage, method, path):
+    response = client.http.request(method, path, headers={"Content-Type": "application/json"},
+                                   body=json.dumps(stage.body("mydevice1")).encode())
+    assert (response.status_code, json.loads(response.body)) == (403, {"message": "Missing Authentication Token"})
+    assert registry(stage).get("mydevice1").status == "unprovisioned"

@@ -12,9 +12,11 @@ def test_bench_runs_and_reports_every_measurement(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results) >= {"inprocess", "http", "aws", "cold", "bulk"}
+    assert set(results) >= {"inprocess", "http", "local_http", "aws", "cold", "bulk"}
+    assert [r["errors"] for route in ("health", "provisioning") for r in results["local_http"][route]] == [0] * 4
     assert results["http"]["errors"] == 0
     assert results["aws"]["bundled"]["steady_calls"] == sorted(
         ["dynamodb.PutItem", "dynamodb.UpdateItem", "dynamodb.UpdateItem", "iot.CreateThing", "iot.CreateKeysAndCertificate",
          "iot.AttachPolicy", "iot.AttachThingPrincipal"])
     assert "| Throughput / crypto floor |" in result.stdout
+    assert "| Local HTTP latency, GET /health, 1 client(s), chalice local | p50 " in result.stdout

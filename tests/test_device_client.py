@@ -390,3 +390,50 @@ def test_sample_message_shape():
     assert set(message) == {"thing-name", "global", "datetime"}
     assert message["thing-name"] == "mydevice3"
     assert message["datetime"].endswith("Z")
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost", "ftp://example.com/api", "http://"])
+def test_an_api_url_without_http_or_https_is_a_usage_error(tmp_path, signing_key_file, capsys, url):
+    with pytest.raises(SystemExit) as exc:
+        run_client(url, signing_key_file, tmp_path)
+    assert exc.value.code == 2
+    assert "http:// or https://" in capsys.readouterr().err
+
+
+def test_an_unknown_distance_prints_as_unknown(tmp_path, signing_key_file, capsys):
+    with ScriptedServer([(200, {**success_body(), "distance": None, "reason": "default"}, {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "distance unknown" in out and "None" not in out
+
+
+def test_a_fake_device_needs_no_signing_key_file(tmp_path, fleet_public_key):
+    with ScriptedServer([(403, error_body("invalid-signature", "signature invalid"), {})]) as server:
+        assert run_client(server.url, tmp_path / "absent.pem", tmp_path, "-f") == 3
+    body = server.requests[0]["body"]
+    assert not verifies(fleet_public_key, body["thing-name-sig"], signed_text(body))
+
+
+def test_a_missing_signing_key_says_how_to_make_one_and_where(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GIP_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url, tmp_path / "nope.pem", tmp_path) == 2
+    assert server.requests == []
+    err = capsys.readouterr().err
+    assert "admin keygen" in err and "Traceback" not in err
+    assert str(tmp_path / "xdg" / "iot-global-provisioning" / "local" / "keys" / "global-provisioning.priv.key.pem") in err
+
+
+@pytest.mark.parametrize("content", [None, "", "not a certificate\n"])
+def test_an_unusable_root_ca_stops_before_any_request(tmp_path, signing_key_file, capsys, content):
+    root_ca = tmp_path / "bundle.pem"
+    if content is not None:
+        root_ca.write_text(content)
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        argv = ["-t", "mydevice3", "-a", server.url, "-c", "--count", "1", "--signing-key", str(signing_key_file),
+                "--state-dir", str(tmp_path), "--root-ca", str(root_ca)]
+        assert gd.main(argv, sleep=lambda s: None) == 2
+    assert server.requests == []
+    assert f"--root-ca {root_ca}" in capsys.readouterr().err
+    assert not (tmp_path / "mydevice3.endpoint").exists()

@@ -223,3 +223,13 @@ def test_endpoint_and_policy_lookups_are_once_per_container(prod):
     per_device = [a for a in actions if a not in ("DescribeEndpoint", "GetPolicy", "CreatePolicy")]
     assert sorted(per_device) == sorted(["CreateThing", "CreateKeysAndCertificate", "AttachPolicy",
                                          "AttachThingPrincipal"] * 3)
+
+
+def test_the_prod_stage_on_lambda_is_served(prod, monkeypatch):
+    settings, fleet_key, http = prod
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "iot-global-provisioning-prod")
+    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        response = client.http.get("/health")
+        assert response.status_code == 200 and json.loads(response.body)["stage"] == "prod"
+        status, answer = post(client, body(fleet_key, "mydevice2"))
+        assert status == 200, answer

@@ -1,0 +1,134 @@
+"""Local HTTP latency: GET /health and provisioning through devstack's `chalice local` (what `make local` runs),
+with 1 and 8 clients each keeping its connection alive, as a device fleet behind one gateway would.
+
+The in-process row times the service alone; this one adds Chalice's dev server, HTTP and loopback, so the
+gap between the two is what the local HTTP server costs. `python -m bench.local_http [--size quick]` runs it
+alone; `make bench` runs it as one of its rows.
+"""
+import argparse
+import base64
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+SIZES = {"full": dict(health=2000, devices=400), "quick": dict(health=500, devices=100),
+         "tiny": dict(health=16, devices=8)}
+LONDON_IP = "81.2.69.142"
+CLIENTS = (1, 8)
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
+
+
+def _timed(calls: list[Callable[[Any], int]], clients: int) -> dict[str, Any]:
+    """Runs call(session) for each of `calls` on `clients` threads, one kept-alive session per thread."""
+    import requests
+    latencies: list[float] = []
+    errors: list[int] = []
+    lock, local = threading.Lock(), threading.local()
+
+    def one(call) -> None:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        began = time.perf_counter()
+        status = call(session)
+        took = time.perf_counter() - began
+        with lock:
+            latencies.append(took)
+            if status != 200:
+                errors.append(status)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, calls))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"clients": clients, "requests": len(calls), "requests_per_s": round(len(calls) / elapsed, 1),
+            "p50_ms": round(1000 * statistics.median(latencies), 2),
+            "p99_ms": round(1000 * _percentile(latencies, 0.99), 2), "errors": len(errors)}
+
+
+def bench(size: str = "full") -> dict:
+    import requests
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+    from cryptography.x509.oid import NameOID
+
+    from chalicelib import admin
+    from chalicelib.config import Settings
+    from devstack.stack import LocalStack, free_port, free_port_run
+
+    n = SIZES[size]
+    devices = n["devices"] * len(CLIENTS)  # each run provisions devices of its own
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.update(GIP_STATE_DIR=tmp, GIP_MQTT_BASE_PORT=str(free_port_run(11)))
+        settings = Settings.for_stage("local", tmp)
+        with open(os.devnull, "w") as quiet:
+            stdout, sys.stdout = sys.stdout, quiet
+            try:
+                admin.main(["--state-dir", tmp, "keygen"])
+                admin.main(["--state-dir", tmp, "register", "--prefix", "lat-", "--count", str(devices)])
+            finally:
+                sys.stdout = stdout
+        fleet = serialization.load_pem_private_key(
+            (settings.keys_dir / "global-provisioning.priv.key.pem").read_bytes(), password=None)
+
+        def body(name: str) -> str:
+            csr = (x509.CertificateSigningRequestBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
+            signature = fleet.sign(name.encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr]
+            return json.dumps({"thing-name": name, "thing-name-sig": base64.b64encode(signature).decode(),
+                               "CSR": csr.public_bytes(serialization.Encoding.PEM).decode()})
+
+        bodies = [body(f"lat-{i}") for i in range(1, devices + 1)]  # not timed
+        headers = {"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP}
+        results: dict = {"health": [], "provisioning": []}
+        with LocalStack(settings, free_port(), quiet=True) as stack:
+            health, provision = f"{stack.api_url}/health", f"{stack.api_url}/device-provisioning"
+            requests.post(provision, json={}, timeout=60)  # the first request builds the service (not timed)
+            for clients in CLIENTS:
+                results["health"].append(_timed(
+                    [lambda s: s.get(health, timeout=30).status_code] * n["health"], clients))
+            for i, clients in enumerate(CLIENTS):
+                mine = bodies[i * n["devices"]:(i + 1) * n["devices"]]
+                results["provisioning"].append(_timed(
+                    [lambda s, b=b: s.post(provision, data=b, headers=headers, timeout=60).status_code
+                     for b in mine], clients))
+    return results
+
+
+def rows(result: dict, inprocess_us_per_device: float | None = None) -> list[tuple[str, str, str]]:
+    """Table rows for bench/run.py: one per route and client count."""
+    out = []
+    for route, label in (("health", "GET /health"), ("provisioning", "provisioning (CSR)")):
+        for r in result[route]:
+            note = f"p99 {r['p99_ms']} ms, {r['requests_per_s']} req/s, errors {r['errors']}"
+            if route == "provisioning" and r["clients"] == 1 and inprocess_us_per_device:
+                note += f"; in-process {inprocess_us_per_device / 1000:.2f} ms per device"
+            out.append((f"Local HTTP latency, {label}, {r['clients']} client(s), chalice local",
+                        f"p50 {r['p50_ms']} ms", note))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.local_http", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="quick")
+    args = parser.parse_args(argv)
+    result = bench(args.size)
+    print(json.dumps(result, indent=2))
+    for row in rows(result):
+        print(f"| {' | '.join(row)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
