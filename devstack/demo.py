@@ -113,7 +113,7 @@ def walkthrough(stack: LocalStack, monitor: Monitor) -> int:
 
 
 def fleet_report() -> int:
-    section("11. The fleet report: one HTML page with a world map, no network needed to open it")
+    section(11, "The fleet report: one HTML page with a world map, no network needed")
     path = STATE / "report.html"
     run_admin("report", "--html", str(path))
     print(f"open it in a browser: {path.as_uri()}", flush=True)
