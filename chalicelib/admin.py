@@ -469,7 +469,26 @@ def parser() -> argparse.ArgumentParser:
                    help="release stuck claims, revoke orphan certificates, reset devices whose certificate is gone")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("policy", help="print the stage's IAM policy, generated from its regions and settings",
+                       description="Print the Lambda role's IAM policy for the stage's enabled regions, table, "
+                                   "parameter and key; --write replaces .chalice/policy-<stage>.json.")
+    p.add_argument("--write", action="store_true", help="write .chalice/policy-<stage>.json instead of printing")
+    p.add_argument("--account", default="*", help="AWS account id to put in the ARNs (default: *)")
+    p.set_defaults(func=cmd_policy)
     return top
+
+
+def cmd_policy(config: Settings, args) -> int:
+    from chalicelib import iam_policy
+    text = iam_policy.render(config, args.account)
+    if not args.write:
+        print(text, end="")
+        return 0
+    path = PROJECT_DIR / ".chalice" / f"policy-{config.stage}.json"
+    path.write_text(text)
+    print(f"wrote {path.relative_to(PROJECT_DIR)} ({len(config.enabled_regions)} regions)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

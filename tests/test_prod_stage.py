@@ -5,6 +5,7 @@ hooks, must be exactly the ones .chalice/policy-prod.json grants.
 """
 import base64
 import json
+import os
 from datetime import datetime, timezone
 
 import boto3
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from moto import mock_aws
 
 from app import app
-from chalicelib import admin, wiring
+from chalicelib import admin, iam_policy, wiring
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
 from chalicelib.provisioning import ProvisioningRequest
@@ -193,18 +194,67 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
     assert item["Item"]["prov_status"] == {"S": "unprovisioned"}
 
 
+def _resources(statement) -> list:
+    return statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+
+
 def test_policy_resources_are_narrow():
+    settings = Settings.from_env(PROD_ENV)
+    regions = set(settings.enabled_regions)
     for statement in POLICY["Statement"]:
-        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-        if statement["Sid"] == "IotAccountLevel":  # these IoT actions take no resource ARN
+        if statement["Sid"] == "IotAccountLevel":  # these IoT actions take no resource ARN: bounded by region
             assert set(statement["Action"]) <= {"iot:DescribeEndpoint", "iot:CreateCertificateFromCsr",
                                                 "iot:CreateKeysAndCertificate"}
-        else:
-            assert "*" not in resources
+            assert set(statement["Condition"]["StringEquals"]["aws:RequestedRegion"]) == regions
+            continue
+        resources = _resources(statement)
+        assert "*" not in resources
+        for arn in resources:
+            assert not arn.startswith("arn:aws:iot:*")
+            if arn.startswith("arn:aws:iot:"):
+                assert arn.split(":")[3] in regions, arn
+            if arn.startswith("arn:aws:logs:"):
+                assert "/aws/lambda/" in arn, arn
+    iot_regions = {arn.split(":")[3] for s in POLICY["Statement"] for arn in _resources(s)
+                   if arn.startswith("arn:aws:iot:")}
+    assert iot_regions == regions
+    destructive = {"iot:DeleteThing", "iot:DeleteCertificate", "iot:UpdateCertificate", "iot:DetachPolicy",
+                   "iot:DetachThingPrincipal"}
+    for statement in POLICY["Statement"]:
+        if destructive & set(statement["Action"]):
+            assert all(arn.split(":")[5].startswith(("thing/", "cert/")) for arn in _resources(statement))
+    policy = next(s for s in POLICY["Statement"] if "iot:CreatePolicy" in s["Action"])
+    assert {arn.split(":", 5)[5] for arn in _resources(policy)} == {f"policy/{DEVICE_POLICY_NAME}"}
     registry = next(s for s in POLICY["Statement"] if s["Sid"] == "Registry")
     assert registry["Resource"].endswith(f"table/{PROD_ENV['GIP_TABLE_NAME']}")
     ssm = next(s for s in POLICY["Statement"] if s["Sid"] == "IpstackKey")
     assert ssm["Resource"].endswith(f"parameter{IPSTACK_PARAMETER}")
+
+
+def test_committed_policy_is_what_the_generator_makes_from_the_stage_config():
+    """Fails when .chalice/policy-prod.json is stale: run `python -m chalicelib.admin --stage prod policy --write`."""
+    assert json.loads(iam_policy.render(Settings.from_env(PROD_ENV))) == POLICY
+
+
+def test_policy_follows_the_enabled_regions_and_an_optional_kms_key():
+    key = "arn:aws:kms:eu-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    policy = iam_policy.policy_document(Settings.from_env({**PROD_ENV, "GIP_ENABLED_REGIONS": "eu-west-2,us-east-1",
+                                                           "GIP_KMS_KEY_ARN": key}), account="111122223333")
+    statements = {s["Sid"]: s for s in policy["Statement"]}
+    assert statements["IpstackKeyDecrypt"] == {"Sid": "IpstackKeyDecrypt", "Effect": "Allow",
+                                               "Action": ["kms:Decrypt"], "Resource": key}
+    assert statements["IotThings"]["Resource"] == ["arn:aws:iot:eu-west-2:111122223333:thing/*",
+                                                   "arn:aws:iot:us-east-1:111122223333:thing/*"]
+    assert statements["IotAccountLevel"]["Condition"] == {
+        "StringEquals": {"aws:RequestedRegion": ["eu-west-2", "us-east-1"]}}
+    assert "IpstackKeyDecrypt" not in {s["Sid"] for s in POLICY["Statement"]}  # no key configured: no kms grant
+
+
+def test_policy_command_prints_the_committed_policy(monkeypatch, capsys):
+    for name in [n for n in os.environ if n.startswith("GIP_")]:
+        monkeypatch.delenv(name)
+    assert admin.main(["--stage", "prod", "policy"]) == 0
+    assert json.loads(capsys.readouterr().out) == POLICY
 
 
 def test_endpoint_and_policy_lookups_are_once_per_container(prod):
