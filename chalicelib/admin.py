@@ -473,14 +473,15 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policy", help="print the stage's IAM policy, generated from its regions and settings",
                        description="Print the Lambda role's IAM policy for the stage's enabled regions, table, "
                                    "parameter and key; --write replaces .chalice/policy-<stage>.json.")
-    p.add_argument("--write", action="store_true", help="write .chalice/policy-<stage>.json instead of printing")
+    p.add_argument("--write", action="store_true",
+                   help="write .chalice/policy-<stage>.json and the function's lean AWS models instead of printing")
     p.add_argument("--account", default="*", help="AWS account id to put in the ARNs (default: *)")
     p.set_defaults(func=cmd_policy)
     return top
 
 
 def cmd_policy(config: Settings, args) -> int:
-    from chalicelib import iam_policy
+    from chalicelib import aws_models, iam_policy
     text = iam_policy.render(config, args.account)
     if not args.write:
         print(text, end="")
@@ -488,6 +489,8 @@ def cmd_policy(config: Settings, args) -> int:
     path = PROJECT_DIR / ".chalice" / f"policy-{config.stage}.json"
     path.write_text(text)
     print(f"wrote {path.relative_to(PROJECT_DIR)} ({len(config.enabled_regions)} regions)")
+    for model in aws_models.write(list(iam_policy.ACTIONS)):  # the function's clients know these calls only
+        print(f"wrote {model.relative_to(PROJECT_DIR)}")
     return 0
 
 

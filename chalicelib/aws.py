@@ -1,11 +1,14 @@
-"""boto3 clients for the prod stage: one per (service, region), made once per container, with timeouts and retries.
+"""AWS clients for the prod stage: one per (service, region), made once per container, with timeouts and retries.
 
-Imported only by the prod wiring, so the local stage never pays for importing boto3.
+Imported only by the prod wiring, so the local stage never pays for it. botocore directly, not boto3: the
+function uses no resource or transfer API, and boto3's import (s3transfer with it) is most of a cold start.
+In the Lambda (lean=True) clients read the lean service models (chalicelib.aws_models).
 """
 import logging
+import os
 import threading
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -23,8 +26,11 @@ def error_code(error: ClientError) -> str:
 
 
 class AwsClients:
-    def __init__(self, config: Config = CLIENT_CONFIG):
-        self._session = boto3.session.Session()
+    def __init__(self, config: Config = CLIENT_CONFIG, lean: bool | None = None):
+        self._session = botocore.session.get_session()
+        if lean if lean is not None else bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME")):  # inside Lambda
+            from chalicelib.aws_models import lean_loader
+            self._session.register_component("data_loader", lean_loader())
         self._config = config
         self._clients: dict[tuple[str, str | None], object] = {}
         self._lock = threading.Lock()
@@ -33,9 +39,9 @@ class AwsClients:
         key = (service, region)
         client = self._clients.get(key)
         if client is None:
-            with self._lock:  # boto3 sessions are not thread-safe to create clients from
-                client = self._clients.get(key) or self._session.client(service, region_name=region,
-                                                                         config=self._config)
+            with self._lock:  # botocore sessions are not thread-safe to create clients from
+                client = self._clients.get(key) or self._session.create_client(service, region_name=region,
+                                                                                config=self._config)
                 self._clients[key] = client
         return client
 

@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from moto import mock_aws
 
 from app import app
-from chalicelib import admin, iam_policy, wiring
+from chalicelib import admin, aws_models, iam_policy, wiring
+from chalicelib.aws import AwsClients
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
 from chalicelib.provisioning import ProvisioningRequest
+from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.signatures import v2_text
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
@@ -142,8 +144,15 @@ def _policy_actions(prefixes=("dynamodb:", "iot:", "ssm:")) -> set:
     return {a for a in granted if a.startswith(prefixes)}
 
 
-def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
+def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
+    """Through the function's own clients (lean models: a call missing from the policy has no method either)."""
     settings, fleet_key, http = prod
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "iot-global-provisioning-prod")
+    wiring.reset()
+    wiring.configure(settings)
+    assert wiring.aws_clients().client("iot", "eu-west-2").meta.service_model.operation_names == sorted(
+        a.split(":")[1] for a in iam_policy.ACTIONS if a.startswith("iot:"))
+    operator_registry = DynamoDbRegistry(AwsClients(lean=False).client("dynamodb"), settings.table_name)
     http.get("https://api.ipstack.com/" + LONDON_IP,
                   json={"latitude": 51.5, "longitude": -0.12, "country_code": "GB"})
     http.get("https://api.ipstack.com/" + TOKYO_IP,
@@ -165,7 +174,7 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
     # A device with its own EC key, signed request v2: its key is read from the table, its nonce recorded.
     device_key = ec.generate_private_key(ec.SECP256R1())
     seen_before = set(actions)
-    wiring.registry(settings).register(["own-key-1"], {"own-key-1": device_key.public_key().public_bytes(
+    operator_registry.register(["own-key-1"], {"own-key-1": device_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()})
     actions.clear()  # registering is the operator's job, not the Lambda's
     stamp, nonce = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "n-1"
@@ -234,6 +243,15 @@ def test_policy_resources_are_narrow():
 def test_committed_policy_is_what_the_generator_makes_from_the_stage_config():
     """Fails when .chalice/policy-prod.json is stale: run `python -m chalicelib.admin --stage prod policy --write`."""
     assert json.loads(iam_policy.render(Settings.from_env(PROD_ENV))) == POLICY
+
+
+def test_committed_lean_models_are_what_the_generator_makes_from_the_pinned_botocore():
+    """Fails when chalicelib/botocore_models is stale (an action added, botocore upgraded): regenerate with
+    `python -m chalicelib.admin --stage prod policy --write`."""
+    generated = aws_models.generate(list(iam_policy.ACTIONS))
+    committed = {str(p.relative_to(aws_models.MODELS_DIR)): p.read_text()
+                 for p in aws_models.MODELS_DIR.rglob("*.json")}
+    assert committed == generated
 
 
 def test_policy_follows_the_enabled_regions_and_an_optional_kms_key():
