@@ -75,7 +75,8 @@ class Settings:
             table_name=env.get("GIP_TABLE_NAME") or "iot-global-provisioning",
             ipstack_key_parameter=env.get("GIP_IPSTACK_KEY_PARAMETER") or None,
             maxmind_db=_path(env["GIP_MAXMIND_DB"]) if env.get("GIP_MAXMIND_DB") else None,
-            allow_v1=_bool(env, "GIP_ALLOW_V1", True),
+            # v1 signatures are replayable: prod takes them only when told to (old firmware), elsewhere by default
+            allow_v1=_bool(env, "GIP_ALLOW_V1", stage != "prod"),
             region_rules=_json(env, "GIP_REGION_RULES"),
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,

@@ -14,7 +14,7 @@ import responses
 from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from moto import mock_aws
 
 from app import app
@@ -57,8 +57,15 @@ def prod(tmp_path, monkeypatch):
         wiring.reset()
 
 
-def body(fleet_key, thing, csr_pem=None):
-    data = {"thing-name": thing, "thing-name-sig": sign_v1(fleet_key, thing)}
+def body(fleet_key, thing, csr_pem=None, version=2):
+    """The device's default request: signed request v2 (prod refuses v1 unless told otherwise)."""
+    if version == 1:
+        data = {"thing-name": thing, "thing-name-sig": sign_v1(fleet_key, thing)}
+    else:
+        stamp, nonce = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), os.urandom(8).hex()
+        signature = fleet_key.sign(v2_text(thing, stamp, nonce, csr_pem), padding.PKCS1v15(), hashes.SHA256())
+        data = {"thing-name": thing, "thing-name-sig": base64.b64encode(signature).decode(), "timestamp": stamp,
+                "nonce": nonce}
     if csr_pem:
         data["CSR"] = csr_pem
     return data
@@ -92,7 +99,7 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
         x509.load_pem_x509_certificate(answer["certificatePem"].encode())
 
         impostor = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        status, answer = post(client, {"thing-name": "mydevice3", "thing-name-sig": sign_v1(impostor, "mydevice3")})
+        status, answer = post(client, body(impostor, "mydevice3"))
         assert status == 403 and answer["code"] == "invalid-signature"
 
         status, answer = post(client, body(fleet_key, "mydevice1"))
@@ -104,6 +111,21 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
     assert registry.get("mydevice1")["aws_region"] == "eu-west-2"
     assert registry.get("mydevice3")["prov_status"] == "unprovisioned"
     assert iot.list_things()["things"] and "mydevice3" not in [t["thingName"] for t in iot.list_things()["things"]]
+
+
+def test_prod_refuses_v1_by_default_and_one_setting_accepts_it(prod):
+    settings, fleet_key, http = prod
+    assert PROD_ENV["GIP_ALLOW_V1"] == "false" and Settings.from_env({"GIP_STAGE": "prod"}).allow_v1 is False
+    assert Settings.from_env({"GIP_STAGE": "local"}).allow_v1 is True  # the local stage and the demo show both
+    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        status, answer = post(client, body(fleet_key, "mydevice1", version=1))
+        assert status == 403 and answer["code"] == "v1-refused"
+        assert wiring.registry(settings).get("mydevice1")["prov_status"] == "unprovisioned"
+    wiring.configure(Settings.from_env({**PROD_ENV, "GIP_ALLOW_V1": "true", "GIP_FLEET_PUBLIC_KEY":
+                                        str(settings.fleet_public_key), "GIP_STATE_DIR": str(settings.state_dir)}))
+    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        status, answer = post(client, body(fleet_key, "mydevice1", version=1))
+        assert status == 200, answer
 
 
 def test_admin_cli_on_prod_lists_and_shows_dynamodb_items(prod, capsys, monkeypatch):
