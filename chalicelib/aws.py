@@ -12,6 +12,8 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from chalicelib.geo import Backoff
+
 log = logging.getLogger(__name__)
 # botocore logs whole responses at DEBUG, decrypted SecureString parameters included.
 logging.getLogger("botocore").setLevel(logging.INFO)
@@ -47,25 +49,25 @@ class AwsClients:
 
 
 class SsmSecret:
-    """A SecureString parameter read once per container; None (and a warning) when it cannot be read."""
+    """A SecureString parameter read once per container. When it cannot be read: None, a warning and a metric
+    (geo.Backoff), and another try after the back-off, so a fixed parameter or key policy heals by itself."""
 
-    _UNSET = object()
-
-    def __init__(self, client, name: str):
+    def __init__(self, client, name: str, backoff: Backoff | None = None):
         self._client = client
         self._name = name
-        self._value = self._UNSET
+        self._value: str | None = None
         self._lock = threading.Lock()
+        self.backoff = backoff or Backoff(f"SSM parameter {name}")
 
     def __call__(self) -> str | None:
-        if self._value is self._UNSET:
+        if self._value is None and self.backoff.ready():
             with self._lock:
-                if self._value is self._UNSET:
+                if self._value is None and self.backoff.ready():
                     try:
                         self._value = self._client.get_parameter(
                             Name=self._name, WithDecryption=True)["Parameter"]["Value"]
+                        self.backoff.succeeded()
                     except (ClientError, BotoCoreError) as exc:
-                        log.warning("cannot read SSM parameter %s (%s); that provider is off for this container",
-                                    self._name, type(exc).__name__)
-                        self._value = None
+                        self.backoff.failed(error_code(exc) if isinstance(exc, ClientError)
+                                            else type(exc).__name__)
         return self._value

@@ -6,8 +6,11 @@ order, so an outage of one never blocks provisioning: the last resort is the reg
 import functools
 import ipaddress
 import logging
+import threading
+import time
 from typing import Callable, Mapping, Protocol, Sequence
 
+from chalicelib.observability import emit_metrics
 from chalicelib.regions import Location
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,40 @@ class MaxMindLocator:
         return Location(location["latitude"], location["longitude"], country, continent)
 
 
+class Backoff:
+    """A provider that failed is skipped for a while, then tried again: 30 s, doubling up to 15 min.
+
+    The first failure of an outage is logged as a warning (once, not per request) and every failure counts
+    in the GeolocationProviderFailed metric, so running on the bundled database is visible, never silent.
+    """
+
+    def __init__(self, name: str, first: float = 30.0, cap: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.name, self._first, self._cap, self._clock = name, first, cap, clock
+        self.failures = 0
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
+
+    def ready(self) -> bool:
+        return self._clock() >= self._retry_at
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            self.failures += 1
+            wait = min(self._cap, self._first * 2 ** (self.failures - 1))
+            self._retry_at = self._clock() + wait
+            if self.failures == 1:
+                log.warning("%s unavailable (%s): using the next geolocation provider; retrying in %.0f s, "
+                            "backing off up to %.0f s", self.name, reason, wait, self._cap)
+        emit_metrics([("GeolocationProviderFailed", "Count", 1.0, {"provider": self.name})])
+
+    def succeeded(self) -> None:
+        if self.failures:
+            with self._lock:
+                log.warning("%s is back after %d failed attempt(s)", self.name, self.failures)
+                self.failures, self._retry_at = 0, 0.0
+
+
 class IpstackLocator:
     """ipstack over HTTPS, one reused session, a short timeout; the access key comes from `access_key()`.
 
@@ -70,13 +107,15 @@ class IpstackLocator:
 
     URL = "https://api.ipstack.com/{ip}"
 
-    def __init__(self, session, access_key: Callable[[], str | None], timeout: float = 1.5):
+    def __init__(self, session, access_key: Callable[[], str | None], timeout: float = 1.5,
+                 backoff: Backoff | None = None):
         self._session = session
         self._access_key = access_key
         self._timeout = timeout
+        self.backoff = backoff or Backoff("ipstack")
 
     def locate(self, ip: str) -> Location | None:
-        if not public_address(ip):
+        if not public_address(ip) or not self.backoff.ready():  # down: no timeout paid per device meanwhile
             return None
         key = self._access_key()
         if not key:
@@ -87,13 +126,13 @@ class IpstackLocator:
                                                  "fields": "latitude,longitude,country_code,continent_code"})
             body = response.json() if response.status_code == 200 else {}
         except Exception as exc:  # network, timeout, not JSON: fall back, never fail the device
-            log.warning("ipstack unavailable (%s); falling back", type(exc).__name__)
+            self.backoff.failed(f"unreachable: {type(exc).__name__}")
             return None
-        if not isinstance(body, dict) or body.get("success") is False:
+        if not isinstance(body, dict) or body.get("success") is False or response.status_code != 200:
             error = (body.get("error") or {}) if isinstance(body, dict) else {}
-            log.warning("ipstack refused the lookup (status %s, %s); falling back",
-                        response.status_code, error.get("type", "no body"))
+            self.backoff.failed(f"refused: HTTP {response.status_code}, {error.get('type', 'no error type')}")
             return None
+        self.backoff.succeeded()
         try:
             return Location(float(body["latitude"]), float(body["longitude"]), body.get("country_code"),
                             body.get("continent_code"))
