@@ -82,6 +82,7 @@ def run(reps: int, importtime: bool, verbose: bool = False) -> dict:
     import logging
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server.start()
+    saved_env = dict(os.environ)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             fleet = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -134,6 +135,8 @@ def run(reps: int, importtime: bool, verbose: bool = False) -> dict:
                 print("\n".join(f"{us / 1000:8.1f} ms  {name}" for us, name in top), file=sys.stderr)
     finally:
         server.stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
     ms = lambda values: round(statistics.median(values) * 1000, 1)  # noqa: E731
     return {"reps": reps, "bare_boto3_import_and_client_ms": ms(bare), "prod_import_ms": ms(imports),
             "prod_first_provisioning_ms": ms(firsts), "prod_total_ms": ms(totals),
