@@ -7,7 +7,6 @@ import argparse
 import base64
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -308,17 +307,18 @@ def bench_aws(reps: int) -> dict:
 
 def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
     import boto3
-    import responses
     from moto import mock_aws
 
     from chalicelib import wiring
     from chalicelib.config import Settings
     from chalicelib.provisioning import ProvisioningRequest
-    with tempfile.TemporaryDirectory() as tmp, mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False) as http:
+    from tests.fake_ipstack import FakeIpstack
+    # ipstack: a stand-in on 127.0.0.1 answering every address from London after the simulated delay
+    with tempfile.TemporaryDirectory() as tmp, mock_aws(), FakeIpstack(delay=delays["http"]) as http:
         public = Path(tmp) / "fleet.pem"
         public.write_bytes(fleet.public_key().public_bytes(serialization.Encoding.PEM,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
-        env = {**prod_env, "GIP_FLEET_PUBLIC_KEY": str(public), "GIP_STATE_DIR": tmp}
+        env = {**prod_env, "GIP_FLEET_PUBLIC_KEY": str(public), "GIP_STATE_DIR": tmp, "GIP_IPSTACK_URL": http.url}
         if geo == "bundled":
             env.pop("GIP_IPSTACK_KEY_PARAMETER")
         wiring.reset()
@@ -331,11 +331,8 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
         boto3.client("ssm").put_parameter(Name=prod_env["GIP_IPSTACK_KEY_PARAMETER"], Value="k",
                                           Type="SecureString")
 
-        def ipstack(request):
-            time.sleep(delays["http"])
-            return 200, {}, json.dumps({"latitude": 51.5, "longitude": -0.12, "country_code": "GB",
-                                        "continent_code": "EU"})
-        http.add_callback("GET", re.compile(r"https://api\.ipstack\.com/.*"), callback=ipstack)
+        london = {"latitude": 51.5, "longitude": -0.12, "country_code": "GB", "continent_code": "EU"}
+        http.answers.update({f"81.2.69.{10 + i}": london for i in range(reps + 1)})
         calls: list[str] = []
         began_at = threading.local()
 

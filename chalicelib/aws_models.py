@@ -95,6 +95,13 @@ class _PlainJsonFileLoader(JSONFileLoader):
         return None
 
 
+class _LeanLoader(Loader):
+    def list_available_services(self, type_name: str) -> list[str]:
+        # botocore lists every service directory of every search path (400+ stat calls each) to check the
+        # name; the function knows its few services.
+        return sorted(path.name for path in MODELS_DIR.iterdir() if path.is_dir())
+
+
 def lean_loader() -> Loader:
     """A data loader that finds the lean service models first, then botocore's own data (endpoints, rules)."""
-    return Loader(extra_search_paths=[str(MODELS_DIR)], file_loader=_PlainJsonFileLoader())
+    return _LeanLoader(extra_search_paths=[str(MODELS_DIR)], file_loader=_PlainJsonFileLoader())

@@ -40,6 +40,7 @@ class Settings:
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
     region_rules: Mapping = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
     timestamp_skew_seconds: int = 300
+    ipstack_url: str = "https://api.ipstack.com/{ip}"  # another endpoint only for tests and benches
     kms_key_arn: str | None = None  # customer-managed key of the ipstack SecureString: adds kms:Decrypt (IAM)
 
     @property
@@ -81,6 +82,7 @@ class Settings:
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
+            ipstack_url=env.get("GIP_IPSTACK_URL") or "https://api.ipstack.com/{ip}",
             kms_key_arn=env.get("GIP_KMS_KEY_ARN") or None,
         )
 

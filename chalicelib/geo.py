@@ -5,6 +5,7 @@ order, so an outage of one never blocks provisioning: the last resort is the reg
 """
 import functools
 import ipaddress
+import json
 import logging
 import threading
 import time
@@ -99,6 +100,27 @@ class Backoff:
                 self.failures, self._retry_at = 0, 0.0
 
 
+class HttpResponse:
+    def __init__(self, status_code: int, data: bytes):
+        self.status_code, self.data = status_code, data
+
+    def json(self) -> object:
+        return json.loads(self.data)
+
+
+class HttpGet:
+    """The one HTTPS GET ipstack needs, over urllib3: botocore's own HTTP library, loaded on prod anyway
+    (requests would add its import to every cold start). Certificates are verified (urllib3's default)."""
+
+    def __init__(self) -> None:
+        import urllib3
+        self._pool = urllib3.PoolManager(retries=False)
+
+    def get(self, url: str, params: Mapping[str, str], timeout: float) -> HttpResponse:
+        response = self._pool.request("GET", url, fields=params, timeout=timeout, preload_content=True)
+        return HttpResponse(response.status, response.data)
+
+
 class IpstackLocator:
     """ipstack over HTTPS, one reused session, a short timeout; the access key comes from `access_key()`.
 
@@ -108,8 +130,9 @@ class IpstackLocator:
     URL = "https://api.ipstack.com/{ip}"
 
     def __init__(self, session, access_key: Callable[[], str | None], timeout: float = 1.5,
-                 backoff: Backoff | None = None):
+                 backoff: Backoff | None = None, url: str = URL):
         self._session = session
+        self._url = url
         self._access_key = access_key
         self._timeout = timeout
         self.backoff = backoff or Backoff("ipstack")
@@ -121,7 +144,7 @@ class IpstackLocator:
         if not key:
             return None
         try:
-            response = self._session.get(self.URL.format(ip=ip), timeout=self._timeout,
+            response = self._session.get(self._url.format(ip=ip), timeout=self._timeout,
                                          params={"access_key": key,
                                                  "fields": "latitude,longitude,country_code,continent_code"})
             body = response.json() if response.status_code == 200 else {}

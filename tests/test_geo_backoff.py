@@ -93,3 +93,21 @@ def test_a_missing_secret_is_tried_again_after_the_back_off(ssm, capsys):
     assert secret() == "the-key" and secret() == "the-key"
     assert len(calls) == 2                                      # then read once for the container's life
     assert [r["provider"] for r in failures(capsys)] == ["ssm"]
+
+
+def test_ipstack_over_urllib3_against_a_local_stand_in(capsys):
+    """The HTTP client the prod wiring uses (urllib3): query string, JSON answer; a dead port backs off."""
+    from chalicelib.geo import HttpGet
+    from tests.fake_ipstack import FakeIpstack
+    with FakeIpstack() as fake:
+        fake.answers[LONDON_IP] = GOOD
+        locator = IpstackLocator(HttpGet(), lambda: "the-key", url=fake.url)
+        assert locator.locate(LONDON_IP) == Location(51.5, -0.12, "GB")
+        [(ip, query)] = fake.calls
+        assert ip == LONDON_IP and query["access_key"] == ["the-key"]
+        assert query["fields"] == ["latitude,longitude,country_code,continent_code"]
+        dead = fake.url
+    clock = Clock()
+    gone = IpstackLocator(HttpGet(), lambda: "the-key", url=dead, backoff=Backoff("ipstack", clock=clock))
+    assert gone.locate(LONDON_IP) is None and not gone.backoff.ready()
+    assert [r["provider"] for r in failures(capsys)] == ["ipstack"]

@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 
 import boto3
 import pytest
-import responses
 from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,6 +24,7 @@ from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
 from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.signatures import v2_text
+from tests.fake_ipstack import FakeIpstack
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
@@ -44,11 +44,11 @@ def prod(tmp_path, monkeypatch):
     public = tmp_path / "fleet.pub.pem"
     public.write_bytes(fleet_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
-    # responses: no HTTP request may leave this machine; ipstack answers only what a test registers.
-    with mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False) as http:
+    # ipstack is a stand-in on 127.0.0.1 that answers only what a test puts in; nothing leaves this machine.
+    with mock_aws(), FakeIpstack() as http:
         wiring.reset()
         settings = Settings.from_env({**PROD_ENV, "GIP_FLEET_PUBLIC_KEY": str(public),
-                                      "GIP_STATE_DIR": str(tmp_path / "state")})
+                                      "GIP_STATE_DIR": str(tmp_path / "state"), "GIP_IPSTACK_URL": http.url})
         wiring.configure(settings)
         wiring.registry(settings).create()
         wiring.registry(settings).register([f"mydevice{i}" for i in range(1, 6)])
@@ -175,10 +175,8 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
     assert wiring.aws_clients().client("iot", "eu-west-2").meta.service_model.operation_names == sorted(
         a.split(":")[1] for a in iam_policy.ACTIONS if a.startswith("iot:"))
     operator_registry = DynamoDbRegistry(AwsClients(lean=False).client("dynamodb"), settings.table_name)
-    http.get("https://api.ipstack.com/" + LONDON_IP,
-                  json={"latitude": 51.5, "longitude": -0.12, "country_code": "GB"})
-    http.get("https://api.ipstack.com/" + TOKYO_IP,
-                  json={"latitude": 35.7, "longitude": 139.7, "country_code": "JP"})
+    http.answers[LONDON_IP] = {"latitude": 51.5, "longitude": -0.12, "country_code": "GB"}
+    http.answers[TOKYO_IP] = {"latitude": 35.7, "longitude": 139.7, "country_code": "JP"}
     actions: set = set()
     _record_actions(settings, actions)
     service = wiring.service()
@@ -190,7 +188,8 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
     csr_pem = make_csr("mydevice2")[0]
     second = service.provision(request("mydevice2", csr_pem), TOKYO_IP)        # CSR
     assert (first.choice.region, second.choice.region) == ("eu-west-2", "ap-northeast-1")
-    assert len(http.calls) == 2  # ipstack answered both; the key came from SSM
+    assert [ip for ip, _ in http.calls] == [LONDON_IP, TOKYO_IP]  # ipstack answered both
+    assert all(query["access_key"] == ["ipstack-key"] for _, query in http.calls)  # the key came from SSM
     again = service.provision(request("mydevice2", csr_pem), TOKYO_IP)         # the answer was lost: ask again
     assert again.issued.certificate_id == second.issued.certificate_id
     # A device with its own EC key, signed request v2: its key is read from the table, its nonce recorded.
