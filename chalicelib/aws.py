@@ -7,6 +7,7 @@ In the Lambda (lean=True) clients read the lean service models (chalicelib.aws_m
 import logging
 import os
 import threading
+from typing import Any
 
 import botocore.session
 from botocore.config import Config
@@ -28,16 +29,16 @@ def error_code(error: ClientError) -> str:
 
 
 class AwsClients:
-    def __init__(self, config: Config = CLIENT_CONFIG, lean: bool | None = None):
+    def __init__(self, config: Config = CLIENT_CONFIG, lean: bool | None = None) -> None:
         self._session = botocore.session.get_session()
         if lean if lean is not None else bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME")):  # inside Lambda
             from chalicelib.aws_models import lean_loader
             self._session.register_component("data_loader", lean_loader())
         self._config = config
-        self._clients: dict[tuple[str, str | None], object] = {}
+        self._clients: dict[tuple[str, str | None], Any] = {}
         self._lock = threading.Lock()
 
-    def client(self, service: str, region: str | None = None):
+    def client(self, service: str, region: str | None = None) -> Any:
         key = (service, region)
         client = self._clients.get(key)
         if client is None:
@@ -52,7 +53,7 @@ class SsmSecret:
     """A SecureString parameter read once per container. When it cannot be read: None, a warning and a metric
     (geo.Backoff), and another try after the back-off, so a fixed parameter or key policy heals by itself."""
 
-    def __init__(self, client, name: str, backoff: Backoff | None = None):
+    def __init__(self, client: Any, name: str, backoff: Backoff | None = None) -> None:
         self._client = client
         self._name = name
         self._value: str | None = None

@@ -13,10 +13,13 @@ import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
+
+from chalicelib.registry.base import PROVISIONED
 
 SERVICE = "iot-global-provisioning"
 NAMESPACE = "IotGlobalProvisioning"
+SUCCESS = PROVISIONED.value  # the outcome code of a request that provisioned its device (log lines, metrics)
 # The attributes every LogRecord has: whatever else a record carries came in `extra=` and is logged as a field.
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -38,12 +41,12 @@ class JsonFormatter(logging.Formatter):
 class _Stdout(logging.StreamHandler):
     """Writes to whatever sys.stdout is at the time (a test harness or chalice local may have replaced it)."""
 
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
+    @property
+    def stream(self) -> IO[str]:
         return sys.stdout
 
     @stream.setter
-    def stream(self, _: Any) -> None:
+    def stream(self, _: IO[str]) -> None:
         pass
 
 
@@ -82,7 +85,7 @@ class Steps:
 
 def request_done(*, request_id: str | None, thing_name: str | None, status: int, code: str, steps: Steps,
                  region: str | None = None, reason: str | None = None, country: str | None = None,
-                 detail: dict | None = None) -> None:
+                 detail: dict[str, Any] | None = None) -> None:
     """The request's log line, then its metrics: provisioned per region, refusals per code, latency."""
     total = steps.total_ms()
     fields = {"request_id": request_id, "thing_name": thing_name, "status": status, "outcome": code,
@@ -90,7 +93,7 @@ def request_done(*, request_id: str | None, thing_name: str | None, status: int,
     logger.info("provisioning request", extra={k: v for k, v in fields.items() if v is not None})
     if detail and logger.isEnabledFor(logging.DEBUG):
         logger.debug("provisioning detail", extra={"request_id": request_id, **detail})
-    if code == "provisioned":
+    if code == SUCCESS:
         count = ("Provisioned", "region", region or "unknown")
     else:
         count = ("Refused", "code", code)

@@ -89,7 +89,7 @@ def test_a_device_a_day_off_provisions_after_one_corrected_retry(server, stage, 
     out = capsys.readouterr().out
     said = re.search(r"device clock is (\d+) s (ahead of|behind) the server's", out)
     assert said and abs(int(said[1]) - 86400) <= 2 and said[2] == ("ahead of" if off_by > dt.timedelta(0) else "behind")
-    assert wiring.registry(wiring.settings()).get("mydevice2")["prov_status"] == "provisioned"
+    assert wiring.registry(wiring.settings()).get("mydevice2").status == "provisioned"
 
 
 def test_the_clock_is_corrected_once_not_in_a_loop(server, stage, tmp_path, capsys):
@@ -103,7 +103,7 @@ def test_the_clock_is_corrected_once_not_in_a_loop(server, stage, tmp_path, caps
     assert [status for status, _, _ in server.answers] == [403, 403]
     assert all(answer["code"] == "stale-timestamp" for _, answer, _ in server.answers)
     assert capsys.readouterr().out.count("corrected, retrying") == 1
-    assert wiring.registry(wiring.settings()).get("mydevice2")["prov_status"] == "unprovisioned"
+    assert wiring.registry(wiring.settings()).get("mydevice2").status == "unprovisioned"
 
 
 def test_other_refusals_carry_no_server_time(stage):

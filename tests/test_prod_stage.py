@@ -21,11 +21,11 @@ from chalicelib import admin, aws_models, iam_policy, wiring
 from chalicelib.aws import AwsClients
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
-from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.signatures import v2_text
-from tests.fake_ipstack import FakeIpstack
+from chalicelib.wire import ProvisioningRequest
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
+from tests.fake_ipstack import FakeIpstack
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
 POLICY = json.loads((PROJECT_DIR / ".chalice" / "policy-prod.json").read_text())
@@ -107,9 +107,9 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
         assert len(iot.list_thing_principals(thingName="mydevice1")["principals"]) == 1
 
     registry = wiring.registry(settings)
-    assert registry.get("mydevice1")["prov_status"] == "provisioned"
-    assert registry.get("mydevice1")["aws_region"] == "eu-west-2"
-    assert registry.get("mydevice3")["prov_status"] == "unprovisioned"
+    assert registry.get("mydevice1").status == "provisioned"
+    assert registry.get("mydevice1").region == "eu-west-2"
+    assert registry.get("mydevice3").status == "unprovisioned"
     assert iot.list_things()["things"] and "mydevice3" not in [t["thingName"] for t in iot.list_things()["things"]]
 
 
@@ -120,7 +120,7 @@ def test_prod_refuses_v1_by_default_and_one_setting_accepts_it(prod):
     with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
         status, answer = post(client, body(fleet_key, "mydevice1", version=1))
         assert status == 403 and answer["code"] == "v1-refused"
-        assert wiring.registry(settings).get("mydevice1")["prov_status"] == "unprovisioned"
+        assert wiring.registry(settings).get("mydevice1").status == "unprovisioned"
     wiring.configure(Settings.from_env({**PROD_ENV, "GIP_ALLOW_V1": "true", "GIP_FLEET_PUBLIC_KEY":
                                         str(settings.fleet_public_key), "GIP_STATE_DIR": str(settings.state_dir)}))
     with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
