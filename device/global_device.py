@@ -237,7 +237,6 @@ class ProvisioningClient:
                 if resp.status_code == 200 and data.get("status") == "success":
                     return data
                 problem = f"HTTP {resp.status_code} {data.get('code', '')}: {data.get('message') or resp.reason}"
-                # Another attempt of ours may still hold the claim (its answer was lost): wait it out.
                 server_time = _server_time(resp, data) if data.get("code") == "stale-timestamp" else None
                 if server_time is not None and self.clock_offset is None:  # no NTP yet: once, not in a loop
                     self.clock_offset = server_time - self.clock()
@@ -245,6 +244,7 @@ class ProvisioningClient:
                     print(f"<= the device clock is {abs(ahead):.0f} s {'ahead of' if ahead > 0 else 'behind'} the "
                           f"server's ({server_time:%Y-%m-%dT%H:%M:%SZ}); corrected, retrying now")
                     continue
+                # Another attempt of ours may still hold the claim (its answer was lost): wait it out.
                 in_progress = resp.status_code == 409 and data.get("code") == "provisioning-in-progress"
                 if resp.status_code not in RETRYABLE_STATUS and not in_progress:
                     code = EXIT_BY_STATUS.get(resp.status_code, EXIT_UNAVAILABLE)
