@@ -174,7 +174,8 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
     wiring.configure(settings)
     assert wiring.aws_clients().client("iot", "eu-west-2").meta.service_model.operation_names == sorted(
         a.split(":")[1] for a in iam_policy.ACTIONS if a.startswith("iot:"))
-    operator_registry = DynamoDbRegistry(AwsClients(lean=False).client("dynamodb"), settings.table_name)
+    operator_registry = DynamoDbRegistry(AwsClients(lean=False).client("dynamodb"), settings.table_name,
+                                         executor=wiring.pool("registry"))
     http.answers[LONDON_IP] = {"latitude": 51.5, "longitude": -0.12, "country_code": "GB"}
     http.answers[TOKYO_IP] = {"latitude": 35.7, "longitude": 139.7, "country_code": "JP"}
     actions: set = set()
@@ -263,7 +264,7 @@ def test_policy_resources_are_narrow():
 
 def test_committed_policy_is_what_the_generator_makes_from_the_stage_config():
     """Fails when .chalice/policy-prod.json is stale: run `python -m chalicelib.admin --stage prod policy --write`."""
-    assert json.loads(iam_policy.render(Settings.from_env(PROD_ENV))) == POLICY
+    assert json.loads(iam_policy.render(Settings.for_stage("prod", environ={}))) == POLICY
 
 
 def test_committed_lean_models_are_what_the_generator_makes_from_the_pinned_botocore():
