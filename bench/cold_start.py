@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -126,11 +127,12 @@ def run(reps: int, importtime: bool, verbose: bool = False) -> dict:
             env = {**base, **aws, **config["environment_variables"], "GIP_FLEET_PUBLIC_KEY": str(public),
                    "AWS_LAMBDA_FUNCTION_NAME": "cold-start-bench"}
             os.environ.update(aws)
-            registry = DynamoDbRegistry(boto3.client("dynamodb", endpoint_url=aws["AWS_ENDPOINT_URL"]),
-                                        env["GIP_TABLE_NAME"])
-            registry.create()
-            names = [f"cold-{i}" for i in range(reps + 2)]
-            registry.register(names)
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                registry = DynamoDbRegistry(boto3.client("dynamodb", endpoint_url=aws["AWS_ENDPOINT_URL"]),
+                                            env["GIP_TABLE_NAME"], executor=pool)
+                registry.create()
+                names = [f"cold-{i}" for i in range(reps + 2)]
+                registry.register(names)
             # moto builds each service's backend on its first request: not the function's cost
             subprocess.run([sys.executable, "-c", PROD, json.dumps(event(v2_csr_body(fleet, names[-1]), "81.2.1.1"))],
                            cwd=PROJECT_DIR, env=env, capture_output=True, text=True, check=True)
