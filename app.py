@@ -1,12 +1,14 @@
 """HTTP routes only: parse -> one service call -> map domain errors to HTTP (design.md)."""
 import os
 import uuid
+from email.utils import format_datetime
 from typing import Any, Callable
 
 from chalice import Chalice, Response
 from chalice.app import Request
 
 from chalicelib import observability, wiring
+from chalicelib.clock import timestamp, utcnow
 from chalicelib.errors import (
     AlreadyProvisioned,
     BodyTooLarge,
@@ -90,6 +92,9 @@ def device_provisioning() -> Response:
         code, body = exc.code, error_body(exc.code, exc.message)
         if isinstance(exc, ServiceUnavailable):
             headers["Retry-After"] = str(exc.retry_after)
+        if code == "stale-timestamp":  # a device without NTP learns the time here and corrects its clock
+            now = utcnow()
+            headers["Date"], body["serverTime"] = format_datetime(now, usegmt=True), timestamp(now)
     except ConfigError as exc:
         observability.logger.error("stage misconfigured: %s", exc)
         status, code = 503, "service-misconfigured"

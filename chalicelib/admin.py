@@ -20,7 +20,7 @@ from cryptography import x509
 
 from chalicelib import fleet_keys, operations, wiring
 from chalicelib.clock import timestamp, utcnow
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, Settings, default_state_dir
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings, default_state_dir
 from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
 from chalicelib.issuers.base import CertificateInfo
 from chalicelib.keypolicy import KEYGEN_RSA_BITS, MIN_RSA_BITS
@@ -494,11 +494,32 @@ def parser() -> argparse.ArgumentParser:
                    help="also list stuck claims and audit findings, and certificates expiring within 30 days "
                         "(asks the issuer about every provisioned device, like audit)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("policy", help="print the stage's IAM policy, generated from its regions and settings",
+                       description="Print the Lambda role's IAM policy for the stage's enabled regions, table, "
+                                   "parameter and key; --write replaces .chalice/policy-<stage>.json.")
+    p.add_argument("--write", action="store_true",
+                   help="write .chalice/policy-<stage>.json and the function's lean AWS models instead of printing")
+    p.add_argument("--account", default="*", help="AWS account id to put in the ARNs (default: *)")
+    p.set_defaults(func=cmd_policy)
     for action in sub._choices_actions:  # every command's --help says what it does, not only its usage
         command = sub.choices[action.dest]
         text = action.help or ""
         command.description = command.description or f"{text[:1].upper()}{text[1:]}."
     return top
+
+
+def cmd_policy(config: Settings, args: Args) -> int:
+    from chalicelib import aws_models, iam_policy
+    text = iam_policy.render(config, args.account)
+    if not args.write:
+        print(text, end="")
+        return 0
+    path = PROJECT_DIR / ".chalice" / f"policy-{config.stage}.json"
+    path.write_text(text)
+    print(f"wrote {path.relative_to(PROJECT_DIR)} ({len(config.enabled_regions)} regions)")
+    for model in aws_models.write(list(iam_policy.ACTIONS)):  # the function's clients know these calls only
+        print(f"wrote {model.relative_to(PROJECT_DIR)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

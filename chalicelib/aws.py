@@ -1,14 +1,19 @@
-"""boto3 clients for the prod stage: one per (service, region), made once per container, with timeouts and retries.
+"""AWS clients for the prod stage: one per (service, region), made once per container, with timeouts and retries.
 
-Imported only by the prod wiring, so the local stage never pays for importing boto3.
+Imported only by the prod wiring, so the local stage never pays for it. botocore directly, not boto3: the
+function uses no resource or transfer API, and boto3's import (s3transfer with it) is most of a cold start.
+In the Lambda (lean=True) clients read the lean service models (chalicelib.aws_models).
 """
 import logging
+import os
 import threading
 from typing import Any
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from chalicelib.geo import Backoff
 
 log = logging.getLogger(__name__)
 # botocore logs whole responses at DEBUG, decrypted SecureString parameters included.
@@ -24,8 +29,11 @@ def error_code(error: ClientError) -> str:
 
 
 class AwsClients:
-    def __init__(self, config: Config = CLIENT_CONFIG) -> None:
-        self._session = boto3.session.Session()
+    def __init__(self, config: Config = CLIENT_CONFIG, lean: bool | None = None) -> None:
+        self._session = botocore.session.get_session()
+        if lean if lean is not None else bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME")):  # inside Lambda
+            from chalicelib.aws_models import lean_loader
+            self._session.register_component("data_loader", lean_loader())
         self._config = config
         self._clients: dict[tuple[str, str | None], Any] = {}
         self._lock = threading.Lock()
@@ -34,33 +42,33 @@ class AwsClients:
         key = (service, region)
         client = self._clients.get(key)
         if client is None:
-            with self._lock:  # boto3 sessions are not thread-safe to create clients from
-                client = self._clients.get(key) or self._session.client(service, region_name=region,
-                                                                         config=self._config)
+            with self._lock:  # botocore sessions are not thread-safe to create clients from
+                client = self._clients.get(key) or self._session.create_client(service, region_name=region,
+                                                                                config=self._config)
                 self._clients[key] = client
         return client
 
 
 class SsmSecret:
-    """A SecureString parameter read once per container; None (and a warning) when it cannot be read."""
+    """A SecureString parameter read once per container. When it cannot be read: None, a warning and a metric
+    (geo.Backoff), and another try after the back-off, so a fixed parameter or key policy heals by itself."""
 
-    _UNSET = object()
-
-    def __init__(self, client: Any, name: str) -> None:
+    def __init__(self, client: Any, name: str, backoff: Backoff | None = None) -> None:
         self._client = client
         self._name = name
-        self._value: object = self._UNSET
+        self._value: str | None = None
         self._lock = threading.Lock()
+        self.backoff = backoff or Backoff(f"SSM parameter {name}")
 
     def __call__(self) -> str | None:
-        if self._value is self._UNSET:
+        if self._value is None and self.backoff.ready():
             with self._lock:
-                if self._value is self._UNSET:
+                if self._value is None and self.backoff.ready():
                     try:
                         self._value = self._client.get_parameter(
                             Name=self._name, WithDecryption=True)["Parameter"]["Value"]
+                        self.backoff.succeeded()
                     except (ClientError, BotoCoreError) as exc:
-                        log.warning("cannot read SSM parameter %s (%s); that provider is off for this container",
-                                    self._name, type(exc).__name__)
-                        self._value = None
-        return self._value if isinstance(self._value, str) else None
+                        self.backoff.failed(error_code(exc) if isinstance(exc, ClientError)
+                                            else type(exc).__name__)
+        return self._value

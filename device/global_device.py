@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import email.utils
 import hashlib
 import json
 import os
@@ -255,8 +256,11 @@ class ProvisioningClient:
 
     def __init__(self, api_base: str, session: requests.Session | None = None, *, max_attempts: int = 6,
                  base_delay: float = 1.0, max_delay: float = 30.0, timeout: tuple = (10, 35),
-                 forwarded_for: str | None = None, sleep=time.sleep):
+                 forwarded_for: str | None = None, sleep=time.sleep, clock=None):
         self.url = api_base.rstrip("/") + "/device-provisioning"
+        # The device's clock, corrected once from the server's when a v2 timestamp is refused as stale.
+        self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self.clock_offset: dt.timedelta | None = None
         self.session = session or requests.Session()
         self.max_attempts, self.base_delay, self.max_delay = max(1, max_attempts), base_delay, max_delay
         self.timeout, self.sleep = timeout, sleep
@@ -279,6 +283,13 @@ class ProvisioningClient:
                 if resp.status_code == 200 and data.get("status") == "success":
                     return data
                 problem = f"HTTP {resp.status_code} {data.get('code', '')}: {data.get('message') or resp.reason}"
+                server_time = _server_time(resp, data) if data.get("code") == "stale-timestamp" else None
+                if server_time is not None and self.clock_offset is None:  # no NTP yet: once, not in a loop
+                    self.clock_offset = server_time - self.clock()
+                    ahead = -self.clock_offset.total_seconds()
+                    print(f"<= the device clock is {abs(ahead):.0f} s {'ahead of' if ahead > 0 else 'behind'} the "
+                          f"server's ({server_time:%Y-%m-%dT%H:%M:%SZ}); corrected, retrying now")
+                    continue
                 # Another attempt of ours may still hold the claim (its answer was lost): wait it out.
                 in_progress = resp.status_code == 409 and data.get("code") == "provisioning-in-progress"
                 if resp.status_code not in RETRYABLE_STATUS and not in_progress:
@@ -293,11 +304,24 @@ class ProvisioningClient:
         raise ClientError(EXIT_UNAVAILABLE,
                           f"service unavailable, gave up after {self.max_attempts} attempts: {last_problem}")
 
+    def now(self) -> dt.datetime:
+        return self.clock() + (self.clock_offset or dt.timedelta(0))
+
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server knows best when it will have capacity again
             return min(retry_after, self.max_delay)
         # Full jitter keeps a fleet that lost the service at once from retrying in lockstep.
         return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+def _server_time(resp: requests.Response, data: dict) -> dt.datetime | None:
+    """The server's time from a stale-timestamp refusal: its serverTime field, else its Date header."""
+    try:
+        if data.get("serverTime"):
+            return dt.datetime.strptime(data["serverTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        return email.utils.parsedate_to_datetime(resp.headers["Date"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _json_or_empty(resp: requests.Response) -> dict:
@@ -339,7 +363,8 @@ def provision(args, paths: StatePaths, client: ProvisioningClient, pause) -> dic
         if version == 1:
             body = build_v1_request(args.thing_name, signing_key, csr_pem)
         else:
-            body = build_v2_request(args.thing_name, signing_key, csr_pem)
+            body = build_v2_request(args.thing_name, signing_key, csr_pem,
+                                    timestamp=client.now().strftime("%Y-%m-%dT%H:%M:%SZ"))
             print(f"   timestamp={body['timestamp']}, nonce={body['nonce']}")
         print(f"   thing-name-sig={body['thing-name-sig'][:16]}...")
         return body
@@ -531,7 +556,7 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep) -> int:
+def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep, clock=None) -> int:
     args = parse_args(argv)
 
     def pause():
@@ -551,7 +576,7 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
             os.makedirs(args.state_dir, exist_ok=True)
             client = ProvisioningClient(args.api_gw, session, max_attempts=args.max_attempts,
                                         base_delay=args.retry_base_delay, forwarded_for=args.forwarded_for,
-                                        sleep=sleep)
+                                        sleep=sleep, clock=clock)
             endpoint = provision(args, paths, client, pause)
         if args.count == 0:
             print("=> --count 0: provisioning only, not connecting")

@@ -20,3 +20,7 @@ def test_bench_runs_and_reports_every_measurement(tmp_path):
          "iot.AttachPolicy", "iot.AttachThingPrincipal"])
     assert "| Throughput / crypto floor |" in result.stdout
     assert "| Local HTTP latency, GET /health, 1 client(s), chalice local | p50 " in result.stdout
+    inprocess, cold = results["inprocess"], results["cold"]
+    assert inprocess["handler_us_per_device"] > 0 and inprocess["service_us_per_device"] > 0
+    assert 0 < inprocess["log_and_metrics_share_of_handler"] < 1
+    assert cold["prod_cpu_ms"] > 0 and cold["bare_cpu_ms"] > 0 and cold["prod_to_bare_cpu_ratio"] > 0

@@ -211,7 +211,7 @@ def backend(request, tmp_path, monkeypatch, fleet_key, locator):
     with mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False):
         settings = Settings.from_env({**PROD_ENV, "GIP_IPSTACK_KEY_PARAMETER": "", "GIP_FLEET_PUBLIC_KEY": str(public),
                                       "GIP_STATE_DIR": str(state), "GIP_ENABLED_REGIONS": ",".join(REGIONS),
-                                      "GIP_DEFAULT_REGION": DEFAULT})
+                                      "GIP_DEFAULT_REGION": DEFAULT, "GIP_ALLOW_V1": "true"})
         wiring.configure(settings)
         clients = wiring.aws_clients()  # the very clients the HTTP route and the CLI will use
         registry = DynamoDbRegistry(clients.client("dynamodb"), settings.table_name, executor=wiring.pool("registry"))

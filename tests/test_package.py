@@ -1,13 +1,16 @@
-"""`chalice package --stage prod`: the template deploys what the code needs, nothing broader, no secrets.
+"""`chalice package --stage prod` from a clean copy of the project: the template deploys what the code needs,
+nothing broader, no secrets, the SDK the tests ran, within Lambda's size limits.
 
 Chalice fetches Lambda-platform wheels from the package index; everything else is offline.
 """
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -18,11 +21,20 @@ from chalicelib.config import PROJECT_DIR
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     out = tmp_path_factory.mktemp("package") / "out"
+    # What a clean clone holds (tracked and new files, as git would commit them): no .state, no __pycache__,
+    # which chalice would otherwise copy from chalicelib/ as it finds it.
+    clone = tmp_path_factory.mktemp("clone")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_DIR,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (PROJECT_DIR / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_DIR / name, clone / name)
     env = {**os.environ, "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing"}
+           "AWS_SECRET_ACCESS_KEY": "testing", "PYTHONDONTWRITEBYTECODE": "1"}
     chalice = str(Path(sys.executable).with_name("chalice"))
-    result = subprocess.run([chalice, "package", "--stage", "prod", str(out)], cwd=PROJECT_DIR, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([chalice, "package", "--stage", "prod", str(out)], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads((out / "sam.json").read_text()), out / "deployment.zip"
 
@@ -65,3 +77,41 @@ def test_zip_is_small_and_holds_no_secret(package):
         leaked = [n for n in names if n.endswith((".pem", ".key", ".py", ".json"))
                   and private.search(archive.read(n))]
         assert leaked == []
+
+
+def test_the_sdk_inside_is_the_one_the_tests_ran_and_sizes_fit_lambda(package):
+    _, zip_path = package
+    # Chalice uploads the zip inline: at most 50 MiB; Lambda unpacks at most 250 MB (function and layers).
+    assert zip_path.stat().st_size <= 50 * 1024 * 1024
+    with zipfile.ZipFile(zip_path) as archive:
+        assert sum(info.file_size for info in archive.infolist()) <= 250 * 1000 * 1000
+        for package_name, dist in (("botocore", "botocore"), ("boto3", "boto3")):
+            text = archive.read(f"{package_name}/__init__.py").decode()
+            assert f"__version__ = '{version(dist)}'" in text, package_name
+        names = archive.namelist()
+    # what the function never uses stays out
+    assert not [n for n in names if n.startswith(("chalicelib/", "app.py")) and ("__pycache__" in n or n.endswith(".pyc"))]
+    assert not [n for n in names if n.startswith("aws_lambda_powertools") or "swagger" in n.lower()]
+    assert "chalicelib/botocore_models/iot/2015-05-28/service-2.json" in names
+
+
+def test_pinned_sdk_is_what_is_installed():
+    pins = dict(line.split("#")[0].strip().split("==") for line in
+                (PROJECT_DIR / "requirements.txt").read_text().splitlines() if "==" in line.split("#")[0])
+    assert pins["boto3"] == version("boto3") and pins["botocore"] == version("botocore")
+
+
+def test_template_policy_scopes_destructive_iot_actions_to_the_enabled_regions(package):
+    template, _ = package
+    [role] = resources_of_type(template, "AWS::IAM::Role")
+    regions = set(json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]
+                  ["environment_variables"].get("GIP_ENABLED_REGIONS", "").split(",")) - {""}
+    from chalicelib.regions import SAMPLE_REGIONS
+    regions = regions or set(SAMPLE_REGIONS)
+    for statement in role["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        if any(a.startswith(("iot:Delete", "iot:Detach", "iot:Update")) for a in statement["Action"]):
+            assert "*" not in resources
+            assert {arn.split(":")[3] for arn in resources} == regions
+        if any(a.startswith("logs:") for a in statement["Action"]):
+            assert all(":log-group:/aws/lambda/" in arn for arn in resources)

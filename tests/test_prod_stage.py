@@ -5,24 +5,27 @@ hooks, must be exactly the ones .chalice/policy-prod.json grants.
 """
 import base64
 import json
+import os
 from datetime import datetime, timezone
 
 import boto3
 import pytest
-import responses
 from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from moto import mock_aws
 
 from app import app
-from chalicelib import admin, wiring
+from chalicelib import admin, aws_models, iam_policy, wiring
+from chalicelib.aws import AwsClients
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
+from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.signatures import v2_text
 from chalicelib.wire import ProvisioningRequest
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
+from tests.fake_ipstack import FakeIpstack
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
 POLICY = json.loads((PROJECT_DIR / ".chalice" / "policy-prod.json").read_text())
@@ -41,11 +44,11 @@ def prod(tmp_path, monkeypatch):
     public = tmp_path / "fleet.pub.pem"
     public.write_bytes(fleet_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
-    # responses: no HTTP request may leave this machine; ipstack answers only what a test registers.
-    with mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False) as http:
+    # ipstack is a stand-in on 127.0.0.1 that answers only what a test puts in; nothing leaves this machine.
+    with mock_aws(), FakeIpstack() as http:
         wiring.reset()
         settings = Settings.from_env({**PROD_ENV, "GIP_FLEET_PUBLIC_KEY": str(public),
-                                      "GIP_STATE_DIR": str(tmp_path / "state")})
+                                      "GIP_STATE_DIR": str(tmp_path / "state"), "GIP_IPSTACK_URL": http.url})
         wiring.configure(settings)
         wiring.registry(settings).create()
         wiring.registry(settings).register([f"mydevice{i}" for i in range(1, 6)])
@@ -54,8 +57,15 @@ def prod(tmp_path, monkeypatch):
         wiring.reset()
 
 
-def body(fleet_key, thing, csr_pem=None):
-    data = {"thing-name": thing, "thing-name-sig": sign_v1(fleet_key, thing)}
+def body(fleet_key, thing, csr_pem=None, version=2):
+    """The device's default request: signed request v2 (prod refuses v1 unless told otherwise)."""
+    if version == 1:
+        data = {"thing-name": thing, "thing-name-sig": sign_v1(fleet_key, thing)}
+    else:
+        stamp, nonce = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), os.urandom(8).hex()
+        signature = fleet_key.sign(v2_text(thing, stamp, nonce, csr_pem), padding.PKCS1v15(), hashes.SHA256())
+        data = {"thing-name": thing, "thing-name-sig": base64.b64encode(signature).decode(), "timestamp": stamp,
+                "nonce": nonce}
     if csr_pem:
         data["CSR"] = csr_pem
     return data
@@ -89,7 +99,7 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
         x509.load_pem_x509_certificate(answer["certificatePem"].encode())
 
         impostor = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        status, answer = post(client, {"thing-name": "mydevice3", "thing-name-sig": sign_v1(impostor, "mydevice3")})
+        status, answer = post(client, body(impostor, "mydevice3"))
         assert status == 403 and answer["code"] == "invalid-signature"
 
         status, answer = post(client, body(fleet_key, "mydevice1"))
@@ -101,6 +111,21 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
     assert registry.get("mydevice1").region == "eu-west-2"
     assert registry.get("mydevice3").status == "unprovisioned"
     assert iot.list_things()["things"] and "mydevice3" not in [t["thingName"] for t in iot.list_things()["things"]]
+
+
+def test_prod_refuses_v1_by_default_and_one_setting_accepts_it(prod):
+    settings, fleet_key, http = prod
+    assert PROD_ENV["GIP_ALLOW_V1"] == "false" and Settings.from_env({"GIP_STAGE": "prod"}).allow_v1 is False
+    assert Settings.from_env({"GIP_STAGE": "local"}).allow_v1 is True  # the local stage and the demo show both
+    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        status, answer = post(client, body(fleet_key, "mydevice1", version=1))
+        assert status == 403 and answer["code"] == "v1-refused"
+        assert wiring.registry(settings).get("mydevice1").status == "unprovisioned"
+    wiring.configure(Settings.from_env({**PROD_ENV, "GIP_ALLOW_V1": "true", "GIP_FLEET_PUBLIC_KEY":
+                                        str(settings.fleet_public_key), "GIP_STATE_DIR": str(settings.state_dir)}))
+    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        status, answer = post(client, body(fleet_key, "mydevice1", version=1))
+        assert status == 200, answer
 
 
 def test_admin_cli_on_prod_lists_and_shows_dynamodb_items(prod, capsys, monkeypatch):
@@ -141,12 +166,18 @@ def _policy_actions(prefixes=("dynamodb:", "iot:", "ssm:")) -> set:
     return {a for a in granted if a.startswith(prefixes)}
 
 
-def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
+def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
+    """Through the function's own clients (lean models: a call missing from the policy has no method either)."""
     settings, fleet_key, http = prod
-    http.get("https://api.ipstack.com/" + LONDON_IP,
-                  json={"latitude": 51.5, "longitude": -0.12, "country_code": "GB"})
-    http.get("https://api.ipstack.com/" + TOKYO_IP,
-                  json={"latitude": 35.7, "longitude": 139.7, "country_code": "JP"})
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "iot-global-provisioning-prod")
+    wiring.reset()
+    wiring.configure(settings)
+    assert wiring.aws_clients().client("iot", "eu-west-2").meta.service_model.operation_names == sorted(
+        a.split(":")[1] for a in iam_policy.ACTIONS if a.startswith("iot:"))
+    operator_registry = DynamoDbRegistry(AwsClients(lean=False).client("dynamodb"), settings.table_name,
+                                         executor=wiring.pool("registry"))
+    http.answers[LONDON_IP] = {"latitude": 51.5, "longitude": -0.12, "country_code": "GB"}
+    http.answers[TOKYO_IP] = {"latitude": 35.7, "longitude": 139.7, "country_code": "JP"}
     actions: set = set()
     _record_actions(settings, actions)
     service = wiring.service()
@@ -158,13 +189,14 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
     csr_pem = make_csr("mydevice2")[0]
     second = service.provision(request("mydevice2", csr_pem), TOKYO_IP)        # CSR
     assert (first.choice.region, second.choice.region) == ("eu-west-2", "ap-northeast-1")
-    assert len(http.calls) == 2  # ipstack answered both; the key came from SSM
+    assert [ip for ip, _ in http.calls] == [LONDON_IP, TOKYO_IP]  # ipstack answered both
+    assert all(query["access_key"] == ["ipstack-key"] for _, query in http.calls)  # the key came from SSM
     again = service.provision(request("mydevice2", csr_pem), TOKYO_IP)         # the answer was lost: ask again
     assert again.issued.certificate_id == second.issued.certificate_id
     # A device with its own EC key, signed request v2: its key is read from the table, its nonce recorded.
     device_key = ec.generate_private_key(ec.SECP256R1())
     seen_before = set(actions)
-    wiring.registry(settings).register(["own-key-1"], {"own-key-1": device_key.public_key().public_bytes(
+    operator_registry.register(["own-key-1"], {"own-key-1": device_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()})
     actions.clear()  # registering is the operator's job, not the Lambda's
     stamp, nonce = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "n-1"
@@ -193,18 +225,77 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod):
     assert item["Item"]["prov_status"] == {"S": "unprovisioned"}
 
 
+def _resources(statement) -> list:
+    return statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+
+
 def test_policy_resources_are_narrow():
+    settings = Settings.from_env(PROD_ENV)
+    regions = set(settings.enabled_regions)
     for statement in POLICY["Statement"]:
-        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-        if statement["Sid"] == "IotAccountLevel":  # these IoT actions take no resource ARN
+        if statement["Sid"] == "IotAccountLevel":  # these IoT actions take no resource ARN: bounded by region
             assert set(statement["Action"]) <= {"iot:DescribeEndpoint", "iot:CreateCertificateFromCsr",
                                                 "iot:CreateKeysAndCertificate"}
-        else:
-            assert "*" not in resources
+            assert set(statement["Condition"]["StringEquals"]["aws:RequestedRegion"]) == regions
+            continue
+        resources = _resources(statement)
+        assert "*" not in resources
+        for arn in resources:
+            assert not arn.startswith("arn:aws:iot:*")
+            if arn.startswith("arn:aws:iot:"):
+                assert arn.split(":")[3] in regions, arn
+            if arn.startswith("arn:aws:logs:"):
+                assert "/aws/lambda/" in arn, arn
+    iot_regions = {arn.split(":")[3] for s in POLICY["Statement"] for arn in _resources(s)
+                   if arn.startswith("arn:aws:iot:")}
+    assert iot_regions == regions
+    destructive = {"iot:DeleteThing", "iot:DeleteCertificate", "iot:UpdateCertificate", "iot:DetachPolicy",
+                   "iot:DetachThingPrincipal"}
+    for statement in POLICY["Statement"]:
+        if destructive & set(statement["Action"]):
+            assert all(arn.split(":")[5].startswith(("thing/", "cert/")) for arn in _resources(statement))
+    policy = next(s for s in POLICY["Statement"] if "iot:CreatePolicy" in s["Action"])
+    assert {arn.split(":", 5)[5] for arn in _resources(policy)} == {f"policy/{DEVICE_POLICY_NAME}"}
     registry = next(s for s in POLICY["Statement"] if s["Sid"] == "Registry")
     assert registry["Resource"].endswith(f"table/{PROD_ENV['GIP_TABLE_NAME']}")
-    ssm = next(s for s in POLICY["Statement"] if s["Sid"] == "IpstackKey")
-    assert ssm["Resource"].endswith(f"parameter{IPSTACK_PARAMETER}")
+    ssm = next(s for s in POLICY["Statement"] if s["Sid"] == "Parameters")
+    assert sorted(arn.split(":parameter", 1)[1] for arn in _resources(ssm)) == sorted(
+        [IPSTACK_PARAMETER, PROD_ENV["GIP_FLEET_PUBLIC_KEY_PARAMETER"]])
+
+
+def test_committed_policy_is_what_the_generator_makes_from_the_stage_config():
+    """Fails when .chalice/policy-prod.json is stale: run `python -m chalicelib.admin --stage prod policy --write`."""
+    assert json.loads(iam_policy.render(Settings.for_stage("prod", environ={}))) == POLICY
+
+
+def test_committed_lean_models_are_what_the_generator_makes_from_the_pinned_botocore():
+    """Fails when chalicelib/botocore_models is stale (an action added, botocore upgraded): regenerate with
+    `python -m chalicelib.admin --stage prod policy --write`."""
+    generated = aws_models.generate(list(iam_policy.ACTIONS))
+    committed = {str(p.relative_to(aws_models.MODELS_DIR)): p.read_text()
+                 for p in aws_models.MODELS_DIR.rglob("*.json")}
+    assert committed == generated
+
+
+def test_policy_follows_the_enabled_regions_and_an_optional_kms_key():
+    key = "arn:aws:kms:eu-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    policy = iam_policy.policy_document(Settings.from_env({**PROD_ENV, "GIP_ENABLED_REGIONS": "eu-west-2,us-east-1",
+                                                           "GIP_KMS_KEY_ARN": key}), account="111122223333")
+    statements = {s["Sid"]: s for s in policy["Statement"]}
+    assert statements["IpstackKeyDecrypt"] == {"Sid": "IpstackKeyDecrypt", "Effect": "Allow",
+                                               "Action": ["kms:Decrypt"], "Resource": key}
+    assert statements["IotThings"]["Resource"] == ["arn:aws:iot:eu-west-2:111122223333:thing/*",
+                                                   "arn:aws:iot:us-east-1:111122223333:thing/*"]
+    assert statements["IotAccountLevel"]["Condition"] == {
+        "StringEquals": {"aws:RequestedRegion": ["eu-west-2", "us-east-1"]}}
+    assert "IpstackKeyDecrypt" not in {s["Sid"] for s in POLICY["Statement"]}  # no key configured: no kms grant
+
+
+def test_policy_command_prints_the_committed_policy(monkeypatch, capsys):
+    for name in [n for n in os.environ if n.startswith("GIP_")]:
+        monkeypatch.delenv(name)
+    assert admin.main(["--stage", "prod", "policy"]) == 0
+    assert json.loads(capsys.readouterr().out) == POLICY
 
 
 def test_endpoint_and_policy_lookups_are_once_per_container(prod):

@@ -59,7 +59,7 @@ NEAREST = [
     ("99.224.0.1", "Toronto: Ohio and Virginia within 50 km of each other", None),
     ("50.35.0.1", "Seattle area", "us-west-2"),
     ("76.102.0.1", "Palo Alto (us-west-1 not enabled)", "us-west-2"),
-    ("24.80.0.1", "Vancouver", "us-west-2"),
+    ("24.84.0.1", "Vancouver", "us-west-2"),
     ("209.193.0.1", "Alaska, high latitude", "us-west-2"),
     ("157.157.0.1", "Reykjavik, high latitude", "eu-west-1"),
     ("158.39.0.1", "Tromsø, high latitude", None),

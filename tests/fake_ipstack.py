@@ -1,0 +1,46 @@
+"""A stand-in for ipstack on 127.0.0.1 (the prod stage's HTTP geolocation), for tests and the bench.
+
+Answers GET /<ip> with what was put in `answers` (404 otherwise), after `delay` seconds; records each call.
+"""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+class FakeIpstack:
+    def __init__(self, delay: float = 0.0):
+        self.answers: dict[str, dict] = {}
+        self.calls: list[tuple[str, dict]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                parts = urlsplit(self.path)
+                ip = parts.path.strip("/")
+                fake.calls.append((ip, parse_qs(parts.query)))
+                time.sleep(fake.delay)
+                answer = fake.answers.get(ip)
+                body = json.dumps(answer if answer is not None else {"success": False}).encode()
+                self.send_response(200 if answer is not None else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.delay = delay
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{{ip}}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> "FakeIpstack":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
