@@ -8,6 +8,7 @@ from chalicelib import observability, wiring
 from chalicelib.errors import (AlreadyProvisioned, BodyTooLarge, ConfigError, MalformedRequest, NotRegistered,
                                ProvisioningError, ProvisioningInProgress, RegionBlocked, ServiceUnavailable,
                                SignatureInvalid)
+from chalicelib.deadline import Deadline
 from chalicelib.geo import client_ip
 from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningRequest
@@ -41,12 +42,13 @@ def device_provisioning():
                        wiring.settings().trust_forwarded_for)
         detail = {"client_ip": ip, "signature_version": provisioning_request.version,
                   "csr": provisioning_request.csr is not None}
-        result = wiring.service().provision(provisioning_request, ip, steps)
+        deadline = Deadline.for_request(request.lambda_context, wiring.settings().request_budget_seconds)
+        result = wiring.service().provision(provisioning_request, ip, steps, deadline)
         status, code, body = 200, "provisioned", result.response_body()
     except ProvisioningError as exc:
         status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
         code, body = exc.code, error_body(exc.code, exc.message)
-        if isinstance(exc, ServiceUnavailable):
+        if isinstance(exc, ServiceUnavailable) or getattr(exc, "retry_after", None):
             headers["Retry-After"] = str(exc.retry_after)
     except ConfigError as exc:
         observability.logger.error("stage misconfigured: %s", exc)

@@ -19,13 +19,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from chalicelib import wiring
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
-from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
+from chalicelib.errors import (AlreadyProvisioned, ConfigError, ProvisioningError, ProvisioningInProgress,
+                               RegionBlocked)
 from chalicelib.issuers.base import CertificateRef
 from chalicelib.issuers.local_ca import write_private
 from chalicelib.provisioning import THING_NAME
 from chalicelib.signatures import load_device_key
 from chalicelib.regions import CATALOGUE, CONTINENTS
 from chalicelib.registry.base import PROVISIONED, STATUSES
+from chalicelib.settle import Settler
 
 
 class CommandError(Exception):
@@ -301,19 +303,39 @@ def cmd_reset(config: Settings, args) -> int:
 
 
 def audit(config: Settings, registry, issuer, now: datetime) -> dict:
-    """What a crashed or half-failed provisioning can leave behind, on any backend."""
+    """What a crashed or half-failed provisioning can leave behind, on any backend.
+
+    Work in flight (a live claim, and the certificate it is issuing) is reported with its age, never fixed;
+    once its lease has ended it is a stuck claim, settled by --fix like a retry would (write-ahead record)."""
     items = list(registry.list())
-    stuck = registry.stuck(now)
-    # A live claim may be about to record its certificate: that certificate is not an orphan yet.
-    live_claims = ({item["thing_name"] for item in items if item["prov_status"] == "provisioning"}
-                   - {item["thing_name"] for item in stuck})
+    states = registry.claims(now)
+    settler = Settler(registry, issuer)
+    in_flight, stuck, unfinished = [], [], []
+    for state in states:
+        pending = state.pending
+        found = {"thing_name": state.thing_name, "region": pending and pending.region,
+                 "certificates": settler.left_by(state.thing_name, pending),
+                 "key": None if pending is None else ("device" if pending.fingerprint else "server-made")}
+        if state.live(now):
+            in_flight.append({**found, "age_seconds": round((now - state.claimed_at).total_seconds(), 1)
+                              if state.claimed_at else None,
+                              "lease_left_seconds": round((state.lease_expires - now).total_seconds(), 1)})
+        elif state.status == "provisioning":
+            stuck.append({**found, "lease_expires": state.lease_expires.timestamp() if state.lease_expires else 0})
+        else:
+            unfinished.append(found)
+    # A live claim owns what it is making; a dead attempt's write-ahead record the certificates it points at,
+    # which settling it deals with: both are reported above, not as orphans.
+    claimed = {item["thing_name"] for item in in_flight}
     referenced = {(item.get("aws_region"), item.get("certificate_id")) for item in items
                   if item["prov_status"] == "provisioned"}
+    referenced |= {(item["region"], cert) for item in stuck + unfinished for cert in item["certificates"]}
     orphans = [cert for region in config.enabled_regions for cert in issuer.active_certificates(region)
-               if (region, cert["certificate_id"]) not in referenced and cert.get("thing_name") not in live_claims]
+               if (region, cert["certificate_id"]) not in referenced and cert.get("thing_name") not in claimed]
     placed = {(item.get("aws_region"), item["thing_name"]) for item in items if item["prov_status"] == "provisioned"}
+    placed |= {(item["region"], item["thing_name"]) for item in stuck + unfinished if item["region"]}
     things = [{"thing_name": name, "region": region} for region in config.enabled_regions
-              for name in issuer.things(region) if (region, name) not in placed and name not in live_claims]
+              for name in issuer.things(region) if (region, name) not in placed and name not in claimed]
     missing = []
     for item in items:
         if item["prov_status"] == "provisioned":
@@ -321,8 +343,11 @@ def audit(config: Settings, registry, issuer, now: datetime) -> dict:
             if cert is None or cert["status"] != "ACTIVE":
                 missing.append({"thing_name": item["thing_name"], "certificate_id": item.get("certificate_id"),
                                 "region": item.get("aws_region"), "status": cert["status"] if cert else "gone"})
-    return {"stuck_claims": stuck, "orphan_certificates": orphans, "orphan_things": things,
-            "missing_certificates": missing}
+    return {"in_flight": in_flight, "stuck_claims": stuck, "unfinished_rollbacks": unfinished,
+            "orphan_certificates": orphans, "orphan_things": things, "missing_certificates": missing}
+
+
+FINDINGS = ("stuck_claims", "unfinished_rollbacks", "orphan_certificates", "orphan_things", "missing_certificates")
 
 
 def cmd_audit(config: Settings, args) -> int:
@@ -331,9 +356,12 @@ def cmd_audit(config: Settings, args) -> int:
     found = audit(config, registry, issuer, now)
     fixed = []
     if args.fix:
-        for item in found["stuck_claims"]:
-            if registry.release_stuck(item["thing_name"], now):
-                fixed.append(f"released the expired claim on {item['thing_name']}")
+        settler = Settler(registry, issuer)
+        for item in found["stuck_claims"] + found["unfinished_rollbacks"]:
+            try:
+                fixed.append(settler.settle_for_audit(item["thing_name"], now, config.lease_for_audit()))
+            except (AlreadyProvisioned, ProvisioningInProgress):  # a device request settled it meanwhile
+                fixed.append(f"{item['thing_name']} was settled by its own retry meanwhile")
         for cert in found["orphan_certificates"]:
             issuer.revoke(CertificateRef(cert["region"], cert["certificate_id"], cert.get("thing_name")))
             fixed.append(f"revoked orphan certificate {cert['certificate_id']} in {cert['region']}"
@@ -346,12 +374,18 @@ def cmd_audit(config: Settings, args) -> int:
             issuer.delete_thing(item["region"], item["thing_name"])
             registry.reset(item["thing_name"])
             fixed.append(f"reset {item['thing_name']} (its certificate is {item['status']}) to unprovisioned")
+    findings = sum(len(found[key]) for key in FINDINGS)
     if args.json:
         print(json.dumps({**found, "fixed": fixed}, indent=2, default=str))
     else:
+        for item in found["in_flight"]:
+            print(f"in flight: {item['thing_name']} claimed {item['age_seconds']} s ago, lease ends in "
+                  f"{item['lease_left_seconds']} s" + _attempt(item) + " (not a finding)")
         for item in found["stuck_claims"]:
             print(f"stuck claim: {item['thing_name']} (lease ended "
-                  f"{timestamp(datetime.fromtimestamp(item['lease_expires'], timezone.utc))})")
+                  f"{timestamp(datetime.fromtimestamp(item['lease_expires'], timezone.utc))})" + _attempt(item))
+        for item in found["unfinished_rollbacks"]:
+            print(f"unfinished rollback: {item['thing_name']}" + _attempt(item))
         for cert in found["orphan_certificates"]:
             print(f"orphan certificate: {cert['certificate_id']} in {cert['region']} (thing {cert.get('thing_name')})")
         for thing in found["orphan_things"]:
@@ -361,11 +395,17 @@ def cmd_audit(config: Settings, args) -> int:
                   f"in {item['region']}, which is {item['status']}")
         for line in fixed:
             print(f"fixed: {line}")
-        total = sum(len(v) for v in found.values())
-        print(f"{total} finding(s)" + (f", {len(fixed)} fixed" if args.fix else
-                                        ("; run with --fix to repair" if total else "")))
-    findings = sum(len(v) for v in found.values())
+        print(f"{findings} finding(s)" + (f", {len(fixed)} fixed" if args.fix else
+                                           ("; run with --fix to repair" if findings else ""))
+              + (f"; {len(found['in_flight'])} in flight" if found["in_flight"] else ""))
     return 0 if findings == 0 or (args.fix and len(fixed) == findings) else 1
+
+
+def _attempt(item: dict) -> str:
+    if not item["region"]:
+        return ""
+    certificates = ", ".join(item["certificates"]) or "none found"
+    return f"; its attempt in {item['region']} ({item['key']} key) issued: {certificates}"
 
 
 def cmd_regions(config: Settings, args) -> int:
@@ -461,12 +501,15 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reset)
 
     p = sub.add_parser("audit", help="find stuck claims, orphan certificates and missing certificates",
-                       description="Lists claims whose lease ended (a process died mid-way), active certificates "
-                                   "and things in any enabled region that no registry item refers to, and provisioned "
-                                   "devices whose certificate is gone. Exit code 1 when something is found "
-                                   "and not fixed.")
+                       description="Lists provisioning in flight (live claims, with their age and the certificate "
+                                   "being issued; not a finding), claims whose lease ended (a process died mid-way) "
+                                   "and rollbacks that could not finish, with what their attempt issued, active "
+                                   "certificates and things in any enabled region that no registry item refers to, "
+                                   "and provisioned devices whose certificate is gone. Exit code 1 when something "
+                                   "is found and not fixed.")
     p.add_argument("--fix", action="store_true",
-                   help="release stuck claims, revoke orphan certificates, reset devices whose certificate is gone")
+                   help="settle stuck claims (a certificate for the device's own key is kept and recorded, any "
+                        "other revoked), revoke orphan certificates, reset devices whose certificate is gone")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_audit)
     return top

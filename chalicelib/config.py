@@ -30,7 +30,7 @@ class Settings:
     trust_forwarded_for: bool
     mqtt_host: str
     mqtt_base_port: int
-    claim_lease_seconds: int
+    claim_lease_seconds: int | None  # None: the request's time left plus the margin (chalicelib/deadline.py)
     registry: str = "sqlite"
     issuer: str = "local-ca"
     table_name: str = "iot-global-provisioning"
@@ -40,6 +40,14 @@ class Settings:
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
     region_rules: Mapping = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
     timestamp_skew_seconds: int = 300
+    # Locally the only deadline; on Lambda the function's own is used when sooner. Below the device's HTTP read
+    # timeout (35 s) and API Gateway's 29 s, so a device always gets our answer rather than a gateway's.
+    request_budget_seconds: int = 20
+    claim_lease_margin_seconds: int = 30
+
+    def lease_for_audit(self) -> int:
+        """The lease the audit takes a device over with: as long as a request's."""
+        return self.claim_lease_seconds or self.request_budget_seconds + self.claim_lease_margin_seconds
 
     @property
     def registry_path(self) -> Path:
@@ -68,7 +76,7 @@ class Settings:
             trust_forwarded_for=_bool(env, "GIP_TRUST_FORWARDED_FOR", False),
             mqtt_host=env.get("GIP_MQTT_HOST") or "localhost",
             mqtt_base_port=_int(env, "GIP_MQTT_BASE_PORT", 18883),
-            claim_lease_seconds=_int(env, "GIP_CLAIM_LEASE_SECONDS", 120),
+            claim_lease_seconds=_int(env, "GIP_CLAIM_LEASE_SECONDS", 0) or None,
             registry=_choice(env, "GIP_REGISTRY", ("sqlite", "dynamodb")),
             issuer=_choice(env, "GIP_ISSUER", ("local-ca", "aws-iot")),
             table_name=env.get("GIP_TABLE_NAME") or "iot-global-provisioning",
@@ -79,6 +87,8 @@ class Settings:
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
+            request_budget_seconds=_int(env, "GIP_REQUEST_BUDGET_SECONDS", 20),
+            claim_lease_margin_seconds=_int(env, "GIP_CLAIM_LEASE_MARGIN_SECONDS", 30),
         )
 
 

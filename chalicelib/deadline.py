@@ -106,6 +106,17 @@ def running(deadline: Deadline) -> Iterator[Deadline]:
         _current.reset(token)
 
 
+@contextmanager
+def rollback() -> Iterator[None]:
+    """The current request (if any) is undoing what it did: the rollback reserve is usable."""
+    deadline = current()
+    if deadline is None:
+        yield
+        return
+    with deadline.rolling_back():
+        yield
+
+
 def require(step: str, seconds: float) -> None:
     """Deadline.require for the current request; nothing outside a request (CLI, audit)."""
     deadline = current()

@@ -1,4 +1,5 @@
 """Domain errors. Each carries a stable machine code; app.py maps classes to HTTP statuses."""
+import math
 
 
 class ProvisioningError(Exception):
@@ -47,6 +48,16 @@ class AlreadyProvisioned(ProvisioningError):
 
 class ProvisioningInProgress(ProvisioningError):
     code = "provisioning-in-progress"
+
+    def __init__(self, message: str, code: str | None = None, retry_after: int | None = None):
+        super().__init__(message, code)
+        self.retry_after = retry_after  # seconds left on the lease that holds the device, when known
+
+
+def in_progress(thing_name: str, lease_left: float) -> ProvisioningInProgress:
+    """Another request holds the device; it is free again, at the latest, when the lease ends."""
+    return ProvisioningInProgress(f"{thing_name} is being provisioned by another request",
+                                  retry_after=max(1, math.ceil(lease_left)))
 
 
 class RegionBlocked(ProvisioningError):

@@ -3,6 +3,7 @@
 Backends are imported only when the stage uses them, so the local stage never imports boto3.
 """
 import threading
+from typing import Callable
 
 from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
@@ -77,7 +78,8 @@ def locator(config: Settings) -> GeoLocator:
     return CachingLocator(providers[0] if len(providers) == 1 else FallbackLocator(providers))
 
 
-def build_service(config: Settings) -> ProvisioningService:
+def build_service(config: Settings, checkpoint: Callable[[str, str], None] | None = None) -> ProvisioningService:
+    """`checkpoint` (tests): called at each step boundary of a provisioning, see ProvisioningService."""
     policy = region_policy(config)
     return ProvisioningService(
         registry=registry(config),
@@ -90,6 +92,9 @@ def build_service(config: Settings) -> ProvisioningService:
         lease_seconds=config.claim_lease_seconds,
         allow_v1=config.allow_v1,
         skew_seconds=config.timestamp_skew_seconds,
+        budget_seconds=config.request_budget_seconds,
+        lease_margin_seconds=config.claim_lease_margin_seconds,
+        **({"checkpoint": checkpoint} if checkpoint else {}),
     )
 
 
@@ -100,6 +105,13 @@ def service() -> ProvisioningService:
             if _service is None:
                 _service = build_service(settings())
     return _service
+
+
+def use_service(service: ProvisioningService) -> None:
+    """Serve with this service (tests that build it with a step checkpoint)."""
+    global _service
+    with _lock:
+        _service = service
 
 
 def configure(config: Settings) -> None:

@@ -196,9 +196,22 @@ class LocalIssuer:
              timestamp(self._clock()), timestamp(cert.not_valid_after_utc), pem))
         return IssuedCertificate(region, cert_id, pem, endpoint, private_key_pem, thing_name)
 
-    def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:
+    def revoke(self, issued: IssuedCertificate | CertificateRef, keep_thing: bool = False) -> None:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
                            (issued.certificate_id,))
+
+    def find_issued(self, thing_name: str, region: str, since: datetime, fingerprint: str | None) -> list[str]:
+        # issued_at has whole seconds: one second of slack keeps a certificate signed in the same second.
+        return [row[0] for row in self._db().execute(
+            "SELECT certificate_id FROM certificates WHERE thing_name = ? AND region = ? AND status = 'ACTIVE' "
+            "AND issued_at >= ? ORDER BY issued_at", (thing_name, region, timestamp(since - timedelta(seconds=1))))]
+
+    def adopt(self, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate:
+        found = self.certificate(certificate_id)
+        if found is None or found["status"] != "ACTIVE" or found["thing_name"] != thing_name:
+            raise LookupError(f"certificate {certificate_id} of {thing_name} is not active")
+        return IssuedCertificate(region, certificate_id, found["certificate_pem"], self.endpoint(region),
+                                 thing_name=thing_name)
 
     def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
         row = self._db().execute("SELECT * FROM certificates WHERE certificate_id = ?",

@@ -5,14 +5,15 @@ import json
 import secrets
 import sqlite3
 import threading
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from chalicelib.clock import timestamp as _timestamp
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid,
-                               replayed_request)
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json)
+                               in_progress, replayed_request)
+from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, ClaimState, PendingIssue,
+                                      attributes_json)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -30,7 +31,14 @@ CREATE TABLE IF NOT EXISTS devices (
     lease_expires  REAL,
     last_error     TEXT,
     attempts       INTEGER,
-    attributes     TEXT
+    attributes     TEXT,
+    claimed_at     REAL,
+    -- the write-ahead record of an issuance (registry/base.py PendingIssue)
+    pending_region TEXT,
+    pending_since  REAL,
+    pending_fingerprint TEXT,
+    pending_certificate_id TEXT,
+    pending_created_thing INTEGER
 ) WITHOUT ROWID;
 -- No index on prov_status: it would double the cost of every claim and finalize, and only operator
 -- commands (list, stats, audit) filter on it, where a scan of even a million rows is quick enough.
@@ -44,6 +52,13 @@ CREATE TABLE IF NOT EXISTS nonces (
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
                    "attributes")
+# Added after the first release: a registry made before them gets them on first open.
+_ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_since", "REAL"),
+                  ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
+                  ("pending_created_thing", "INTEGER"))
+_PENDING = "pending_region, pending_since, pending_fingerprint, pending_certificate_id, pending_created_thing"
+_NO_PENDING = ("pending_region = NULL, pending_since = NULL, pending_fingerprint = NULL, "
+               "pending_certificate_id = NULL, pending_created_thing = NULL")
 _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all inside one transaction
 
 
@@ -62,6 +77,10 @@ class SqliteRegistry:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
             db.executescript(_SCHEMA)  # idempotent; a new state directory just works
+            present = {row["name"] for row in db.execute("PRAGMA table_info(devices)")}
+            for column, kind in _ADDED_COLUMNS:
+                if column not in present:
+                    db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
             self._local.db = db
         return db
 
@@ -115,19 +134,21 @@ class SqliteRegistry:
             if nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
                 db.execute("ROLLBACK")
                 raise replayed_request()
-            changed = db.execute(
+            # The write-ahead record is left as it is: RETURNING hands over what a dead attempt wrote.
+            won = db.execute(
                 "UPDATE devices SET prov_status = 'provisioning', claim_token = ?, lease_expires = ?, "
-                "attempts = COALESCE(attempts, 0) + 1 "
+                "claimed_at = ?, attempts = COALESCE(attempts, 0) + 1 "
                 "WHERE thing_name = ? AND (prov_status = 'unprovisioned' "
-                "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL)",
-                (token, at + lease_seconds, thing_name, at, int(fleet_key))).rowcount
+                "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL) "
+                f"RETURNING {_PENDING}",
+                (token, at + lease_seconds, at, thing_name, at, int(fleet_key))).fetchone()
             db.execute("COMMIT")  # a refused claim still uses up its nonce
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        if changed == 1:
-            return Claim(thing_name, token)
+        if won is not None:
+            return Claim(thing_name, token, _pending(won))
         # The write was refused; read only to say why.
         item = self.get(thing_name)
         if item is None:
@@ -136,24 +157,49 @@ class SqliteRegistry:
             raise SignatureInvalid(REFUSED)
         if item["prov_status"] == PROVISIONED:
             raise AlreadyProvisioned(f"{thing_name} is already provisioned", item=item)
-        raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request")
+        lease = self._db().execute("SELECT lease_expires FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
+        raise in_progress(thing_name, (lease[0] or at) - at if lease else 0)
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
         changed = self._db().execute(
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
             "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
-            "last_error = NULL WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            f"last_error = NULL, {_NO_PENDING} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, country, reason, claim.thing_name,
              PROVISIONING, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
-    def release(self, claim: Claim, error: str) -> None:
+    def release(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
         self._db().execute(
-            "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ? "
-            "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ?"
+            + ("" if keep_pending else f", {_NO_PENDING}")
+            + " WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (UNPROVISIONED, error, claim.thing_name, PROVISIONING, claim.token))
+
+    def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
+        self._holding(claim, "pending_region = ?, pending_since = ?, pending_fingerprint = ?, "
+                             "pending_certificate_id = NULL, pending_created_thing = NULL",
+                      (pending.region, pending.since.timestamp(), pending.fingerprint))
+
+    def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
+        self._holding(claim, "pending_certificate_id = ?, pending_created_thing = ?",
+                      (certificate_id, int(created_thing)))
+
+    def _holding(self, claim: Claim, assignments: str, values: tuple) -> None:
+        changed = self._db().execute(
+            f"UPDATE devices SET {assignments} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            (*values, claim.thing_name, PROVISIONING, claim.token)).rowcount
+        if changed != 1:
+            raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
+
+    def claims(self, now: datetime) -> list[ClaimState]:
+        rows = self._db().execute(
+            f"SELECT thing_name, prov_status, claimed_at, lease_expires, {_PENDING} FROM devices "
+            "WHERE prov_status = 'provisioning' OR pending_region IS NOT NULL ORDER BY thing_name")
+        return [ClaimState(row["thing_name"], row["prov_status"], _moment(row["claimed_at"]),
+                           _moment(row["lease_expires"]), _pending(row)) for row in rows]
 
     @staticmethod
     def _remember_nonce(db: sqlite3.Connection, thing_name: str, nonce: tuple[str, float], at: float) -> bool:
@@ -197,6 +243,19 @@ class SqliteRegistry:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def _moment(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def _pending(row: sqlite3.Row) -> PendingIssue | None:
+    if row["pending_region"] is None:
+        return None
+    created = row["pending_created_thing"]
+    return PendingIssue(row["pending_region"], datetime.fromtimestamp(row["pending_since"], timezone.utc),
+                        row["pending_fingerprint"], row["pending_certificate_id"],
+                        None if created is None else bool(created))
 
 
 def _item(row: sqlite3.Row) -> dict:
