@@ -226,7 +226,7 @@ class ProvisioningService:
                     settled = self._settler.settle(claim, wanted)
                 left = settled.reused is not None  # the record describes it until finalize clears it
                 if settled.reused is not None:
-                    return self._finalize_reused(request, claim, settled.reused, location, steps)
+                    return self._finalize_reused(request, claim, settled.reused, wanted, location, steps)
             deadline.require("issuing the certificate", ISSUE_SECONDS + FINALIZE_SECONDS)
             intent = PendingIssue(choice.region, self._clock(), wanted)
             with steps.step("intent"):
@@ -258,13 +258,13 @@ class ProvisioningService:
         return ProvisioningResult(request.thing_name, choice, issued, note)
 
     def _finalize_reused(self, request: ProvisioningRequest, claim: Claim, issued: IssuedCertificate,
-                         location, steps: Steps) -> ProvisioningResult:
+                         fingerprint: str | None, location, steps: Steps) -> ProvisioningResult:
         """The dead attempt's certificate for this very key: finalize with it, issue nothing."""
         choice = RegionChoice(issued.region, self._regions.distance_km(location, issued.region), "previous",
                               location.country if location else None)
         with steps.step("finalize"):
-            self._registry.finalize(claim, issued.region, issued.certificate_id, self._clock(),
-                                    certificate_fingerprint(issued.certificate_pem), choice.country, choice.reason)
+            self._registry.finalize(claim, issued.region, issued.certificate_id, self._clock(), fingerprint,
+                                    choice.country, choice.reason)
         self._checkpoint("finalized", request.thing_name)
         return ProvisioningResult(request.thing_name, choice, issued,
                                   "an earlier attempt with this key was interrupted: its certificate, not a second one")

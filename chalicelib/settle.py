@@ -20,11 +20,6 @@ from chalicelib.registry.base import Claim, PendingIssue, Registry
 log = logging.getLogger(__name__)
 
 
-def certificate_fingerprint(certificate_pem: str) -> str:
-    from chalicelib.provisioning import certificate_fingerprint as of_pem  # provisioning imports this module
-    return of_pem(certificate_pem)
-
-
 @dataclass(frozen=True)
 class Settled:
     reused: IssuedCertificate | None  # the dead attempt's certificate, made whole, to finalize with
@@ -56,8 +51,8 @@ class Settler:
             found = self._issuer.certificate(certificate_id, pending.region)
             if found is None or found["status"] != "ACTIVE":
                 continue
-            if (reused is None and wanted is not None and wanted == pending.fingerprint
-                    and certificate_fingerprint(found["certificate_pem"]) == wanted):
+            # The record's fingerprint is the key of the CSR the issuer signed: the same key asks again.
+            if reused is None and wanted is not None and wanted == pending.fingerprint:
                 try:
                     reused = self._issuer.adopt(claim.thing_name, pending.region, certificate_id)
                     continue
@@ -84,8 +79,7 @@ class Settler:
             raise
         if settled.reused is not None:
             issued = settled.reused
-            self._registry.finalize(claim, issued.region, issued.certificate_id, now,
-                                    certificate_fingerprint(issued.certificate_pem))
+            self._registry.finalize(claim, issued.region, issued.certificate_id, now, pending and pending.fingerprint)
             return (f"finalized {thing_name} with certificate {issued.certificate_id} in {issued.region}, issued "
                     "by an attempt that died (the device gets it by asking again with the same key)")
         self._registry.release(claim, "claim expired; settled by audit")
