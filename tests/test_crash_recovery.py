@@ -96,7 +96,9 @@ class Stage:
         found = {}
         for cert in self.iot.list_certificates()["certificates"]:
             pem = self.iot.describe_certificate(certificateId=cert["certificateId"])["certificateDescription"]
-            if f"CN={thing}" in _subject(pem["certificatePem"]):
+            # moto signs a CSR with the CSR's subject; a server-made key's certificate is known by its thing.
+            if (f"CN={thing}" in _subject(pem["certificatePem"])
+                    or thing in self.iot.list_principal_things(principal=cert["certificateArn"])["things"]):
                 found[cert["certificateId"]] = cert["status"]
         return found
 
@@ -201,15 +203,15 @@ def test_a_retry_with_the_same_csr_after_a_kill_gets_the_same_certificate(stage,
 
     if boundary != "finalized":
         # While the lease runs the dead attempt is work in flight: reported with its age, not a finding.
-        code, found = stage.audit(capsys)
-        assert time.time() < killed + LEASE - 0.5, "the audit came too late to see the lease running"
+        status, payload, headers = stage.healthy.post(stage.body(thing, csr_pem))
+        assert (status, payload["code"]) == (409, "provisioning-in-progress"), payload
+        assert 1 <= int(headers["Retry-After"]) <= LEASE + 1
+        assert time.time() < killed + LEASE - 0.5, "too late to see the lease running"
+        code, found = stage.audit(capsys)  # it looks at the registry first, while the lease still runs
         assert code == 0, found
         [flight] = [item for item in found["in_flight"] if item["thing_name"] == thing]
         assert flight["age_seconds"] >= 0 and flight["certificates"] == ([] if boundary == "claimed" else list(left))
         assert found["orphan_certificates"] == [] and found["stuck_claims"] == []
-        status, payload, headers = stage.healthy.post(stage.body(thing, csr_pem))
-        assert (status, payload["code"]) == (409, "provisioning-in-progress"), payload
-        assert 1 <= int(headers["Retry-After"]) <= LEASE + 1
         time.sleep(max(0.0, killed + LEASE + 0.3 - time.time()))
 
     status, payload, _ = stage.healthy.post(stage.body(thing, csr_pem))
