@@ -358,8 +358,9 @@ def cmd_audit(config: Settings, args) -> int:
     if args.fix:
         settler = Settler(registry, issuer)
         for item in found["stuck_claims"] + found["unfinished_rollbacks"]:
+            died = item in found["stuck_claims"]
             try:
-                fixed.append(settler.settle_for_audit(item["thing_name"], now, config.lease_for_audit()))
+                fixed.append(settler.settle_for_audit(item["thing_name"], now, config.lease_for_audit(), died))
             except (AlreadyProvisioned, ProvisioningInProgress):  # a device request settled it meanwhile
                 fixed.append(f"{item['thing_name']} was settled by its own retry meanwhile")
         for cert in found["orphan_certificates"]:

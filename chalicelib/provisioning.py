@@ -337,6 +337,11 @@ class ProvisioningService:
         if getattr(cause, "leftover", None):  # the issuer could not undo all of its own steps
             error = f"rollback incomplete, {cause.leftover}; {error}"
             incomplete = True
+            if getattr(cause, "leftover_certificate", None):
+                try:
+                    self._registry.record_certificate(claim, *cause.leftover_certificate)
+                except Exception:
+                    log.exception("could not record what the rollback of %s left", claim.thing_name)
         if issued is not None:
             try:
                 self._issuer.revoke(issued, keep_thing=not issued.created_thing)

@@ -66,14 +66,16 @@ class Settler:
                         certificate_id, pending.region)
         return Settled(reused, tuple(revoked))
 
-    def settle_for_audit(self, thing_name: str, now: datetime, lease_seconds: int) -> str:
-        """Take the device over (its lease has ended, or a rollback left its record) and settle what is left:
-        a certificate for the device's own key is finalized (asking again with that key returns it), any
-        other is revoked and the device released. Returns what was done, for the operator."""
+    def settle_for_audit(self, thing_name: str, now: datetime, lease_seconds: int, died: bool = True) -> str:
+        """Take the device over (its lease has ended, or a rollback left its record) and settle what is left.
+
+        When the attempt `died` its device never got an answer: a certificate for the device's own key is
+        finalized (asking again with that key returns it). After a rollback the device was told to try again,
+        perhaps with a new key: what is left is revoked. Returns what was done, for the operator."""
         claim = self._registry.claim(thing_name, now, lease_seconds)
         pending = claim.previous
         try:
-            settled = self.settle(claim, pending.fingerprint if pending else None)
+            settled = self.settle(claim, pending.fingerprint if pending and died else None)
         except Exception:
             self._registry.release(claim, "the audit could not settle the last attempt", keep_pending=True)
             raise

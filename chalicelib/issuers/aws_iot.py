@@ -151,6 +151,8 @@ class AwsIotIssuer:
             error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
             if incomplete:  # the orchestrator records it, for the operator and the audit
                 error.leftover = f"thing {thing_name} or certificate {cert and cert['certificateId']} in {region}"
+                # ...and on the write-ahead record, so whoever settles it need not search for it.
+                error.leftover_certificate = cert and (cert["certificateId"], bool(created))
             if error is exc:
                 raise
             raise error from exc
