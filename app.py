@@ -10,6 +10,8 @@ from chalicelib.errors import (AlreadyProvisioned, BodyTooLarge, ConfigError, Ma
                                SignatureInvalid)
 from chalicelib.deadline import Deadline
 from chalicelib.geo import client_ip
+from chalicelib.health import failing_parts
+from chalicelib.storage import DEVICE_MESSAGE, StorageUnavailable
 from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningRequest
 
@@ -48,6 +50,9 @@ def device_provisioning():
     except ProvisioningError as exc:
         status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
         code, body = exc.code, error_body(exc.code, exc.message)
+        if isinstance(exc, StorageUnavailable):  # the operator's message names paths: log it, tell the device less
+            observability.logger.error("storage fault: %s", exc.message)
+            body = error_body(exc.code, DEVICE_MESSAGE)
         if isinstance(exc, ServiceUnavailable) or getattr(exc, "retry_after", None):
             headers["Retry-After"] = str(exc.retry_after)
     except ConfigError as exc:
@@ -61,10 +66,13 @@ def device_provisioning():
         body = error_body(code, "the service failed unexpectedly; try again later")
         headers["Retry-After"] = "30"
     choice = result.choice if result else None
-    observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
-                               steps=steps, region=choice and choice.region, reason=choice and choice.reason,
-                               country=choice and choice.country,
-                               detail={**detail, "certificate_id": result and result.issued.certificate_id})
+    try:
+        observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
+                                   steps=steps, region=choice and choice.region, reason=choice and choice.reason,
+                                   country=choice and choice.country,
+                                   detail={**detail, "certificate_id": result and result.issued.certificate_id})
+    except OSError:  # the log's disk is full: the device's answer comes first
+        pass
     return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
 
 
@@ -83,5 +91,16 @@ def error_body(code: str, message: str) -> dict:
 
 @app.route("/health", methods=["GET"])
 def health():
-    config = wiring.settings()
-    return {"status": "ok", "stage": config.stage, "regions": list(config.enabled_regions)}
+    """200 ok or degraded (e.g. ipstack unusable, the bundled database used); 503 naming each failing part."""
+    try:
+        config = wiring.settings()
+        result = wiring.health().check()
+    except Exception as exc:  # the stage cannot even be set up: that is the failing part
+        observability.logger.exception("health check failed")
+        result = {"status": "failing", "checks": {"configuration": {"status": "failing", "detail": str(exc)[:200]}}}
+        config = None
+    if result["status"] == "failing":
+        body = {**error_body("unhealthy", f"not ready: {failing_parts(result)}"), "checks": result["checks"]}
+        return Response(body, status_code=503, headers={"Content-Type": "application/json", "Retry-After": "5"})
+    return {"status": result["status"], "stage": config.stage, "regions": list(config.enabled_regions),
+            "checks": result["checks"]}

@@ -191,6 +191,14 @@ class ProvisioningService:
         # there; a no-op otherwise.
         self._checkpoint = checkpoint
 
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    @property
+    def issuer(self) -> Issuer:
+        return self._issuer
+
     def provision(self, request: ProvisioningRequest, client_ip: str, steps: Steps | None = None,
                   deadline: Deadline | None = None) -> ProvisioningResult:
         deadline = deadline or Deadline(self._budget if self._budget is not None else float("inf"))

@@ -16,6 +16,7 @@ _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
 _aws = None
+_ipstack_key = None  # the ipstack key's reader, when the stage uses ipstack (health tells whether it works)
 
 
 def settings() -> Settings:
@@ -70,7 +71,8 @@ def locator(config: Settings) -> GeoLocator:
         import requests
 
         from chalicelib.aws import SsmSecret
-        key = SsmSecret(aws_clients().client("ssm"), config.ipstack_key_parameter)
+        global _ipstack_key
+        key = _ipstack_key = SsmSecret(aws_clients().client("ssm"), config.ipstack_key_parameter)
         providers.append(IpstackLocator(requests.Session(), key))
     if config.maxmind_db:
         providers.append(MaxMindLocator.open(config.maxmind_db))
@@ -98,6 +100,46 @@ def build_service(config: Settings, checkpoint: Callable[[str, str], None] | Non
     )
 
 
+_health = None
+
+
+def health_probes(config: Settings) -> dict:
+    """What provisioning needs, each checked cheaply (see chalicelib/health.py)."""
+    known_ip = "81.2.69.142"  # London in every GeoLite2 build
+    database: list[GeoLocator] = []
+
+    def registry_probe() -> None:
+        service().registry.check()
+
+    def issuer_probe() -> None:
+        service().issuer.check(config.enabled_regions)
+
+    def geolocation_probe() -> str | None:
+        if not database:
+            database.append(MaxMindLocator.open(config.maxmind_db) if config.maxmind_db else MaxMindLocator.bundled())
+        if database[0].locate(known_ip) is None:
+            raise RuntimeError("the geolocation database gives no location")
+        if config.ipstack_key_parameter and _ipstack_key is not None and _ipstack_key() is None:
+            return "ipstack is not usable (its key cannot be read); running on the bundled database"
+        return None
+
+    def fleet_key_probe() -> None:
+        load_public_key(config.fleet_public_key)
+
+    return {"registry": registry_probe, "issuer": issuer_probe, "geolocation": geolocation_probe,
+            "fleet_key": fleet_key_probe}
+
+
+def health():
+    global _health
+    if _health is None:
+        from chalicelib.health import Health, log_and_count
+        with _lock:
+            if _health is None:
+                _health = Health(health_probes(settings()), log_and_count)
+    return _health
+
+
 def service() -> ProvisioningService:
     global _service
     if _service is None:
@@ -109,23 +151,26 @@ def service() -> ProvisioningService:
 
 def use_service(service: ProvisioningService) -> None:
     """Serve with this service (tests that build it with a step checkpoint)."""
-    global _service
+    global _service, _health
     with _lock:
         _service = service
+        _health = None
 
 
 def configure(config: Settings) -> None:
     """Use these settings instead of the environment's (tests); the service is rebuilt on next use."""
-    global _settings, _service
+    global _settings, _service, _health
     with _lock:
         _settings = config
         _service = None
+        _health = None
 
 
 def reset() -> None:
     """Forget what was built, so the next call reads the environment again (tests)."""
-    global _settings, _service, _aws
+    global _settings, _service, _aws, _health
     with _lock:
         _settings = None
         _service = None
         _aws = None
+        _health = None

@@ -119,6 +119,11 @@ class AwsIotIssuer:
             if _code(exc) != "ResourceAlreadyExistsException":  # another container made it meanwhile
                 raise
 
+    def check(self, regions: Iterator[str] | tuple[str, ...]) -> None:
+        """Raise unless the IoT client of every region answered once (its endpoint, kept for the container)."""
+        for region in regions:
+            self.endpoint(region)
+
     def endpoint(self, region: str) -> Endpoint:
         try:
             return self._once("endpoint", region, self._describe_endpoint).result()

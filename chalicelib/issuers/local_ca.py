@@ -163,6 +163,13 @@ class LocalIssuer:
     def endpoint(self, region: str) -> Endpoint:
         return self._endpoints[region]
 
+    def check(self, regions: Iterable[str]) -> None:
+        """Raise unless every region's CA can sign (its key file still there) and the records can be read."""
+        for region in regions:
+            if not self.authority(region).key_path.is_file():
+                raise FileNotFoundError(f"the CA key of {region} is missing")
+        self._db().execute("SELECT 1 FROM certificates LIMIT 1").fetchall()
+
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:

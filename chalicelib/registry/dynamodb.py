@@ -113,6 +113,13 @@ class DynamoDbRegistry:
             self._call("update_time_to_live", TableName=self._nonces,
                        TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires"})
 
+    def check(self, write: bool = True) -> None:
+        """Raise ServiceUnavailable unless both tables are there and ACTIVE (reads and writes are then served)."""
+        for table in (self._table, self._nonces):
+            status = self._call("describe_table", TableName=table)["Table"]["TableStatus"]
+            if status != "ACTIVE":
+                raise ServiceUnavailable(f"registry unavailable: DynamoDB table {table} is {status}")
+
     def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None,
                  attributes: Mapping[str, Mapping[str, str]] | None = None,
                  progress: Callable[[int], None] | None = None) -> int:

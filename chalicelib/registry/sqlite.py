@@ -14,6 +14,7 @@ from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, Provi
                                in_progress, replayed_request)
 from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, ClaimState, PendingIssue,
                                       attributes_json)
+from chalicelib.storage import StorageUnavailable, explain, translated
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -63,10 +64,15 @@ _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all ins
 
 
 class SqliteRegistry:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_connect: Callable[[sqlite3.Connection], None] | None = None):
         self._path = Path(path)
         # chalice local serves each request on its own thread; a sqlite3 connection belongs to one thread.
         self._local = threading.local()
+        self._on_connect = on_connect  # tests: e.g. PRAGMA max_page_count, PRAGMA query_only
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -81,12 +87,16 @@ class SqliteRegistry:
             for column, kind in _ADDED_COLUMNS:
                 if column not in present:
                     db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+            if self._on_connect is not None:
+                self._on_connect(db)
             self._local.db = db
         return db
 
+    @translated
     def create(self) -> None:
         self._db()
 
+    @translated
     def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None,
                  attributes: Mapping[str, Mapping[str, str]] | None = None,
                  progress: Callable[[int], None] | None = None) -> int:
@@ -109,11 +119,13 @@ class SqliteRegistry:
             raise
         return added
 
+    @translated
     def get(self, thing_name: str) -> dict | None:
         row = self._db().execute(
             f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
         return _item(row) if row else None
 
+    @translated
     def list(self, status: str | None = None, region: str | None = None,
              since: datetime | None = None) -> Iterator[dict]:
         where = [(column, value) for column, value in (("prov_status = ?", status), ("aws_region = ?", region),
@@ -124,6 +136,7 @@ class SqliteRegistry:
         for row in self._db().execute(query + " ORDER BY thing_name", [value for _, value in where]):
             yield _item(row)
 
+    @translated
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
               nonce: tuple[str, float] | None = None) -> Claim:
         token = secrets.token_hex(16)
@@ -160,6 +173,7 @@ class SqliteRegistry:
         lease = self._db().execute("SELECT lease_expires FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
         raise in_progress(thing_name, (lease[0] or at) - at if lease else 0)
 
+    @translated
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
         changed = self._db().execute(
@@ -171,6 +185,7 @@ class SqliteRegistry:
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
+    @translated
     def release(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
         self._db().execute(
             "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ?"
@@ -178,11 +193,13 @@ class SqliteRegistry:
             + " WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (UNPROVISIONED, error, claim.thing_name, PROVISIONING, claim.token))
 
+    @translated
     def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
         self._holding(claim, "pending_region = ?, pending_since = ?, pending_fingerprint = ?, "
                              "pending_certificate_id = NULL, pending_created_thing = NULL",
                       (pending.region, pending.since.timestamp(), pending.fingerprint))
 
+    @translated
     def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
         self._holding(claim, "pending_certificate_id = ?, pending_created_thing = ?",
                       (certificate_id, int(created_thing)))
@@ -194,6 +211,7 @@ class SqliteRegistry:
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
+    @translated
     def claims(self, now: datetime) -> list[ClaimState]:
         rows = self._db().execute(
             f"SELECT thing_name, prov_status, claimed_at, lease_expires, {_PENDING} FROM devices "
@@ -209,12 +227,14 @@ class SqliteRegistry:
             "INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
             "WHERE nonces.expires < ?", (thing_name, *nonce, at)).rowcount == 1
 
+    @translated
     def stuck(self, now: datetime) -> list[dict]:
         rows = self._db().execute(
             f"SELECT {', '.join(_PUBLIC_COLUMNS)}, lease_expires FROM devices "
             "WHERE prov_status = 'provisioning' AND lease_expires < ? ORDER BY thing_name", (now.timestamp(),))
         return [_item(row) for row in rows]
 
+    @translated
     def release_stuck(self, thing_name: str, now: datetime) -> bool:
         return self._db().execute(
             "UPDATE devices SET prov_status = 'unprovisioned', claim_token = NULL, lease_expires = NULL, "
@@ -222,6 +242,7 @@ class SqliteRegistry:
             "WHERE thing_name = ? AND prov_status = 'provisioning' AND lease_expires < ?",
             (thing_name, now.timestamp())).rowcount == 1
 
+    @translated
     def reset(self, thing_name: str) -> dict | None:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # the item returned is the one replaced
@@ -237,6 +258,26 @@ class SqliteRegistry:
             db.execute("ROLLBACK")
             raise
         return before
+
+    def check(self, write: bool = True) -> None:
+        """Raise StorageUnavailable unless the file is whole (quick_check) and, with `write`, can be written."""
+        if not self._path.exists():
+            raise StorageUnavailable(self._path, "it does not exist; run `python -m chalicelib.admin init`")
+        try:
+            db = self._db()
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise StorageUnavailable(self._path, "it is damaged (" + "; ".join(problems)[:200] + "); restore it "
+                                         "from a backup, or move it away and run `python -m chalicelib.admin init`")
+            if write:  # a real write, undone: SQLITE_READONLY or SQLITE_FULL show here
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute("CREATE TABLE health_probe (x)")
+                finally:
+                    db.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            self.close()  # a damaged file may be replaced: the next use opens it afresh
+            raise explain(self._path, error) from error
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
