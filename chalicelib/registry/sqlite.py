@@ -260,9 +260,8 @@ class SqliteRegistry:
         return before
 
     def check(self, write: bool = True) -> None:
-        """Raise StorageUnavailable unless the file is whole (quick_check) and, with `write`, can be written."""
-        if not self._path.exists():
-            raise StorageUnavailable(self._path, "it does not exist; run `python -m chalicelib.admin init`")
+        """Raise StorageUnavailable unless the file is whole (quick_check) and, with `write`, can be written.
+        A missing file is made, as on any first use."""
         try:
             db = self._db()
             problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
