@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 import os
+import sqlite3
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -71,7 +72,9 @@ def cmd_keygen(config: Settings, args) -> int:
 
 
 def cmd_init(config: Settings, args) -> int:
-    wiring.registry(config).create()
+    registry = wiring.registry(config)
+    registry.create()
+    registry.check()  # an existing file is checked whole (quick_check) and writable, not just "ready"
     where = (f"DynamoDB tables {config.table_name} and {config.table_name}-nonces"
              if config.registry == "dynamodb" else str(config.registry_path))
     print(f"registry ready: {where}")
@@ -516,16 +519,31 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+# Commands that make the registry when it is missing; the others have nothing to read without it.
+_MAKE_REGISTRY = {"keygen", "init", "register"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.func(stage_settings(args.stage, args.state_dir), args)
+        config = stage_settings(args.stage, args.state_dir)
+        if (args.command not in _MAKE_REGISTRY and config.registry == "sqlite"
+                and not config.registry_path.exists()):
+            raise CommandError(f"registry {config.registry_path} does not exist: run `python -m chalicelib.admin "
+                               "init` (or check --state-dir / GIP_STATE_DIR)")
+        return args.func(config, args)
     except (CommandError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials
+    except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials; storage
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:  # the local CA's records (the registry's own errors are named above)
+        print(f"error: local certificate records: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

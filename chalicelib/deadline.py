@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 
 from chalicelib.errors import ServiceUnavailable
 
+# A request's time when nothing says otherwise: below the device's HTTP read timeout (35 s) and API Gateway's 29 s.
+DEFAULT_BUDGET_SECONDS = 20
 # Time kept for a rollback (revoke: deactivate, detach, delete; release the claim), each AWS call getting at
 # least one attempt, plus writing the answer.
 ROLLBACK_RESERVE_SECONDS = 6.0

@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from chalicelib import deadline as deadlines
 from chalicelib.clock import utcnow
-from chalicelib.deadline import LEASE_MARGIN_SECONDS, Deadline
+from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, MalformedRequest, ProvisioningError, ServiceUnavailable,
                                SignatureInvalid)
 from chalicelib.geo import GeoLocator
@@ -173,7 +173,7 @@ class ProvisioningService:
     def __init__(self, registry: Registry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
                  verifier: FleetKeyVerifier, lease_seconds: int | None = None,
                  clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300,
-                 budget_seconds: float | None = None, lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
+                 budget_seconds: float = DEFAULT_BUDGET_SECONDS, lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
                  checkpoint: Callable[[str, str], None] = _no_checkpoint):
         self._registry = registry
         self._issuer = issuer
@@ -201,7 +201,7 @@ class ProvisioningService:
 
     def provision(self, request: ProvisioningRequest, client_ip: str, steps: Steps | None = None,
                   deadline: Deadline | None = None) -> ProvisioningResult:
-        deadline = deadline or Deadline(self._budget if self._budget is not None else float("inf"))
+        deadline = deadline or Deadline(self._budget)
         with deadlines.running(deadline):
             return self._provision(request, client_ip, steps or Steps(), deadline)
 

@@ -10,19 +10,30 @@ from chalice.cli import main
 
 local.ThreadedHTTPServer.request_queue_size = 1024
 
-# The access log line is written before the answer: on a full disk (ENOSPC) or a closed stream the handler
-# thread died and the device got an empty reply. The answer matters more than its log line.
-_log_message = local.ChaliceRequestHandler.log_message
 
+class _LogStream:
+    """stdout/stderr that lose a line rather than raise. The access log line is written before the answer, and
+    the app's log lines and metrics go to stdout: on a full disk (ENOSPC) the handler thread died and the device
+    got an empty reply. The answer matters more than its log line."""
 
-def _log_message_or_not(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
-    try:
-        _log_message(self, format, *args)
-    except (OSError, ValueError):
-        pass
+    def __init__(self, stream):
+        self._stream = stream
 
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
 
-local.ChaliceRequestHandler.log_message = _log_message_or_not
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 if __name__ == "__main__":
+    sys.stdout, sys.stderr = _LogStream(sys.stdout), _LogStream(sys.stderr)
     sys.exit(main())
