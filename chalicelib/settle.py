@@ -49,7 +49,7 @@ class Settler:
         reused, revoked = None, []
         for certificate_id in self.left_by(claim.thing_name, pending):
             found = self._issuer.certificate(certificate_id, pending.region)
-            if found is None or found["status"] != "ACTIVE":
+            if found is None or not found.active:
                 continue
             # The record's fingerprint is the key of the CSR the issuer signed: the same key asks again.
             if reused is None and wanted is not None and wanted == pending.fingerprint:

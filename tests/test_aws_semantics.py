@@ -69,7 +69,7 @@ def test_a_rollback_never_deletes_a_thing_this_attempt_did_not_make(backend):
     assert backend.look[REGION].list_thing_principals(thingName="dev-2")["principals"] == []
     assert backend.calls["DeleteThing"] == 0
     assert backend.active_certificates("dev-2") == set()
-    assert backend.registry.get("dev-2")["prov_status"] == "unprovisioned"
+    assert backend.registry.get("dev-2").status == "unprovisioned"
     backend.assert_provisioned("dev-2", backend.service().provision(backend.request("dev-2", make_csr("dev-2")[0]),
                                                                      LONDON_IP))
 
@@ -89,7 +89,7 @@ def test_a_thing_another_certificate_uses_is_refused_with_409_naming_thing_and_r
     # Nothing of this attempt is left, and what was there before is as it was.
     assert backend.active_certificates("dev-3") == {(REGION, other["certificateId"])}
     assert look.list_thing_principals(thingName="dev-3")["principals"] == [other["certificateArn"]]
-    assert backend.registry.get("dev-3")["prov_status"] == "unprovisioned"
+    assert backend.registry.get("dev-3").status == "unprovisioned"
 
 
 def test_a_thing_made_by_someone_else_meanwhile_is_met_with_resource_already_exists_and_adopted(backend):

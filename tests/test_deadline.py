@@ -13,6 +13,7 @@ from chalice.test import Client
 from app import app
 from chalicelib import wiring
 from chalicelib.config import PROJECT_DIR, Settings
+from chalicelib.operations import AuditReport
 from chalicelib.deadline import LEASE_MARGIN_SECONDS, ROLLBACK_RESERVE_SECONDS, Deadline, DeadlineExceeded
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
@@ -120,7 +121,7 @@ def test_http_answers_503_with_retry_after_when_the_budget_cannot_fit_a_provisio
     assert response.status_code == 503, answer
     assert answer["status"] == "error" and answer["code"] == "deadline-exceeded"
     assert int(response.headers["Retry-After"]) > 0
-    assert backend.registry.get("dev-4")["prov_status"] == "unprovisioned"
+    assert backend.registry.get("dev-4").status == "unprovisioned"
 
 
 # --- AWS IoT: a rollback under throttling ----------------------------------------------------------------------
@@ -165,16 +166,16 @@ def test_a_rollback_throttled_past_the_deadline_records_what_is_left_and_the_aud
             backend.service().provision(backend.request("dev-1", make_csr("dev-1")[0]), LONDON_IP,
                                         deadline=Deadline(20, clock))
     item = backend.registry.get("dev-1")
-    assert item["prov_status"] == "unprovisioned" and "rollback incomplete" in item["last_error"]
+    assert item.status == "unprovisioned" and "rollback incomplete" in item.last_error
     found = backend.audit()
-    [left] = found["unfinished_rollbacks"]
-    assert left["thing_name"] == "dev-1" and len(left["certificates"]) == 1
-    assert found["orphan_certificates"] == []  # reported once, as what the rollback left
+    [left] = found.unfinished_rollbacks
+    assert left.thing_name == "dev-1" and len(left.certificates) == 1
+    assert found.orphan_certificates == []  # reported once, as what the rollback left
     assert backend.cli("audit") == 1
 
     throttling.append(None)  # AWS calms down
     assert backend.cli("audit", "--fix") == 0
-    assert backend.audit() == {key: [] for key in found}
+    assert backend.audit() == AuditReport()
     backend.assert_nothing_left("dev-1")
 
 

@@ -72,7 +72,7 @@ def test_a_full_database_answers_503_and_leaves_nothing_half_written(stage):
         # The write-ahead record could not be written, so nothing was issued; nor could the release (it writes
         # last_error): the claim is freed by its lease, and the next request, with room again, provisions.
         assert certificates(stage) == []
-        assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("big1")["prov_status"] == "provisioning"
+        assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("big1").status == "provisioning"
         time.sleep(1.1)
         wiring.configure(wiring.settings())
         response, answer = post(client, stage.body("big1", csr_pem))
@@ -92,7 +92,7 @@ def test_a_read_only_registry_answers_503_to_devices_and_health_names_it(stage):
     assert status["checks"]["registry"]["status"] == "failing"
     assert {part: check["status"] for part, check in status["checks"].items() if part != "registry"} == {
         "issuer": "ok", "geolocation": "ok", "fleet_key": "ok"}
-    assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("mydevice1")["prov_status"] == "unprovisioned"
+    assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("mydevice1").status == "unprovisioned"
     assert certificates(stage) == []
 
 

@@ -15,8 +15,14 @@ from cryptography.hazmat.primitives import serialization
 from chalicelib import deadline
 from chalicelib.aws import ATTEMPT_SECONDS
 from chalicelib.aws import error_code as _code
-from chalicelib.errors import AlreadyProvisioned, MalformedRequest, ProvisioningError, ServiceUnavailable
-from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
+from chalicelib.errors import (
+    AlreadyProvisioned,
+    IssueIncomplete,
+    MalformedRequest,
+    ProvisioningError,
+    ServiceUnavailable,
+)
+from chalicelib.issuers.base import ACTIVE, CertificateInfo, CertificateRef, Endpoint, IssuedCertificate
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +35,14 @@ _AWS_ERRORS = (ClientError, BotoCoreError)
 _TRANSIENT = {"ThrottlingException", "LimitExceededException", "ServiceUnavailableException",
               "InternalFailureException", "InternalException", "RequestTimeoutException"}
 # Detaching a principal is asynchronous in AWS IoT: deleting right after may still meet a conflict.
-_DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
-_default_executor = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aws-iot")
+DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
 # CreationDate of a certificate and the write-ahead record's time come from two clocks.
 _CLOCK_SLACK = timedelta(seconds=60)
+# Backoff between tries of one rollback step that AWS throttles (botocore's own retries come first).
+THROTTLED_WAITS = (0.2, 0.4, 0.8, 1.6, 3.2)
 
 
-def device_policy_document() -> dict:
+def device_policy_document() -> dict[str, Any]:
     """Each device may connect as itself and use only data/<its thing name>/..., like the local ACL data/%u/#.
 
     ${iot:Connection.Thing.ThingName} resolves only when the certificate is attached to the thing and the
@@ -59,9 +66,9 @@ def _is_not_found(exc: Exception) -> bool:
     return isinstance(exc, ClientError) and _code(exc) == "ResourceNotFoundException"
 
 
-def _domain_error(exc: Exception, region: str) -> ProvisioningError:
+def _domain_error(exc: Exception, region: str | None) -> ProvisioningError:
     """AWS errors become domain errors, so no raw ClientError reaches the orchestrator or the device."""
-    if isinstance(exc, BotoCoreError):  # connection errors, timeouts: AWS IoT could not be reached
+    if not isinstance(exc, ClientError):  # connection errors, timeouts: AWS IoT could not be reached
         return ServiceUnavailable(f"AWS IoT in {region} cannot be reached; try again later", retry_after=5)
     code, operation = _code(exc), exc.operation_name
     if operation == "CreateCertificateFromCsr" and code == "InvalidRequestException":
@@ -77,14 +84,19 @@ def _domain_error(exc: Exception, region: str) -> ProvisioningError:
 class AwsIotIssuer:
     """Creates the thing and its certificate in the chosen region, with the device policy attached.
 
-    issue() waits for tasks on `executor`: never call it from that executor's own threads.
+    issue() runs its AWS calls side by side on `executor` (the composition root's pool) and waits for them:
+    never call it from that executor's own threads. `sleep` waits between retries of a delete while a
+    detachment propagates.
     """
 
-    def __init__(self, client_for_region: Callable[[str], Any], policy_name: str = DEVICE_POLICY_NAME,
-                 executor: cf.Executor | None = None):
+    def __init__(self, client_for_region: Callable[[str | None], Any], executor: cf.Executor,
+                 policy_name: str = DEVICE_POLICY_NAME, sleep: Callable[[float], None] = time.sleep,
+                 detach_waits: tuple[float, ...] = DETACH_WAITS) -> None:
         self._client = client_for_region
         self._policy_name = policy_name
-        self._executor = executor or _default_executor
+        self._executor = executor
+        self._sleep = sleep
+        self._detach_waits = detach_waits
         self._lock = threading.Lock()
         self._once_per_region: dict[tuple[str, str], cf.Future] = {}
 
@@ -139,11 +151,12 @@ class AwsIotIssuer:
         cert_f = self._submit(_create_certificate, client, csr)
         cf.wait([endpoint_f, policy_f, thing_f, cert_f])
         # Whatever succeeded is ours to undo if anything else failed; a thing we did not make stays.
-        created = thing_f.result() if thing_f.exception() is None else None
-        cert = cert_f.result() if cert_f.exception() is None else None
+        created: bool | None = thing_f.result() if thing_f.exception() is None else None
+        cert: dict[str, Any] | None = cert_f.result() if cert_f.exception() is None else None
         try:
             for future in (cert_f, thing_f, policy_f, endpoint_f):
                 future.result()
+            assert cert is not None  # cert_f.result() above raised otherwise
             attached = [self._submit(client.attach_policy, policyName=self._policy_name, target=cert["certificateArn"]),
                         self._submit(client.attach_thing_principal, thingName=thing_name,
                                      principal=cert["certificateArn"])]
@@ -155,9 +168,9 @@ class AwsIotIssuer:
                                     delete_thing=bool(created))
             error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
             if incomplete:  # the orchestrator records it, for the operator and the audit
-                error.leftover = f"thing {thing_name} or certificate {cert and cert['certificateId']} in {region}"
-                # ...and on the write-ahead record, so whoever settles it need not search for it.
-                error.leftover_certificate = cert and (cert["certificateId"], bool(created))
+                raise IssueIncomplete(error, f"thing {thing_name} or certificate "
+                                             f"{cert and cert['certificateId']} in {region}",
+                                      cert and (cert["certificateId"], bool(created))) from exc
             if error is exc:
                 raise
             raise error from exc
@@ -237,6 +250,7 @@ class AwsIotIssuer:
         operator's reset) they are looked up first.
         """
         region, client = issued.region, self._client(issued.region)
+        things: list[str | None]
         if issued.certificate_arn and issued.thing_name:
             arn, things = issued.certificate_arn, [issued.thing_name]
         else:
@@ -253,7 +267,7 @@ class AwsIotIssuer:
         if any(failures):
             raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
 
-    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
+    def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         try:
             found = self._client(region).describe_certificate(certificateId=certificate_id)
         except ClientError as exc:
@@ -261,21 +275,20 @@ class AwsIotIssuer:
                 return None
             raise _domain_error(exc, region) from exc
         cert = found["certificateDescription"]
-        validity = cert.get("validity", {})
-        return {"certificate_id": cert["certificateId"], "region": region, "status": cert["status"],
-                "issued_at": str(cert.get("creationDate")), "not_after": str(validity.get("notAfter")),
-                "arn": cert["certificateArn"], "certificate_pem": cert["certificatePem"]}
+        return CertificateInfo(cert["certificateId"], region, cert["status"], None, cert["certificatePem"],
+                               cert.get("creationDate"), cert.get("validity", {}).get("notAfter"),
+                               arn=cert["certificateArn"])
 
-    def active_certificates(self, region: str) -> Iterator[dict]:
+    def active_certificates(self, region: str) -> Iterator[CertificateInfo]:
         client = self._client(region)
         try:
             for page in client.get_paginator("list_certificates").paginate():
                 for cert in page["certificates"]:
-                    if cert["status"] != "ACTIVE":
+                    if cert["status"] != ACTIVE:
                         continue
                     things = client.list_principal_things(principal=cert["certificateArn"])["things"]
-                    yield {"certificate_id": cert["certificateId"], "thing_name": things[0] if things else None,
-                           "region": region, "status": cert["status"]}
+                    yield CertificateInfo(cert["certificateId"], region, cert["status"], things[0] if things else None,
+                                          arn=cert["certificateArn"])
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
 
@@ -294,12 +307,13 @@ class AwsIotIssuer:
             principals = client.list_thing_principals(thingName=thing_name)["principals"]
             for principal in principals:
                 client.detach_thing_principal(thingName=thing_name, principal=principal)
-            _after_detach("InvalidRequestException", client.delete_thing, thingName=thing_name)
+            self._after_detach("InvalidRequestException", client.delete_thing, thingName=thing_name)
         except ClientError as exc:
             if not _is_not_found(exc):
                 raise _domain_error(exc, region) from exc
 
-    def _undo(self, client, region: str, thing_name: str | None, cert: dict | None, delete_thing: bool = True) -> bool:
+    def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict[str, Any] | None,
+              delete_thing: bool = True) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any.
 
         Runs in the request's rollback time (deadline reserve); each call is retried while the deadline allows,
@@ -314,18 +328,18 @@ class AwsIotIssuer:
                 ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
                 ("deactivate certificate", lambda: client.update_certificate(
                     certificateId=cert_id, newStatus="INACTIVE")),
-                ("delete certificate", lambda: _after_detach(
+                ("delete certificate", lambda: self._after_detach(
                     "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
             ]
         if thing_name and delete_thing:
             # AWS answers InvalidRequestException while the thing still has a principal attached.
-            steps.append(("delete thing", lambda: _after_detach(
+            steps.append(("delete thing", lambda: self._after_detach(
                 "InvalidRequestException", client.delete_thing, thingName=thing_name)))
         failed = False
         for step, call in steps:
             try:
                 with deadline.rollback():
-                    _while_throttled(call)
+                    self._while_throttled(call)
             except Exception as exc:
                 if _is_not_found(exc):
                     continue
@@ -335,38 +349,34 @@ class AwsIotIssuer:
                           _code(exc) if isinstance(exc, ClientError) else exc)
         return failed
 
+    def _while_throttled(self, call: Callable[[], Any]) -> Any:
+        """A rollback step is worth more than the device's time: retry throttling for as long as the deadline's
+        reserve allows (outside a request, a few times); the caller records what is still left."""
+        for wait in (*THROTTLED_WAITS, None):
+            try:
+                return call()
+            except ClientError as exc:
+                current = deadline.current()
+                if (wait is None or _code(exc) not in _TRANSIENT
+                        or (current is not None and current.for_work() < wait + ATTEMPT_SECONDS)):
+                    raise
+                self._sleep(wait)
 
-def _create_certificate(client, csr: x509.CertificateSigningRequest | None) -> dict:
+    def _after_detach(self, conflict_code: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+        """Retry a delete while a just-made detachment propagates."""
+        for wait in (*self._detach_waits, None):
+            try:
+                return call(**kwargs)
+            except ClientError as exc:
+                if wait is None or _code(exc) != conflict_code:
+                    raise
+                self._sleep(wait)
+
+
+def _create_certificate(client: Any, csr: x509.CertificateSigningRequest | None) -> dict[str, Any]:
     if csr is None:
         return client.create_keys_and_certificate(setAsActive=True)
     pem = csr.public_bytes(serialization.Encoding.PEM).decode()
     return client.create_certificate_from_csr(certificateSigningRequest=pem, setAsActive=True)
 
 
-# Backoff between tries of one rollback step that AWS throttles (botocore's own retries come first).
-_THROTTLED_WAITS = (0.2, 0.4, 0.8, 1.6, 3.2)
-
-
-def _while_throttled(call: Callable[[], Any]) -> Any:
-    """A rollback step is worth more than the device's time: retry throttling for as long as the deadline's
-    reserve allows (outside a request, a few times); the caller records what is still left."""
-    for wait in (*_THROTTLED_WAITS, None):
-        try:
-            return call()
-        except ClientError as exc:
-            current = deadline.current()
-            if (wait is None or _code(exc) not in _TRANSIENT
-                    or (current is not None and current.for_work() < wait + ATTEMPT_SECONDS)):
-                raise
-            time.sleep(wait)
-
-
-def _after_detach(conflict_code: str, call: Callable[..., Any], **kwargs) -> Any:
-    """Retry a delete while a just-made detachment propagates."""
-    for wait in (*_DETACH_WAITS, None):
-        try:
-            return call(**kwargs)
-        except ClientError as exc:
-            if wait is None or _code(exc) != conflict_code:
-                raise
-            time.sleep(wait)

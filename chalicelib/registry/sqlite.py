@@ -1,7 +1,7 @@
 """The local stage's registry: one SQLite file in WAL mode, the original sample's attribute names."""
 from __future__ import annotations
 
-import json
+import builtins
 import secrets
 import sqlite3
 import threading
@@ -10,10 +10,21 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from chalicelib.clock import timestamp as _timestamp
-from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid,
-                               in_progress, replayed_request)
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, ClaimState, PendingIssue,
-                                      attributes_json)
+from chalicelib.errors import ProvisioningInProgress, replayed_request
+from chalicelib.registry.base import (
+    PROVISIONED,
+    PROVISIONING,
+    UNPROVISIONED,
+    Claim,
+    ClaimState,
+    DeviceRecord,
+    DeviceStatus,
+    Nonce,
+    PendingIssue,
+    attributes_json,
+    claim_refusal,
+    record_from_item,
+)
 from chalicelib.storage import StorageUnavailable, explain, translated
 
 _SCHEMA = """
@@ -52,7 +63,7 @@ CREATE TABLE IF NOT EXISTS nonces (
 """
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
-                   "attributes")
+                   "attributes", "lease_expires")
 # Added after the first release: a registry made before them gets them on first open.
 _ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_since", "REAL"),
                   ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
@@ -64,7 +75,7 @@ _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all ins
 
 
 class SqliteRegistry:
-    def __init__(self, path: Path, on_connect: Callable[[sqlite3.Connection], None] | None = None):
+    def __init__(self, path: Path, on_connect: Callable[[sqlite3.Connection], None] | None = None) -> None:
         self._path = Path(path)
         # chalice local serves each request on its own thread; a sqlite3 connection belongs to one thread.
         self._local = threading.local()
@@ -120,25 +131,26 @@ class SqliteRegistry:
         return added
 
     @translated
-    def get(self, thing_name: str) -> dict | None:
+    def get(self, thing_name: str) -> DeviceRecord | None:
         row = self._db().execute(
             f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-        return _item(row) if row else None
+        return record_from_item(dict(row)) if row else None
 
     @translated
-    def list(self, status: str | None = None, region: str | None = None,
-             since: datetime | None = None) -> Iterator[dict]:
-        where = [(column, value) for column, value in (("prov_status = ?", status), ("aws_region = ?", region),
+    def list(self, status: DeviceStatus | None = None, region: str | None = None,
+             since: datetime | None = None) -> Iterator[DeviceRecord]:
+        where = [(column, value) for column, value in (("prov_status = ?", status and DeviceStatus(status).value),
+                                                       ("aws_region = ?", region),
                                                        ("prov_datetime >= ?", since and _timestamp(since))) if value]
         query = f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices"
         if where:
             query += " WHERE " + " AND ".join(column for column, _ in where)
         for row in self._db().execute(query + " ORDER BY thing_name", [value for _, value in where]):
-            yield _item(row)
+            yield record_from_item(dict(row))
 
     @translated
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
-              nonce: tuple[str, float] | None = None) -> Claim:
+              nonce: Nonce | None = None) -> Claim:
         token = secrets.token_hex(16)
         at = now.timestamp()
         db = self._db()
@@ -163,15 +175,7 @@ class SqliteRegistry:
         if won is not None:
             return Claim(thing_name, token, _pending(won))
         # The write was refused; read only to say why.
-        item = self.get(thing_name)
-        if item is None:
-            raise NotRegistered(f"{thing_name} is not on the allow-list")
-        if fleet_key and item.get("public_key"):
-            raise SignatureInvalid(REFUSED)
-        if item["prov_status"] == PROVISIONED:
-            raise AlreadyProvisioned(f"{thing_name} is already provisioned", item=item)
-        lease = self._db().execute("SELECT lease_expires FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-        raise in_progress(thing_name, (lease[0] or at) - at if lease else 0)
+        raise claim_refusal(thing_name, self.get(thing_name), fleet_key, now)
 
     @translated
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
@@ -180,8 +184,8 @@ class SqliteRegistry:
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
             "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
             f"last_error = NULL, {_NO_PENDING} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, country, reason, claim.thing_name,
-             PROVISIONING, claim.token)).rowcount
+            (PROVISIONED.value, _timestamp(now), region, certificate_id, fingerprint, country, reason,
+             claim.thing_name, PROVISIONING.value, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
@@ -191,7 +195,7 @@ class SqliteRegistry:
             "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ?"
             + ("" if keep_pending else f", {_NO_PENDING}")
             + " WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (UNPROVISIONED, error, claim.thing_name, PROVISIONING, claim.token))
+            (UNPROVISIONED.value, error, claim.thing_name, PROVISIONING.value, claim.token))
 
     @translated
     def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
@@ -207,32 +211,51 @@ class SqliteRegistry:
     def _holding(self, claim: Claim, assignments: str, values: tuple) -> None:
         changed = self._db().execute(
             f"UPDATE devices SET {assignments} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (*values, claim.thing_name, PROVISIONING, claim.token)).rowcount
+            (*values, claim.thing_name, PROVISIONING.value, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
     @translated
-    def claims(self, now: datetime) -> list[ClaimState]:
+    def claims(self, now: datetime) -> builtins.list[ClaimState]:
         rows = self._db().execute(
             f"SELECT thing_name, prov_status, claimed_at, lease_expires, {_PENDING} FROM devices "
             "WHERE prov_status = 'provisioning' OR pending_region IS NOT NULL ORDER BY thing_name")
-        return [ClaimState(row["thing_name"], row["prov_status"], _moment(row["claimed_at"]),
+        return [ClaimState(row["thing_name"], DeviceStatus(row["prov_status"]), _moment(row["claimed_at"]),
                            _moment(row["lease_expires"]), _pending(row)) for row in rows]
 
+    def check(self) -> None:
+        """Raise StorageUnavailable unless the file is whole (quick_check) and can be written. A missing file is
+        made, as on any first use."""
+        try:
+            db = self._db()
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise StorageUnavailable(self._path, "it is damaged (" + "; ".join(problems)[:200] + "); restore it "
+                                         "from a backup, or move it away and run `python -m chalicelib.admin init`")
+            db.execute("BEGIN IMMEDIATE")  # a real write, undone: SQLITE_READONLY or SQLITE_FULL show here
+            try:
+                db.execute("CREATE TABLE health_probe (x)")
+            finally:
+                db.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            self.close()  # a damaged file may be replaced: the next use opens it afresh
+            raise explain(self._path, error) from error
+
     @staticmethod
-    def _remember_nonce(db: sqlite3.Connection, thing_name: str, nonce: tuple[str, float], at: float) -> bool:
+    def _remember_nonce(db: sqlite3.Connection, thing_name: str, nonce: Nonce, at: float) -> bool:
         if secrets.randbelow(100) == 0:  # now and then, forget nonces whose timestamps are out of the window
             db.execute("DELETE FROM nonces WHERE expires < ?", (at,))
         return db.execute(
-            "INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
-            "WHERE nonces.expires < ?", (thing_name, *nonce, at)).rowcount == 1
+            "INSERT INTO nonces VALUES (?, ?, ?) "
+            "ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
+            "WHERE nonces.expires < ?", (thing_name, nonce.value, nonce.expires.timestamp(), at)).rowcount == 1
 
     @translated
-    def stuck(self, now: datetime) -> list[dict]:
+    def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
         rows = self._db().execute(
-            f"SELECT {', '.join(_PUBLIC_COLUMNS)}, lease_expires FROM devices "
+            f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices "
             "WHERE prov_status = 'provisioning' AND lease_expires < ? ORDER BY thing_name", (now.timestamp(),))
-        return [_item(row) for row in rows]
+        return [record_from_item(dict(row)) for row in rows]
 
     @translated
     def release_stuck(self, thing_name: str, now: datetime) -> bool:
@@ -243,7 +266,7 @@ class SqliteRegistry:
             (thing_name, now.timestamp())).rowcount == 1
 
     @translated
-    def reset(self, thing_name: str) -> dict | None:
+    def reset(self, thing_name: str) -> DeviceRecord | None:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # the item returned is the one replaced
         try:
@@ -259,30 +282,12 @@ class SqliteRegistry:
             raise
         return before
 
-    def check(self, write: bool = True) -> None:
-        """Raise StorageUnavailable unless the file is whole (quick_check) and, with `write`, can be written.
-        A missing file is made, as on any first use."""
-        try:
-            db = self._db()
-            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
-            if problems != ["ok"]:
-                raise StorageUnavailable(self._path, "it is damaged (" + "; ".join(problems)[:200] + "); restore it "
-                                         "from a backup, or move it away and run `python -m chalicelib.admin init`")
-            if write:  # a real write, undone: SQLITE_READONLY or SQLITE_FULL show here
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.execute("CREATE TABLE health_probe (x)")
-                finally:
-                    db.execute("ROLLBACK")
-        except sqlite3.Error as error:
-            self.close()  # a damaged file may be replaced: the next use opens it afresh
-            raise explain(self._path, error) from error
-
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
+
 
 
 def _moment(epoch: float | None) -> datetime | None:
@@ -296,10 +301,3 @@ def _pending(row: sqlite3.Row) -> PendingIssue | None:
     return PendingIssue(row["pending_region"], datetime.fromtimestamp(row["pending_since"], timezone.utc),
                         row["pending_fingerprint"], row["pending_certificate_id"],
                         None if created is None else bool(created))
-
-
-def _item(row: sqlite3.Row) -> dict:
-    item = {key: row[key] for key in row.keys() if row[key] is not None}
-    if "attributes" in item:
-        item["attributes"] = json.loads(item["attributes"])
-    return item
