@@ -86,7 +86,8 @@ def device_provisioning() -> Response:
                                    steps=steps, region=choice.region if choice else None,
                                    reason=choice.reason if choice else None,
                                    country=choice.country if choice else None,
-                                   detail={**detail, "certificate_id": result.issued.certificate_id if result else None})
+                                   detail={**detail,
+                                           "certificate_id": result.issued.certificate_id if result else None})
     except OSError:  # the log's disk is full: the device's answer comes first
         pass
     return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})

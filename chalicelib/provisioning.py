@@ -59,7 +59,7 @@ ISSUE_SECONDS = 8.0      # AWS IoT: thing and certificate side by side, then two
 FINALIZE_SECONDS = 4.0   # one conditional registry write, one attempt
 
 
-def _no_checkpoint(boundary: str, thing_name: str) -> None:
+def no_checkpoint(boundary: str, thing_name: str) -> None:
     pass
 
 
@@ -68,7 +68,7 @@ class ProvisioningService:
                  verifier: FleetKeyVerifier, lease_seconds: int | None = None,
                  clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300,
                  budget_seconds: float = DEFAULT_BUDGET_SECONDS, lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
-                 checkpoint: Callable[[str, str], None] = _no_checkpoint) -> None:
+                 checkpoint: Callable[[str, str], None] = no_checkpoint) -> None:
         self._registry = registry
         self._issuer = issuer
         self._locator = locator

@@ -81,7 +81,8 @@ class Settler:
             raise
         if settled.reused is not None:
             issued = settled.reused
-            self._registry.finalize(claim, issued.region, issued.certificate_id, now, pending and pending.fingerprint)
+            self._registry.finalize(claim, issued.region, issued.certificate_id, now,
+                                    pending.fingerprint if pending else None)
             return (f"finalized {thing_name} with certificate {issued.certificate_id} in {issued.region}, issued "
                     "by an attempt that died (the device gets it by asking again with the same key)")
         self._registry.release(claim, "claim expired; settled by audit")

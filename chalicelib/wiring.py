@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
-from chalicelib.provisioning import ProvisioningService
+from chalicelib.provisioning import ProvisioningService, no_checkpoint
 from chalicelib.regions import RegionPolicy
 from chalicelib.registry.base import Registry
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
 
 if TYPE_CHECKING:
     from chalicelib.aws import AwsClients
+    from chalicelib.health import Health
     from chalicelib.issuers.aws_iot import AwsIotIssuer
     from chalicelib.issuers.local_ca import LocalIssuer
 
@@ -120,21 +121,21 @@ def build_service(config: Settings, checkpoint: Callable[[str, str], None] | Non
         skew_seconds=config.timestamp_skew_seconds,
         budget_seconds=config.request_budget_seconds,
         lease_margin_seconds=config.claim_lease_margin_seconds,
-        **({"checkpoint": checkpoint} if checkpoint else {}),
+        checkpoint=checkpoint or no_checkpoint,
     )
 
 
 _health = None
 
 
-def health_probes(config: Settings) -> dict:
+def health_probes(config: Settings) -> dict[str, Callable[[], str | None]]:
     """What provisioning needs, each checked cheaply (see chalicelib/health.py)."""
     known_ip = "81.2.69.142"  # London in every GeoLite2 build
     database: list[GeoLocator] = []
 
-    own: dict = {}
+    own: dict[str, Any] = {}
 
-    def part(name: str):  # the service's own, once built; else one of our own (a missing fleet key is not theirs)
+    def part(name: str) -> Any:  # the service's own once built, else our own (a missing fleet key is not theirs)
         if _service is not None:
             return getattr(_service, name)
         if name not in own:
@@ -163,7 +164,7 @@ def health_probes(config: Settings) -> dict:
             "fleet_key": fleet_key_probe}
 
 
-def health():
+def health() -> Health:
     global _health
     if _health is None:
         from chalicelib.health import Health, log_and_count

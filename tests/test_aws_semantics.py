@@ -10,6 +10,7 @@ What the service does about it: a thing that exists with no certificate attached
 never deleted by a rollback, since this attempt did not make it); one with another certificate attached is
 refused with 409 `thing-exists`, naming the thing and the region, and nothing is left behind.
 """
+# ruff: noqa: F811 - `backend` is the fixture imported from test_exactly_once, taken as an argument
 import pytest
 from botocore.exceptions import ClientError
 

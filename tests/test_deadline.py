@@ -3,6 +3,7 @@ time left, keeping time to roll back; when the next step cannot fit, the request
 Retry-After. Slow calls are made with botocore event hooks that move an injected clock (no sleeping, no timing
 asserts): what is checked is what was done and undone, and that the request finished with time to spare.
 """
+# ruff: noqa: F811 - `backend` is the fixture imported from test_exactly_once, taken as an argument
 import json
 import math
 
@@ -13,8 +14,8 @@ from chalice.test import Client
 from app import app
 from chalicelib import wiring
 from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.operations import AuditReport
 from chalicelib.deadline import LEASE_MARGIN_SECONDS, ROLLBACK_RESERVE_SECONDS, Deadline, DeadlineExceeded
+from chalicelib.operations import AuditReport
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
 

@@ -13,7 +13,6 @@ import sys
 import time
 from contextlib import closing
 
-import pytest
 import requests
 from chalice.test import Client
 

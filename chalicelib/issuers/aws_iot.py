@@ -170,7 +170,7 @@ class AwsIotIssuer:
             if incomplete:  # the orchestrator records it, for the operator and the audit
                 raise IssueIncomplete(error, f"thing {thing_name} or certificate "
                                              f"{cert and cert['certificateId']} in {region}",
-                                      cert and (cert["certificateId"], bool(created))) from exc
+                                      (cert["certificateId"], bool(created)) if cert else None) from exc
             if error is exc:
                 raise
             raise error from exc
@@ -207,7 +207,7 @@ class AwsIotIssuer:
         or attached to nothing and carrying the device's key (a server-made key cannot be told apart; see
         README, exactly-once)."""
         from chalicelib.provisioning import key_fingerprint
-        client, found = self._client(region), []
+        client, found = self._client(region), list[str]()
         try:
             for page in client.get_paginator("list_certificates").paginate(ascendingOrder=False):
                 for cert in page["certificates"]:
