@@ -106,7 +106,7 @@ def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now
     live_claims = {attempt.thing_name for attempt in in_flight}
     provisioned = [r for r in records if r.status is PROVISIONED]
     referenced = {(r.region, r.certificate_id) for r in provisioned}
-    referenced |= {(a.region, cert) for a in stuck + unfinished for cert in a.certificates}
+    referenced |= {(a.region, cert) for a in in_flight + stuck + unfinished for cert in a.certificates}
     orphans = [cert for region in regions for cert in issuer.active_certificates(region)
                if (region, cert.certificate_id) not in referenced and cert.thing_name not in live_claims]
     things: list[OrphanThing] = []
