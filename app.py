@@ -9,6 +9,7 @@ from chalice.app import Request
 
 from chalicelib import observability, wiring
 from chalicelib.clock import timestamp, utcnow
+from chalicelib.deadline import Deadline
 from chalicelib.errors import (
     AlreadyProvisioned,
     BodyTooLarge,
@@ -22,8 +23,10 @@ from chalicelib.errors import (
     SignatureInvalid,
 )
 from chalicelib.geo import client_ip
+from chalicelib.health import failing_parts
 from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningResult
+from chalicelib.storage import DEVICE_MESSAGE, StorageUnavailable
 from chalicelib.wire import ProvisioningRequest, error_body, parse_json, response_body
 
 app = Chalice(app_name="iot-global-provisioning")  # its app.log is observability.logger's logger too
@@ -84,14 +87,19 @@ def device_provisioning() -> Response:
                        wiring.settings().trust_forwarded_for)
         detail = {"client_ip": ip, "signature_version": provisioning_request.version,
                   "csr": provisioning_request.csr is not None}
-        result = wiring.service().provision(provisioning_request, ip, steps)
+        deadline = Deadline.for_request(request.lambda_context, wiring.settings().request_budget_seconds)
+        result = wiring.service().provision(provisioning_request, ip, steps, deadline)
         status, code = 200, observability.SUCCESS
         body: dict[str, Any] = response_body(result)
     except ProvisioningError as exc:
         status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
         code, body = exc.code, error_body(exc.code, exc.message)
-        if isinstance(exc, ServiceUnavailable):
-            headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, StorageUnavailable):  # the operator's message names paths: log it, tell the device less
+            observability.logger.error("storage fault: %s", exc.message)
+            body = error_body(exc.code, DEVICE_MESSAGE)
+        retry_after = getattr(exc, "retry_after", None)  # 503s, and a 409 in progress: the lease's time left
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
         if code == "stale-timestamp":  # a device without NTP learns the time here and corrects its clock
             now = utcnow()
             headers["Date"], body["serverTime"] = format_datetime(now, usegmt=True), timestamp(now)
@@ -106,14 +114,31 @@ def device_provisioning() -> Response:
         body = error_body(code, "the service failed unexpectedly; try again later")
         headers["Retry-After"] = "30"
     choice = result.choice if result else None
-    observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
-                               steps=steps, region=choice.region if choice else None,
-                               reason=choice.reason if choice else None, country=choice.country if choice else None,
-                               detail={**detail, "certificate_id": result.issued.certificate_id if result else None})
+    try:
+        observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
+                                   steps=steps, region=choice.region if choice else None,
+                                   reason=choice.reason if choice else None,
+                                   country=choice.country if choice else None,
+                                   detail={**detail,
+                                           "certificate_id": result.issued.certificate_id if result else None})
+    except OSError:  # the log's disk is full: the device's answer comes first
+        pass
     return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
 
 
 @app.route("/health", methods=["GET"])
-def health() -> dict[str, Any]:
-    config = wiring.settings()
-    return {"status": "ok", "stage": config.stage, "regions": list(config.enabled_regions)}
+def health() -> Response | dict[str, Any]:
+    """200 ok or degraded (e.g. ipstack unusable, the bundled database used); 503 naming each failing part."""
+    try:
+        config = wiring.settings()
+        result = wiring.health().check()
+    except Exception as exc:  # the stage cannot even be set up: that is the failing part
+        observability.logger.exception("health check failed")
+        result = {"status": "failing", "checks": {"configuration": {"status": "failing", "detail": str(exc)[:200]}}}
+        config = None
+    if result["status"] == "failing":
+        body = {**error_body("unhealthy", f"not ready: {failing_parts(result)}"), "checks": result["checks"]}
+        return Response(body, status_code=503, headers={"Content-Type": "application/json", "Retry-After": "5"})
+    assert config is not None  # set whenever the checks ran
+    return {"status": result["status"], "stage": config.stage, "regions": list(config.enabled_regions),
+            "checks": result["checks"]}

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import sqlite3
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,7 +111,9 @@ def cmd_keygen(config: Settings, args: Args) -> int:
 
 
 def cmd_init(config: Settings, args: Args) -> int:
-    wiring.registry(config).create()
+    registry = wiring.registry(config)
+    registry.create()
+    registry.check()  # an existing file is checked whole (quick_check) and writable, not just "ready"
     where = (f"DynamoDB tables {config.table_name} and {config.table_name}-nonces"
              if config.registry == "dynamodb" else str(config.registry_path))
     print(f"registry ready: {where}")
@@ -332,10 +335,18 @@ def cmd_reset(config: Settings, args: Args) -> int:
     return 0
 
 
+def _attempt_json(attempt: operations.Attempt) -> dict[str, Any]:
+    values = {"thing_name": attempt.thing_name, "region": attempt.region, "certificates": attempt.certificates,
+              "key": attempt.key, "age_seconds": attempt.age_seconds, "lease_left_seconds": attempt.lease_left_seconds,
+              "lease_expires": attempt.lease_expires and attempt.lease_expires.timestamp()}
+    return {name: value for name, value in values.items() if value is not None or name in ("region", "key")}
+
+
 def audit_json(report: operations.AuditReport, fixed: list[str]) -> dict[str, Any]:
     return {
-        "stuck_claims": [{**item_of(r), "lease_expires": r.lease_expires and r.lease_expires.timestamp()}
-                         for r in report.stuck_claims],
+        "in_flight": [_attempt_json(a) for a in report.in_flight],
+        "stuck_claims": [_attempt_json(a) for a in report.stuck_claims],
+        "unfinished_rollbacks": [_attempt_json(a) for a in report.unfinished_rollbacks],
         "orphan_certificates": [{"certificate_id": c.certificate_id, "thing_name": c.thing_name, "region": c.region,
                                  "status": c.status} for c in report.orphan_certificates],
         "orphan_things": [{"thing_name": t.thing_name, "region": t.region} for t in report.orphan_things],
@@ -344,16 +355,29 @@ def audit_json(report: operations.AuditReport, fixed: list[str]) -> dict[str, An
         "fixed": fixed}
 
 
+def _issued(attempt: operations.Attempt) -> str:
+    if not attempt.region:
+        return ""
+    return (f"; its attempt in {attempt.region} ({attempt.key} key) issued: "
+            f"{', '.join(attempt.certificates) or 'none found'}")
+
+
 def cmd_audit(config: Settings, args: Args) -> int:
     registry, issuer = existing_registry(config), wiring.issuer(config)
     now = utcnow()
     report = operations.audit(registry, issuer, config.enabled_regions, now)
-    fixed = operations.repair(registry, issuer, report, now) if args.fix else []
+    fixed = operations.repair(registry, issuer, report, now, config.lease_for_audit()) if args.fix else []
     if args.json:
         print(json.dumps(audit_json(report, fixed), indent=2, default=str))
     else:
-        for record in report.stuck_claims:
-            print(f"stuck claim: {record.thing_name} (lease ended {_lease_end(record)})")
+        for attempt in report.in_flight:
+            print(f"in flight: {attempt.thing_name} claimed {attempt.age_seconds} s ago, lease ends in "
+                  f"{attempt.lease_left_seconds} s{_issued(attempt)} (not a finding)")
+        for attempt in report.stuck_claims:
+            ended = timestamp(attempt.lease_expires) if attempt.lease_expires else "-"
+            print(f"stuck claim: {attempt.thing_name} (lease ended {ended}){_issued(attempt)}")
+        for attempt in report.unfinished_rollbacks:
+            print(f"unfinished rollback: {attempt.thing_name}{_issued(attempt)}")
         for cert in report.orphan_certificates:
             print(f"orphan certificate: {cert.certificate_id} in {cert.region} (thing {cert.thing_name})")
         for thing in report.orphan_things:
@@ -365,7 +389,8 @@ def cmd_audit(config: Settings, args: Args) -> int:
             print(f"fixed: {line}")
         total = report.findings
         print(f"{total} finding(s)" + (f", {len(fixed)} fixed" if args.fix else
-                                        ("; run with --fix to repair" if total else "")))
+                                        ("; run with --fix to repair" if total else ""))
+              + (f"; {len(report.in_flight)} in flight" if report.in_flight else ""))
     return 0 if report.findings == 0 or (args.fix and len(fixed) == report.findings) else 1
 
 
@@ -476,12 +501,15 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reset)
 
     p = sub.add_parser("audit", help="find stuck claims, orphan certificates and missing certificates",
-                       description="Lists claims whose lease ended (a process died mid-way), active certificates "
-                                   "and things in any enabled region that no registry item refers to, and provisioned "
-                                   "devices whose certificate is gone. Exit code 1 when something is found "
-                                   "and not fixed.")
+                       description="Lists provisioning in flight (live claims, with their age and the certificate "
+                                   "being issued; not a finding), claims whose lease ended (a process died mid-way) "
+                                   "and rollbacks that could not finish, with what their attempt issued, active "
+                                   "certificates and things in any enabled region that no registry item refers to, "
+                                   "and provisioned devices whose certificate is gone. Exit code 1 when something "
+                                   "is found and not fixed.")
     p.add_argument("--fix", action="store_true",
-                   help="release stuck claims, revoke orphan certificates, reset devices whose certificate is gone")
+                   help="settle stuck claims (a certificate for the device's own key is kept and recorded, any "
+                        "other revoked), revoke orphan certificates, reset devices whose certificate is gone")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_audit)
 
@@ -522,17 +550,32 @@ def cmd_policy(config: Settings, args: Args) -> int:
     return 0
 
 
+# Commands that make the registry when it is missing; the others have nothing to read without it.
+_MAKE_REGISTRY = {"keygen", "init", "register"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         func: Callable[[Settings, Args], int] = args.func
-        return func(Settings.for_stage(args.stage, args.state_dir), args)
+        config = Settings.for_stage(args.stage, args.state_dir)
+        if (args.command not in _MAKE_REGISTRY and config.registry == "sqlite"
+                and not config.registry_path.exists()):
+            raise CommandError(f"registry {config.registry_path} does not exist: run `python -m chalicelib.admin "
+                               "init` (or check --state-dir / GIP_STATE_DIR)")
+        return func(config, args)
     except (CommandError, ConfigError, operations.NotRegisteredDevice) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials
+    except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials; storage
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:  # the local CA's records (the registry's own errors are named above)
+        print(f"error: local certificate records: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except Exception as exc:
         problem = aws_problem(exc)  # no region, no credentials, access denied: one line, no traceback
         if problem is None:

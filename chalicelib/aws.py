@@ -13,6 +13,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from chalicelib import deadline
 from chalicelib.geo import Backoff
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,15 @@ log = logging.getLogger(__name__)
 logging.getLogger("botocore").setLevel(logging.INFO)
 
 # Throttling and 5xx are retried by botocore with backoff; past that the device gets 503 + Retry-After.
-# Short timeouts and few attempts keep a request within the Lambda timeout (25 s, under API Gateway's 29 s).
-CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5)
+# One attempt waits at most connect + read timeout; an attempt (first or retry) is started only when that
+# worst case fits in the request's time left, less the rollback reserve (chalicelib/deadline.py). So the
+# number of attempts follows the time left, and no call can run a request past its deadline (with the old
+# 2 s + 5 s and 3 attempts, one call could take about 21 s of a 25 s function).
+CONNECT_TIMEOUT = 1
+READ_TIMEOUT = 3
+ATTEMPT_SECONDS = CONNECT_TIMEOUT + READ_TIMEOUT
+CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=CONNECT_TIMEOUT,
+                       read_timeout=READ_TIMEOUT)
 
 
 def error_code(error: ClientError) -> str:
@@ -43,10 +51,21 @@ class AwsClients:
         client = self._clients.get(key)
         if client is None:
             with self._lock:  # botocore sessions are not thread-safe to create clients from
-                client = self._clients.get(key) or self._session.create_client(service, region_name=region,
-                                                                                config=self._config)
+                client = self._clients.get(key)
+                if client is None:
+                    client = self._session.create_client(service, region_name=region, config=self._config)
+                    within_deadline(client)
                 self._clients[key] = client
         return client
+
+
+def within_deadline(client: Any, attempt_seconds: float = ATTEMPT_SECONDS) -> Any:
+    """Start no attempt (first or retry) of any call whose worst case does not fit in the request's time."""
+    def gate(operation_name: str = "call", **_: Any) -> None:
+        deadline.require(f"{client.meta.service_model.service_name} {operation_name}", attempt_seconds)
+    # request-created fires once per attempt, before anything is sent (and before moto answers in tests).
+    client.meta.events.register_first("request-created", gate)
+    return client
 
 
 class SsmSecret:

@@ -31,7 +31,7 @@ class Settings:
     trust_forwarded_for: bool
     mqtt_host: str
     mqtt_base_port: int
-    claim_lease_seconds: int
+    claim_lease_seconds: int | None  # None: the request's time left plus the margin (chalicelib/deadline.py)
     registry: str = "sqlite"
     issuer: str = "local-ca"
     table_name: str = "iot-global-provisioning"
@@ -47,6 +47,14 @@ class Settings:
     timestamp_skew_seconds: int = 300
     ipstack_url: str = "https://api.ipstack.com/{ip}"  # another endpoint only for tests and benches
     kms_key_arn: str | None = None  # customer-managed key of the ipstack SecureString: adds kms:Decrypt (IAM)
+    # Locally the only deadline; on Lambda the function's own is used when sooner. Below the device's HTTP read
+    # timeout (35 s) and API Gateway's 29 s, so a device always gets our answer rather than a gateway's.
+    request_budget_seconds: int = 20
+    claim_lease_margin_seconds: int = 30
+
+    def lease_for_audit(self) -> int:
+        """The lease the audit takes a device over with: as long as a request's."""
+        return self.claim_lease_seconds or self.request_budget_seconds + self.claim_lease_margin_seconds
 
     @property
     def registry_path(self) -> Path:
@@ -99,7 +107,7 @@ class Settings:
             trust_forwarded_for=_bool(env, "GIP_TRUST_FORWARDED_FOR", False),
             mqtt_host=env.get("GIP_MQTT_HOST") or "localhost",
             mqtt_base_port=_int(env, "GIP_MQTT_BASE_PORT", 18883),
-            claim_lease_seconds=_int(env, "GIP_CLAIM_LEASE_SECONDS", 120),
+            claim_lease_seconds=_int(env, "GIP_CLAIM_LEASE_SECONDS", 0) or None,
             registry=_choice(env, "GIP_REGISTRY", ("sqlite", "dynamodb")),
             issuer=_choice(env, "GIP_ISSUER", ("local-ca", "aws-iot")),
             table_name=env.get("GIP_TABLE_NAME") or "iot-global-provisioning",
@@ -115,6 +123,8 @@ class Settings:
             else env.get("GIP_FLEET_PUBLIC_KEY_PARAMETER") or None,
             ipstack_url=env.get("GIP_IPSTACK_URL") or "https://api.ipstack.com/{ip}",
             kms_key_arn=env.get("GIP_KMS_KEY_ARN") or None,
+            request_budget_seconds=_int(env, "GIP_REQUEST_BUDGET_SECONDS", 20),
+            claim_lease_margin_seconds=_int(env, "GIP_CLAIM_LEASE_MARGIN_SECONDS", 30),
         )
 
 

@@ -54,6 +54,10 @@ class AlreadyProvisioned(ProvisioningError):
 class ProvisioningInProgress(ProvisioningError):
     code = "provisioning-in-progress"
 
+    def __init__(self, message: str, code: str | None = None, retry_after: int | None = None):
+        super().__init__(message, code)
+        self.retry_after = retry_after  # seconds left on the lease that holds the device, when known
+
 
 class RegionBlocked(ProvisioningError):
     """The region policy refuses devices from the caller's country."""
@@ -75,10 +79,11 @@ class IssueIncomplete(Exception):
     """The issuer failed and could not undo all it had made: `error` is why it failed (what the device is
     told), `leftover` names what is left behind (recorded on the device for the operator and the audit)."""
 
-    def __init__(self, error: Exception, leftover: str) -> None:
+    def __init__(self, error: Exception, leftover: str, certificate: tuple[str, bool] | None = None) -> None:
         super().__init__(f"{error} (left behind: {leftover})")
         self.error = error
         self.leftover = leftover
+        self.certificate = certificate  # (id, whether the thing was made) for the write-ahead record
 
 
 class ConfigError(Exception):

@@ -37,6 +37,11 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "iot:UpdateCertificate": ("cert",),
     "iot:DeleteCertificate": ("cert",),
     "iot:DescribeCertificate": ("cert",),
+    "iot:DescribeThing": ("thing",),
+    "iot:ListThingPrincipals": ("thing",),
+    "iot:ListCertificates": ("*",),
+    "iot:ListPrincipalThings": ("*",),
+    "dynamodb:DescribeTable": ("table",),
     "iot:GetPolicy": ("device-policy",),
     "iot:CreatePolicy": ("device-policy",),
 }

@@ -5,7 +5,7 @@ Each takes the registry and the issuer it works on; nothing here parses argument
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -13,9 +13,11 @@ from typing import Iterable, Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from chalicelib.errors import AlreadyProvisioned, ProvisioningInProgress
 from chalicelib.files import write_private
 from chalicelib.issuers.base import CertificateInfo, CertificateInventory, CertificateRef, Issuer, ThingInventory
 from chalicelib.registry.base import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord, DeviceStatus, Registry
+from chalicelib.settle import Settler
 
 GONE = "gone"  # a missing certificate's status when the issuer does not know it at all
 
@@ -49,33 +51,68 @@ class MissingCertificate:
 
 
 @dataclass(frozen=True)
-class AuditReport:
-    """What a crashed or half-failed provisioning can leave behind, on any backend."""
+class Attempt:
+    """A device's claim or write-ahead record as the audit sees it: live (in flight), dead (its lease ended)
+    or a rollback that could not finish, with the certificates its attempt issued."""
 
-    stuck_claims: list[DeviceRecord] = field(default_factory=list)
+    thing_name: str
+    region: str | None
+    certificates: list[str]
+    key: str | None  # "device" (a CSR's key), "server-made", None when nothing was about to be issued
+    age_seconds: float | None = None        # in flight: since the claim
+    lease_left_seconds: float | None = None  # in flight: until the claim may be taken over
+    lease_expires: datetime | None = None    # stuck: when the lease ended
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What a crashed or half-failed provisioning can leave behind, on any backend. `in_flight` is work under
+    a live claim: reported with its age, not a finding, never fixed."""
+
+    stuck_claims: list[Attempt] = field(default_factory=list)
     orphan_certificates: list[CertificateInfo] = field(default_factory=list)
     orphan_things: list[OrphanThing] = field(default_factory=list)
     missing_certificates: list[MissingCertificate] = field(default_factory=list)
+    unfinished_rollbacks: list[Attempt] = field(default_factory=list)
+    in_flight: list[Attempt] = field(default_factory=list)
 
     @property
     def findings(self) -> int:
-        return (len(self.stuck_claims) + len(self.orphan_certificates) + len(self.orphan_things)
-                + len(self.missing_certificates))
+        return (len(self.stuck_claims) + len(self.unfinished_rollbacks) + len(self.orphan_certificates)
+                + len(self.orphan_things) + len(self.missing_certificates))
 
 
 def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now: datetime) -> AuditReport:
     records = list(registry.list())
-    stuck = registry.stuck(now)
     regions = list(regions)
-    # A live claim may be about to record its certificate: that certificate is not an orphan yet.
-    live_claims = ({r.thing_name for r in records if r.status is PROVISIONING} - {r.thing_name for r in stuck})
+    settler = Settler(registry, issuer)
+    in_flight, stuck, unfinished = [], [], []
+    for state in registry.claims(now):
+        pending = state.pending
+        attempt = Attempt(state.thing_name, pending.region if pending else None,
+                          settler.left_by(state.thing_name, pending),
+                          None if pending is None else ("device" if pending.fingerprint else "server-made"))
+        if state.live(now):
+            in_flight.append(replace(
+                attempt, age_seconds=round((now - state.claimed_at).total_seconds(), 1) if state.claimed_at else None,
+                lease_left_seconds=round((state.lease_expires - now).total_seconds(), 1)
+                if state.lease_expires else None))
+        elif state.status is PROVISIONING:
+            stuck.append(replace(attempt, lease_expires=state.lease_expires))
+        else:
+            unfinished.append(attempt)
+    # A live claim owns what it is making; a dead attempt's write-ahead record the certificates it points at,
+    # which settling it deals with: both are reported above, not as orphans.
+    live_claims = {attempt.thing_name for attempt in in_flight}
     provisioned = [r for r in records if r.status is PROVISIONED]
     referenced = {(r.region, r.certificate_id) for r in provisioned}
+    referenced |= {(a.region, cert) for a in in_flight + stuck + unfinished for cert in a.certificates}
     orphans = [cert for region in regions for cert in issuer.active_certificates(region)
                if (region, cert.certificate_id) not in referenced and cert.thing_name not in live_claims]
     things: list[OrphanThing] = []
     if isinstance(issuer, ThingInventory):
         placed = {(r.region, r.thing_name) for r in provisioned}
+        placed |= {(a.region, a.thing_name) for a in stuck + unfinished if a.region}
         things = [OrphanThing(name, region) for region in regions for name in issuer.things(region)
                   if (region, name) not in placed and name not in live_claims]
     missing = []
@@ -84,16 +121,21 @@ def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now
         if cert is None or not cert.active:
             missing.append(MissingCertificate(record.thing_name, record.certificate_id, record.region,
                                               cert.status if cert else GONE))
-    return AuditReport(stuck, orphans, things, missing)
+    return AuditReport(stuck, orphans, things, missing, unfinished, in_flight)
 
 
-def repair(registry: Registry, issuer: AuditedIssuer, report: AuditReport, now: datetime) -> list[str]:
-    """audit --fix: release stuck claims, revoke orphans, reset devices whose certificate is gone.
-    Returns one line per repair made."""
+def repair(registry: Registry, issuer: AuditedIssuer, report: AuditReport, now: datetime,
+           lease_seconds: int) -> list[str]:
+    """audit --fix: settle stuck claims and unfinished rollbacks (as a retry would), revoke orphans, reset
+    devices whose certificate is gone. Returns one line per repair made."""
     fixed = []
-    for record in report.stuck_claims:
-        if registry.release_stuck(record.thing_name, now):
-            fixed.append(f"released the expired claim on {record.thing_name}")
+    settler = Settler(registry, issuer)
+    for attempt in report.stuck_claims + report.unfinished_rollbacks:
+        try:
+            fixed.append(settler.settle_for_audit(attempt.thing_name, now, lease_seconds,
+                                                  died=attempt in report.stuck_claims))
+        except (AlreadyProvisioned, ProvisioningInProgress):  # its own retry settled it meanwhile
+            fixed.append(f"{attempt.thing_name} was settled by its own retry meanwhile")
     for cert in report.orphan_certificates:
         issuer.revoke(cert.ref())
         fixed.append(f"revoked orphan certificate {cert.certificate_id} in {cert.region} (thing {cert.thing_name})")

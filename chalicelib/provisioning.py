@@ -8,7 +8,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from chalicelib import deadline as deadlines
 from chalicelib.clock import utcnow
+from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
 from chalicelib.errors import (
     REFUSED,
     AlreadyProvisioned,
@@ -20,8 +22,9 @@ from chalicelib.errors import (
 from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import IssuedCertificate, Issuer
 from chalicelib.observability import Steps
-from chalicelib.regions import RegionChoice, RegionPolicy
-from chalicelib.registry.base import Claim, Nonce, Registry
+from chalicelib.regions import Location, RegionChoice, RegionPolicy
+from chalicelib.registry.base import Claim, Nonce, PendingIssue, Registry
+from chalicelib.settle import Settler
 from chalicelib.signatures import FleetKeyVerifier, load_device_key, verifies
 from chalicelib.wire import ProvisioningRequest
 
@@ -38,6 +41,10 @@ class ProvisioningResult:
     note: str | None = None
 
 
+def certificate_fingerprint(certificate_pem: str) -> str:
+    return key_fingerprint(x509.load_pem_x509_certificate(certificate_pem.encode()).public_key())
+
+
 def key_fingerprint(public_key: PublicKeyTypes) -> str:
     """SHA-256 of the SubjectPublicKeyInfo DER, hex: what the registry remembers of a device's key."""
     digest = hashes.Hash(hashes.SHA256())
@@ -46,50 +53,107 @@ def key_fingerprint(public_key: PublicKeyTypes) -> str:
     return digest.finalize().hex()
 
 
+# What the steps after the claim may take at worst (seconds), each checked against the request's deadline
+# before it starts; the rollback reserve comes on top (chalicelib/deadline.py).
+ISSUE_SECONDS = 8.0      # AWS IoT: thing and certificate side by side, then two attachments
+FINALIZE_SECONDS = 4.0   # one conditional registry write, one attempt
+
+
+def no_checkpoint(boundary: str, thing_name: str) -> None:
+    pass
+
+
 class ProvisioningService:
     def __init__(self, registry: Registry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
-                 verifier: FleetKeyVerifier, lease_seconds: int = 300,
-                 clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300) -> None:
+                 verifier: FleetKeyVerifier, lease_seconds: int | None = None,
+                 clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300,
+                 budget_seconds: float = DEFAULT_BUDGET_SECONDS, lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
+                 checkpoint: Callable[[str, str], None] = no_checkpoint) -> None:
         self._registry = registry
         self._issuer = issuer
         self._locator = locator
         self._regions = regions
         self._verifier = verifier
-        self._lease_seconds = lease_seconds
+        self._lease_seconds = lease_seconds  # None: derived from the request's deadline
+        self._lease_margin = lease_margin_seconds
+        self._budget = budget_seconds
         self._clock = clock
         self._allow_v1 = allow_v1
         self._skew = skew_seconds
+        self._settler = Settler(registry, issuer)
+        # Called at each step boundary (claimed, issued, recorded, finalized): the crash tests stop the process
+        # there; a no-op otherwise.
+        self._checkpoint = checkpoint
 
-    def provision(self, request: ProvisioningRequest, client_ip: str,
-                  steps: Steps | None = None) -> ProvisioningResult:
-        steps = steps or Steps()
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    @property
+    def issuer(self) -> Issuer:
+        return self._issuer
+
+    def provision(self, request: ProvisioningRequest, client_ip: str, steps: Steps | None = None,
+                  deadline: Deadline | None = None) -> ProvisioningResult:
+        deadline = deadline or Deadline(self._budget)
+        with deadlines.running(deadline):
+            return self._provision(request, client_ip, steps or Steps(), deadline)
+
+    def _provision(self, request: ProvisioningRequest, client_ip: str, steps: Steps,
+                   deadline: Deadline) -> ProvisioningResult:
         with steps.step("verify"):
             fleet_key = self._authenticate(request)
         with steps.step("claim"):
+            deadline.require("claiming the device", ISSUE_SECONDS + FINALIZE_SECONDS)
             now = self._clock()
             # The nonce is recorded only now, for a correctly signed request: nobody can use up a device's.
             nonce = (Nonce(request.nonce, now + timedelta(seconds=2 * self._skew))
                      if request.nonce is not None else None)
+            lease = self._lease_seconds or deadline.lease_seconds(self._lease_margin)
             try:
-                claim = self._registry.claim(request.thing_name, now, self._lease_seconds, fleet_key, nonce)
+                claim = self._registry.claim(request.thing_name, now, lease, fleet_key, nonce)
             except AlreadyProvisioned as refused:
                 return self._earlier_answer(request, refused, client_ip)
+        self._checkpoint("claimed", request.thing_name)
         issued = None
+        # Whether the write-ahead record may describe something that still exists, and whether the issuer,
+        # should it fail, can be trusted to have undone its own steps.
+        left, issuer_cleans_up, intent = claim.previous is not None, False, None
+        wanted = key_fingerprint(request.csr.public_key()) if request.csr is not None else None
         try:
             with steps.step("geo"):
                 location = self._locator.locate(client_ip)
                 choice = self._regions.choose(location)
+            if claim.previous is not None:
+                with steps.step("settle"):
+                    settled = self._settler.settle(claim, wanted)
+                left = settled.reused is not None  # the record describes it until finalize clears it
+                if settled.reused is not None:
+                    return self._finalize_reused(request, claim, settled.reused, wanted, location, steps)
+            deadline.require("issuing the certificate", ISSUE_SECONDS + FINALIZE_SECONDS)
+            intent = PendingIssue(choice.region, self._clock(), wanted)
+            with steps.step("intent"):
+                self._registry.record_intent(claim, intent)
+            left, issuer_cleans_up = True, True
             with steps.step("issue"):
                 issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
+            issuer_cleans_up = False
+            self._checkpoint("issued", request.thing_name)
+            with steps.step("record"):
+                self._registry.record_certificate(claim, issued.certificate_id, issued.created_thing)
+            self._checkpoint("recorded", request.thing_name)
+            deadline.require("recording the device", FINALIZE_SECONDS)
             with steps.step("finalize"):
-                public_key = (request.csr.public_key() if request.csr is not None
-                              else x509.load_pem_x509_certificate(issued.certificate_pem.encode()).public_key())
                 self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
-                                        key_fingerprint(public_key), choice.country, choice.reason)
+                                        wanted or certificate_fingerprint(issued.certificate_pem),
+                                        choice.country, choice.reason)
+            self._checkpoint("finalized", request.thing_name)
         except Exception as exc:
-            cause, leftover = (exc.error, exc.leftover) if isinstance(exc, IssueIncomplete) else (exc, None)
-            with steps.step("rollback"):
-                self._undo(claim, issued, cause, leftover)
+            cause = exc.error if isinstance(exc, IssueIncomplete) else exc
+            # An issuer's domain error means it undid its own steps (else it raises IssueIncomplete).
+            trusted = issuer_cleans_up and isinstance(exc, ProvisioningError)
+            with steps.step("rollback"), deadline.rolling_back():
+                self._undo(claim, issued, exc, left and not trusted, intent)
             if cause is exc and isinstance(exc, ProvisioningError):
                 raise
             if isinstance(cause, ProvisioningError):
@@ -98,6 +162,18 @@ class ProvisioningService:
         note = None if choice.reason != "default" else (
             f"location of {client_ip} is unknown; using the default region {choice.region}")
         return ProvisioningResult(request.thing_name, choice, issued, note)
+
+    def _finalize_reused(self, request: ProvisioningRequest, claim: Claim, issued: IssuedCertificate,
+                         fingerprint: str | None, location: Location | None, steps: Steps) -> ProvisioningResult:
+        """The dead attempt's certificate for this very key: finalize with it, issue nothing."""
+        choice = RegionChoice(issued.region, self._regions.distance_km(location, issued.region), "previous",
+                              location.country if location else None)
+        with steps.step("finalize"):
+            self._registry.finalize(claim, issued.region, issued.certificate_id, self._clock(), fingerprint,
+                                    choice.country, choice.reason)
+        self._checkpoint("finalized", request.thing_name)
+        return ProvisioningResult(request.thing_name, choice, issued,
+                                  "an earlier attempt with this key was interrupted: its certificate, not a second one")
 
     def _authenticate(self, request: ProvisioningRequest) -> bool:
         """Check the signature before anything changes; returns whether the fleet key made it.
@@ -150,22 +226,39 @@ class ProvisioningService:
         return ProvisioningResult(request.thing_name, choice, issued,
                                   "already provisioned with this key: the same certificate again")
 
-    def _undo(self, claim: Claim, issued: IssuedCertificate | None, cause: Exception, leftover: str | None) -> None:
+    def _undo(self, claim: Claim, issued: IssuedCertificate | None, failure: Exception, unsure: bool,
+              intent: PendingIssue | None) -> None:
         """Compensate in reverse order. A failure here is logged and never hides the original error; the claim
-        is released anyway (no stuck device) with last_error naming what is left for the audit."""
+        is released anyway (no stuck device) with last_error naming what is left, and the write-ahead record
+        kept when something may be left, so the next claim or the audit settles it."""
+        cause = failure.error if isinstance(failure, IssueIncomplete) else failure
         log.error("provisioning %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
         error = f"{type(cause).__name__}: {cause}"
-        if leftover:  # the issuer could not undo all of its own steps
-            error = f"rollback incomplete, {leftover}; {error}"
+        incomplete = unsure and issued is None
+        if incomplete and intent is not None:  # the issuer failed in an unknown way: look for what it made
+            try:
+                self._settler.settle(Claim(claim.thing_name, claim.token, intent), None)
+                incomplete = False
+            except Exception:
+                log.exception("rollback of %s could not look for what the issuer made", claim.thing_name)
+        if isinstance(failure, IssueIncomplete):  # the issuer could not undo all of its own steps
+            error = f"rollback incomplete, {failure.leftover}; {error}"
+            incomplete = True
+            if failure.certificate is not None:  # on the write-ahead record: the settler need not search
+                try:
+                    self._registry.record_certificate(claim, *failure.certificate)
+                except Exception:
+                    log.exception("could not record what the rollback of %s left", claim.thing_name)
         if issued is not None:
             try:
-                self._issuer.revoke(issued)
+                self._issuer.revoke(issued, keep_thing=not issued.created_thing)
             except Exception:
                 log.exception("rollback of %s incomplete: certificate %s in %s may still be active",
                               claim.thing_name, issued.certificate_id, issued.region)
                 error = f"rollback incomplete, certificate {issued.certificate_id} in {issued.region}; {error}"
+                incomplete = True
         try:
-            self._registry.release(claim, error[:500])
+            self._registry.release(claim, error[:500], keep_pending=incomplete)
         except Exception:
             log.exception("could not release the claim on %s; it frees itself when the lease ends",
                           claim.thing_name)

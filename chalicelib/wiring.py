@@ -6,24 +6,26 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
-from chalicelib.provisioning import ProvisioningService
+from chalicelib.provisioning import ProvisioningService, no_checkpoint
 from chalicelib.regions import RegionPolicy
 from chalicelib.registry.base import Registry
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
 
 if TYPE_CHECKING:
     from chalicelib.aws import AwsClients
+    from chalicelib.health import Health
     from chalicelib.issuers.aws_iot import AwsIotIssuer
     from chalicelib.issuers.local_ca import LocalIssuer
 
 _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
+_ipstack_key: Any = None  # the ipstack key's reader, when the stage uses ipstack (health tells whether it works)
 _aws: AwsClients | None = None
 _pools: dict[str, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()  # not _lock: service() holds that while it builds what needs a pool
@@ -93,7 +95,8 @@ def locator(config: Settings) -> GeoLocator:
     if config.ipstack_key_parameter:
         from chalicelib.aws import SsmSecret
         from chalicelib.geo import HttpGet
-        key = SsmSecret(aws_clients().client("ssm"), config.ipstack_key_parameter)
+        global _ipstack_key
+        key = _ipstack_key = SsmSecret(aws_clients().client("ssm"), config.ipstack_key_parameter)
         providers.append(IpstackLocator(HttpGet(), key, url=config.ipstack_url))
     if config.maxmind_db:
         providers.append(MaxMindLocator.open(config.maxmind_db))
@@ -110,7 +113,8 @@ def fleet_verifier(config: Settings) -> FleetKeyVerifier:
                               if config.previous_fleet_public_key else []))
 
 
-def build_service(config: Settings) -> ProvisioningService:
+def build_service(config: Settings, checkpoint: Callable[[str, str], None] | None = None) -> ProvisioningService:
+    """`checkpoint` (tests): called at each step boundary of a provisioning, see ProvisioningService."""
     policy = region_policy(config)
     return ProvisioningService(
         registry=registry(config),
@@ -121,7 +125,64 @@ def build_service(config: Settings) -> ProvisioningService:
         lease_seconds=config.claim_lease_seconds,
         allow_v1=config.allow_v1,
         skew_seconds=config.timestamp_skew_seconds,
+        budget_seconds=config.request_budget_seconds,
+        lease_margin_seconds=config.claim_lease_margin_seconds,
+        checkpoint=checkpoint or no_checkpoint,
     )
+
+
+_health = None
+
+
+def health_probes(config: Settings) -> dict[str, Callable[[], str | None]]:
+    """What provisioning needs, each checked cheaply (see chalicelib/health.py)."""
+    known_ip = "81.2.69.142"  # London in every GeoLite2 build
+    database: list[GeoLocator] = []
+
+    own: dict[str, Any] = {}
+
+    def part(name: str) -> Any:  # the service's own once built, else our own (a missing fleet key is not theirs)
+        if _service is not None:
+            return getattr(_service, name)
+        if name not in own:
+            own[name] = registry(config) if name == "registry" else issuer(config)
+        return own[name]
+
+    def registry_probe() -> None:
+        part("registry").check()
+
+    def issuer_probe() -> None:
+        part("issuer").check(config.enabled_regions)
+
+    def geolocation_probe() -> str | None:
+        if not database:
+            database.append(MaxMindLocator.open(config.maxmind_db) if config.maxmind_db else MaxMindLocator.bundled())
+        if database[0].locate(known_ip) is None:
+            raise RuntimeError("the geolocation database gives no location")
+        if config.ipstack_key_parameter and _ipstack_key is not None and _ipstack_key() is None:
+            return "ipstack is not usable (its key cannot be read); running on the bundled database"
+        return None
+
+    verifier: list[FleetKeyVerifier] = []
+
+    def fleet_key_probe() -> None:  # the file, or on prod the SSM parameter: a missing one raises
+        if not verifier:
+            verifier.append(fleet_verifier(config))
+        if not verifier[0].keys:
+            raise RuntimeError("no fleet public key")
+
+    return {"registry": registry_probe, "issuer": issuer_probe, "geolocation": geolocation_probe,
+            "fleet_key": fleet_key_probe}
+
+
+def health() -> Health:
+    global _health
+    if _health is None:
+        from chalicelib.health import Health, log_and_count
+        with _lock:
+            if _health is None:
+                _health = Health(health_probes(settings()), log_and_count)
+    return _health
 
 
 def service() -> ProvisioningService:
@@ -133,18 +194,28 @@ def service() -> ProvisioningService:
     return _service
 
 
+def use_service(service: ProvisioningService) -> None:
+    """Serve with this service (tests that build it with a step checkpoint)."""
+    global _service, _health
+    with _lock:
+        _service = service
+        _health = None
+
+
 def configure(config: Settings) -> None:
     """Use these settings instead of the environment's (tests); the service is rebuilt on next use."""
-    global _settings, _service
+    global _settings, _service, _health
     with _lock:
         _settings = config
         _service = None
+        _health = None
 
 
 def reset() -> None:
     """Forget what was built, so the next call reads the environment again (tests)."""
-    global _settings, _service, _aws
+    global _settings, _service, _aws, _health
     with _lock:
         _settings = None
         _service = None
         _aws = None
+        _health = None

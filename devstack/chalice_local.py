@@ -21,5 +21,30 @@ local.ThreadedHTTPServer.request_queue_size = 1024
 local.ChaliceRequestHandler.disable_nagle_algorithm = True  # socketserver sets TCP_NODELAY on each connection
 local.ChaliceRequestHandler.timeout = READ_TIMEOUT_SECONDS  # socketserver sets it on each connection
 
+
+class _LogStream:
+    """stdout/stderr that lose a line rather than raise. The access log line is written before the answer, and
+    the app's log lines and metrics go to stdout: on a full disk (ENOSPC) the handler thread died and the device
+    got an empty reply. The answer matters more than its log line."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
 if __name__ == "__main__":
+    sys.stdout, sys.stderr = _LogStream(sys.stdout), _LogStream(sys.stderr)
     sys.exit(main())

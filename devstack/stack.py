@@ -411,6 +411,8 @@ class LocalStack:
                 with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
                         return
+            except urllib.error.HTTPError:  # it answers; /health names what is not ready (e.g. no fleet key yet)
+                return
             except OSError:
                 time.sleep(0.1)
         raise StackError(f"chalice local did not answer {url} within {timeout:.0f} s:\n{self._log_tail('chalice')}")

@@ -277,12 +277,15 @@ def _kill_between_issue_and_finalize(stack, fleet_key, thing: str) -> bool:
         caller = threading.Thread(target=request)
         caller.start()
         deadline = time.monotonic() + 30
+        # The write-ahead record (pending_region) is written before the issuer is asked: hold the lock from
+        # then on, so the certificate is issued and every later write (its id, finalize) waits.
+        query = "SELECT prov_status, pending_region IS NOT NULL FROM devices WHERE thing_name = ?"
         while True:
-            status = lock.execute("SELECT prov_status FROM devices WHERE thing_name = ?", (thing,)).fetchone()[0]
-            if status == "provisioning":
-                lock.execute("BEGIN IMMEDIATE")  # the server's finalize now waits on its busy timeout
-                status = lock.execute("SELECT prov_status FROM devices WHERE thing_name = ?", (thing,)).fetchone()[0]
-                if status == "provisioning":
+            status, intent = lock.execute(query, (thing,)).fetchone()
+            if status == "provisioning" and intent:
+                lock.execute("BEGIN IMMEDIATE")  # the server's next write now waits on its busy timeout
+                status, intent = lock.execute(query, (thing,)).fetchone()
+                if status == "provisioning" and intent:
                     break
                 lock.execute("ROLLBACK")
             if status == "provisioned" or not caller.is_alive():
@@ -362,14 +365,14 @@ def test_kill_9_between_issue_and_finalize_is_found_and_fixed_by_the_audit(tmp_p
 
         code, found = audit(state, capsys)
         assert code == 1, found
-        assert [s["thing_name"] for s in found["stuck_claims"]] == [victim]
-        assert [(c["certificate_id"], c["thing_name"], c["region"]) for c in found["orphan_certificates"]] == [
-            (orphan["certificate_id"], victim, orphan["region"])]
-        assert found["missing_certificates"] == []
+        # The certificate is found through the stuck claim's write-ahead record, not as an orphan.
+        assert [(s["thing_name"], s["certificates"], s["key"]) for s in found["stuck_claims"]] == [
+            (victim, [orphan["certificate_id"]], "server-made")]
+        assert found["orphan_certificates"] == [] and found["missing_certificates"] == []
 
         code, fixed = audit(state, capsys, "--fix")
         assert code == 0, fixed
-        assert len(fixed["fixed"]) == 2, fixed
+        assert len(fixed["fixed"]) == 1 and orphan["certificate_id"] in fixed["fixed"][0], fixed
         code, clean = audit(state, capsys)
         assert code == 0, clean
         assert (clean["stuck_claims"], clean["orphan_certificates"], clean["missing_certificates"]) == ([], [], [])

@@ -18,7 +18,16 @@ from chalicelib.errors import (
     ServiceUnavailable,
     SignatureInvalid,
 )
-from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, DeviceRecord, Nonce, item_of
+from chalicelib.registry.base import (
+    PROVISIONED,
+    PROVISIONING,
+    UNPROVISIONED,
+    Claim,
+    DeviceRecord,
+    Nonce,
+    PendingIssue,
+    item_of,
+)
 from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.registry.sqlite import SqliteRegistry
 
@@ -423,3 +432,49 @@ def test_dynamodb_throttled_reads_become_service_unavailable(dynamodb_client, ex
         list(registry.list())
     with pytest.raises(ServiceUnavailable, match="batch_get_item"):
         registry.register(["dev1"])
+
+
+# --- write-ahead issuance (issue 16), for both backends -------------------------------------------------------
+
+def test_a_claim_taken_over_carries_the_write_ahead_record_the_dead_attempt_left(registry):
+    registry.register(["dev1"])
+    dead = registry.claim("dev1", T0, LEASE)
+    assert dead.previous is None
+    registry.record_intent(dead, PendingIssue("eu-west-2", T0 + timedelta(seconds=1), "ab" * 32))
+    registry.record_certificate(dead, "cert-dead", True)
+
+    with pytest.raises(ProvisioningInProgress) as busy:  # while the lease runs, with the time it has left
+        registry.claim("dev1", T0 + timedelta(seconds=100), LEASE)
+    assert busy.value.retry_after == LEASE - 100
+
+    taken = registry.claim("dev1", T0 + timedelta(seconds=LEASE + 1), LEASE)
+    assert taken.previous == PendingIssue("eu-west-2", T0 + timedelta(seconds=1), "ab" * 32, "cert-dead", True)
+    # The dead attempt can no longer write; the record stays until the new holder replaces or clears it.
+    with pytest.raises(ProvisioningInProgress):
+        registry.record_certificate(dead, "cert-late", True)
+    with pytest.raises(ProvisioningInProgress):
+        registry.record_intent(dead, PendingIssue("eu-west-2", T0))
+    [state] = registry.claims(T0 + timedelta(seconds=LEASE + 2))
+    assert (state.thing_name, state.status, state.claimed_at) == ("dev1", PROVISIONING, T0 + timedelta(seconds=LEASE + 1))
+    assert state.pending.certificate_id == "cert-dead" and state.live(T0 + timedelta(seconds=LEASE + 2))
+
+    registry.record_intent(taken, PendingIssue("ap-northeast-1", T0 + timedelta(seconds=LEASE + 2)))
+    assert registry.claims(T0)[0].pending == PendingIssue("ap-northeast-1", T0 + timedelta(seconds=LEASE + 2))
+    registry.finalize(taken, "ap-northeast-1", "cert-new", T0 + timedelta(seconds=LEASE + 3))
+    assert registry.claims(T0) == []  # finalize clears the record
+    assert registry.get("dev1").certificate_id == "cert-new"
+
+
+def test_a_release_keeps_the_record_only_when_the_rollback_left_something(registry):
+    registry.register(["clean", "left"])
+    for name, keep in (("clean", False), ("left", True)):
+        claim = registry.claim(name, T0, LEASE)
+        registry.record_intent(claim, PendingIssue("eu-west-2", T0))
+        registry.record_certificate(claim, f"cert-{name}", False)
+        registry.release(claim, "issuer down", keep_pending=keep)
+    [state] = registry.claims(T0)
+    assert (state.thing_name, state.status, state.live(T0)) == ("left", UNPROVISIONED, False)
+    assert state.pending == PendingIssue("eu-west-2", T0, None, "cert-left", False)
+    # The next claim, from unprovisioned, hands the record over to be settled.
+    assert registry.claim("left", T0 + timedelta(seconds=1), LEASE).previous.certificate_id == "cert-left"
+    assert registry.claim("clean", T0 + timedelta(seconds=1), LEASE).previous is None

@@ -1,17 +1,27 @@
 """The prod stage's issuer: AWS IoT Core in the chosen region, through one boto3 client per region."""
 import concurrent.futures as cf
+import contextvars
 import json
 import logging
 import threading
 import time
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator
 
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from chalicelib import deadline
+from chalicelib.aws import ATTEMPT_SECONDS
 from chalicelib.aws import error_code as _code
-from chalicelib.errors import IssueIncomplete, MalformedRequest, ProvisioningError, ServiceUnavailable
+from chalicelib.errors import (
+    AlreadyProvisioned,
+    IssueIncomplete,
+    MalformedRequest,
+    ProvisioningError,
+    ServiceUnavailable,
+)
 from chalicelib.issuers.base import ACTIVE, CertificateInfo, CertificateRef, Endpoint, IssuedCertificate
 
 log = logging.getLogger(__name__)
@@ -26,6 +36,10 @@ _TRANSIENT = {"ThrottlingException", "LimitExceededException", "ServiceUnavailab
               "InternalFailureException", "InternalException", "RequestTimeoutException"}
 # Detaching a principal is asynchronous in AWS IoT: deleting right after may still meet a conflict.
 DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
+# CreationDate of a certificate and the write-ahead record's time come from two clocks.
+_CLOCK_SLACK = timedelta(seconds=60)
+# Backoff between tries of one rollback step that AWS throttles (botocore's own retries come first).
+THROTTLED_WAITS = (0.2, 0.4, 0.8, 1.6, 3.2)
 
 
 def device_policy_document() -> dict[str, Any]:
@@ -86,12 +100,16 @@ class AwsIotIssuer:
         self._lock = threading.Lock()
         self._once_per_region: dict[tuple[str, str], cf.Future] = {}
 
+    def _submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> cf.Future:
+        """Run on the executor in a copy of this thread's context: the request's deadline goes along."""
+        return self._executor.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
     def _once(self, what: str, region: str, fn: Callable[[str], Any]) -> cf.Future:
         """One shared call per region for the container's life; a failed one is tried again next time."""
         with self._lock:
             future = self._once_per_region.get((what, region))
             if future is None or (future.done() and future.exception() is not None):
-                future = self._once_per_region[(what, region)] = self._executor.submit(fn, region)
+                future = self._once_per_region[(what, region)] = self._submit(fn, region)
         return future
 
     def _describe_endpoint(self, region: str) -> Endpoint:
@@ -113,6 +131,11 @@ class AwsIotIssuer:
             if _code(exc) != "ResourceAlreadyExistsException":  # another container made it meanwhile
                 raise
 
+    def check(self, regions: Iterator[str] | tuple[str, ...]) -> None:
+        """Raise unless the IoT client of every region answered once (its endpoint, kept for the container)."""
+        for region in regions:
+            self.endpoint(region)
+
     def endpoint(self, region: str) -> Endpoint:
         try:
             return self._once("endpoint", region, self._describe_endpoint).result()
@@ -124,36 +147,103 @@ class AwsIotIssuer:
         client = self._client(region)
         endpoint_f = self._once("endpoint", region, self._describe_endpoint)
         policy_f = self._once("policy", region, self._ensure_policy)
-        thing_f = self._executor.submit(client.create_thing, thingName=thing_name)
-        cert_f = self._executor.submit(_create_certificate, client, csr)
+        thing_f = self._submit(self._ensure_thing, client, region, thing_name)
+        cert_f = self._submit(_create_certificate, client, csr)
         cf.wait([endpoint_f, policy_f, thing_f, cert_f])
-        # Whatever succeeded is ours to undo if anything else failed.
-        made_thing = thing_f.exception() is None
+        # Whatever succeeded is ours to undo if anything else failed; a thing we did not make stays.
+        created: bool | None = thing_f.result() if thing_f.exception() is None else None
         cert: dict[str, Any] | None = cert_f.result() if cert_f.exception() is None else None
         try:
             for future in (cert_f, thing_f, policy_f, endpoint_f):
                 future.result()
             assert cert is not None  # cert_f.result() above raised otherwise
-            attached = [self._executor.submit(client.attach_policy, policyName=self._policy_name,
-                                              target=cert["certificateArn"]),
-                        self._executor.submit(client.attach_thing_principal, thingName=thing_name,
-                                              principal=cert["certificateArn"])]
+            attached = [self._submit(client.attach_policy, policyName=self._policy_name, target=cert["certificateArn"]),
+                        self._submit(client.attach_thing_principal, thingName=thing_name,
+                                     principal=cert["certificateArn"])]
             cf.wait(attached)
             for future in attached:
                 future.result()
         except Exception as exc:
-            incomplete = self._undo(client, region, thing_name if made_thing else None, cert)
+            incomplete = self._undo(client, region, thing_name if created is not None else None, cert,
+                                    delete_thing=bool(created))
             error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
             if incomplete:  # the orchestrator records it, for the operator and the audit
                 raise IssueIncomplete(error, f"thing {thing_name} or certificate "
-                                             f"{cert and cert['certificateId']} in {region}") from exc
+                                             f"{cert and cert['certificateId']} in {region}",
+                                      (cert["certificateId"], bool(created)) if cert else None) from exc
             if error is exc:
                 raise
             raise error from exc
         return IssuedCertificate(region, cert["certificateId"], cert["certificatePem"], endpoint_f.result(),
-                                 cert.get("keyPair", {}).get("PrivateKey"), thing_name, cert["certificateArn"])
+                                 cert.get("keyPair", {}).get("PrivateKey"), thing_name, cert["certificateArn"],
+                                 created_thing=bool(created))
 
-    def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:
+    def _ensure_thing(self, client: Any, region: str, thing_name: str, principal: str | None = None) -> bool:
+        """The device's thing, made now (True) or adopted (False) when it exists with no certificate attached
+        other than `principal`. AWS answers CreateThing on an existing thing with another configuration with
+        ResourceAlreadyExistsException (moto does not): so look first, and never take over a thing that some
+        other certificate uses, nor delete one this attempt did not make."""
+        try:
+            client.describe_thing(thingName=thing_name)
+        except ClientError as exc:
+            if not _is_not_found(exc):
+                raise
+            try:
+                client.create_thing(thingName=thing_name)
+                return True
+            except ClientError as exists:
+                if _code(exists) != "ResourceAlreadyExistsException":  # made meanwhile, with another configuration
+                    raise
+        others = [p for p in client.list_thing_principals(thingName=thing_name)["principals"] if p != principal]
+        if others:
+            raise AlreadyProvisioned(
+                f"thing {thing_name} already exists in {region} with {len(others)} other certificate(s) attached; "
+                "an operator must reset the device or remove that thing", "thing-exists")
+        return False
+
+    def find_issued(self, thing_name: str, region: str, since: datetime, fingerprint: str | None) -> list[str]:
+        """CreateCertificateFromCsr names its certificate only in its answer: a crash right after it leaves a
+        certificate nothing records. Newest first, back to `since`: active certificates attached to the thing,
+        or attached to nothing and carrying the device's key (a server-made key cannot be told apart; see
+        README, exactly-once)."""
+        from chalicelib.provisioning import key_fingerprint
+        client, found = self._client(region), list[str]()
+        try:
+            for page in client.get_paginator("list_certificates").paginate(ascendingOrder=False):
+                for cert in page["certificates"]:
+                    if cert["creationDate"] < since - _CLOCK_SLACK:
+                        return found
+                    if cert["status"] != "ACTIVE":
+                        continue
+                    things = client.list_principal_things(principal=cert["certificateArn"])["things"]
+                    if thing_name in things:
+                        found.append(cert["certificateId"])
+                    elif not things and fingerprint:
+                        pem = client.describe_certificate(
+                            certificateId=cert["certificateId"])["certificateDescription"]["certificatePem"]
+                        if key_fingerprint(x509.load_pem_x509_certificate(pem.encode()).public_key()) == fingerprint:
+                            found.append(cert["certificateId"])
+        except _AWS_ERRORS as exc:
+            raise _domain_error(exc, region) from exc
+        return found
+
+    def adopt(self, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate:
+        client = self._client(region)
+        try:
+            found = client.describe_certificate(certificateId=certificate_id)["certificateDescription"]
+            if found["status"] != "ACTIVE":
+                raise LookupError(f"certificate {certificate_id} in {region} is {found['status']}")
+            arn = found["certificateArn"]
+            self._once("policy", region, self._ensure_policy).result()
+            created = self._ensure_thing(client, region, thing_name, principal=arn)
+            client.attach_policy(policyName=self._policy_name, target=arn)  # both are no-ops when already done
+            client.attach_thing_principal(thingName=thing_name, principal=arn)
+        except _AWS_ERRORS as exc:
+            raise _domain_error(exc, region) from exc
+        return IssuedCertificate(region, certificate_id, found["certificatePem"], self.endpoint(region), None,
+                                 thing_name, arn, created_thing=created)
+
+    def revoke(self, issued: IssuedCertificate | CertificateRef, keep_thing: bool = False) -> None:
         """Undo `issue` fully; parts already gone are fine.
 
         What issue() returned names the thing and the certificate ARN; from a certificate id alone (an
@@ -173,7 +263,7 @@ class AwsIotIssuer:
                     return
                 raise _domain_error(exc, region) from exc
         cert = {"certificateId": issued.certificate_id, "certificateArn": arn}
-        failures = [self._undo(client, region, thing, cert) for thing in things or [None]]
+        failures = [self._undo(client, region, thing, cert, delete_thing=not keep_thing) for thing in things or [None]]
         if any(failures):
             raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
 
@@ -222,8 +312,12 @@ class AwsIotIssuer:
             if not _is_not_found(exc):
                 raise _domain_error(exc, region) from exc
 
-    def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict[str, Any] | None) -> bool:
-        """Remove, in reverse order of creation, what issue made; logs failures and returns whether any."""
+    def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict[str, Any] | None,
+              delete_thing: bool = True) -> bool:
+        """Remove, in reverse order of creation, what issue made; logs failures and returns whether any.
+
+        Runs in the request's rollback time (deadline reserve); each call is retried while the deadline allows,
+        so a throttled rollback still finishes, or says what is left."""
         steps: list[tuple[str, Callable[[], Any]]] = []
         if cert:
             arn, cert_id = cert["certificateArn"], cert["certificateId"]
@@ -240,14 +334,15 @@ class AwsIotIssuer:
                 ("delete certificate", lambda: self._after_detach(
                     "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
             ]
-        if thing_name:
+        if thing_name and delete_thing:
             # AWS answers InvalidRequestException while the thing still has a principal attached.
             steps.append(("delete thing", lambda: self._after_detach(
                 "InvalidRequestException", client.delete_thing, thingName=thing_name)))
         failed = False
         for step, call in steps:
             try:
-                call()
+                with deadline.rollback():
+                    self._while_throttled(call)
             except Exception as exc:
                 if _is_not_found(exc):
                     continue
@@ -256,6 +351,19 @@ class AwsIotIssuer:
                           thing_name, region, cert and cert["certificateId"], type(exc).__name__,
                           _code(exc) if isinstance(exc, ClientError) else exc)
         return failed
+
+    def _while_throttled(self, call: Callable[[], Any]) -> Any:
+        """A rollback step is worth more than the device's time: retry throttling for as long as the deadline's
+        reserve allows (outside a request, a few times); the caller records what is still left."""
+        for wait in (*THROTTLED_WAITS, None):
+            try:
+                return call()
+            except ClientError as exc:
+                current = deadline.current()
+                if (wait is None or _code(exc) not in _TRANSIENT
+                        or (current is not None and current.for_work() < wait + ATTEMPT_SECONDS)):
+                    raise
+                self._sleep(wait)
 
     def _after_detach(self, conflict_code: str, call: Callable[..., Any], **kwargs: Any) -> Any:
         """Retry a delete while a just-made detachment propagates."""

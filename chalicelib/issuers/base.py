@@ -35,6 +35,7 @@ class IssuedCertificate:
     private_key_pem: str | None = None  # only when the issuer made the key pair; never stored
     thing_name: str | None = None
     certificate_arn: str | None = None  # AWS IoT only
+    created_thing: bool = False  # this attempt made the thing (a rollback deletes only what it made)
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,16 @@ class Issuer(Protocol):
 
         A failure that could not undo all it made raises `errors.IssueIncomplete` naming what is left."""
 
-    def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:
-        """Undo `issue` (rollback, reset, audit): the certificate can no longer be used; parts gone are fine."""
+    def revoke(self, issued: IssuedCertificate | CertificateRef, keep_thing: bool = False) -> None:
+        """Undo `issue` (rollback, reset, audit): the certificate can no longer be used; parts gone are fine.
+        `keep_thing`: the thing was not made by the attempt being undone, so it stays (detached)."""
+
+    def find_issued(self, thing_name: str, region: str, since: datetime, fingerprint: str | None) -> list[str]:
+        """Ids of the active certificates issued in `region` for `thing_name` at or after `since`: what an attempt
+        that died before recording its certificate id may have left (write-ahead settle)."""
+
+    def adopt(self, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate:
+        """A certificate a dead attempt issued, made whole (thing, policy, attachment) to be finalized with."""
 
     def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         """What the issuer knows of a certificate, with its PEM and validity; None when unknown."""

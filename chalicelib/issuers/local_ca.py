@@ -160,6 +160,13 @@ class LocalIssuer:
     def endpoint(self, region: str) -> Endpoint:
         return self._endpoints[region]
 
+    def check(self, regions: Iterable[str]) -> None:
+        """Raise unless every region's CA can sign (its key file still there) and the records can be read."""
+        for region in regions:
+            if not self.authority(region).key_path.is_file():
+                raise FileNotFoundError(f"the CA key of {region} is missing")
+        self._db().execute("SELECT 1 FROM certificates LIMIT 1").fetchall()
+
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
@@ -194,9 +201,22 @@ class LocalIssuer:
              timestamp(self._clock()), timestamp(cert.not_valid_after_utc), pem))
         return IssuedCertificate(region, cert_id, pem, endpoint, private_key_pem, thing_name)
 
-    def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:
+    def revoke(self, issued: IssuedCertificate | CertificateRef, keep_thing: bool = False) -> None:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
                            (issued.certificate_id,))
+
+    def find_issued(self, thing_name: str, region: str, since: datetime, fingerprint: str | None) -> list[str]:
+        # issued_at has whole seconds: one second of slack keeps a certificate signed in the same second.
+        return [row[0] for row in self._db().execute(
+            "SELECT certificate_id FROM certificates WHERE thing_name = ? AND region = ? AND status = 'ACTIVE' "
+            "AND issued_at >= ? ORDER BY issued_at", (thing_name, region, timestamp(since - timedelta(seconds=1))))]
+
+    def adopt(self, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate:
+        found = self.certificate(certificate_id)
+        if found is None or not found.active or found.thing_name != thing_name or found.certificate_pem is None:
+            raise LookupError(f"certificate {certificate_id} of {thing_name} is not active")
+        return IssuedCertificate(region, certificate_id, found.certificate_pem, self.endpoint(region),
+                                 thing_name=thing_name)
 
     def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         row = self._db().execute("SELECT * FROM certificates WHERE certificate_id = ?",

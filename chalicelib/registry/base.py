@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -56,11 +57,39 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class PendingIssue:
+    """Write-ahead record of an issuance: written on the claim before the issuer is asked, completed with the
+    certificate id as soon as the issuer answers, cleared by finalize or by a complete rollback. Whoever finds
+    one left by a dead attempt settles it before going on (chalicelib/settle.py)."""
+
+    region: str
+    since: datetime                      # when it was written: the certificate, if any, is not older
+    fingerprint: str | None = None       # the device's key (its CSR's), when the key is the device's
+    certificate_id: str | None = None    # recorded right after the issuer answered
+    created_thing: bool | None = None    # whether the attempt made the thing (None: not known yet)
+
+
+@dataclass(frozen=True)
 class Claim:
     """Proof that this request, and no other, is provisioning the device until the lease ends."""
 
     thing_name: str
     token: str
+    previous: PendingIssue | None = None  # what a dead (or half rolled back) attempt left, to settle first
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """A device in provisioning, or one whose last attempt left a write-ahead record (for the audit)."""
+
+    thing_name: str
+    status: DeviceStatus
+    claimed_at: datetime | None
+    lease_expires: datetime | None
+    pending: PendingIssue | None
+
+    def live(self, now: datetime) -> bool:
+        return self.status is PROVISIONING and self.lease_expires is not None and self.lease_expires >= now
 
 
 @dataclass(frozen=True)
@@ -134,10 +163,12 @@ def item_cells(record: DeviceRecord, columns: tuple[str, ...], missing: str = ""
 
 # --- the one refusal rule --------------------------------------------------------------------------------------
 
-def claim_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool) -> ProvisioningError:
+def claim_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool,
+                  now: datetime | None = None) -> ProvisioningError:
     """Why a conditional claim was refused, decided from the record as the refused write saw it (None: no item).
 
     Every backend raises what this returns: the rule lives here, the condition that enforces it in each backend.
+    A device in progress is free again, at the latest, when its lease ends: that is its Retry-After.
     """
     if record is None:
         return NotRegistered(f"{thing_name} is not on the allow-list")
@@ -145,7 +176,9 @@ def claim_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool)
         return SignatureInvalid(REFUSED)
     if record.status is PROVISIONED:
         return AlreadyProvisioned(f"{thing_name} is already provisioned", record=record)
-    return ProvisioningInProgress(f"{thing_name} is being provisioned by another request")
+    left = (record.lease_expires - now).total_seconds() if record.lease_expires and now else None
+    return ProvisioningInProgress(f"{thing_name} is being provisioned by another request",
+                                  retry_after=None if left is None else max(1, math.ceil(left)))
 
 
 class Registry(Protocol):
@@ -174,7 +207,8 @@ class Registry(Protocol):
         With `fleet_key` (the request was signed with the fleet key) the claim also requires that the device
         has no key of its own. Each successful claim adds one to the record's `attempts`. `nonce` (a v2
         request's) is recorded whatever becomes of the claim; one seen before and not yet expired refuses the
-        request (replayed-request). Other refusals are `claim_refusal`'s, from the record the write saw.
+        request (replayed-request). Other refusals are `claim_refusal`'s, from the record the write saw. The
+        claim carries the write-ahead record a dead attempt left (`previous`), read in the same atomic write.
         """
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
@@ -184,8 +218,24 @@ class Registry(Protocol):
         `fingerprint` is the SHA-256 of the certificate's public key (SubjectPublicKeyInfo DER), hex;
         `country` and `reason` say where the device was and why its region was chosen."""
 
-    def release(self, claim: Claim, error: str) -> None:
-        """provisioning -> unprovisioned after a failure, only while `claim` still holds; records the error."""
+    def release(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
+        """provisioning -> unprovisioned after a failure, only while `claim` still holds; records the error.
+
+        `keep_pending` leaves the write-ahead record (a rollback that could not undo everything): the next
+        claim, or the audit, settles it."""
+
+    def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
+        """Write what is about to be issued on the claim (replacing a settled record); only while `claim` holds,
+        else raises ProvisioningInProgress."""
+
+    def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
+        """Add the certificate id the issuer answered to the write-ahead record; only while `claim` holds."""
+
+    def claims(self, now: datetime) -> builtins.list[ClaimState]:
+        """Every device in provisioning or with a write-ahead record, sorted by name."""
+
+    def check(self) -> None:
+        """Raise unless the registry can be read and written now (GET /health, admin init)."""
 
     def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
         """Records in provisioning whose lease has ended (a process died mid-way)."""

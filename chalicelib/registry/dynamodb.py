@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 from concurrent.futures import Executor
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -20,9 +20,11 @@ from chalicelib.registry.base import (
     PROVISIONING,
     UNPROVISIONED,
     Claim,
+    ClaimState,
     DeviceRecord,
     DeviceStatus,
     Nonce,
+    PendingIssue,
     attributes_json,
     claim_refusal,
     record_from_item,
@@ -42,12 +44,29 @@ _BATCH_ATTEMPTS = 8
 _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_datetime", "#region": "aws_region",
           "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error",
           "#fingerprint": "public_key_fingerprint", "#key": "public_key", "#country": "country",
-          "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime"}
+          "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime", "#claimed": "claimed_at",
+          "#pregion": "pending_region", "#psince": "pending_since", "#pfingerprint": "pending_fingerprint",
+          "#pcert": "pending_certificate_id", "#pcreated": "pending_created_thing"}
+# The write-ahead record of an issuance (registry/base.py PendingIssue), as attribute placeholders.
+_PENDING_NAMES = ("#pregion", "#psince", "#pfingerprint", "#pcert", "#pcreated")
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _moment(raw: Mapping[str, Any] | None) -> datetime | None:
+    return None if not raw or "N" not in raw else datetime.fromtimestamp(float(raw["N"]), timezone.utc)
+
+
+def _pending(raw: Mapping[str, Any]) -> PendingIssue | None:
+    if "pending_region" not in raw:
+        return None
+    return PendingIssue(raw["pending_region"]["S"],
+                        datetime.fromtimestamp(float(raw["pending_since"]["N"]), timezone.utc),
+                        raw.get("pending_fingerprint", {}).get("S"), raw.get("pending_certificate_id", {}).get("S"),
+                        raw["pending_created_thing"]["BOOL"] if "pending_created_thing" in raw else None)
 
 
 def _record(raw: Mapping[str, Any]) -> DeviceRecord:
@@ -211,28 +230,30 @@ class DynamoDbRegistry:
         at = now.timestamp()
         condition = ("attribute_exists(#name) AND (#status = :unprovisioned "
                      "OR (#status = :provisioning AND #lease < :now))")
-        names: tuple[str, ...] = ("#name", "#status", "#token", "#lease", "#attempts")
+        names: tuple[str, ...] = ("#name", "#status", "#token", "#lease", "#attempts", "#claimed")
         if fleet_key:  # a device with a key of its own may not be claimed with the fleet key's signature
             condition += " AND attribute_not_exists(#key)"
             names += ("#key",)
         try:
-            self._call(
+            # ALL_OLD: the write-ahead record a dead attempt left comes back with the won claim, no second read.
+            won = self._call(
                 "update_item", TableName=self._table, Key=self._key(thing_name),
-                UpdateExpression="SET #status = :provisioning, #token = :token, #lease = :lease ADD #attempts :one",
+                UpdateExpression="SET #status = :provisioning, #token = :token, #lease = :lease, #claimed = :now "
+                                 "ADD #attempts :one",
                 ConditionExpression=condition,
                 ExpressionAttributeNames={k: _NAMES[k] for k in names},
                 ExpressionAttributeValues={":provisioning": {"S": PROVISIONING.value},
                                            ":unprovisioned": {"S": UNPROVISIONED.value},
                                            ":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
                                            ":now": {"N": repr(at)}, ":one": {"N": "1"}},
-                ReturnValuesOnConditionCheckFailure="ALL_OLD")
+                ReturnValues="ALL_OLD", ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
             # The refusal carries the item as it was, so telling why costs no second read.
             old = e.response.get("Item")
-            raise claim_refusal(thing_name, _record(old) if old else None, fleet_key) from None
-        return Claim(thing_name, token)
+            raise claim_refusal(thing_name, _record(old) if old else None, fleet_key, now) from None
+        return Claim(thing_name, token, _pending(won.get("Attributes", {})))
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
@@ -240,7 +261,7 @@ class DynamoDbRegistry:
                   ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
                   ":cert": {"S": certificate_id}, ":token": {"S": claim.token}}
         sets = ["#status = :provisioned", "#datetime = :datetime", "#region = :region", "#cert = :cert"]
-        removes = ["#token", "#lease", "#error"]
+        removes = ["#token", "#lease", "#error", *_PENDING_NAMES]
         for name, value in (("#fingerprint", fingerprint), ("#country", country), ("#reason", reason)):
             if value:
                 values[":" + name[1:]] = {"S": value}
@@ -254,7 +275,7 @@ class DynamoDbRegistry:
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
                                                                  "#lease", "#error", "#fingerprint", "#country",
-                                                                 "#reason")},
+                                                                 "#reason", *_PENDING_NAMES)},
                 ExpressionAttributeValues=values)
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
@@ -262,19 +283,71 @@ class DynamoDbRegistry:
             raise ProvisioningInProgress(
                 f"{claim.thing_name}: the claim's lease ran out before provisioning ended") from None
 
-    def release(self, claim: Claim, error: str) -> None:
+    def release(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
+        removes = ("#token", "#lease") + (() if keep_pending else _PENDING_NAMES)
         try:
             self._call(
                 "update_item", TableName=self._table, Key=self._key(claim.thing_name),
-                UpdateExpression="SET #status = :unprovisioned, #error = :error REMOVE #token, #lease",
+                UpdateExpression=f"SET #status = :unprovisioned, #error = :error REMOVE {', '.join(removes)}",
                 ConditionExpression="#status = :provisioning AND #token = :token",
-                ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#error", "#token", "#lease")},
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#error", *removes)},
                 ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value},
                                            ":provisioning": {"S": PROVISIONING.value},
                                            ":error": {"S": error}, ":token": {"S": claim.token}})
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":  # the claim is gone already: nothing to undo
                 raise
+
+    def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
+        values = {":pregion": {"S": pending.region}, ":psince": {"N": repr(pending.since.timestamp())}}
+        sets = ["#pregion = :pregion", "#psince = :psince"]
+        if pending.fingerprint:
+            values[":pfingerprint"] = {"S": pending.fingerprint}
+            sets.append("#pfingerprint = :pfingerprint")
+        removes = [name for name in ("#pfingerprint", "#pcert", "#pcreated")
+                   if name != "#pfingerprint" or not pending.fingerprint]
+        self._holding(claim, f"SET {', '.join(sets)} REMOVE {', '.join(removes)}", values)
+
+    def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
+        self._holding(claim, "SET #pcert = :pcert, #pcreated = :pcreated",
+                      {":pcert": {"S": certificate_id}, ":pcreated": {"BOOL": created_thing}})
+
+    def _holding(self, claim: Claim, update: str, values: dict[str, Any]) -> None:
+        """A write on the device that only the holder of `claim` may make."""
+        names = {name for name in _NAMES if name in update} | {"#status", "#token"}
+        try:
+            self._call("update_item", TableName=self._table, Key=self._key(claim.thing_name), UpdateExpression=update,
+                       ConditionExpression="#status = :provisioning AND #token = :token",
+                       ExpressionAttributeNames={name: _NAMES[name] for name in names},
+                       ExpressionAttributeValues={**values, ":provisioning": {"S": PROVISIONING.value},
+                                                  ":token": {"S": claim.token}})
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            raise ProvisioningInProgress(
+                f"{claim.thing_name}: the claim's lease ran out before provisioning ended") from None
+
+    def claims(self, now: datetime) -> builtins.list[ClaimState]:
+        kwargs: dict[str, Any] = {"TableName": self._table,
+                                  "FilterExpression": "#status = :provisioning OR attribute_exists(#pregion)",
+                                  "ExpressionAttributeNames": {k: _NAMES[k] for k in ("#status", "#pregion")},
+                                  "ExpressionAttributeValues": {":provisioning": {"S": PROVISIONING.value}}}
+        found = []
+        while True:
+            page = self._call("scan", **kwargs)
+            found += [ClaimState(raw["thing_name"]["S"], DeviceStatus(raw["prov_status"]["S"]),
+                                 _moment(raw.get("claimed_at")), _moment(raw.get("lease_expires")), _pending(raw))
+                      for raw in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return sorted(found, key=lambda state: state.thing_name)
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def check(self) -> None:
+        """Raise ServiceUnavailable unless both tables are there and ACTIVE (reads and writes are then served)."""
+        for table in (self._table, self._nonces):
+            status = self._call("describe_table", TableName=table)["Table"]["TableStatus"]
+            if status != "ACTIVE":
+                raise ServiceUnavailable(f"registry unavailable: DynamoDB table {table} is {status}")
 
     def _remember_nonce(self, thing_name: str, nonce: Nonce, now: datetime) -> bool:
         try:

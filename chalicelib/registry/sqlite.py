@@ -5,7 +5,7 @@ import builtins
 import secrets
 import sqlite3
 import threading
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -16,13 +16,16 @@ from chalicelib.registry.base import (
     PROVISIONING,
     UNPROVISIONED,
     Claim,
+    ClaimState,
     DeviceRecord,
     DeviceStatus,
     Nonce,
+    PendingIssue,
     attributes_json,
     claim_refusal,
     record_from_item,
 )
+from chalicelib.storage import StorageUnavailable, explain, translated
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -40,7 +43,14 @@ CREATE TABLE IF NOT EXISTS devices (
     lease_expires  REAL,
     last_error     TEXT,
     attempts       INTEGER,
-    attributes     TEXT
+    attributes     TEXT,
+    claimed_at     REAL,
+    -- the write-ahead record of an issuance (registry/base.py PendingIssue)
+    pending_region TEXT,
+    pending_since  REAL,
+    pending_fingerprint TEXT,
+    pending_certificate_id TEXT,
+    pending_created_thing INTEGER
 ) WITHOUT ROWID;
 -- No index on prov_status: it would double the cost of every claim and finalize, and only operator
 -- commands (list, stats, audit) filter on it, where a scan of even a million rows is quick enough.
@@ -54,14 +64,26 @@ CREATE TABLE IF NOT EXISTS nonces (
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
                    "attributes", "lease_expires")
+# Added after the first release: a registry made before them gets them on first open.
+_ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_since", "REAL"),
+                  ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
+                  ("pending_created_thing", "INTEGER"))
+_PENDING = "pending_region, pending_since, pending_fingerprint, pending_certificate_id, pending_created_thing"
+_NO_PENDING = ("pending_region = NULL, pending_since = NULL, pending_fingerprint = NULL, "
+               "pending_certificate_id = NULL, pending_created_thing = NULL")
 _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all inside one transaction
 
 
 class SqliteRegistry:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_connect: Callable[[sqlite3.Connection], None] | None = None) -> None:
         self._path = Path(path)
         # chalice local serves each request on its own thread; a sqlite3 connection belongs to one thread.
         self._local = threading.local()
+        self._on_connect = on_connect  # tests: e.g. PRAGMA max_page_count, PRAGMA query_only
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -72,12 +94,20 @@ class SqliteRegistry:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
             db.executescript(_SCHEMA)  # idempotent; a new state directory just works
+            present = {row["name"] for row in db.execute("PRAGMA table_info(devices)")}
+            for column, kind in _ADDED_COLUMNS:
+                if column not in present:
+                    db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+            if self._on_connect is not None:
+                self._on_connect(db)
             self._local.db = db
         return db
 
+    @translated
     def create(self) -> None:
         self._db()
 
+    @translated
     def register(self, thing_names: Iterable[str], public_keys: Mapping[str, str] | None = None,
                  attributes: Mapping[str, Mapping[str, str]] | None = None,
                  progress: Callable[[int], None] | None = None) -> int:
@@ -100,11 +130,13 @@ class SqliteRegistry:
             raise
         return added
 
+    @translated
     def get(self, thing_name: str) -> DeviceRecord | None:
         row = self._db().execute(
             f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
         return record_from_item(dict(row)) if row else None
 
+    @translated
     def list(self, status: DeviceStatus | None = None, region: str | None = None,
              since: datetime | None = None) -> Iterator[DeviceRecord]:
         where = [(column, value) for column, value in (("prov_status = ?", status and DeviceStatus(status).value),
@@ -116,6 +148,7 @@ class SqliteRegistry:
         for row in self._db().execute(query + " ORDER BY thing_name", [value for _, value in where]):
             yield record_from_item(dict(row))
 
+    @translated
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
               nonce: Nonce | None = None) -> Claim:
         token = secrets.token_hex(16)
@@ -126,38 +159,87 @@ class SqliteRegistry:
             if nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
                 db.execute("ROLLBACK")
                 raise replayed_request()
-            changed = db.execute(
+            # The write-ahead record is left as it is: RETURNING hands over what a dead attempt wrote.
+            won = db.execute(
                 "UPDATE devices SET prov_status = 'provisioning', claim_token = ?, lease_expires = ?, "
-                "attempts = COALESCE(attempts, 0) + 1 "
+                "claimed_at = ?, attempts = COALESCE(attempts, 0) + 1 "
                 "WHERE thing_name = ? AND (prov_status = 'unprovisioned' "
-                "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL)",
-                (token, at + lease_seconds, thing_name, at, int(fleet_key))).rowcount
+                "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL) "
+                f"RETURNING {_PENDING}",
+                (token, at + lease_seconds, at, thing_name, at, int(fleet_key))).fetchone()
             db.execute("COMMIT")  # a refused claim still uses up its nonce
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        if changed == 1:
-            return Claim(thing_name, token)
+        if won is not None:
+            return Claim(thing_name, token, _pending(won))
         # The write was refused; read only to say why.
-        raise claim_refusal(thing_name, self.get(thing_name), fleet_key)
+        raise claim_refusal(thing_name, self.get(thing_name), fleet_key, now)
 
+    @translated
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
         changed = self._db().execute(
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
             "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
-            "last_error = NULL WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            f"last_error = NULL, {_NO_PENDING} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (PROVISIONED.value, _timestamp(now), region, certificate_id, fingerprint, country, reason,
              claim.thing_name, PROVISIONING.value, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
-    def release(self, claim: Claim, error: str) -> None:
+    @translated
+    def release(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
         self._db().execute(
-            "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ? "
-            "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ?"
+            + ("" if keep_pending else f", {_NO_PENDING}")
+            + " WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (UNPROVISIONED.value, error, claim.thing_name, PROVISIONING.value, claim.token))
+
+    @translated
+    def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
+        self._holding(claim, "pending_region = ?, pending_since = ?, pending_fingerprint = ?, "
+                             "pending_certificate_id = NULL, pending_created_thing = NULL",
+                      (pending.region, pending.since.timestamp(), pending.fingerprint))
+
+    @translated
+    def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
+        self._holding(claim, "pending_certificate_id = ?, pending_created_thing = ?",
+                      (certificate_id, int(created_thing)))
+
+    def _holding(self, claim: Claim, assignments: str, values: tuple) -> None:
+        changed = self._db().execute(
+            f"UPDATE devices SET {assignments} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
+            (*values, claim.thing_name, PROVISIONING.value, claim.token)).rowcount
+        if changed != 1:
+            raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
+
+    @translated
+    def claims(self, now: datetime) -> builtins.list[ClaimState]:
+        rows = self._db().execute(
+            f"SELECT thing_name, prov_status, claimed_at, lease_expires, {_PENDING} FROM devices "
+            "WHERE prov_status = 'provisioning' OR pending_region IS NOT NULL ORDER BY thing_name")
+        return [ClaimState(row["thing_name"], DeviceStatus(row["prov_status"]), _moment(row["claimed_at"]),
+                           _moment(row["lease_expires"]), _pending(row)) for row in rows]
+
+    def check(self) -> None:
+        """Raise StorageUnavailable unless the file is whole (quick_check) and can be written. A missing file is
+        made, as on any first use."""
+        try:
+            db = self._db()
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise StorageUnavailable(self._path, "it is damaged (" + "; ".join(problems)[:200] + "); restore it "
+                                         "from a backup, or move it away and run `python -m chalicelib.admin init`")
+            db.execute("BEGIN IMMEDIATE")  # a real write, undone: SQLITE_READONLY or SQLITE_FULL show here
+            try:
+                db.execute("CREATE TABLE health_probe (x)")
+            finally:
+                db.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            self.close()  # a damaged file may be replaced: the next use opens it afresh
+            raise explain(self._path, error) from error
 
     @staticmethod
     def _remember_nonce(db: sqlite3.Connection, thing_name: str, nonce: Nonce, at: float) -> bool:
@@ -168,12 +250,14 @@ class SqliteRegistry:
             "ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
             "WHERE nonces.expires < ?", (thing_name, nonce.value, nonce.expires.timestamp(), at)).rowcount == 1
 
+    @translated
     def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
         rows = self._db().execute(
             f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices "
             "WHERE prov_status = 'provisioning' AND lease_expires < ? ORDER BY thing_name", (now.timestamp(),))
         return [record_from_item(dict(row)) for row in rows]
 
+    @translated
     def release_stuck(self, thing_name: str, now: datetime) -> bool:
         return self._db().execute(
             "UPDATE devices SET prov_status = 'unprovisioned', claim_token = NULL, lease_expires = NULL, "
@@ -181,6 +265,7 @@ class SqliteRegistry:
             "WHERE thing_name = ? AND prov_status = 'provisioning' AND lease_expires < ?",
             (thing_name, now.timestamp())).rowcount == 1
 
+    @translated
     def reset(self, thing_name: str) -> DeviceRecord | None:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # the item returned is the one replaced
@@ -203,3 +288,16 @@ class SqliteRegistry:
             db.close()
             self._local.db = None
 
+
+
+def _moment(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def _pending(row: sqlite3.Row) -> PendingIssue | None:
+    if row["pending_region"] is None:
+        return None
+    created = row["pending_created_thing"]
+    return PendingIssue(row["pending_region"], datetime.fromtimestamp(row["pending_since"], timezone.utc),
+                        row["pending_fingerprint"], row["pending_certificate_id"],
+                        None if created is None else bool(created))

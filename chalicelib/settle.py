@@ -1,0 +1,90 @@
+"""Settling what a dead attempt left behind (write-ahead issuance, issue 16).
+
+Before the issuer is asked for a certificate the claim records what is about to be issued (region, time, the
+device's key fingerprint when the key is the device's); the certificate id follows as soon as the issuer
+answers. A process that dies in between leaves that record on the device. Whoever takes the device over next
+(a retry once the lease has ended, or the audit) settles it first:
+- the same device key asks again: finalize with the certificate already issued, no second one;
+- otherwise (a server-made key, which nobody kept, or another key): revoke that certificate and the thing the
+  attempt made, then go on as if nothing had happened.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from chalicelib.issuers.base import CertificateRef, IssuedCertificate, Issuer
+from chalicelib.registry.base import Claim, PendingIssue, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settled:
+    reused: IssuedCertificate | None  # the dead attempt's certificate, made whole, to finalize with
+    revoked: tuple[str, ...]          # ids of the dead attempt's certificates revoked
+
+
+class Settler:
+    def __init__(self, registry: Registry, issuer: Issuer):
+        self._registry = registry
+        self._issuer = issuer
+
+    def left_by(self, thing_name: str, pending: PendingIssue | None) -> list[str]:
+        """Ids of the certificates a dead attempt's write-ahead record points at (found by the issuer when the
+        attempt died before recording the id)."""
+        if pending is None:
+            return []
+        if pending.certificate_id:
+            return [pending.certificate_id]
+        return self._issuer.find_issued(thing_name, pending.region, pending.since, pending.fingerprint)
+
+    def settle(self, claim: Claim, wanted: str | None) -> Settled:
+        """Settle `claim.previous`. `wanted`: the fingerprint of the key the holder of the claim asks a
+        certificate for (None: a server-made key)."""
+        pending = claim.previous
+        if pending is None:
+            return Settled(None, ())
+        reused, revoked = None, []
+        for certificate_id in self.left_by(claim.thing_name, pending):
+            found = self._issuer.certificate(certificate_id, pending.region)
+            if found is None or not found.active:
+                continue
+            # The record's fingerprint is the key of the CSR the issuer signed: the same key asks again.
+            if reused is None and wanted is not None and wanted == pending.fingerprint:
+                try:
+                    reused = self._issuer.adopt(claim.thing_name, pending.region, certificate_id)
+                    continue
+                except LookupError:  # revoked meanwhile: issue a new one below
+                    pass
+            # Only a thing the dead attempt is known to have made goes with its certificate.
+            self._issuer.revoke(CertificateRef(pending.region, certificate_id, claim.thing_name),
+                                keep_thing=not pending.created_thing)
+            revoked.append(certificate_id)
+            log.warning("settled a dead attempt on %s: revoked certificate %s in %s", claim.thing_name,
+                        certificate_id, pending.region)
+        return Settled(reused, tuple(revoked))
+
+    def settle_for_audit(self, thing_name: str, now: datetime, lease_seconds: int, died: bool = True) -> str:
+        """Take the device over (its lease has ended, or a rollback left its record) and settle what is left.
+
+        When the attempt `died` its device never got an answer: a certificate for the device's own key is
+        finalized (asking again with that key returns it). After a rollback the device was told to try again,
+        perhaps with a new key: what is left is revoked. Returns what was done, for the operator."""
+        claim = self._registry.claim(thing_name, now, lease_seconds)
+        pending = claim.previous
+        try:
+            settled = self.settle(claim, pending.fingerprint if pending and died else None)
+        except Exception:
+            self._registry.release(claim, "the audit could not settle the last attempt", keep_pending=True)
+            raise
+        if settled.reused is not None:
+            issued = settled.reused
+            self._registry.finalize(claim, issued.region, issued.certificate_id, now,
+                                    pending.fingerprint if pending else None)
+            return (f"finalized {thing_name} with certificate {issued.certificate_id} in {issued.region}, issued "
+                    "by an attempt that died (the device gets it by asking again with the same key)")
+        self._registry.release(claim, "claim expired; settled by audit")
+        what = f"revoked {', '.join(settled.revoked)} and " if settled.revoked else ""
+        return f"{what}released the expired claim on {thing_name}"

@@ -1,0 +1,115 @@
+"""AWS IoT's real semantics where moto is looser (issue 16), reproduced with botocore event hooks on the
+service's own IoT clients, each citing the AWS API reference page it follows.
+
+CreateThing, https://docs.aws.amazon.com/iot/latest/apireference/API_CreateThing.html : "If this call is made
+multiple times using the same thing name and configuration, the call will succeed. If this call is made with the
+same thing name but different configuration a ResourceAlreadyExistsException is thrown." moto answers success
+either way.
+
+What the service does about it: a thing that exists with no certificate attached is adopted (kept as it is, and
+never deleted by a rollback, since this attempt did not make it); one with another certificate attached is
+refused with 409 `thing-exists`, naming the thing and the region, and nothing is left behind.
+"""
+# ruff: noqa: F811 - `backend` is the fixture imported from test_exactly_once, taken as an argument
+import pytest
+from botocore.exceptions import ClientError
+
+from chalicelib.errors import AlreadyProvisioned, ServiceUnavailable
+from tests.conftest import LONDON_IP, make_csr
+from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
+
+pytestmark = pytest.mark.parametrize("backend", ["aws"], indirect=True)
+REGION = "eu-west-2"
+
+
+def aws_error(operation: str, code: str, status: int = 409) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "injected as AWS answers"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
+
+
+def create_thing_as_aws_does(backend) -> list:
+    """CreateThing on an existing thing with a different configuration (attributes, thing type) raises
+    ResourceAlreadyExistsException (API_CreateThing.html, above); the same configuration succeeds. Returns the
+    names of the things it was refused for."""
+    refused: list = []
+
+    def hook(params, **_):
+        look = backend.look[REGION]
+        try:
+            found = look.describe_thing(thingName=params["thingName"])
+        except look.exceptions.ResourceNotFoundException:
+            return
+        asked = params.get("attributePayload", {}).get("attributes", {})
+        if found.get("attributes", {}) != asked or found.get("thingTypeName") != params.get("thingTypeName"):
+            refused.append(params["thingName"])
+            raise aws_error("CreateThing", "ResourceAlreadyExistsException")
+    backend.iot[REGION].meta.events.register("provide-client-params.iot.CreateThing", hook)
+    return refused
+
+
+def test_a_thing_made_beforehand_with_no_certificate_is_adopted_as_it_is(backend):
+    create_thing_as_aws_does(backend)
+    backend.look[REGION].create_thing(thingName="dev-1", attributePayload={"attributes": {"line": "3"}})
+
+    result = backend.service().provision(backend.request("dev-1", make_csr("dev-1")[0]), LONDON_IP)
+
+    backend.assert_provisioned("dev-1", result)
+    assert result.issued.created_thing is False
+    assert backend.look[REGION].describe_thing(thingName="dev-1")["attributes"] == {"line": "3"}  # untouched
+
+
+def test_a_rollback_never_deletes_a_thing_this_attempt_did_not_make(backend):
+    create_thing_as_aws_does(backend)
+    backend.look[REGION].create_thing(thingName="dev-2", attributePayload={"attributes": {"line": "3"}})
+
+    with iot_fault(backend, "AttachThingPrincipal"):
+        with pytest.raises(ServiceUnavailable):
+            backend.service().provision(backend.request("dev-2", make_csr("dev-2")[0]), LONDON_IP)
+
+    assert backend.things("dev-2") == [REGION]  # the operator's thing stays
+    assert backend.look[REGION].list_thing_principals(thingName="dev-2")["principals"] == []
+    assert backend.calls["DeleteThing"] == 0
+    assert backend.active_certificates("dev-2") == set()
+    assert backend.registry.get("dev-2").status == "unprovisioned"
+    backend.assert_provisioned("dev-2", backend.service().provision(backend.request("dev-2", make_csr("dev-2")[0]),
+                                                                     LONDON_IP))
+
+
+def test_a_thing_another_certificate_uses_is_refused_with_409_naming_thing_and_region(backend):
+    create_thing_as_aws_does(backend)
+    look = backend.look[REGION]
+    look.create_thing(thingName="dev-3")
+    other = look.create_keys_and_certificate(setAsActive=True)
+    look.attach_thing_principal(thingName="dev-3", principal=other["certificateArn"])
+
+    with pytest.raises(AlreadyProvisioned) as refused:
+        backend.service().provision(backend.request("dev-3", make_csr("dev-3")[0]), LONDON_IP)
+
+    assert refused.value.code == "thing-exists"
+    assert "dev-3" in refused.value.message and REGION in refused.value.message
+    # Nothing of this attempt is left, and what was there before is as it was.
+    assert backend.active_certificates("dev-3") == {(REGION, other["certificateId"])}
+    assert look.list_thing_principals(thingName="dev-3")["principals"] == [other["certificateArn"]]
+    assert backend.registry.get("dev-3").status == "unprovisioned"
+
+
+def test_a_thing_made_by_someone_else_meanwhile_is_met_with_resource_already_exists_and_adopted(backend):
+    """DescribeThing finds nothing, then another party makes the thing with its own configuration before our
+    CreateThing: AWS answers ResourceAlreadyExistsException, and the thing (no certificate) is adopted."""
+    refusals = create_thing_as_aws_does(backend)
+    look = backend.look[REGION]
+    raced = []
+
+    def made_meanwhile(params, **_):
+        if not raced:
+            raced.append(True)
+            look.create_thing(thingName=params["thingName"], attributePayload={"attributes": {"by": "ops"}})
+            raise aws_error("DescribeThing", "ResourceNotFoundException", 404)
+    backend.iot[REGION].meta.events.register("provide-client-params.iot.DescribeThing", made_meanwhile)
+
+    result = backend.service().provision(backend.request("dev-4", make_csr("dev-4")[0]), LONDON_IP)
+
+    assert raced and refusals == ["dev-4"]  # CreateThing was tried once, and refused as AWS does
+    backend.assert_provisioned("dev-4", result)
+    assert result.issued.created_thing is False
+    assert look.describe_thing(thingName="dev-4")["attributes"] == {"by": "ops"}

@@ -1,0 +1,187 @@
+"""Storage faults answered, not swallowed (issue 16), made with methods that work as root and without mounting:
+SQLite's `PRAGMA max_page_count` (a real SQLITE_FULL), `PRAGMA query_only` (a real SQLITE_READONLY), a file
+overwritten with garbage (a real "file is not a database"), and /dev/full as chalice local's log (a real ENOSPC).
+
+Every request gets an HTTP answer: 503 with Retry-After and the design's error body; nothing is half-written; the
+operator CLI answers with one line naming the file and what to do, never a traceback.
+"""
+import gc
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+
+import requests
+from chalice.test import Client
+
+from app import app
+from chalicelib import wiring
+from chalicelib.config import PROJECT_DIR
+from chalicelib.provisioning import ProvisioningService
+from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.signatures import FleetKeyVerifier, load_public_key
+from devstack.stack import free_port
+from tests.conftest import LONDON_IP, make_csr
+
+BODY_KEYS = {"status", "code", "message"}
+
+
+def serve_with_registry(stage, on_connect, lease_seconds: int | None = None) -> None:
+    """The stage's service, except that its registry's connections are opened with `on_connect`."""
+    config = wiring.settings()
+    policy = wiring.region_policy(config)
+    wiring.use_service(ProvisioningService(
+        SqliteRegistry(config.registry_path, on_connect), wiring.issuer(config, policy), wiring.locator(config),
+        policy, FleetKeyVerifier(load_public_key(config.fleet_public_key)), lease_seconds=lease_seconds))
+
+
+def post(client, body: dict):
+    response = client.http.post("/device-provisioning", body=json.dumps(body),
+                                headers={"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP})
+    return response, json.loads(response.body)
+
+
+def certificates(stage) -> list:
+    path = stage.state_dir / "ca" / "certificates.sqlite3"
+    if not path.exists():
+        return []
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT thing_name, status FROM certificates").fetchall()
+
+
+def assert_storage_503(response, answer) -> None:
+    assert response.status_code == 503, answer
+    assert set(answer) == BODY_KEYS and answer["code"] == "storage-unavailable"
+    assert int(response.headers["Retry-After"]) > 0
+    assert "/" not in answer["message"]  # no server path to a device
+
+
+def test_a_full_database_answers_503_and_leaves_nothing_half_written(stage):
+    SqliteRegistry(stage.state_dir / "registry.sqlite3").register(
+        ["big1"], attributes={"big1": {"note": "x" * 900}})  # a row that must grow onto a new page
+    with closing(sqlite3.connect(stage.state_dir / "registry.sqlite3")) as db:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+    csr_pem = make_csr("big1")[0]
+    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+        serve_with_registry(stage, lambda db: db.execute(f"PRAGMA max_page_count = {pages}"), lease_seconds=1)
+        response, answer = post(client, stage.body("big1", csr_pem))
+        assert_storage_503(response, answer)
+        # The write-ahead record could not be written, so nothing was issued; nor could the release (it writes
+        # last_error): the claim is freed by its lease, and the next request, with room again, provisions.
+        assert certificates(stage) == []
+        assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("big1").status == "provisioning"
+        time.sleep(1.1)
+        wiring.configure(wiring.settings())
+        response, answer = post(client, stage.body("big1", csr_pem))
+    assert response.status_code == 200, answer
+    assert certificates(stage) == [("big1", "ACTIVE")]
+
+
+def test_a_read_only_registry_answers_503_to_devices_and_health_names_it(stage):
+    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+        serve_with_registry(stage, lambda db: db.execute("PRAGMA query_only = ON"))
+        response, answer = post(client, stage.body("mydevice1"))
+        assert_storage_503(response, answer)
+        health = client.http.get("/health")
+    status = json.loads(health.body)
+    assert health.status_code == 503 and int(health.headers["Retry-After"]) > 0
+    assert status["code"] == "unhealthy" and "registry: it cannot be written (read-only)" in status["message"]
+    assert status["checks"]["registry"]["status"] == "failing"
+    assert {part: check["status"] for part, check in status["checks"].items() if part != "registry"} == {
+        "issuer": "ok", "geolocation": "ok", "fleet_key": "ok"}
+    assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("mydevice1").status == "unprovisioned"
+    assert certificates(stage) == []
+
+
+def test_a_corrupt_registry_answers_503_everywhere_and_the_cli_says_what_to_do(stage, capsys):
+    path = stage.state_dir / "registry.sqlite3"
+    gc.collect()  # the CLI's connections close now, not later over our garbage (closing checkpoints the WAL)
+    for leftover in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    path.write_bytes(b"this is not a database " * 500)
+    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+        wiring.configure(wiring.settings())
+        response, answer = post(client, stage.body("mydevice1"))
+        assert_storage_503(response, answer)
+        health = client.http.get("/health")
+    assert health.status_code == 503
+    assert "registry: it is damaged" in json.loads(health.body)["message"]
+
+    for command in (["list"], ["show", "mydevice1"], ["stats"], ["audit"], ["init"], ["register", "x1"]):
+        capsys.readouterr()
+        assert stage.admin(*command) == 1, command
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err
+        [line] = err.splitlines()
+        assert line == (f"error: registry {path}: it is damaged (not a database); restore it from a backup, or "
+                        "move it away and run `python -m chalicelib.admin init`"), command
+
+
+def test_the_cli_says_how_to_make_a_missing_registry(stage, capsys):
+    path = stage.state_dir / "registry.sqlite3"
+    path.unlink()
+    for command in (["list"], ["audit"], ["show", "mydevice1"]):
+        capsys.readouterr()
+        assert stage.admin(*command) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: registry {path} does not exist: run `python -m chalicelib.admin init`")
+    assert not path.exists()  # reading made nothing
+
+
+def test_admin_init_checks_an_existing_file_instead_of_calling_it_ready(stage, capsys):
+    capsys.readouterr()
+    assert stage.admin("init") == 0
+    assert "registry ready" in capsys.readouterr().out
+    path = stage.state_dir / "registry.sqlite3"
+    with closing(sqlite3.connect(path)) as db:  # damage one page of the table, keep the header valid
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    raw = bytearray(path.read_bytes())
+    raw[page_size + 8: page_size * 2 - 8] = b"\xff" * (page_size - 16)
+    path.write_bytes(bytes(raw))
+    assert stage.admin("init") == 1
+    out, err = capsys.readouterr()
+    assert "registry ready" not in out and "it is damaged" in err and "Traceback" not in err
+
+
+def test_list_into_head_exits_quietly(stage):
+    assert stage.admin("register", "--prefix", "many", "--count", "3000") == 0
+    listing = subprocess.Popen([sys.executable, "-m", "chalicelib.admin", "--state-dir", str(stage.state_dir),
+                                "list"], cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = listing.stdout.readline()
+    listing.stdout.close()  # what `head -1` does after its line
+    _, err = listing.communicate(timeout=60)
+    assert first.startswith(b"thing_name")
+    assert listing.returncode == 0 and err == b""
+
+
+def test_a_full_disk_under_chalice_locals_log_still_answers_every_request(stage):
+    """stdout and stderr of `chalice local` (the access log, the app's log lines and metrics) on /dev/full."""
+    port = free_port()
+    with open("/dev/full", "w") as full:
+        server = subprocess.Popen([sys.executable, str(PROJECT_DIR / "devstack" / "chalice_local.py"), "local",
+                                   "--stage", "local", "--host", "127.0.0.1", "--port", str(port),
+                                   "--no-autoreload"], cwd=PROJECT_DIR, stdout=full, stderr=full,
+                                  env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None
+            try:
+                health = requests.get(f"{url}/health", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+        answers = [requests.post(f"{url}/device-provisioning", json=stage.body(f"mydevice{i}", make_csr(
+            f"mydevice{i}")[0]), headers={"X-Forwarded-For": LONDON_IP}, timeout=30) for i in (1, 2)]
+        answers.append(requests.post(f"{url}/device-provisioning", data=b"{not json", timeout=30))
+        assert [a.status_code for a in answers] == [200, 200, 400], [a.text for a in answers]
+        assert server.poll() is None  # nothing died
+    finally:
+        server.kill()
+        server.wait(10)
