@@ -16,6 +16,7 @@ from chalicelib.errors import ConfigError
 from chalicelib.fleet_keys import SsmFleetKeyVerifier, rotated_value
 from chalicelib.signatures import v1_text
 from tests.conftest import sign_v1
+from tests.test_security import v2_body
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
 PARAMETER = PROD_ENV["GIP_FLEET_PUBLIC_KEY_PARAMETER"]
@@ -136,8 +137,7 @@ def test_the_prod_http_route_answers_503_until_keygen_then_provisions(aws, tmp_p
         def post():
             key = private_key(tmp_path) if (tmp_path / "xdg").exists() else new_key()
             response = client.http.post("/device-provisioning", headers={"Content-Type": "application/json"},
-                                        body=json.dumps({"thing-name": "mydevice1",
-                                                         "thing-name-sig": sign_v1(key, "mydevice1")}))
+                                        body=json.dumps(v2_body(key, "mydevice1")))  # prod accepts v2 only
             return response.status_code, json.loads(response.body)
         status, body = post()
         assert (status, body["code"]) == (503, "service-misconfigured")
