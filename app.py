@@ -6,11 +6,12 @@ from chalice import Chalice, Response
 
 from chalicelib import observability, wiring
 from chalicelib.errors import (AlreadyProvisioned, BodyTooLarge, ConfigError, MalformedRequest, NotRegistered,
-                               ProvisioningError, ProvisioningInProgress, RegionBlocked, ServiceUnavailable,
-                               SignatureInvalid)
+                               ProvisioningError, ProvisioningInProgress, RegionBlocked, RenewalInProgress,
+                               RenewalRefused, ServiceUnavailable, SignatureInvalid)
 from chalicelib.geo import client_ip
 from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningRequest
+from chalicelib.renewal import RenewalRequest
 
 app = Chalice(app_name="iot-global-provisioning")  # its app.log is observability.logger's logger too
 wiring.validate()
@@ -25,6 +26,8 @@ HTTP_STATUS = {
     ProvisioningInProgress: 409,
     RegionBlocked: 403,
     ServiceUnavailable: 503,
+    RenewalRefused: 403,
+    RenewalInProgress: 409,
 }
 
 
@@ -64,6 +67,47 @@ def device_provisioning():
                                country=choice and choice.country,
                                detail={**detail, "certificate_id": result and result.issued.certificate_id})
     return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
+
+
+@app.route("/device-renewal", methods=["POST"])
+def device_renewal():
+    """Renewal, key rotation and relocation (README, "Renewal"); errors as for provisioning."""
+    request = app.current_request
+    steps = Steps()
+    request_id = request.context.get("requestId") or uuid.uuid4().hex
+    thing_name, result, headers = None, None, {"X-Request-Id": request_id}
+    try:
+        renewal_request = RenewalRequest.from_body(parse_json(request.raw_body or b""))
+        thing_name = renewal_request.thing_name
+        ip = client_ip(request.context.get("identity", {}).get("sourceIp", ""), request.headers,
+                       wiring.settings().trust_forwarded_for)
+        result = wiring.renewal_service().renew(renewal_request, ip, steps)
+        status, body = 200, result.response_body()
+        code = "recovered" if result.recovered else ("relocated" if result.choice.reason == "relocated" else "renewed")
+    except Exception as exc:  # mapped exactly as provisioning's errors are
+        status, code, body, retry_after = error_answer(exc, request_id)
+        if retry_after:
+            headers["Retry-After"] = retry_after
+    observability.renewal_done(request_id=request_id, thing_name=thing_name, status=status, code=code, steps=steps,
+                               region=result and result.choice.region, reason=result and result.choice.reason,
+                               detail={"certificate_id": result and result.issued.certificate_id,
+                                       "previous_certificate_id": result and result.previous_certificate_id})
+    return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
+
+
+def error_answer(exc: Exception, request_id: str) -> tuple[int, str, dict, str | None]:
+    """HTTP status, outcome code, body and Retry-After (or None) for a failed request."""
+    if isinstance(exc, ProvisioningError):
+        status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
+        retry_after = getattr(exc, "retry_after", None)
+        return status, exc.code, error_body(exc.code, exc.message), str(retry_after) if retry_after else None
+    if isinstance(exc, ConfigError):
+        observability.logger.error("stage misconfigured: %s", exc)
+        code = "service-misconfigured"
+        return 503, code, error_body(code, "the service is not configured; try again later"), "60"
+    observability.logger.exception("unexpected failure", extra={"request_id": request_id})
+    code = "service-unavailable"
+    return 503, code, error_body(code, "the service failed unexpectedly; try again later"), "30"
 
 
 def parse_json(raw: bytes):

@@ -40,6 +40,8 @@ class Settings:
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
     region_rules: Mapping = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
     timestamp_skew_seconds: int = 300
+    cert_validity_days: int = 365  # the local CA's device certificates; AWS IoT sets its own
+    relocation: str = "distance:1000"  # GIP_RELOCATION, checked by relocation.RelocationPolicy.parse
 
     @property
     def registry_path(self) -> Path:
@@ -79,6 +81,8 @@ class Settings:
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
+            cert_validity_days=_int(env, "GIP_CERT_VALIDITY_DAYS", 365),
+            relocation=env.get("GIP_RELOCATION") or "distance:1000",
         )
 
 

@@ -66,6 +66,22 @@ def request_done(*, request_id: str | None, thing_name: str | None, status: int,
     _metric("ProvisioningLatency", MetricUnit.Milliseconds, total, outcome=code)
 
 
+def renewal_done(*, request_id: str | None, thing_name: str | None, status: int, code: str, steps: Steps,
+                 region: str | None = None, reason: str | None = None, previous_region: str | None = None,
+                 detail: dict | None = None) -> None:
+    """A renewal's log line, then its metrics: Renewed (in place) or Relocated per region, refusals per code."""
+    total = steps.total_ms()
+    fields = {"request_id": request_id, "thing_name": thing_name, "status": status, "outcome": code,
+              "region": region, "reason": reason, "previous_region": previous_region, "steps_ms": steps.ms,
+              "duration_ms": total, **(detail or {})}
+    logger.info("renewal request", extra={k: v for k, v in fields.items() if v is not None})
+    if code in ("renewed", "relocated"):
+        _metric("Relocated" if code == "relocated" else "Renewed", MetricUnit.Count, 1, region=region or "unknown")
+    elif code != "recovered":
+        _metric("RenewalRefused", MetricUnit.Count, 1, code=code)
+    _metric("RenewalLatency", MetricUnit.Milliseconds, total, outcome=code)
+
+
 def _metric(name: str, unit: MetricUnit, value: float, **dimensions: str) -> None:
     with single_metric(name=name, unit=unit, value=value, namespace=NAMESPACE,
                        default_dimensions={"service": SERVICE}) as metric:

@@ -152,6 +152,12 @@ def key_fingerprint(public_key) -> str:
     return digest.finalize().hex()
 
 
+def public_key_pem(public_key) -> str:
+    """What the registry keeps of a certificate's key, so a renewal's signature needs no issuer call."""
+    return public_key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
 class ProvisioningService:
     def __init__(self, registry: Registry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
                  verifier: FleetKeyVerifier, lease_seconds: int = 300,
@@ -190,7 +196,8 @@ class ProvisioningService:
                 public_key = (request.csr.public_key() if request.csr is not None
                               else x509.load_pem_x509_certificate(issued.certificate_pem.encode()).public_key())
                 self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
-                                        key_fingerprint(public_key), choice.country, choice.reason)
+                                        key_fingerprint(public_key), choice.country, choice.reason,
+                                        public_key_pem(public_key))
         except Exception as exc:
             with steps.step("rollback"):
                 self._undo(claim, issued, exc)

@@ -14,6 +14,7 @@ from chalicelib.signatures import FleetKeyVerifier, load_public_key
 _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
+_renewal = None  # RenewalService, built on first use
 _aws = None
 
 
@@ -41,7 +42,9 @@ def region_policy(config: Settings) -> RegionPolicy:
 
 def validate() -> None:
     """Fail at startup, not on the first device, when the stage's settings are wrong (cheap: no I/O)."""
+    from chalicelib.relocation import RelocationPolicy
     region_policy(settings())
+    RelocationPolicy.parse(settings().relocation)
 
 
 def registry(config: Settings):
@@ -59,7 +62,8 @@ def issuer(config: Settings, policy: RegionPolicy | None = None):
         return AwsIotIssuer(lambda region: clients.client("iot", region))
     from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
     policy = policy or region_policy(config)
-    return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port))
+    return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port),
+                       validity_days=config.cert_validity_days)
 
 
 def locator(config: Settings) -> GeoLocator:
@@ -102,18 +106,38 @@ def service() -> ProvisioningService:
     return _service
 
 
+def build_renewal_service(config: Settings):
+    from chalicelib.relocation import RelocationPolicy
+    from chalicelib.renewal import RenewalService
+    policy = region_policy(config)
+    return RenewalService(registry=registry(config), issuer=issuer(config, policy), locator=locator(config),
+                          regions=policy, relocation=RelocationPolicy.parse(config.relocation),
+                          lease_seconds=config.claim_lease_seconds, skew_seconds=config.timestamp_skew_seconds)
+
+
+def renewal_service():
+    global _renewal
+    if _renewal is None:
+        with _lock:
+            if _renewal is None:
+                _renewal = build_renewal_service(settings())
+    return _renewal
+
+
 def configure(config: Settings) -> None:
     """Use these settings instead of the environment's (tests); the service is rebuilt on next use."""
-    global _settings, _service
+    global _settings, _service, _renewal
     with _lock:
         _settings = config
         _service = None
+        _renewal = None
 
 
 def reset() -> None:
     """Forget what was built, so the next call reads the environment again (tests)."""
-    global _settings, _service, _aws
+    global _settings, _service, _aws, _renewal
     with _lock:
         _settings = None
         _service = None
+        _renewal = None
         _aws = None

@@ -117,14 +117,24 @@ class AwsIotIssuer:
 
     def issue(self, thing_name: str, region: str,
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
+        return self._issue(thing_name, region, csr, make_thing=True)
+
+    def issue_renewal(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
+                      in_place: bool) -> IssuedCertificate:
+        # In place, the thing exists and holds the current certificate: a failure must not delete it.
+        return self._issue(thing_name, region, csr, make_thing=not in_place)
+
+    def _issue(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
+               make_thing: bool) -> IssuedCertificate:
         client = self._client(region)
         endpoint_f = self._once("endpoint", region, self._describe_endpoint)
         policy_f = self._once("policy", region, self._ensure_policy)
-        thing_f = self._executor.submit(client.create_thing, thingName=thing_name)
+        thing_f = (self._executor.submit(client.create_thing, thingName=thing_name) if make_thing
+                   else _done(None))
         cert_f = self._executor.submit(_create_certificate, client, csr)
         cf.wait([endpoint_f, policy_f, thing_f, cert_f])
         # Whatever succeeded is ours to undo if anything else failed.
-        made_thing = thing_f.exception() is None
+        made_thing = make_thing and thing_f.exception() is None
         cert = cert_f.result() if cert_f.exception() is None else None
         try:
             for future in (cert_f, thing_f, policy_f, endpoint_f):
@@ -137,7 +147,8 @@ class AwsIotIssuer:
             for future in attached:
                 future.result()
         except Exception as exc:
-            incomplete = self._undo(client, region, thing_name if made_thing else None, cert)
+            incomplete = self._undo(client, region, thing_name if made_thing else None, cert,
+                                    attached_to=None if made_thing else thing_name)
             error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
             if incomplete:  # the orchestrator records it, for the operator and the audit
                 error.leftover = f"thing {thing_name} or certificate {cert and cert['certificateId']} in {region}"
@@ -216,14 +227,46 @@ class AwsIotIssuer:
             if not _is_not_found(exc):
                 raise _domain_error(exc, region) from exc
 
-    def _undo(self, client, region: str, thing_name: str | None, cert: dict | None) -> bool:
-        """Remove, in reverse order of creation, what issue made; logs failures and returns whether any."""
+    def retire(self, previous: CertificateRef, delete_thing: bool) -> None:
+        """Revoke a renewed device's previous certificate: detach it, mark it REVOKED, delete it; and after a move
+        delete the old region's thing, which only this service made and nothing else is attached to by now."""
+        region, client, thing = previous.region, self._client(previous.region), previous.thing_name
+        arn = previous.certificate_arn
+        if arn is None:
+            try:
+                arn = client.describe_certificate(
+                    certificateId=previous.certificate_id)["certificateDescription"]["certificateArn"]
+            except ClientError as exc:
+                if not _is_not_found(exc):
+                    raise _domain_error(exc, region) from exc
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        if arn is not None:
+            cert_id = previous.certificate_id
+            if thing:
+                steps.append(("detach thing", lambda: client.detach_thing_principal(thingName=thing, principal=arn)))
+            steps += [
+                ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
+                ("revoke certificate", lambda: client.update_certificate(certificateId=cert_id, newStatus="REVOKED")),
+                ("delete certificate", lambda: _after_detach(
+                    "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
+            ]
+        if delete_thing and thing:
+            steps.append(("delete thing", lambda: _after_detach(
+                "InvalidRequestException", client.delete_thing, thingName=thing)))
+        if self._run(steps, thing, region, previous.certificate_id):
+            raise ServiceUnavailable(f"retiring certificate {previous.certificate_id} in {region} is incomplete")
+
+    def _undo(self, client, region: str, thing_name: str | None, cert: dict | None,
+              attached_to: str | None = None) -> bool:
+        """Remove, in reverse order of creation, what issue made; logs failures and returns whether any.
+
+        `attached_to`: a thing issue did not make but attached the certificate to (a renewal in place)."""
         steps: list[tuple[str, Callable[[], Any]]] = []
         if cert:
             arn, cert_id = cert["certificateArn"], cert["certificateId"]
-            if thing_name:
+            if thing_name or attached_to:
                 steps.append(("detach thing", lambda: client.detach_thing_principal(
-                    thingName=thing_name, principal=arn)))
+                    thingName=thing_name or attached_to, principal=arn)))
             steps += [
                 ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
                 ("deactivate certificate", lambda: client.update_certificate(
@@ -235,6 +278,11 @@ class AwsIotIssuer:
             # AWS answers InvalidRequestException while the thing still has a principal attached.
             steps.append(("delete thing", lambda: _after_detach(
                 "InvalidRequestException", client.delete_thing, thingName=thing_name)))
+        return self._run(steps, thing_name, region, cert and cert["certificateId"])
+
+    @staticmethod
+    def _run(steps: list[tuple[str, Callable[[], Any]]], thing_name: str | None, region: str,
+             certificate_id: str | None) -> bool:
         failed = False
         for step, call in steps:
             try:
@@ -244,9 +292,15 @@ class AwsIotIssuer:
                     continue
                 failed = True
                 log.error("cleanup step %r failed for thing %s in %s (certificate %s): %s: %s", step,
-                          thing_name, region, cert and cert["certificateId"], type(exc).__name__,
+                          thing_name, region, certificate_id, type(exc).__name__,
                           _code(exc) if isinstance(exc, ClientError) else exc)
         return failed
+
+
+def _done(value: Any) -> cf.Future:
+    future: cf.Future = cf.Future()
+    future.set_result(value)
+    return future
 
 
 def _create_certificate(client, csr: x509.CertificateSigningRequest | None) -> dict:

@@ -56,8 +56,11 @@ class Registry(Protocol):
         """
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
+                 public_key: str | None = None) -> None:
         """provisioning -> provisioned, only while `claim` still holds; else raises ProvisioningInProgress.
+
+        `public_key` (PEM) is the certificate's key, which a renewal's signature is checked with.
 
         `fingerprint` is the SHA-256 of the certificate's public key (SubjectPublicKeyInfo DER), hex;
         `country` and `reason` say where the device was and why its region was chosen."""
@@ -74,3 +77,61 @@ class Registry(Protocol):
     def reset(self, thing_name: str) -> dict | None:
         """Back to unprovisioned whatever the state, forgetting region and certificate; returns the item as
         it was, or None when the device is not registered."""
+
+
+# --- renewal (POST /device-renewal) ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RenewalState:
+    """What a renewal needs to know of a device, read in one go."""
+
+    thing_name: str
+    provisioned: bool
+    region: str | None = None
+    certificate_id: str | None = None
+    public_key: str | None = None  # PEM of the current certificate's key, kept at issue time
+    fingerprint: str | None = None  # SHA-256 of that key's SubjectPublicKeyInfo DER, hex
+    previous_certificate_id: str | None = None
+    previous_public_key: str | None = None
+    previous_region: str | None = None
+    retire_pending: bool = False  # the previous certificate (and thing, after a move) is not yet removed
+    renewing_until: float | None = None  # lease end (epoch seconds) of a renewal in flight
+    renewal_count: int = 0
+    last_renewal: str | None = None
+
+
+@dataclass(frozen=True)
+class RenewedCertificate:
+    """The certificate a renewal records as the device's current one."""
+
+    region: str
+    certificate_id: str
+    public_key: str
+    fingerprint: str
+    country: str | None = None
+    reason: str | None = None  # set on a move: why the device now lives in `region`
+
+
+class RenewalRegistry(Protocol):
+    def renewal_state(self, thing_name: str) -> RenewalState | None:
+        """The device's renewal view; None when it is not registered."""
+
+    def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
+                      nonce: tuple[str, float] | None = None) -> Claim:
+        """Take the renewal lease of a provisioned device whose current certificate is `certificate_id`, with no
+        other renewal in flight and no previous certificate left to retire; records the nonce in the same step
+        (one seen before refuses the request). Raises RenewalInProgress, RenewalRefused or SignatureInvalid."""
+
+    def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
+        """Make `renewed` the current certificate while `claim` holds: the old one becomes the previous one (to
+        retire), the renewal count goes up by one. Else raises RenewalInProgress."""
+
+    def abandon_renewal(self, claim: Claim, error: str) -> None:
+        """Give the renewal lease back after a failure (the current certificate stays); records the error."""
+
+    def previous_retired(self, thing_name: str, certificate_id: str) -> None:
+        """The previous certificate `certificate_id` is revoked (and its thing removed after a move)."""
+
+    def set_public_key(self, thing_name: str, certificate_id: str, public_key: str) -> None:
+        """Keep the public key of the current certificate `certificate_id` (devices provisioned before keys were
+        kept); nothing when the device has another certificate by now."""

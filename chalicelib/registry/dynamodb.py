@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,15 +14,18 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.aws import error_code as _code
 from chalicelib.clock import timestamp as _timestamp
-from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningError,
-                               ProvisioningInProgress, ServiceUnavailable, SignatureInvalid, replayed_request)
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json)
+from chalicelib.errors import (REFUSED, RENEWAL_REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningError,
+                               ProvisioningInProgress, RenewalInProgress, RenewalRefused, ServiceUnavailable,
+                               SignatureInvalid, replayed_request)
+from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, RenewalState, RenewedCertificate,
+                                      attributes_json)
 
 log = logging.getLogger(__name__)
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="registry")
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
 _PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
-                      "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attributes")
+                      "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attributes",
+                      "last_renewal", "previous_certificate_id", "previous_region")
 # Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
@@ -34,7 +38,12 @@ _BATCH_ATTEMPTS = 8
 _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_datetime", "#region": "aws_region",
           "#cert": "certificate_id", "#token": "claim_token", "#lease": "lease_expires", "#error": "last_error",
           "#fingerprint": "public_key_fingerprint", "#key": "public_key", "#country": "country",
-          "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime"}
+          "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime",
+          # renewal
+          "#certkey": "certificate_public_key", "#prevcert": "previous_certificate_id",
+          "#prevkey": "previous_public_key", "#prevregion": "previous_region", "#retire": "retire_pending",
+          "#renewals": "renewal_count", "#renewed": "last_renewal", "#rtoken": "renewal_token",
+          "#rlease": "renewal_lease"}
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -50,6 +59,8 @@ def _item(raw: dict) -> dict:
     item = {key: raw[key]["S"] for key in _PUBLIC_ATTRIBUTES if key in raw and "S" in raw[key]}
     if "N" in raw.get("attempts", {}):
         item["attempts"] = int(raw["attempts"]["N"])
+    if "N" in raw.get("renewal_count", {}):
+        item["renewal_count"] = int(raw["renewal_count"]["N"])
     if "attributes" in item:
         item["attributes"] = json.loads(item["attributes"])
     return item
@@ -225,13 +236,15 @@ class DynamoDbRegistry:
         return Claim(thing_name, token)
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
+                 public_key: str | None = None) -> None:
         values = {":provisioned": {"S": PROVISIONED}, ":provisioning": {"S": PROVISIONING},
                   ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
                   ":cert": {"S": certificate_id}, ":token": {"S": claim.token}}
         sets = ["#status = :provisioned", "#datetime = :datetime", "#region = :region", "#cert = :cert"]
         removes = ["#token", "#lease", "#error"]
-        for name, value in (("#fingerprint", fingerprint), ("#country", country), ("#reason", reason)):
+        for name, value in (("#fingerprint", fingerprint), ("#country", country), ("#reason", reason),
+                            ("#certkey", public_key)):
             if value:
                 values[":" + name[1:]] = {"S": value}
                 sets.append(f"{name} = :{name[1:]}")
@@ -244,7 +257,7 @@ class DynamoDbRegistry:
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
                                                                  "#lease", "#error", "#fingerprint", "#country",
-                                                                 "#reason")},
+                                                                 "#reason", "#certkey")},
                 ExpressionAttributeValues=values)
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
@@ -312,14 +325,133 @@ class DynamoDbRegistry:
             old = self._call(
                 "update_item", TableName=self._table, Key=self._key(thing_name),
                 UpdateExpression="SET #status = :unprovisioned REMOVE #datetime, #region, #cert, #fingerprint, "
-                                 "#country, #reason, #token, #lease, #error",
+                                 "#country, #reason, #token, #lease, #error, "
+                                 "#certkey, #prevcert, #prevkey, #prevregion, #retire, #rtoken, #rlease",
                 ConditionExpression="attribute_exists(#name)",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#datetime", "#region", "#cert",
                                                                  "#fingerprint", "#country", "#reason", "#token",
-                                                                 "#lease", "#error")},
+                                                                 "#lease", "#error", "#certkey", "#prevcert",
+                                                                 "#prevkey", "#prevregion", "#retire", "#rtoken",
+                                                                 "#rlease")},
                 ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}}, ReturnValues="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
             return None
         return _item(old["Attributes"])
+
+    # --- renewal -------------------------------------------------------------------------------------------
+
+    def renewal_state(self, thing_name: str) -> RenewalState | None:
+        raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
+        return _renewal_state(raw) if raw else None
+
+    def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
+                      nonce: tuple[str, float] | None = None) -> Claim:
+        token, at = secrets.token_hex(16), now.timestamp()
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(thing_name),
+                UpdateExpression="SET #rtoken = :token, #rlease = :lease",
+                ConditionExpression="#status = :provisioned AND #cert = :cert "
+                                    "AND (attribute_not_exists(#rlease) OR #rlease < :now) "
+                                    "AND attribute_not_exists(#retire)",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#rtoken", "#rlease", "#status", "#cert", "#retire")},
+                ExpressionAttributeValues={":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
+                                           ":provisioned": {"S": PROVISIONED}, ":cert": {"S": certificate_id},
+                                           ":now": {"N": repr(at)}},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD")
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            old = e.response.get("Item")
+            state = _renewal_state(old) if old else None
+            if state is not None and state.certificate_id == certificate_id and state.renewing_until:
+                raise RenewalInProgress(f"{thing_name} is being renewed by another request",
+                                        retry_after=max(1, min(30, int(state.renewing_until - at) + 1))) from None
+            raise RenewalRefused(RENEWAL_REFUSED) from None
+        claim = Claim(thing_name, token)
+        # The nonce after the lease (DynamoDB has no cheap two-table commit here): a replay gives the lease back.
+        if nonce is not None and not self._remember_nonce(thing_name, nonce, now):
+            self.abandon_renewal(claim, "replayed request refused")
+            raise replayed_request()
+        return claim
+
+    def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
+        old = self._call("get_item", TableName=self._table, Key=self._key(claim.thing_name),
+                         ConsistentRead=True).get("Item") or {}
+        values = {":region": {"S": renewed.region}, ":cert": {"S": renewed.certificate_id},
+                  ":certkey": {"S": renewed.public_key}, ":fingerprint": {"S": renewed.fingerprint},
+                  ":one": {"N": "1"}, ":renewed": {"S": _timestamp(now)}, ":token": {"S": claim.token},
+                  ":provisioned": {"S": PROVISIONED}}
+        sets = ["#region = :region", "#cert = :cert", "#certkey = :certkey", "#fingerprint = :fingerprint",
+                "#renewed = :renewed", "#retire = :one"]
+        removes = ["#rtoken", "#rlease", "#error"]
+        # The current certificate becomes the previous one; the condition below proves `old` is still current.
+        for name, attribute in (("#prevcert", "certificate_id"), ("#prevkey", "certificate_public_key"),
+                                ("#prevregion", "aws_region")):
+            if "S" in old.get(attribute, {}):
+                values[":" + name[1:]] = old[attribute]
+                sets.append(f"{name} = :{name[1:]}")
+            else:
+                removes.append(name)
+        for name, value in (("#country", renewed.country), ("#reason", renewed.reason)):
+            if value:
+                values[":" + name[1:]] = {"S": value}
+                sets.append(f"{name} = :{name[1:]}")
+        condition = "#rtoken = :token AND #status = :provisioned"
+        if "S" in old.get("certificate_id", {}):
+            condition += " AND #cert = :oldcert"
+            values[":oldcert"] = old["certificate_id"]
+        update = f"SET {', '.join(sets)} ADD #renewals :one REMOVE {', '.join(removes)}"
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(claim.thing_name), UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeNames={k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}"))},
+                ExpressionAttributeValues=values)
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded") from None
+
+    def abandon_renewal(self, claim: Claim, error: str) -> None:
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(claim.thing_name),
+                UpdateExpression="SET #error = :error REMOVE #rtoken, #rlease", ConditionExpression="#rtoken = :token",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#error", "#rtoken", "#rlease")},
+                ExpressionAttributeValues={":error": {"S": error}, ":token": {"S": claim.token}})
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":  # the lease is gone already: nothing to give back
+                raise
+
+    def previous_retired(self, thing_name: str, certificate_id: str) -> None:
+        self._conditional_update(thing_name, "REMOVE #retire", "#prevcert = :cert",
+                                 ("#retire", "#prevcert"), {":cert": {"S": certificate_id}})
+
+    def set_public_key(self, thing_name: str, certificate_id: str, public_key: str) -> None:
+        self._conditional_update(thing_name, "SET #certkey = :key", "#cert = :cert", ("#certkey", "#cert"),
+                                 {":cert": {"S": certificate_id}, ":key": {"S": public_key}})
+
+    def _conditional_update(self, thing_name: str, update: str, condition: str, names: tuple[str, ...],
+                            values: dict) -> None:
+        try:
+            self._call("update_item", TableName=self._table, Key=self._key(thing_name), UpdateExpression=update,
+                       ConditionExpression=condition, ExpressionAttributeNames={k: _NAMES[k] for k in names},
+                       ExpressionAttributeValues=values)
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+
+
+def _renewal_state(raw: dict) -> RenewalState:
+    def text(name: str) -> str | None:
+        return raw.get(name, {}).get("S")
+
+    lease = raw.get("renewal_lease", {}).get("N")
+    return RenewalState(
+        raw["thing_name"]["S"], text("prov_status") == PROVISIONED, text("aws_region"), text("certificate_id"),
+        text("certificate_public_key"), text("public_key_fingerprint"), text("previous_certificate_id"),
+        text("previous_public_key"), text("previous_region"), "retire_pending" in raw,
+        float(lease) if lease else None, int(raw.get("renewal_count", {}).get("N", "0")), text("last_renewal"))

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from chalicelib.clock import timestamp as _timestamp
-from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid,
-                               replayed_request)
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json)
+from chalicelib.errors import (REFUSED, RENEWAL_REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress,
+                               RenewalInProgress, RenewalRefused, SignatureInvalid, replayed_request)
+from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, RenewalState, RenewedCertificate,
+                                      attributes_json)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -41,9 +42,13 @@ CREATE TABLE IF NOT EXISTS nonces (
     PRIMARY KEY (thing_name, nonce)
 ) WITHOUT ROWID;
 """
+# Renewal's columns, added to a registry made before renewal existed (SQLite adds a column in place).
+_RENEWAL_COLUMNS = {"certificate_public_key": "TEXT", "previous_certificate_id": "TEXT", "previous_public_key": "TEXT",
+                    "previous_region": "TEXT", "retire_pending": "INTEGER", "renewal_count": "INTEGER",
+                    "last_renewal": "TEXT", "renewal_token": "TEXT", "renewal_lease": "REAL"}
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
-                   "attributes")
+                   "attributes", "renewal_count", "last_renewal", "previous_certificate_id", "previous_region")
 _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all inside one transaction
 
 
@@ -62,6 +67,7 @@ class SqliteRegistry:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
             db.executescript(_SCHEMA)  # idempotent; a new state directory just works
+            _add_renewal_columns(db)
             self._local.db = db
         return db
 
@@ -139,13 +145,15 @@ class SqliteRegistry:
         raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request")
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
+                 public_key: str | None = None) -> None:
         changed = self._db().execute(
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
             "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
+            "certificate_public_key = ?, "
             "last_error = NULL WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, country, reason, claim.thing_name,
-             PROVISIONING, claim.token)).rowcount
+            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, country, reason, public_key,
+             claim.thing_name, PROVISIONING, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
@@ -185,6 +193,8 @@ class SqliteRegistry:
                 "UPDATE devices SET prov_status = 'unprovisioned', prov_datetime = NULL, aws_region = NULL, "
                 "certificate_id = NULL, public_key_fingerprint = NULL, country = NULL, region_reason = NULL, "
                 "claim_token = NULL, lease_expires = NULL, "
+                "certificate_public_key = NULL, previous_certificate_id = NULL, previous_public_key = NULL, "
+                "previous_region = NULL, retire_pending = NULL, renewal_token = NULL, renewal_lease = NULL, "
                 "last_error = NULL WHERE thing_name = ?", (thing_name,))
             db.execute("COMMIT")
         except BaseException:
@@ -197,6 +207,83 @@ class SqliteRegistry:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+    # --- renewal -------------------------------------------------------------------------------------------
+
+    def renewal_state(self, thing_name: str) -> RenewalState | None:
+        row = self._db().execute("SELECT * FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
+        if row is None:
+            return None
+        return RenewalState(
+            thing_name, row["prov_status"] == PROVISIONED, row["aws_region"], row["certificate_id"],
+            row["certificate_public_key"], row["public_key_fingerprint"], row["previous_certificate_id"],
+            row["previous_public_key"], row["previous_region"], bool(row["retire_pending"]), row["renewal_lease"],
+            row["renewal_count"] or 0, row["last_renewal"])
+
+    def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
+                      nonce: tuple[str, float] | None = None) -> Claim:
+        token, at = secrets.token_hex(16), now.timestamp()
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # the lease and the nonce in one commit
+        try:
+            changed = db.execute(
+                "UPDATE devices SET renewal_token = ?, renewal_lease = ? WHERE thing_name = ? AND prov_status = ? "
+                "AND certificate_id = ? AND (renewal_lease IS NULL OR renewal_lease < ?) "
+                "AND COALESCE(retire_pending, 0) = 0",
+                (token, at + lease_seconds, thing_name, PROVISIONED, certificate_id, at)).rowcount
+            if changed == 1 and nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
+                db.execute("ROLLBACK")
+                raise replayed_request()
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if changed == 1:
+            return Claim(thing_name, token)
+        state = self.renewal_state(thing_name)
+        if state is not None and state.certificate_id == certificate_id and state.renewing_until:
+            raise RenewalInProgress(f"{thing_name} is being renewed by another request",
+                                    retry_after=max(1, min(30, int(state.renewing_until - at) + 1)))
+        raise RenewalRefused(RENEWAL_REFUSED)
+
+    def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
+        changed = self._db().execute(
+            "UPDATE devices SET previous_certificate_id = certificate_id, previous_public_key = certificate_public_key, "
+            "previous_region = aws_region, retire_pending = 1, aws_region = ?, certificate_id = ?, "
+            "certificate_public_key = ?, public_key_fingerprint = ?, country = COALESCE(?, country), "
+            "region_reason = COALESCE(?, region_reason), renewal_count = COALESCE(renewal_count, 0) + 1, "
+            "last_renewal = ?, renewal_token = NULL, renewal_lease = NULL, last_error = NULL "
+            "WHERE thing_name = ? AND renewal_token = ? AND prov_status = ?",
+            (renewed.region, renewed.certificate_id, renewed.public_key, renewed.fingerprint, renewed.country,
+             renewed.reason, _timestamp(now), claim.thing_name, claim.token, PROVISIONED)).rowcount
+        if changed != 1:
+            raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded")
+
+    def abandon_renewal(self, claim: Claim, error: str) -> None:
+        self._db().execute(
+            "UPDATE devices SET renewal_token = NULL, renewal_lease = NULL, last_error = ? "
+            "WHERE thing_name = ? AND renewal_token = ?", (error, claim.thing_name, claim.token))
+
+    def previous_retired(self, thing_name: str, certificate_id: str) -> None:
+        self._db().execute("UPDATE devices SET retire_pending = NULL WHERE thing_name = ? "
+                           "AND previous_certificate_id = ?", (thing_name, certificate_id))
+
+    def set_public_key(self, thing_name: str, certificate_id: str, public_key: str) -> None:
+        self._db().execute("UPDATE devices SET certificate_public_key = ? WHERE thing_name = ? "
+                           "AND certificate_id = ?", (public_key, thing_name, certificate_id))
+
+
+def _add_renewal_columns(db: sqlite3.Connection) -> None:
+    have = {row[1] for row in db.execute("PRAGMA table_info(devices)")}
+    for column, kind in _RENEWAL_COLUMNS.items():
+        if column not in have:
+            try:
+                db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:  # another connection added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 def _item(row: sqlite3.Row) -> dict:
