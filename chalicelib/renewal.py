@@ -114,7 +114,13 @@ class RenewalService:
             recovered = self._lost_answer(request, state, client_ip)
             if recovered is not None:
                 return recovered
-            current = self._verify(request, state)
+            try:
+                current = self._verify(request, state)
+            except RenewalRefused:
+                recovered = self._recovered_meanwhile(request, state, client_ip)
+                if recovered is not None:
+                    return recovered
+                raise
         if state.retire_pending:  # an earlier renewal was cut short after its record: finish it first
             with steps.step("retire"):
                 self._retire(state)
@@ -128,10 +134,8 @@ class RenewalService:
                                                      self._lease_seconds,
                                                      (request.nonce, now.timestamp() + 2 * self._skew))
             except RenewalRefused:
-                # Another renewal recorded meanwhile: an identical request is now a lost-answer recovery.
-                later = self._registry.renewal_state(request.thing_name)
-                recovered = later and self._lost_answer(request, later, client_ip)
-                if recovered:
+                recovered = self._recovered_meanwhile(request, state, client_ip)
+                if recovered is not None:
                     return recovered
                 raise
         in_place = choice.region == state.region
@@ -211,6 +215,15 @@ class RenewalService:
         issued = IssuedCertificate(state.region, state.certificate_id, cert["certificate_pem"],
                                    self._issuer.endpoint(state.region), thing_name=state.thing_name)
         return RenewalResult(state.thing_name, choice, issued, state.previous_certificate_id, recovered=True)
+
+    def _recovered_meanwhile(self, request: RenewalRequest, seen: RenewalState,
+                             client_ip: str) -> RenewalResult | None:
+        """Another renewal of the device was recorded since `seen` was read (and may have revoked the certificate
+        this request names): an identical request is now a lost-answer recovery."""
+        later = self._registry.renewal_state(request.thing_name)
+        if later is None or later.certificate_id == seen.certificate_id:
+            return None
+        return self._lost_answer(request, later, client_ip)
 
     def _retire(self, state: RenewalState, arn: str | None = None) -> None:
         """Revoke the previous certificate, and after a move delete the old region's thing; then say so."""
