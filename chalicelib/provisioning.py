@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from chalicelib.clock import utcnow
+from chalicelib.clock import timestamp, utcnow
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, MalformedRequest, ProvisioningError, ServiceUnavailable,
                                SignatureInvalid)
 from chalicelib.geo import GeoLocator
@@ -193,11 +193,11 @@ class ProvisioningService:
             with steps.step("issue"):
                 issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
             with steps.step("finalize"):
-                public_key = (request.csr.public_key() if request.csr is not None
-                              else x509.load_pem_x509_certificate(issued.certificate_pem.encode()).public_key())
+                certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+                public_key = request.csr.public_key() if request.csr is not None else certificate.public_key()
                 self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
                                         key_fingerprint(public_key), choice.country, choice.reason,
-                                        public_key_pem(public_key))
+                                        public_key_pem(public_key), timestamp(certificate.not_valid_after_utc))
         except Exception as exc:
             with steps.step("rollback"):
                 self._undo(claim, issued, exc)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from chalicelib.clock import utcnow
+from chalicelib.clock import timestamp, utcnow
 from chalicelib.errors import (RENEWAL_REFUSED, MalformedRequest, ProvisioningError, RenewalRefused,
                                ServiceUnavailable, SignatureInvalid)
 from chalicelib.geo import GeoLocator
@@ -144,11 +144,12 @@ class RenewalService:
             with steps.step("issue"):
                 issued = self._issuer.issue_renewal(request.thing_name, choice.region, request.csr, in_place)
             with steps.step("record"):
-                key = (request.csr.public_key() if request.csr is not None
-                       else x509.load_pem_x509_certificate(issued.certificate_pem.encode()).public_key())
+                certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+                key = request.csr.public_key() if request.csr is not None else certificate.public_key()
                 self._registry.complete_renewal(claim, RenewedCertificate(
                     choice.region, issued.certificate_id, public_key_pem(key), key_fingerprint(key),
-                    choice.country if not in_place else None, RELOCATED if not in_place else None), self._clock())
+                    timestamp(certificate.not_valid_after_utc), choice.country if not in_place else None,
+                    RELOCATED if not in_place else None), self._clock())
         except Exception as exc:
             with steps.step("rollback"):
                 self._undo(claim, issued, in_place, exc)

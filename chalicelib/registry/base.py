@@ -57,10 +57,11 @@ class Registry(Protocol):
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
-                 public_key: str | None = None) -> None:
+                 public_key: str | None = None, expires: str | None = None) -> None:
         """provisioning -> provisioned, only while `claim` still holds; else raises ProvisioningInProgress.
 
-        `public_key` (PEM) is the certificate's key, which a renewal's signature is checked with.
+        `public_key` (PEM) is the certificate's key, which a renewal's signature is checked with; `expires` its
+        end of validity (clock.timestamp form), for `admin list --expiring-within`.
 
         `fingerprint` is the SHA-256 of the certificate's public key (SubjectPublicKeyInfo DER), hex;
         `country` and `reason` say where the device was and why its region was chosen."""
@@ -108,6 +109,7 @@ class RenewedCertificate:
     certificate_id: str
     public_key: str
     fingerprint: str
+    expires: str | None = None  # the certificate's end of validity, clock.timestamp form
     country: str | None = None
     reason: str | None = None  # set on a move: why the device now lives in `region`
 

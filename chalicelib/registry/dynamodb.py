@@ -25,7 +25,7 @@ _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="registry")
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
 _PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                       "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attributes",
-                      "last_renewal", "previous_certificate_id", "previous_region")
+                      "last_renewal", "previous_certificate_id", "previous_region", "certificate_expires")
 # Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
@@ -43,7 +43,7 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#certkey": "certificate_public_key", "#prevcert": "previous_certificate_id",
           "#prevkey": "previous_public_key", "#prevregion": "previous_region", "#retire": "retire_pending",
           "#renewals": "renewal_count", "#renewed": "last_renewal", "#rtoken": "renewal_token",
-          "#rlease": "renewal_lease"}
+          "#rlease": "renewal_lease", "#expires": "certificate_expires"}
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -61,6 +61,10 @@ def _item(raw: dict) -> dict:
         item["attempts"] = int(raw["attempts"]["N"])
     if "N" in raw.get("renewal_count", {}):
         item["renewal_count"] = int(raw["renewal_count"]["N"])
+    if "retire_pending" in raw:
+        item["retire_pending"] = True
+    if "N" in raw.get("renewal_lease", {}):
+        item["renewal_lease"] = float(raw["renewal_lease"]["N"])
     if "attributes" in item:
         item["attributes"] = json.loads(item["attributes"])
     return item
@@ -237,14 +241,14 @@ class DynamoDbRegistry:
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
-                 public_key: str | None = None) -> None:
+                 public_key: str | None = None, expires: str | None = None) -> None:
         values = {":provisioned": {"S": PROVISIONED}, ":provisioning": {"S": PROVISIONING},
                   ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
                   ":cert": {"S": certificate_id}, ":token": {"S": claim.token}}
         sets = ["#status = :provisioned", "#datetime = :datetime", "#region = :region", "#cert = :cert"]
         removes = ["#token", "#lease", "#error"]
         for name, value in (("#fingerprint", fingerprint), ("#country", country), ("#reason", reason),
-                            ("#certkey", public_key)):
+                            ("#certkey", public_key), ("#expires", expires)):
             if value:
                 values[":" + name[1:]] = {"S": value}
                 sets.append(f"{name} = :{name[1:]}")
@@ -257,7 +261,7 @@ class DynamoDbRegistry:
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
                                                                  "#lease", "#error", "#fingerprint", "#country",
-                                                                 "#reason", "#certkey")},
+                                                                 "#reason", "#certkey", "#expires")},
                 ExpressionAttributeValues=values)
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
@@ -326,13 +330,13 @@ class DynamoDbRegistry:
                 "update_item", TableName=self._table, Key=self._key(thing_name),
                 UpdateExpression="SET #status = :unprovisioned REMOVE #datetime, #region, #cert, #fingerprint, "
                                  "#country, #reason, #token, #lease, #error, "
-                                 "#certkey, #prevcert, #prevkey, #prevregion, #retire, #rtoken, #rlease",
+                                 "#certkey, #prevcert, #prevkey, #prevregion, #retire, #rtoken, #rlease, #expires",
                 ConditionExpression="attribute_exists(#name)",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#datetime", "#region", "#cert",
                                                                  "#fingerprint", "#country", "#reason", "#token",
                                                                  "#lease", "#error", "#certkey", "#prevcert",
                                                                  "#prevkey", "#prevregion", "#retire", "#rtoken",
-                                                                 "#rlease")},
+                                                                 "#rlease", "#expires")},
                 ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}}, ReturnValues="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
@@ -399,6 +403,11 @@ class DynamoDbRegistry:
             if value:
                 values[":" + name[1:]] = {"S": value}
                 sets.append(f"{name} = :{name[1:]}")
+        if renewed.expires:
+            values[":expires"] = {"S": renewed.expires}
+            sets.append("#expires = :expires")
+        else:
+            removes.append("#expires")
         condition = "#rtoken = :token AND #status = :provisioned"
         if "S" in old.get("certificate_id", {}):
             condition += " AND #cert = :oldcert"

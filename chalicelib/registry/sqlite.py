@@ -45,10 +45,12 @@ CREATE TABLE IF NOT EXISTS nonces (
 # Renewal's columns, added to a registry made before renewal existed (SQLite adds a column in place).
 _RENEWAL_COLUMNS = {"certificate_public_key": "TEXT", "previous_certificate_id": "TEXT", "previous_public_key": "TEXT",
                     "previous_region": "TEXT", "retire_pending": "INTEGER", "renewal_count": "INTEGER",
-                    "last_renewal": "TEXT", "renewal_token": "TEXT", "renewal_lease": "REAL"}
+                    "last_renewal": "TEXT", "renewal_token": "TEXT", "renewal_lease": "REAL",
+                    "certificate_expires": "TEXT"}
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
-                   "attributes", "renewal_count", "last_renewal", "previous_certificate_id", "previous_region")
+                   "attributes", "renewal_count", "last_renewal", "previous_certificate_id", "previous_region",
+                   "certificate_expires", "retire_pending", "renewal_lease")
 _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all inside one transaction
 
 
@@ -146,13 +148,13 @@ class SqliteRegistry:
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
-                 public_key: str | None = None) -> None:
+                 public_key: str | None = None, expires: str | None = None) -> None:
         changed = self._db().execute(
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
             "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
-            "certificate_public_key = ?, "
+            "certificate_public_key = ?, certificate_expires = ?, "
             "last_error = NULL WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, country, reason, public_key,
+            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, country, reason, public_key, expires,
              claim.thing_name, PROVISIONING, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
@@ -195,6 +197,7 @@ class SqliteRegistry:
                 "claim_token = NULL, lease_expires = NULL, "
                 "certificate_public_key = NULL, previous_certificate_id = NULL, previous_public_key = NULL, "
                 "previous_region = NULL, retire_pending = NULL, renewal_token = NULL, renewal_lease = NULL, "
+                "certificate_expires = NULL, "
                 "last_error = NULL WHERE thing_name = ?", (thing_name,))
             db.execute("COMMIT")
         except BaseException:
@@ -253,11 +256,12 @@ class SqliteRegistry:
             "UPDATE devices SET previous_certificate_id = certificate_id, previous_public_key = certificate_public_key, "
             "previous_region = aws_region, retire_pending = 1, aws_region = ?, certificate_id = ?, "
             "certificate_public_key = ?, public_key_fingerprint = ?, country = COALESCE(?, country), "
+            "certificate_expires = ?, "
             "region_reason = COALESCE(?, region_reason), renewal_count = COALESCE(renewal_count, 0) + 1, "
             "last_renewal = ?, renewal_token = NULL, renewal_lease = NULL, last_error = NULL "
             "WHERE thing_name = ? AND renewal_token = ? AND prov_status = ?",
             (renewed.region, renewed.certificate_id, renewed.public_key, renewed.fingerprint, renewed.country,
-             renewed.reason, _timestamp(now), claim.thing_name, claim.token, PROVISIONED)).rowcount
+             renewed.expires, renewed.reason, _timestamp(now), claim.thing_name, claim.token, PROVISIONED)).rowcount
         if changed != 1:
             raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded")
 
@@ -288,6 +292,8 @@ def _add_renewal_columns(db: sqlite3.Connection) -> None:
 
 def _item(row: sqlite3.Row) -> dict:
     item = {key: row[key] for key in row.keys() if row[key] is not None}
+    if "retire_pending" in item:
+        item["retire_pending"] = True
     if "attributes" in item:
         item["attributes"] = json.loads(item["attributes"])
     return item
