@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -208,11 +208,20 @@ def parse_since(text: str) -> datetime:
 
 
 _CSV_COLUMNS = ("thing_name", "prov_status", "aws_region", "prov_datetime", "certificate_id", "country",
-                "attempts", "last_error", "attributes")
+                "attempts", "last_error", "attributes", "certificate_expires", "renewal_count", "last_renewal")
+
+
+def expiring_within(items: list[dict], days: float, now: datetime) -> list[dict]:
+    """Provisioned devices whose certificate ends within `days` from now, soonest first."""
+    limit = timestamp(now + timedelta(days=days))
+    due = [item for item in items if item["prov_status"] == PROVISIONED and item.get("certificate_expires", "") <= limit]
+    return sorted(due, key=lambda item: item.get("certificate_expires", ""))
 
 
 def cmd_list(config: Settings, args) -> int:
     items = list(wiring.registry(config).list(args.status, args.region, args.since))
+    if args.expiring_within is not None:
+        items = expiring_within(items, args.expiring_within, utcnow())
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
@@ -225,6 +234,8 @@ def cmd_list(config: Settings, args) -> int:
             writer.writerow([item.get(c, "") for c in _CSV_COLUMNS])
         return 0
     columns = ("thing_name", "prov_status", "aws_region", "prov_datetime")
+    if args.expiring_within is not None:
+        columns += ("certificate_expires",)
     rows = [columns] + [tuple(item.get(c, "-") for c in columns) for item in items]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(columns))]
     for row in rows:
@@ -279,6 +290,10 @@ def cmd_show(config: Settings, args) -> int:
     if item is None:
         raise CommandError(f"{args.name} is not registered")
     item.setdefault("attempts", 0)  # never claimed yet
+    if item["prov_status"] == PROVISIONED:  # renewal history, also for devices never renewed
+        item["renewals"] = {"count": item.pop("renewal_count", 0), "last": item.pop("last_renewal", None),
+                            "previous_certificate_id": item.pop("previous_certificate_id", None),
+                            "previous_region": item.pop("previous_region", None)}
     if item.get("certificate_id") and item.get("aws_region"):
         found = wiring.issuer(config).certificate(item["certificate_id"], item["aws_region"])
         item["certificate"] = found and certificate_details(found)
@@ -307,11 +322,19 @@ def audit(config: Settings, registry, issuer, now: datetime) -> dict:
     # A live claim may be about to record its certificate: that certificate is not an orphan yet.
     live_claims = ({item["thing_name"] for item in items if item["prov_status"] == "provisioning"}
                    - {item["thing_name"] for item in stuck})
+    live_claims |= {item["thing_name"] for item in items if item.get("renewal_lease", 0) >= now.timestamp()}
+    # A renewal recorded but cut short before its previous certificate (and thing, after a move) was removed.
+    unfinished = [{"thing_name": item["thing_name"], "previous_certificate_id": item.get("previous_certificate_id"),
+                   "previous_region": item.get("previous_region"), "region": item.get("aws_region"),
+                   "move": item.get("previous_region") != item.get("aws_region")}
+                  for item in items if item.get("retire_pending")]
     referenced = {(item.get("aws_region"), item.get("certificate_id")) for item in items
                   if item["prov_status"] == "provisioned"}
+    referenced |= {(u["previous_region"], u["previous_certificate_id"]) for u in unfinished}
     orphans = [cert for region in config.enabled_regions for cert in issuer.active_certificates(region)
                if (region, cert["certificate_id"]) not in referenced and cert.get("thing_name") not in live_claims]
     placed = {(item.get("aws_region"), item["thing_name"]) for item in items if item["prov_status"] == "provisioned"}
+    placed |= {(u["previous_region"], u["thing_name"]) for u in unfinished}
     things = [{"thing_name": name, "region": region} for region in config.enabled_regions
               for name in issuer.things(region) if (region, name) not in placed and name not in live_claims]
     missing = []
@@ -321,8 +344,11 @@ def audit(config: Settings, registry, issuer, now: datetime) -> dict:
             if cert is None or cert["status"] != "ACTIVE":
                 missing.append({"thing_name": item["thing_name"], "certificate_id": item.get("certificate_id"),
                                 "region": item.get("aws_region"), "status": cert["status"] if cert else "gone"})
-    return {"stuck_claims": stuck, "orphan_certificates": orphans, "orphan_things": things,
-            "missing_certificates": missing}
+    found = {"stuck_claims": stuck, "orphan_certificates": orphans, "orphan_things": things,
+             "missing_certificates": missing}
+    if unfinished:  # only when there is one, so audits of fleets that never renewed read as before
+        found["unfinished_renewals"] = unfinished
+    return found
 
 
 def cmd_audit(config: Settings, args) -> int:
@@ -334,8 +360,13 @@ def cmd_audit(config: Settings, args) -> int:
         for item in found["stuck_claims"]:
             if registry.release_stuck(item["thing_name"], now):
                 fixed.append(f"released the expired claim on {item['thing_name']}")
+        in_use = {(item.get("aws_region"), item["thing_name"]) for item in registry.list(PROVISIONED)}
         for cert in found["orphan_certificates"]:
-            issuer.revoke(CertificateRef(cert["region"], cert["certificate_id"], cert.get("thing_name")))
+            ref = CertificateRef(cert["region"], cert["certificate_id"], cert.get("thing_name"))
+            if (ref.region, ref.thing_name) in in_use:  # a renewal's leftover: the thing holds the current one
+                issuer.retire(ref, delete_thing=False)
+            else:
+                issuer.revoke(ref)
             fixed.append(f"revoked orphan certificate {cert['certificate_id']} in {cert['region']}"
                          f" (thing {cert.get('thing_name')})")
         for thing in found["orphan_things"]:
@@ -346,6 +377,13 @@ def cmd_audit(config: Settings, args) -> int:
             issuer.delete_thing(item["region"], item["thing_name"])
             registry.reset(item["thing_name"])
             fixed.append(f"reset {item['thing_name']} (its certificate is {item['status']}) to unprovisioned")
+        for item in found.get("unfinished_renewals", []):
+            issuer.retire(CertificateRef(item["previous_region"], item["previous_certificate_id"], item["thing_name"]),
+                          delete_thing=item["move"])
+            registry.previous_retired(item["thing_name"], item["previous_certificate_id"])
+            fixed.append(f"finished the {'move' if item['move'] else 'renewal'} of {item['thing_name']}: revoked "
+                         f"{item['previous_certificate_id']} in {item['previous_region']}"
+                         + (" and deleted the thing there" if item["move"] else ""))
     if args.json:
         print(json.dumps({**found, "fixed": fixed}, indent=2, default=str))
     else:
@@ -359,6 +397,10 @@ def cmd_audit(config: Settings, args) -> int:
         for item in found["missing_certificates"]:
             print(f"missing certificate: {item['thing_name']} refers to {item['certificate_id']} "
                   f"in {item['region']}, which is {item['status']}")
+        for item in found.get("unfinished_renewals", []):
+            print(f"unfinished {'move' if item['move'] else 'renewal'}: {item['thing_name']} now has a certificate in "
+                  f"{item['region']}; its previous certificate {item['previous_certificate_id']} in "
+                  f"{item['previous_region']} is not removed yet")
         for line in fixed:
             print(f"fixed: {line}")
         total = sum(len(v) for v in found.values())
@@ -433,6 +475,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="only devices provisioned in this region")
     p.add_argument("--since", type=parse_since, metavar="DATE",
                    help="only devices provisioned at or after DATE (ISO date or date-time; UTC unless it says)")
+    p.add_argument("--expiring-within", type=float, metavar="DAYS",
+                   help="only provisioned devices whose certificate expires within DAYS, soonest first "
+                        "(devices that renew by themselves do so 30 days before)")
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")

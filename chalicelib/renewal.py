@@ -151,11 +151,14 @@ class RenewalService:
                     timestamp(certificate.not_valid_after_utc), choice.country if not in_place else None,
                     RELOCATED if not in_place else None), self._clock())
         except Exception as exc:
-            with steps.step("rollback"):
-                self._undo(claim, issued, in_place, exc)
-            if isinstance(exc, ProvisioningError):
-                raise
-            raise ServiceUnavailable("renewal failed on the server side; try again later") from exc
+            if issued is None or not self._recorded(request.thing_name, issued):
+                with steps.step("rollback"):
+                    self._undo(claim, issued, in_place, exc)
+                if isinstance(exc, ProvisioningError):
+                    raise
+                raise ServiceUnavailable("renewal failed on the server side; try again later") from exc
+            log.warning("renewal of %s: the record's answer failed (%s) but the record is there",
+                        request.thing_name, type(exc).__name__)
         with steps.step("retire"):
             try:
                 self._retire(RenewalState(request.thing_name, True, choice.region, issued.certificate_id,
@@ -216,6 +219,18 @@ class RenewalService:
         issued = IssuedCertificate(state.region, state.certificate_id, cert["certificate_pem"],
                                    self._issuer.endpoint(state.region), thing_name=state.thing_name)
         return RenewalResult(state.thing_name, choice, issued, state.previous_certificate_id, recovered=True)
+
+    def _recorded(self, thing_name: str, issued: IssuedCertificate) -> bool:
+        """Whether a record whose answer failed (a timeout, a lost connection) was written after all."""
+        try:
+            state = self._registry.renewal_state(thing_name)
+        except Exception as exc:
+            # Undoing a certificate that may be recorded could leave the device with none: leave it to the
+            # audit (an orphan once the lease ends) and to the device's retry (a lost-answer recovery).
+            log.exception("renewal of %s: cannot tell whether certificate %s was recorded", thing_name,
+                          issued.certificate_id)
+            raise ServiceUnavailable("renewal failed on the server side; try again later") from exc
+        return state is not None and state.certificate_id == issued.certificate_id
 
     def _recovered_meanwhile(self, request: RenewalRequest, seen: RenewalState,
                              client_ip: str) -> RenewalResult | None:

@@ -288,3 +288,188 @@ def test_a_renewal_in_flight_answers_409_with_retry_after(backend):
                                     body=json.dumps(device.body(make_csr("dev-1")[0])))
     assert response.status_code == 409 and json.loads(response.body)["code"] == "renewal-in-progress"
     assert 1 <= int(response.headers["Retry-After"]) <= 30
+
+
+# ------------------------------------------------------------------------------------------- relocation
+
+@pytest.mark.parametrize("setting, moves", [("never", False), ("nearest", True), ("distance:1000", True),
+                                            ("distance:10000", False)])
+def test_relocation_london_to_tokyo_under_each_policy(backend, setting, moves):
+    b = backend
+    device = Device(b, "dev-1", LONDON_IP)
+    assert device.region == "eu-west-2"
+    result = renewals(b, setting).renew(device.request(make_csr("dev-1")[0]), TOKYO_IP)
+    expected = "ap-northeast-1" if moves else "eu-west-2"
+    assert (result.choice.region, result.choice.reason) == (expected, "relocated" if moves else "renewal")
+    body = result.response_body()
+    assert body["region"] == expected and body["endpointAddress"] == b.issuer.endpoint(expected).address
+    assert body["endpointPort"] == b.issuer.endpoint(expected).port
+    assert_renewed(b, device, result, device.certificate_id)  # aws: the thing lives in the new region only
+    item = b.registry.get("dev-1")
+    assert item["previous_region"] == "eu-west-2" and item["aws_region"] == expected
+    if moves:
+        assert item["country"] == "JP" and item["region_reason"] == "relocated"
+
+
+def test_a_region_rule_moves_a_device_even_under_never(backend):
+    b = backend
+    device = Device(b, "dev-1", LONDON_IP)
+    rules = RegionPolicy(REGIONS, DEFAULT, countries={"GB": "ap-northeast-1"})  # say, data residency
+    result = renewals(b, "never", regions=rules).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    assert (result.choice.region, result.choice.reason) == ("ap-northeast-1", "relocated")
+    assert_renewed(b, device, result, device.certificate_id)
+
+
+# ------------------------------------------------------------------------------------------- faults
+
+class Faulty:
+    """A port with one method that fails: before doing anything, or after doing its work (its answer lost)."""
+
+    def __init__(self, inner, method: str, after: bool = False):
+        self.inner, self.method, self.after, self.calls = inner, method, after, 0
+
+    def __getattr__(self, name):
+        real = getattr(self.inner, name)
+        if name != self.method:
+            return real
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.after:
+                real(*args, **kwargs)
+            raise ServiceUnavailable(f"injected: {name} failed")
+        return call
+
+
+def settle_and_check(b, device: Device, service_parts: dict, ip: str, previous_active: bool = False) -> None:
+    """After a fault: the registry names one certificate, the only active one (once the audit ran when the fault
+    left something to it); and the device renews again."""
+    item = b.registry.get(device.thing)
+    current = (item["aws_region"], item["certificate_id"])
+    found = b.audit(now() + timedelta(seconds=LEASE + 1))  # after any renewal lease has ended
+    if found != EMPTY_AUDIT:
+        assert b.cli("audit", "--fix") == 0
+    assert b.audit() == EMPTY_AUDIT
+    assert b.active_certificates(device.thing) == {current}
+    if b.name == "aws":
+        assert b.things(device.thing) == [current[0]]
+    assert b.registry.get(device.thing)["certificate_id"] == current[1]
+    # The device holds whichever certificate is current now, and renews again with a plain service.
+    if current[1] != device.certificate_id:
+        device.certificate_id, device.region = current[1], current[0]
+        device.key = service_parts["new_key"]
+    result = renewals(b, "nearest").renew(device.request(make_csr(device.thing)[0]), ip)
+    assert_renewed(b, device, result, current[1])
+
+
+FAULTS = [  # (port, method, after): where a renewal or a move fails
+    ("issuer", "issue_renewal", False),   # AWS IoT refuses: nothing was made
+    ("issuer", "issue_renewal", True),    # made, but the answer was lost: an orphan for the audit
+    ("registry", "complete_renewal", False),  # the record fails: the new certificate is undone
+    ("registry", "complete_renewal", True),   # recorded, but the answer was lost: it is a success
+    ("issuer", "retire", False),          # the previous certificate stays until the next renewal or the audit
+]
+
+
+@pytest.mark.parametrize("ip", [LONDON_IP, TOKYO_IP], ids=["in-place", "move"])
+@pytest.mark.parametrize("port, method, after", FAULTS, ids=[f"{m}-{'after' if a else 'before'}" for _, m, a in FAULTS])
+def test_a_fault_at_any_step_leaves_one_active_certificate(backend, ip, port, method, after):
+    b = backend
+    device = Device(b, "dev-1", LONDON_IP)
+    faulty = Faulty(getattr(b, port), method, after)
+    csr_pem, new_key = make_csr("dev-1")
+    service = renewals(b, "nearest", **{port: faulty})
+    try:
+        result = service.renew(device.request(csr_pem), ip)
+    except ServiceUnavailable:
+        result = None
+    assert faulty.calls == 1
+    succeeded = (method, after) in (("complete_renewal", True), ("retire", False))
+    assert (result is not None) == succeeded
+    item = b.registry.get("dev-1")
+    assert item["certificate_id"] == (result.issued.certificate_id if succeeded else device.certificate_id)
+    if method == "retire":  # the answer went out; the previous certificate waits, and the audit knows
+        unfinished = b.audit()["unfinished_renewals"]
+        assert unfinished == [{"thing_name": "dev-1", "previous_certificate_id": device.certificate_id,
+                               "previous_region": "eu-west-2", "region": result.choice.region,
+                               "move": ip == TOKYO_IP}]
+    settle_and_check(b, device, {"new_key": new_key}, ip)
+
+
+def test_the_next_renewal_finishes_an_unfinished_one(backend):
+    b = backend
+    device = Device(b, "dev-1", LONDON_IP)
+    csr_pem, new_key = make_csr("dev-1")
+    first = renewals(b, "nearest", issuer=Faulty(b.issuer, "retire")).renew(device.request(csr_pem), TOKYO_IP)
+    assert len(b.active_certificates("dev-1")) == 2
+    old = device.certificate_id
+    device.took(first, new_key)
+    second = renewals(b, "nearest").renew(device.request(make_csr("dev-1")[0]), TOKYO_IP)
+    assert_renewed(b, device, second, first.issued.certificate_id)
+    assert (("eu-west-2", old)) not in b.active_certificates("dev-1")
+
+
+def test_aws_faults_from_botocore_hooks(backend):
+    """The AWS issuer's own failures: a throttled CreateCertificateFromCsr, a failed attach (issue undoes its own
+    steps, and in place never deletes the device's thing) and a failed revocation of the previous certificate."""
+    b = backend
+    if b.name != "aws":
+        pytest.skip("botocore hooks exist on the AWS backend only")
+    device = Device(b, "dev-1", LONDON_IP)
+    iot = b.iot["eu-west-2"]
+
+    def throttled(**_):
+        from botocore.exceptions import ClientError
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}},
+                          "CreateCertificateFromCsr")
+
+    def broken(**_):
+        raise RuntimeError("injected")
+
+    for event, handler in (("before-call.iot.CreateCertificateFromCsr", throttled),
+                           ("before-call.iot.AttachThingPrincipal", broken)):
+        iot.meta.events.register(event, handler)
+        with pytest.raises(ServiceUnavailable):
+            renewals(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+        iot.meta.events.unregister(event, handler)
+        assert b.active_certificates("dev-1") == {("eu-west-2", device.certificate_id)}
+        assert b.things("dev-1") == ["eu-west-2"]
+        assert b.look["eu-west-2"].list_thing_principals(thingName="dev-1")["principals"][0].endswith(
+            device.certificate_id)
+        assert b.audit() == EMPTY_AUDIT
+    iot.meta.events.register("before-call.iot.UpdateCertificate", broken)
+    result = renewals(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    iot.meta.events.unregister("before-call.iot.UpdateCertificate", broken)
+    assert b.audit()["unfinished_renewals"][0]["previous_certificate_id"] == device.certificate_id
+    assert b.cli("audit", "--fix") == 0
+    assert b.active_certificates("dev-1") == {("eu-west-2", result.issued.certificate_id)}
+    assert b.audit() == EMPTY_AUDIT
+
+
+# ------------------------------------------------------------------------------------------- operators
+
+def test_admin_show_prints_the_renewal_history_and_list_finds_expiring_devices(backend, capsys):
+    b = backend
+    device = Device(b, "dev-1")
+    Device(b, "dev-2")
+    capsys.readouterr()
+    assert b.cli("show", "dev-2") == 0
+    assert json.loads(capsys.readouterr().out)["renewals"] == {"count": 0, "last": None,
+                                                               "previous_certificate_id": None,
+                                                               "previous_region": None}
+    result = renewals(b, "nearest").renew(device.request(make_csr("dev-1")[0]), TOKYO_IP)
+    assert b.cli("show", "dev-1") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["renewals"]["count"] == 1 and shown["renewals"]["last"]
+    assert shown["renewals"]["previous_certificate_id"] == device.certificate_id
+    assert shown["renewals"]["previous_region"] == "eu-west-2"
+    assert shown["certificate"]["certificate_id"] == result.issued.certificate_id
+    assert shown["certificate"]["region"] == "ap-northeast-1"
+
+    expires = {i["thing_name"]: i["certificate_expires"] for i in b.registry.list("provisioned")}
+    days = (datetime.strptime(max(expires.values()), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            - now()).total_seconds() / 86400
+    assert b.cli("list", "--expiring-within", str(days + 1), "--json") == 0
+    assert sorted(i["thing_name"] for i in json.loads(capsys.readouterr().out)) == ["dev-1", "dev-2"]
+    assert b.cli("list", "--expiring-within", str(days - 2), "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []
