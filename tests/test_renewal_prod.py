@@ -1,0 +1,49 @@
+"""Renewal on the prod stage's wiring (DynamoDB, AWS IoT in several regions) under moto, through the HTTP route:
+the AWS actions a renewal and a move really call are all granted by .chalice/policy-prod.json (no new ones)."""
+import json
+
+import boto3
+from chalice.test import Client
+
+from app import app
+from chalicelib import wiring
+from chalicelib.config import PROJECT_DIR
+from chalicelib.provisioning import ProvisioningRequest
+from chalicelib.renewal import RenewalRequest
+from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from tests.test_prod_stage import _policy_actions, _record_actions, body, prod  # noqa: F401 (fixture)
+from tests.test_renewal import renewal_body
+
+
+def test_renewal_and_move_on_prod_call_only_granted_actions(prod):
+    settings, fleet_key, http = prod
+    http.get("https://api.ipstack.com/" + LONDON_IP, json={"latitude": 51.5, "longitude": -0.12, "country_code": "GB"})
+    http.get("https://api.ipstack.com/" + TOKYO_IP, json={"latitude": 35.7, "longitude": 139.7, "country_code": "JP"})
+    csr_pem, key = make_csr("mydevice1")
+    first = wiring.service().provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice1", csr_pem)),
+                                       LONDON_IP)
+    assert first.choice.region == "eu-west-2"
+    actions: set = set()
+    _record_actions(settings, actions)
+    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        def renew(certificate_id, signing_key, ip):
+            new_csr, new_key = make_csr("mydevice1")
+            response = client.http.post("/device-renewal", headers={"Content-Type": "application/json"},
+                                        body=json.dumps(renewal_body("mydevice1", certificate_id, signing_key,
+                                                                     new_csr)))
+            assert response.status_code == 200, response.body
+            return json.loads(response.body), new_key
+
+        # chalice's test gateway reports 127.0.0.1 (prod ignores X-Forwarded-For): an unknown place stays put.
+        in_place, key = renew(first.issued.certificate_id, key, LONDON_IP)
+        assert (in_place["region"], in_place["reason"]) == ("eu-west-2", "renewal")
+    # A move needs a located caller: the same service, called as the route would from Tokyo.
+    moved = wiring.renewal_service().renew(RenewalRequest.from_body(renewal_body(
+        "mydevice1", in_place["certificateId"], key, make_csr("mydevice1")[0])), TOKYO_IP)
+    assert (moved.choice.region, moved.choice.reason) == ("ap-northeast-1", "relocated")
+    assert actions <= _policy_actions(), actions - _policy_actions()
+    assert {"iot:DeleteThing", "iot:CreateThing", "iot:UpdateCertificate", "dynamodb:UpdateItem"} <= actions
+    tokyo, london = (boto3.client("iot", region_name=r) for r in ("ap-northeast-1", "eu-west-2"))
+    assert "mydevice1" in [t["thingName"] for t in tokyo.list_things()["things"]]
+    assert "mydevice1" not in [t["thingName"] for t in london.list_things()["things"]]
+    assert wiring.registry(settings).get("mydevice1")["aws_region"] == "ap-northeast-1"
