@@ -27,7 +27,7 @@ from chalicelib.observability import Steps
 from chalicelib.provisioning import (THING_NAME, ProvisioningResult, _required_text, key_fingerprint, parse_csr,
                                      public_key_pem)
 from chalicelib.regions import RegionChoice, RegionPolicy
-from chalicelib.registry.base import RenewalRegistry, RenewalState, RenewedCertificate
+from chalicelib.registry.base import Claim, RenewalRegistry, RenewalState, RenewedCertificate
 from chalicelib.relocation import RELOCATED, RENEWAL, RelocationPolicy
 from chalicelib.signatures import decode_signature, parse_timestamp, renew_v1_text, verifies
 
@@ -248,7 +248,7 @@ class RenewalService:
                                            arn), delete_thing=state.previous_region != state.region)
         self._registry.previous_retired(state.thing_name, state.previous_certificate_id)
 
-    def _undo(self, claim, issued: IssuedCertificate | None, in_place: bool, cause: Exception) -> None:
+    def _undo(self, claim: Claim, issued: IssuedCertificate | None, in_place: bool, cause: Exception) -> None:
         log.error("renewal of %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
         error = f"renewal: {type(cause).__name__}: {cause}"
         if issued is not None:

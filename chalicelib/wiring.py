@@ -8,13 +8,15 @@ from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
 from chalicelib.provisioning import ProvisioningService
+from chalicelib.relocation import RelocationPolicy
+from chalicelib.renewal import RenewalService
 from chalicelib.regions import RegionPolicy
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
 
 _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
-_renewal = None  # RenewalService, built on first use
+_renewal: RenewalService | None = None
 _aws = None
 
 
@@ -42,7 +44,6 @@ def region_policy(config: Settings) -> RegionPolicy:
 
 def validate() -> None:
     """Fail at startup, not on the first device, when the stage's settings are wrong (cheap: no I/O)."""
-    from chalicelib.relocation import RelocationPolicy
     region_policy(settings())
     RelocationPolicy.parse(settings().relocation)
 
@@ -106,16 +107,14 @@ def service() -> ProvisioningService:
     return _service
 
 
-def build_renewal_service(config: Settings):
-    from chalicelib.relocation import RelocationPolicy
-    from chalicelib.renewal import RenewalService
+def build_renewal_service(config: Settings) -> RenewalService:
     policy = region_policy(config)
     return RenewalService(registry=registry(config), issuer=issuer(config, policy), locator=locator(config),
                           regions=policy, relocation=RelocationPolicy.parse(config.relocation),
                           lease_seconds=config.claim_lease_seconds, skew_seconds=config.timestamp_skew_seconds)
 
 
-def renewal_service():
+def renewal_service() -> RenewalService:
     global _renewal
     if _renewal is None:
         with _lock:

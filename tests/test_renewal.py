@@ -27,7 +27,10 @@ from chalicelib.relocation import RelocationPolicy
 from chalicelib.renewal import RenewalRequest, RenewalService
 from chalicelib.signatures import renew_v1_text
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
-from tests.test_exactly_once import DEFAULT, LEASE, REGIONS, backend  # noqa: F401 (the two-backend fixture)
+from tests import test_exactly_once
+from tests.test_exactly_once import DEFAULT, LEASE, REGIONS
+
+backend = test_exactly_once.backend  # the two-backend fixture: SQLite + local CA, DynamoDB + AWS IoT (moto)
 
 EMPTY_AUDIT = {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
 
@@ -75,8 +78,9 @@ class Device:
 
 
 def renewals(b, relocation: str = "distance:1000", **parts) -> RenewalService:
-    args = dict(registry=b.registry, issuer=b.issuer, locator=b.locator, regions=RegionPolicy(REGIONS, DEFAULT),
-                relocation=RelocationPolicy.parse(relocation), lease_seconds=LEASE)
+    args = {"registry": b.registry, "issuer": b.issuer, "locator": b.locator,
+            "regions": RegionPolicy(REGIONS, DEFAULT), "relocation": RelocationPolicy.parse(relocation),
+            "lease_seconds": LEASE}
     args.update(parts)
     return RenewalService(**args)
 
@@ -121,7 +125,7 @@ def test_renewal_in_place_with_a_csr_gives_a_certificate_for_the_new_key(backend
     # And again, signed with the new key: the history grows.
     first = result.issued.certificate_id
     device.took(result, new_key)
-    csr_pem, newer_key = make_csr("dev-1")
+    csr_pem, _ = make_csr("dev-1")
     again = renewals(b).renew(device.request(csr_pem), LONDON_IP)
     assert_renewed(b, device, again, first)
     assert b.registry.get("dev-1")["renewal_count"] == 2

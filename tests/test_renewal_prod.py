@@ -11,9 +11,11 @@ from chalicelib.config import PROJECT_DIR
 from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.renewal import RenewalRequest
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
-from tests.test_prod_stage import _policy_actions, _record_actions, body, prod  # noqa: F401 (fixture)
+from tests import test_prod_stage
+from tests.test_prod_stage import _policy_actions, _record_actions, body
 from tests.test_renewal import renewal_body
 
+prod = test_prod_stage.prod  # the prod stage's settings and AWS under moto
 
 def test_renewal_and_move_on_prod_call_only_granted_actions(prod):
     settings, fleet_key, http = prod

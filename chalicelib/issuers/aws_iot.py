@@ -256,7 +256,7 @@ class AwsIotIssuer:
         if self._run(steps, thing, region, previous.certificate_id):
             raise ServiceUnavailable(f"retiring certificate {previous.certificate_id} in {region} is incomplete")
 
-    def _undo(self, client, region: str, thing_name: str | None, cert: dict | None,
+    def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict | None,
               attached_to: str | None = None) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any.
 
@@ -278,7 +278,7 @@ class AwsIotIssuer:
             # AWS answers InvalidRequestException while the thing still has a principal attached.
             steps.append(("delete thing", lambda: _after_detach(
                 "InvalidRequestException", client.delete_thing, thingName=thing_name)))
-        return self._run(steps, thing_name, region, cert and cert["certificateId"])
+        return self._run(steps, thing_name, region, cert["certificateId"] if cert else None)
 
     @staticmethod
     def _run(steps: list[tuple[str, Callable[[], Any]]], thing_name: str | None, region: str,
