@@ -213,6 +213,12 @@ class RenewalService:
         cert = self._issuer.certificate(state.certificate_id, state.region)
         if cert is None or cert["status"] != "ACTIVE":
             raise refused()
+        if state.retire_pending:  # the renewal whose answer was lost may have died before retiring its previous
+            try:
+                self._retire(state)
+            except Exception:
+                log.exception("renewal of %s: the previous certificate %s in %s is not retired yet",
+                              state.thing_name, state.previous_certificate_id, state.previous_region)
         location = self._locator.locate(client_ip)
         choice = RegionChoice(state.region, self._regions.distance_km(location, state.region), RENEWAL,
                               location.country if location else None)

@@ -5,11 +5,16 @@ The local CA issues one-day certificates here (GIP_CERT_VALIDITY_DAYS=1), so a d
 """
 import json
 import os
+import signal
+import sqlite3
 import stat
+import threading
+import time
 
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from chalicelib import admin
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
@@ -18,6 +23,7 @@ from devstack.monitor import Monitor
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
 from tests.test_e2e import device_files, messages_by_region, run_device
+from tests.test_exactly_once_e2e import _chalice_of, audit, body, certificates, prepare_state
 from tests.test_renewal import renewal_body
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None,
@@ -130,3 +136,118 @@ def test_black_box_refusals_and_lost_answer_over_http(stack):
     status, again = post(retry)
     assert status == 200 and json.loads(again) == json.loads(first)
     assert json.loads(first)["previousCertificateId"] == current
+
+
+# --- kill -9 in the middle of a renewal --------------------------------------------------------------------------
+
+def _kill_mid_renewal(stack, thing: str, old: str, request, after_record: bool) -> None:
+    """Send `request` from a thread and SIGKILL chalice local in the middle of the renewal: once the new certificate
+    exists but before it is recorded (the registry's write lock is held), or `after_record`, before the previous
+    certificate is revoked (the CA records' write lock is held, the registry's let go)."""
+    settings = stack.settings
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            outcome["response"] = request()
+        except requests.RequestException as exc:
+            outcome["error"] = exc
+
+    def token(db) -> tuple:
+        return db.execute("SELECT renewal_token, certificate_id FROM devices WHERE thing_name = ?", (thing,)).fetchone()
+
+    caller = threading.Thread(target=call)
+    registry = sqlite3.connect(settings.registry_path, isolation_level=None, timeout=5)
+    ca = sqlite3.connect(settings.ca_dir / "certificates.sqlite3", isolation_level=None, timeout=5)
+    before = token(registry)[0]  # an earlier, dead renewal's token may still be there
+    issued_before = len(certificates(settings.ca_dir, thing))
+
+    def lease_taken(db) -> bool:
+        now_token, current = token(db)
+        return now_token is not None and now_token != before and current == old
+
+    try:
+        caller.start()
+        deadline = time.monotonic() + 30
+        while True:  # hold the registry once the renewal has its lease: it cannot record now
+            if lease_taken(registry):
+                registry.execute("BEGIN IMMEDIATE")
+                if lease_taken(registry):
+                    break
+                registry.execute("ROLLBACK")
+            assert caller.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.001)
+        while len(certificates(settings.ca_dir, thing)) == issued_before:  # the new certificate is made meanwhile
+            assert time.monotonic() < deadline, "no certificate was issued while the record was held"
+            time.sleep(0.005)
+        if after_record:
+            ca.execute("BEGIN IMMEDIATE")  # the server is waiting on the registry, not writing here
+            registry.execute("ROLLBACK")  # let it record; it then waits to revoke the previous certificate
+            while SqliteRegistry(settings.registry_path).get(thing)["certificate_id"] == old:
+                assert time.monotonic() < deadline, "the renewal was never recorded"
+                time.sleep(0.005)
+        time.sleep(0.3)  # the server is at its next write, waiting on the lock we hold
+        chalice = _chalice_of(stack.processes)
+        os.kill(chalice.pid, signal.SIGKILL)
+        assert chalice.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        for db in (registry, ca):
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.close()
+    caller.join(30)
+    assert "error" in outcome, outcome  # the device never got an answer
+
+
+def _restart(stack, settings):
+    stack.stop()
+    return LocalStack(settings, free_port(), quiet=True).start()
+
+
+def test_kill_9_mid_renewal_is_settled_by_the_audit_and_by_the_next_request(tmp_path, monkeypatch, capsys):
+    state = tmp_path / "state"
+    settings, fleet_key = prepare_state(monkeypatch, state, lease_seconds=3, cut=2)
+    stack = LocalStack(settings, free_port(), quiet=True).start()
+    registry = SqliteRegistry(settings.registry_path)
+    try:
+        csr_pem, key = make_csr("cut1", ec.generate_private_key(ec.SECP256R1()))
+        provisioned = requests.post(stack.api_url + "/device-provisioning", json=body(fleet_key, "cut1", csr_pem),
+                                    headers={"X-Forwarded-For": LONDON_IP}, timeout=30).json()
+        old = provisioned["certificateId"]
+        new_csr, _ = make_csr("cut1")
+
+        def renew():
+            return requests.post(stack.api_url + "/device-renewal", json=renewal_body("cut1", old, key, new_csr),
+                                 headers={"X-Forwarded-For": LONDON_IP}, timeout=60)
+
+        # 1. Killed after the new certificate exists, before it is recorded (the registry is held).
+        _kill_mid_renewal(stack, "cut1", old, renew, after_record=False)
+        [orphan] = [c for c in certificates(settings.ca_dir, "cut1") if c["certificate_id"] != old]
+        assert orphan["status"] == "ACTIVE" and registry.get("cut1")["certificate_id"] == old
+        stack = _restart(stack, settings)
+        time.sleep(3.5)  # the dead renewal's lease ends
+        code, found = audit(state, capsys)
+        assert code == 1 and [c["certificate_id"] for c in found["orphan_certificates"]] == [orphan["certificate_id"]]
+        assert audit(state, capsys, "--fix")[0] == 0
+        assert audit(state, capsys)[0] == 0
+        assert {c["certificate_id"]: c["status"] for c in certificates(settings.ca_dir, "cut1")} == {
+            old: "ACTIVE", orphan["certificate_id"]: "REVOKED"}
+
+        # 2. Killed after the record, before the previous certificate is revoked (the CA's records are held).
+        _kill_mid_renewal(stack, "cut1", old, renew, after_record=True)
+        item = registry.get("cut1")
+        current = item["certificate_id"]
+        assert item["retire_pending"] and item["previous_certificate_id"] == old
+        assert certificates(settings.ca_dir, "cut1")[0]["status"] == "ACTIVE"  # two active for now ...
+        code, found = audit(state, capsys)
+        assert code == 1 and found["unfinished_renewals"][0]["previous_certificate_id"] == old
+        stack = _restart(stack, settings)
+        # ... until the device, which never got its answer, asks again: the same certificate, and the rest done.
+        response = renew()
+        assert response.status_code == 200 and response.json()["certificateId"] == current
+        assert {c["certificate_id"]: c["status"] for c in certificates(settings.ca_dir, "cut1")} == {
+            old: "REVOKED", orphan["certificate_id"]: "REVOKED", current: "ACTIVE"}
+        assert audit(state, capsys)[0] == 0
+        assert "retire_pending" not in registry.get("cut1")
+    finally:
+        stack.stop()
