@@ -12,66 +12,33 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from chalicelib.clock import timestamp, utcnow
-from chalicelib.errors import (RENEWAL_REFUSED, MalformedRequest, ProvisioningError, RenewalRefused,
-                               ServiceUnavailable, SignatureInvalid)
+from chalicelib.errors import (
+    RENEWAL_REFUSED,
+    IssueIncomplete,
+    MalformedRequest,
+    ProvisioningError,
+    RenewalRefused,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
 from chalicelib.geo import GeoLocator
-from chalicelib.issuers.base import CertificateRef, IssuedCertificate, Issuer
+from chalicelib.issuers.base import CertificateInfo, CertificateRef, IssuedCertificate, RenewalIssuer
 from chalicelib.observability import Steps
-from chalicelib.provisioning import (THING_NAME, ProvisioningResult, _required_text, key_fingerprint, parse_csr,
-                                     public_key_pem)
+from chalicelib.provisioning import key_fingerprint, public_key_pem
 from chalicelib.regions import RegionChoice, RegionPolicy
-from chalicelib.registry.base import Claim, RenewalRegistry, RenewalState, RenewedCertificate
+from chalicelib.registry.base import Claim, Nonce, RenewalRegistry, RenewalState, RenewedCertificate
 from chalicelib.relocation import RELOCATED, RENEWAL, RelocationPolicy
-from chalicelib.signatures import decode_signature, parse_timestamp, renew_v1_text, verifies
+from chalicelib.signatures import verifies
+from chalicelib.wire import RenewalRequest
 
 log = logging.getLogger(__name__)
-
-CERTIFICATE_ID_MAX = 128  # AWS IoT's are 64 hex digits, as are the local CA's
-
-
-@dataclass(frozen=True)
-class RenewalRequest:
-    thing_name: str
-    certificate_id: str
-    timestamp: str
-    nonce: str
-    signature: bytes
-    csr: x509.CertificateSigningRequest | None = None
-    csr_pem: str | None = None
-
-    def signed_text(self) -> bytes:
-        return renew_v1_text(self.thing_name, self.certificate_id, self.timestamp, self.nonce, self.csr_pem)
-
-    @classmethod
-    def from_body(cls, body: Any) -> "RenewalRequest":
-        """Check the wire format; anything wrong is a MalformedRequest naming the field and rule."""
-        if not isinstance(body, Mapping):
-            raise MalformedRequest("the body must be a JSON object")
-        thing_name = _required_text(body, "thing-name")
-        if not THING_NAME.fullmatch(thing_name):
-            raise MalformedRequest("thing-name must be 1-128 letters, digits, ':', '_' or '-'", "invalid-thing-name")
-        certificate_id = _required_text(body, "certificateId")
-        if len(certificate_id) > CERTIFICATE_ID_MAX or not certificate_id.isalnum():
-            raise MalformedRequest("certificateId must be the certificate id the device was given", "malformed-request")
-        timestamp, nonce = _required_text(body, "timestamp"), _required_text(body, "nonce")
-        parse_timestamp(timestamp)
-        if len(nonce) > 128:
-            raise MalformedRequest("nonce must be at most 128 characters", "malformed-nonce")
-        signature = decode_signature(_required_text(body, "signature"), "signature")
-        csr_pem = body.get("CSR")
-        if csr_pem is None or csr_pem == "":
-            return cls(thing_name, certificate_id, timestamp, nonce, signature)
-        if not isinstance(csr_pem, str):
-            raise MalformedRequest("CSR must be a PEM string", "malformed-csr")
-        return cls(thing_name, certificate_id, timestamp, nonce, signature, parse_csr(csr_pem, thing_name), csr_pem)
-
 
 @dataclass(frozen=True)
 class RenewalResult:
@@ -80,11 +47,7 @@ class RenewalResult:
     issued: IssuedCertificate
     previous_certificate_id: str
     recovered: bool = False  # the lost-answer rule gave back the current certificate; nothing was created
-
-    def response_body(self) -> dict:
-        body = ProvisioningResult(self.thing_name, self.choice, self.issued).response_body()
-        body["previousCertificateId"] = self.previous_certificate_id
-        return body
+    note: str | None = None  # wire.response_body's `message`; a renewal has nothing to explain
 
 
 def refused() -> RenewalRefused:
@@ -92,9 +55,9 @@ def refused() -> RenewalRefused:
 
 
 class RenewalService:
-    def __init__(self, registry: RenewalRegistry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
+    def __init__(self, registry: RenewalRegistry, issuer: RenewalIssuer, locator: GeoLocator, regions: RegionPolicy,
                  relocation: RelocationPolicy, lease_seconds: int = 120,
-                 clock: Callable[[], datetime] = utcnow, skew_seconds: int = 300):
+                 clock: Callable[[], datetime] = utcnow, skew_seconds: int = 300) -> None:
         self._registry = registry
         self._issuer = issuer
         self._locator = locator
@@ -132,7 +95,7 @@ class RenewalService:
             try:
                 claim = self._registry.begin_renewal(request.thing_name, state.certificate_id, now,
                                                      self._lease_seconds,
-                                                     (request.nonce, now.timestamp() + 2 * self._skew))
+                                                     Nonce(request.nonce, now + timedelta(seconds=2 * self._skew)))
             except RenewalRefused:
                 recovered = self._recovered_meanwhile(request, state, client_ip)
                 if recovered is not None:
@@ -151,19 +114,20 @@ class RenewalService:
                     timestamp(certificate.not_valid_after_utc), choice.country if not in_place else None,
                     RELOCATED if not in_place else None), self._clock())
         except Exception as exc:
+            cause, leftover = (exc.error, exc.leftover) if isinstance(exc, IssueIncomplete) else (exc, None)
             if issued is None or not self._recorded(request.thing_name, issued):
                 with steps.step("rollback"):
-                    self._undo(claim, issued, in_place, exc)
-                if isinstance(exc, ProvisioningError):
-                    raise
-                raise ServiceUnavailable("renewal failed on the server side; try again later") from exc
+                    self._undo(claim, issued, in_place, cause, leftover)
+                if isinstance(cause, ProvisioningError):
+                    raise cause from (exc if cause is not exc else None)
+                raise ServiceUnavailable("renewal failed on the server side; try again later") from cause
             log.warning("renewal of %s: the record's answer failed (%s) but the record is there",
                         request.thing_name, type(exc).__name__)
         with steps.step("retire"):
             try:
                 self._retire(RenewalState(request.thing_name, True, choice.region, issued.certificate_id,
                                           previous_certificate_id=state.certificate_id, previous_region=state.region,
-                                          retire_pending=True), current.get("arn"))
+                                          retire_pending=True), current.arn)
             except Exception:  # the device has its new certificate; the next renewal or the audit finishes this
                 log.exception("renewal of %s: the previous certificate %s in %s is not retired yet",
                               request.thing_name, state.certificate_id, state.region)
@@ -173,12 +137,12 @@ class RenewalService:
 
     def _check_timestamp(self, request: RenewalRequest) -> None:
         now = self._clock()
-        skew = abs((now - parse_timestamp(request.timestamp)).total_seconds())
+        skew = abs((now - request.timestamp).total_seconds())
         if skew > self._skew:
             raise SignatureInvalid(f"the timestamp is {skew:.0f} s away from the server's clock "
                                    f"(at most {self._skew} s allowed)", "stale-timestamp")
 
-    def _verify(self, request: RenewalRequest, state: RenewalState) -> dict:
+    def _verify(self, request: RenewalRequest, state: RenewalState) -> CertificateInfo:
         """The one 403 for every mismatch; then the CSR's key must be new. Returns the current certificate."""
         if request.certificate_id != state.certificate_id:
             raise refused()
@@ -186,15 +150,15 @@ class RenewalService:
         pem = state.public_key
         if pem is None:  # provisioned before the registry kept keys: read it once from the certificate, keep it
             current = self._issuer.certificate(state.certificate_id, state.region)
-            if current is None:
+            if current is None or current.certificate_pem is None:
                 raise refused()
-            pem = public_key_pem(x509.load_pem_x509_certificate(current["certificate_pem"].encode()).public_key())
+            pem = public_key_pem(x509.load_pem_x509_certificate(current.certificate_pem.encode()).public_key())
             self._registry.set_public_key(state.thing_name, state.certificate_id, pem)
         if not _signed_by(pem, request):
             raise refused()
         # Revocation is the issuer's to know (an operator may have revoked the certificate there).
         current = current or self._issuer.certificate(state.certificate_id, state.region)
-        if current is None or current["status"] != "ACTIVE":
+        if current is None or not current.active:
             raise refused()
         if request.csr is not None and key_fingerprint(request.csr.public_key()) == state.fingerprint:
             raise MalformedRequest("CSR refused: the new key must differ from the current certificate's key",
@@ -211,7 +175,7 @@ class RenewalService:
             return None
         assert state.region is not None and state.certificate_id is not None
         cert = self._issuer.certificate(state.certificate_id, state.region)
-        if cert is None or cert["status"] != "ACTIVE":
+        if cert is None or not cert.active or cert.certificate_pem is None:
             raise refused()
         if state.retire_pending:  # the renewal whose answer was lost may have died before retiring its previous
             try:
@@ -222,7 +186,7 @@ class RenewalService:
         location = self._locator.locate(client_ip)
         choice = RegionChoice(state.region, self._regions.distance_km(location, state.region), RENEWAL,
                               location.country if location else None)
-        issued = IssuedCertificate(state.region, state.certificate_id, cert["certificate_pem"],
+        issued = IssuedCertificate(state.region, state.certificate_id, cert.certificate_pem,
                                    self._issuer.endpoint(state.region), thing_name=state.thing_name)
         return RenewalResult(state.thing_name, choice, issued, state.previous_certificate_id, recovered=True)
 
@@ -254,9 +218,12 @@ class RenewalService:
                                            arn), delete_thing=state.previous_region != state.region)
         self._registry.previous_retired(state.thing_name, state.previous_certificate_id)
 
-    def _undo(self, claim: Claim, issued: IssuedCertificate | None, in_place: bool, cause: Exception) -> None:
+    def _undo(self, claim: Claim, issued: IssuedCertificate | None, in_place: bool, cause: Exception,
+              leftover: str | None) -> None:
         log.error("renewal of %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
         error = f"renewal: {type(cause).__name__}: {cause}"
+        if leftover:  # the issuer could not undo all of its own steps
+            error = f"rollback incomplete, {leftover}; {error}"
         if issued is not None:
             try:
                 self._issuer.retire(CertificateRef(issued.region, issued.certificate_id, issued.thing_name,

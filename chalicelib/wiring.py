@@ -2,7 +2,11 @@
 
 Backends are imported only when the stage uses them, so the local stage never imports boto3.
 """
+from __future__ import annotations
+
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
@@ -11,13 +15,32 @@ from chalicelib.provisioning import ProvisioningService
 from chalicelib.relocation import RelocationPolicy
 from chalicelib.renewal import RenewalService
 from chalicelib.regions import RegionPolicy
+from chalicelib.registry.base import RenewalRegistry
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
+
+if TYPE_CHECKING:
+    from chalicelib.aws import AwsClients
+    from chalicelib.issuers.aws_iot import AwsIotIssuer
+    from chalicelib.issuers.local_ca import LocalIssuer
 
 _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
 _renewal: RenewalService | None = None
-_aws = None
+_aws: AwsClients | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()  # not _lock: service() holds that while it builds what needs a pool
+# Worker threads per pool: the registry runs a v2 claim's two DynamoDB writes side by side; AWS IoT's issue()
+# runs its four calls side by side.
+_POOL_SIZES = {"registry": 4, "aws-iot": 8}
+
+
+def pool(name: str) -> ThreadPoolExecutor:
+    """One thread pool per use for the process's life, made on first use (never at import)."""
+    with _pools_lock:
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(max_workers=_POOL_SIZES[name], thread_name_prefix=name)
+        return _pools[name]
 
 
 def settings() -> Settings:
@@ -27,7 +50,7 @@ def settings() -> Settings:
     return _settings
 
 
-def aws_clients():
+def aws_clients() -> AwsClients:
     global _aws
     if _aws is None:
         from chalicelib.aws import AwsClients
@@ -48,19 +71,21 @@ def validate() -> None:
     RelocationPolicy.parse(settings().relocation)
 
 
-def registry(config: Settings):
+def registry(config: Settings) -> RenewalRegistry:
     if config.registry == "dynamodb":
         from chalicelib.registry.dynamodb import DynamoDbRegistry
-        return DynamoDbRegistry(aws_clients().client("dynamodb"), config.table_name)
+        return DynamoDbRegistry(aws_clients().client("dynamodb"), config.table_name, executor=pool("registry"))
     from chalicelib.registry.sqlite import SqliteRegistry
     return SqliteRegistry(config.registry_path)
 
 
-def issuer(config: Settings, policy: RegionPolicy | None = None):
+def issuer(config: Settings, policy: RegionPolicy | None = None) -> LocalIssuer | AwsIotIssuer:
+    """The stage's issuer: the hot path (`Issuer`) and the audit's inventory (`CertificateInventory`, and
+    `ThingInventory` where the backend has things)."""
     if config.issuer == "aws-iot":
         from chalicelib.issuers.aws_iot import AwsIotIssuer
         clients = aws_clients()
-        return AwsIotIssuer(lambda region: clients.client("iot", region))
+        return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"))
     from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
     policy = policy or region_policy(config)
     return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port),

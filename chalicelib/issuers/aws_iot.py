@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from chalicelib.aws import error_code as _code
-from chalicelib.errors import MalformedRequest, ProvisioningError, ServiceUnavailable
-from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
+from chalicelib.errors import IssueIncomplete, MalformedRequest, ProvisioningError, ServiceUnavailable
+from chalicelib.issuers.base import ACTIVE, CertificateInfo, CertificateRef, Endpoint, IssuedCertificate
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,10 @@ _AWS_ERRORS = (ClientError, BotoCoreError)
 _TRANSIENT = {"ThrottlingException", "LimitExceededException", "ServiceUnavailableException",
               "InternalFailureException", "InternalException", "RequestTimeoutException"}
 # Detaching a principal is asynchronous in AWS IoT: deleting right after may still meet a conflict.
-_DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
-_default_executor = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aws-iot")
+DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
 
 
-def device_policy_document() -> dict:
+def device_policy_document() -> dict[str, Any]:
     """Each device may connect as itself and use only data/<its thing name>/..., like the local ACL data/%u/#.
 
     ${iot:Connection.Thing.ThingName} resolves only when the certificate is attached to the thing and the
@@ -53,9 +52,9 @@ def _is_not_found(exc: Exception) -> bool:
     return isinstance(exc, ClientError) and _code(exc) == "ResourceNotFoundException"
 
 
-def _domain_error(exc: Exception, region: str) -> ProvisioningError:
+def _domain_error(exc: Exception, region: str | None) -> ProvisioningError:
     """AWS errors become domain errors, so no raw ClientError reaches the orchestrator or the device."""
-    if isinstance(exc, BotoCoreError):  # connection errors, timeouts: AWS IoT could not be reached
+    if not isinstance(exc, ClientError):  # connection errors, timeouts: AWS IoT could not be reached
         return ServiceUnavailable(f"AWS IoT in {region} cannot be reached; try again later", retry_after=5)
     code, operation = _code(exc), exc.operation_name
     if operation == "CreateCertificateFromCsr" and code == "InvalidRequestException":
@@ -71,14 +70,19 @@ def _domain_error(exc: Exception, region: str) -> ProvisioningError:
 class AwsIotIssuer:
     """Creates the thing and its certificate in the chosen region, with the device policy attached.
 
-    issue() waits for tasks on `executor`: never call it from that executor's own threads.
+    issue() runs its AWS calls side by side on `executor` (the composition root's pool) and waits for them:
+    never call it from that executor's own threads. `sleep` waits between retries of a delete while a
+    detachment propagates.
     """
 
-    def __init__(self, client_for_region: Callable[[str], Any], policy_name: str = DEVICE_POLICY_NAME,
-                 executor: cf.Executor | None = None):
+    def __init__(self, client_for_region: Callable[[str | None], Any], executor: cf.Executor,
+                 policy_name: str = DEVICE_POLICY_NAME, sleep: Callable[[float], None] = time.sleep,
+                 detach_waits: tuple[float, ...] = DETACH_WAITS) -> None:
         self._client = client_for_region
         self._policy_name = policy_name
-        self._executor = executor or _default_executor
+        self._executor = executor
+        self._sleep = sleep
+        self._detach_waits = detach_waits
         self._lock = threading.Lock()
         self._once_per_region: dict[tuple[str, str], cf.Future] = {}
 
@@ -135,10 +139,11 @@ class AwsIotIssuer:
         cf.wait([endpoint_f, policy_f, thing_f, cert_f])
         # Whatever succeeded is ours to undo if anything else failed.
         made_thing = make_thing and thing_f.exception() is None
-        cert = cert_f.result() if cert_f.exception() is None else None
+        cert: dict[str, Any] | None = cert_f.result() if cert_f.exception() is None else None
         try:
             for future in (cert_f, thing_f, policy_f, endpoint_f):
                 future.result()
+            assert cert is not None  # cert_f.result() above raised otherwise
             attached = [self._executor.submit(client.attach_policy, policyName=self._policy_name,
                                               target=cert["certificateArn"]),
                         self._executor.submit(client.attach_thing_principal, thingName=thing_name,
@@ -151,7 +156,8 @@ class AwsIotIssuer:
                                     attached_to=None if made_thing else thing_name)
             error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
             if incomplete:  # the orchestrator records it, for the operator and the audit
-                error.leftover = f"thing {thing_name} or certificate {cert and cert['certificateId']} in {region}"
+                raise IssueIncomplete(error, f"thing {thing_name} or certificate "
+                                             f"{cert and cert['certificateId']} in {region}") from exc
             if error is exc:
                 raise
             raise error from exc
@@ -165,6 +171,7 @@ class AwsIotIssuer:
         operator's reset) they are looked up first.
         """
         region, client = issued.region, self._client(issued.region)
+        things: list[str | None]
         if issued.certificate_arn and issued.thing_name:
             arn, things = issued.certificate_arn, [issued.thing_name]
         else:
@@ -181,7 +188,7 @@ class AwsIotIssuer:
         if any(failures):
             raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
 
-    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
+    def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         try:
             found = self._client(region).describe_certificate(certificateId=certificate_id)
         except ClientError as exc:
@@ -189,21 +196,20 @@ class AwsIotIssuer:
                 return None
             raise _domain_error(exc, region) from exc
         cert = found["certificateDescription"]
-        validity = cert.get("validity", {})
-        return {"certificate_id": cert["certificateId"], "region": region, "status": cert["status"],
-                "issued_at": str(cert.get("creationDate")), "not_after": str(validity.get("notAfter")),
-                "arn": cert["certificateArn"], "certificate_pem": cert["certificatePem"]}
+        return CertificateInfo(cert["certificateId"], region, cert["status"], None, cert["certificatePem"],
+                               cert.get("creationDate"), cert.get("validity", {}).get("notAfter"),
+                               arn=cert["certificateArn"])
 
-    def active_certificates(self, region: str) -> Iterator[dict]:
+    def active_certificates(self, region: str) -> Iterator[CertificateInfo]:
         client = self._client(region)
         try:
             for page in client.get_paginator("list_certificates").paginate():
                 for cert in page["certificates"]:
-                    if cert["status"] != "ACTIVE":
+                    if cert["status"] != ACTIVE:
                         continue
                     things = client.list_principal_things(principal=cert["certificateArn"])["things"]
-                    yield {"certificate_id": cert["certificateId"], "thing_name": things[0] if things else None,
-                           "region": region, "status": cert["status"]}
+                    yield CertificateInfo(cert["certificateId"], region, cert["status"], things[0] if things else None,
+                                          arn=cert["certificateArn"])
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
 
@@ -222,7 +228,7 @@ class AwsIotIssuer:
             principals = client.list_thing_principals(thingName=thing_name)["principals"]
             for principal in principals:
                 client.detach_thing_principal(thingName=thing_name, principal=principal)
-            _after_detach("InvalidRequestException", client.delete_thing, thingName=thing_name)
+            self._after_detach("InvalidRequestException", client.delete_thing, thingName=thing_name)
         except ClientError as exc:
             if not _is_not_found(exc):
                 raise _domain_error(exc, region) from exc
@@ -247,16 +253,16 @@ class AwsIotIssuer:
             steps += [
                 ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
                 ("revoke certificate", lambda: client.update_certificate(certificateId=cert_id, newStatus="REVOKED")),
-                ("delete certificate", lambda: _after_detach(
+                ("delete certificate", lambda: self._after_detach(
                     "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
             ]
         if delete_thing and thing:
-            steps.append(("delete thing", lambda: _after_detach(
+            steps.append(("delete thing", lambda: self._after_detach(
                 "InvalidRequestException", client.delete_thing, thingName=thing)))
         if self._run(steps, thing, region, previous.certificate_id):
             raise ServiceUnavailable(f"retiring certificate {previous.certificate_id} in {region} is incomplete")
 
-    def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict | None,
+    def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict[str, Any] | None,
               attached_to: str | None = None) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any.
 
@@ -271,12 +277,12 @@ class AwsIotIssuer:
                 ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
                 ("deactivate certificate", lambda: client.update_certificate(
                     certificateId=cert_id, newStatus="INACTIVE")),
-                ("delete certificate", lambda: _after_detach(
+                ("delete certificate", lambda: self._after_detach(
                     "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
             ]
         if thing_name:
             # AWS answers InvalidRequestException while the thing still has a principal attached.
-            steps.append(("delete thing", lambda: _after_detach(
+            steps.append(("delete thing", lambda: self._after_detach(
                 "InvalidRequestException", client.delete_thing, thingName=thing_name)))
         return self._run(steps, thing_name, region, cert["certificateId"] if cert else None)
 
@@ -296,26 +302,27 @@ class AwsIotIssuer:
                           _code(exc) if isinstance(exc, ClientError) else exc)
         return failed
 
+    def _after_detach(self, conflict_code: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+        """Retry a delete while a just-made detachment propagates."""
+        for wait in (*self._detach_waits, None):
+            try:
+                return call(**kwargs)
+            except ClientError as exc:
+                if wait is None or _code(exc) != conflict_code:
+                    raise
+                self._sleep(wait)
 
-def _done(value: Any) -> cf.Future:
-    future: cf.Future = cf.Future()
+
+def _done(value: Any) -> cf.Future[Any]:
+    future: cf.Future[Any] = cf.Future()
     future.set_result(value)
     return future
 
 
-def _create_certificate(client, csr: x509.CertificateSigningRequest | None) -> dict:
+def _create_certificate(client: Any, csr: x509.CertificateSigningRequest | None) -> dict[str, Any]:
     if csr is None:
         return client.create_keys_and_certificate(setAsActive=True)
     pem = csr.public_bytes(serialization.Encoding.PEM).decode()
     return client.create_certificate_from_csr(certificateSigningRequest=pem, setAsActive=True)
 
 
-def _after_detach(conflict_code: str, call: Callable[..., Any], **kwargs) -> Any:
-    """Retry a delete while a just-made detachment propagates."""
-    for wait in (*_DETACH_WAITS, None):
-        try:
-            return call(**kwargs)
-        except ClientError as exc:
-            if wait is None or _code(exc) != conflict_code:
-                raise
-            time.sleep(wait)

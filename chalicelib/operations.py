@@ -1,0 +1,208 @@
+"""The operator's use cases (the admin CLI prints them): audit and repair, reset, fleet statistics, show.
+
+Each takes the registry and the issuer it works on; nothing here parses arguments or prints.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Iterable, Protocol
+
+from chalicelib.issuers.base import (
+    CertificateInfo,
+    CertificateInventory,
+    CertificateRef,
+    Issuer,
+    RenewalIssuer,
+    ThingInventory,
+)
+from chalicelib.registry.base import (
+    PROVISIONED,
+    PROVISIONING,
+    STATUSES,
+    DeviceRecord,
+    DeviceStatus,
+    Registry,
+    RenewalRegistry,
+)
+
+GONE = "gone"  # a missing certificate's status when the issuer does not know it at all
+
+
+class NotRegisteredDevice(Exception):
+    """The operator named a device the registry does not have."""
+
+    def __init__(self, thing_name: str) -> None:
+        super().__init__(f"{thing_name} is not registered")
+        self.thing_name = thing_name
+
+
+class AuditedIssuer(RenewalIssuer, CertificateInventory, Protocol):
+    """An issuer the audit can take stock of; where it also keeps things, it is a ThingInventory too."""
+
+
+@dataclass(frozen=True)
+class OrphanThing:
+    thing_name: str
+    region: str
+
+
+@dataclass(frozen=True)
+class MissingCertificate:
+    """A provisioned device whose certificate is not active (revoked, inactive) or gone."""
+
+    thing_name: str
+    certificate_id: str | None
+    region: str | None
+    status: str
+
+
+@dataclass(frozen=True)
+class UnfinishedRenewal:
+    """A renewal recorded but cut short before its previous certificate (and thing, after a move) was removed."""
+
+    thing_name: str
+    previous_certificate_id: str
+    previous_region: str
+    region: str | None
+
+    @property
+    def move(self) -> bool:
+        return self.previous_region != self.region
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What a crashed or half-failed provisioning can leave behind, on any backend."""
+
+    stuck_claims: list[DeviceRecord] = field(default_factory=list)
+    orphan_certificates: list[CertificateInfo] = field(default_factory=list)
+    orphan_things: list[OrphanThing] = field(default_factory=list)
+    missing_certificates: list[MissingCertificate] = field(default_factory=list)
+    unfinished_renewals: list[UnfinishedRenewal] = field(default_factory=list)
+
+    @property
+    def findings(self) -> int:
+        return (len(self.stuck_claims) + len(self.orphan_certificates) + len(self.orphan_things)
+                + len(self.missing_certificates) + len(self.unfinished_renewals))
+
+
+def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now: datetime) -> AuditReport:
+    records = list(registry.list())
+    stuck = registry.stuck(now)
+    regions = list(regions)
+    # A live claim may be about to record its certificate: that certificate is not an orphan yet.
+    live_claims = ({r.thing_name for r in records if r.status is PROVISIONING} - {r.thing_name for r in stuck})
+    live_claims |= {r.thing_name for r in records if r.renewal_lease and r.renewal_lease >= now}  # renewals too
+    provisioned = [r for r in records if r.status is PROVISIONED]
+    unfinished = [UnfinishedRenewal(r.thing_name, r.previous_certificate_id, r.previous_region, r.region)
+                  for r in provisioned if r.retire_pending and r.previous_certificate_id and r.previous_region]
+    referenced = {(r.region, r.certificate_id) for r in provisioned}
+    referenced |= {(u.previous_region, u.previous_certificate_id) for u in unfinished}
+    orphans = [cert for region in regions for cert in issuer.active_certificates(region)
+               if (region, cert.certificate_id) not in referenced and cert.thing_name not in live_claims]
+    things: list[OrphanThing] = []
+    if isinstance(issuer, ThingInventory):
+        placed = {(r.region, r.thing_name) for r in provisioned}
+        placed |= {(u.previous_region, u.thing_name) for u in unfinished}
+        things = [OrphanThing(name, region) for region in regions for name in issuer.things(region)
+                  if (region, name) not in placed and name not in live_claims]
+    missing = []
+    for record in provisioned:
+        cert = issuer.certificate(record.certificate_id or "", record.region)
+        if cert is None or not cert.active:
+            missing.append(MissingCertificate(record.thing_name, record.certificate_id, record.region,
+                                              cert.status if cert else GONE))
+    return AuditReport(stuck, orphans, things, missing, unfinished)
+
+
+def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport, now: datetime) -> list[str]:
+    """audit --fix: release stuck claims, revoke orphans, reset devices whose certificate is gone.
+    Returns one line per repair made."""
+    fixed = []
+    for record in report.stuck_claims:
+        if registry.release_stuck(record.thing_name, now):
+            fixed.append(f"released the expired claim on {record.thing_name}")
+    in_use = {(r.region, r.thing_name) for r in registry.list(PROVISIONED)}
+    for cert in report.orphan_certificates:
+        if (cert.region, cert.thing_name) in in_use:  # a renewal's leftover: the thing holds the current one
+            issuer.retire(cert.ref(), delete_thing=False)
+        else:
+            issuer.revoke(cert.ref())
+        fixed.append(f"revoked orphan certificate {cert.certificate_id} in {cert.region} (thing {cert.thing_name})")
+    for thing in report.orphan_things:
+        if isinstance(issuer, ThingInventory):
+            issuer.delete_thing(thing.region, thing.thing_name)
+            fixed.append(f"deleted orphan thing {thing.thing_name} in {thing.region}")
+    for missing in report.missing_certificates:
+        region = missing.region or ""
+        issuer.revoke(CertificateRef(region, missing.certificate_id or "", missing.thing_name))
+        if isinstance(issuer, ThingInventory):
+            issuer.delete_thing(region, missing.thing_name)
+        registry.reset(missing.thing_name)
+        fixed.append(f"reset {missing.thing_name} (its certificate is {missing.status}) to unprovisioned")
+    for unfinished in report.unfinished_renewals:
+        issuer.retire(CertificateRef(unfinished.previous_region, unfinished.previous_certificate_id,
+                                     unfinished.thing_name), delete_thing=unfinished.move)
+        registry.previous_retired(unfinished.thing_name, unfinished.previous_certificate_id)
+        fixed.append(f"finished the {'move' if unfinished.move else 'renewal'} of {unfinished.thing_name}: revoked "
+                     f"{unfinished.previous_certificate_id} in {unfinished.previous_region}"
+                     + (" and deleted the thing there" if unfinished.move else ""))
+    return fixed
+
+
+def expiring_within(records: Iterable[DeviceRecord], days: float, now: datetime) -> list[DeviceRecord]:
+    """Provisioned devices whose certificate ends within `days` from now, soonest first (unknown expiry first)."""
+    limit = now + timedelta(days=days)
+    due = [r for r in records if r.status is PROVISIONED and (r.certificate_expires is None
+                                                              or r.certificate_expires <= limit)]
+    return sorted(due, key=lambda r: r.certificate_expires or datetime.min.replace(tzinfo=timezone.utc))
+
+
+@dataclass(frozen=True)
+class ResetOutcome:
+    before: DeviceRecord
+    revoked: CertificateRef | None  # the certificate revoked (and thing removed), if the device had one
+
+
+def reset(registry: Registry, issuer: Issuer, thing_name: str) -> ResetOutcome:
+    """Deprovision a device so it can provision again."""
+    record = registry.get(thing_name)
+    if record is None:
+        raise NotRegisteredDevice(thing_name)
+    revoked = None
+    if record.certificate_id and record.region:
+        # Revoke first: if that fails the device stays provisioned and the command can be run again.
+        revoked = CertificateRef(record.region, record.certificate_id, thing_name)
+        issuer.revoke(revoked)
+    registry.reset(thing_name)
+    return ResetOutcome(record, revoked)
+
+
+@dataclass(frozen=True)
+class FleetStats:
+    total: int
+    by_status: dict[DeviceStatus, int]
+    provisioned_by_region: dict[str, int]
+    stuck: list[DeviceRecord]
+
+
+def fleet_stats(registry: Registry, now: datetime) -> FleetStats:
+    """Counts from one pass over the registry, so they add up to its total."""
+    records = list(registry.list())
+    by_status = Counter(record.status for record in records)
+    by_region = Counter(record.region or "-" for record in records if record.status is PROVISIONED)
+    return FleetStats(len(records), {status: by_status[status] for status in STATUSES},
+                      dict(sorted(by_region.items())), registry.stuck(now))
+
+
+def show(registry: Registry, issuer: Issuer, thing_name: str) -> tuple[DeviceRecord, CertificateInfo | None]:
+    """A device's record and, when it has one, what the issuer knows of its certificate."""
+    record = registry.get(thing_name)
+    if record is None:
+        raise NotRegisteredDevice(thing_name)
+    cert = None
+    if record.certificate_id and record.region:
+        cert = issuer.certificate(record.certificate_id, record.region)
+    return record, cert
