@@ -24,7 +24,9 @@ from chalicelib.issuers.base import CertificateRef
 from chalicelib.provisioning import key_fingerprint
 from chalicelib.regions import RegionPolicy
 from chalicelib.relocation import RelocationPolicy
-from chalicelib.renewal import RenewalRequest, RenewalService
+from chalicelib.operations import AuditReport, UnfinishedRenewal
+from chalicelib.renewal import RenewalService
+from chalicelib.wire import RenewalRequest, renewal_response_body
 from chalicelib.signatures import renew_v1_text
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
 from tests import test_exactly_once
@@ -32,7 +34,7 @@ from tests.test_exactly_once import DEFAULT, LEASE, REGIONS
 
 backend = test_exactly_once.backend  # the two-backend fixture: SQLite + local CA, DynamoDB + AWS IoT (moto)
 
-EMPTY_AUDIT = {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
+EMPTY_AUDIT = AuditReport()
 
 
 def now() -> datetime:
@@ -92,13 +94,13 @@ def cert_key_fingerprint(pem: str) -> str:
 def assert_renewed(b, device: Device, result, previous: str) -> None:
     """One active certificate, the new one, in one region; the registry says so and keeps the history."""
     item = b.registry.get(device.thing)
-    assert item["prov_status"] == "provisioned"
-    assert item["certificate_id"] == result.issued.certificate_id != previous
-    assert item["aws_region"] == result.choice.region
-    assert item["previous_certificate_id"] == previous
+    assert item.status == "provisioned"
+    assert item.certificate_id == result.issued.certificate_id != previous
+    assert item.region == result.choice.region
+    assert item.previous_certificate_id == previous
     assert b.active_certificates(device.thing) == {(result.choice.region, result.issued.certificate_id)}
     if b.name == "local":
-        assert b.issuer.certificate(previous)["status"] == "REVOKED"
+        assert b.issuer.certificate(previous).status == "REVOKED"
     else:
         assert b.things(device.thing) == [result.choice.region]
     assert b.audit() == EMPTY_AUDIT
@@ -112,7 +114,7 @@ def test_renewal_in_place_with_a_csr_gives_a_certificate_for_the_new_key(backend
     csr_pem, new_key = make_csr("dev-1")
     result = renewals(b).renew(device.request(csr_pem), LONDON_IP)
 
-    body = result.response_body()
+    body = renewal_response_body(result)
     assert body["status"] == "success" and body["reason"] == "renewal" and body["region"] == "eu-west-2"
     assert body["previousCertificateId"] == device.certificate_id and "PrivateKey" not in body
     assert body["thingName"] == "dev-1" and body["endpointAddress"] and body["endpointPort"]
@@ -120,7 +122,7 @@ def test_renewal_in_place_with_a_csr_gives_a_certificate_for_the_new_key(backend
         assert cert_key_fingerprint(body["certificatePem"]) == key_fingerprint(new_key.public_key())
     assert_renewed(b, device, result, device.certificate_id)
     item = b.registry.get("dev-1")
-    assert item["renewal_count"] == 1 and item["last_renewal"]
+    assert item.renewal_count == 1 and item.last_renewal
 
     # And again, signed with the new key: the history grows.
     first = result.issued.certificate_id
@@ -128,14 +130,14 @@ def test_renewal_in_place_with_a_csr_gives_a_certificate_for_the_new_key(backend
     csr_pem, _ = make_csr("dev-1")
     again = renewals(b).renew(device.request(csr_pem), LONDON_IP)
     assert_renewed(b, device, again, first)
-    assert b.registry.get("dev-1")["renewal_count"] == 2
+    assert b.registry.get("dev-1").renewal_count == 2
 
 
 def test_renewal_without_a_csr_makes_the_key_on_the_server(backend):
     b = backend
     device = Device(b, "dev-2")
     result = renewals(b).renew(device.request(), LONDON_IP)
-    body = result.response_body()
+    body = renewal_response_body(result)
     assert body["PrivateKey"].startswith("-----BEGIN RSA PRIVATE KEY-----")
     key = serialization.load_pem_private_key(body["PrivateKey"].encode(), None)
     assert cert_key_fingerprint(body["certificatePem"]) == key_fingerprint(key.public_key())
@@ -204,7 +206,7 @@ def test_stale_timestamp_replay_and_same_key(backend):
     # The identical first request again (no CSR: no lost-answer recovery possible): the one 403.
     with pytest.raises(RenewalRefused):
         service.renew(RenewalRequest.from_body(first), LONDON_IP)
-    assert b.registry.get("dev-1")["certificate_id"] == device.certificate_id
+    assert b.registry.get("dev-1").certificate_id == device.certificate_id
     assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
 
 
@@ -222,7 +224,7 @@ def test_malformed_renewal_requests_are_400(backend):
             assert response.status_code == 400, (body, response.body)
         response = client.http.post("/device-renewal", body=b"{" + b" " * 17000 + b"}")
         assert response.status_code == 413
-    assert b.registry.get("dev-1").get("renewal_count") is None
+    assert b.registry.get("dev-1").renewal_count == 0
 
 
 # ------------------------------------------------------------------------------------------- exactly once
@@ -240,7 +242,7 @@ def test_lost_answer_gives_the_same_certificate_and_creates_nothing(backend):
     fresh = service.renew(device.request(csr_pem), LONDON_IP)          # or signed afresh, same CSR
     for again in (same, fresh):
         assert again.recovered
-        assert again.response_body() == first.response_body()
+        assert renewal_response_body(again) == renewal_response_body(first)
     assert b.certificate_records("dev-1") == issued
     assert_renewed(b, device, first, device.certificate_id)
     # The recovered device goes on normally.
@@ -276,8 +278,8 @@ def test_fifty_identical_concurrent_renewals_issue_one_certificate(backend):
     answered = [r for r in results if not isinstance(r, Exception)]
     busy = [r for r in results if isinstance(r, RenewalInProgress)]
     assert len(answered) + len(busy) == 50 and answered
-    assert {r.issued.certificate_id for r in answered} == {b.registry.get("dev-1")["certificate_id"]}
-    assert len({json.dumps(r.response_body(), sort_keys=True) for r in answered}) == 1
+    assert {r.issued.certificate_id for r in answered} == {b.registry.get("dev-1").certificate_id}
+    assert len({json.dumps(renewal_response_body(r), sort_keys=True) for r in answered}) == 1
     assert all(r.retry_after >= 1 for r in busy)
     assert b.certificate_records("dev-1") == issued_before + 1
     assert_renewed(b, device, answered[0], device.certificate_id)
@@ -305,14 +307,14 @@ def test_relocation_london_to_tokyo_under_each_policy(backend, setting, moves):
     result = renewals(b, setting).renew(device.request(make_csr("dev-1")[0]), TOKYO_IP)
     expected = "ap-northeast-1" if moves else "eu-west-2"
     assert (result.choice.region, result.choice.reason) == (expected, "relocated" if moves else "renewal")
-    body = result.response_body()
+    body = renewal_response_body(result)
     assert body["region"] == expected and body["endpointAddress"] == b.issuer.endpoint(expected).address
     assert body["endpointPort"] == b.issuer.endpoint(expected).port
     assert_renewed(b, device, result, device.certificate_id)  # aws: the thing lives in the new region only
     item = b.registry.get("dev-1")
-    assert item["previous_region"] == "eu-west-2" and item["aws_region"] == expected
+    assert item.previous_region == "eu-west-2" and item.region == expected
     if moves:
-        assert item["country"] == "JP" and item["region_reason"] == "relocated"
+        assert item.country == "JP" and item.region_reason == "relocated"
 
 
 def test_a_region_rule_moves_a_device_even_under_never(backend):
@@ -349,7 +351,7 @@ def settle_and_check(b, device: Device, service_parts: dict, ip: str, previous_a
     """After a fault: the registry names one certificate, the only active one (once the audit ran when the fault
     left something to it); and the device renews again."""
     item = b.registry.get(device.thing)
-    current = (item["aws_region"], item["certificate_id"])
+    current = (item.region, item.certificate_id)
     found = b.audit(now() + timedelta(seconds=LEASE + 1))  # after any renewal lease has ended
     if found != EMPTY_AUDIT:
         assert b.cli("audit", "--fix") == 0
@@ -357,7 +359,7 @@ def settle_and_check(b, device: Device, service_parts: dict, ip: str, previous_a
     assert b.active_certificates(device.thing) == {current}
     if b.name == "aws":
         assert b.things(device.thing) == [current[0]]
-    assert b.registry.get(device.thing)["certificate_id"] == current[1]
+    assert b.registry.get(device.thing).certificate_id == current[1]
     # The device holds whichever certificate is current now, and renews again with a plain service.
     if current[1] != device.certificate_id:
         device.certificate_id, device.region = current[1], current[0]
@@ -391,12 +393,11 @@ def test_a_fault_at_any_step_leaves_one_active_certificate(backend, ip, port, me
     succeeded = (method, after) in (("complete_renewal", True), ("retire", False))
     assert (result is not None) == succeeded
     item = b.registry.get("dev-1")
-    assert item["certificate_id"] == (result.issued.certificate_id if succeeded else device.certificate_id)
+    assert item.certificate_id == (result.issued.certificate_id if succeeded else device.certificate_id)
     if method == "retire":  # the answer went out; the previous certificate waits, and the audit knows
-        unfinished = b.audit()["unfinished_renewals"]
-        assert unfinished == [{"thing_name": "dev-1", "previous_certificate_id": device.certificate_id,
-                               "previous_region": "eu-west-2", "region": result.choice.region,
-                               "move": ip == TOKYO_IP}]
+        unfinished = b.audit().unfinished_renewals
+        assert unfinished == [UnfinishedRenewal("dev-1", device.certificate_id, "eu-west-2", result.choice.region)]
+        assert unfinished[0].move == (ip == TOKYO_IP)
     settle_and_check(b, device, {"new_key": new_key}, ip)
 
 
@@ -444,7 +445,7 @@ def test_aws_faults_from_botocore_hooks(backend):
     iot.meta.events.register("before-call.iot.UpdateCertificate", broken)
     result = renewals(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
     iot.meta.events.unregister("before-call.iot.UpdateCertificate", broken)
-    assert b.audit()["unfinished_renewals"][0]["previous_certificate_id"] == device.certificate_id
+    assert b.audit().unfinished_renewals[0].previous_certificate_id == device.certificate_id
     assert b.cli("audit", "--fix") == 0
     assert b.active_certificates("dev-1") == {("eu-west-2", result.issued.certificate_id)}
     assert b.audit() == EMPTY_AUDIT
@@ -470,9 +471,9 @@ def test_admin_show_prints_the_renewal_history_and_list_finds_expiring_devices(b
     assert shown["certificate"]["certificate_id"] == result.issued.certificate_id
     assert shown["certificate"]["region"] == "ap-northeast-1"
 
-    expires = {i["thing_name"]: i["certificate_expires"] for i in b.registry.list("provisioned")}
-    days = (datetime.strptime(max(expires.values()), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-            - now()).total_seconds() / 86400
+    expires = {r.thing_name: r.certificate_expires for r in b.registry.list("provisioned")}
+    assert None not in expires.values()
+    days = (max(expires.values()) - now()).total_seconds() / 86400
     assert b.cli("list", "--expiring-within", str(days + 1), "--json") == 0
     assert sorted(i["thing_name"] for i in json.loads(capsys.readouterr().out)) == ["dev-1", "dev-2"]
     assert b.cli("list", "--expiring-within", str(days - 2), "--json") == 0
