@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from chalicelib import admin
+from chalicelib.config import Settings
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
 from chalicelib.registry.sqlite import SqliteRegistry
 from devstack.monitor import Monitor
@@ -38,7 +39,7 @@ def stack(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        settings = admin.stage_settings("local", str(state))
+        settings = Settings.for_stage("local", str(state))
         assert admin.main(["--state-dir", str(state), "keygen"]) == 0
         assert admin.main(["--state-dir", str(state), "register", "--prefix", "renewing", "--count", "5"]) == 0
         with LocalStack(settings, free_port(), quiet=True) as running:
@@ -80,8 +81,8 @@ def test_device_renews_by_itself_near_expiry_and_connects_with_the_new_certifica
     new = stored_certificate_id(stack, "renewing1")
     assert new != old
     item = registry.get("renewing1")
-    assert (item["certificate_id"], item["previous_certificate_id"], item["renewal_count"]) == (new, old, 1)
-    assert issuer.certificate(old)["status"] == "REVOKED" and issuer.certificate(new)["status"] == "ACTIVE"
+    assert (item.certificate_id, item.previous_certificate_id, item.renewal_count) == (new, old, 1)
+    assert issuer.certificate(old).status == "REVOKED" and issuer.certificate(new).status == "ACTIVE"
     regions, got = messages_by_region(monitor, "renewing1")
     assert regions == {"eu-west-2"} and len(got) == 2  # published with the new certificate
     key, cert, endpoint = device_files(stack, "renewing1")
@@ -96,15 +97,15 @@ def test_renew_from_tokyo_moves_the_device_and_it_publishes_there(stack, monitor
     assert run_device(stack, "renewing2", "-k", "--key-type", "ec", "--renew-before", "0", count=0,
                       ip=LONDON_IP).returncode == 0
     old = stored_certificate_id(stack, "renewing2")
-    assert registry.get("renewing2")["aws_region"] == "eu-west-2"
+    assert registry.get("renewing2").region == "eu-west-2"
     monitor.drain()
 
     moved = run_device(stack, "renewing2", "--renew", "--renew-before", "0", count=1, ip=TOKYO_IP)
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert "renewed (relocated): region ap-northeast-1" in moved.stdout
     item = registry.get("renewing2")
-    assert item["aws_region"] == "ap-northeast-1" and item["previous_region"] == "eu-west-2"
-    assert issuer.certificate(old)["status"] == "REVOKED"
+    assert item.region == "ap-northeast-1" and item.previous_region == "eu-west-2"
+    assert issuer.certificate(old).status == "REVOKED"
     assert json.loads(device_files(stack, "renewing2")[2].read_text())["region"] == "ap-northeast-1"
     regions, _ = messages_by_region(monitor, "renewing2")
     assert regions == {"ap-northeast-1"}
@@ -183,7 +184,7 @@ def _kill_mid_renewal(stack, thing: str, old: str, request, after_record: bool) 
         if after_record:
             ca.execute("BEGIN IMMEDIATE")  # the server is waiting on the registry, not writing here
             registry.execute("ROLLBACK")  # let it record; it then waits to revoke the previous certificate
-            while SqliteRegistry(settings.registry_path).get(thing)["certificate_id"] == old:
+            while SqliteRegistry(settings.registry_path).get(thing).certificate_id == old:
                 assert time.monotonic() < deadline, "the renewal was never recorded"
                 time.sleep(0.005)
         time.sleep(0.3)  # the server is at its next write, waiting on the lock we hold
@@ -223,7 +224,7 @@ def test_kill_9_mid_renewal_is_settled_by_the_audit_and_by_the_next_request(tmp_
         # 1. Killed after the new certificate exists, before it is recorded (the registry is held).
         _kill_mid_renewal(stack, "cut1", old, renew, after_record=False)
         [orphan] = [c for c in certificates(settings.ca_dir, "cut1") if c["certificate_id"] != old]
-        assert orphan["status"] == "ACTIVE" and registry.get("cut1")["certificate_id"] == old
+        assert orphan["status"] == "ACTIVE" and registry.get("cut1").certificate_id == old
         stack = _restart(stack, settings)
         time.sleep(3.5)  # the dead renewal's lease ends
         code, found = audit(state, capsys)
@@ -236,8 +237,8 @@ def test_kill_9_mid_renewal_is_settled_by_the_audit_and_by_the_next_request(tmp_
         # 2. Killed after the record, before the previous certificate is revoked (the CA's records are held).
         _kill_mid_renewal(stack, "cut1", old, renew, after_record=True)
         item = registry.get("cut1")
-        current = item["certificate_id"]
-        assert item["retire_pending"] and item["previous_certificate_id"] == old
+        current = item.certificate_id
+        assert item.retire_pending and item.previous_certificate_id == old
         assert certificates(settings.ca_dir, "cut1")[0]["status"] == "ACTIVE"  # two active for now ...
         code, found = audit(state, capsys)
         assert code == 1 and found["unfinished_renewals"][0]["previous_certificate_id"] == old
@@ -248,6 +249,6 @@ def test_kill_9_mid_renewal_is_settled_by_the_audit_and_by_the_next_request(tmp_
         assert {c["certificate_id"]: c["status"] for c in certificates(settings.ca_dir, "cut1")} == {
             old: "REVOKED", orphan["certificate_id"]: "REVOKED", current: "ACTIVE"}
         assert audit(state, capsys)[0] == 0
-        assert "retire_pending" not in registry.get("cut1")
+        assert not registry.get("cut1").retire_pending
     finally:
         stack.stop()

@@ -48,4 +48,4 @@ def test_renewal_and_move_on_prod_call_only_granted_actions(prod):
     tokyo, london = (boto3.client("iot", region_name=r) for r in ("ap-northeast-1", "eu-west-2"))
     assert "mydevice1" in [t["thingName"] for t in tokyo.list_things()["things"]]
     assert "mydevice1" not in [t["thingName"] for t in london.list_things()["things"]]
-    assert wiring.registry(settings).get("mydevice1")["aws_region"] == "ap-northeast-1"
+    assert wiring.registry(settings).get("mydevice1").region == "ap-northeast-1"
