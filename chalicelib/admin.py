@@ -214,7 +214,7 @@ def parse_since(text: str) -> datetime:
 
 def cmd_list(config: Settings, args: Args) -> int:
     records = list(wiring.registry(config).list(args.status, args.region, args.since))
-    columns = TABLE_COLUMNS
+    columns: tuple[str, ...] = TABLE_COLUMNS
     if args.expiring_within is not None:
         records = operations.expiring_within(records, args.expiring_within, utcnow())
         columns += ("certificate_expires",)

@@ -12,10 +12,10 @@ from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
 from chalicelib.provisioning import ProvisioningService
-from chalicelib.relocation import RelocationPolicy
-from chalicelib.renewal import RenewalService
 from chalicelib.regions import RegionPolicy
 from chalicelib.registry.base import RenewalRegistry
+from chalicelib.relocation import RelocationPolicy
+from chalicelib.renewal import RenewalService
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
 
 if TYPE_CHECKING:

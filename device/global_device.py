@@ -574,7 +574,8 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
                   f"skipping provisioning. region: {endpoint.get('region')}, endpoint: {endpoint['endpointAddress']}")
             due = renewal_due(paths, args.renew_before)
             if due:
-                print(f"=> the certificate expires {due:%Y-%m-%d %H:%M} UTC, within {args.renew_before:g} days: renewing")
+                print(f"=> the certificate expires {due:%Y-%m-%d %H:%M} UTC, "
+                      f"within {args.renew_before:g} days: renewing")
             if due or args.renew:
                 endpoint = renew(args, paths, client, pause)
         else:

@@ -18,18 +18,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from app import app
 from chalicelib.clock import timestamp
 from chalicelib.config import PROJECT_DIR
-from chalicelib.errors import (MalformedRequest, RenewalInProgress, RenewalRefused, ServiceUnavailable,
-                               SignatureInvalid)
+from chalicelib.errors import MalformedRequest, RenewalInProgress, RenewalRefused, ServiceUnavailable, SignatureInvalid
 from chalicelib.issuers.base import CertificateRef
+from chalicelib.operations import AuditReport, UnfinishedRenewal
 from chalicelib.provisioning import key_fingerprint
 from chalicelib.regions import RegionPolicy
 from chalicelib.relocation import RelocationPolicy
-from chalicelib.operations import AuditReport, UnfinishedRenewal
 from chalicelib.renewal import RenewalService
-from chalicelib.wire import RenewalRequest, renewal_response_body
 from chalicelib.signatures import renew_v1_text
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from chalicelib.wire import RenewalRequest, renewal_response_body
 from tests import test_exactly_once
+from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
 from tests.test_exactly_once import DEFAULT, LEASE, REGIONS
 
 backend = test_exactly_once.backend  # the two-backend fixture: SQLite + local CA, DynamoDB + AWS IoT (moto)

@@ -10,8 +10,8 @@ from chalicelib import wiring
 from chalicelib.config import PROJECT_DIR
 from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.renewal import RenewalRequest
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
 from tests import test_prod_stage
+from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
 from tests.test_prod_stage import _policy_actions, _record_actions, body
 from tests.test_renewal import renewal_body
 

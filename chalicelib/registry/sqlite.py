@@ -264,7 +264,8 @@ class SqliteRegistry:
 
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
         changed = self._db().execute(
-            "UPDATE devices SET previous_certificate_id = certificate_id, previous_public_key = certificate_public_key, "
+            "UPDATE devices SET previous_certificate_id = certificate_id, "
+            "previous_public_key = certificate_public_key, "
             "previous_region = aws_region, retire_pending = 1, aws_region = ?, certificate_id = ?, "
             "certificate_public_key = ?, public_key_fingerprint = ?, country = COALESCE(?, country), "
             "certificate_expires = ?, "
@@ -272,7 +273,8 @@ class SqliteRegistry:
             "last_renewal = ?, renewal_token = NULL, renewal_lease = NULL, last_error = NULL "
             "WHERE thing_name = ? AND renewal_token = ? AND prov_status = ?",
             (renewed.region, renewed.certificate_id, renewed.public_key, renewed.fingerprint, renewed.country,
-             renewed.expires, renewed.reason, _timestamp(now), claim.thing_name, claim.token, PROVISIONED.value)).rowcount
+             renewed.expires, renewed.reason, _timestamp(now), claim.thing_name, claim.token,
+             PROVISIONED.value)).rowcount
         if changed != 1:
             raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded")
 
