@@ -380,8 +380,8 @@ def bench_bulk(sqlite_rows: int, dynamo_rows: int) -> dict:
         sqlite_s = time.perf_counter() - began
         assert added == sqlite_rows
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-2")
-    with mock_aws():
-        registry = DynamoDbRegistry(boto3.client("dynamodb"), "bench")
+    with mock_aws(), ThreadPoolExecutor(max_workers=2) as pool:
+        registry = DynamoDbRegistry(boto3.client("dynamodb"), "bench", executor=pool)
         registry.create()
         began = time.perf_counter()
         added = registry.register(names[:dynamo_rows])

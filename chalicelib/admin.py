@@ -13,14 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib import operations, wiring
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, Settings
 from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
-from chalicelib.files import write_private
 from chalicelib.issuers.base import CertificateInfo
 from chalicelib.keypolicy import KEYGEN_RSA_BITS, MIN_RSA_BITS
 from chalicelib.regions import CATALOGUE, CONTINENTS
@@ -52,14 +49,7 @@ def cmd_keygen(config: Settings, args: Args) -> int:
         private_path, public_path = config.keys_dir / FLEET_PRIVATE_KEY_NAME, config.fleet_public_key
     if private_path.exists() and not args.force:
         raise CommandError(f"{private_path} exists; every device signs with it. Use --force to replace it.")
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    public_path.parent.mkdir(parents=True, exist_ok=True)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
-    write_private(private_path, key.private_bytes(serialization.Encoding.PEM,
-                                                  serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    operations.make_fleet_key(private_path, public_path, args.bits)
     print(f"private key (for device firmware, keep secret): {private_path}")
     print(f"public key (the service verifies with it):      {public_path}")
     return 0

@@ -57,13 +57,13 @@ class Settings:
         return self.state_dir / "keys"
 
     @classmethod
-    def for_stage(cls, stage: str, state_dir: str | Path | None = None,
-                  environ: Mapping[str, str] | None = None) -> "Settings":
+    def for_stage(cls, stage: str, state_dir: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                  config_file: Path | None = None) -> "Settings":
         """A stage's settings outside Lambda (CLI, devstack, bench): `.chalice/config.json`'s top-level
         `environment_variables` overridden by the stage's, as Chalice merges them, then by GIP_* variables of
         the process environment; `state_dir` overrides the stage's state directory."""
         env: dict[str, str] = {}
-        config_file = PROJECT_DIR / ".chalice" / "config.json"
+        config_file = config_file or PROJECT_DIR / ".chalice" / "config.json"
         if config_file.exists():
             chalice_config = json.loads(config_file.read_text())
             stages = chalice_config.get("stages", {})

@@ -7,8 +7,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Iterable, Protocol
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from chalicelib.files import write_private
 from chalicelib.issuers.base import (
     CertificateInfo,
     CertificateInventory,
@@ -206,3 +211,15 @@ def show(registry: Registry, issuer: Issuer, thing_name: str) -> tuple[DeviceRec
     if record.certificate_id and record.region:
         cert = issuer.certificate(record.certificate_id, record.region)
     return record, cert
+
+
+def make_fleet_key(private_path: Path, public_path: Path, bits: int) -> None:
+    """A new fleet signing key pair: the private half for device firmware (mode 0600), the public half
+    where the service reads it."""
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    public_path.parent.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    write_private(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))

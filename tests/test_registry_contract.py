@@ -11,8 +11,14 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from chalicelib.errors import AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable
-from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, DeviceRecord, item_of
+from chalicelib.errors import (
+    AlreadyProvisioned,
+    NotRegistered,
+    ProvisioningInProgress,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
+from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, DeviceRecord, Nonce, item_of
 from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.registry.sqlite import SqliteRegistry
 
@@ -41,7 +47,8 @@ def registry(request, tmp_path):
         yield registry
         registry.close()
     else:
-        registry = DynamoDbRegistry(request.getfixturevalue("dynamodb_client"), TABLE)
+        registry = DynamoDbRegistry(request.getfixturevalue("dynamodb_client"), TABLE,
+                                    executor=request.getfixturevalue("executor"))
         registry.create()
         yield registry
 
@@ -248,6 +255,76 @@ def test_list_filters_by_status_region_and_since_together(registry):
     assert names(status=PROVISIONING) == ["d"]
 
 
+def test_a_fleet_key_claim_of_a_device_with_its_own_key_is_refused_and_changes_nothing(registry):
+    registry.register(["own", "plain"], {"own": "PEM"})
+    before = registry.get("own")
+
+    with pytest.raises(SignatureInvalid) as refused:
+        registry.claim("own", T0, LEASE, fleet_key=True)
+
+    assert refused.value.code == "invalid-signature"
+    assert registry.get("own") == before and before.attempts == 0  # not claimed, no attempt counted
+    registry.claim("plain", T0, LEASE, fleet_key=True)  # a device without a key of its own: the fleet key does
+    provisioned_by_own_key = registry.claim("own", T0, LEASE)  # the device's own key does
+    registry.finalize(provisioned_by_own_key, "eu-west-2", "cert-own", T0)
+    with pytest.raises(SignatureInvalid):  # and once provisioned, the fleet key learns nothing more either
+        registry.claim("own", T0 + timedelta(seconds=1), LEASE, fleet_key=True)
+    assert registry.get("own").attempts == 1
+
+
+def nonce(value: str, at: datetime, window: int = 600) -> Nonce:
+    return Nonce(value, at + timedelta(seconds=window))
+
+
+def replayed(registry, name: str, value: str, at: datetime) -> bool:
+    try:
+        registry.claim(name, at, LEASE, nonce=nonce(value, at))
+    except SignatureInvalid as refused:
+        assert refused.code == "replayed-request"
+        return True
+    return False
+
+
+def test_a_nonce_is_accepted_once_also_after_a_release_and_a_reset(registry):
+    registry.register(["dev1", "dev2"])
+    registry.release(registry.claim("dev1", T0, LEASE, nonce=nonce("n-1", T0)), "issuer down")
+
+    assert replayed(registry, "dev1", "n-1", T0 + timedelta(seconds=1))  # after a release
+    assert registry.get("dev1").status == UNPROVISIONED  # the replay holds no claim
+    registry.finalize(registry.claim("dev1", T0 + timedelta(seconds=2), LEASE, nonce=nonce("n-2", T0)),
+                      "eu-west-2", "cert-1", T0 + timedelta(seconds=3))
+    registry.reset("dev1")
+    assert replayed(registry, "dev1", "n-1", T0 + timedelta(seconds=4))  # after a reset
+    assert replayed(registry, "dev1", "n-2", T0 + timedelta(seconds=5))
+    assert not replayed(registry, "dev2", "n-1", T0 + timedelta(seconds=6))  # nonces are per device
+    assert not replayed(registry, "dev1", "n-3", T0 + timedelta(seconds=7))
+
+
+def test_an_expired_nonce_may_be_used_again(registry):
+    registry.register(["dev1"])
+    registry.release(registry.claim("dev1", T0, LEASE, nonce=Nonce("n", T0 + timedelta(seconds=600))), "failed")
+
+    assert replayed(registry, "dev1", "n", T0 + timedelta(seconds=600))  # its last instant: still remembered
+    assert registry.get("dev1").status == UNPROVISIONED
+    assert not replayed(registry, "dev1", "n", T0 + timedelta(seconds=600, milliseconds=1))
+
+
+def test_the_lease_holds_through_its_last_instant(registry):
+    registry.register(["dev1"])
+    first = registry.claim("dev1", T0, LEASE)
+    end = T0 + timedelta(seconds=LEASE)
+
+    with pytest.raises(ProvisioningInProgress):
+        registry.claim("dev1", end, LEASE)  # the lease ends at claim time + lease: held until then, inclusive
+    assert registry.stuck(end) == [] and not registry.release_stuck("dev1", end)
+
+    just_after = end + timedelta(milliseconds=1)
+    assert [record.thing_name for record in registry.stuck(just_after)] == ["dev1"]
+    assert registry.stuck(just_after)[0].lease_expires == end
+    second = registry.claim("dev1", just_after, LEASE)
+    assert second.token != first.token
+
+
 def test_only_one_of_many_concurrent_claims_wins(registry):
     if isinstance(registry, DynamoDbRegistry):
         pytest.skip("moto serialises requests in-process, so it cannot show DynamoDB's conditional-write atomicity")
@@ -272,8 +349,8 @@ def test_only_one_of_many_concurrent_claims_wins(registry):
 
 # --- DynamoDB only: paging, batching and throttling ---------------------------------------------------------------
 
-def test_dynamodb_list_follows_every_scan_page(dynamodb_client):
-    registry = DynamoDbRegistry(dynamodb_client, TABLE, page_size=7)
+def test_dynamodb_list_follows_every_scan_page(dynamodb_client, executor):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, page_size=7, executor=executor)
     registry.create()
     names = [f"dev{i:02d}" for i in range(50)]
     registry.register(names)
@@ -286,8 +363,9 @@ def test_dynamodb_list_follows_every_scan_page(dynamodb_client):
     assert [record.thing_name for record in registry.list(PROVISIONED)] == ["dev07"]
 
 
-def test_dynamodb_register_retries_unprocessed_items_and_keys(dynamodb_client):
-    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+def test_dynamodb_register_retries_unprocessed_items_and_keys(dynamodb_client, executor):
+    waits = []
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, executor=executor, sleep=waits.append)
     registry.create()
     registry.register(["dev000"])
     refused = {"BatchGetItem": 0, "BatchWriteItem": 0}
@@ -310,14 +388,15 @@ def test_dynamodb_register_retries_unprocessed_items_and_keys(dynamodb_client):
     assert registry.register([f"dev{i:03d}" for i in range(30)]) == 29
 
     assert refused == {"BatchGetItem": 1, "BatchWriteItem": 1}
+    assert waits == [0.05, 0.05]  # one back-off before each retry, through the injected sleep
     assert len(list(registry.list())) == 30
     assert item(registry.get("dev000"))["prov_status"] == PROVISIONED
 
 
 @pytest.mark.parametrize("code", ["ProvisionedThroughputExceededException", "ThrottlingException",
                                   "InternalServerError"])
-def test_dynamodb_throttling_becomes_service_unavailable(dynamodb_client, code):
-    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+def test_dynamodb_throttling_becomes_service_unavailable(dynamodb_client, executor, code):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, executor=executor)
     registry.create()
     registry.register(["dev1"])
     dynamodb_client.meta.events.register(
@@ -331,8 +410,8 @@ def test_dynamodb_throttling_becomes_service_unavailable(dynamodb_client, code):
     assert item(registry.get("dev1")) == {"thing_name": "dev1", "prov_status": UNPROVISIONED}
 
 
-def test_dynamodb_throttled_reads_become_service_unavailable(dynamodb_client):
-    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+def test_dynamodb_throttled_reads_become_service_unavailable(dynamodb_client, executor):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, executor=executor)
     registry.create()
     for operation in ("GetItem", "Scan", "BatchGetItem"):
         dynamodb_client.meta.events.register(

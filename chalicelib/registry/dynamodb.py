@@ -76,11 +76,11 @@ def _record(raw: Mapping[str, Any]) -> DeviceRecord:
 
 
 class DynamoDbRegistry:
-    """`executor` (the composition root's) runs a v2 claim's two writes side by side; without one they run
-    in turn. `sleep` waits between retries of unprocessed batch items."""
+    """`executor` (the composition root's pool) runs a v2 claim's two writes side by side; `sleep` waits
+    between retries of unprocessed batch items."""
 
-    def __init__(self, client: Any, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None,
-                 executor: Executor | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, client: Any, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None, *,
+                 executor: Executor, sleep: Callable[[float], None] = time.sleep) -> None:
         self._client = client
         self._table = table_name
         self._nonces = f"{table_name}-nonces"  # v2 request nonces, kept apart so scans of devices stay lean
@@ -208,10 +208,6 @@ class DynamoDbRegistry:
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
               nonce: Nonce | None = None) -> Claim:
         if nonce is None:
-            return self._claim(thing_name, now, lease_seconds, fleet_key)
-        if self._executor is None:
-            if not self._remember_nonce(thing_name, nonce, now):
-                raise replayed_request()
             return self._claim(thing_name, now, lease_seconds, fleet_key)
         # Two tables, two round trips: run them side by side rather than one after the other.
         fresh = self._executor.submit(self._remember_nonce, thing_name, nonce, now)
