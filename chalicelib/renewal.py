@@ -139,8 +139,8 @@ class RenewalService:
         now = self._clock()
         skew = abs((now - request.timestamp).total_seconds())
         if skew > self._skew:
-            raise SignatureInvalid(f"the timestamp is {skew:.0f} s away from the server's clock "
-                                   f"(at most {self._skew} s allowed)", "stale-timestamp")
+            raise SignatureInvalid(f"the timestamp is {skew:.0f} s away from the server's clock, "
+                                   f"{timestamp(now)} (at most {self._skew} s allowed)", "stale-timestamp")
 
     def _verify(self, request: RenewalRequest, state: RenewalState) -> CertificateInfo:
         """The one 403 for every mismatch; then the CSR's key must be new. Returns the current certificate."""
