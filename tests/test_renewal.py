@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from app import app
 from chalicelib.clock import timestamp
-from chalicelib.config import PROJECT_DIR
+from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.errors import MalformedRequest, RenewalInProgress, RenewalRefused, ServiceUnavailable, SignatureInvalid
 from chalicelib.issuers.base import CertificateRef
+from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
 from chalicelib.operations import AuditReport, UnfinishedRenewal
 from chalicelib.provisioning import key_fingerprint
 from chalicelib.regions import RegionPolicy
@@ -477,3 +478,13 @@ def test_admin_show_prints_the_renewal_history_and_list_finds_expiring_devices(b
     assert sorted(i["thing_name"] for i in json.loads(capsys.readouterr().out)) == ["dev-1", "dev-2"]
     assert b.cli("list", "--expiring-within", str(days - 2), "--json") == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_the_local_ca_issues_certificates_for_the_configured_number_of_days(tmp_path):
+    assert Settings.from_env({}).cert_validity_days == 365
+    assert Settings.from_env({"GIP_CERT_VALIDITY_DAYS": "7"}).cert_validity_days == 7
+    for days in (1, 7, 365):
+        issuer = LocalIssuer(tmp_path / "ca", local_endpoints(REGIONS, "localhost", 1), validity_days=days)
+        issued = issuer.issue("dev-1", "eu-west-2", x509.load_pem_x509_csr(make_csr("dev-1")[0].encode()))
+        cert = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+        assert abs((cert.not_valid_after_utc - now()) - timedelta(days=days)) < timedelta(minutes=1)
