@@ -24,6 +24,7 @@ from chalicelib.errors import (
     IssueIncomplete,
     MalformedRequest,
     ProvisioningError,
+    RenewalInProgress,
     RenewalRefused,
     ServiceUnavailable,
     SignatureInvalid,
@@ -204,12 +205,23 @@ class RenewalService:
 
     def _recovered_meanwhile(self, request: RenewalRequest, seen: RenewalState,
                              client_ip: str) -> RenewalResult | None:
-        """Another renewal of the device was recorded since `seen` was read (and may have revoked the certificate
-        this request names): an identical request is now a lost-answer recovery."""
+        """The request was refused: maybe another renewal of the device was recorded meanwhile (and revoked the
+        certificate this request names). An identical request is then a lost-answer recovery; another one,
+        correctly signed for the certificate that was current until just now, lost the race: 409, as while the
+        winner was at work (a lease's time after that renewal it is just a stale certificate id: 403)."""
         later = self._registry.renewal_state(request.thing_name)
-        if later is None or later.certificate_id == seen.certificate_id:
+        if later is None:
             return None
-        return self._lost_answer(request, later, client_ip)
+        if later.certificate_id != seen.certificate_id:
+            recovered = self._lost_answer(request, later, client_ip)
+            if recovered is not None:
+                return recovered
+        if (request.certificate_id == later.previous_certificate_id and later.previous_public_key is not None
+                and later.last_renewal is not None
+                and (self._clock() - datetime.fromisoformat(later.last_renewal)).total_seconds() <= self._lease_seconds
+                and _signed_by(later.previous_public_key, request)):
+            raise RenewalInProgress(f"{request.thing_name} was renewed by another request just now", retry_after=1)
+        return None
 
     def _retire(self, state: RenewalState, arn: str | None = None) -> None:
         """Revoke the previous certificate, and after a move delete the old region's thing; then say so."""

@@ -203,9 +203,13 @@ def test_stale_timestamp_replay_and_same_key(backend):
     with pytest.raises(SignatureInvalid) as replay:
         service.renew(device.request(nonce="nonce-1"), LONDON_IP)
     assert replay.value.code == "replayed-request"
-    # The identical first request again (no CSR: no lost-answer recovery possible): the one 403.
-    with pytest.raises(RenewalRefused):
+    # The identical first request again (no CSR: no lost-answer recovery possible): right after the renewal it
+    # lost a race (409), a lease's time later it names a stale certificate (the one 403).
+    with pytest.raises(RenewalInProgress):
         service.renew(RenewalRequest.from_body(first), LONDON_IP)
+    later = renewals(b, clock=lambda: now() + timedelta(seconds=LEASE + 1), skew_seconds=LEASE + 300)
+    with pytest.raises(RenewalRefused):
+        later.renew(RenewalRequest.from_body(first), LONDON_IP)
     assert b.registry.get("dev-1").certificate_id == device.certificate_id
     assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
 
@@ -488,3 +492,31 @@ def test_the_local_ca_issues_certificates_for_the_configured_number_of_days(tmp_
         issued = issuer.issue("dev-1", "eu-west-2", x509.load_pem_x509_csr(make_csr("dev-1")[0].encode()))
         cert = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
         assert abs((cert.not_valid_after_utc - now()) - timedelta(days=days)) < timedelta(minutes=1)
+
+
+def test_concurrent_renewals_with_different_keys_issue_one_certificate_and_the_rest_get_409(backend):
+    b = backend
+    if b.name == "aws":
+        pytest.skip("moto cannot show DynamoDB's conditional-write atomicity under concurrent requests")
+    device = Device(b, "dev-1")
+    bodies = [device.body(make_csr("dev-1")[0]) for _ in range(20)]
+    service = renewals(b)
+    issued_before = b.certificate_records("dev-1")
+    start, results = threading.Barrier(len(bodies)), []
+
+    def renew(body):
+        start.wait()
+        try:
+            results.append(service.renew(RenewalRequest.from_body(body), LONDON_IP))
+        except RenewalInProgress as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=renew, args=(body,)) for body in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [winner] = [r for r in results if not isinstance(r, Exception)]
+    assert len(results) == 20 and all(isinstance(r, RenewalInProgress) for r in results if r is not winner)
+    assert b.certificate_records("dev-1") == issued_before + 1
+    assert_renewed(b, device, winner, device.certificate_id)
