@@ -147,7 +147,7 @@ def item_of(record: DeviceRecord) -> dict[str, Any]:
 # What `admin list` shows, in order: the table, and the CSV (attributes as one JSON cell).
 TABLE_COLUMNS = ("thing_name", "prov_status", "aws_region", "prov_datetime")
 CSV_COLUMNS = ("thing_name", "prov_status", "aws_region", "prov_datetime", "certificate_id", "country",
-               "attempts", "last_error", "attributes", "certificate_expires", "renewal_count", "last_renewal")
+               "attempts", "last_error", "attributes")
 
 
 def item_cells(record: DeviceRecord, columns: tuple[str, ...], missing: str = "") -> list[Any]:
