@@ -49,7 +49,9 @@ EPILOG = """exit codes:
   6    server or network failure after all retries (429/502/503/504, 409 provisioning-in-progress,
        connection errors and timeouts are retried; other errors)
   7    MQTT broker refused the connection or a publish was not authorized
-  130  interrupted (Ctrl-C)"""
+  130  interrupted (Ctrl-C)
+A renewal (--renew, or by itself within --renew-before days of expiry) exits with the same codes
+(3: renewal refused; 409 renewal-in-progress is retried)."""
 
 
 class ClientError(Exception):
