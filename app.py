@@ -19,6 +19,8 @@ from chalicelib.errors import (
     ProvisioningError,
     ProvisioningInProgress,
     RegionBlocked,
+    RenewalInProgress,
+    RenewalRefused,
     ServiceUnavailable,
     SignatureInvalid,
 )
@@ -26,8 +28,16 @@ from chalicelib.geo import client_ip
 from chalicelib.health import failing_parts
 from chalicelib.observability import Steps
 from chalicelib.provisioning import ProvisioningResult
+from chalicelib.renewal import RenewalResult
 from chalicelib.storage import DEVICE_MESSAGE, StorageUnavailable
-from chalicelib.wire import ProvisioningRequest, error_body, parse_json, response_body
+from chalicelib.wire import (
+    ProvisioningRequest,
+    RenewalRequest,
+    error_body,
+    parse_json,
+    renewal_response_body,
+    response_body,
+)
 
 app = Chalice(app_name="iot-global-provisioning")  # its app.log is observability.logger's logger too
 wiring.validate()
@@ -41,6 +51,8 @@ HTTP_STATUS: dict[type[ProvisioningError], int] = {
     ProvisioningInProgress: 409,
     RegionBlocked: 403,
     ServiceUnavailable: 503,
+    RenewalRefused: 403,
+    RenewalInProgress: 409,
 }
 
 
@@ -91,28 +103,9 @@ def device_provisioning() -> Response:
         result = wiring.service().provision(provisioning_request, ip, steps, deadline)
         status, code = 200, observability.SUCCESS
         body: dict[str, Any] = response_body(result)
-    except ProvisioningError as exc:
-        status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
-        code, body = exc.code, error_body(exc.code, exc.message)
-        if isinstance(exc, StorageUnavailable):  # the operator's message names paths: log it, tell the device less
-            observability.logger.error("storage fault: %s", exc.message)
-            body = error_body(exc.code, DEVICE_MESSAGE)
-        retry_after = getattr(exc, "retry_after", None)  # 503s, and a 409 in progress: the lease's time left
-        if retry_after is not None:
-            headers["Retry-After"] = str(retry_after)
-        if code == "stale-timestamp":  # a device without NTP learns the time here and corrects its clock
-            now = utcnow()
-            headers["Date"], body["serverTime"] = format_datetime(now, usegmt=True), timestamp(now)
-    except ConfigError as exc:
-        observability.logger.error("stage misconfigured: %s", exc)
-        status, code = 503, "service-misconfigured"
-        body = error_body(code, "the service is not configured; try again later")
-        headers["Retry-After"] = "60"
-    except Exception:  # a bug or an unforeseen failure: logged in full here, never a 500 or a trace outside
-        observability.logger.exception("unexpected failure", extra={"request_id": request_id})
-        status, code = 503, "service-unavailable"
-        body = error_body(code, "the service failed unexpectedly; try again later")
-        headers["Retry-After"] = "30"
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an answer (error_answer)
+        status, code, body, more = error_answer(exc, request_id)
+        headers.update(more)
     choice = result.choice if result else None
     try:
         observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
@@ -124,6 +117,64 @@ def device_provisioning() -> Response:
     except OSError:  # the log's disk is full: the device's answer comes first
         pass
     return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
+
+
+@app.route("/device-renewal", methods=["POST"], content_types=["*/*"])
+def device_renewal() -> Response:
+    """Renewal, key rotation and relocation (README, "Renewal"); errors mapped as provisioning's are."""
+    request = app.current_request
+    assert request is not None
+    steps = Steps()
+    request_id = request.context.get("requestId") or uuid.uuid4().hex
+    thing_name: str | None = None
+    result: RenewalResult | None = None
+    headers = {"X-Request-Id": request_id}
+    try:
+        renewal_request = RenewalRequest.from_body(parse_json(request.raw_body or b""))
+        thing_name = renewal_request.thing_name
+        ip = client_ip(request.context.get("identity", {}).get("sourceIp", ""), request.headers,
+                       wiring.settings().trust_forwarded_for)
+        result = wiring.renewal_service().renew(renewal_request, ip, steps)
+        status, body = 200, renewal_response_body(result)
+        code = "recovered" if result.recovered else ("relocated" if result.choice.reason == "relocated" else "renewed")
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an answer, as for provisioning
+        status, code, body, more = error_answer(exc, request_id)
+        headers.update(more)
+    try:
+        observability.renewal_done(
+            request_id=request_id, thing_name=thing_name, status=status, code=code, steps=steps,
+            region=result.choice.region if result else None, reason=result.choice.reason if result else None,
+            detail={"certificate_id": result.issued.certificate_id, "previous_certificate_id":
+                    result.previous_certificate_id} if result else None)
+    except OSError:  # the log's disk is full: the device's answer comes first
+        pass
+    return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
+
+
+def error_answer(exc: Exception, request_id: str) -> tuple[int, str, dict[str, Any], dict[str, str]]:
+    """HTTP status, outcome code, body and extra headers of a failed request (both device routes). Call it in
+    the `except` block: an unforeseen failure is logged with its traceback."""
+    if isinstance(exc, ProvisioningError):
+        status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
+        code, body, headers = exc.code, error_body(exc.code, exc.message), {}
+        if isinstance(exc, StorageUnavailable):  # the operator's message names paths: log it, tell the device less
+            observability.logger.error("storage fault: %s", exc.message)
+            body = error_body(exc.code, DEVICE_MESSAGE)
+        retry_after = getattr(exc, "retry_after", None)  # 503s, and a 409 in progress: the lease's time left
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
+        if code == "stale-timestamp":  # a device without NTP learns the time here and corrects its clock
+            now = utcnow()
+            headers["Date"], body["serverTime"] = format_datetime(now, usegmt=True), timestamp(now)
+        return status, code, body, headers
+    if isinstance(exc, ConfigError):
+        observability.logger.error("stage misconfigured: %s", exc)
+        code = "service-misconfigured"
+        return 503, code, error_body(code, "the service is not configured; try again later"), {"Retry-After": "60"}
+    # a bug or an unforeseen failure: logged in full here, never a 500 or a trace outside
+    observability.logger.exception("unexpected failure", extra={"request_id": request_id})
+    code = "service-unavailable"
+    return 503, code, error_body(code, "the service failed unexpectedly; try again later"), {"Retry-After": "30"}
 
 
 @app.route("/health", methods=["GET"])

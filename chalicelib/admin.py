@@ -28,6 +28,7 @@ from chalicelib.keypolicy import KEYGEN_RSA_BITS, MIN_RSA_BITS
 from chalicelib.regions import CATALOGUE, CONTINENTS
 from chalicelib.registry.base import (
     CSV_COLUMNS,
+    PROVISIONED,
     STATUSES,
     TABLE_COLUMNS,
     DeviceRecord,
@@ -262,6 +263,10 @@ def parse_since(text: str) -> datetime:
 def cmd_list(config: Settings, args: Args) -> int:
     records = sorted(existing_registry(config).list(args.status, args.region, args.since),
                      key=lambda record: natural_key(record.thing_name))
+    columns: tuple[str, ...] = TABLE_COLUMNS
+    if args.expiring_within is not None:
+        records = operations.expiring_within(records, args.expiring_within, utcnow())
+        columns += ("certificate_expires",)
     if args.json:
         print(json.dumps([item_of(record) for record in records], indent=2))
         return 0
@@ -270,8 +275,8 @@ def cmd_list(config: Settings, args: Args) -> int:
         writer.writerow(CSV_COLUMNS)
         writer.writerows(item_cells(record, CSV_COLUMNS) for record in records)
         return 0
-    rows = [list(TABLE_COLUMNS)] + [item_cells(record, TABLE_COLUMNS, "-") for record in records]
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    rows = [list(columns)] + [item_cells(record, columns, "-") for record in records]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(columns))]
     for row in rows:
         print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
     print(f"({len(records)} device(s))")
@@ -321,6 +326,10 @@ def cmd_show(config: Settings, args: Args) -> int:
     record, cert = operations.show(existing_registry(config), wiring.issuer(config), args.name)
     shown = item_of(record)
     shown.setdefault("attempts", 0)  # never claimed yet
+    if record.status is PROVISIONED:  # the renewal history, also of a device never renewed
+        shown["renewals"] = {"count": shown.pop("renewal_count", 0), "last": shown.pop("last_renewal", None),
+                             "previous_certificate_id": shown.pop("previous_certificate_id", None),
+                             "previous_region": shown.pop("previous_region", None)}
     if record.certificate_id and record.region:
         shown["certificate"] = cert and certificate_details(cert)
     print(json.dumps(shown, indent=2))
@@ -352,6 +361,9 @@ def audit_json(report: operations.AuditReport, fixed: list[str]) -> dict[str, An
         "orphan_things": [{"thing_name": t.thing_name, "region": t.region} for t in report.orphan_things],
         "missing_certificates": [{"thing_name": m.thing_name, "certificate_id": m.certificate_id, "region": m.region,
                                   "status": m.status} for m in report.missing_certificates],
+        **({"unfinished_renewals": [{"thing_name": u.thing_name, "previous_certificate_id": u.previous_certificate_id,
+                                     "previous_region": u.previous_region, "region": u.region, "move": u.move}
+                                    for u in report.unfinished_renewals]} if report.unfinished_renewals else {}),
         "fixed": fixed}
 
 
@@ -385,6 +397,10 @@ def cmd_audit(config: Settings, args: Args) -> int:
         for missing in report.missing_certificates:
             print(f"missing certificate: {missing.thing_name} refers to {missing.certificate_id} "
                   f"in {missing.region}, which is {missing.status}")
+        for unfinished in report.unfinished_renewals:
+            print(f"unfinished {'move' if unfinished.move else 'renewal'}: {unfinished.thing_name} now has a "
+                  f"certificate in {unfinished.region}; its previous certificate {unfinished.previous_certificate_id} "
+                  f"in {unfinished.previous_region} is not removed yet")
         for line in fixed:
             print(f"fixed: {line}")
         total = report.findings
@@ -473,6 +489,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="only devices provisioned in this region")
     p.add_argument("--since", type=parse_since, metavar="DATE",
                    help="only devices provisioned at or after DATE (ISO date or date-time; UTC unless it says)")
+    p.add_argument("--expiring-within", type=float, metavar="DAYS",
+                   help="only provisioned devices whose certificate expires within DAYS, soonest first "
+                        "(the device client renews by itself 30 days before)")
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")

@@ -51,6 +51,8 @@ class Settings:
     # timeout (35 s) and API Gateway's 29 s, so a device always gets our answer rather than a gateway's.
     request_budget_seconds: int = 20
     claim_lease_margin_seconds: int = 30
+    cert_validity_days: int = 365  # the local CA's device certificates; AWS IoT sets its own
+    relocation: str = "distance:1000"  # GIP_RELOCATION, checked by relocation.RelocationPolicy.parse
 
     def lease_for_audit(self) -> int:
         """The lease the audit takes a device over with: as long as a request's."""
@@ -125,6 +127,8 @@ class Settings:
             kms_key_arn=env.get("GIP_KMS_KEY_ARN") or None,
             request_budget_seconds=_int(env, "GIP_REQUEST_BUDGET_SECONDS", 20),
             claim_lease_margin_seconds=_int(env, "GIP_CLAIM_LEASE_MARGIN_SECONDS", 30),
+            cert_validity_days=_int(env, "GIP_CERT_VALIDITY_DAYS", 365),
+            relocation=env.get("GIP_RELOCATION") or "distance:1000",
         )
 
 

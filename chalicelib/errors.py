@@ -88,3 +88,22 @@ class IssueIncomplete(Exception):
 
 class ConfigError(Exception):
     """The stage's configuration is wrong; raised at startup with a message naming the setting."""
+
+
+class RenewalRefused(ProvisioningError):
+    """Unknown device, wrong certificate id, wrong key, revoked certificate: one answer for all (design.md)."""
+
+    code = "renewal-refused"
+
+
+RENEWAL_REFUSED = "renewal refused: the device, its current certificate and the signature do not match"
+
+
+class RenewalInProgress(ProvisioningError):
+    """Another renewal of the device holds the lease; the caller may ask again after `retry_after` seconds."""
+
+    code = "renewal-in-progress"
+
+    def __init__(self, message: str, code: str | None = None, retry_after: int = 2):
+        super().__init__(message, code)
+        self.retry_after = retry_after

@@ -101,6 +101,24 @@ def request_done(*, request_id: str | None, thing_name: str | None, status: int,
                   ("ProvisioningLatency", "Milliseconds", total, {"outcome": code})])
 
 
+def renewal_done(*, request_id: str | None, thing_name: str | None, status: int, code: str, steps: Steps,
+                 region: str | None = None, reason: str | None = None, previous_region: str | None = None,
+                 detail: dict[str, Any] | None = None) -> None:
+    """A renewal's log line, then its metrics: Renewed (in place) or Relocated per region, refusals per code."""
+    total = steps.total_ms()
+    fields = {"request_id": request_id, "thing_name": thing_name, "status": status, "outcome": code,
+              "region": region, "reason": reason, "previous_region": previous_region, "steps_ms": steps.ms,
+              "duration_ms": total, **(detail or {})}
+    logger.info("renewal request", extra={k: v for k, v in fields.items() if v is not None})
+    metrics: list[tuple[str, str, float, dict[str, str]]] = []
+    if code in ("renewed", "relocated"):
+        metrics.append(("Relocated" if code == "relocated" else "Renewed", "Count", 1.0,
+                        {"region": region or "unknown"}))
+    elif code != "recovered":
+        metrics.append(("RenewalRefused", "Count", 1.0, {"code": code}))
+    emit_metrics([*metrics, ("RenewalLatency", "Milliseconds", total, {"outcome": code})])
+
+
 def emit_metrics(metrics: list[tuple[str, str, float, dict[str, str]]]) -> None:
     """One EMF line: each metric (name, unit, value, its dimensions) with the service dimension added."""
     record: dict[str, Any] = {"service": SERVICE}

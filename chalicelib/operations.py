@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -15,8 +15,23 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.errors import AlreadyProvisioned, ProvisioningInProgress
 from chalicelib.files import write_private
-from chalicelib.issuers.base import CertificateInfo, CertificateInventory, CertificateRef, Issuer, ThingInventory
-from chalicelib.registry.base import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord, DeviceStatus, Registry
+from chalicelib.issuers.base import (
+    CertificateInfo,
+    CertificateInventory,
+    CertificateRef,
+    Issuer,
+    RenewalIssuer,
+    ThingInventory,
+)
+from chalicelib.registry.base import (
+    PROVISIONED,
+    PROVISIONING,
+    STATUSES,
+    DeviceRecord,
+    DeviceStatus,
+    Registry,
+    RenewalRegistry,
+)
 from chalicelib.settle import Settler
 
 GONE = "gone"  # a missing certificate's status when the issuer does not know it at all
@@ -30,7 +45,7 @@ class NotRegisteredDevice(Exception):
         self.thing_name = thing_name
 
 
-class AuditedIssuer(Issuer, CertificateInventory, Protocol):
+class AuditedIssuer(RenewalIssuer, CertificateInventory, Protocol):
     """An issuer the audit can take stock of; where it also keeps things, it is a ThingInventory too."""
 
 
@@ -65,9 +80,23 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class UnfinishedRenewal:
+    """A renewal recorded but cut short before its previous certificate (and thing, after a move) was removed."""
+
+    thing_name: str
+    previous_certificate_id: str
+    previous_region: str
+    region: str | None
+
+    @property
+    def move(self) -> bool:
+        return self.previous_region != self.region
+
+
+@dataclass(frozen=True)
 class AuditReport:
-    """What a crashed or half-failed provisioning can leave behind, on any backend. `in_flight` is work under
-    a live claim: reported with its age, not a finding, never fixed."""
+    """What a crashed or half-failed provisioning or renewal can leave behind, on any backend. `in_flight` is
+    work under a live claim: reported with its age, not a finding, never fixed."""
 
     stuck_claims: list[Attempt] = field(default_factory=list)
     orphan_certificates: list[CertificateInfo] = field(default_factory=list)
@@ -75,11 +104,12 @@ class AuditReport:
     missing_certificates: list[MissingCertificate] = field(default_factory=list)
     unfinished_rollbacks: list[Attempt] = field(default_factory=list)
     in_flight: list[Attempt] = field(default_factory=list)
+    unfinished_renewals: list[UnfinishedRenewal] = field(default_factory=list)
 
     @property
     def findings(self) -> int:
         return (len(self.stuck_claims) + len(self.unfinished_rollbacks) + len(self.orphan_certificates)
-                + len(self.orphan_things) + len(self.missing_certificates))
+                + len(self.orphan_things) + len(self.missing_certificates) + len(self.unfinished_renewals))
 
 
 def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now: datetime) -> AuditReport:
@@ -104,15 +134,21 @@ def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now
     # A live claim owns what it is making; a dead attempt's write-ahead record the certificates it points at,
     # which settling it deals with: both are reported above, not as orphans.
     live_claims = {attempt.thing_name for attempt in in_flight}
+    # A renewal under a live lease may be about to record its certificate: not an orphan yet either.
+    live_claims |= {r.thing_name for r in records if r.renewal_lease and r.renewal_lease >= now}
     provisioned = [r for r in records if r.status is PROVISIONED]
+    renewals = [UnfinishedRenewal(r.thing_name, r.previous_certificate_id, r.previous_region, r.region)
+                for r in provisioned if r.retire_pending and r.previous_certificate_id and r.previous_region]
     referenced = {(r.region, r.certificate_id) for r in provisioned}
     referenced |= {(a.region, cert) for a in in_flight + stuck + unfinished for cert in a.certificates}
+    referenced |= {(u.previous_region, u.previous_certificate_id) for u in renewals}
     orphans = [cert for region in regions for cert in issuer.active_certificates(region)
                if (region, cert.certificate_id) not in referenced and cert.thing_name not in live_claims]
     things: list[OrphanThing] = []
     if isinstance(issuer, ThingInventory):
         placed = {(r.region, r.thing_name) for r in provisioned}
         placed |= {(a.region, a.thing_name) for a in stuck + unfinished if a.region}
+        placed |= {(u.previous_region, u.thing_name) for u in renewals}
         things = [OrphanThing(name, region) for region in regions for name in issuer.things(region)
                   if (region, name) not in placed and name not in live_claims]
     missing = []
@@ -121,13 +157,13 @@ def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now
         if cert is None or not cert.active:
             missing.append(MissingCertificate(record.thing_name, record.certificate_id, record.region,
                                               cert.status if cert else GONE))
-    return AuditReport(stuck, orphans, things, missing, unfinished, in_flight)
+    return AuditReport(stuck, orphans, things, missing, unfinished, in_flight, renewals)
 
 
-def repair(registry: Registry, issuer: AuditedIssuer, report: AuditReport, now: datetime,
+def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport, now: datetime,
            lease_seconds: int) -> list[str]:
     """audit --fix: settle stuck claims and unfinished rollbacks (as a retry would), revoke orphans, reset
-    devices whose certificate is gone. Returns one line per repair made."""
+    devices whose certificate is gone, finish unfinished renewals. Returns one line per repair made."""
     fixed = []
     settler = Settler(registry, issuer)
     for attempt in report.stuck_claims + report.unfinished_rollbacks:
@@ -136,8 +172,12 @@ def repair(registry: Registry, issuer: AuditedIssuer, report: AuditReport, now: 
                                                   died=attempt in report.stuck_claims))
         except (AlreadyProvisioned, ProvisioningInProgress):  # its own retry settled it meanwhile
             fixed.append(f"{attempt.thing_name} was settled by its own retry meanwhile")
+    in_use = {(r.region, r.thing_name) for r in registry.list(PROVISIONED)}
     for cert in report.orphan_certificates:
-        issuer.revoke(cert.ref())
+        if (cert.region, cert.thing_name) in in_use:  # a renewal's leftover: the thing holds the current one
+            issuer.retire(cert.ref(), delete_thing=False)
+        else:
+            issuer.revoke(cert.ref())
         fixed.append(f"revoked orphan certificate {cert.certificate_id} in {cert.region} (thing {cert.thing_name})")
     for thing in report.orphan_things:
         if isinstance(issuer, ThingInventory):
@@ -150,7 +190,22 @@ def repair(registry: Registry, issuer: AuditedIssuer, report: AuditReport, now: 
             issuer.delete_thing(region, missing.thing_name)
         registry.reset(missing.thing_name)
         fixed.append(f"reset {missing.thing_name} (its certificate is {missing.status}) to unprovisioned")
+    for unfinished in report.unfinished_renewals:
+        issuer.retire(CertificateRef(unfinished.previous_region, unfinished.previous_certificate_id,
+                                     unfinished.thing_name), delete_thing=unfinished.move)
+        registry.previous_retired(unfinished.thing_name, unfinished.previous_certificate_id)
+        fixed.append(f"finished the {'move' if unfinished.move else 'renewal'} of {unfinished.thing_name}: revoked "
+                     f"{unfinished.previous_certificate_id} in {unfinished.previous_region}"
+                     + (" and deleted the thing there" if unfinished.move else ""))
     return fixed
+
+
+def expiring_within(records: Iterable[DeviceRecord], days: float, now: datetime) -> list[DeviceRecord]:
+    """Provisioned devices whose certificate ends within `days` from now, soonest first (unknown expiry first)."""
+    limit = now + timedelta(days=days)
+    due = [r for r in records if r.status is PROVISIONED and (r.certificate_expires is None
+                                                              or r.certificate_expires <= limit)]
+    return sorted(due, key=lambda r: r.certificate_expires or datetime.min.replace(tzinfo=timezone.utc))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from chalicelib import deadline as deadlines
-from chalicelib.clock import utcnow
+from chalicelib.clock import timestamp, utcnow
 from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
 from chalicelib.errors import (
     REFUSED,
@@ -41,10 +41,6 @@ class ProvisioningResult:
     note: str | None = None
 
 
-def certificate_fingerprint(certificate_pem: str) -> str:
-    return key_fingerprint(x509.load_pem_x509_certificate(certificate_pem.encode()).public_key())
-
-
 def key_fingerprint(public_key: PublicKeyTypes) -> str:
     """SHA-256 of the SubjectPublicKeyInfo DER, hex: what the registry remembers of a device's key."""
     digest = hashes.Hash(hashes.SHA256())
@@ -61,6 +57,12 @@ FINALIZE_SECONDS = 4.0   # one conditional registry write, one attempt
 
 def no_checkpoint(boundary: str, thing_name: str) -> None:
     pass
+
+
+def public_key_pem(public_key: PublicKeyTypes) -> str:
+    """What the registry keeps of a certificate's key, so a renewal's signature needs no issuer call."""
+    return public_key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 class ProvisioningService:
@@ -144,9 +146,11 @@ class ProvisioningService:
             self._checkpoint("recorded", request.thing_name)
             deadline.require("recording the device", FINALIZE_SECONDS)
             with steps.step("finalize"):
+                certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+                public_key = request.csr.public_key() if request.csr is not None else certificate.public_key()
                 self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
-                                        wanted or certificate_fingerprint(issued.certificate_pem),
-                                        choice.country, choice.reason)
+                                        key_fingerprint(public_key), choice.country, choice.reason,
+                                        public_key_pem(public_key), timestamp(certificate.not_valid_after_utc))
             self._checkpoint("finalized", request.thing_name)
         except Exception as exc:
             cause = exc.error if isinstance(exc, IssueIncomplete) else exc
@@ -168,9 +172,12 @@ class ProvisioningService:
         """The dead attempt's certificate for this very key: finalize with it, issue nothing."""
         choice = RegionChoice(issued.region, self._regions.distance_km(location, issued.region), "previous",
                               location.country if location else None)
+        certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
         with steps.step("finalize"):
-            self._registry.finalize(claim, issued.region, issued.certificate_id, self._clock(), fingerprint,
-                                    choice.country, choice.reason)
+            self._registry.finalize(claim, issued.region, issued.certificate_id, self._clock(),
+                                    fingerprint or key_fingerprint(certificate.public_key()), choice.country,
+                                    choice.reason, public_key_pem(certificate.public_key()),
+                                    timestamp(certificate.not_valid_after_utc))
         self._checkpoint("finalized", request.thing_name)
         return ProvisioningResult(request.thing_name, choice, issued,
                                   "an earlier attempt with this key was interrupted: its certificate, not a second one")

@@ -14,6 +14,9 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from cryptography import x509
+
+from chalicelib.clock import timestamp
 from chalicelib.issuers.base import CertificateRef, IssuedCertificate, Issuer
 from chalicelib.registry.base import Claim, PendingIssue, Registry
 
@@ -80,9 +83,13 @@ class Settler:
             self._registry.release(claim, "the audit could not settle the last attempt", keep_pending=True)
             raise
         if settled.reused is not None:
+            from chalicelib.provisioning import public_key_pem  # it imports this module
             issued = settled.reused
+            certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+            # The key and the end of validity, as provisioning keeps them: a renewal is checked with the key.
             self._registry.finalize(claim, issued.region, issued.certificate_id, now,
-                                    pending.fingerprint if pending else None)
+                                    pending.fingerprint if pending else None, public_key=public_key_pem(
+                                        certificate.public_key()), expires=timestamp(certificate.not_valid_after_utc))
             return (f"finalized {thing_name} with certificate {issued.certificate_id} in {issued.region}, issued "
                     "by an attempt that died (the device gets it by asking again with the same key)")
         self._registry.release(claim, "claim expired; settled by audit")

@@ -3,6 +3,8 @@
 v1 is the original sample's: RSA PKCS#1 v1.5 / SHA-256 over the UTF-8 thing name, made with the
 fleet-wide provisioning key. v2 also covers a timestamp, a nonce and the CSR, so a captured request can
 neither be replayed nor have its CSR swapped; it is RSA or ECDSA P-256 by key type.
+renew-v1 (POST /device-renewal) is v2's form plus the certificate id, signed with the key of the device's
+current certificate.
 """
 import hashlib
 from pathlib import Path
@@ -23,6 +25,11 @@ def v1_text(thing_name: str) -> bytes:
 def v2_text(thing_name: str, timestamp: str, nonce: str, csr_pem: str | None) -> bytes:
     csr_hash = hashlib.sha256(csr_pem.encode("utf-8")).hexdigest() if csr_pem else ""
     return f"v2\n{thing_name}\n{timestamp}\n{nonce}\n{csr_hash}".encode("utf-8")
+
+
+def renew_v1_text(thing_name: str, certificate_id: str, timestamp: str, nonce: str, csr_pem: str | None) -> bytes:
+    csr_hash = hashlib.sha256(csr_pem.encode("utf-8")).hexdigest() if csr_pem else ""
+    return f"renew-v1\n{thing_name}\n{certificate_id}\n{timestamp}\n{nonce}\n{csr_hash}".encode("utf-8")
 
 
 def verifies(public_key: PublicKeyTypes, text: bytes, signature: bytes) -> bool:

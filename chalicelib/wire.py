@@ -1,5 +1,6 @@
-"""The wire format of POST /device-provisioning (design.md, "Wire protocol"): the request schema, checked
-and decoded once into a typed `ProvisioningRequest`, and the JSON bodies of the answers."""
+"""The wire format of POST /device-provisioning and POST /device-renewal (design.md, "Wire protocol"): the
+request schemas, checked and decoded once into a typed `ProvisioningRequest` / `RenewalRequest`, and the JSON
+bodies of the answers."""
 from __future__ import annotations
 
 import base64
@@ -17,10 +18,11 @@ from cryptography.x509.oid import NameOID
 from chalicelib.clock import TIMESTAMP_FORMAT
 from chalicelib.errors import BodyTooLarge, MalformedRequest
 from chalicelib.keypolicy import CERTIFICATE_KEYS
-from chalicelib.signatures import v1_text, v2_text
+from chalicelib.signatures import renew_v1_text, v1_text, v2_text
 
 if TYPE_CHECKING:
     from chalicelib.provisioning import ProvisioningResult
+    from chalicelib.renewal import RenewalResult
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_NONCE_CHARS = 128
@@ -95,11 +97,11 @@ def _required_text(body: Mapping[str, Any], field: str) -> str:
     return value
 
 
-def decode_signature(signature_b64: str) -> bytes:
+def decode_signature(signature_b64: str, field: str = "thing-name-sig") -> bytes:
     try:
         return base64.b64decode(signature_b64, validate=True)
     except (binascii.Error, ValueError):
-        raise MalformedRequest("thing-name-sig is not valid base64", "malformed-signature") from None
+        raise MalformedRequest(f"{field} is not valid base64", "malformed-signature") from None
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -140,7 +142,7 @@ def parse_csr(csr_pem: str, thing_name: str) -> x509.CertificateSigningRequest:
     return csr
 
 
-def response_body(result: ProvisioningResult) -> dict[str, Any]:
+def response_body(result: ProvisioningResult | RenewalResult) -> dict[str, Any]:
     """HTTP 200's body; `PrivateKey` only when the service made the key pair."""
     body: dict[str, Any] = {
         "status": "success",
@@ -158,6 +160,59 @@ def response_body(result: ProvisioningResult) -> dict[str, Any]:
         body["PrivateKey"] = result.issued.private_key_pem
     if result.note:
         body["message"] = result.note
+    return body
+
+
+# --- POST /device-renewal ---------------------------------------------------------------------------------------
+
+MAX_CERTIFICATE_ID_CHARS = 128  # AWS IoT's ids are 64 hex digits, as are the local CA's
+
+
+@dataclass(frozen=True)
+class RenewalRequest:
+    thing_name: str
+    certificate_id: str
+    timestamp: datetime
+    nonce: str
+    signature: bytes
+    csr: x509.CertificateSigningRequest | None = None
+    csr_pem: str | None = None
+    signed: bytes = b""  # renew-v1's text, with the timestamp as sent
+
+    def signed_text(self) -> bytes:
+        return self.signed
+
+    @classmethod
+    def from_body(cls, body: Any) -> RenewalRequest:
+        """Check the wire format; anything wrong is a MalformedRequest naming the field and rule."""
+        if not isinstance(body, Mapping):
+            raise MalformedRequest("the body must be a JSON object")
+        thing_name = _required_text(body, "thing-name")
+        if not THING_NAME.fullmatch(thing_name):
+            raise MalformedRequest("thing-name must be 1-128 letters, digits, ':', '_' or '-'", "invalid-thing-name")
+        certificate_id = _required_text(body, "certificateId")
+        if len(certificate_id) > MAX_CERTIFICATE_ID_CHARS or not certificate_id.isascii() \
+                or not certificate_id.isalnum():
+            raise MalformedRequest("certificateId must be the certificate id the device was given", "malformed-request")
+        stamp, nonce = _required_text(body, "timestamp"), _required_text(body, "nonce")
+        timestamp = parse_timestamp(stamp)
+        if len(nonce) > MAX_NONCE_CHARS:
+            raise MalformedRequest(f"nonce must be at most {MAX_NONCE_CHARS} characters", "malformed-nonce")
+        signature = decode_signature(_required_text(body, "signature"), "signature")
+        csr_pem = body.get("CSR")
+        if csr_pem == "":
+            csr_pem = None
+        if csr_pem is not None and not isinstance(csr_pem, str):
+            raise MalformedRequest("CSR must be a PEM string", "malformed-csr")
+        csr = parse_csr(csr_pem, thing_name) if csr_pem is not None else None
+        return cls(thing_name, certificate_id, timestamp, nonce, signature, csr, csr_pem,
+                   renew_v1_text(thing_name, certificate_id, stamp, nonce, csr_pem))
+
+
+def renewal_response_body(result: RenewalResult) -> dict[str, Any]:
+    """A renewal's HTTP 200: provisioning's fields plus `previousCertificateId`."""
+    body = response_body(result)
+    body["previousCertificateId"] = result.previous_certificate_id
     return body
 
 

@@ -13,7 +13,9 @@ from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
 from chalicelib.provisioning import ProvisioningService, no_checkpoint
 from chalicelib.regions import RegionPolicy
-from chalicelib.registry.base import Registry
+from chalicelib.registry.base import RenewalRegistry
+from chalicelib.relocation import RelocationPolicy
+from chalicelib.renewal import RenewalService
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
 
 if TYPE_CHECKING:
@@ -26,6 +28,7 @@ _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
 _ipstack_key: Any = None  # the ipstack key's reader, when the stage uses ipstack (health tells whether it works)
+_renewal: RenewalService | None = None
 _aws: AwsClients | None = None
 _pools: dict[str, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()  # not _lock: service() holds that while it builds what needs a pool
@@ -67,9 +70,10 @@ def region_policy(config: Settings) -> RegionPolicy:
 def validate() -> None:
     """Fail at startup, not on the first device, when the stage's settings are wrong (cheap: no I/O)."""
     region_policy(settings())
+    RelocationPolicy.parse(settings().relocation)
 
 
-def registry(config: Settings) -> Registry:
+def registry(config: Settings) -> RenewalRegistry:
     if config.registry == "dynamodb":
         from chalicelib.registry.dynamodb import DynamoDbRegistry
         return DynamoDbRegistry(aws_clients().client("dynamodb"), config.table_name, executor=pool("registry"))
@@ -86,7 +90,8 @@ def issuer(config: Settings, policy: RegionPolicy | None = None) -> LocalIssuer 
         return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"))
     from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
     policy = policy or region_policy(config)
-    return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port))
+    return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port),
+                       validity_days=config.cert_validity_days)
 
 
 def locator(config: Settings) -> GeoLocator:
@@ -202,20 +207,38 @@ def use_service(service: ProvisioningService) -> None:
         _health = None
 
 
+def build_renewal_service(config: Settings) -> RenewalService:
+    policy = region_policy(config)
+    return RenewalService(registry=registry(config), issuer=issuer(config, policy), locator=locator(config),
+                          regions=policy, relocation=RelocationPolicy.parse(config.relocation),
+                          lease_seconds=config.lease_for_audit(), skew_seconds=config.timestamp_skew_seconds)
+
+
+def renewal_service() -> RenewalService:
+    global _renewal
+    if _renewal is None:
+        with _lock:
+            if _renewal is None:
+                _renewal = build_renewal_service(settings())
+    return _renewal
+
+
 def configure(config: Settings) -> None:
     """Use these settings instead of the environment's (tests); the service is rebuilt on next use."""
-    global _settings, _service, _health
+    global _settings, _service, _health, _renewal
     with _lock:
         _settings = config
         _service = None
         _health = None
+        _renewal = None
 
 
 def reset() -> None:
     """Forget what was built, so the next call reads the environment again (tests)."""
-    global _settings, _service, _aws, _health
+    global _settings, _service, _aws, _health, _renewal
     with _lock:
         _settings = None
         _service = None
+        _renewal = None
         _aws = None
         _health = None

@@ -55,7 +55,9 @@ EPILOG = """exit codes:
   7    MQTT broker refused the connection or a publish was not authorized
   8    MQTT broker refused the device's certificate at the TLS handshake: revoked (see
        --reprovision-if-revoked) or not issued for this broker's region
-  130  interrupted (Ctrl-C)"""
+  130  interrupted (Ctrl-C)
+A renewal (--renew, or by itself within --renew-before days of expiry) exits with the same codes
+(3: renewal refused; 409 renewal-in-progress is retried)."""
 
 
 class ClientError(Exception):
@@ -97,6 +99,12 @@ def v2_signed_text(thing_name: str, timestamp: str, nonce: str, csr_pem: str | N
     return f"v2\n{thing_name}\n{timestamp}\n{nonce}\n{csr_hash}".encode("utf-8")
 
 
+def renew_v1_signed_text(thing_name: str, certificate_id: str, timestamp: str, nonce: str,
+                         csr_pem: str | None) -> bytes:
+    csr_hash = hashlib.sha256(csr_pem.encode("utf-8")).hexdigest() if csr_pem else ""
+    return f"renew-v1\n{thing_name}\n{certificate_id}\n{timestamp}\n{nonce}\n{csr_hash}".encode("utf-8")
+
+
 def sign(private_key, text: bytes) -> bytes:
     if isinstance(private_key, rsa.RSAPrivateKey):
         return private_key.sign(text, padding.PKCS1v15(), hashes.SHA256())
@@ -123,6 +131,19 @@ def build_v2_request(thing_name: str, signing_key, csr_pem: str | None,
             "timestamp": timestamp, "nonce": nonce}
     if csr_pem:
         body["CSR"] = csr_pem
+    return body
+
+
+def build_renewal_request(thing_name: str, certificate_id: str, current_key, csr_pem: str | None,
+                          timestamp: str | None = None, nonce: str | None = None) -> dict:
+    """POST /device-renewal's body, signed with the key of the device's current certificate."""
+    timestamp = timestamp or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    nonce = nonce or secrets.token_urlsafe(16)
+    sig = sign(current_key, renew_v1_signed_text(thing_name, certificate_id, timestamp, nonce, csr_pem))
+    body = {"thing-name": thing_name, "certificateId": certificate_id}
+    if csr_pem:
+        body["CSR"] = csr_pem
+    body.update({"timestamp": timestamp, "nonce": nonce, "signature": base64.b64encode(sig).decode()})
     return body
 
 
@@ -201,6 +222,20 @@ class StatePaths:
         # The endpoint file is written last, so all three present means a whole credential set.
         return all(os.path.isfile(p) for p in (self.key, self.cert, self.endpoint))
 
+    # Renewal: the next key waits in `pending_key` until the answer comes (a retry after a lost answer must
+    # send the same key); the answer is kept in `answer` until applied; the credentials it replaces stay in
+    # `previous` until the new certificate has connected once.
+    @property
+    def pending_key(self) -> str:
+        return self.key.replace(".device.key.pem", ".renewal.key.pem")
+
+    @property
+    def answer(self) -> str:
+        return self.endpoint + ".renewal.json"
+
+    def previous(self) -> "StatePaths":
+        return StatePaths(*(p + ".previous" for p in (self.key, self.cert, self.endpoint)))
+
 
 def write_file_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
     # The mode is set at creation, before any byte is written, and the rename means readers
@@ -261,6 +296,7 @@ class ProvisioningClient:
         # The device's clock, corrected once from the server's when a v2 timestamp is refused as stale.
         self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
         self.clock_offset: dt.timedelta | None = None
+        self.renewal_url = api_base.rstrip("/") + "/device-renewal"
         self.session = session or requests.Session()
         self.max_attempts, self.base_delay, self.max_delay = max(1, max_attempts), base_delay, max_delay
         self.timeout, self.sleep = timeout, sleep
@@ -268,13 +304,13 @@ class ProvisioningClient:
         if forwarded_for:
             self.headers["X-Forwarded-For"] = forwarded_for
 
-    def provision(self, make_body) -> dict:
+    def provision(self, make_body, url: str | None = None) -> dict:
         """make_body() is called for every attempt, so each retry is signed afresh (v2 nonces)."""
         last_problem = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
             retry_after = None
             try:
-                resp = self.session.post(self.url, data=json.dumps(make_body()), headers=self.headers,
+                resp = self.session.post(url or self.url, data=json.dumps(make_body()), headers=self.headers,
                                          timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as err:
                 last_problem = f"network error: {err.__class__.__name__}: {err}"
@@ -291,7 +327,8 @@ class ProvisioningClient:
                           f"server's ({server_time:%Y-%m-%dT%H:%M:%SZ}); corrected, retrying now")
                     continue
                 # Another attempt of ours may still hold the claim (its answer was lost): wait it out.
-                in_progress = resp.status_code == 409 and data.get("code") == "provisioning-in-progress"
+                in_progress = resp.status_code == 409 and data.get("code") in ("provisioning-in-progress",
+                                                                               "renewal-in-progress")
                 if resp.status_code not in RETRYABLE_STATUS and not in_progress:
                     code = EXIT_BY_STATUS.get(resp.status_code, EXIT_UNAVAILABLE)
                     raise ClientError(code, f"{CAUSE[code]}: {problem}")
@@ -404,6 +441,77 @@ def discard_credentials(paths: StatePaths) -> None:
             print(f"=> moved {path} to {path}.revoked")
 
 
+# ---------- renewal (POST /device-renewal) ----------
+
+def renewal_due(paths: StatePaths, renew_before_days: float) -> dt.datetime | None:
+    """The certificate's expiry when it falls within `renew_before_days` from now, else None."""
+    try:
+        with open(paths.cert, "rb") as f:
+            expires = x509.load_pem_x509_certificate(f.read()).not_valid_after_utc
+    except (OSError, ValueError) as err:  # the broker will say more when the device connects with it
+        print(f"warning: cannot read the expiry of {paths.cert} ({err}); not renewing by itself")
+        return None
+    if expires - dt.datetime.now(dt.timezone.utc) <= dt.timedelta(days=renew_before_days):
+        return expires
+    return None
+
+
+def renew(args, paths: StatePaths, client: ProvisioningClient, pause) -> dict:
+    """A new key and CSR, signed with the current certificate's key; the answer is stored only once it came.
+
+    Always with a CSR: a renewal whose answer is lost can then be asked again with the same key and gets the
+    same certificate (the server never keeps a key it made)."""
+    current = read_endpoint(paths.endpoint)
+    certificate_id = current.get("certificateId")
+    if not certificate_id:
+        raise ClientError(EXIT_LOCAL, f"{paths.endpoint} has no certificateId; provision again to renew")
+    current_key = load_signing_key(paths.key)
+    key_type = "ec" if isinstance(current_key, ec.EllipticCurvePrivateKey) else "rsa"
+    csr_pem = make_csr(args.thing_name, load_or_create_device_key(paths.pending_key, key_type))
+    print(f"=> renewing {args.thing_name} (certificate {certificate_id[:16]}...) via {client.renewal_url}")
+    pause()
+
+    def make_body() -> dict:  # signed afresh for every attempt: a new timestamp and nonce
+        return build_renewal_request(args.thing_name, certificate_id, current_key, csr_pem,
+                                     timestamp=client.now().strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    reply = client.provision(make_body, client.renewal_url)
+    missing = [k for k in ("certificatePem", "endpointAddress", "certificateId") if not reply.get(k)]
+    if missing:
+        raise ClientError(EXIT_UNAVAILABLE, f"success reply without {', '.join(missing)}")
+    write_file_atomically(paths.answer, json.dumps(reply).encode())  # from here on, the answer is not lost
+    apply_renewal(paths)
+    print(f"<= renewed ({reply.get('reason')}): region {reply.get('region')}, endpoint "
+          f"{reply['endpointAddress']}:{reply.get('endpointPort', 8883)}, certificate {reply['certificateId']}, "
+          f"previous {reply.get('previousCertificateId')}")
+    return read_endpoint(paths.endpoint)
+
+
+def apply_renewal(paths: StatePaths) -> None:
+    """Make a stored renewal answer the current credentials; safe to repeat after a crash at any point."""
+    with open(paths.answer, encoding="utf-8") as f:
+        reply = json.load(f)
+    if read_endpoint(paths.endpoint).get("certificateId") != reply["certificateId"]:
+        previous = paths.previous()  # kept until the new certificate has connected once
+        for src, dst in ((paths.key, previous.key), (paths.cert, previous.cert), (paths.endpoint, previous.endpoint)):
+            with open(src, "rb") as f:
+                write_file_atomically(dst, f.read(), 0o600 if src == paths.key else 0o644)
+    write_file_atomically(paths.cert, reply["certificatePem"].encode())
+    if os.path.exists(paths.pending_key):
+        os.replace(paths.pending_key, paths.key)  # created 0600; a rename keeps it
+    endpoint = {"endpointAddress": reply["endpointAddress"], "endpointPort": int(reply.get("endpointPort") or 8883),
+                "region": reply.get("region"), "certificateId": reply["certificateId"]}
+    write_file_atomically(paths.endpoint, json.dumps(endpoint, indent=2).encode())  # last: marks completion
+    os.unlink(paths.answer)
+
+
+def drop_previous(paths: StatePaths) -> None:
+    """The new certificate connected: the credentials it replaced are of no more use."""
+    for path in (paths.previous().endpoint, paths.previous().cert, paths.previous().key):
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 # ---------- MQTT ----------
 
 def tls_verdict(host: str, port: int, root_ca: str, paths: StatePaths, timeout: float = 2.0) -> str:
@@ -429,7 +537,7 @@ def sample_message(thing: str) -> dict:
 
 
 def publish_loop(thing: str, paths: StatePaths, endpoint: dict, root_ca: str, count: int | None,
-                 interval: float, pause, sleep=time.sleep) -> int:
+                 interval: float, pause, sleep=time.sleep, on_connected=None) -> int:
     import paho.mqtt.client as mqtt  # only needed once provisioned
 
     host, port, region = endpoint["endpointAddress"], int(endpoint.get("endpointPort") or 8883), endpoint.get("region")
@@ -479,6 +587,8 @@ def publish_loop(thing: str, paths: StatePaths, endpoint: dict, root_ca: str, co
             print(f"error: {refusal[0] if refusal else 'no CONNACK within 30 s'}", file=sys.stderr)
             return EXIT_MQTT
         print(f"<= connected; subscribe to {topic} to watch the messages")
+        if on_connected:
+            on_connected()
         pause()
         sent = 0
         while count is None or sent < count:
@@ -543,6 +653,11 @@ def parse_args(argv):
                    help="local stage only: send X-Forwarded-For: IP so the server geolocates that IP")
     p.add_argument("--max-attempts", type=int, default=6, metavar="N",
                    help="provisioning attempts on 429/502/503/504, 409 in progress and network errors (default: 6)")
+    p.add_argument("--renew", action="store_true",
+                   help="renew the certificate now with a new key (POST /device-renewal), then connect to the "
+                        "endpoint of the answer, which may be another region's")
+    p.add_argument("--renew-before", type=float, default=30.0, metavar="DAYS",
+                   help="renew by itself at start-up when the certificate expires within DAYS (default: 30)")
     p.add_argument("--retry-base-delay", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--reprovision-if-revoked", action="store_true",
                    help="when the broker says the stored certificate is revoked (after an operator reset), set the "
@@ -568,15 +683,23 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
     try:
         if args.count != 0:
             check_root_ca(args.root_ca)
+        client = ProvisioningClient(args.api_gw, session, max_attempts=args.max_attempts,
+                                    base_delay=args.retry_base_delay, forwarded_for=args.forwarded_for,
+                                    sleep=sleep, clock=clock)
         if paths.complete():
+            if os.path.exists(paths.answer):  # a renewal's answer came but was not applied (a crash)
+                apply_renewal(paths)
             endpoint = read_endpoint(paths.endpoint)
             print(f"=> {args.thing_name} is already provisioned (credentials in {args.state_dir}); "
                   f"skipping provisioning. region: {endpoint.get('region')}, endpoint: {endpoint['endpointAddress']}")
+            due = renewal_due(paths, args.renew_before)
+            if due:
+                print(f"=> the certificate expires {due:%Y-%m-%d %H:%M} UTC, "
+                      f"within {args.renew_before:g} days: renewing")
+            if due or args.renew:
+                endpoint = renew(args, paths, client, pause)
         else:
             os.makedirs(args.state_dir, exist_ok=True)
-            client = ProvisioningClient(args.api_gw, session, max_attempts=args.max_attempts,
-                                        base_delay=args.retry_base_delay, forwarded_for=args.forwarded_for,
-                                        sleep=sleep, clock=clock)
             endpoint = provision(args, paths, client, pause)
         if args.count == 0:
             print("=> --count 0: provisioning only, not connecting")
@@ -584,16 +707,13 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
         pause()
         try:
             return publish_loop(args.thing_name, paths, endpoint, args.root_ca, args.count, args.interval,
-                                pause, sleep)
+                                pause, sleep, on_connected=lambda: drop_previous(paths))
         except CertificateRefused as refused:
             if not (refused.revoked and args.reprovision_if_revoked):
                 raise
             # Only now, with the broker's word that the certificate is revoked, are the credentials worthless.
             print(f"<= {refused}\n=> --reprovision-if-revoked: setting the revoked credentials aside")
             discard_credentials(paths)
-            client = ProvisioningClient(args.api_gw, session, max_attempts=args.max_attempts,
-                                        base_delay=args.retry_base_delay, forwarded_for=args.forwarded_for,
-                                        sleep=sleep)
             endpoint = provision(args, paths, client, pause)
             return publish_loop(args.thing_name, paths, endpoint, args.root_ca, args.count, args.interval,
                                 pause, sleep)

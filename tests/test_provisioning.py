@@ -159,7 +159,8 @@ def test_success_records_provisioned_region_and_an_active_certificate(build, reg
     assert item == {"thing_name": "dev-1", "prov_status": "provisioned", "prov_datetime": "2026-11-28T12:00:00Z",
                     "aws_region": "eu-west-2", "certificate_id": result.issued.certificate_id,
                     "public_key_fingerprint": hashlib.sha256(spki).hexdigest(), "country": "GB",
-                    "region_reason": "nearest", "attempts": 1}
+                    "region_reason": "nearest", "attempts": 1,
+                    "certificate_expires": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")}
     record = issuer.certificate(result.issued.certificate_id)
     assert record.status == "ACTIVE"
     assert record.thing_name == "dev-1" and record.region == "eu-west-2"

@@ -15,6 +15,8 @@ from chalicelib.errors import (
     AlreadyProvisioned,
     NotRegistered,
     ProvisioningInProgress,
+    RenewalInProgress,
+    RenewalRefused,
     ServiceUnavailable,
     SignatureInvalid,
 )
@@ -26,6 +28,7 @@ from chalicelib.registry.base import (
     DeviceRecord,
     Nonce,
     PendingIssue,
+    RenewedCertificate,
     item_of,
 )
 from chalicelib.registry.dynamodb import DynamoDbRegistry
@@ -478,3 +481,97 @@ def test_a_release_keeps_the_record_only_when_the_rollback_left_something(regist
     # The next claim, from unprovisioned, hands the record over to be settled.
     assert registry.claim("left", T0 + timedelta(seconds=1), LEASE).previous.certificate_id == "cert-left"
     assert registry.claim("clean", T0 + timedelta(seconds=1), LEASE).previous is None
+
+
+# --- renewal (POST /device-renewal): the same contract on both backends ----------------------------------------
+
+def renewable(registry, name: str = "dev1") -> None:
+    registry.register([name])
+    registry.finalize(registry.claim(name, T0, LEASE), "eu-west-2", "cert-a", T0, "fp-a", "GB", "nearest",
+                      "KEY-A", "2027-11-28T12:00:00Z")
+
+
+def renewed(region: str = "eu-west-2", cert: str = "cert-b", **kw) -> RenewedCertificate:
+    return RenewedCertificate(region, cert, f"KEY-{cert[-1].upper()}", f"fp-{cert[-1]}", "2027-12-01T00:00:00Z", **kw)
+
+
+def test_provisioning_keeps_the_certificate_key_and_expiry_for_renewals(registry):
+    renewable(registry)
+    state = registry.renewal_state("dev1")
+    assert (state.provisioned, state.region, state.certificate_id, state.public_key, state.fingerprint) == (
+        True, "eu-west-2", "cert-a", "KEY-A", "fp-a")
+    assert (state.previous_certificate_id, state.retire_pending, state.renewing_until, state.renewal_count) == (
+        None, False, None, 0)
+    assert registry.get("dev1").certificate_expires == datetime(2027, 11, 28, 12, 0, tzinfo=timezone.utc)
+    assert registry.renewal_state("nobody") is None
+
+
+def test_a_renewal_records_the_new_certificate_and_the_history(registry):
+    renewable(registry)
+    claim = registry.begin_renewal("dev1", "cert-a", T0, LEASE, Nonce("n1", T0 + timedelta(minutes=10)))
+    registry.complete_renewal(claim, renewed(), T0 + timedelta(seconds=3))
+    state = registry.renewal_state("dev1")
+    assert (state.certificate_id, state.public_key, state.fingerprint) == ("cert-b", "KEY-B", "fp-b")
+    assert (state.previous_certificate_id, state.previous_public_key, state.previous_region) == (
+        "cert-a", "KEY-A", "eu-west-2")
+    assert state.retire_pending and state.renewing_until is None and state.renewal_count == 1
+    record = registry.get("dev1")
+    assert (record.renewal_count, record.last_renewal, record.previous_certificate_id, record.retire_pending) == (
+        1, T0 + timedelta(seconds=3), "cert-a", True)
+    assert (record.country, record.region_reason) == ("GB", "nearest")  # kept in place
+    # While the previous certificate waits to be retired, no new renewal starts.
+    with pytest.raises(RenewalRefused):
+        registry.begin_renewal("dev1", "cert-b", T0, LEASE)
+    registry.previous_retired("dev1", "cert-a")
+    assert not registry.renewal_state("dev1").retire_pending
+    # A move records where the device now is and why.
+    claim = registry.begin_renewal("dev1", "cert-b", T0, LEASE)
+    registry.complete_renewal(claim, renewed("ap-northeast-1", "cert-c", country="JP", reason="relocated"), T0)
+    record = registry.get("dev1")
+    assert (record.region, record.previous_region, record.country, record.region_reason, record.renewal_count) == (
+        "ap-northeast-1", "eu-west-2", "JP", "relocated", 2)
+
+
+def test_one_renewal_lease_at_a_time_and_a_dead_ones_ends(registry):
+    renewable(registry)
+    first = registry.begin_renewal("dev1", "cert-a", T0, LEASE)
+    with pytest.raises(RenewalInProgress) as busy:
+        registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=10), LEASE)
+    assert 1 <= busy.value.retry_after <= 30
+    late = registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 1), LEASE)  # the first died
+    with pytest.raises(RenewalInProgress):
+        registry.complete_renewal(first, renewed(), T0)  # its lease was taken over
+    registry.abandon_renewal(first, "too late")  # gives back nothing: the lease is not its own
+    assert registry.renewal_state("dev1").renewing_until is not None
+    registry.abandon_renewal(late, "issuer failed")
+    state = registry.renewal_state("dev1")
+    assert (state.renewing_until, state.certificate_id) == (None, "cert-a")
+    assert registry.get("dev1").last_error == "issuer failed"
+
+
+def test_renewal_refusals_and_nonces(registry):
+    renewable(registry)
+    registry.register(["dev2"])
+    for name, cert in (("dev1", "cert-x"), ("dev2", "cert-a"), ("nobody", "cert-a")):
+        with pytest.raises(RenewalRefused):
+            registry.begin_renewal(name, cert, T0, LEASE)
+    nonce = Nonce("n1", T0 + timedelta(minutes=10))
+    registry.abandon_renewal(registry.begin_renewal("dev1", "cert-a", T0, LEASE, nonce), "failed")
+    with pytest.raises(SignatureInvalid) as replay:
+        registry.begin_renewal("dev1", "cert-a", T0, LEASE, nonce)
+    assert replay.value.code == "replayed-request"
+    assert registry.renewal_state("dev1").renewing_until is None  # a replay holds no lease
+
+
+def test_set_public_key_only_for_the_current_certificate_and_reset_forgets_renewals(registry):
+    renewable(registry)
+    registry.set_public_key("dev1", "cert-old", "KEY-OLD")
+    assert registry.renewal_state("dev1").public_key == "KEY-A"
+    registry.set_public_key("dev1", "cert-a", "KEY-A2")
+    assert registry.renewal_state("dev1").public_key == "KEY-A2"
+    registry.complete_renewal(registry.begin_renewal("dev1", "cert-a", T0, LEASE), renewed(), T0)
+    registry.reset("dev1")
+    state = registry.renewal_state("dev1")
+    assert (state.provisioned, state.certificate_id, state.public_key, state.previous_certificate_id,
+            state.retire_pending) == (False, None, None, None, False)
+    assert registry.get("dev1").renewal_count == 1  # the history stays

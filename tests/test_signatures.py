@@ -7,8 +7,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.errors import ConfigError, MalformedRequest
-from chalicelib.signatures import FleetKeyVerifier, load_device_key, load_public_key, v1_text, v2_text, verifies
-from chalicelib.wire import ProvisioningRequest, decode_signature
+from chalicelib.signatures import (
+    FleetKeyVerifier,
+    load_device_key,
+    load_public_key,
+    renew_v1_text,
+    v1_text,
+    v2_text,
+    verifies,
+)
+from chalicelib.wire import ProvisioningRequest, RenewalRequest, decode_signature
 from tests.conftest import SHARED_VECTORS_PATH, VECTORS_COPY_PATH
 
 
@@ -92,3 +100,46 @@ def test_during_a_rotation_both_fleet_keys_verify(vectors):
     text = v1_text(vectors["thing_name"])
     assert FleetKeyVerifier(new.public_key(), old).verifies(text, signature)
     assert not FleetKeyVerifier(new.public_key()).verifies(text, signature)
+
+
+# --- renew-v1 (POST /device-renewal) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, key_name, csr", [("renew_v1_rsa_with_csr", "fleet_public_key_pem", True),
+                                                 ("renew_v1_ec_without_csr", "device_ec_public_key_pem", False)])
+def test_renew_v1_vectors_verify(vectors, case, key_name, csr):
+    text = renew_v1_text(vectors["thing_name"], vectors["current_certificate_id"], vectors["timestamp"],
+                         vectors["nonce"], vectors["csr_pem"] if csr else None)
+    assert text.decode() == vectors[case]["signed_text"]
+    assert verifies(public(vectors, key_name), text, decode_signature(vectors[case]["signature_b64"]))
+    other = "fleet_public_key_pem" if key_name != "fleet_public_key_pem" else "device_ec_public_key_pem"
+    assert not verifies(public(vectors, other), text, decode_signature(vectors[case]["signature_b64"]))
+
+
+def test_renewal_request_of_the_vectors_rebuilds_the_signed_text(vectors):
+    request = RenewalRequest.from_body(vectors["request_renewal_with_csr"])
+    assert request.certificate_id == vectors["current_certificate_id"]
+    assert request.signed_text().decode() == vectors["renew_v1_rsa_with_csr"]["signed_text"]
+    assert verifies(public(vectors, "fleet_public_key_pem"), request.signed_text(), request.signature)
+
+
+def test_a_v2_signature_is_no_renewal_signature(vectors):
+    """The texts differ in their first line, so a captured provisioning request cannot be replayed as a renewal."""
+    text = renew_v1_text(vectors["thing_name"], vectors["current_certificate_id"], vectors["timestamp"],
+                         vectors["nonce"], vectors["csr_pem"])
+    assert not verifies(public(vectors, "fleet_public_key_pem"), text,
+                        decode_signature(vectors["v2_rsa_with_csr"]["signature_b64"]))
+
+
+def test_the_device_client_signs_renew_v1_as_the_vectors(vectors):
+    """The device's own signer (device/global_device.py ships alone) makes the vectors' text and signature."""
+    from device import global_device
+    key = serialization.load_pem_private_key(vectors["fleet_private_key_pem"].encode(), None)
+    body = global_device.build_renewal_request(vectors["thing_name"], vectors["current_certificate_id"], key,
+                                               vectors["csr_pem"], vectors["timestamp"], vectors["nonce"])
+    assert body == vectors["request_renewal_with_csr"]  # RSA PKCS#1 v1.5 is deterministic
+    ec_key = serialization.load_pem_private_key(vectors["device_ec_private_key_pem"].encode(), None)
+    body = global_device.build_renewal_request(vectors["thing_name"], vectors["current_certificate_id"], ec_key,
+                                               None, vectors["timestamp"], vectors["nonce"])
+    text = vectors["renew_v1_ec_without_csr"]["signed_text"].encode()
+    assert verifies(public(vectors, "device_ec_public_key_pem"), text, decode_signature(body["signature"]))
+    assert "CSR" not in body

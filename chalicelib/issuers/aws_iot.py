@@ -144,10 +144,20 @@ class AwsIotIssuer:
 
     def issue(self, thing_name: str, region: str,
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
+        return self._issue(thing_name, region, csr, make_thing=True)
+
+    def issue_renewal(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
+                      in_place: bool) -> IssuedCertificate:
+        # In place, the thing exists and holds the current certificate: a failure must not delete it.
+        return self._issue(thing_name, region, csr, make_thing=not in_place)
+
+    def _issue(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
+               make_thing: bool) -> IssuedCertificate:
         client = self._client(region)
         endpoint_f = self._once("endpoint", region, self._describe_endpoint)
         policy_f = self._once("policy", region, self._ensure_policy)
-        thing_f = self._submit(self._ensure_thing, client, region, thing_name)
+        # created False (not made, not adopted): a failure detaches the new certificate and keeps the thing.
+        thing_f = (self._submit(self._ensure_thing, client, region, thing_name) if make_thing else _done(False))
         cert_f = self._submit(_create_certificate, client, csr)
         cf.wait([endpoint_f, policy_f, thing_f, cert_f])
         # Whatever succeeded is ours to undo if anything else failed; a thing we did not make stays.
@@ -312,6 +322,22 @@ class AwsIotIssuer:
             if not _is_not_found(exc):
                 raise _domain_error(exc, region) from exc
 
+    def retire(self, previous: CertificateRef, delete_thing: bool) -> None:
+        """Revoke a renewed device's previous certificate: detach it, mark it REVOKED, delete it; and after a move
+        delete the old region's thing, which only this service made and nothing else is attached to by now."""
+        region, client, thing = previous.region, self._client(previous.region), previous.thing_name
+        arn = previous.certificate_arn
+        if arn is None:
+            try:
+                arn = client.describe_certificate(
+                    certificateId=previous.certificate_id)["certificateDescription"]["certificateArn"]
+            except ClientError as exc:
+                if not _is_not_found(exc):
+                    raise _domain_error(exc, region) from exc
+        cert = {"certificateId": previous.certificate_id, "certificateArn": arn} if arn else None
+        if self._undo(client, region, thing, cert, delete_thing=delete_thing):
+            raise ServiceUnavailable(f"retiring certificate {previous.certificate_id} in {region} is incomplete")
+
     def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict[str, Any] | None,
               delete_thing: bool = True) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any.
@@ -374,6 +400,12 @@ class AwsIotIssuer:
                 if wait is None or _code(exc) != conflict_code:
                     raise
                 self._sleep(wait)
+
+
+def _done(value: Any) -> cf.Future[Any]:
+    future: cf.Future[Any] = cf.Future()
+    future.set_result(value)
+    return future
 
 
 def _create_certificate(client: Any, csr: x509.CertificateSigningRequest | None) -> dict[str, Any]:

@@ -104,3 +104,16 @@ class ThingInventory(Protocol):
 
     def delete_thing(self, region: str, thing_name: str) -> None:
         """Detach and delete a thing left behind (audit --fix); gone already is fine."""
+
+
+class RenewalIssuer(Issuer, Protocol):
+    """What a renewal (POST /device-renewal) needs of an issuer besides the hot path."""
+
+    def issue_renewal(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
+                      in_place: bool) -> IssuedCertificate:
+        """A renewal's certificate: `in_place`, for the device's thing as it is (neither made nor deleted here,
+        even on failure); else in another region, thing included, as `issue` does."""
+
+    def retire(self, previous: CertificateRef, delete_thing: bool) -> None:
+        """Revoke a renewed device's previous certificate, and delete its thing too after a move (`delete_thing`);
+        parts gone already are fine. Raises ServiceUnavailable when something is left."""

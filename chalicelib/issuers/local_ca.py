@@ -141,7 +141,8 @@ class LocalIssuer:
     """Issues device certificates from the chosen region's local CA and records each one."""
 
     def __init__(self, ca_dir: Path, endpoints: Mapping[str, Endpoint],
-                 clock: Callable[[], datetime] = utcnow):
+                 clock: Callable[[], datetime] = utcnow, validity_days: int = 365) -> None:
+        self._lifetime = timedelta(days=validity_days)  # GIP_CERT_VALIDITY_DAYS
         self._ca_dir = Path(ca_dir)
         self._endpoints = dict(endpoints)
         self._clock = clock
@@ -192,7 +193,7 @@ class LocalIssuer:
         else:
             public_key = csr.public_key()
         # The subject is always the thing name, whatever the CSR asked for: brokers map CN to the MQTT user.
-        cert = self.authority(region).sign(thing_name, public_key)
+        cert = self.authority(region).sign(thing_name, public_key, lifetime=self._lifetime)
         cert_id = certificate_id(cert)
         pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         self._db().execute(
@@ -217,6 +218,13 @@ class LocalIssuer:
             raise LookupError(f"certificate {certificate_id} of {thing_name} is not active")
         return IssuedCertificate(region, certificate_id, found.certificate_pem, self.endpoint(region),
                                  thing_name=thing_name)
+
+    def issue_renewal(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
+                      in_place: bool) -> IssuedCertificate:
+        return self.issue(thing_name, region, csr)  # the local stage has no things to keep or make
+
+    def retire(self, previous: CertificateRef, delete_thing: bool) -> None:
+        self.revoke(previous)
 
     def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         row = self._db().execute("SELECT * FROM certificates WHERE certificate_id = ?",

@@ -54,6 +54,14 @@ class DeviceRecord:
     attempts: int = 0
     attributes: Mapping[str, str] = field(default_factory=dict)
     lease_expires: datetime | None = None  # while provisioning: when the claim may be taken over
+    # Renewal (POST /device-renewal): the history, and what an interrupted renewal left to finish.
+    certificate_expires: datetime | None = None
+    renewal_count: int = 0
+    last_renewal: datetime | None = None
+    previous_certificate_id: str | None = None
+    previous_region: str | None = None
+    retire_pending: bool = False  # the previous certificate (and thing, after a move) is not removed yet
+    renewal_lease: datetime | None = None  # while a renewal is in flight: when its lease ends
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,8 @@ def attributes_json(attributes: Mapping[str, str] | None) -> str | None:
 
 ITEM_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
-                   "attributes")
+                   "attributes", "certificate_expires", "renewal_count", "last_renewal", "previous_certificate_id",
+                   "previous_region", "retire_pending", "renewal_lease")
 
 
 def record_from_item(item: Mapping[str, Any]) -> DeviceRecord:
@@ -132,7 +141,19 @@ def record_from_item(item: Mapping[str, Any]) -> DeviceRecord:
         attempts=int(item.get("attempts") or 0),
         attributes=json.loads(attributes) if attributes else {},
         lease_expires=datetime.fromtimestamp(float(lease), timezone.utc) if lease is not None else None,
+        certificate_expires=_when(item.get("certificate_expires")),
+        renewal_count=int(item.get("renewal_count") or 0),
+        last_renewal=_when(item.get("last_renewal")),
+        previous_certificate_id=item.get("previous_certificate_id"),
+        previous_region=item.get("previous_region"),
+        retire_pending=bool(item.get("retire_pending")),
+        renewal_lease=(datetime.fromtimestamp(float(item["renewal_lease"]), timezone.utc)
+                       if item.get("renewal_lease") is not None else None),
     )
+
+
+def _when(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
 
 
 def item_of(record: DeviceRecord) -> dict[str, Any]:
@@ -143,7 +164,12 @@ def item_of(record: DeviceRecord) -> dict[str, Any]:
         "certificate_id": record.certificate_id, "public_key_fingerprint": record.key_fingerprint,
         "public_key": record.public_key, "country": record.country, "region_reason": record.region_reason,
         "last_error": record.last_error, "attempts": record.attempts or None,
-        "attributes": dict(record.attributes) or None}
+        "attributes": dict(record.attributes) or None,
+        "certificate_expires": record.certificate_expires and timestamp(record.certificate_expires),
+        "renewal_count": record.renewal_count or None,
+        "last_renewal": record.last_renewal and timestamp(record.last_renewal),
+        "previous_certificate_id": record.previous_certificate_id, "previous_region": record.previous_region,
+        "retire_pending": record.retire_pending or None}
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -212,8 +238,12 @@ class Registry(Protocol):
         """
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
+                 public_key: str | None = None, expires: str | None = None) -> None:
         """provisioning -> provisioned, only while `claim` still holds; else raises ProvisioningInProgress.
+
+        `public_key` (PEM) is the certificate's key, which a renewal's signature is checked with; `expires` its
+        end of validity (clock.timestamp form), for `admin list --expiring-within`.
 
         `fingerprint` is the SHA-256 of the certificate's public key (SubjectPublicKeyInfo DER), hex;
         `country` and `reason` say where the device was and why its region was chosen."""
@@ -246,3 +276,64 @@ class Registry(Protocol):
     def reset(self, thing_name: str) -> DeviceRecord | None:
         """Back to unprovisioned whatever the state, forgetting region and certificate; returns the record as
         it was, or None when the device is not registered."""
+
+
+# --- renewal (POST /device-renewal) ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RenewalState:
+    """What a renewal needs to know of a device, read in one go."""
+
+    thing_name: str
+    provisioned: bool
+    region: str | None = None
+    certificate_id: str | None = None
+    public_key: str | None = None  # PEM of the current certificate's key, kept at issue time
+    fingerprint: str | None = None  # SHA-256 of that key's SubjectPublicKeyInfo DER, hex
+    previous_certificate_id: str | None = None
+    previous_public_key: str | None = None
+    previous_region: str | None = None
+    retire_pending: bool = False  # the previous certificate (and thing, after a move) is not yet removed
+    renewing_until: float | None = None  # lease end (epoch seconds) of a renewal in flight
+    renewal_count: int = 0
+    last_renewal: str | None = None
+
+
+@dataclass(frozen=True)
+class RenewedCertificate:
+    """The certificate a renewal records as the device's current one."""
+
+    region: str
+    certificate_id: str
+    public_key: str
+    fingerprint: str
+    expires: str | None = None  # the certificate's end of validity, clock.timestamp form
+    country: str | None = None
+    reason: str | None = None  # set on a move: why the device now lives in `region`
+
+
+class RenewalRegistry(Registry, Protocol):
+    """A registry that also keeps renewals (both backends are)."""
+
+    def renewal_state(self, thing_name: str) -> RenewalState | None:
+        """The device's renewal view; None when it is not registered."""
+
+    def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
+                      nonce: Nonce | None = None) -> Claim:
+        """Take the renewal lease of a provisioned device whose current certificate is `certificate_id`, with no
+        other renewal in flight and no previous certificate left to retire; records the nonce in the same step
+        (one seen before refuses the request). Raises RenewalInProgress, RenewalRefused or SignatureInvalid."""
+
+    def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
+        """Make `renewed` the current certificate while `claim` holds: the old one becomes the previous one (to
+        retire), the renewal count goes up by one. Else raises RenewalInProgress."""
+
+    def abandon_renewal(self, claim: Claim, error: str) -> None:
+        """Give the renewal lease back after a failure (the current certificate stays); records the error."""
+
+    def previous_retired(self, thing_name: str, certificate_id: str) -> None:
+        """The previous certificate `certificate_id` is revoked (and its thing removed after a move)."""
+
+    def set_public_key(self, thing_name: str, certificate_id: str, public_key: str) -> None:
+        """Keep the public key of the current certificate `certificate_id` (devices provisioned before keys were
+        kept); nothing when the device has another certificate by now."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import re
 import secrets
 import time
 from concurrent.futures import Executor
@@ -13,7 +14,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.aws import error_code as _code
 from chalicelib.clock import timestamp as _timestamp
-from chalicelib.errors import ProvisioningError, ProvisioningInProgress, ServiceUnavailable, replayed_request
+from chalicelib.errors import (
+    RENEWAL_REFUSED,
+    ProvisioningError,
+    ProvisioningInProgress,
+    RenewalInProgress,
+    RenewalRefused,
+    ServiceUnavailable,
+    replayed_request,
+)
 from chalicelib.registry.base import (
     ITEM_ATTRIBUTES,
     PROVISIONED,
@@ -25,6 +34,8 @@ from chalicelib.registry.base import (
     DeviceStatus,
     Nonce,
     PendingIssue,
+    RenewalState,
+    RenewedCertificate,
     attributes_json,
     claim_refusal,
     record_from_item,
@@ -46,7 +57,12 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#fingerprint": "public_key_fingerprint", "#key": "public_key", "#country": "country",
           "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime", "#claimed": "claimed_at",
           "#pregion": "pending_region", "#psince": "pending_since", "#pfingerprint": "pending_fingerprint",
-          "#pcert": "pending_certificate_id", "#pcreated": "pending_created_thing"}
+          "#pcert": "pending_certificate_id", "#pcreated": "pending_created_thing",
+          # renewal
+          "#certkey": "certificate_public_key", "#prevcert": "previous_certificate_id",
+          "#prevkey": "previous_public_key", "#prevregion": "previous_region", "#retire": "retire_pending",
+          "#renewals": "renewal_count", "#renewed": "last_renewal", "#rtoken": "renewal_token",
+          "#rlease": "renewal_lease", "#expires": "certificate_expires"}
 # The write-ahead record of an issuance (registry/base.py PendingIssue), as attribute placeholders.
 _PENDING_NAMES = ("#pregion", "#psince", "#pfingerprint", "#pcert", "#pcreated")
 
@@ -72,7 +88,7 @@ def _pending(raw: Mapping[str, Any]) -> PendingIssue | None:
 def _record(raw: Mapping[str, Any]) -> DeviceRecord:
     """DynamoDB's typed attributes ({"S": ...}, {"N": ...}) to a record."""
     item: dict[str, Any] = {key: raw[key]["S"] for key in ITEM_ATTRIBUTES if key in raw and "S" in raw[key]}
-    for number in ("attempts", "lease_expires"):
+    for number in ("attempts", "lease_expires", "renewal_count", "renewal_lease", "retire_pending"):
         if "N" in raw.get(number, {}):
             item[number] = float(raw[number]["N"])
     return record_from_item(item)
@@ -256,13 +272,15 @@ class DynamoDbRegistry:
         return Claim(thing_name, token, _pending(won.get("Attributes", {})))
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
+                 public_key: str | None = None, expires: str | None = None) -> None:
         values = {":provisioned": {"S": PROVISIONED.value}, ":provisioning": {"S": PROVISIONING.value},
                   ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
                   ":cert": {"S": certificate_id}, ":token": {"S": claim.token}}
         sets = ["#status = :provisioned", "#datetime = :datetime", "#region = :region", "#cert = :cert"]
         removes = ["#token", "#lease", "#error", *_PENDING_NAMES]
-        for name, value in (("#fingerprint", fingerprint), ("#country", country), ("#reason", reason)):
+        for name, value in (("#fingerprint", fingerprint), ("#country", country), ("#reason", reason),
+                            ("#certkey", public_key), ("#expires", expires)):
             if value:
                 values[":" + name[1:]] = {"S": value}
                 sets.append(f"{name} = :{name[1:]}")
@@ -275,7 +293,8 @@ class DynamoDbRegistry:
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
                                                                  "#lease", "#error", "#fingerprint", "#country",
-                                                                 "#reason", *_PENDING_NAMES)},
+                                                                 "#reason", "#certkey", "#expires",
+                                                                 *_PENDING_NAMES)},
                 ExpressionAttributeValues=values)
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
@@ -398,14 +417,138 @@ class DynamoDbRegistry:
             old = self._call(
                 "update_item", TableName=self._table, Key=self._key(thing_name),
                 UpdateExpression="SET #status = :unprovisioned REMOVE #datetime, #region, #cert, #fingerprint, "
-                                 "#country, #reason, #token, #lease, #error",
+                                 "#country, #reason, #token, #lease, #error, "
+                                 "#certkey, #prevcert, #prevkey, #prevregion, #retire, #rtoken, #rlease, #expires",
                 ConditionExpression="attribute_exists(#name)",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#datetime", "#region", "#cert",
                                                                  "#fingerprint", "#country", "#reason", "#token",
-                                                                 "#lease", "#error")},
+                                                                 "#lease", "#error", "#certkey", "#prevcert",
+                                                                 "#prevkey", "#prevregion", "#retire", "#rtoken",
+                                                                 "#rlease", "#expires")},
                 ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value}}, ReturnValues="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
             return None
         return _record(old["Attributes"])
+
+    # --- renewal -------------------------------------------------------------------------------------------
+
+    def renewal_state(self, thing_name: str) -> RenewalState | None:
+        raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
+        return _renewal_state(raw) if raw else None
+
+    def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
+                      nonce: Nonce | None = None) -> Claim:
+        token, at = secrets.token_hex(16), now.timestamp()
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(thing_name),
+                UpdateExpression="SET #rtoken = :token, #rlease = :lease",
+                ConditionExpression="#status = :provisioned AND #cert = :cert "
+                                    "AND (attribute_not_exists(#rlease) OR #rlease < :now) "
+                                    "AND attribute_not_exists(#retire)",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#rtoken", "#rlease", "#status", "#cert", "#retire")},
+                ExpressionAttributeValues={":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
+                                           ":provisioned": {"S": PROVISIONED.value}, ":cert": {"S": certificate_id},
+                                           ":now": {"N": repr(at)}},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD")
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            old = e.response.get("Item")
+            state = _renewal_state(old) if old else None
+            if state is not None and state.certificate_id == certificate_id and state.renewing_until:
+                raise RenewalInProgress(f"{thing_name} is being renewed by another request",
+                                        retry_after=max(1, min(30, int(state.renewing_until - at) + 1))) from None
+            raise RenewalRefused(RENEWAL_REFUSED) from None
+        claim = Claim(thing_name, token)
+        # The nonce after the lease (DynamoDB has no cheap two-table commit here): a replay gives the lease back.
+        if nonce is not None and not self._remember_nonce(thing_name, nonce, now):
+            self.abandon_renewal(claim, "replayed request refused")
+            raise replayed_request()
+        return claim
+
+    def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
+        old = self._call("get_item", TableName=self._table, Key=self._key(claim.thing_name),
+                         ConsistentRead=True).get("Item") or {}
+        values = {":region": {"S": renewed.region}, ":cert": {"S": renewed.certificate_id},
+                  ":certkey": {"S": renewed.public_key}, ":fingerprint": {"S": renewed.fingerprint},
+                  ":one": {"N": "1"}, ":renewed": {"S": _timestamp(now)}, ":token": {"S": claim.token},
+                  ":provisioned": {"S": PROVISIONED.value}}
+        sets = ["#region = :region", "#cert = :cert", "#certkey = :certkey", "#fingerprint = :fingerprint",
+                "#renewed = :renewed", "#retire = :one"]
+        removes = ["#rtoken", "#rlease", "#error"]
+        # The current certificate becomes the previous one; the condition below proves `old` is still current.
+        for name, attribute in (("#prevcert", "certificate_id"), ("#prevkey", "certificate_public_key"),
+                                ("#prevregion", "aws_region")):
+            if "S" in old.get(attribute, {}):
+                values[":" + name[1:]] = old[attribute]
+                sets.append(f"{name} = :{name[1:]}")
+            else:
+                removes.append(name)
+        for name, value in (("#country", renewed.country), ("#reason", renewed.reason)):
+            if value:
+                values[":" + name[1:]] = {"S": value}
+                sets.append(f"{name} = :{name[1:]}")
+        if renewed.expires:
+            values[":expires"] = {"S": renewed.expires}
+            sets.append("#expires = :expires")
+        else:
+            removes.append("#expires")
+        condition = "#rtoken = :token AND #status = :provisioned"
+        if "S" in old.get("certificate_id", {}):
+            condition += " AND #cert = :oldcert"
+            values[":oldcert"] = old["certificate_id"]
+        update = f"SET {', '.join(sets)} ADD #renewals :one REMOVE {', '.join(removes)}"
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(claim.thing_name), UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeNames={k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}"))},
+                ExpressionAttributeValues=values)
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded") from None
+
+    def abandon_renewal(self, claim: Claim, error: str) -> None:
+        try:
+            self._call(
+                "update_item", TableName=self._table, Key=self._key(claim.thing_name),
+                UpdateExpression="SET #error = :error REMOVE #rtoken, #rlease", ConditionExpression="#rtoken = :token",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#error", "#rtoken", "#rlease")},
+                ExpressionAttributeValues={":error": {"S": error}, ":token": {"S": claim.token}})
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":  # the lease is gone already: nothing to give back
+                raise
+
+    def previous_retired(self, thing_name: str, certificate_id: str) -> None:
+        self._conditional_update(thing_name, "REMOVE #retire", "#prevcert = :cert",
+                                 ("#retire", "#prevcert"), {":cert": {"S": certificate_id}})
+
+    def set_public_key(self, thing_name: str, certificate_id: str, public_key: str) -> None:
+        self._conditional_update(thing_name, "SET #certkey = :key", "#cert = :cert", ("#certkey", "#cert"),
+                                 {":cert": {"S": certificate_id}, ":key": {"S": public_key}})
+
+    def _conditional_update(self, thing_name: str, update: str, condition: str, names: tuple[str, ...],
+                            values: dict) -> None:
+        try:
+            self._call("update_item", TableName=self._table, Key=self._key(thing_name), UpdateExpression=update,
+                       ConditionExpression=condition, ExpressionAttributeNames={k: _NAMES[k] for k in names},
+                       ExpressionAttributeValues=values)
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+
+
+def _renewal_state(raw: dict) -> RenewalState:
+    def text(name: str) -> str | None:
+        return raw.get(name, {}).get("S")
+
+    lease = raw.get("renewal_lease", {}).get("N")
+    return RenewalState(
+        raw["thing_name"]["S"], text("prov_status") == PROVISIONED.value, text("aws_region"), text("certificate_id"),
+        text("certificate_public_key"), text("public_key_fingerprint"), text("previous_certificate_id"),
+        text("previous_public_key"), text("previous_region"), "retire_pending" in raw,
+        float(lease) if lease else None, int(raw.get("renewal_count", {}).get("N", "0")), text("last_renewal"))

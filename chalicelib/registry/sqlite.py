@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from chalicelib.clock import timestamp as _timestamp
-from chalicelib.errors import ProvisioningInProgress, replayed_request
+from chalicelib.errors import (
+    RENEWAL_REFUSED,
+    ProvisioningInProgress,
+    RenewalInProgress,
+    RenewalRefused,
+    replayed_request,
+)
 from chalicelib.registry.base import (
     PROVISIONED,
     PROVISIONING,
@@ -21,6 +27,8 @@ from chalicelib.registry.base import (
     DeviceStatus,
     Nonce,
     PendingIssue,
+    RenewalState,
+    RenewedCertificate,
     attributes_json,
     claim_refusal,
     record_from_item,
@@ -50,7 +58,18 @@ CREATE TABLE IF NOT EXISTS devices (
     pending_since  REAL,
     pending_fingerprint TEXT,
     pending_certificate_id TEXT,
-    pending_created_thing INTEGER
+    pending_created_thing INTEGER,
+    -- renewal (POST /device-renewal): the current certificate's key and end, the history, what is left to retire
+    certificate_public_key TEXT,
+    certificate_expires TEXT,
+    previous_certificate_id TEXT,
+    previous_public_key TEXT,
+    previous_region TEXT,
+    retire_pending INTEGER,
+    renewal_count  INTEGER,
+    last_renewal   TEXT,
+    renewal_token  TEXT,
+    renewal_lease  REAL
 ) WITHOUT ROWID;
 -- No index on prov_status: it would double the cost of every claim and finalize, and only operator
 -- commands (list, stats, audit) filter on it, where a scan of even a million rows is quick enough.
@@ -61,13 +80,19 @@ CREATE TABLE IF NOT EXISTS nonces (
     PRIMARY KEY (thing_name, nonce)
 ) WITHOUT ROWID;
 """
+# Renewal's columns, added to a registry made before renewal existed (SQLite adds a column in place).
+_RENEWAL_COLUMNS = {"certificate_public_key": "TEXT", "previous_certificate_id": "TEXT", "previous_public_key": "TEXT",
+                    "previous_region": "TEXT", "retire_pending": "INTEGER", "renewal_count": "INTEGER",
+                    "last_renewal": "TEXT", "renewal_token": "TEXT", "renewal_lease": "REAL",
+                    "certificate_expires": "TEXT"}
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
-                   "attributes", "lease_expires")
+                   "attributes", "lease_expires", "certificate_expires", "renewal_count", "last_renewal",
+                   "previous_certificate_id", "previous_region", "retire_pending", "renewal_lease")
 # Added after the first release: a registry made before them gets them on first open.
 _ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_since", "REAL"),
                   ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
-                  ("pending_created_thing", "INTEGER"))
+                  ("pending_created_thing", "INTEGER"), *_RENEWAL_COLUMNS.items())
 _PENDING = "pending_region, pending_since, pending_fingerprint, pending_certificate_id, pending_created_thing"
 _NO_PENDING = ("pending_region = NULL, pending_since = NULL, pending_fingerprint = NULL, "
                "pending_certificate_id = NULL, pending_created_thing = NULL")
@@ -94,10 +119,7 @@ class SqliteRegistry:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
             db.executescript(_SCHEMA)  # idempotent; a new state directory just works
-            present = {row["name"] for row in db.execute("PRAGMA table_info(devices)")}
-            for column, kind in _ADDED_COLUMNS:
-                if column not in present:
-                    db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+            _add_columns(db)
             if self._on_connect is not None:
                 self._on_connect(db)
             self._local.db = db
@@ -179,13 +201,15 @@ class SqliteRegistry:
 
     @translated
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
-                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
+                 fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
+                 public_key: str | None = None, expires: str | None = None) -> None:
         changed = self._db().execute(
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
             "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
+            "certificate_public_key = ?, certificate_expires = ?, "
             f"last_error = NULL, {_NO_PENDING} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (PROVISIONED.value, _timestamp(now), region, certificate_id, fingerprint, country, reason,
-             claim.thing_name, PROVISIONING.value, claim.token)).rowcount
+            (PROVISIONED.value, _timestamp(now), region, certificate_id, fingerprint, country, reason, public_key,
+             expires, claim.thing_name, PROVISIONING.value, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
@@ -275,6 +299,9 @@ class SqliteRegistry:
                 "UPDATE devices SET prov_status = 'unprovisioned', prov_datetime = NULL, aws_region = NULL, "
                 "certificate_id = NULL, public_key_fingerprint = NULL, country = NULL, region_reason = NULL, "
                 "claim_token = NULL, lease_expires = NULL, "
+                "certificate_public_key = NULL, previous_certificate_id = NULL, previous_public_key = NULL, "
+                "previous_region = NULL, retire_pending = NULL, renewal_token = NULL, renewal_lease = NULL, "
+                "certificate_expires = NULL, "
                 "last_error = NULL WHERE thing_name = ?", (thing_name,))
             db.execute("COMMIT")
         except BaseException:
@@ -288,6 +315,90 @@ class SqliteRegistry:
             db.close()
             self._local.db = None
 
+    # --- renewal -------------------------------------------------------------------------------------------
+
+    @translated
+    def renewal_state(self, thing_name: str) -> RenewalState | None:
+        row = self._db().execute("SELECT * FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
+        if row is None:
+            return None
+        return RenewalState(
+            thing_name, row["prov_status"] == PROVISIONED.value, row["aws_region"], row["certificate_id"],
+            row["certificate_public_key"], row["public_key_fingerprint"], row["previous_certificate_id"],
+            row["previous_public_key"], row["previous_region"], bool(row["retire_pending"]), row["renewal_lease"],
+            row["renewal_count"] or 0, row["last_renewal"])
+
+    @translated
+    def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
+                      nonce: Nonce | None = None) -> Claim:
+        token, at = secrets.token_hex(16), now.timestamp()
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # the lease and the nonce in one commit
+        try:
+            changed = db.execute(
+                "UPDATE devices SET renewal_token = ?, renewal_lease = ? WHERE thing_name = ? AND prov_status = ? "
+                "AND certificate_id = ? AND (renewal_lease IS NULL OR renewal_lease < ?) "
+                "AND COALESCE(retire_pending, 0) = 0",
+                (token, at + lease_seconds, thing_name, PROVISIONED.value, certificate_id, at)).rowcount
+            if changed == 1 and nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
+                db.execute("ROLLBACK")
+                raise replayed_request()
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if changed == 1:
+            return Claim(thing_name, token)
+        state = self.renewal_state(thing_name)
+        if state is not None and state.certificate_id == certificate_id and state.renewing_until:
+            raise RenewalInProgress(f"{thing_name} is being renewed by another request",
+                                    retry_after=max(1, min(30, int(state.renewing_until - at) + 1)))
+        raise RenewalRefused(RENEWAL_REFUSED)
+
+    @translated
+    def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
+        changed = self._db().execute(
+            "UPDATE devices SET previous_certificate_id = certificate_id, "
+            "previous_public_key = certificate_public_key, "
+            "previous_region = aws_region, retire_pending = 1, aws_region = ?, certificate_id = ?, "
+            "certificate_public_key = ?, public_key_fingerprint = ?, country = COALESCE(?, country), "
+            "certificate_expires = ?, "
+            "region_reason = COALESCE(?, region_reason), renewal_count = COALESCE(renewal_count, 0) + 1, "
+            "last_renewal = ?, renewal_token = NULL, renewal_lease = NULL, last_error = NULL "
+            "WHERE thing_name = ? AND renewal_token = ? AND prov_status = ?",
+            (renewed.region, renewed.certificate_id, renewed.public_key, renewed.fingerprint, renewed.country,
+             renewed.expires, renewed.reason, _timestamp(now), claim.thing_name, claim.token,
+             PROVISIONED.value)).rowcount
+        if changed != 1:
+            raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded")
+
+    @translated
+    def abandon_renewal(self, claim: Claim, error: str) -> None:
+        self._db().execute(
+            "UPDATE devices SET renewal_token = NULL, renewal_lease = NULL, last_error = ? "
+            "WHERE thing_name = ? AND renewal_token = ?", (error, claim.thing_name, claim.token))
+
+    @translated
+    def previous_retired(self, thing_name: str, certificate_id: str) -> None:
+        self._db().execute("UPDATE devices SET retire_pending = NULL WHERE thing_name = ? "
+                           "AND previous_certificate_id = ?", (thing_name, certificate_id))
+
+    @translated
+    def set_public_key(self, thing_name: str, certificate_id: str, public_key: str) -> None:
+        self._db().execute("UPDATE devices SET certificate_public_key = ? WHERE thing_name = ? "
+                           "AND certificate_id = ?", (public_key, thing_name, certificate_id))
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    have = {row[1] for row in db.execute("PRAGMA table_info(devices)")}
+    for column, kind in _ADDED_COLUMNS:
+        if column not in have:
+            try:
+                db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:  # another connection added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 def _moment(epoch: float | None) -> datetime | None:

@@ -1,0 +1,259 @@
+"""Day two: POST /device-renewal renews a device's certificate, rotates its key and moves it to the region
+that is now right for it, exactly once (design.md, "Wire protocol"; README, "Renewal").
+
+Order of a renewal: check the timestamp; read the device; the lost-answer rule; the one 403 for every
+mismatch; the CSR's key must be new; finish an earlier renewal's retirement; choose the region; take the
+renewal lease (with the nonce); issue (in the new region first when moving); record; retire the previous
+certificate (and the old region's thing). A failure before the record undoes the new certificate and gives
+the lease back; a failure after it leaves the previous certificate marked for retirement, which the next
+renewal or `admin audit --fix` finishes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from chalicelib.clock import timestamp, utcnow
+from chalicelib.errors import (
+    RENEWAL_REFUSED,
+    IssueIncomplete,
+    MalformedRequest,
+    ProvisioningError,
+    RenewalInProgress,
+    RenewalRefused,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
+from chalicelib.geo import GeoLocator
+from chalicelib.issuers.base import CertificateInfo, CertificateRef, IssuedCertificate, RenewalIssuer
+from chalicelib.observability import Steps
+from chalicelib.provisioning import key_fingerprint, public_key_pem
+from chalicelib.regions import RegionChoice, RegionPolicy
+from chalicelib.registry.base import Claim, Nonce, RenewalRegistry, RenewalState, RenewedCertificate
+from chalicelib.relocation import RELOCATED, RENEWAL, RelocationPolicy
+from chalicelib.signatures import verifies
+from chalicelib.wire import RenewalRequest
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class RenewalResult:
+    thing_name: str
+    choice: RegionChoice
+    issued: IssuedCertificate
+    previous_certificate_id: str
+    recovered: bool = False  # the lost-answer rule gave back the current certificate; nothing was created
+    note: str | None = None  # wire.response_body's `message`; a renewal has nothing to explain
+
+
+def refused() -> RenewalRefused:
+    return RenewalRefused(RENEWAL_REFUSED)
+
+
+class RenewalService:
+    def __init__(self, registry: RenewalRegistry, issuer: RenewalIssuer, locator: GeoLocator, regions: RegionPolicy,
+                 relocation: RelocationPolicy, lease_seconds: int = 120,
+                 clock: Callable[[], datetime] = utcnow, skew_seconds: int = 300) -> None:
+        self._registry = registry
+        self._issuer = issuer
+        self._locator = locator
+        self._regions = regions
+        self._relocation = relocation
+        self._lease_seconds = lease_seconds
+        self._clock = clock
+        self._skew = skew_seconds
+
+    def renew(self, request: RenewalRequest, client_ip: str, steps: Steps | None = None) -> RenewalResult:
+        steps = steps or Steps()
+        with steps.step("verify"):
+            self._check_timestamp(request)
+            state = self._registry.renewal_state(request.thing_name)
+            if state is None or not state.provisioned or not state.region or not state.certificate_id:
+                raise refused()
+            recovered = self._lost_answer(request, state, client_ip)
+            if recovered is not None:
+                return recovered
+            try:
+                current = self._verify(request, state)
+            except RenewalRefused:
+                recovered = self._recovered_meanwhile(request, state, client_ip)
+                if recovered is not None:
+                    return recovered
+                raise
+        if state.retire_pending:  # an earlier renewal was cut short after its record: finish it first
+            with steps.step("retire"):
+                self._retire(state)
+        with steps.step("geo"):
+            location = self._locator.locate(client_ip)
+            choice = self._relocation.decide(state.region, location, self._regions)
+        with steps.step("claim"):
+            now = self._clock()
+            try:
+                claim = self._registry.begin_renewal(request.thing_name, state.certificate_id, now,
+                                                     self._lease_seconds,
+                                                     Nonce(request.nonce, now + timedelta(seconds=2 * self._skew)))
+            except RenewalRefused:
+                recovered = self._recovered_meanwhile(request, state, client_ip)
+                if recovered is not None:
+                    return recovered
+                raise
+        in_place = choice.region == state.region
+        issued = None
+        try:
+            with steps.step("issue"):
+                issued = self._issuer.issue_renewal(request.thing_name, choice.region, request.csr, in_place)
+            with steps.step("record"):
+                certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+                key = request.csr.public_key() if request.csr is not None else certificate.public_key()
+                self._registry.complete_renewal(claim, RenewedCertificate(
+                    choice.region, issued.certificate_id, public_key_pem(key), key_fingerprint(key),
+                    timestamp(certificate.not_valid_after_utc), choice.country if not in_place else None,
+                    RELOCATED if not in_place else None), self._clock())
+        except Exception as exc:
+            cause, leftover = (exc.error, exc.leftover) if isinstance(exc, IssueIncomplete) else (exc, None)
+            if issued is None or not self._recorded(request.thing_name, issued):
+                with steps.step("rollback"):
+                    self._undo(claim, issued, in_place, cause, leftover)
+                if isinstance(cause, ProvisioningError):
+                    raise cause from (exc if cause is not exc else None)
+                raise ServiceUnavailable("renewal failed on the server side; try again later") from cause
+            log.warning("renewal of %s: the record's answer failed (%s) but the record is there",
+                        request.thing_name, type(exc).__name__)
+        with steps.step("retire"):
+            try:
+                self._retire(RenewalState(request.thing_name, True, choice.region, issued.certificate_id,
+                                          previous_certificate_id=state.certificate_id, previous_region=state.region,
+                                          retire_pending=True), current.arn)
+            except Exception:  # the device has its new certificate; the next renewal or the audit finishes this
+                log.exception("renewal of %s: the previous certificate %s in %s is not retired yet",
+                              request.thing_name, state.certificate_id, state.region)
+        return RenewalResult(request.thing_name, choice, issued, state.certificate_id)
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def _check_timestamp(self, request: RenewalRequest) -> None:
+        now = self._clock()
+        skew = abs((now - request.timestamp).total_seconds())
+        if skew > self._skew:
+            raise SignatureInvalid(f"the timestamp is {skew:.0f} s away from the server's clock, "
+                                   f"{timestamp(now)} (at most {self._skew} s allowed)", "stale-timestamp")
+
+    def _verify(self, request: RenewalRequest, state: RenewalState) -> CertificateInfo:
+        """The one 403 for every mismatch; then the CSR's key must be new. Returns the current certificate."""
+        if request.certificate_id != state.certificate_id:
+            raise refused()
+        current = None
+        pem = state.public_key
+        if pem is None:  # provisioned before the registry kept keys: read it once from the certificate, keep it
+            current = self._issuer.certificate(state.certificate_id, state.region)
+            if current is None or current.certificate_pem is None:
+                raise refused()
+            pem = public_key_pem(x509.load_pem_x509_certificate(current.certificate_pem.encode()).public_key())
+            self._registry.set_public_key(state.thing_name, state.certificate_id, pem)
+        if not _signed_by(pem, request):
+            raise refused()
+        # Revocation is the issuer's to know (an operator may have revoked the certificate there).
+        current = current or self._issuer.certificate(state.certificate_id, state.region)
+        if current is None or not current.active:
+            raise refused()
+        if request.csr is not None and key_fingerprint(request.csr.public_key()) == state.fingerprint:
+            raise MalformedRequest("CSR refused: the new key must differ from the current certificate's key",
+                                   "malformed-csr")
+        return current
+
+    def _lost_answer(self, request: RenewalRequest, state: RenewalState, client_ip: str) -> RenewalResult | None:
+        """The device lost the answer to its renewal: it still holds only its previous certificate and key, and
+        asks again with the key it sent. It gets the current certificate back; nothing is created."""
+        if (request.csr is None or state.previous_certificate_id is None
+                or request.certificate_id != state.previous_certificate_id or state.previous_public_key is None
+                or key_fingerprint(request.csr.public_key()) != state.fingerprint
+                or not _signed_by(state.previous_public_key, request)):
+            return None
+        assert state.region is not None and state.certificate_id is not None
+        cert = self._issuer.certificate(state.certificate_id, state.region)
+        if cert is None or not cert.active or cert.certificate_pem is None:
+            raise refused()
+        if state.retire_pending:  # the renewal whose answer was lost may have died before retiring its previous
+            try:
+                self._retire(state)
+            except Exception:
+                log.exception("renewal of %s: the previous certificate %s in %s is not retired yet",
+                              state.thing_name, state.previous_certificate_id, state.previous_region)
+        location = self._locator.locate(client_ip)
+        choice = RegionChoice(state.region, self._regions.distance_km(location, state.region), RENEWAL,
+                              location.country if location else None)
+        issued = IssuedCertificate(state.region, state.certificate_id, cert.certificate_pem,
+                                   self._issuer.endpoint(state.region), thing_name=state.thing_name)
+        return RenewalResult(state.thing_name, choice, issued, state.previous_certificate_id, recovered=True)
+
+    def _recorded(self, thing_name: str, issued: IssuedCertificate) -> bool:
+        """Whether a record whose answer failed (a timeout, a lost connection) was written after all."""
+        try:
+            state = self._registry.renewal_state(thing_name)
+        except Exception as exc:
+            # Undoing a certificate that may be recorded could leave the device with none: leave it to the
+            # audit (an orphan once the lease ends) and to the device's retry (a lost-answer recovery).
+            log.exception("renewal of %s: cannot tell whether certificate %s was recorded", thing_name,
+                          issued.certificate_id)
+            raise ServiceUnavailable("renewal failed on the server side; try again later") from exc
+        return state is not None and state.certificate_id == issued.certificate_id
+
+    def _recovered_meanwhile(self, request: RenewalRequest, seen: RenewalState,
+                             client_ip: str) -> RenewalResult | None:
+        """The request was refused: maybe another renewal of the device was recorded meanwhile (and revoked the
+        certificate this request names). An identical request is then a lost-answer recovery; another one,
+        correctly signed for the certificate that was current until just now, lost the race: 409, as while the
+        winner was at work (a lease's time after that renewal it is just a stale certificate id: 403)."""
+        later = self._registry.renewal_state(request.thing_name)
+        if later is None:
+            return None
+        if later.certificate_id != seen.certificate_id:
+            recovered = self._lost_answer(request, later, client_ip)
+            if recovered is not None:
+                return recovered
+        if (request.certificate_id == later.previous_certificate_id and later.previous_public_key is not None
+                and later.last_renewal is not None
+                and (self._clock() - datetime.fromisoformat(later.last_renewal)).total_seconds() <= self._lease_seconds
+                and _signed_by(later.previous_public_key, request)):
+            raise RenewalInProgress(f"{request.thing_name} was renewed by another request just now", retry_after=1)
+        return None
+
+    def _retire(self, state: RenewalState, arn: str | None = None) -> None:
+        """Revoke the previous certificate, and after a move delete the old region's thing; then say so."""
+        assert state.previous_certificate_id is not None and state.previous_region is not None
+        self._issuer.retire(CertificateRef(state.previous_region, state.previous_certificate_id, state.thing_name,
+                                           arn), delete_thing=state.previous_region != state.region)
+        self._registry.previous_retired(state.thing_name, state.previous_certificate_id)
+
+    def _undo(self, claim: Claim, issued: IssuedCertificate | None, in_place: bool, cause: Exception,
+              leftover: str | None) -> None:
+        log.error("renewal of %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
+        error = f"renewal: {type(cause).__name__}: {cause}"
+        if leftover:  # the issuer could not undo all of its own steps
+            error = f"rollback incomplete, {leftover}; {error}"
+        if issued is not None:
+            try:
+                self._issuer.retire(CertificateRef(issued.region, issued.certificate_id, issued.thing_name,
+                                                   issued.certificate_arn), delete_thing=not in_place)
+            except Exception:
+                log.exception("rollback of the renewal of %s incomplete: certificate %s in %s may still be active",
+                              claim.thing_name, issued.certificate_id, issued.region)
+                error = f"rollback incomplete, certificate {issued.certificate_id} in {issued.region}; {error}"
+        try:
+            self._registry.abandon_renewal(claim, error[:500])
+        except Exception:
+            log.exception("could not give back the renewal lease of %s; it ends by itself", claim.thing_name)
+
+
+def _signed_by(public_key_pem_text: str, request: RenewalRequest) -> bool:
+    try:
+        key = serialization.load_pem_public_key(public_key_pem_text.encode())
+    except ValueError:
+        log.error("the certificate key kept for %s cannot be read", request.thing_name)
+        return False
+    return verifies(key, request.signed_text(), request.signature)
