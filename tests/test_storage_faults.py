@@ -60,7 +60,10 @@ def assert_storage_503(response, answer) -> None:
 
 def test_a_full_database_answers_503_and_leaves_nothing_half_written(stage):
     SqliteRegistry(stage.state_dir / "registry.sqlite3").register(
-        ["big1"], attributes={"big1": {"note": "x" * 900}})  # a row that must grow onto a new page
+        # A row that must grow onto a new page: sized so that it stays under SQLite's overflow threshold after
+        # the claim (~50 bytes) and goes over it with the write-ahead record (~80 bytes more); each column the
+        # table gains moves the threshold by a byte.
+        ["big1"], attributes={"big1": {"note": "x" * 860}})
     with closing(sqlite3.connect(stage.state_dir / "registry.sqlite3")) as db:
         pages = db.execute("PRAGMA page_count").fetchone()[0]
     csr_pem = make_csr("big1")[0]
