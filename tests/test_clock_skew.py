@@ -92,6 +92,24 @@ def test_a_device_a_day_off_provisions_after_one_corrected_retry(server, stage, 
     assert wiring.registry(wiring.settings()).get("mydevice2").status == "provisioned"
 
 
+def test_a_renewal_a_day_off_carries_the_server_time_and_renews_after_one_corrected_retry(server, stage, tmp_path,
+                                                                                            capsys):
+    """The renewal route's stale-timestamp refusal carries the server's time as provisioning's does, and the
+    device client corrects its renewal's timestamp from it."""
+    assert device(server, stage, tmp_path, lambda: dt.datetime.now(dt.timezone.utc)) == 0  # provisioned
+    first_certificate = server.answers[0][1]["certificateId"]
+    assert device(server, stage, tmp_path, lambda: dt.datetime.now(dt.timezone.utc) - DAY, "--renew") == 0
+    [_, (first, refusal, headers), (second, answer, _)] = server.answers
+    assert (first, refusal["code"]) == (403, "stale-timestamp")
+    server_time = dt.datetime.strptime(refusal["serverTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    assert abs(server_time - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=1)
+    assert abs(parsedate_to_datetime(headers["Date"]) - server_time) <= dt.timedelta(seconds=1)
+    assert second == 200 and answer["previousCertificateId"] == first_certificate
+    assert capsys.readouterr().out.count("corrected, retrying") == 1
+    record = wiring.registry(wiring.settings()).get("mydevice2")
+    assert (record.certificate_id, record.renewal_count) == (answer["certificateId"], 1)
+
+
 def test_the_clock_is_corrected_once_not_in_a_loop(server, stage, tmp_path, capsys):
     """A clock that keeps jumping is not chased: one correction, then the refusal stands (exit code)."""
     jumps = iter([DAY, 2 * DAY, 3 * DAY, 4 * DAY])
