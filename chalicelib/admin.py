@@ -46,23 +46,12 @@ class CommandError(Exception):
     """A problem the operator can fix; printed without a traceback."""
 
 
-def missing_registry(config: Settings) -> str | None:
-    """Why the stage's registry cannot be read, or None: reading must not make a new empty one. Only `init` and
-    `register` create it."""
-    path = config.registry_path
-    if config.registry != "sqlite" or path.exists():
-        return None
-    if not path.parent.exists():  # no state directory at all: most likely a mistyped --state-dir
-        return f"no registry at {path}: check --state-dir / GIP_STATE_DIR, or create it with `init` or `register`"
-    return (f"registry {path} does not exist: run `python -m chalicelib.admin init` "
-            "(or check --state-dir / GIP_STATE_DIR)")
-
-
 def existing_registry(config: Settings) -> Any:
-    """The stage's registry; an error rather than a new empty one when it does not exist."""
-    problem = missing_registry(config)
-    if problem:
-        raise CommandError(problem)
+    """The stage's registry; an error rather than a new empty one when it does not exist (a mistyped --state-dir).
+    Only `init` and `register` create it."""
+    if config.registry == "sqlite" and not config.registry_path.exists():
+        raise CommandError(f"no registry at {config.registry_path}: check --state-dir / GIP_STATE_DIR, or create "
+                           "it with `init` or `register`")
     return wiring.registry(config)
 
 
@@ -580,9 +569,8 @@ def cmd_policy(config: Settings, args: Args) -> int:
     return 0
 
 
-# Commands that make the registry when it is missing, or never read it; the others have nothing to read
-# without it.
-_MAKE_REGISTRY = {"keygen", "init", "register", "regions", "where", "policy"}
+# Commands that make the registry when it is missing; the others have nothing to read without it.
+_MAKE_REGISTRY = {"keygen", "init", "register"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,9 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         func: Callable[[Settings, Args], int] = args.func
         config = Settings.for_stage(args.stage, args.state_dir)
-        problem = None if args.command in _MAKE_REGISTRY else missing_registry(config)
-        if problem:
-            raise CommandError(problem)
+        if (args.command not in _MAKE_REGISTRY and config.registry == "sqlite"
+                and not config.registry_path.exists()):
+            raise CommandError(f"registry {config.registry_path} does not exist: run `python -m chalicelib.admin "
+                               "init` (or check --state-dir / GIP_STATE_DIR)")
         return func(config, args)
     except (CommandError, ConfigError, operations.NotRegisteredDevice) as exc:
         print(f"error: {exc}", file=sys.stderr)
