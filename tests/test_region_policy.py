@@ -189,9 +189,10 @@ def test_geolocation_is_cached_per_ip_with_a_bound():
 
 @pytest.fixture
 def ruled_client(stage, monkeypatch):
+    app = __import__("app").app  # a first import reads the settings (wiring.validate): before the reset
     monkeypatch.setenv("GIP_REGION_RULES", json.dumps(RULES))
     wiring.reset()
-    with Client(__import__("app").app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
         yield client
 
 
