@@ -380,7 +380,10 @@ def test_tampered_signed_v2_requests_are_refused_and_change_nothing(stage, keys,
         if csr:
             body["CSR"] = csr_pem(body["thing-name"], keys.ec256)
     elif field == "timestamp":
-        body["timestamp"] = now_ts(data.draw(st.sampled_from([-2, -1, 1, 2, 60])))
+        # Moved from the signed value, not from the clock: a second may have passed since signing.
+        signed = datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        moved = signed + timedelta(seconds=data.draw(st.sampled_from([-2, -1, 1, 2, 60])))
+        body["timestamp"] = moved.strftime("%Y-%m-%dT%H:%M:%SZ")
     elif field == "nonce":
         body["nonce"] = body["nonce"] + data.draw(st.sampled_from(["0", " ", "\x00", "é"]))
     elif field == "CSR":
