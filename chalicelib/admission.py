@@ -47,7 +47,6 @@ RESERVE = 0.2
 BURST_SECONDS = 1.0    # AWS's buckets hold one second's worth of requests; so does the schedule
 SLOW_FACTOR = 0.5      # after a throttle seen anyway, the region runs at half its budget ...
 SLOW_SECONDS = 10.0    # ... for this long, shared by every container
-THROTTLE_PAUSE = 1.0   # and the schedule skips this much: a throttle means a bucket is empty
 
 
 @dataclass(frozen=True)
@@ -144,14 +143,14 @@ class Admission:
             self._quiet(self._store.charge, region, self._clock(), 1.0 / budget.rollback_per_s)
 
     def throttled(self, region: str) -> None:
-        """AWS throttled a call anyway (other callers, a lower quota): pause and slow the whole region."""
+        """AWS throttled a call anyway (other callers, a lower quota): slow the whole region for a while."""
         if self._budgets(region) is None:
             return
         now = self._clock()
         log.warning("AWS IoT throttled a call in %s; admitting at %.0f%% for %.0f s", region,
                     SLOW_FACTOR * 100, SLOW_SECONDS)
         self._slow_until[region] = now + SLOW_SECONDS
-        self._quiet(self._store.charge, region, now, THROTTLE_PAUSE, now + SLOW_SECONDS)
+        self._quiet(self._store.charge, region, now, 0.0, now + SLOW_SECONDS)
 
     @staticmethod
     def _quiet(call: Callable[..., None], *args: object) -> None:

@@ -4,6 +4,7 @@ Imported only by the prod wiring, so the local stage never pays for importing bo
 """
 import logging
 import threading
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -16,6 +17,33 @@ logging.getLogger("botocore").setLevel(logging.INFO)
 # Throttling and 5xx are retried by botocore with backoff; past that the device gets 503 + Retry-After.
 # Short timeouts and few attempts keep a request within the Lambda timeout (25 s, under API Gateway's 29 s).
 CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5)
+_MAX_ATTEMPTS = 3
+
+
+def without_retries(client: Any, operations: frozenset[str]) -> None:
+    """botocore no longer retries `operations` on `client`; its other operations keep their retries.
+
+    For the IoT calls admission control pays for: botocore's retries would spend quota nobody admitted and
+    stack on the device's own; the issuer retries a throttled call itself, inside the budget. One client
+    serves both kinds, so botocore's standard retry handler (registered under a known unique id) is wrapped.
+    """
+    from botocore.retries import standard
+    service = client.meta.service_model.service_id.hyphenize()
+    event, unique_id = f"needs-retry.{service}", f"retry-config-{service}"
+    if getattr(client, "_gip_without_retries", None) is not None:
+        client._gip_without_retries.update(operations)
+        return
+    client.meta.events.unregister(event, unique_id=unique_id)
+    handler = standard.register_retry_handler(client, max_attempts=_MAX_ATTEMPTS)
+    client.meta.events.unregister(event, unique_id=unique_id)
+    skipped = set(operations)
+
+    def needs_retry(operation: Any = None, **kwargs: Any) -> float | None:
+        if operation is not None and operation.name in skipped:
+            return None
+        return handler.needs_retry(operation=operation, **kwargs)
+    client.meta.events.register(event, needs_retry, unique_id=unique_id)
+    client._gip_without_retries = skipped
 
 
 def error_code(error: ClientError) -> str:

@@ -40,6 +40,8 @@ class Settings:
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
     region_rules: Mapping = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
     timestamp_skew_seconds: int = 300
+    admission: bool = False  # admission control per region (on by default where the issuer is AWS IoT)
+    admission_rates: Mapping[str, float] = field(default_factory=dict)  # region or "*" -> devices/s (CSR)
 
     @property
     def registry_path(self) -> Path:
@@ -79,7 +81,20 @@ class Settings:
             previous_fleet_public_key=_path(env["GIP_FLEET_PUBLIC_KEY_PREVIOUS"])
             if env.get("GIP_FLEET_PUBLIC_KEY_PREVIOUS") else None,
             timestamp_skew_seconds=_int(env, "GIP_TIMESTAMP_SKEW_SECONDS", 300),
+            **_admission(env),
         )
+
+
+def _admission(env: Mapping[str, str]) -> dict:
+    """GIP_ADMISSION (default: on with AWS IoT or when rates are given) and GIP_ADMISSION_RATES, a JSON
+    object of region (or "*") to the devices per second admitted there, for accounts with other quotas."""
+    rates = _json(env, "GIP_ADMISSION_RATES")
+    for region, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+            raise ConfigError(f"GIP_ADMISSION_RATES: {region!r} must map to a positive number of devices per second")
+    default = env.get("GIP_ISSUER") == "aws-iot" or bool(rates)
+    return {"admission": _bool(env, "GIP_ADMISSION", default),
+            "admission_rates": {region: float(rate) for region, rate in rates.items()}}
 
 
 def _path(value: str) -> Path:

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from chalicelib.admission import Admission
 from chalicelib.clock import utcnow
 from chalicelib.errors import (REFUSED, AlreadyProvisioned, MalformedRequest, ProvisioningError, ServiceUnavailable,
                                SignatureInvalid)
@@ -18,7 +19,7 @@ from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import IssuedCertificate, Issuer
 from chalicelib.observability import Steps
 from chalicelib.regions import RegionChoice, RegionPolicy
-from chalicelib.registry.base import Registry
+from chalicelib.registry.base import PROVISIONED, Registry
 from chalicelib.signatures import (FleetKeyVerifier, decode_signature, load_device_key, parse_timestamp, v1_text,
                                    v2_text, verifies)
 
@@ -155,7 +156,8 @@ def key_fingerprint(public_key) -> str:
 class ProvisioningService:
     def __init__(self, registry: Registry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
                  verifier: FleetKeyVerifier, lease_seconds: int = 300,
-                 clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300):
+                 clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300,
+                 admission: Admission | None = None):
         self._registry = registry
         self._issuer = issuer
         self._locator = locator
@@ -165,12 +167,28 @@ class ProvisioningService:
         self._clock = clock
         self._allow_v1 = allow_v1
         self._skew = skew_seconds
+        self._admission = admission
 
     def provision(self, request: ProvisioningRequest, client_ip: str,
                   steps: Steps | None = None) -> ProvisioningResult:
         steps = steps or Steps()
         with steps.step("verify"):
             fleet_key = self._authenticate(request)
+        # The region is known before the claim, so the request is admitted against that region's budget
+        # (admission control) before it holds a claim or spends any IoT call.
+        with steps.step("geo"):
+            location = self._locator.locate(client_ip)
+            choice = self._regions.choose(location)
+        if self._admission is not None:
+            with steps.step("admit"):
+                try:
+                    self._admission.admit(choice.region, server_key=request.csr is None)
+                except ServiceUnavailable:
+                    # An answer that issues nothing (a lost answer asked for again) is not kept waiting.
+                    item = self._registry.get(request.thing_name)
+                    if item is None or item.get("prov_status") != PROVISIONED:
+                        raise
+                    return self._earlier_answer(request, AlreadyProvisioned("", item=item), client_ip)
         with steps.step("claim"):
             now = self._clock()
             # The nonce is recorded only now, for a correctly signed request: nobody can use up a device's.
@@ -179,12 +197,10 @@ class ProvisioningService:
                 claim = self._registry.claim(request.thing_name, now, self._lease_seconds, fleet_key, nonce)
             except AlreadyProvisioned as refused:
                 return self._earlier_answer(request, refused, client_ip)
-        issued = None
+        issued, issuing = None, False
         try:
-            with steps.step("geo"):
-                location = self._locator.locate(client_ip)
-                choice = self._regions.choose(location)
             with steps.step("issue"):
+                issuing = True
                 issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
             with steps.step("finalize"):
                 public_key = (request.csr.public_key() if request.csr is not None
@@ -194,6 +210,8 @@ class ProvisioningService:
         except Exception as exc:
             with steps.step("rollback"):
                 self._undo(claim, issued, exc)
+                if issuing and self._admission is not None:  # the undo's IoT calls are paid from the budget
+                    self._admission.rollback(choice.region)
             if isinstance(exc, ProvisioningError):
                 raise
             raise ServiceUnavailable("provisioning failed on the server side; try again later") from exc

@@ -3,7 +3,9 @@
 Backends are imported only when the stage uses them, so the local stage never imports boto3.
 """
 import threading
+from typing import Any
 
+from chalicelib.admission import DEFAULT_BUDGET, Admission, budgets_from
 from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
@@ -52,11 +54,32 @@ def registry(config: Settings):
     return SqliteRegistry(config.registry_path)
 
 
-def issuer(config: Settings, policy: RegionPolicy | None = None):
+def admission(config: Settings) -> Admission:
+    """The schedule lives where the registry does, so every container shares it."""
+    if config.registry == "dynamodb":
+        from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
+        store = DynamoDbAdmissionStore(aws_clients().client("dynamodb"), f"{config.table_name}-nonces")
+    else:
+        from chalicelib.registry.admission_sqlite import SqliteAdmissionStore
+        store = SqliteAdmissionStore(config.registry_path)
+    return Admission(store, budgets_from(config.admission_rates, DEFAULT_BUDGET if config.admission else None))
+
+
+def issuer(config: Settings, policy: RegionPolicy | None = None, gate: Admission | None = None):
     if config.issuer == "aws-iot":
         from chalicelib.issuers.aws_iot import AwsIotIssuer
         clients = aws_clients()
-        return AwsIotIssuer(lambda region: clients.client("iot", region))
+        if gate is None or not config.admission:
+            return AwsIotIssuer(lambda region: clients.client("iot", region))
+        from chalicelib.aws import without_retries
+        from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS
+
+        def mutating(region: str) -> Any:
+            client = clients.client("iot", region)
+            without_retries(client, MUTATING_OPERATIONS)
+            return client
+        return AwsIotIssuer(lambda region: clients.client("iot", region), mutating_client_for_region=mutating,
+                            on_throttle=gate.throttled)
     from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
     policy = policy or region_policy(config)
     return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port))
@@ -79,9 +102,11 @@ def locator(config: Settings) -> GeoLocator:
 
 def build_service(config: Settings) -> ProvisioningService:
     policy = region_policy(config)
+    gate = admission(config)
     return ProvisioningService(
         registry=registry(config),
-        issuer=issuer(config, policy),
+        issuer=issuer(config, policy, gate),
+        admission=gate,
         locator=locator(config),
         regions=policy,
         verifier=FleetKeyVerifier(load_public_key(config.fleet_public_key),

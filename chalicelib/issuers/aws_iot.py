@@ -1,7 +1,9 @@
 """The prod stage's issuer: AWS IoT Core in the chosen region, through one boto3 client per region."""
 import concurrent.futures as cf
+import functools
 import json
 import logging
+import random
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -26,6 +28,12 @@ _TRANSIENT = {"ThrottlingException", "LimitExceededException", "ServiceUnavailab
               "InternalFailureException", "InternalException", "RequestTimeoutException"}
 # Detaching a principal is asynchronous in AWS IoT: deleting right after may still meet a conflict.
 _DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
+# A throttled create/attach/detach/delete is tried again after about the time a bucket takes to refill, at
+# most twice: within the request's deadline, and inside the budget admission control keeps in reserve.
+_THROTTLE_WAITS = (0.5, 1.0)
+MUTATING_OPERATIONS = frozenset({"CreateThing", "CreateCertificateFromCsr", "CreateKeysAndCertificate",
+                                 "AttachPolicy", "AttachThingPrincipal", "DetachThingPrincipal", "DetachPolicy",
+                                 "UpdateCertificate", "DeleteCertificate", "DeleteThing"})
 _default_executor = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aws-iot")
 
 
@@ -75,8 +83,13 @@ class AwsIotIssuer:
     """
 
     def __init__(self, client_for_region: Callable[[str], Any], policy_name: str = DEVICE_POLICY_NAME,
-                 executor: cf.Executor | None = None):
+                 executor: cf.Executor | None = None,
+                 mutating_client_for_region: Callable[[str], Any] | None = None,
+                 on_throttle: Callable[[str], None] | None = None):
         self._client = client_for_region
+        # Clients for the calls that change things, without botocore's own retries (see _mutate).
+        self._mutating = mutating_client_for_region or client_for_region
+        self._on_throttle = on_throttle
         self._policy_name = policy_name
         self._executor = executor or _default_executor
         self._lock = threading.Lock()
@@ -89,6 +102,21 @@ class AwsIotIssuer:
             if future is None or (future.done() and future.exception() is not None):
                 future = self._once_per_region[(what, region)] = self._executor.submit(fn, region)
         return future
+
+    def _mutate(self, region: str, operation: str, **kwargs: Any) -> Any:
+        """One create/attach/detach/delete call; a throttle is reported (admission control slows the whole
+        region) and the call tried again after a jittered wait, at most len(_THROTTLE_WAITS) times."""
+        for wait in (*_THROTTLE_WAITS, None):
+            try:
+                return getattr(self._mutating(region), operation)(**kwargs)
+            except ClientError as exc:
+                if _code(exc) != "ThrottlingException":
+                    raise
+                if self._on_throttle is not None:
+                    self._on_throttle(region)
+                if wait is None:
+                    raise
+                time.sleep(wait * random.uniform(0.75, 1.25))
 
     def _describe_endpoint(self, region: str) -> Endpoint:
         address = self._client(region).describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
@@ -117,11 +145,11 @@ class AwsIotIssuer:
 
     def issue(self, thing_name: str, region: str,
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
-        client = self._client(region)
+        mutate = functools.partial(self._mutate, region)
         endpoint_f = self._once("endpoint", region, self._describe_endpoint)
         policy_f = self._once("policy", region, self._ensure_policy)
-        thing_f = self._executor.submit(client.create_thing, thingName=thing_name)
-        cert_f = self._executor.submit(_create_certificate, client, csr)
+        thing_f = self._executor.submit(mutate, "create_thing", thingName=thing_name)
+        cert_f = self._executor.submit(_create_certificate, mutate, csr)
         cf.wait([endpoint_f, policy_f, thing_f, cert_f])
         # Whatever succeeded is ours to undo if anything else failed.
         made_thing = thing_f.exception() is None
@@ -129,15 +157,15 @@ class AwsIotIssuer:
         try:
             for future in (cert_f, thing_f, policy_f, endpoint_f):
                 future.result()
-            attached = [self._executor.submit(client.attach_policy, policyName=self._policy_name,
+            attached = [self._executor.submit(mutate, "attach_policy", policyName=self._policy_name,
                                               target=cert["certificateArn"]),
-                        self._executor.submit(client.attach_thing_principal, thingName=thing_name,
+                        self._executor.submit(mutate, "attach_thing_principal", thingName=thing_name,
                                               principal=cert["certificateArn"])]
             cf.wait(attached)
             for future in attached:
                 future.result()
         except Exception as exc:
-            incomplete = self._undo(client, region, thing_name if made_thing else None, cert)
+            incomplete = self._undo(region, thing_name if made_thing else None, cert)
             error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
             if incomplete:  # the orchestrator records it, for the operator and the audit
                 error.leftover = f"thing {thing_name} or certificate {cert and cert['certificateId']} in {region}"
@@ -166,7 +194,7 @@ class AwsIotIssuer:
                     return
                 raise _domain_error(exc, region) from exc
         cert = {"certificateId": issued.certificate_id, "certificateArn": arn}
-        failures = [self._undo(client, region, thing, cert) for thing in things or [None]]
+        failures = [self._undo(region, thing, cert) for thing in things or [None]]
         if any(failures):
             raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
 
@@ -216,25 +244,27 @@ class AwsIotIssuer:
             if not _is_not_found(exc):
                 raise _domain_error(exc, region) from exc
 
-    def _undo(self, client, region: str, thing_name: str | None, cert: dict | None) -> bool:
+    def _undo(self, region: str, thing_name: str | None, cert: dict | None) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any."""
+        mutate = functools.partial(self._mutate, region)
         steps: list[tuple[str, Callable[[], Any]]] = []
         if cert:
             arn, cert_id = cert["certificateArn"], cert["certificateId"]
             if thing_name:
-                steps.append(("detach thing", lambda: client.detach_thing_principal(
-                    thingName=thing_name, principal=arn)))
+                steps.append(("detach thing", lambda: mutate(
+                    "detach_thing_principal", thingName=thing_name, principal=arn)))
             steps += [
-                ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
-                ("deactivate certificate", lambda: client.update_certificate(
-                    certificateId=cert_id, newStatus="INACTIVE")),
+                ("detach policy", lambda: mutate("detach_policy", policyName=self._policy_name, target=arn)),
+                ("deactivate certificate", lambda: mutate(
+                    "update_certificate", certificateId=cert_id, newStatus="INACTIVE")),
                 ("delete certificate", lambda: _after_detach(
-                    "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
+                    "DeleteConflictException", functools.partial(mutate, "delete_certificate"),
+                    certificateId=cert_id)),
             ]
         if thing_name:
             # AWS answers InvalidRequestException while the thing still has a principal attached.
             steps.append(("delete thing", lambda: _after_detach(
-                "InvalidRequestException", client.delete_thing, thingName=thing_name)))
+                "InvalidRequestException", functools.partial(mutate, "delete_thing"), thingName=thing_name)))
         failed = False
         for step, call in steps:
             try:
@@ -249,11 +279,11 @@ class AwsIotIssuer:
         return failed
 
 
-def _create_certificate(client, csr: x509.CertificateSigningRequest | None) -> dict:
+def _create_certificate(mutate: Callable[..., Any], csr: x509.CertificateSigningRequest | None) -> dict:
     if csr is None:
-        return client.create_keys_and_certificate(setAsActive=True)
+        return mutate("create_keys_and_certificate", setAsActive=True)
     pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-    return client.create_certificate_from_csr(certificateSigningRequest=pem, setAsActive=True)
+    return mutate("create_certificate_from_csr", certificateSigningRequest=pem, setAsActive=True)
 
 
 def _after_detach(conflict_code: str, call: Callable[..., Any], **kwargs) -> Any:
