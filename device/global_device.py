@@ -33,6 +33,9 @@ EXIT_OK, EXIT_LOCAL, EXIT_REFUSED, EXIT_CONFLICT, EXIT_BAD_REQUEST = 0, 2, 3, 4,
 EXIT_UNAVAILABLE, EXIT_MQTT, EXIT_INTERRUPTED = 6, 7, 130
 # Busy, down, or a gateway that gave up waiting: the same request may work a little later.
 RETRYABLE_STATUS = {429, 502, 503, 504}
+# The longest Retry-After the device waits out (main's default). In an onboarding storm the service gives each
+# device its own slot; 100,000 devices in one region at AWS IoT's default quotas take about 2.3 h (README).
+MAX_RETRY_AFTER = 6 * 3600
 # Signed request version sent unless --signature-version/--legacy-signature says otherwise.
 DEFAULT_SIGNATURE_VERSION = 2
 EXIT_BY_STATUS = {401: EXIT_REFUSED, 403: EXIT_REFUSED, 409: EXIT_CONFLICT,
@@ -209,11 +212,12 @@ class ProvisioningClient:
 
     def __init__(self, api_base: str, session: requests.Session | None = None, *, max_attempts: int = 6,
                  base_delay: float = 1.0, max_delay: float = 30.0, timeout: tuple = (10, 35),
-                 forwarded_for: str | None = None, sleep=time.sleep):
+                 forwarded_for: str | None = None, sleep=time.sleep, max_retry_after: float | None = None):
         self.url = api_base.rstrip("/") + "/device-provisioning"
         self.session = session or requests.Session()
         self.max_attempts, self.base_delay, self.max_delay = max(1, max_attempts), base_delay, max_delay
         self.timeout, self.sleep = timeout, sleep
+        self.max_retry_after = max_delay if max_retry_after is None else max_retry_after
         self.headers = {"Content-Type": "application/json"}
         if forwarded_for:
             self.headers["X-Forwarded-For"] = forwarded_for
@@ -248,7 +252,7 @@ class ProvisioningClient:
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server knows best when it will have capacity again
-            return min(retry_after, self.max_delay)
+            return min(retry_after, self.max_retry_after)
         # Full jitter keeps a fleet that lost the service at once from retrying in lockstep.
         return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
@@ -458,7 +462,7 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
             os.makedirs(args.state_dir, exist_ok=True)
             client = ProvisioningClient(args.api_gw, session, max_attempts=args.max_attempts,
                                         base_delay=args.retry_base_delay, forwarded_for=args.forwarded_for,
-                                        sleep=sleep)
+                                        sleep=sleep, max_retry_after=MAX_RETRY_AFTER)
             endpoint = provision(args, paths, client, pause)
         if args.count == 0:
             print("=> --count 0: provisioning only, not connecting")
