@@ -1,11 +1,11 @@
-# make demo | make test | make local | make bench — each sets itself up first.
+# make demo | make test | make local | make bench | make storm — each sets itself up first.
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
 API_PORT ?= 8000
 export API_PORT
 
-.PHONY: install demo test local bench bench-quick clean
+.PHONY: install demo test local bench bench-quick storm clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ bench: install
 
 bench-quick: install
 	$(PY) bench/run.py --size quick
+
+storm: install
+	$(PY) bench/storm.py --size default
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache

@@ -74,6 +74,16 @@ def quota_budget(quotas: Mapping[str, float] = IOT_QUOTAS, reserve: float = RESE
 
 
 DEFAULT_BUDGET = quota_budget()
+# Lambda's reserved concurrency, the second safety net: an admitted request holds its container for at most
+# about a second (two rounds of IoT calls, a throttled call's own retries), and half as much again is left
+# for the refused (a few ms each) and for lost answers asked again.
+ADMITTED_REQUEST_SECONDS = 1.0
+REFUSED_HEADROOM = 1.5
+
+
+def reserved_concurrency(regions: int, budget: Budget = DEFAULT_BUDGET) -> int:
+    """Concurrent invocations the whole function needs when every region issues at its budget."""
+    return math.ceil(regions * budget.csr_per_s * ADMITTED_REQUEST_SECONDS * REFUSED_HEADROOM)
 
 
 def budgets_from(rates: Mapping[str, float], default: Budget | None) -> Callable[[str], Budget | None]:
