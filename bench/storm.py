@@ -42,10 +42,12 @@ SIZES = {
     # devices, containers (Lambda concurrency), IoT latency (s), power-on spread (s), scaled quota (req/s)
     # The default scales the binding quota down to 3/s: moto, serialised, must outrun the quota on 2 shared
     # cores, or the simulator and not the quota would set the pace (its CPU share is reported).
-    "default": dict(devices=450, containers=12, latency=0.1, ramp=2.0, quota=3.0),
-    "large": dict(devices=1000, containers=16, latency=0.1, ramp=2.0, quota=10.0),
-    "small": dict(devices=150, containers=8, latency=0.05, ramp=1.0, quota=3.0),
-    "tiny": dict(devices=30, containers=4, latency=0.01, ramp=0.2, quota=5.0),
+    # containers: Lambda's concurrency with admission control (its reserved concurrency) and without it
+    # (today: uncapped, so "hundreds"; here as many as the machine can hold).
+    "default": dict(devices=450, containers=16, uncapped=64, latency=0.1, ramp=2.0, quota=3.0),
+    "large": dict(devices=1000, containers=24, uncapped=96, latency=0.1, ramp=2.0, quota=10.0),
+    "small": dict(devices=150, containers=8, uncapped=32, latency=0.05, ramp=1.0, quota=3.0),
+    "tiny": dict(devices=30, containers=4, uncapped=8, latency=0.01, ramp=0.2, quota=5.0),
 }
 # One address per region, where the bundled GeoLite2 database puts it (nearest enabled region).
 REGION_IPS = {"eu-west-2": "81.2.69.142", "ap-northeast-1": "126.0.0.1", "ap-southeast-2": "1.1.1.1"}
@@ -194,12 +196,10 @@ class Reply:
         return self.body
 
 
-class Container(threading.Thread):
-    """One Lambda container: its own clients and service; serves one request at a time from the gateway."""
+class Container:
+    """One Lambda container: its own clients and service; serves one request at a time."""
 
-    def __init__(self, index: int, sim: SimulatedAws, requests: queue.Queue, admission: bool, rate: float,
-                 fleet_public_pem: bytes):
-        super().__init__(name=f"container-{index}", daemon=True)
+    def __init__(self, index: int, sim: SimulatedAws, admission: bool, rate: float, fleet_public_pem: bytes):
         from chalicelib.admission import DEFAULT_BUDGET, Admission, budgets_from
         from chalicelib.aws import AwsClients, without_retries
         from chalicelib.geo import CachingLocator, MaxMindLocator
@@ -209,7 +209,6 @@ class Container(threading.Thread):
         from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
         from chalicelib.registry.dynamodb import DynamoDbRegistry
         from chalicelib.signatures import FleetKeyVerifier
-        self._requests = requests
         clients = AwsClients()
         regions = list(REGION_IPS)
         for region in regions:
@@ -238,17 +237,6 @@ class Container(threading.Thread):
             regions=RegionPolicy(regions, "eu-west-2"), verifier=verifier, lease_seconds=120, allow_v1=False,
             admission=gate)
         self.issuer = issuer
-
-    def run(self) -> None:
-        while True:
-            job = self._requests.get()
-            if job is None:
-                return
-            body, ip, future = job
-            try:
-                future.set_result(self.handle(body, ip))
-            except BaseException as exc:  # never leave a device waiting
-                future.set_exception(exc)
 
     def handle(self, body: dict, ip: str) -> Reply:
         """What app.py's route does, minus HTTP: parse, one service call, domain errors to statuses."""
@@ -281,17 +269,24 @@ def load_public(path: Path) -> Any:
 
 
 class Gateway:
-    """API Gateway in front of the containers, as the device client's `requests` session sees it."""
+    """API Gateway + Lambda as the device client's `requests` session sees them: a request goes to an idle
+    container; when all K are busy, Lambda refuses it (429, TooManyRequestsException, no Retry-After)."""
 
-    def __init__(self, requests: queue.Queue, ip: str, deadline: float):
-        self._requests, self._ip, self._deadline = requests, ip, deadline
+    def __init__(self, idle: queue.Queue, ip: str, deadline: float, stats: Counter):
+        self._idle, self._ip, self._deadline, self._stats = idle, ip, deadline, stats
 
     def post(self, url: str, data: str, headers: dict, timeout: Any) -> Reply:
         if time.monotonic() > self._deadline:
             raise Cut()
-        future: cf.Future = cf.Future()
-        self._requests.put((json.loads(data), self._ip, future))
-        return future.result()
+        try:
+            container = self._idle.get_nowait()
+        except queue.Empty:
+            self._stats["lambda_throttled"] += 1
+            return Reply(429, {"message": "Rate Exceeded."}, {})
+        try:
+            return container.handle(json.loads(data), self._ip)
+        finally:
+            self._idle.put(container)
 
 
 # ---------------------------------------------------------------- one storm
@@ -327,6 +322,8 @@ class StormResult:
     capped_at_s: float | None
     timeline: list[float] = field(default_factory=list)
     requests: int = 0
+    lambda_throttled: int = 0
+    containers: int = 0
 
     def summary(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k not in ("timeline", "label")}
@@ -377,11 +374,12 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
         registry.create()
         registry.register(d.name for d in devices)
         sim = SimulatedAws(quotas, READ_QUOTA * scale, size["latency"])
-        requests: queue.Queue = queue.Queue()
-        containers = [Container(i, sim, requests, admission, budget.csr_per_s, public_pem)
-                      for i in range(size["containers"])]
+        idle: queue.Queue = queue.Queue()
+        gateway_stats: Counter = Counter()
+        containers = [Container(i, sim, admission, budget.csr_per_s, public_pem)
+                      for i in range(size["containers" if admission else "uncapped"])]
         for c in containers:
-            c.start()
+            idle.put(c)
         say(f"  {label}: {len(devices)} devices over {len(per_region)} regions, {len(containers)} containers, "
             f"quota {size['quota']:g}/s, budget {budget.csr_per_s:g}/s, quota bound {quota_bound:.1f} s"
             + (f", capped at {cap:.0f} s" if cap else ""))
@@ -398,7 +396,7 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
 
         def device_life(device: Device) -> None:
             time.sleep(device.power_on)
-            client = gd.ProvisioningClient("https://storm.invalid/api", session=Gateway(requests, device.ip, deadline),
+            client = gd.ProvisioningClient("https://storm.invalid/api", session=Gateway(idle, device.ip, deadline, gateway_stats),
                                            sleep=cut_sleep, max_retry_after=gd.MAX_RETRY_AFTER)
             signing = fleet_key
 
@@ -429,10 +427,6 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
                     last_report = time.monotonic()
         wall = time.monotonic() - started
         cpu = time.process_time() - cpu_started
-        for _ in containers:
-            requests.put(None)
-        for c in containers:
-            c.join()
         # The audit (admin audit's own code) over clients the throttling layer does not touch.
         config = Settings.from_env({"GIP_STAGE": "prod", "GIP_REGISTRY": "dynamodb", "GIP_ISSUER": "aws-iot",
                                     "GIP_ENABLED_REGIONS": ",".join(REGION_IPS), "GIP_DEFAULT_REGION": "eu-west-2",
@@ -461,7 +455,8 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
         p99_s=round(times[min(len(times) - 1, int(0.99 * len(times)))], 2) if times else None,
         simulator_cpu_share=round(sim.moto_cpu / cpu, 3) if cpu else 0.0,
         wall_s=round(wall, 1), capped_at_s=round(cap, 1) if cap else None,
-        timeline=sorted(finished), requests=sum(d.attempts for d in devices))
+        timeline=sorted(finished), requests=sum(d.attempts for d in devices),
+        lambda_throttled=gateway_stats["lambda_throttled"], containers=len(containers))
 
 
 # ---------------------------------------------------------------- output
@@ -481,6 +476,8 @@ def table(results: dict[str, StormResult]) -> str:
                              ("IoT calls", "iot_calls", ""), ("throttled IoT calls", "throttled_calls", ""),
                              ("throttled share", "throttled_share", ""),
                              ("requests sent by devices", "requests", ""),
+                             ("Lambda containers (concurrency)", "containers", ""),
+                             ("refused by Lambda (429, all busy)", "lambda_throttled", ""),
                              ("devices that gave up", "gave_up", ""), ("left unprovisioned", "unprovisioned", ""),
                              ("orphans (audit)", "orphans", ""), ("audit clean", "audit_clean", ""),
                              ("p50 time to provisioned", "p50_s", " s"), ("p99 time to provisioned", "p99_s", " s"),

@@ -45,8 +45,8 @@ ROLLBACK = ("DetachThingPrincipal", "DetachPolicy", "UpdateCertificate", "Delete
 # GetPolicy), operators' resets and audits, other applications in the same account.
 RESERVE = 0.2
 BURST_SECONDS = 1.0    # AWS's buckets hold one second's worth of requests; so does the schedule
-SLOW_FACTOR = 0.5      # after a throttle seen anyway, the region runs at half its budget ...
-SLOW_SECONDS = 10.0    # ... for this long, shared by every container
+SLOW_FACTOR = 0.75     # after a throttle seen anyway, the region runs at 3/4 of its budget ...
+SLOW_SECONDS = 5.0     # ... for this long, shared by every container
 
 
 @dataclass(frozen=True)
