@@ -5,7 +5,7 @@ Backends are imported only when the stage uses them, so the local stage never im
 import threading
 from typing import Any
 
-from chalicelib.admission import DEFAULT_BUDGET, Admission, budgets_from
+from chalicelib.admission import DEFAULT_BUDGET, Admission, AdmissionStore, budgets_from
 from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
@@ -56,6 +56,7 @@ def registry(config: Settings):
 
 def admission(config: Settings) -> Admission:
     """The schedule lives where the registry does, so every container shares it."""
+    store: AdmissionStore
     if config.registry == "dynamodb":
         from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
         store = DynamoDbAdmissionStore(aws_clients().client("dynamodb"), f"{config.table_name}-nonces")
@@ -65,7 +66,7 @@ def admission(config: Settings) -> Admission:
     return Admission(store, budgets_from(config.admission_rates, DEFAULT_BUDGET if config.admission else None))
 
 
-def issuer(config: Settings, policy: RegionPolicy | None = None, gate: Admission | None = None):
+def issuer(config: Settings, policy: RegionPolicy | None = None, gate: Admission | None = None) -> Any:
     if config.issuer == "aws-iot":
         from chalicelib.issuers.aws_iot import AwsIotIssuer
         clients = aws_clients()

@@ -210,7 +210,7 @@ def load_or_create_device_key(path: str, key_type: str):
 class ProvisioningClient:
     """POSTs the request, retrying throttling and outages with jittered exponential backoff."""
 
-    def __init__(self, api_base: str, session: requests.Session | None = None, *, max_attempts: int = 6,
+    def __init__(self, api_base: str, session: requests.Session | None = None, *, max_attempts: int = 10,
                  base_delay: float = 1.0, max_delay: float = 30.0, timeout: tuple = (10, 35),
                  forwarded_for: str | None = None, sleep=time.sleep, max_retry_after: float | None = None):
         self.url = api_base.rstrip("/") + "/device-provisioning"
@@ -435,8 +435,8 @@ def parse_args(argv):
                    help="seconds between messages (default: 2)")
     p.add_argument("--forwarded-for", metavar="IP",
                    help="local stage only: send X-Forwarded-For: IP so the server geolocates that IP")
-    p.add_argument("--max-attempts", type=int, default=6, metavar="N",
-                   help="provisioning attempts on 429/502/503/504, 409 in progress and network errors (default: 6)")
+    p.add_argument("--max-attempts", type=int, default=10, metavar="N",
+                   help="provisioning attempts on 429/502/503/504, 409 in progress and network errors (default: 10)")
     p.add_argument("--retry-base-delay", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.count is not None and args.count < 0:
