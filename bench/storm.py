@@ -385,29 +385,29 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
         say(f"  {label}: {len(devices)} devices over {len(per_region)} regions, {len(containers)} containers, "
             f"quota {size['quota']:g}/s, budget {budget.csr_per_s:g}/s, quota bound {quota_bound:.1f} s"
             + (f", capped at {cap:.0f} s" if cap else ""))
-        started = time.monotonic()
-        deadline = started + (cap if cap else 20 * quota_bound + 60)
-        cpu_started = time.process_time()
+        go = threading.Event()  # every device thread is up before the fleet powers on
+        clock = {"started": 0.0, "deadline": 0.0}
 
         def cut_sleep(seconds: float) -> None:
-            remaining = deadline - time.monotonic()
+            remaining = clock["deadline"] - time.monotonic()
             if seconds >= remaining:
                 time.sleep(max(0.0, remaining))
                 raise Cut()
             time.sleep(seconds)
 
         def device_life(device: Device) -> None:
-            time.sleep(device.power_on)
-            client = gd.ProvisioningClient("https://storm.invalid/api", session=Gateway(idle, device.ip, deadline, gateway_stats),
-                                           sleep=cut_sleep, max_retry_after=gd.MAX_RETRY_AFTER)
-            signing = fleet_key
+            go.wait()
+            time.sleep(max(0.0, clock["started"] + device.power_on - time.monotonic()))
+            client = gd.ProvisioningClient(
+                "https://storm.invalid/api", session=Gateway(idle, device.ip, clock["deadline"], gateway_stats),
+                sleep=cut_sleep, max_retry_after=gd.MAX_RETRY_AFTER)
 
             def body() -> dict:
                 device.attempts += 1
-                return gd.build_v2_request(device.name, signing, device.csr_pem)
+                return gd.build_v2_request(device.name, fleet_key, device.csr_pem)
             try:
                 client.provision(body)
-                device.provisioned = time.monotonic() - started
+                device.provisioned = time.monotonic() - clock["started"]
             except gd.ClientError:
                 device.gave_up = True
             except Cut:
@@ -420,6 +420,10 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
             threads = [threading.Thread(target=device_life, args=(d,), daemon=True) for d in devices]
             for t in threads:
                 t.start()
+            started = clock["started"] = time.monotonic()
+            clock["deadline"] = started + (cap if cap else 20 * quota_bound + 60)
+            cpu_started = time.process_time()
+            go.set()
             last_report = time.monotonic()
             while any(t.is_alive() for t in threads):
                 time.sleep(0.5)
