@@ -18,22 +18,25 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt device/requirements.tx
 	@touch $@
 
 demo: install
-	$(PY) devstack/demo.py
+	$(PY) -m devstack.demo
 
 local: install
-	$(PY) devstack/local.py --api-port $(API_PORT)
+	$(PY) -m devstack.local --api-port $(API_PORT)
 
+# Lint and types first; then the suite. pytest's exit code 5 (no tests collected) fails like any other.
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 bench: install
-	$(PY) bench/run.py --size full
+	$(PY) -m bench.run --size full
 
 bench-quick: install
-	$(PY) bench/run.py --size quick
+	$(PY) -m bench.run --size quick
 
 storm: install
-	$(PY) bench/storm.py --size default
+	$(PY) -m bench.storm --size default
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache

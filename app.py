@@ -1,22 +1,31 @@
 """HTTP routes only: parse -> one service call -> map domain errors to HTTP (design.md)."""
-import json
 import uuid
+from typing import Any
 
 from chalice import Chalice, Response
 
 from chalicelib import observability, wiring
-from chalicelib.errors import (AlreadyProvisioned, BodyTooLarge, ConfigError, MalformedRequest, NotRegistered,
-                               ProvisioningError, ProvisioningInProgress, RegionBlocked, ServiceUnavailable,
-                               SignatureInvalid)
+from chalicelib.errors import (
+    AlreadyProvisioned,
+    BodyTooLarge,
+    ConfigError,
+    MalformedRequest,
+    NotRegistered,
+    ProvisioningError,
+    ProvisioningInProgress,
+    RegionBlocked,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
 from chalicelib.geo import client_ip
 from chalicelib.observability import Steps
-from chalicelib.provisioning import ProvisioningRequest
+from chalicelib.provisioning import ProvisioningResult
+from chalicelib.wire import ProvisioningRequest, error_body, parse_json, response_body
 
 app = Chalice(app_name="iot-global-provisioning")  # its app.log is observability.logger's logger too
 wiring.validate()
 
-MAX_BODY_BYTES = 16 * 1024
-HTTP_STATUS = {
+HTTP_STATUS: dict[type[ProvisioningError], int] = {
     BodyTooLarge: 413,
     MalformedRequest: 400,
     SignatureInvalid: 403,
@@ -29,11 +38,15 @@ HTTP_STATUS = {
 
 
 @app.route("/device-provisioning", methods=["POST"])
-def device_provisioning():
+def device_provisioning() -> Response:
     request = app.current_request
+    assert request is not None  # chalice sets it for every routed call
     steps = Steps()
     request_id = request.context.get("requestId") or uuid.uuid4().hex  # chalice local gives none
-    thing_name, result, headers, detail = None, None, {"X-Request-Id": request_id}, {}
+    thing_name: str | None = None
+    result: ProvisioningResult | None = None
+    headers = {"X-Request-Id": request_id}
+    detail: dict[str, Any] = {}
     try:
         provisioning_request = ProvisioningRequest.from_body(parse_json(request.raw_body or b""))
         thing_name = provisioning_request.thing_name
@@ -42,7 +55,8 @@ def device_provisioning():
         detail = {"client_ip": ip, "signature_version": provisioning_request.version,
                   "csr": provisioning_request.csr is not None}
         result = wiring.service().provision(provisioning_request, ip, steps)
-        status, code, body = 200, "provisioned", result.response_body()
+        status, code = 200, observability.SUCCESS
+        body: dict[str, Any] = response_body(result)
     except ProvisioningError as exc:
         status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
         code, body = exc.code, error_body(exc.code, exc.message)
@@ -60,26 +74,13 @@ def device_provisioning():
         headers["Retry-After"] = "30"
     choice = result.choice if result else None
     observability.request_done(request_id=request_id, thing_name=thing_name, status=status, code=code,
-                               steps=steps, region=choice and choice.region, reason=choice and choice.reason,
-                               country=choice and choice.country,
-                               detail={**detail, "certificate_id": result and result.issued.certificate_id})
+                               steps=steps, region=choice.region if choice else None,
+                               reason=choice.reason if choice else None, country=choice.country if choice else None,
+                               detail={**detail, "certificate_id": result.issued.certificate_id if result else None})
     return Response(body, status_code=status, headers={"Content-Type": "application/json", **headers})
 
 
-def parse_json(raw: bytes):
-    if len(raw) > MAX_BODY_BYTES:
-        raise BodyTooLarge(f"the body must be at most {MAX_BODY_BYTES} bytes")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise MalformedRequest("the body is not valid JSON") from None
-
-
-def error_body(code: str, message: str) -> dict:
-    return {"status": "error", "code": code, "message": message}
-
-
 @app.route("/health", methods=["GET"])
-def health():
+def health() -> dict[str, Any]:
     config = wiring.settings()
     return {"status": "ok", "stage": config.stage, "regions": list(config.enabled_regions)}

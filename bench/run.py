@@ -1,7 +1,8 @@
 """make bench: how fast provisioning is, next to what the hardware allows and to the original sample.
 
 Every ratio is measured within one run (this machine is shared and noisy); times are medians of several
-repetitions. Prints a Markdown table and writes bench/results.json.
+repetitions. Prints a Markdown table and writes bench/results.json. Run from the project directory as a
+module: python -m bench.run --size quick
 """
 import argparse
 import base64
@@ -18,13 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
 
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
+from chalicelib.config import PROJECT_DIR
 
 SIZES = {  # devices in-process, devices over HTTP, rows into SQLite, rows into DynamoDB, repetitions, AWS-path devices
     "full": dict(inproc=2000, http=1000, sqlite_rows=100_000, dynamo_rows=10_000, reps=3, aws=9, cold=5),
@@ -75,7 +75,7 @@ def local_service(state: Path, fleet_key):
 
 def bench_inprocess(n: int, reps: int) -> dict:
     from chalicelib.observability import Steps
-    from chalicelib.provisioning import ProvisioningRequest
+    from chalicelib.wire import ProvisioningRequest
     fleet = rsa_key()
     say(f"  making {n} RSA-2048 device keys and CSRs (not timed) ...")
     bodies = []
@@ -154,10 +154,11 @@ def bench_http(n: int, clients: int = 8) -> dict:
     import requests
 
     from chalicelib import admin
+    from chalicelib.config import Settings
     from devstack.stack import LocalStack, free_port, free_port_run
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.update(GIP_STATE_DIR=tmp, GIP_MQTT_BASE_PORT=str(free_port_run(11)))
-        settings = admin.stage_settings("local", tmp)
+        settings = Settings.for_stage("local", tmp)
         with open(os.devnull, "w") as quiet:
             stdout, sys.stdout = sys.stdout, quiet
             try:
@@ -227,7 +228,7 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
 
     from chalicelib import wiring
     from chalicelib.config import Settings
-    from chalicelib.provisioning import ProvisioningRequest
+    from chalicelib.wire import ProvisioningRequest
     with tempfile.TemporaryDirectory() as tmp, mock_aws(), responses.RequestsMock(assert_all_requests_are_fired=False) as http:
         public = Path(tmp) / "fleet.pem"
         public.write_bytes(fleet.public_key().public_bytes(serialization.Encoding.PEM,
@@ -379,8 +380,8 @@ def bench_bulk(sqlite_rows: int, dynamo_rows: int) -> dict:
         sqlite_s = time.perf_counter() - began
         assert added == sqlite_rows
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-2")
-    with mock_aws():
-        registry = DynamoDbRegistry(boto3.client("dynamodb"), "bench")
+    with mock_aws(), ThreadPoolExecutor(max_workers=2) as pool:
+        registry = DynamoDbRegistry(boto3.client("dynamodb"), "bench", executor=pool)
         registry.create()
         began = time.perf_counter()
         added = registry.register(names[:dynamo_rows])

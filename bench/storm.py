@@ -227,14 +227,14 @@ class Container:
                 client = clients.client("iot", region)
                 without_retries(client, MUTATING_OPERATIONS)
                 return client
-            issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor=executor,
+            issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor,
                                   mutating_client_for_region=mutating, on_throttle=gate.throttled)
         else:  # today's code: botocore's standard retries on every call, no shared budget
-            issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor=executor)
+            issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor)
         with tempfile_pem(fleet_public_pem) as path:
             verifier = FleetKeyVerifier(load_public(path))
         self.service = ProvisioningService(
-            registry=DynamoDbRegistry(dynamodb, TABLE), issuer=issuer,
+            registry=DynamoDbRegistry(dynamodb, TABLE, executor=cf.ThreadPoolExecutor(2)), issuer=issuer,
             locator=CachingLocator(MaxMindLocator.bundled()),
             regions=RegionPolicy(regions, "eu-west-2"), verifier=verifier, lease_seconds=120, allow_v1=False,
             admission=gate)
@@ -242,12 +242,12 @@ class Container:
 
     def handle(self, body: dict, ip: str) -> Reply:
         """What app.py's route does, minus HTTP: parse, one service call, domain errors to statuses."""
-        from app import HTTP_STATUS, error_body
+        from app import HTTP_STATUS
         from chalicelib.errors import ProvisioningError, ServiceUnavailable
-        from chalicelib.provisioning import ProvisioningRequest
+        from chalicelib.wire import ProvisioningRequest, error_body, response_body
         try:
             result = self.service.provision(ProvisioningRequest.from_body(body), ip)
-            return Reply(200, result.response_body(), {})
+            return Reply(200, response_body(result), {})
         except ProvisioningError as exc:
             status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
             headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServiceUnavailable) else {}
@@ -350,9 +350,8 @@ def make_devices(n: int) -> list[Device]:
 
 
 def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int = 7) -> StormResult:
-    from chalicelib import admin
+    from chalicelib import operations
     from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
-    from chalicelib.config import Settings
     from chalicelib.issuers.aws_iot import AwsIotIssuer
     from chalicelib.registry.dynamodb import DynamoDbRegistry
     from moto import mock_aws
@@ -372,7 +371,7 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
     with mock_aws():
         boto3.client("iot", region_name="eu-west-2").list_things()  # build moto's routers on one thread
         setup = boto3.client("dynamodb", region_name="eu-west-2")
-        registry = DynamoDbRegistry(setup, TABLE)
+        registry = DynamoDbRegistry(setup, TABLE, executor=cf.ThreadPoolExecutor(2))
         registry.create()
         registry.register(d.name for d in devices)
         sim = SimulatedAws(quotas, READ_QUOTA, size["latency"])
@@ -433,20 +432,14 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
                     last_report = time.monotonic()
         wall = time.monotonic() - started
         cpu = time.process_time() - cpu_started
-        # The audit (admin audit's own code) over clients the throttling layer does not touch.
-        config = Settings.from_env({"GIP_STAGE": "prod", "GIP_REGISTRY": "dynamodb", "GIP_ISSUER": "aws-iot",
-                                    "GIP_ENABLED_REGIONS": ",".join(REGION_IPS), "GIP_DEFAULT_REGION": "eu-west-2",
-                                    "GIP_FLEET_PUBLIC_KEY": "/nonexistent"})
+        # The audit (the operator's own use case) over clients the throttling layer does not touch.
         look = {r: boto3.client("iot", region_name=r) for r in REGION_IPS}
-        report = admin.audit(config, registry, AwsIotIssuer(lambda region: look[region]),
-                             datetime.now(timezone.utc))
-        orphans = len(report["orphan_certificates"]) + len(report["orphan_things"])
+        report = operations.audit(registry, AwsIotIssuer(lambda region: look[region], cf.ThreadPoolExecutor(4)),
+                                  REGION_IPS, datetime.now(timezone.utc))
+        orphans = len(report.orphan_certificates) + len(report.orphan_things)
         if os.environ.get("STORM_DEBUG"):
-            say(json.dumps(report, default=str)[:600])
-            say(str(sim.calls) + str(sim.throttled))
-            say(str([(d.name, d.attempts, d.provisioned) for d in devices]))
-            say(str([(i.get("certificate_id", "")[:8], i["prov_status"]) for i in registry.list()]))
-        audit_clean = not any(report.values())
+            say(str(report)[:600])
+        audit_clean = report.findings == 0
     times = sorted(d.provisioned - d.power_on for d in devices if d.provisioned is not None)
     finished = [d.provisioned for d in devices if d.provisioned is not None]
     provisioned_all = len(finished) == len(devices)

@@ -1,53 +1,46 @@
 """Operator CLI: python -m chalicelib.admin [--stage local] COMMAND ...
 
-Commands: keygen, init, register, list, stats, show, reset, audit, regions, where. Reads the same settings as the service (the stage's environment in .chalice/config.json, overridden by
-the process environment), so the CLI and the server always look at the same registry and keys.
+Commands: keygen, init, register, list, stats, show, reset, audit, regions, where. Reads the same settings as
+the service (the stage's environment in .chalice/config.json, overridden by the process environment), so the
+CLI and the server always look at the same registry and keys. The use cases live in chalicelib.operations.
 """
 import argparse
 import csv
 import json
-import os
 import sys
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from chalicelib import wiring
+from chalicelib import operations, wiring
 from chalicelib.clock import timestamp, utcnow
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, PROJECT_DIR, Settings
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, Settings
 from chalicelib.errors import ConfigError, ProvisioningError, RegionBlocked
-from chalicelib.issuers.base import CertificateRef
-from chalicelib.issuers.local_ca import write_private
-from chalicelib.provisioning import THING_NAME
-from chalicelib.signatures import load_device_key
+from chalicelib.issuers.base import CertificateInfo
+from chalicelib.keypolicy import KEYGEN_RSA_BITS, MIN_RSA_BITS
 from chalicelib.regions import CATALOGUE, CONTINENTS
-from chalicelib.registry.base import PROVISIONED, STATUSES
+from chalicelib.registry.base import (
+    CSV_COLUMNS,
+    STATUSES,
+    TABLE_COLUMNS,
+    DeviceRecord,
+    DeviceStatus,
+    item_cells,
+    item_of,
+)
+from chalicelib.signatures import load_device_key
+from chalicelib.wire import THING_NAME
+
+Args = argparse.Namespace
 
 
 class CommandError(Exception):
     """A problem the operator can fix; printed without a traceback."""
 
 
-def stage_settings(stage: str, state_dir: str | None) -> Settings:
-    env = {}
-    config_file = PROJECT_DIR / ".chalice" / "config.json"
-    if config_file.exists():
-        stages = json.loads(config_file.read_text()).get("stages", {})
-        if stage not in stages:
-            raise CommandError(f"stage {stage!r} is not in {config_file} (stages: {', '.join(stages)})")
-        env.update(stages[stage].get("environment_variables", {}))
-    env.update({k: v for k, v in os.environ.items() if k.startswith("GIP_")})
-    env["GIP_STAGE"] = stage
-    if state_dir:
-        env["GIP_STATE_DIR"] = str(Path(state_dir).resolve())
-    return Settings.from_env(env)
-
-
-def cmd_keygen(config: Settings, args) -> int:
+def cmd_keygen(config: Settings, args: Args) -> int:
     if args.out_dir:
         out = Path(args.out_dir).resolve()
         private_path, public_path = out / FLEET_PRIVATE_KEY_NAME, out / FLEET_PUBLIC_KEY_NAME
@@ -55,20 +48,13 @@ def cmd_keygen(config: Settings, args) -> int:
         private_path, public_path = config.keys_dir / FLEET_PRIVATE_KEY_NAME, config.fleet_public_key
     if private_path.exists() and not args.force:
         raise CommandError(f"{private_path} exists; every device signs with it. Use --force to replace it.")
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    public_path.parent.mkdir(parents=True, exist_ok=True)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
-    write_private(private_path, key.private_bytes(serialization.Encoding.PEM,
-                                                  serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    operations.make_fleet_key(private_path, public_path, args.bits)
     print(f"private key (for device firmware, keep secret): {private_path}")
     print(f"public key (the service verifies with it):      {public_path}")
     return 0
 
 
-def cmd_init(config: Settings, args) -> int:
+def cmd_init(config: Settings, args: Args) -> int:
     wiring.registry(config).create()
     where = (f"DynamoDB tables {config.table_name} and {config.table_name}-nonces"
              if config.registry == "dynamodb" else str(config.registry_path))
@@ -76,7 +62,10 @@ def cmd_init(config: Settings, args) -> int:
     return 0
 
 
-def read_enrolment_csv(path: Path) -> tuple[list[str], dict, dict, int]:
+Enrolment = tuple[list[str], dict[str, str], dict[str, dict[str, str]], int]
+
+
+def read_enrolment_csv(path: Path) -> Enrolment:
     """Names, public keys and attributes from an enrolment CSV, every row checked before anything is written.
 
     Raises CommandError after printing every bad row (with its line in the file) to stderr."""
@@ -87,7 +76,7 @@ def read_enrolment_csv(path: Path) -> tuple[list[str], dict, dict, int]:
         raise CommandError(f"{path}: cannot read it: {exc}") from None
 
 
-def _parse_enrolment(reader, path: Path) -> tuple[list[str], dict, dict, int]:
+def _parse_enrolment(reader: Any, path: Path) -> Enrolment:
     header = next(reader, None) or []
     if "thing_name" not in header or len(set(header)) != len(header) or "" in header:
         raise CommandError(f"{path}: line 1 must be a header with a thing_name column and no blank or repeated "
@@ -95,7 +84,10 @@ def _parse_enrolment(reader, path: Path) -> tuple[list[str], dict, dict, int]:
     name_at, key_at = header.index("thing_name"), header.index("public_key") if "public_key" in header else None
     extra = [(i, column) for i, column in enumerate(header) if i not in (name_at, key_at)]
     rows: dict[str, tuple[int, list[str]]] = {}  # name -> (line, row): a repeated name must repeat its row
-    keys, attributes, errors, duplicates = {}, {}, [], 0
+    keys: dict[str, str] = {}
+    attributes: dict[str, dict[str, str]] = {}
+    errors: list[str] = []
+    duplicates = 0
     line = reader.line_num + 1
     try:
         for row in reader:
@@ -139,7 +131,7 @@ def _device_key(value: str, folder: Path) -> str:
     return pem
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int) -> Any:
     """A tqdm bar on a terminal; None where tqdm is not installed (the Lambda package) or output is a file."""
     if not sys.stdout.isatty():
         return None
@@ -150,8 +142,10 @@ def _progress_bar(total: int):
     return tqdm(total=total, unit="device", file=sys.stdout)
 
 
-def cmd_register(config: Settings, args) -> int:
-    keys, attributes, duplicates = None, None, 0
+def cmd_register(config: Settings, args: Args) -> int:
+    keys: dict[str, str] | None = None
+    attributes: dict[str, dict[str, str]] | None = None
+    duplicates = 0
     if args.csv is not None:
         if args.names or args.prefix is not None or args.count is not None:
             raise CommandError("give --csv FILE, names or --prefix/--count: one of them")
@@ -207,168 +201,119 @@ def parse_since(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
-_CSV_COLUMNS = ("thing_name", "prov_status", "aws_region", "prov_datetime", "certificate_id", "country",
-                "attempts", "last_error", "attributes")
-
-
-def cmd_list(config: Settings, args) -> int:
-    items = list(wiring.registry(config).list(args.status, args.region, args.since))
+def cmd_list(config: Settings, args: Args) -> int:
+    records = list(wiring.registry(config).list(args.status, args.region, args.since))
     if args.json:
-        print(json.dumps(items, indent=2))
+        print(json.dumps([item_of(record) for record in records], indent=2))
         return 0
     if args.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(_CSV_COLUMNS)
-        for item in items:
-            if "attributes" in item:  # one cell, however many attributes a device has
-                item["attributes"] = json.dumps(item["attributes"], sort_keys=True, ensure_ascii=False)
-            writer.writerow([item.get(c, "") for c in _CSV_COLUMNS])
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(item_cells(record, CSV_COLUMNS) for record in records)
         return 0
-    columns = ("thing_name", "prov_status", "aws_region", "prov_datetime")
-    rows = [columns] + [tuple(item.get(c, "-") for c in columns) for item in items]
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(columns))]
+    rows = [list(TABLE_COLUMNS)] + [item_cells(record, TABLE_COLUMNS, "-") for record in records]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(TABLE_COLUMNS))]
     for row in rows:
         print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
-    print(f"({len(items)} device(s))")
+    print(f"({len(records)} device(s))")
     return 0
 
 
-def fleet_stats(registry, now: datetime) -> dict:
-    """Counts from one pass over the registry, so they add up to its total."""
-    items = list(registry.list())
-    by_status = Counter(item["prov_status"] for item in items)
-    by_region = Counter(item.get("aws_region", "-") for item in items if item["prov_status"] == PROVISIONED)
-    stuck = [{"thing_name": item["thing_name"], "lease_expires": _iso(item["lease_expires"])}
-             for item in registry.stuck(now)]
-    return {"total": len(items), "by_status": {status: by_status[status] for status in STATUSES},
-            "provisioned_by_region": dict(sorted(by_region.items())), "stuck": stuck}
+def _lease_end(record: DeviceRecord) -> str:
+    return timestamp(record.lease_expires) if record.lease_expires else "-"
 
 
-def _iso(epoch: float) -> str:
-    return timestamp(datetime.fromtimestamp(epoch, timezone.utc))
-
-
-def cmd_stats(config: Settings, args) -> int:
-    stats = fleet_stats(wiring.registry(config), utcnow())
+def cmd_stats(config: Settings, args: Args) -> int:
+    stats = operations.fleet_stats(wiring.registry(config), utcnow())
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps({"total": stats.total,
+                          "by_status": {status.value: count for status, count in stats.by_status.items()},
+                          "provisioned_by_region": stats.provisioned_by_region,
+                          "stuck": [{"thing_name": r.thing_name, "lease_expires": _lease_end(r)} for r in stats.stuck]},
+                         indent=2))
         return 0
-    print(f"devices: {stats['total']}")
-    for status, count in stats["by_status"].items():
-        print(f"  {status:<15} {count}")
+    print(f"devices: {stats.total}")
+    for status, count in stats.by_status.items():
+        print(f"  {status.value:<15} {count}")
     print("provisioned by region:")
-    for region, count in stats["provisioned_by_region"].items():
+    for region, count in stats.provisioned_by_region.items():
         print(f"  {region:<15} {count}")
-    print(f"stuck in provisioning (lease ended): {len(stats['stuck'])}")
-    for item in stats["stuck"]:
-        print(f"  {item['thing_name']} (lease ended {item['lease_expires']})")
+    print(f"stuck in provisioning (lease ended): {len(stats.stuck)}")
+    for record in stats.stuck:
+        print(f"  {record.thing_name} (lease ended {_lease_end(record)})")
     return 0
 
 
-def certificate_details(found: dict) -> dict:
+def certificate_details(cert: CertificateInfo) -> dict[str, Any]:
     """What the issuer knows, with validity and issuer read from the certificate itself (same on every backend)."""
-    cert = x509.load_pem_x509_certificate(found["certificate_pem"].encode())
-    return {**{k: v for k, v in found.items() if k != "certificate_pem"},
-            "not_before": timestamp(cert.not_valid_before_utc),
-            "not_after": timestamp(cert.not_valid_after_utc),
-            "issuer": cert.issuer.rfc4514_string(), "subject": cert.subject.rfc4514_string()}
+    details: dict[str, Any] = {
+        "certificate_id": cert.certificate_id, "serial": cert.serial, "thing_name": cert.thing_name,
+        "region": cert.region, "issued_at": cert.issued_at and timestamp(cert.issued_at), "status": cert.status,
+        "arn": cert.arn}
+    details = {name: value for name, value in details.items() if value is not None}
+    if cert.certificate_pem:
+        pem = x509.load_pem_x509_certificate(cert.certificate_pem.encode())
+        details.update(not_before=timestamp(pem.not_valid_before_utc), not_after=timestamp(pem.not_valid_after_utc),
+                       issuer=pem.issuer.rfc4514_string(), subject=pem.subject.rfc4514_string())
+    return details
 
 
-def cmd_show(config: Settings, args) -> int:
-    item = wiring.registry(config).get(args.name)
-    if item is None:
-        raise CommandError(f"{args.name} is not registered")
-    item.setdefault("attempts", 0)  # never claimed yet
-    if item.get("certificate_id") and item.get("aws_region"):
-        found = wiring.issuer(config).certificate(item["certificate_id"], item["aws_region"])
-        item["certificate"] = found and certificate_details(found)
-    print(json.dumps(item, indent=2))
+def cmd_show(config: Settings, args: Args) -> int:
+    record, cert = operations.show(wiring.registry(config), wiring.issuer(config), args.name)
+    shown = item_of(record)
+    shown.setdefault("attempts", 0)  # never claimed yet
+    if record.certificate_id and record.region:
+        shown["certificate"] = cert and certificate_details(cert)
+    print(json.dumps(shown, indent=2))
     return 0
 
 
-def cmd_reset(config: Settings, args) -> int:
-    registry, issuer = wiring.registry(config), wiring.issuer(config)
-    item = registry.get(args.name)
-    if item is None:
-        raise CommandError(f"{args.name} is not registered")
-    if item.get("certificate_id") and item.get("aws_region"):
-        # Revoke first: if that fails the device stays provisioned and the command can be run again.
-        issuer.revoke(CertificateRef(item["aws_region"], item["certificate_id"], args.name))
-        print(f"revoked certificate {item['certificate_id']} in {item['aws_region']} and removed the thing")
-    registry.reset(args.name)
-    print(f"{args.name}: {item['prov_status']} -> unprovisioned; it can provision again")
+def cmd_reset(config: Settings, args: Args) -> int:
+    outcome = operations.reset(wiring.registry(config), wiring.issuer(config), args.name)
+    if outcome.revoked:
+        print(f"revoked certificate {outcome.revoked.certificate_id} in {outcome.revoked.region} and removed the thing")
+    print(f"{args.name}: {outcome.before.status.value} -> unprovisioned; it can provision again")
     return 0
 
 
-def audit(config: Settings, registry, issuer, now: datetime) -> dict:
-    """What a crashed or half-failed provisioning can leave behind, on any backend."""
-    items = list(registry.list())
-    stuck = registry.stuck(now)
-    # A live claim may be about to record its certificate: that certificate is not an orphan yet.
-    live_claims = ({item["thing_name"] for item in items if item["prov_status"] == "provisioning"}
-                   - {item["thing_name"] for item in stuck})
-    referenced = {(item.get("aws_region"), item.get("certificate_id")) for item in items
-                  if item["prov_status"] == "provisioned"}
-    orphans = [cert for region in config.enabled_regions for cert in issuer.active_certificates(region)
-               if (region, cert["certificate_id"]) not in referenced and cert.get("thing_name") not in live_claims]
-    placed = {(item.get("aws_region"), item["thing_name"]) for item in items if item["prov_status"] == "provisioned"}
-    things = [{"thing_name": name, "region": region} for region in config.enabled_regions
-              for name in issuer.things(region) if (region, name) not in placed and name not in live_claims]
-    missing = []
-    for item in items:
-        if item["prov_status"] == "provisioned":
-            cert = issuer.certificate(item.get("certificate_id", ""), item.get("aws_region"))
-            if cert is None or cert["status"] != "ACTIVE":
-                missing.append({"thing_name": item["thing_name"], "certificate_id": item.get("certificate_id"),
-                                "region": item.get("aws_region"), "status": cert["status"] if cert else "gone"})
-    return {"stuck_claims": stuck, "orphan_certificates": orphans, "orphan_things": things,
-            "missing_certificates": missing}
+def audit_json(report: operations.AuditReport, fixed: list[str]) -> dict[str, Any]:
+    return {
+        "stuck_claims": [{**item_of(r), "lease_expires": r.lease_expires and r.lease_expires.timestamp()}
+                         for r in report.stuck_claims],
+        "orphan_certificates": [{"certificate_id": c.certificate_id, "thing_name": c.thing_name, "region": c.region,
+                                 "status": c.status} for c in report.orphan_certificates],
+        "orphan_things": [{"thing_name": t.thing_name, "region": t.region} for t in report.orphan_things],
+        "missing_certificates": [{"thing_name": m.thing_name, "certificate_id": m.certificate_id, "region": m.region,
+                                  "status": m.status} for m in report.missing_certificates],
+        "fixed": fixed}
 
 
-def cmd_audit(config: Settings, args) -> int:
+def cmd_audit(config: Settings, args: Args) -> int:
     registry, issuer = wiring.registry(config), wiring.issuer(config)
     now = utcnow()
-    found = audit(config, registry, issuer, now)
-    fixed = []
-    if args.fix:
-        for item in found["stuck_claims"]:
-            if registry.release_stuck(item["thing_name"], now):
-                fixed.append(f"released the expired claim on {item['thing_name']}")
-        for cert in found["orphan_certificates"]:
-            issuer.revoke(CertificateRef(cert["region"], cert["certificate_id"], cert.get("thing_name")))
-            fixed.append(f"revoked orphan certificate {cert['certificate_id']} in {cert['region']}"
-                         f" (thing {cert.get('thing_name')})")
-        for thing in found["orphan_things"]:
-            issuer.delete_thing(thing["region"], thing["thing_name"])
-            fixed.append(f"deleted orphan thing {thing['thing_name']} in {thing['region']}")
-        for item in found["missing_certificates"]:
-            issuer.revoke(CertificateRef(item["region"], item["certificate_id"], item["thing_name"]))
-            issuer.delete_thing(item["region"], item["thing_name"])
-            registry.reset(item["thing_name"])
-            fixed.append(f"reset {item['thing_name']} (its certificate is {item['status']}) to unprovisioned")
+    report = operations.audit(registry, issuer, config.enabled_regions, now)
+    fixed = operations.repair(registry, issuer, report, now) if args.fix else []
     if args.json:
-        print(json.dumps({**found, "fixed": fixed}, indent=2, default=str))
+        print(json.dumps(audit_json(report, fixed), indent=2, default=str))
     else:
-        for item in found["stuck_claims"]:
-            print(f"stuck claim: {item['thing_name']} (lease ended "
-                  f"{timestamp(datetime.fromtimestamp(item['lease_expires'], timezone.utc))})")
-        for cert in found["orphan_certificates"]:
-            print(f"orphan certificate: {cert['certificate_id']} in {cert['region']} (thing {cert.get('thing_name')})")
-        for thing in found["orphan_things"]:
-            print(f"orphan thing: {thing['thing_name']} in {thing['region']} (no registry item places it there)")
-        for item in found["missing_certificates"]:
-            print(f"missing certificate: {item['thing_name']} refers to {item['certificate_id']} "
-                  f"in {item['region']}, which is {item['status']}")
+        for record in report.stuck_claims:
+            print(f"stuck claim: {record.thing_name} (lease ended {_lease_end(record)})")
+        for cert in report.orphan_certificates:
+            print(f"orphan certificate: {cert.certificate_id} in {cert.region} (thing {cert.thing_name})")
+        for thing in report.orphan_things:
+            print(f"orphan thing: {thing.thing_name} in {thing.region} (no registry item places it there)")
+        for missing in report.missing_certificates:
+            print(f"missing certificate: {missing.thing_name} refers to {missing.certificate_id} "
+                  f"in {missing.region}, which is {missing.status}")
         for line in fixed:
             print(f"fixed: {line}")
-        total = sum(len(v) for v in found.values())
+        total = report.findings
         print(f"{total} finding(s)" + (f", {len(fixed)} fixed" if args.fix else
                                         ("; run with --fix to repair" if total else "")))
-    findings = sum(len(v) for v in found.values())
-    return 0 if findings == 0 or (args.fix and len(fixed) == findings) else 1
+    return 0 if report.findings == 0 or (args.fix and len(fixed) == report.findings) else 1
 
 
-def cmd_regions(config: Settings, args) -> int:
+def cmd_regions(config: Settings, args: Args) -> int:
     policy = wiring.region_policy(config)
     print("enabled regions (nearest by great-circle distance, after the rules):")
     for name in policy.enabled:
@@ -383,9 +328,9 @@ def cmd_regions(config: Settings, args) -> int:
     return 0
 
 
-def cmd_where(config: Settings, args) -> int:
+def cmd_where(config: Settings, args: Args) -> int:
     location = wiring.locator(config).locate(args.ip)
-    answer = {"ip": args.ip, "location": None if location is None else {
+    answer: dict[str, Any] = {"ip": args.ip, "location": None if location is None else {
         "latitude": location.latitude, "longitude": location.longitude,
         "country": location.country, "continent": location.continent}}
     try:
@@ -398,7 +343,7 @@ def cmd_where(config: Settings, args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m chalicelib.admin", description=__doc__.split("\n\n")[0],
+    top = argparse.ArgumentParser(prog="python -m chalicelib.admin", description=(__doc__ or "").split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--stage", default="local", help="stage whose settings to use (default: local)")
     top.add_argument("--state-dir", help="override the stage's state directory (registry, CAs, keys)")
@@ -406,7 +351,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="make the fleet provisioning signing key pair")
     p.add_argument("--out-dir", help="where to write the two PEM files (default: the stage's keys directory)")
-    p.add_argument("--bits", type=int, default=2048, choices=(2048, 3072, 4096), help="RSA key size")
+    p.add_argument("--bits", type=int, default=MIN_RSA_BITS, choices=KEYGEN_RSA_BITS, help="RSA key size")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
     p.set_defaults(func=cmd_keygen)
 
@@ -429,7 +374,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("list", help="list registered devices")
-    p.add_argument("--status", choices=STATUSES, help="only devices in this state")
+    p.add_argument("--status", type=DeviceStatus, choices=STATUSES, help="only devices in this state")
     p.add_argument("--region", help="only devices provisioned in this region")
     p.add_argument("--since", type=parse_since, metavar="DATE",
                    help="only devices provisioned at or after DATE (ISO date or date-time; UTC unless it says)")
@@ -475,8 +420,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.func(stage_settings(args.stage, args.state_dir), args)
-    except (CommandError, ConfigError) as exc:
+        func: Callable[[Settings, Args], int] = args.func
+        return func(Settings.for_stage(args.stage, args.state_dir), args)
+    except (CommandError, ConfigError, operations.NotRegisteredDevice) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials

@@ -51,13 +51,13 @@ def error_code(error: ClientError) -> str:
 
 
 class AwsClients:
-    def __init__(self, config: Config = CLIENT_CONFIG):
+    def __init__(self, config: Config = CLIENT_CONFIG) -> None:
         self._session = boto3.session.Session()
         self._config = config
-        self._clients: dict[tuple[str, str | None], object] = {}
+        self._clients: dict[tuple[str, str | None], Any] = {}
         self._lock = threading.Lock()
 
-    def client(self, service: str, region: str | None = None):
+    def client(self, service: str, region: str | None = None) -> Any:
         key = (service, region)
         client = self._clients.get(key)
         if client is None:
@@ -73,10 +73,10 @@ class SsmSecret:
 
     _UNSET = object()
 
-    def __init__(self, client, name: str):
+    def __init__(self, client: Any, name: str) -> None:
         self._client = client
         self._name = name
-        self._value = self._UNSET
+        self._value: object = self._UNSET
         self._lock = threading.Lock()
 
     def __call__(self) -> str | None:
@@ -90,4 +90,4 @@ class SsmSecret:
                         log.warning("cannot read SSM parameter %s (%s); that provider is off for this container",
                                     self._name, type(exc).__name__)
                         self._value = None
-        return self._value
+        return self._value if isinstance(self._value, str) else None

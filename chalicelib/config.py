@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from chalicelib.errors import ConfigError
 from chalicelib.regions import DEFAULT_REGION, SAMPLE_REGIONS
@@ -38,7 +38,8 @@ class Settings:
     maxmind_db: Path | None = None
     allow_v1: bool = True
     previous_fleet_public_key: Path | None = None  # still accepted while devices move to a rotated key
-    region_rules: Mapping = field(default_factory=dict)  # {"countries": {...}, "continents": {...}, "blocked": [...]}
+    # {"countries": {...}, "continents": {...}, "blocked": [...]}
+    region_rules: Mapping[str, Any] = field(default_factory=dict)
     timestamp_skew_seconds: int = 300
     admission: bool = False  # admission control per region (on by default where the issuer is AWS IoT)
     admission_rates: Mapping[str, float] = field(default_factory=dict)  # region or "*" -> devices/s (CSR)
@@ -54,6 +55,28 @@ class Settings:
     @property
     def keys_dir(self) -> Path:
         return self.state_dir / "keys"
+
+    @classmethod
+    def for_stage(cls, stage: str, state_dir: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                  config_file: Path | None = None) -> "Settings":
+        """A stage's settings outside Lambda (CLI, devstack, bench): `.chalice/config.json`'s top-level
+        `environment_variables` overridden by the stage's, as Chalice merges them, then by GIP_* variables of
+        the process environment; `state_dir` overrides the stage's state directory."""
+        env: dict[str, str] = {}
+        config_file = config_file or PROJECT_DIR / ".chalice" / "config.json"
+        if config_file.exists():
+            chalice_config = json.loads(config_file.read_text())
+            stages = chalice_config.get("stages", {})
+            if stage not in stages:
+                raise ConfigError(f"stage {stage!r} is not in {config_file} (stages: {', '.join(stages)})")
+            env.update(chalice_config.get("environment_variables", {}))
+            env.update(stages[stage].get("environment_variables", {}))
+        environ = os.environ if environ is None else environ
+        env.update({k: v for k, v in environ.items() if k.startswith("GIP_")})
+        env["GIP_STAGE"] = stage
+        if state_dir:
+            env["GIP_STATE_DIR"] = str(Path(state_dir).resolve())
+        return cls.from_env(env)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -114,7 +137,7 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _json(env: Mapping[str, str], name: str) -> dict:
+def _json(env: Mapping[str, str], name: str) -> dict[str, Any]:
     raw = env.get(name)
     if not raw:
         return {}

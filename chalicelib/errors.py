@@ -1,4 +1,10 @@
 """Domain errors. Each carries a stable machine code; app.py maps classes to HTTP statuses."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chalicelib.registry.base import DeviceRecord
 
 
 class ProvisioningError(Exception):
@@ -6,7 +12,7 @@ class ProvisioningError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, code: str | None = None):
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code:
@@ -25,7 +31,7 @@ class SignatureInvalid(ProvisioningError):
     code = "invalid-signature"
 
 
-def replayed_request() -> "SignatureInvalid":
+def replayed_request() -> SignatureInvalid:
     return SignatureInvalid("this request was seen before (nonce replayed)", "replayed-request")
 
 
@@ -40,9 +46,9 @@ class NotRegistered(ProvisioningError):
 class AlreadyProvisioned(ProvisioningError):
     code = "already-provisioned"
 
-    def __init__(self, message: str, code: str | None = None, item: dict | None = None):
+    def __init__(self, message: str, code: str | None = None, record: DeviceRecord | None = None) -> None:
         super().__init__(message, code)
-        self.item = item or {}  # the registry item as it is, so a lost-response retry needs no second read
+        self.record = record  # the device as the refused claim saw it, so a lost-response retry needs no read
 
 
 class ProvisioningInProgress(ProvisioningError):
@@ -60,9 +66,19 @@ class ServiceUnavailable(ProvisioningError):
 
     code = "service-unavailable"
 
-    def __init__(self, message: str, code: str | None = None, retry_after: int = 5):
+    def __init__(self, message: str, code: str | None = None, retry_after: int = 5) -> None:
         super().__init__(message, code)
         self.retry_after = retry_after
+
+
+class IssueIncomplete(Exception):
+    """The issuer failed and could not undo all it had made: `error` is why it failed (what the device is
+    told), `leftover` names what is left behind (recorded on the device for the operator and the audit)."""
+
+    def __init__(self, error: Exception, leftover: str) -> None:
+        super().__init__(f"{error} (left behind: {leftover})")
+        self.error = error
+        self.leftover = leftover
 
 
 class ConfigError(Exception):

@@ -6,7 +6,8 @@ order, so an outage of one never blocks provisioning: the last resort is the reg
 import functools
 import ipaddress
 import logging
-from typing import Callable, Mapping, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from chalicelib.regions import Location
 
@@ -19,7 +20,7 @@ class GeoLocator(Protocol):
     def locate(self, ip: str) -> Location | None: ...
 
 
-def public_address(ip: str):
+def public_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The parsed address when it is public; None for private, loopback, reserved and garbage, which have
     no location anywhere, so nobody is asked."""
     try:
@@ -32,7 +33,7 @@ def public_address(ip: str):
 class MaxMindLocator:
     """Reads a MaxMind City database (the bundled GeoLite2-City by default), offline."""
 
-    def __init__(self, reader):
+    def __init__(self, reader: Any) -> None:
         self._reader = reader
 
     @classmethod
@@ -42,7 +43,7 @@ class MaxMindLocator:
         return cls.open(geolite2_database())
 
     @classmethod
-    def open(cls, path: str) -> "MaxMindLocator":
+    def open(cls, path: str | Path) -> "MaxMindLocator":
         import maxminddb
 
         # The C extension over mmap when it is there (several times faster than the pure-Python reader);
@@ -70,7 +71,7 @@ class IpstackLocator:
 
     URL = "https://api.ipstack.com/{ip}"
 
-    def __init__(self, session, access_key: Callable[[], str | None], timeout: float = 1.5):
+    def __init__(self, session: Any, access_key: Callable[[], str | None], timeout: float = 1.5) -> None:
         self._session = session
         self._access_key = access_key
         self._timeout = timeout
@@ -104,7 +105,7 @@ class IpstackLocator:
 class FallbackLocator:
     """The first provider that knows the address answers."""
 
-    def __init__(self, providers: Sequence[GeoLocator]):
+    def __init__(self, providers: Sequence[GeoLocator]) -> None:
         self._providers = list(providers)
 
     def locate(self, ip: str) -> Location | None:
@@ -118,7 +119,7 @@ class FallbackLocator:
 class CachingLocator:
     """Remembers answers per IP for the container's life, at most `size` of them (least recently used go)."""
 
-    def __init__(self, inner: GeoLocator, size: int = 10_000):
+    def __init__(self, inner: GeoLocator, size: int = 10_000) -> None:
         self.locate = functools.lru_cache(maxsize=size)(inner.locate)
 
 

@@ -8,22 +8,26 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
+from typing import IO, Any, Iterator
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
+from chalicelib.registry.base import PROVISIONED
+
 SERVICE = "iot-global-provisioning"
 NAMESPACE = "IotGlobalProvisioning"
+SUCCESS = PROVISIONED.value  # the outcome code of a request that provisioned its device (log lines, metrics)
 
 class _Stdout(logging.StreamHandler):
     """Writes to whatever sys.stdout is at the time (a test harness or chalice local may have replaced it)."""
 
     @property
-    def stream(self):
+    def stream(self) -> IO[str]:
         return sys.stdout
 
     @stream.setter
-    def stream(self, _):
+    def stream(self, _: IO[str]) -> None:
         pass
 
 
@@ -33,12 +37,12 @@ logger = Logger(service=SERVICE, logger_handler=_Stdout())  # level from POWERTO
 class Steps:
     """Milliseconds spent in each named step of one request."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ms: dict[str, float] = {}
         self._start = time.perf_counter()
 
     @contextmanager
-    def step(self, name: str):
+    def step(self, name: str) -> Iterator[None]:
         began = time.perf_counter()
         try:
             yield
@@ -51,7 +55,7 @@ class Steps:
 
 def request_done(*, request_id: str | None, thing_name: str | None, status: int, code: str, steps: Steps,
                  region: str | None = None, reason: str | None = None, country: str | None = None,
-                 detail: dict | None = None) -> None:
+                 detail: dict[str, Any] | None = None) -> None:
     """The request's log line, then its metrics: provisioned per region, refusals per code, latency."""
     total = steps.total_ms()
     fields = {"request_id": request_id, "thing_name": thing_name, "status": status, "outcome": code,
@@ -59,7 +63,7 @@ def request_done(*, request_id: str | None, thing_name: str | None, status: int,
     logger.info("provisioning request", extra={k: v for k, v in fields.items() if v is not None})
     if detail:
         logger.debug("provisioning detail", extra={"request_id": request_id, **detail})
-    if code == "provisioned":
+    if code == SUCCESS:
         _metric("Provisioned", MetricUnit.Count, 1, region=region or "unknown")
     else:
         _metric("Refused", MetricUnit.Count, 1, code=code)

@@ -82,6 +82,15 @@ class Location:
         return self.latitude is not None and self.longitude is not None
 
 
+def _point(location: Location | None) -> tuple[float, float] | None:
+    """Latitude and longitude when known and finite (NaN or inf counts as unknown)."""
+    if location is None or location.latitude is None or location.longitude is None:
+        return None
+    if not math.isfinite(location.latitude + location.longitude):
+        return None
+    return location.latitude, location.longitude
+
+
 @dataclass(frozen=True)
 class RegionChoice:
     region: str
@@ -180,10 +189,11 @@ class RegionPolicy:
         return cls(enabled, default, rules.get("countries"), rules.get("continents"), rules.get("blocked", ()))
 
     def distance_km(self, location: Location | None, region: str) -> float | None:
-        if location is None or not location.known or not math.isfinite(location.latitude + location.longitude):
+        point = _point(location)
+        if point is None:
             return None
         metro = CATALOGUE[region]
-        return round(great_circle_km(location.latitude, location.longitude, metro.latitude, metro.longitude), 1)
+        return round(great_circle_km(*point, metro.latitude, metro.longitude), 1)
 
     def choose(self, location: Location | None) -> RegionChoice:
         country = location.country if location is not None else None
@@ -196,10 +206,10 @@ class RegionPolicy:
         if continent in self.continents:
             region = self.continents[continent]
             return RegionChoice(region, self.distance_km(location, region), "continent-rule", country)
-        if location is None or not location.known or not math.isfinite(location.latitude + location.longitude):
-            return RegionChoice(self.default, None, "default", country)  # NaN or inf counts as unknown
-        phi = math.radians(location.latitude)
-        lam = math.radians(location.longitude)
+        point = _point(location)
+        if point is None:
+            return RegionChoice(self.default, None, "default", country)
+        phi, lam = math.radians(point[0]), math.radians(point[1])
         cos_phi = math.cos(phi)
         best_name, best_km = self.default, math.inf
         for name, r_phi, r_lam, r_cos in self._points:

@@ -2,8 +2,11 @@
 
 Backends are imported only when the stage uses them, so the local stage never imports boto3.
 """
+from __future__ import annotations
+
 import threading
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from chalicelib.admission import DEFAULT_BUDGET, Admission, AdmissionStore, budgets_from
 from chalicelib.config import Settings
@@ -11,12 +14,31 @@ from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
 from chalicelib.provisioning import ProvisioningService
 from chalicelib.regions import RegionPolicy
+from chalicelib.registry.base import Registry
 from chalicelib.signatures import FleetKeyVerifier, load_public_key
+
+if TYPE_CHECKING:
+    from chalicelib.aws import AwsClients
+    from chalicelib.issuers.aws_iot import AwsIotIssuer
+    from chalicelib.issuers.local_ca import LocalIssuer
 
 _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
-_aws = None
+_aws: AwsClients | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()  # not _lock: service() holds that while it builds what needs a pool
+# Worker threads per pool: the registry runs a v2 claim's two DynamoDB writes side by side; AWS IoT's issue()
+# runs its four calls side by side.
+_POOL_SIZES = {"registry": 4, "aws-iot": 8}
+
+
+def pool(name: str) -> ThreadPoolExecutor:
+    """One thread pool per use for the process's life, made on first use (never at import)."""
+    with _pools_lock:
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(max_workers=_POOL_SIZES[name], thread_name_prefix=name)
+        return _pools[name]
 
 
 def settings() -> Settings:
@@ -26,7 +48,7 @@ def settings() -> Settings:
     return _settings
 
 
-def aws_clients():
+def aws_clients() -> AwsClients:
     global _aws
     if _aws is None:
         from chalicelib.aws import AwsClients
@@ -46,16 +68,16 @@ def validate() -> None:
     region_policy(settings())
 
 
-def registry(config: Settings):
+def registry(config: Settings) -> Registry:
     if config.registry == "dynamodb":
         from chalicelib.registry.dynamodb import DynamoDbRegistry
-        return DynamoDbRegistry(aws_clients().client("dynamodb"), config.table_name)
+        return DynamoDbRegistry(aws_clients().client("dynamodb"), config.table_name, executor=pool("registry"))
     from chalicelib.registry.sqlite import SqliteRegistry
     return SqliteRegistry(config.registry_path)
 
 
 def admission(config: Settings) -> Admission:
-    """The schedule lives where the registry does, so every container shares it."""
+    """Admission control per region; the schedule lives where the registry does, so every container shares it."""
     store: AdmissionStore
     if config.registry == "dynamodb":
         from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
@@ -66,21 +88,24 @@ def admission(config: Settings) -> Admission:
     return Admission(store, budgets_from(config.admission_rates, DEFAULT_BUDGET if config.admission else None))
 
 
-def issuer(config: Settings, policy: RegionPolicy | None = None, gate: Admission | None = None) -> Any:
+def issuer(config: Settings, policy: RegionPolicy | None = None,
+           gate: Admission | None = None) -> LocalIssuer | AwsIotIssuer:
+    """The stage's issuer: the hot path (`Issuer`) and the audit's inventory (`CertificateInventory`, and
+    `ThingInventory` where the backend has things)."""
     if config.issuer == "aws-iot":
         from chalicelib.issuers.aws_iot import AwsIotIssuer
         clients = aws_clients()
         if gate is None or not config.admission:
-            return AwsIotIssuer(lambda region: clients.client("iot", region))
+            return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"))
         from chalicelib.aws import without_retries
         from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS
 
-        def mutating(region: str) -> Any:
+        def mutating(region: str) -> Any:  # the calls admission pays for: the issuer retries them, not botocore
             client = clients.client("iot", region)
             without_retries(client, MUTATING_OPERATIONS)
             return client
-        return AwsIotIssuer(lambda region: clients.client("iot", region), mutating_client_for_region=mutating,
-                            on_throttle=gate.throttled)
+        return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"),
+                            mutating_client_for_region=mutating, on_throttle=gate.throttled)
     from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
     policy = policy or region_policy(config)
     return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port))

@@ -2,8 +2,8 @@
 """Sample device for Global IoT Device Provisioning.
 
 The device asks the provisioning API for credentials once (signed request v1 as in the original
-aws-samples device, or v2 with timestamp, nonce and CSR hash), stores them, then connects to the regional MQTT endpoint over mutual TLS and
-publishes to data/<thing-name>/misc. A second start reuses the stored credentials.
+aws-samples device, or v2 with timestamp, nonce and CSR hash), stores them, then connects to the regional
+MQTT endpoint over mutual TLS and publishes to data/<thing-name>/misc. A second start reuses the stored credentials.
 
 Standalone on purpose: it ships to devices, so it never imports the service's code.
 """
@@ -248,7 +248,8 @@ class ProvisioningClient:
             delay = self._delay(attempt, retry_after)
             print(f"<= attempt {attempt}/{self.max_attempts} failed ({last_problem}); retrying in {delay:.1f}s")
             self.sleep(delay)
-        raise ClientError(EXIT_UNAVAILABLE, f"service unavailable, gave up after {self.max_attempts} attempts: {last_problem}")
+        raise ClientError(EXIT_UNAVAILABLE,
+                          f"service unavailable, gave up after {self.max_attempts} attempts: {last_problem}")
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server knows best when it will have capacity again

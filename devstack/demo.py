@@ -3,21 +3,18 @@
 Starts the stack on free ports in a fresh state directory (.state/demo), makes the signing keys, registers
 mydevice1..10, provisions two devices from two continents, shows a refusal, shows the registry, shows
 each device's messages arriving at its own region's broker, restarts a device, and stops everything.
+Run from the project directory as a module: python -m devstack.demo
 """
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
-
-from chalicelib import admin  # noqa: E402
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME  # noqa: E402
-from chalicelib.errors import ConfigError  # noqa: E402
-from devstack.monitor import Monitor  # noqa: E402
-from devstack.stack import LocalStack, StackError, die_with_parent, free_port, free_port_run  # noqa: E402
+from chalicelib import admin
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
+from chalicelib.errors import ConfigError
+from devstack.monitor import Monitor
+from devstack.stack import LocalStack, StackError, die_with_parent, free_port, free_port_run
 
 LONDON, TOKYO, SAO_PAULO = "81.2.69.142", "126.0.0.1", "200.147.67.142"
 STATE = PROJECT_DIR / ".state" / "demo"
@@ -61,7 +58,7 @@ def main() -> int:
     die_with_parent()
     shutil.rmtree(STATE, ignore_errors=True)  # each demo starts from factory-fresh devices
     os.environ.update(GIP_STATE_DIR=str(STATE), GIP_MQTT_BASE_PORT=str(free_port_run(11)))
-    settings = admin.stage_settings("local", str(STATE))
+    settings = Settings.for_stage("local", str(STATE))
 
     section("1. Start the local stage: a CA and an MQTT broker per region, the API")
     stack = LocalStack(settings, free_port())

@@ -1,15 +1,15 @@
-"""make local: run the local stage (region CAs, mosquitto, chalice local) until Ctrl-C, then stop it all."""
+"""make local: run the local stage (region CAs, mosquitto, chalice local) until Ctrl-C, then stop it all.
+
+Run from the project directory as a module: python -m devstack.local
+"""
 import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from chalicelib.admin import stage_settings  # noqa: E402
-from chalicelib.errors import ConfigError  # noqa: E402
-from devstack.stack import LocalStack, StackError, die_with_parent  # noqa: E402
+from chalicelib.config import Settings
+from chalicelib.errors import ConfigError
+from devstack.stack import LocalStack, StackError, die_with_parent
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     die_with_parent()  # if make is killed, we hear of it and stop our children
     try:
-        settings = stage_settings("local", args.state_dir)
+        settings = Settings.for_stage("local", args.state_dir)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

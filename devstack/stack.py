@@ -18,12 +18,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
-
-from chalicelib.config import Settings  # noqa: E402
-from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints, write_private  # noqa: E402
-from chalicelib.wiring import region_policy  # noqa: E402
+from chalicelib.config import PROJECT_DIR, Settings
+from chalicelib.files import write_private
+from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.wiring import region_policy
 
 # Not a valid thing name ('@' is outside AWS IoT's alphabet), so no device can ever be issued this identity.
 MONITOR_IDENTITY = "monitor@devstack"

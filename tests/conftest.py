@@ -1,5 +1,6 @@
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from chalicelib import admin, wiring
-from chalicelib.geo import MaxMindLocator
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
+from chalicelib.geo import MaxMindLocator
 
 # The wire-protocol vectors live in ../shared beside the repository; a copy travels with the repository so a
 # clone anywhere runs the whole suite, and test_signatures keeps the copy equal to the original.
@@ -35,6 +36,13 @@ def moto_routers_built_on_one_thread():
         boto3.client("iot", region_name="eu-west-2").list_things()
         boto3.client("dynamodb", region_name="eu-west-2").list_tables()
         boto3.client("ssm", region_name="eu-west-2").describe_parameters()
+
+
+@pytest.fixture(scope="session")
+def executor():
+    """The thread pool a composition root would give the AWS backends (wiring.pool in the service)."""
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="test-pool") as pool:
+        yield pool
 
 
 def sign_v1(private_key, thing_name: str) -> str:

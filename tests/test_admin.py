@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib import admin, wiring
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME
-from chalicelib.provisioning import ProvisioningRequest
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, Settings
 from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.wire import ProvisioningRequest
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 
 
@@ -43,7 +43,7 @@ class Cli:
         return SqliteRegistry(self.registry_path)
 
     def names(self) -> list[str]:
-        return [item["thing_name"] for item in self.registry().list()]
+        return [record.thing_name for record in self.registry().list()]
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_register_names_reports_new_and_present_and_repeating_changes_nothing(cl
     assert code == 0
     assert "registered 3 new" in out and "0 already present" in out
     assert cli.names() == ["dev-a", "dev_b", "thing:c"]
-    assert all(item["prov_status"] == "unprovisioned" for item in cli.registry().list())
+    assert all(record.status == "unprovisioned" for record in cli.registry().list())
 
     code, out, _ = cli("register", "dev-a", "dev-d")
     assert code == 0
@@ -263,7 +263,7 @@ def test_show_and_list_after_a_real_provisioning(cli):
     assert cli("register", "dev-a", "dev-b")[0] == 0
     fleet_key = serialization.load_pem_private_key(cli.private_key.read_bytes(), password=None)
     # The service built from the same stage settings the CLI reads: both must look at the same files.
-    service = wiring.build_service(admin.stage_settings("local", str(cli.state_dir)))
+    service = wiring.build_service(Settings.for_stage("local", str(cli.state_dir)))
     csr_pem, _ = make_csr("dev-a")
     result = service.provision(ProvisioningRequest.from_body(
         {"thing-name": "dev-a", "thing-name-sig": sign_v1(fleet_key, "dev-a"), "CSR": csr_pem}), LONDON_IP)

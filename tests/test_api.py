@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from app import app
 from chalicelib import wiring
 from chalicelib.config import PROJECT_DIR
+from chalicelib.registry.base import item_of
 from chalicelib.registry.sqlite import SqliteRegistry
 from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1
 
@@ -63,10 +64,10 @@ def test_without_csr_the_server_makes_the_key_pair(client, stage):
     assert_issued_by(cert, ca_certificate(stage, "eu-west-2"))
 
     item = registry(stage).get("mydevice1")
-    assert item["prov_status"] == "provisioned"
-    assert item["aws_region"] == "eu-west-2"
-    assert item["certificate_id"] == body["certificateId"]
-    assert item["prov_datetime"].endswith("Z")
+    assert item.status == "provisioned"
+    assert item.region == "eu-west-2"
+    assert item.certificate_id == body["certificateId"]
+    assert item_of(item)["prov_datetime"].endswith("Z")
 
 
 def test_with_csr_the_certificate_carries_the_csr_key(client, stage):
@@ -81,7 +82,7 @@ def test_with_csr_the_certificate_carries_the_csr_key(client, stage):
     # A certificate of one region does not chain to another region's CA.
     with pytest.raises(Exception):
         cert.verify_directly_issued_by(ca_certificate(stage, "eu-west-2"))
-    assert registry(stage).get("mydevice2")["aws_region"] == "ap-northeast-1"
+    assert registry(stage).get("mydevice2").region == "ap-northeast-1"
 
 
 def test_wrong_signature_is_refused_and_changes_nothing(client, stage):
@@ -90,7 +91,7 @@ def test_wrong_signature_is_refused_and_changes_nothing(client, stage):
     status, answer = post(client, body)
     assert status == 403
     assert answer == {"status": "error", "code": "invalid-signature", "message": answer["message"]}
-    assert registry(stage).get("mydevice3")["prov_status"] == "unprovisioned"
+    assert registry(stage).get("mydevice3").status == "unprovisioned"
 
 
 def test_signature_for_another_thing_is_refused(client, stage):
@@ -102,7 +103,7 @@ def test_already_provisioned_is_409_and_keeps_the_first_certificate(client, stag
     first = post(client, stage.body("mydevice1"))[1]
     status, body = post(client, stage.body("mydevice1"))
     assert status == 409 and body["status"] == "error" and body["code"] == "already-provisioned"
-    assert registry(stage).get("mydevice1")["certificate_id"] == first["certificateId"]
+    assert registry(stage).get("mydevice1").certificate_id == first["certificateId"]
 
 
 def test_unknown_device_is_403(client, stage):
@@ -141,7 +142,7 @@ def test_malformed_bodies_are_400_and_change_nothing(client, stage, raw, code):
     status, body = post(client, None, raw=raw)
     assert status == 400, body
     assert body["status"] == "error" and body["code"] == code and body["message"]
-    assert all(item["prov_status"] == "unprovisioned" for item in registry(stage).list())
+    assert all(record.status == "unprovisioned" for record in registry(stage).list())
 
 
 def test_csr_with_a_broken_self_signature_is_400(client, stage):
@@ -151,7 +152,7 @@ def test_csr_with_a_broken_self_signature_is_400(client, stage):
     tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
     status, body = post(client, stage.body("mydevice1", tampered))
     assert status == 400 and body["code"] == "malformed-csr"
-    assert registry(stage).get("mydevice1")["prov_status"] == "unprovisioned"
+    assert registry(stage).get("mydevice1").status == "unprovisioned"
 
 
 def test_body_too_large_is_413(client, stage):
@@ -166,4 +167,4 @@ def test_missing_fleet_key_is_a_clear_503_not_a_crash(client, stage):
     wiring.reset()
     status, body = post(client, stage.body("mydevice1"))
     assert status == 503 and body["code"] == "service-misconfigured"
-    assert registry(stage).get("mydevice1")["prov_status"] == "unprovisioned"
+    assert registry(stage).get("mydevice1").status == "unprovisioned"

@@ -8,7 +8,7 @@ from chalicelib.config import PROJECT_DIR
 
 def test_bench_runs_and_reports_every_measurement(tmp_path):
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "bench/run.py", "--size", "tiny", "--out", str(out)], cwd=PROJECT_DIR,
+    result = subprocess.run([sys.executable, "-m", "bench.run", "--size", "tiny", "--out", str(out)], cwd=PROJECT_DIR,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())

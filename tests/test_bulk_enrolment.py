@@ -5,6 +5,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -13,6 +14,7 @@ from moto import mock_aws
 
 from chalicelib import admin, wiring
 from chalicelib.config import PROJECT_DIR, Settings
+from chalicelib.registry.base import item_of
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
 
@@ -47,7 +49,8 @@ class Backend:
         return wiring.registry(self.settings)
 
     def items(self) -> dict[str, dict]:
-        return {item["thing_name"]: item for item in self.registry().list()}
+        """The registry as operators see it (the sample's attribute names)."""
+        return {record.thing_name: item_of(record) for record in self.registry().list()}
 
 
 @pytest.fixture(params=["sqlite", "dynamodb"])
@@ -57,7 +60,7 @@ def backend(request, tmp_path, monkeypatch, capsys):
     if request.param == "sqlite":
         wiring.reset()
         state = str(tmp_path / "state")
-        yield Backend("sqlite", ["--state-dir", state], admin.stage_settings("local", state), capsys)
+        yield Backend("sqlite", ["--state-dir", state], Settings.for_stage("local", state), capsys)
         wiring.reset()
         return
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -68,7 +71,7 @@ def backend(request, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     with mock_aws():
         wiring.reset()
-        yield Backend("dynamodb", ["--stage", "prod"], admin.stage_settings("prod", None), capsys)
+        yield Backend("dynamodb", ["--stage", "prod"], Settings.for_stage("prod", None), capsys)
         wiring.reset()
 
 
@@ -123,7 +126,7 @@ def test_rerunning_the_same_file_changes_nothing_and_says_so(backend, tmp_path):
     fleet = tmp_path / "fleet.csv"
     write_csv(fleet, [["thing_name", "public_key", "line"], ["a1", EC_PEM, "north"], ["a2", "", "south"]])
     assert backend("register", "--csv", str(fleet))[0] == 0
-    backend.registry().claim("a1", admin.datetime.now(admin.timezone.utc), 300)  # one device already at work
+    backend.registry().claim("a1", datetime.now(timezone.utc), 300)  # one device already at work
     before = backend.items()
 
     code, out, err = backend("register", "--csv", str(fleet))

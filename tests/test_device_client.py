@@ -6,8 +6,8 @@ Provisioning runs against a real, scripted HTTP server on 127.0.0.1; MQTT is ski
 from __future__ import annotations
 
 import base64
-import hashlib
 import datetime as dt
+import hashlib
 import importlib.util
 import json
 import os

@@ -27,17 +27,20 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from moto import mock_aws
 
 from app import app
-from chalicelib import admin, wiring
+from chalicelib import admin, operations, wiring
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.errors import AlreadyProvisioned, ServiceUnavailable
 from chalicelib.geo import MaxMindLocator
 from chalicelib.issuers.aws_iot import AwsIotIssuer
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
-from chalicelib.provisioning import ProvisioningRequest, ProvisioningService
+from chalicelib.operations import AuditReport, MissingCertificate
+from chalicelib.provisioning import ProvisioningService
 from chalicelib.regions import RegionPolicy
+from chalicelib.registry.base import UNPROVISIONED, DeviceRecord
 from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.registry.sqlite import SqliteRegistry
 from chalicelib.signatures import FleetKeyVerifier
+from chalicelib.wire import ProvisioningRequest, response_body
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
@@ -90,8 +93,7 @@ class Backend:
     def active_certificates(self, thing: str) -> set[tuple[str, str]]:
         """(region, certificate id) of every ACTIVE certificate the issuer holds for `thing`, any region."""
         if self.name == "local":
-            return {(c["region"], c["certificate_id"]) for c in self.issuer.certificates(thing)
-                    if c["status"] == "ACTIVE"}
+            return {(c.region, c.certificate_id) for c in self.issuer.certificates(thing) if c.status == "ACTIVE"}
         found = set()
         for region, client in self.look.items():
             for cert in client.list_certificates()["certificates"]:
@@ -104,7 +106,7 @@ class Backend:
 
     def all_active_certificates(self) -> set[tuple[str, str]]:
         if self.name == "local":
-            return {(r, c["certificate_id"]) for r in REGIONS for c in self.issuer.active_certificates(r)}
+            return {(r, c.certificate_id) for r in REGIONS for c in self.issuer.active_certificates(r)}
         return {(region, c["certificateId"]) for region, client in self.look.items()
                 for c in client.list_certificates()["certificates"] if c["status"] == "ACTIVE"}
 
@@ -137,31 +139,31 @@ class Backend:
         """The failed attempt left no usable identity and no claim; the device may simply try again."""
         assert self.active_certificates(thing) == set()
         if self.name == "local":
-            assert all(c["status"] == "REVOKED" for c in self.issuer.certificates(thing))
+            assert all(c.status == "REVOKED" for c in self.issuer.certificates(thing))
         else:
             assert self.things(thing) == []
         # Every active certificate anywhere belongs to a provisioned device.
-        assert self.all_active_certificates() <= {(i["aws_region"], i["certificate_id"])
+        assert self.all_active_certificates() <= {(i.region, i.certificate_id)
                                                    for i in self.registry.list("provisioned")}
         item = self.registry.get(thing)
-        assert item["prov_status"] == "unprovisioned"
-        assert item.get("last_error")
-        assert "certificate_id" not in item and "aws_region" not in item
+        assert item.status == "unprovisioned"
+        assert item.last_error
+        assert item.certificate_id is None and item.region is None
         assert self.claim_token(thing) is None
-        assert self.audit() == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
+        assert self.audit() == AuditReport()
 
     def assert_provisioned(self, thing: str, result) -> None:
         item = self.registry.get(thing)
-        assert item["prov_status"] == "provisioned"
-        assert item["certificate_id"] == result.issued.certificate_id
-        assert item["aws_region"] == result.choice.region
-        assert "last_error" not in item
+        assert item.status == "provisioned"
+        assert item.certificate_id == result.issued.certificate_id
+        assert item.region == result.choice.region
+        assert item.last_error is None
         assert self.active_certificates(thing) == {(result.choice.region, result.issued.certificate_id)}
         if self.name == "aws":
             assert self.things(thing) == [result.choice.region]
 
-    def audit(self, now: datetime | None = None) -> dict:
-        return admin.audit(self.settings, self.registry, self.issuer, now or utcnow())
+    def audit(self, now: datetime | None = None) -> AuditReport:
+        return operations.audit(self.registry, self.issuer, self.settings.enabled_regions, now or utcnow())
 
 
 def _isolated_env(monkeypatch, tmp_path, fleet_key) -> Path:
@@ -212,11 +214,12 @@ def backend(request, tmp_path, monkeypatch, fleet_key, locator):
                                       "GIP_DEFAULT_REGION": DEFAULT})
         wiring.configure(settings)
         clients = wiring.aws_clients()  # the very clients the HTTP route and the CLI will use
-        registry = DynamoDbRegistry(clients.client("dynamodb"), settings.table_name)
+        registry = DynamoDbRegistry(clients.client("dynamodb"), settings.table_name, executor=wiring.pool("registry"))
         registry.create()
         registry.register(DEVICES)
         iot = {region: clients.client("iot", region) for region in REGIONS}
-        b = Backend("aws", settings, registry, AwsIotIssuer(lambda region: clients.client("iot", region)),
+        b = Backend("aws", settings, registry,
+                    AwsIotIssuer(lambda region: clients.client("iot", region), wiring.pool("aws-iot")),
                     fleet_key, locator, ["--stage", "prod"], iot=iot,
                     look={r: boto3.client("iot", region_name=r) for r in REGIONS},
                     look_db=boto3.client("dynamodb", region_name=DEFAULT))
@@ -334,12 +337,12 @@ def test_a_fault_at_any_step_after_the_claim_leaves_nothing_and_the_device_then_
     backend.assert_nothing_left("dev-1")
     if step.startswith("finalize") and backend.name == "local":
         # The certificate was really issued before the fault: it is now revoked in the CA's records.
-        assert [c["status"] for c in backend.issuer.certificates("dev-1")] == ["REVOKED"]
+        assert [c.status for c in backend.issuer.certificates("dev-1")] == ["REVOKED"]
 
     result = backend.service().provision(request, LONDON_IP)  # the same request, the fault gone
     assert result.choice.region == "eu-west-2"
     backend.assert_provisioned("dev-1", result)
-    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
+    assert backend.audit() == AuditReport()
 
 
 # ------------------------------------------------------------------------------------------- 2. lost response
@@ -357,7 +360,7 @@ def test_a_lost_response_retried_with_the_same_csr_gets_the_same_certificate_and
     assert again.issued.endpoint == first.issued.endpoint
     assert again.choice.region == first.choice.region == "eu-west-2"
     assert again.choice.reason == "previous"
-    body = again.response_body()
+    body = response_body(again)
     assert body["status"] == "success" and "PrivateKey" not in body
     assert backend.certificate_records("dev-1") == issued_before == 1
     if backend.name == "aws":
@@ -481,9 +484,9 @@ def test_an_orphan_certificate_is_reported_and_fix_revokes_it(backend, capsys):
     csr = x509.load_pem_x509_csr(make_csr("dev-2")[0].encode())
     orphan = backend.issuer.issue("dev-2", "ap-northeast-1", csr)   # issued, never finalized
     found = backend.audit()
-    assert [(c["region"], c["certificate_id"], c["thing_name"]) for c in found["orphan_certificates"]] \
+    assert [(c.region, c.certificate_id, c.thing_name) for c in found.orphan_certificates] \
         == [("ap-northeast-1", orphan.certificate_id, "dev-2")]
-    assert found["stuck_claims"] == [] and found["missing_certificates"] == []
+    assert found.stuck_claims == [] and found.missing_certificates == []
 
     code, out = _audit_cli(backend, capsys)
     assert code == 1 and f"orphan certificate: {orphan.certificate_id}" in out and "--fix" in out
@@ -494,7 +497,7 @@ def test_an_orphan_certificate_is_reported_and_fix_revokes_it(backend, capsys):
     assert f"revoked orphan certificate {orphan.certificate_id}" in out
     assert backend.active_certificates("dev-2") == set()
     if backend.name == "local":
-        assert backend.issuer.certificate(orphan.certificate_id)["status"] == "REVOKED"
+        assert backend.issuer.certificate(orphan.certificate_id).status == "REVOKED"
     else:
         assert backend.things("dev-2") == []
     assert _audit_cli(backend, capsys)[0] == 0
@@ -505,14 +508,14 @@ def test_an_orphan_certificate_is_reported_and_fix_revokes_it(backend, capsys):
 def test_a_stuck_claim_is_reported_and_fix_releases_it(backend, capsys):
     backend.registry.claim("dev-3", utcnow() - timedelta(hours=1), LEASE)  # a process died an hour ago
     found = backend.audit()
-    assert [item["thing_name"] for item in found["stuck_claims"]] == ["dev-3"]
+    assert [item.thing_name for item in found.stuck_claims] == ["dev-3"]
     code, out = _audit_cli(backend, capsys)
     assert code == 1 and "stuck claim: dev-3" in out
 
     code, out = _audit_cli(backend, capsys, "--fix")
     assert code == 0 and "released the expired claim on dev-3" in out
     item = backend.registry.get("dev-3")
-    assert item["prov_status"] == "unprovisioned" and "expired" in item["last_error"]
+    assert item.status == "unprovisioned" and "expired" in item.last_error
     assert backend.claim_token("dev-3") is None
     backend.assert_provisioned("dev-3", backend.service().provision(backend.request("dev-3", make_csr("dev-3")[0]),
                                                                      LONDON_IP))
@@ -524,14 +527,14 @@ def test_what_a_killed_process_leaves_is_found_and_fixed(backend, capsys):
     csr = x509.load_pem_x509_csr(make_csr("dev-4")[0].encode())
     left = backend.issuer.issue("dev-4", "eu-west-2", csr)
     found = backend.audit()
-    assert [i["thing_name"] for i in found["stuck_claims"]] == ["dev-4"]
-    assert [c["certificate_id"] for c in found["orphan_certificates"]] == [left.certificate_id]
+    assert [i.thing_name for i in found.stuck_claims] == ["dev-4"]
+    assert [c.certificate_id for c in found.orphan_certificates] == [left.certificate_id]
 
     code, out = _audit_cli(backend, capsys, "--fix")
     assert code == 0, out
     assert backend.active_certificates("dev-4") == set()
-    assert backend.registry.get("dev-4")["prov_status"] == "unprovisioned"
-    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
+    assert backend.registry.get("dev-4").status == "unprovisioned"
+    assert backend.audit() == AuditReport()
     backend.assert_provisioned("dev-4", backend.service().provision(backend.request("dev-4", make_csr("dev-4")[0]),
                                                                      LONDON_IP))
 
@@ -541,14 +544,14 @@ def test_a_live_claims_certificate_is_not_an_orphan_until_its_lease_ends(backend
     backend.registry.claim("dev-5", now, LEASE)  # a request is between issue and finalize right now
     csr = x509.load_pem_x509_csr(make_csr("dev-5")[0].encode())
     in_flight = backend.issuer.issue("dev-5", "eu-west-2", csr)
-    assert backend.audit(now) == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
+    assert backend.audit(now) == AuditReport()
     code, out = _audit_cli(backend, capsys, "--fix")
     assert code == 0 and "fixed:" not in out
     assert backend.active_certificates("dev-5") == {("eu-west-2", in_flight.certificate_id)}  # left alone
 
     later = backend.audit(now + timedelta(seconds=LEASE + 1))
-    assert [i["thing_name"] for i in later["stuck_claims"]] == ["dev-5"]
-    assert [c["certificate_id"] for c in later["orphan_certificates"]] == [in_flight.certificate_id]
+    assert [i.thing_name for i in later.stuck_claims] == ["dev-5"]
+    assert [c.certificate_id for c in later.orphan_certificates] == [in_flight.certificate_id]
 
 
 def test_a_certificate_revoked_out_of_band_is_reported_missing_and_fix_resets_the_device(backend, capsys):
@@ -560,20 +563,20 @@ def test_a_certificate_revoked_out_of_band_is_reported_missing_and_fix_resets_th
         backend.look["eu-west-2"].update_certificate(certificateId=first.issued.certificate_id, newStatus="REVOKED")
         expected = "REVOKED"
     found = backend.audit()
-    assert found["missing_certificates"] == [{"thing_name": "dev-1", "certificate_id": first.issued.certificate_id,
-                                              "region": "eu-west-2", "status": expected}]
+    assert found.missing_certificates == [MissingCertificate("dev-1", first.issued.certificate_id, "eu-west-2",
+                                                             expected)]
     code, out = _audit_cli(backend, capsys)
     assert code == 1 and "missing certificate: dev-1" in out
 
     code, out = _audit_cli(backend, capsys, "--fix")
     assert code == 0 and "reset dev-1" in out
     item = backend.registry.get("dev-1")
-    assert item["prov_status"] == "unprovisioned" and "certificate_id" not in item
+    assert item.status == "unprovisioned" and item.certificate_id is None
     again = backend.service().provision(backend.request("dev-1", make_csr("dev-1")[0]), TOKYO_IP)
     assert again.choice.region == "ap-northeast-1"
-    assert backend.registry.get("dev-1")["certificate_id"] == again.issued.certificate_id
+    assert backend.registry.get("dev-1").certificate_id == again.issued.certificate_id
     assert backend.active_certificates("dev-1") == {("ap-northeast-1", again.issued.certificate_id)}
-    assert backend.audit() == {"stuck_claims": [], "orphan_certificates": [], "orphan_things": [], "missing_certificates": []}
+    assert backend.audit() == AuditReport()
 
 
 @pytest.mark.parametrize("backend", ["aws"], indirect=True)
@@ -584,7 +587,7 @@ def test_aws_missing_fix_then_move_leaves_no_unreferenced_thing_behind(backend, 
     again = backend.service().provision(backend.request("dev-1", make_csr("dev-1")[0]), TOKYO_IP)
     assert again.choice.region == "ap-northeast-1"
     leftover = backend.things("dev-1") != [again.choice.region]
-    reported = any(backend.audit().values())
+    reported = backend.audit().findings > 0
     assert not leftover or reported, "thing dev-1 left in eu-west-2 and the audit is clean"
 
 
@@ -596,10 +599,10 @@ def test_aws_a_rollback_that_cannot_deactivate_leaves_an_orphan_the_audit_fixes(
         with pytest.raises(ServiceUnavailable) as raised:
             backend.service().provision(request, LONDON_IP)
     assert "AttachThingPrincipal" in raised.value.message  # the original error, not the rollback's
-    assert backend.registry.get("dev-1")["prov_status"] == "unprovisioned"
-    [orphan] = backend.audit()["orphan_certificates"]
+    assert backend.registry.get("dev-1").status == "unprovisioned"
+    [orphan] = backend.audit().orphan_certificates
     code, out = _audit_cli(backend, capsys, "--fix")
-    assert code == 0 and orphan["certificate_id"] in out
+    assert code == 0 and orphan.certificate_id in out
     assert backend.all_active_certificates() == set()
     backend.assert_provisioned("dev-1", backend.service().provision(request, LONDON_IP))
 
@@ -611,8 +614,8 @@ def test_aws_a_rollback_that_cannot_delete_the_thing_is_visible_to_the_audit(bac
         with pytest.raises(ServiceUnavailable):
             backend.service().provision(request, LONDON_IP)
     assert backend.things("dev-1") == ["eu-west-2"]  # really left behind
-    marked = "rollback incomplete" in backend.registry.get("dev-1").get("last_error", "")
-    reported = any(backend.audit().values())
+    marked = "rollback incomplete" in (backend.registry.get("dev-1").last_error or "")
+    reported = backend.audit().findings > 0
     assert marked or reported
 
 
@@ -628,11 +631,11 @@ def test_reset_revokes_and_the_device_provisions_again_in_another_region(backend
     assert first.issued.certificate_id in out and "unprovisioned" in out
     assert backend.active_certificates("dev-2") == set()
     if backend.name == "local":
-        assert backend.issuer.certificate(first.issued.certificate_id)["status"] == "REVOKED"
+        assert backend.issuer.certificate(first.issued.certificate_id).status == "REVOKED"
     else:
         assert backend.things("dev-2") == []
     item = backend.registry.get("dev-2")
-    assert item == {"thing_name": "dev-2", "prov_status": "unprovisioned", "attempts": 1}  # history is kept
+    assert item == DeviceRecord("dev-2", UNPROVISIONED, attempts=1)  # history is kept
 
     moved = backend.service().provision(backend.request("dev-2", make_csr("dev-2")[0]), TOKYO_IP)  # moved to Japan
     assert moved.choice.region == "ap-northeast-1"

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from chalicelib import admin
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME, Settings
 from chalicelib.provisioning import key_fingerprint
 from chalicelib.registry.sqlite import SqliteRegistry
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
@@ -51,7 +51,7 @@ def prepare_state(monkeypatch, state: Path, lease_seconds: int | None = None, **
     assert admin.main(["--state-dir", str(state), "keygen"]) == 0
     for prefix, count in register.items():
         assert admin.main(["--state-dir", str(state), "register", "--prefix", prefix, "--count", str(count)]) == 0
-    settings = admin.stage_settings("local", str(state))
+    settings = Settings.for_stage("local", str(state))
     fleet_key = serialization.load_pem_private_key(
         (settings.keys_dir / FLEET_PRIVATE_KEY_NAME).read_bytes(), password=None)
     return settings, fleet_key
@@ -142,9 +142,9 @@ def assert_single_winner(stack, thing: str, results) -> dict:
     assert [c["certificate_id"] for c in issued] == [wins[0]["certificateId"]]
     assert issued[0]["status"] == "ACTIVE"
     item = SqliteRegistry(stack.settings.registry_path).get(thing)
-    assert item["prov_status"] == "provisioned"
-    assert item["certificate_id"] == wins[0]["certificateId"]
-    assert item["aws_region"] == wins[0]["region"] == "eu-west-2"
+    assert item.status == "provisioned"
+    assert item.certificate_id == wins[0]["certificateId"]
+    assert item.region == wins[0]["region"] == "eu-west-2"
     return wins[0]
 
 
@@ -191,7 +191,7 @@ def test_concurrent_requests_each_with_its_own_key_issue_exactly_one_certificate
     cert = x509.load_pem_x509_certificate(win["certificatePem"].encode())
     assert key_fingerprint(cert.public_key()) == key_fingerprint(csrs[winner][1].public_key())
     item = SqliteRegistry(stack.settings.registry_path).get("ownkey1")
-    assert item["public_key_fingerprint"] == key_fingerprint(csrs[winner][1].public_key())
+    assert item.key_fingerprint == key_fingerprint(csrs[winner][1].public_key())
 
 
 def test_concurrent_requests_with_the_same_csr_all_get_the_one_certificate(stage):
@@ -215,7 +215,7 @@ def test_concurrent_requests_with_the_same_csr_all_get_the_one_certificate(stage
     issued = certificates(stack.settings.ca_dir, "samecsr1")
     assert [c["certificate_id"] for c in issued] == [wins[0]["certificateId"]]
     item = SqliteRegistry(stack.settings.registry_path).get("samecsr1")
-    assert (item["prov_status"], item["certificate_id"]) == ("provisioned", wins[0]["certificateId"])
+    assert (item.status, item.certificate_id) == ("provisioned", wins[0]["certificateId"])
 
 
 def test_two_hundred_devices_at_once_all_provision(stage):
@@ -233,7 +233,7 @@ def test_two_hundred_devices_at_once_all_provision(stage):
     registry = SqliteRegistry(stack.settings.registry_path)
     for name, (_, payload) in zip(names, results):
         item = registry.get(name)
-        assert (item["prov_status"], item["certificate_id"]) == ("provisioned", payload["certificateId"]), name
+        assert (item.status, item.certificate_id) == ("provisioned", payload["certificateId"]), name
 
 
 def test_lost_response_retry_returns_the_same_certificate_and_issues_none(stage):
@@ -341,7 +341,7 @@ def test_kill_9_between_issue_and_finalize_is_found_and_fixed_by_the_audit(tmp_p
 
     registry = SqliteRegistry(settings.registry_path)
     left = registry.get(victim)
-    assert left["prov_status"] == "provisioning" and "certificate_id" not in left
+    assert left.status == "provisioning" and left.certificate_id is None
     [orphan] = [c for c in certificates(settings.ca_dir, victim)]
     assert orphan["status"] == "ACTIVE"
 
@@ -378,7 +378,7 @@ def test_kill_9_between_issue_and_finalize_is_found_and_fixed_by_the_audit(tmp_p
         assert code == 0, clean
         assert (clean["stuck_claims"], clean["orphan_certificates"], clean["missing_certificates"]) == ([], [], [])
         assert certificates(settings.ca_dir, victim)[0]["status"] == "REVOKED"
-        assert registry.get(victim)["prov_status"] == "unprovisioned"
+        assert registry.get(victim).status == "unprovisioned"
 
         status, payload = post(second.api_url, body(fleet_key, victim))
         assert status == 200, payload
@@ -386,7 +386,7 @@ def test_kill_9_between_issue_and_finalize_is_found_and_fixed_by_the_audit(tmp_p
         assert [(c["certificate_id"], c["status"]) for c in issued] == [
             (orphan["certificate_id"], "REVOKED"), (payload["certificateId"], "ACTIVE")]
         item = registry.get(victim)
-        assert (item["prov_status"], item["certificate_id"]) == ("provisioned", payload["certificateId"])
+        assert (item.status, item.certificate_id) == ("provisioned", payload["certificateId"])
         assert audit(state, capsys)[0] == 0
     finally:
         second.stop()

@@ -101,7 +101,7 @@ def test_stats_counts_match_the_registry(fleet):
     assert stats["provisioned_by_region"] == {
         region: len(list(registry.list("provisioned", region))) for region in ("eu-west-2", "us-east-1")}
     assert [item["thing_name"] for item in stats["stuck"]] == [
-        item["thing_name"] for item in registry.stuck(datetime.now(timezone.utc))]
+        record.thing_name for record in registry.stuck(datetime.now(timezone.utc))]
 
 
 def test_stats_text(fleet):

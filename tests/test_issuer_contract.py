@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from moto import mock_aws
 
-from chalicelib.errors import MalformedRequest, ServiceUnavailable
+from chalicelib.errors import IssueIncomplete, MalformedRequest, ServiceUnavailable
 from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME, AwsIotIssuer, device_policy_document
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
 from tests.conftest import make_csr
@@ -42,17 +42,16 @@ def local_backend(tmp_path) -> Backend:
     issuer = LocalIssuer(tmp_path / "ca", local_endpoints([REGION_A, REGION_B], "localhost", 18883))
 
     def active(thing, region):
-        return {c["certificate_id"] for c in issuer.certificates(thing)
-                if c["region"] == region and c["status"] == "ACTIVE"}
+        return {c.certificate_id for c in issuer.certificates(thing) if c.region == region and c.status == "ACTIVE"}
 
     def certificate_active(certificate_id, region):
         record = issuer.certificate(certificate_id)
-        return bool(record) and record["region"] == region and record["status"] == "ACTIVE"
+        return record is not None and record.region == region and record.status == "ACTIVE"
 
     return Backend("local", issuer, active, certificate_active, None)
 
 
-def aws_backend() -> Backend:
+def aws_backend(executor) -> Backend:
     clients: dict[str, Any] = {}
 
     def client(region):
@@ -84,7 +83,7 @@ def aws_backend() -> Backend:
         ids = {arn.rsplit("/", 1)[1] for arn in arns}
         return {i for i in ids if certificate_active(i, region)}
 
-    return Backend("aws", AwsIotIssuer(client), active, certificate_active, thing_exists, clients)
+    return Backend("aws", AwsIotIssuer(client, executor), active, certificate_active, thing_exists, clients)
 
 
 @pytest.fixture
@@ -104,12 +103,12 @@ def issuer(request, tmp_path) -> Backend:
     if request.param == "local":
         return local_backend(tmp_path)
     request.getfixturevalue("aws_env")
-    return aws_backend()
+    return aws_backend(request.getfixturevalue("executor"))
 
 
 @pytest.fixture
-def aws(aws_env) -> Backend:
-    return aws_backend()
+def aws(aws_env, executor) -> Backend:
+    return aws_backend(executor)
 
 
 def load_cert(pem: str) -> x509.Certificate:
@@ -346,9 +345,11 @@ def test_a_failed_cleanup_is_logged_and_the_first_error_is_raised(aws, caplog):
     fail(aws.clients[REGION_A], "AttachThingPrincipal", "ThrottlingException")
     fail(aws.clients[REGION_A], "DeleteThing", "AccessDeniedException", 403)
     with caplog.at_level(logging.ERROR, logger="chalicelib.issuers.aws_iot"):
-        with pytest.raises(ServiceUnavailable) as raised:
+        with pytest.raises(IssueIncomplete) as raised:  # the thing is left: a declared leftover
             aws.issuer.issue("dev-1", REGION_A, None)
-    assert "AttachThingPrincipal" in raised.value.message
+    assert isinstance(raised.value.error, ServiceUnavailable)
+    assert "AttachThingPrincipal" in raised.value.error.message
+    assert "thing dev-1" in raised.value.leftover and REGION_A in raised.value.leftover
     failures = [r.getMessage() for r in caplog.records if "delete thing" in r.getMessage()]
     assert len(failures) == 1 and "dev-1" in failures[0] and REGION_A in failures[0]
     assert "PRIVATE KEY" not in caplog.text

@@ -20,8 +20,8 @@ from app import app
 from chalicelib import admin, wiring
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
-from chalicelib.provisioning import ProvisioningRequest
 from chalicelib.signatures import v2_text
+from chalicelib.wire import ProvisioningRequest
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
@@ -97,9 +97,9 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
         assert len(iot.list_thing_principals(thingName="mydevice1")["principals"]) == 1
 
     registry = wiring.registry(settings)
-    assert registry.get("mydevice1")["prov_status"] == "provisioned"
-    assert registry.get("mydevice1")["aws_region"] == "eu-west-2"
-    assert registry.get("mydevice3")["prov_status"] == "unprovisioned"
+    assert registry.get("mydevice1").status == "provisioned"
+    assert registry.get("mydevice1").region == "eu-west-2"
+    assert registry.get("mydevice3").status == "unprovisioned"
     assert iot.list_things()["things"] and "mydevice3" not in [t["thingName"] for t in iot.list_things()["things"]]
 
 

@@ -13,13 +13,20 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from chalicelib.errors import (AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable,
-                               SignatureInvalid)
+from chalicelib.errors import (
+    AlreadyProvisioned,
+    NotRegistered,
+    ProvisioningInProgress,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
 from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
-from chalicelib.provisioning import ProvisioningRequest, ProvisioningService
+from chalicelib.provisioning import ProvisioningService
 from chalicelib.regions import SAMPLE_REGIONS, RegionPolicy
+from chalicelib.registry.base import item_of
 from chalicelib.registry.sqlite import SqliteRegistry
 from chalicelib.signatures import FleetKeyVerifier
+from chalicelib.wire import ProvisioningRequest, response_body
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 LEASE = 300
@@ -122,7 +129,7 @@ def request_for(fleet_key):
 
 
 def statuses(issuer: LocalIssuer, thing_name: str) -> list[str]:
-    return sorted(record["status"] for record in issuer.certificates(thing_name))
+    return sorted(record.status for record in issuer.certificates(thing_name))
 
 
 def claim_token(registry_path, thing_name: str) -> str | None:
@@ -143,7 +150,7 @@ def test_success_records_provisioned_region_and_an_active_certificate(build, reg
     cert = x509.load_pem_x509_certificate(result.issued.certificate_pem.encode())
     assert cert.public_key() == request.csr.public_key()
 
-    item = registry.get("dev-1")
+    item = item_of(registry.get("dev-1"))
     spki = request.csr.public_key().public_bytes(serialization.Encoding.DER,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
     assert item == {"thing_name": "dev-1", "prov_status": "provisioned", "prov_datetime": "2026-11-28T12:00:00Z",
@@ -151,11 +158,11 @@ def test_success_records_provisioned_region_and_an_active_certificate(build, reg
                     "public_key_fingerprint": hashlib.sha256(spki).hexdigest(), "country": "GB",
                     "region_reason": "nearest", "attempts": 1}
     record = issuer.certificate(result.issued.certificate_id)
-    assert record["status"] == "ACTIVE"
-    assert record["thing_name"] == "dev-1" and record["region"] == "eu-west-2"
-    assert format(cert.serial_number, "x") == record["serial"]
+    assert record.status == "ACTIVE"
+    assert record.thing_name == "dev-1" and record.region == "eu-west-2"
+    assert format(cert.serial_number, "x") == record.serial
     # The other devices were not touched.
-    assert registry.get("dev-2")["prov_status"] == "unprovisioned"
+    assert registry.get("dev-2").status == "unprovisioned"
 
 
 def test_a_second_provisioning_is_refused_and_keeps_the_first_certificate(build, registry, issuer, request_for):
@@ -163,7 +170,7 @@ def test_a_second_provisioning_is_refused_and_keeps_the_first_certificate(build,
     first = service.provision(request_for("dev-1"), LONDON_IP)
     with pytest.raises(AlreadyProvisioned):
         service.provision(request_for("dev-1"), TOKYO_IP)
-    assert registry.get("dev-1")["certificate_id"] == first.issued.certificate_id
+    assert registry.get("dev-1").certificate_id == first.issued.certificate_id
     assert statuses(issuer, "dev-1") == ["ACTIVE"]
 
 
@@ -182,15 +189,15 @@ def test_issuer_failure_releases_the_claim_and_a_retry_succeeds(build, registry,
     assert "10.0.0.7" not in error.message  # the device is not told about our internals
 
     item = registry.get("dev-1")
-    assert item["prov_status"] == "unprovisioned"
-    assert "RuntimeError" in item["last_error"] and "CA backend unreachable" in item["last_error"]
+    assert item.status == "unprovisioned"
+    assert "RuntimeError" in item.last_error and "CA backend unreachable" in item.last_error
     assert issuer.certificates("dev-1") == []
 
     result = service.provision(request_for("dev-1"), LONDON_IP)
     item = registry.get("dev-1")
-    assert item["prov_status"] == "provisioned"
-    assert item["certificate_id"] == result.issued.certificate_id
-    assert "last_error" not in item
+    assert item.status == "provisioned"
+    assert item.certificate_id == result.issued.certificate_id
+    assert item.last_error is None
     assert statuses(issuer, "dev-1") == ["ACTIVE"]
 
 
@@ -204,16 +211,16 @@ def test_finalize_failure_revokes_the_issued_certificate_and_releases(build, reg
     assert str(raised.value.__cause__) == "disk I/O error"
 
     [issued] = spy.issued
-    assert issuer.certificate(issued.certificate_id)["status"] == "REVOKED"
+    assert issuer.certificate(issued.certificate_id).status == "REVOKED"
     item = registry.get("dev-1")
-    assert item["prov_status"] == "unprovisioned" and "disk I/O error" in item["last_error"]
+    assert item.status == "unprovisioned" and "disk I/O error" in item.last_error
     assert claim_token(tmp_path / "registry.sqlite3", "dev-1") is None
 
     # The device can try again; the revoked certificate stays revoked next to the new one.
     result = build().provision(request_for("dev-1"), LONDON_IP)
-    assert registry.get("dev-1")["certificate_id"] == result.issued.certificate_id
+    assert registry.get("dev-1").certificate_id == result.issued.certificate_id
     assert statuses(issuer, "dev-1") == ["ACTIVE", "REVOKED"]
-    assert issuer.certificate(result.issued.certificate_id)["status"] == "ACTIVE"
+    assert issuer.certificate(result.issued.certificate_id).status == "ACTIVE"
 
 
 def test_a_lease_lost_during_issue_revokes_our_certificate_and_leaves_the_new_claim_alone(
@@ -233,14 +240,14 @@ def test_a_lease_lost_during_issue_revokes_our_certificate_and_leaves_the_new_cl
         build(issuer=slow).provision(request_for("dev-1"), LONDON_IP)
 
     [ours] = slow.issued
-    assert issuer.certificate(ours.certificate_id)["status"] == "REVOKED"
+    assert issuer.certificate(ours.certificate_id).status == "REVOKED"
     # Our rollback did not release the competitor's claim: it still holds the device...
     item = registry.get("dev-1")
-    assert item["prov_status"] == "provisioning"
+    assert item.status == "provisioning"
     assert claim_token(tmp_path / "registry.sqlite3", "dev-1") == competitor["claim"].token
     # ...and can finish its own provisioning.
     registry.finalize(competitor["claim"], "ap-northeast-1", "competitor-cert", clock())
-    assert registry.get("dev-1")["certificate_id"] == "competitor-cert"
+    assert registry.get("dev-1").certificate_id == "competitor-cert"
 
 
 def test_a_failing_rollback_does_not_hide_the_original_error(build, registry, issuer, request_for, caplog):
@@ -253,11 +260,11 @@ def test_a_failing_rollback_does_not_hide_the_original_error(build, registry, is
     [issued] = failing_issuer.issued
     # The operator is told which certificate may be left active.
     assert any(issued.certificate_id in record.getMessage() for record in caplog.records)
-    assert issuer.certificate(issued.certificate_id)["status"] == "ACTIVE"  # revoke really did not happen
+    assert issuer.certificate(issued.certificate_id).status == "ACTIVE"  # revoke really did not happen
     # The device is not stuck, and the item names what the audit must clean up.
     item = registry.get("dev-1")
-    assert item["prov_status"] == "unprovisioned"
-    assert "rollback incomplete" in item["last_error"] and issued.certificate_id in item["last_error"]
+    assert item.status == "unprovisioned"
+    assert "rollback incomplete" in item.last_error and issued.certificate_id in item.last_error
 
 
 def test_a_domain_error_inside_propagates_unchanged(build, registry, issuer, request_for):
@@ -267,8 +274,8 @@ def test_a_domain_error_inside_propagates_unchanged(build, registry, issuer, req
     assert raised.value is inner
     assert not isinstance(raised.value, ServiceUnavailable)
     item = registry.get("dev-1")
-    assert item["prov_status"] == "unprovisioned"
-    assert "the region is busy" in item["last_error"]
+    assert item.status == "unprovisioned"
+    assert "the region is busy" in item.last_error
 
 
 # --- lease -----------------------------------------------------------------------------------------------
@@ -278,11 +285,11 @@ def test_a_device_stuck_past_its_lease_can_be_claimed_again(build, registry, iss
     clock.advance(LEASE + 1)
     result = build().provision(request_for("dev-1"), LONDON_IP)
     item = registry.get("dev-1")
-    assert item["prov_status"] == "provisioned" and item["certificate_id"] == result.issued.certificate_id
+    assert item.status == "provisioned" and item.certificate_id == result.issued.certificate_id
     # The dead request's claim no longer counts.
     with pytest.raises(ProvisioningInProgress):
         registry.finalize(crashed, "eu-west-1", "stale", clock())
-    assert registry.get("dev-1")["certificate_id"] == result.issued.certificate_id
+    assert registry.get("dev-1").certificate_id == result.issued.certificate_id
 
 
 def test_within_the_lease_a_second_claim_is_in_progress(build, registry, issuer, request_for, clock):
@@ -290,7 +297,7 @@ def test_within_the_lease_a_second_claim_is_in_progress(build, registry, issuer,
     clock.advance(LEASE - 1)
     with pytest.raises(ProvisioningInProgress):
         build().provision(request_for("dev-1"), LONDON_IP)
-    assert registry.get("dev-1")["prov_status"] == "provisioning"
+    assert registry.get("dev-1").status == "provisioning"
     assert issuer.certificates("dev-1") == []
 
 
@@ -322,9 +329,9 @@ def test_concurrent_requests_for_one_device_provision_it_once(build, registry, i
     assert len(successes) == 1, outcomes
     assert all(isinstance(o, (AlreadyProvisioned, ProvisioningInProgress)) for o in refusals), refusals
     [winner] = successes
-    active = [r["certificate_id"] for r in issuer.certificates("dev-1") if r["status"] == "ACTIVE"]
+    active = [r.certificate_id for r in issuer.certificates("dev-1") if r.status == "ACTIVE"]
     assert active == [winner.issued.certificate_id]
-    assert registry.get("dev-1")["certificate_id"] == winner.issued.certificate_id
+    assert registry.get("dev-1").certificate_id == winner.issued.certificate_id
 
 
 # --- signature and location ------------------------------------------------------------------------------
@@ -341,7 +348,7 @@ def test_the_signature_is_checked_before_the_allow_list(build, registry, request
 def test_a_bad_signature_for_a_registered_device_changes_nothing(build, registry, issuer, request_for):
     with pytest.raises(SignatureInvalid):
         build().provision(request_for("dev-1", signed_name="dev-2"), LONDON_IP)
-    assert registry.get("dev-1") == {"thing_name": "dev-1", "prov_status": "unprovisioned"}
+    assert item_of(registry.get("dev-1")) == {"thing_name": "dev-1", "prov_status": "unprovisioned"}
     assert issuer.certificates("dev-1") == []
 
 
@@ -351,6 +358,6 @@ def test_an_unknown_location_gets_the_default_region_with_a_note(build, registry
     assert result.choice.region == "us-east-1"
     assert result.choice.reason == "default" and result.choice.distance_km is None
     assert "10.1.2.3" in result.note and "unknown" in result.note
-    body = result.response_body()
+    body = response_body(result)
     assert body["reason"] == "default" and body["message"] == result.note
-    assert registry.get("dev-1")["aws_region"] == "us-east-1"
+    assert registry.get("dev-1").region == "us-east-1"

@@ -206,10 +206,10 @@ def test_the_api_explains_its_choice_and_the_registry_keeps_it(stage, ruled_clie
     assert status == 200, body
     assert (body["region"], body["reason"], body["country"]) == ("eu-west-2", "country-rule", "IE")
     item = wiring.registry(wiring.settings()).get("mydevice1")
-    assert (item["country"], item["region_reason"]) == ("IE", "country-rule")
+    assert (item.country, item.region_reason) == ("IE", "country-rule")
 
 
 def test_the_api_refuses_a_blocked_country_and_changes_nothing(stage, ruled_client):
     status, body = post(ruled_client, stage.body("mydevice2"), "175.45.176.1")
     assert status == 403 and body["code"] == "country-blocked" and body["status"] == "error"
-    assert wiring.registry(wiring.settings()).get("mydevice2")["prov_status"] == "unprovisioned"
+    assert wiring.registry(wiring.settings()).get("mydevice2").status == "unprovisioned"

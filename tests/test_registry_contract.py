@@ -11,8 +11,14 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from chalicelib.errors import AlreadyProvisioned, NotRegistered, ProvisioningInProgress, ServiceUnavailable
-from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim
+from chalicelib.errors import (
+    AlreadyProvisioned,
+    NotRegistered,
+    ProvisioningInProgress,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
+from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, DeviceRecord, Nonce, item_of
 from chalicelib.registry.dynamodb import DynamoDbRegistry
 from chalicelib.registry.sqlite import SqliteRegistry
 
@@ -41,9 +47,15 @@ def registry(request, tmp_path):
         yield registry
         registry.close()
     else:
-        registry = DynamoDbRegistry(request.getfixturevalue("dynamodb_client"), TABLE)
+        registry = DynamoDbRegistry(request.getfixturevalue("dynamodb_client"), TABLE,
+                                    executor=request.getfixturevalue("executor"))
         registry.create()
         yield registry
+
+
+def item(record: DeviceRecord | None) -> dict | None:
+    """The record as operators see it (the sample's attribute names), None for none."""
+    return None if record is None else item_of(record)
 
 
 def provisioned(registry, name: str, at: datetime = T0) -> None:
@@ -60,28 +72,28 @@ def answer(status: int, body: dict):
 def test_create_is_idempotent_and_keeps_items(registry):
     registry.register(["dev1"])
     registry.create()
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": UNPROVISIONED}
+    assert item(registry.get("dev1")) == {"thing_name": "dev1", "prov_status": UNPROVISIONED}
 
 
 def test_register_counts_new_and_leaves_existing_unchanged(registry):
     assert registry.register(["dev1", "dev2"]) == 2
     provisioned(registry, "dev1")
-    before = registry.get("dev1")
+    before = item(registry.get("dev1"))
 
     assert registry.register(["dev1", "dev2", "dev3"]) == 1
 
-    assert registry.get("dev1") == before
+    assert item(registry.get("dev1")) == before
     assert before["prov_status"] == PROVISIONED
-    assert [item["thing_name"] for item in registry.list()] == ["dev1", "dev2", "dev3"]
+    assert [record.thing_name for record in registry.list()] == ["dev1", "dev2", "dev3"]
 
 
 def test_register_counts_duplicates_in_the_input_once(registry):
     assert registry.register(["dev1", "dev2", "dev1", "dev2", "dev1"]) == 2
-    assert [item["thing_name"] for item in registry.list()] == ["dev1", "dev2"]
+    assert [record.thing_name for record in registry.list()] == ["dev1", "dev2"]
 
 
 def test_get_unknown_is_none(registry):
-    assert registry.get("nobody") is None
+    assert item(registry.get("nobody")) is None
 
 
 def test_list_is_sorted_and_filtered_by_status(registry):
@@ -89,10 +101,10 @@ def test_list_is_sorted_and_filtered_by_status(registry):
     provisioned(registry, "d")
     registry.claim("b", T0, LEASE)
 
-    assert [item["thing_name"] for item in registry.list()] == ["a", "b", "c", "d"]
-    assert [item["thing_name"] for item in registry.list(UNPROVISIONED)] == ["a", "c"]
-    assert [item["thing_name"] for item in registry.list(PROVISIONING)] == ["b"]
-    assert list(registry.list(PROVISIONED)) == [registry.get("d")]
+    assert [record.thing_name for record in registry.list()] == ["a", "b", "c", "d"]
+    assert [record.thing_name for record in registry.list(UNPROVISIONED)] == ["a", "c"]
+    assert [record.thing_name for record in registry.list(PROVISIONING)] == ["b"]
+    assert list(registry.list(PROVISIONED)) == [registry.get("d")] != [None]
 
 
 def test_claim_then_finalize_gives_the_public_item_shape(registry):
@@ -100,20 +112,20 @@ def test_claim_then_finalize_gives_the_public_item_shape(registry):
     claim = registry.claim("dev1", T0, LEASE)
     assert claim.thing_name == "dev1" and len(claim.token) == 32
     # The claim's token and lease stay private.
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 1}
+    assert item(registry.get("dev1")) == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 1}
 
     registry.finalize(claim, "ap-northeast-1", "cert-123", T0 + timedelta(seconds=5))
 
     expected = {"thing_name": "dev1", "prov_status": PROVISIONED, "prov_datetime": "2026-11-28T12:00:05Z",
                 "aws_region": "ap-northeast-1", "certificate_id": "cert-123", "attempts": 1}
-    assert registry.get("dev1") == expected
-    assert list(registry.list()) == [expected]
+    assert item(registry.get("dev1")) == expected
+    assert [item(record) for record in registry.list()] == [expected]
 
 
 def test_claim_of_unknown_device_is_not_registered(registry):
     with pytest.raises(NotRegistered, match="nobody is not on the allow-list"):
         registry.claim("nobody", T0, LEASE)
-    assert registry.get("nobody") is None  # the refused write made nothing
+    assert item(registry.get("nobody")) is None  # the refused write made nothing
 
 
 def test_claim_within_the_lease_is_in_progress(registry):
@@ -129,7 +141,7 @@ def test_claim_after_the_lease_ran_out_takes_over_with_a_new_token(registry):
     second = registry.claim("dev1", T0 + timedelta(seconds=LEASE + 1), LEASE)
     assert second.token != first.token
     registry.finalize(second, "eu-west-2", "cert-2", T0 + timedelta(seconds=LEASE + 2))
-    assert registry.get("dev1")["certificate_id"] == "cert-2"
+    assert item(registry.get("dev1"))["certificate_id"] == "cert-2"
 
 
 def test_finalize_with_a_stale_claim_is_refused_and_the_new_claim_holds(registry):
@@ -140,23 +152,23 @@ def test_finalize_with_a_stale_claim_is_refused_and_the_new_claim_holds(registry
     with pytest.raises(ProvisioningInProgress, match="dev1: the claim's lease ran out"):
         registry.finalize(stale, "eu-west-2", "cert-stale", T0 + timedelta(seconds=LEASE + 2))
 
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 2}
+    assert item(registry.get("dev1")) == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 2}
     with pytest.raises(ProvisioningInProgress):  # still within the new claim's lease
         registry.claim("dev1", T0 + timedelta(seconds=LEASE + 3), LEASE)
     registry.finalize(current, "eu-west-2", "cert-current", T0 + timedelta(seconds=LEASE + 4))
-    assert registry.get("dev1")["certificate_id"] == "cert-current"
+    assert item(registry.get("dev1"))["certificate_id"] == "cert-current"
 
 
 def test_finalize_of_unknown_device_is_refused(registry):
     with pytest.raises(ProvisioningInProgress):
         registry.finalize(Claim("nobody", "0" * 32), "eu-west-2", "cert", T0)
-    assert registry.get("nobody") is None
+    assert item(registry.get("nobody")) is None
 
 
 def test_release_returns_to_unprovisioned_with_the_error(registry):
     registry.register(["dev1"])
     registry.release(registry.claim("dev1", T0, LEASE), "issuer down")
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": UNPROVISIONED, "last_error": "issuer down",
+    assert item(registry.get("dev1")) == {"thing_name": "dev1", "prov_status": UNPROVISIONED, "last_error": "issuer down",
                                      "attempts": 1}
     registry.claim("dev1", T0 + timedelta(seconds=1), LEASE)  # claimable again at once, lease or not
 
@@ -168,11 +180,11 @@ def test_stale_release_changes_nothing(registry):
 
     registry.release(stale, "too late")
 
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 2}
+    assert item(registry.get("dev1")) == {"thing_name": "dev1", "prov_status": PROVISIONING, "attempts": 2}
     registry.finalize(current, "eu-west-2", "cert-1", T0 + timedelta(seconds=LEASE + 2))
     registry.release(current, "after the fact")  # a finished claim cannot be undone either
-    assert registry.get("dev1")["prov_status"] == PROVISIONED
-    assert "last_error" not in registry.get("dev1")
+    assert item(registry.get("dev1"))["prov_status"] == PROVISIONED
+    assert "last_error" not in item(registry.get("dev1"))
 
 
 def test_claim_of_provisioned_device_is_already_provisioned(registry):
@@ -186,15 +198,15 @@ def test_successful_finalize_clears_the_last_error(registry):
     registry.register(["dev1"])
     registry.release(registry.claim("dev1", T0, LEASE), "issuer down")
     provisioned(registry, "dev1", T0 + timedelta(seconds=10))
-    item = registry.get("dev1")
-    assert item["prov_status"] == PROVISIONED and "last_error" not in item
+    record = item(registry.get("dev1"))
+    assert record["prov_status"] == PROVISIONED and "last_error" not in record
 
 
 def test_register_a_thousand_devices_in_batches(registry):
     names = [f"dev{i:04d}" for i in range(1000)]
     assert registry.register(names) == 1000
     assert registry.register(reversed(names)) == 0
-    assert [item["thing_name"] for item in registry.list(UNPROVISIONED)] == names
+    assert [record.thing_name for record in registry.list(UNPROVISIONED)] == names
 
 
 def test_register_stores_keys_and_attributes_and_reports_progress(registry):
@@ -204,23 +216,23 @@ def test_register_stores_keys_and_attributes_and_reports_progress(registry):
                               progress=done.append)
     assert added == 250
     assert done == sorted(done) and done[-1] == 250 and len(done) >= 1
-    assert registry.get("dev001") == {"thing_name": "dev001", "prov_status": UNPROVISIONED, "public_key": "PEM"}
-    assert registry.get("dev002")["attributes"] == {"line": "2", "site": "Köln"}
+    assert item(registry.get("dev001")) == {"thing_name": "dev001", "prov_status": UNPROVISIONED, "public_key": "PEM"}
+    assert item(registry.get("dev002"))["attributes"] == {"line": "2", "site": "Köln"}
     # Present names keep what they had, attributes included.
     assert registry.register(["dev002"], attributes={"dev002": {"site": "other"}}) == 0
-    assert registry.get("dev002")["attributes"] == {"line": "2", "site": "Köln"}
+    assert item(registry.get("dev002"))["attributes"] == {"line": "2", "site": "Köln"}
 
 
 def test_attempts_count_successful_claims_only_and_survive_reset(registry):
     registry.register(["dev1"])
-    assert "attempts" not in registry.get("dev1")
+    assert "attempts" not in item(registry.get("dev1"))
     registry.release(registry.claim("dev1", T0, LEASE), "issuer down")
     provisioned(registry, "dev1", T0 + timedelta(seconds=1))
     with pytest.raises(AlreadyProvisioned):
         registry.claim("dev1", T0 + timedelta(seconds=2), LEASE)  # refused: not an attempt
-    assert registry.get("dev1")["attempts"] == 2
+    assert item(registry.get("dev1"))["attempts"] == 2
     registry.reset("dev1")
-    assert registry.get("dev1")["attempts"] == 2  # history, kept for the operator
+    assert item(registry.get("dev1"))["attempts"] == 2  # history, kept for the operator
 
 
 def test_list_filters_by_status_region_and_since_together(registry):
@@ -231,7 +243,7 @@ def test_list_filters_by_status_region_and_since_together(registry):
     registry.claim("d", T0 + timedelta(days=2), LEASE)
 
     def names(**filters):
-        return [item["thing_name"] for item in registry.list(**filters)]
+        return [record.thing_name for record in registry.list(**filters)]
 
     assert names(region="eu-west-2") == ["a", "c"]
     assert names(since=T0 + timedelta(minutes=30)) == ["b", "c"]
@@ -241,6 +253,76 @@ def test_list_filters_by_status_region_and_since_together(registry):
     assert names(status=PROVISIONED, region="eu-west-2", since=T0 + timedelta(seconds=1)) == ["c"]
     assert names(status=UNPROVISIONED, region="eu-west-2") == []
     assert names(status=PROVISIONING) == ["d"]
+
+
+def test_a_fleet_key_claim_of_a_device_with_its_own_key_is_refused_and_changes_nothing(registry):
+    registry.register(["own", "plain"], {"own": "PEM"})
+    before = registry.get("own")
+
+    with pytest.raises(SignatureInvalid) as refused:
+        registry.claim("own", T0, LEASE, fleet_key=True)
+
+    assert refused.value.code == "invalid-signature"
+    assert registry.get("own") == before and before.attempts == 0  # not claimed, no attempt counted
+    registry.claim("plain", T0, LEASE, fleet_key=True)  # a device without a key of its own: the fleet key does
+    provisioned_by_own_key = registry.claim("own", T0, LEASE)  # the device's own key does
+    registry.finalize(provisioned_by_own_key, "eu-west-2", "cert-own", T0)
+    with pytest.raises(SignatureInvalid):  # and once provisioned, the fleet key learns nothing more either
+        registry.claim("own", T0 + timedelta(seconds=1), LEASE, fleet_key=True)
+    assert registry.get("own").attempts == 1
+
+
+def nonce(value: str, at: datetime, window: int = 600) -> Nonce:
+    return Nonce(value, at + timedelta(seconds=window))
+
+
+def replayed(registry, name: str, value: str, at: datetime) -> bool:
+    try:
+        registry.claim(name, at, LEASE, nonce=nonce(value, at))
+    except SignatureInvalid as refused:
+        assert refused.code == "replayed-request"
+        return True
+    return False
+
+
+def test_a_nonce_is_accepted_once_also_after_a_release_and_a_reset(registry):
+    registry.register(["dev1", "dev2"])
+    registry.release(registry.claim("dev1", T0, LEASE, nonce=nonce("n-1", T0)), "issuer down")
+
+    assert replayed(registry, "dev1", "n-1", T0 + timedelta(seconds=1))  # after a release
+    assert registry.get("dev1").status == UNPROVISIONED  # the replay holds no claim
+    registry.finalize(registry.claim("dev1", T0 + timedelta(seconds=2), LEASE, nonce=nonce("n-2", T0)),
+                      "eu-west-2", "cert-1", T0 + timedelta(seconds=3))
+    registry.reset("dev1")
+    assert replayed(registry, "dev1", "n-1", T0 + timedelta(seconds=4))  # after a reset
+    assert replayed(registry, "dev1", "n-2", T0 + timedelta(seconds=5))
+    assert not replayed(registry, "dev2", "n-1", T0 + timedelta(seconds=6))  # nonces are per device
+    assert not replayed(registry, "dev1", "n-3", T0 + timedelta(seconds=7))
+
+
+def test_an_expired_nonce_may_be_used_again(registry):
+    registry.register(["dev1"])
+    registry.release(registry.claim("dev1", T0, LEASE, nonce=Nonce("n", T0 + timedelta(seconds=600))), "failed")
+
+    assert replayed(registry, "dev1", "n", T0 + timedelta(seconds=600))  # its last instant: still remembered
+    assert registry.get("dev1").status == UNPROVISIONED
+    assert not replayed(registry, "dev1", "n", T0 + timedelta(seconds=600, milliseconds=1))
+
+
+def test_the_lease_holds_through_its_last_instant(registry):
+    registry.register(["dev1"])
+    first = registry.claim("dev1", T0, LEASE)
+    end = T0 + timedelta(seconds=LEASE)
+
+    with pytest.raises(ProvisioningInProgress):
+        registry.claim("dev1", end, LEASE)  # the lease ends at claim time + lease: held until then, inclusive
+    assert registry.stuck(end) == [] and not registry.release_stuck("dev1", end)
+
+    just_after = end + timedelta(milliseconds=1)
+    assert [record.thing_name for record in registry.stuck(just_after)] == ["dev1"]
+    assert registry.stuck(just_after)[0].lease_expires == end
+    second = registry.claim("dev1", just_after, LEASE)
+    assert second.token != first.token
 
 
 def test_only_one_of_many_concurrent_claims_wins(registry):
@@ -267,8 +349,8 @@ def test_only_one_of_many_concurrent_claims_wins(registry):
 
 # --- DynamoDB only: paging, batching and throttling ---------------------------------------------------------------
 
-def test_dynamodb_list_follows_every_scan_page(dynamodb_client):
-    registry = DynamoDbRegistry(dynamodb_client, TABLE, page_size=7)
+def test_dynamodb_list_follows_every_scan_page(dynamodb_client, executor):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, page_size=7, executor=executor)
     registry.create()
     names = [f"dev{i:02d}" for i in range(50)]
     registry.register(names)
@@ -276,13 +358,14 @@ def test_dynamodb_list_follows_every_scan_page(dynamodb_client):
     scans = []
     dynamodb_client.meta.events.register("before-call.dynamodb.Scan", lambda **kw: scans.append(1))
 
-    assert [item["thing_name"] for item in registry.list()] == names
+    assert [record.thing_name for record in registry.list()] == names
     assert len(scans) >= 8  # 50 items, 7 a page
-    assert [item["thing_name"] for item in registry.list(PROVISIONED)] == ["dev07"]
+    assert [record.thing_name for record in registry.list(PROVISIONED)] == ["dev07"]
 
 
-def test_dynamodb_register_retries_unprocessed_items_and_keys(dynamodb_client):
-    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+def test_dynamodb_register_retries_unprocessed_items_and_keys(dynamodb_client, executor):
+    waits = []
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, executor=executor, sleep=waits.append)
     registry.create()
     registry.register(["dev000"])
     refused = {"BatchGetItem": 0, "BatchWriteItem": 0}
@@ -305,14 +388,15 @@ def test_dynamodb_register_retries_unprocessed_items_and_keys(dynamodb_client):
     assert registry.register([f"dev{i:03d}" for i in range(30)]) == 29
 
     assert refused == {"BatchGetItem": 1, "BatchWriteItem": 1}
+    assert waits == [0.05, 0.05]  # one back-off before each retry, through the injected sleep
     assert len(list(registry.list())) == 30
-    assert registry.get("dev000")["prov_status"] == PROVISIONED
+    assert item(registry.get("dev000"))["prov_status"] == PROVISIONED
 
 
 @pytest.mark.parametrize("code", ["ProvisionedThroughputExceededException", "ThrottlingException",
                                   "InternalServerError"])
-def test_dynamodb_throttling_becomes_service_unavailable(dynamodb_client, code):
-    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+def test_dynamodb_throttling_becomes_service_unavailable(dynamodb_client, executor, code):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, executor=executor)
     registry.create()
     registry.register(["dev1"])
     dynamodb_client.meta.events.register(
@@ -323,11 +407,11 @@ def test_dynamodb_throttling_becomes_service_unavailable(dynamodb_client, code):
         registry.claim("dev1", T0, LEASE)
 
     assert caught.value.retry_after > 0
-    assert registry.get("dev1") == {"thing_name": "dev1", "prov_status": UNPROVISIONED}
+    assert item(registry.get("dev1")) == {"thing_name": "dev1", "prov_status": UNPROVISIONED}
 
 
-def test_dynamodb_throttled_reads_become_service_unavailable(dynamodb_client):
-    registry = DynamoDbRegistry(dynamodb_client, TABLE)
+def test_dynamodb_throttled_reads_become_service_unavailable(dynamodb_client, executor):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, executor=executor)
     registry.create()
     for operation in ("GetItem", "Scan", "BatchGetItem"):
         dynamodb_client.meta.events.register(

@@ -20,10 +20,11 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import MAX_BODY_BYTES, app
+from app import app
 from chalicelib import admin, observability, wiring
 from chalicelib.config import PROJECT_DIR
 from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.wire import MAX_BODY_BYTES
 from tests.conftest import LONDON_IP, sign_v1
 
 HOSTILE = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -541,7 +542,7 @@ def test_a_128_character_name_of_allowed_characters_provisions(client, stage):
     status, answer = post(client, stage.body(NAME_128))
     assert status == 200, answer
     assert answer["thingName"] == NAME_128
-    assert registry(stage).get(NAME_128)["prov_status"] == "provisioned"
+    assert registry(stage).get(NAME_128).status == "provisioned"
 
 
 # =================================================================================================================
@@ -668,7 +669,7 @@ def test_per_device_key_own_signature_provisions_and_fleet_key_is_refused(client
     assert state.snapshot() == before
     status, answer = post(client, v2_body(per_device[thing], thing, csr))
     assert status == 200, answer
-    assert registry(stage).get(thing)["prov_status"] == "provisioned"
+    assert registry(stage).get(thing).status == "provisioned"
 
 
 def test_unknown_device_and_wrong_signature_get_the_same_answer(client, stage, keys, per_device):

@@ -7,9 +7,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.errors import ConfigError, MalformedRequest
-from chalicelib.provisioning import ProvisioningRequest
-from chalicelib.signatures import (FleetKeyVerifier, decode_signature, load_device_key, load_public_key, v1_text, v2_text,
-                                   verifies)
+from chalicelib.signatures import FleetKeyVerifier, load_device_key, load_public_key, v1_text, v2_text, verifies
+from chalicelib.wire import ProvisioningRequest, decode_signature
 from tests.conftest import SHARED_VECTORS_PATH, VECTORS_COPY_PATH
 
 

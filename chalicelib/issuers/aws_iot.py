@@ -13,8 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from chalicelib.aws import error_code as _code
-from chalicelib.errors import MalformedRequest, ProvisioningError, ServiceUnavailable
-from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
+from chalicelib.errors import IssueIncomplete, MalformedRequest, ProvisioningError, ServiceUnavailable
+from chalicelib.issuers.base import ACTIVE, CertificateInfo, CertificateRef, Endpoint, IssuedCertificate
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +27,16 @@ _AWS_ERRORS = (ClientError, BotoCoreError)
 _TRANSIENT = {"ThrottlingException", "LimitExceededException", "ServiceUnavailableException",
               "InternalFailureException", "InternalException", "RequestTimeoutException"}
 # Detaching a principal is asynchronous in AWS IoT: deleting right after may still meet a conflict.
-_DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
+DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
 # A throttled create/attach/detach/delete is tried again after about the time a bucket takes to refill, at
 # most twice: within the request's deadline, and inside the budget admission control keeps in reserve.
 _THROTTLE_WAITS = (0.5, 1.0)
 MUTATING_OPERATIONS = frozenset({"CreateThing", "CreateCertificateFromCsr", "CreateKeysAndCertificate",
                                  "AttachPolicy", "AttachThingPrincipal", "DetachThingPrincipal", "DetachPolicy",
                                  "UpdateCertificate", "DeleteCertificate", "DeleteThing"})
-_default_executor = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aws-iot")
 
 
-def device_policy_document() -> dict:
+def device_policy_document() -> dict[str, Any]:
     """Each device may connect as itself and use only data/<its thing name>/..., like the local ACL data/%u/#.
 
     ${iot:Connection.Thing.ThingName} resolves only when the certificate is attached to the thing and the
@@ -61,9 +60,9 @@ def _is_not_found(exc: Exception) -> bool:
     return isinstance(exc, ClientError) and _code(exc) == "ResourceNotFoundException"
 
 
-def _domain_error(exc: Exception, region: str) -> ProvisioningError:
+def _domain_error(exc: Exception, region: str | None) -> ProvisioningError:
     """AWS errors become domain errors, so no raw ClientError reaches the orchestrator or the device."""
-    if isinstance(exc, BotoCoreError):  # connection errors, timeouts: AWS IoT could not be reached
+    if not isinstance(exc, ClientError):  # connection errors, timeouts: AWS IoT could not be reached
         return ServiceUnavailable(f"AWS IoT in {region} cannot be reached; try again later", retry_after=5)
     code, operation = _code(exc), exc.operation_name
     if operation == "CreateCertificateFromCsr" and code == "InvalidRequestException":
@@ -79,19 +78,24 @@ def _domain_error(exc: Exception, region: str) -> ProvisioningError:
 class AwsIotIssuer:
     """Creates the thing and its certificate in the chosen region, with the device policy attached.
 
-    issue() waits for tasks on `executor`: never call it from that executor's own threads.
+    issue() runs its AWS calls side by side on `executor` (the composition root's pool) and waits for them:
+    never call it from that executor's own threads. `sleep` waits between retries of a delete while a
+    detachment propagates.
     """
 
-    def __init__(self, client_for_region: Callable[[str], Any], policy_name: str = DEVICE_POLICY_NAME,
-                 executor: cf.Executor | None = None,
+    def __init__(self, client_for_region: Callable[[str | None], Any], executor: cf.Executor,
+                 policy_name: str = DEVICE_POLICY_NAME, sleep: Callable[[float], None] = time.sleep,
+                 detach_waits: tuple[float, ...] = DETACH_WAITS,
                  mutating_client_for_region: Callable[[str], Any] | None = None,
-                 on_throttle: Callable[[str], None] | None = None):
+                 on_throttle: Callable[[str], None] | None = None) -> None:
         self._client = client_for_region
         # Clients for the calls that change things, without botocore's own retries (see _mutate).
         self._mutating = mutating_client_for_region or client_for_region
         self._on_throttle = on_throttle
         self._policy_name = policy_name
-        self._executor = executor or _default_executor
+        self._executor = executor
+        self._sleep = sleep
+        self._detach_waits = detach_waits
         self._lock = threading.Lock()
         self._once_per_region: dict[tuple[str, str], cf.Future] = {}
 
@@ -116,7 +120,11 @@ class AwsIotIssuer:
                     self._on_throttle(region)
                 if wait is None:
                     raise
-                time.sleep(wait * random.uniform(0.75, 1.25))
+                self._sleep(wait * random.uniform(0.75, 1.25))
+        raise AssertionError("unreachable")
+
+    def _mutating_client(self, region: str) -> "_Mutating":
+        return _Mutating(self, region)
 
     def _describe_endpoint(self, region: str) -> Endpoint:
         address = self._client(region).describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
@@ -145,30 +153,32 @@ class AwsIotIssuer:
 
     def issue(self, thing_name: str, region: str,
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
-        mutate = functools.partial(self._mutate, region)
+        client = self._mutating_client(region)
         endpoint_f = self._once("endpoint", region, self._describe_endpoint)
         policy_f = self._once("policy", region, self._ensure_policy)
-        thing_f = self._executor.submit(mutate, "create_thing", thingName=thing_name)
-        cert_f = self._executor.submit(_create_certificate, mutate, csr)
+        thing_f = self._executor.submit(client.create_thing, thingName=thing_name)
+        cert_f = self._executor.submit(_create_certificate, client, csr)
         cf.wait([endpoint_f, policy_f, thing_f, cert_f])
         # Whatever succeeded is ours to undo if anything else failed.
         made_thing = thing_f.exception() is None
-        cert = cert_f.result() if cert_f.exception() is None else None
+        cert: dict[str, Any] | None = cert_f.result() if cert_f.exception() is None else None
         try:
             for future in (cert_f, thing_f, policy_f, endpoint_f):
                 future.result()
-            attached = [self._executor.submit(mutate, "attach_policy", policyName=self._policy_name,
+            assert cert is not None  # cert_f.result() above raised otherwise
+            attached = [self._executor.submit(client.attach_policy, policyName=self._policy_name,
                                               target=cert["certificateArn"]),
-                        self._executor.submit(mutate, "attach_thing_principal", thingName=thing_name,
+                        self._executor.submit(client.attach_thing_principal, thingName=thing_name,
                                               principal=cert["certificateArn"])]
             cf.wait(attached)
             for future in attached:
                 future.result()
         except Exception as exc:
-            incomplete = self._undo(region, thing_name if made_thing else None, cert)
+            incomplete = self._undo(client, region, thing_name if made_thing else None, cert)
             error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
             if incomplete:  # the orchestrator records it, for the operator and the audit
-                error.leftover = f"thing {thing_name} or certificate {cert and cert['certificateId']} in {region}"
+                raise IssueIncomplete(error, f"thing {thing_name} or certificate "
+                                             f"{cert and cert['certificateId']} in {region}") from exc
             if error is exc:
                 raise
             raise error from exc
@@ -182,6 +192,7 @@ class AwsIotIssuer:
         operator's reset) they are looked up first.
         """
         region, client = issued.region, self._client(issued.region)
+        things: list[str | None]
         if issued.certificate_arn and issued.thing_name:
             arn, things = issued.certificate_arn, [issued.thing_name]
         else:
@@ -194,11 +205,11 @@ class AwsIotIssuer:
                     return
                 raise _domain_error(exc, region) from exc
         cert = {"certificateId": issued.certificate_id, "certificateArn": arn}
-        failures = [self._undo(region, thing, cert) for thing in things or [None]]
+        failures = [self._undo(self._mutating_client(region), region, thing, cert) for thing in things or [None]]
         if any(failures):
             raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
 
-    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
+    def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         try:
             found = self._client(region).describe_certificate(certificateId=certificate_id)
         except ClientError as exc:
@@ -206,21 +217,20 @@ class AwsIotIssuer:
                 return None
             raise _domain_error(exc, region) from exc
         cert = found["certificateDescription"]
-        validity = cert.get("validity", {})
-        return {"certificate_id": cert["certificateId"], "region": region, "status": cert["status"],
-                "issued_at": str(cert.get("creationDate")), "not_after": str(validity.get("notAfter")),
-                "arn": cert["certificateArn"], "certificate_pem": cert["certificatePem"]}
+        return CertificateInfo(cert["certificateId"], region, cert["status"], None, cert["certificatePem"],
+                               cert.get("creationDate"), cert.get("validity", {}).get("notAfter"),
+                               arn=cert["certificateArn"])
 
-    def active_certificates(self, region: str) -> Iterator[dict]:
+    def active_certificates(self, region: str) -> Iterator[CertificateInfo]:
         client = self._client(region)
         try:
             for page in client.get_paginator("list_certificates").paginate():
                 for cert in page["certificates"]:
-                    if cert["status"] != "ACTIVE":
+                    if cert["status"] != ACTIVE:
                         continue
                     things = client.list_principal_things(principal=cert["certificateArn"])["things"]
-                    yield {"certificate_id": cert["certificateId"], "thing_name": things[0] if things else None,
-                           "region": region, "status": cert["status"]}
+                    yield CertificateInfo(cert["certificateId"], region, cert["status"], things[0] if things else None,
+                                          arn=cert["certificateArn"])
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
 
@@ -239,32 +249,30 @@ class AwsIotIssuer:
             principals = client.list_thing_principals(thingName=thing_name)["principals"]
             for principal in principals:
                 client.detach_thing_principal(thingName=thing_name, principal=principal)
-            _after_detach("InvalidRequestException", client.delete_thing, thingName=thing_name)
+            self._after_detach("InvalidRequestException", client.delete_thing, thingName=thing_name)
         except ClientError as exc:
             if not _is_not_found(exc):
                 raise _domain_error(exc, region) from exc
 
-    def _undo(self, region: str, thing_name: str | None, cert: dict | None) -> bool:
+    def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict[str, Any] | None) -> bool:
         """Remove, in reverse order of creation, what issue made; logs failures and returns whether any."""
-        mutate = functools.partial(self._mutate, region)
         steps: list[tuple[str, Callable[[], Any]]] = []
         if cert:
             arn, cert_id = cert["certificateArn"], cert["certificateId"]
             if thing_name:
-                steps.append(("detach thing", lambda: mutate(
-                    "detach_thing_principal", thingName=thing_name, principal=arn)))
+                steps.append(("detach thing", lambda: client.detach_thing_principal(
+                    thingName=thing_name, principal=arn)))
             steps += [
-                ("detach policy", lambda: mutate("detach_policy", policyName=self._policy_name, target=arn)),
-                ("deactivate certificate", lambda: mutate(
-                    "update_certificate", certificateId=cert_id, newStatus="INACTIVE")),
-                ("delete certificate", lambda: _after_detach(
-                    "DeleteConflictException", functools.partial(mutate, "delete_certificate"),
-                    certificateId=cert_id)),
+                ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
+                ("deactivate certificate", lambda: client.update_certificate(
+                    certificateId=cert_id, newStatus="INACTIVE")),
+                ("delete certificate", lambda: self._after_detach(
+                    "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
             ]
         if thing_name:
             # AWS answers InvalidRequestException while the thing still has a principal attached.
-            steps.append(("delete thing", lambda: _after_detach(
-                "InvalidRequestException", functools.partial(mutate, "delete_thing"), thingName=thing_name)))
+            steps.append(("delete thing", lambda: self._after_detach(
+                "InvalidRequestException", client.delete_thing, thingName=thing_name)))
         failed = False
         for step, call in steps:
             try:
@@ -278,20 +286,31 @@ class AwsIotIssuer:
                           _code(exc) if isinstance(exc, ClientError) else exc)
         return failed
 
+    def _after_detach(self, conflict_code: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+        """Retry a delete while a just-made detachment propagates."""
+        for wait in (*self._detach_waits, None):
+            try:
+                return call(**kwargs)
+            except ClientError as exc:
+                if wait is None or _code(exc) != conflict_code:
+                    raise
+                self._sleep(wait)
 
-def _create_certificate(mutate: Callable[..., Any], csr: x509.CertificateSigningRequest | None) -> dict:
+
+class _Mutating:
+    """A region's client as issue() and _undo() use it: every call goes through the issuer's _mutate."""
+
+    def __init__(self, issuer: AwsIotIssuer, region: str) -> None:
+        self._issuer, self._region = issuer, region
+
+    def __getattr__(self, operation: str) -> Callable[..., Any]:
+        return functools.partial(self._issuer._mutate, self._region, operation)
+
+
+def _create_certificate(client: Any, csr: x509.CertificateSigningRequest | None) -> dict[str, Any]:
     if csr is None:
-        return mutate("create_keys_and_certificate", setAsActive=True)
+        return client.create_keys_and_certificate(setAsActive=True)
     pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-    return mutate("create_certificate_from_csr", certificateSigningRequest=pem, setAsActive=True)
+    return client.create_certificate_from_csr(certificateSigningRequest=pem, setAsActive=True)
 
 
-def _after_detach(conflict_code: str, call: Callable[..., Any], **kwargs) -> Any:
-    """Retry a delete while a just-made detachment propagates."""
-    for wait in (*_DETACH_WAITS, None):
-        try:
-            return call(**kwargs)
-        except ClientError as exc:
-            if wait is None or _code(exc) != conflict_code:
-                raise
-            time.sleep(wait)

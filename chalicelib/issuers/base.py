@@ -1,8 +1,13 @@
-"""What every issuer backend offers."""
+"""What every issuer backend offers: the hot path (`Issuer`) and, apart, what the operator's audit reads."""
+from __future__ import annotations
+
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from datetime import datetime
+from typing import Iterator, Protocol, runtime_checkable
 
 from cryptography import x509
+
+ACTIVE = "ACTIVE"  # a certificate's status that lets a device connect (AWS IoT's word; the local CA's too)
 
 
 @dataclass(frozen=True)
@@ -32,25 +37,61 @@ class IssuedCertificate:
     certificate_arn: str | None = None  # AWS IoT only
 
 
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What an issuer knows of a certificate it issued. Listings (the audit's) leave out the PEM."""
+
+    certificate_id: str
+    region: str | None
+    status: str  # ACTIVE, REVOKED (local CA), INACTIVE, PENDING_TRANSFER... (AWS IoT)
+    thing_name: str | None = None
+    certificate_pem: str | None = None
+    issued_at: datetime | None = None
+    not_after: datetime | None = None
+    serial: str | None = None  # local CA (hex)
+    arn: str | None = None  # AWS IoT
+
+    @property
+    def active(self) -> bool:
+        return self.status == ACTIVE
+
+    def ref(self) -> CertificateRef:
+        return CertificateRef(self.region or "", self.certificate_id, self.thing_name, self.arn)
+
+
 class Issuer(Protocol):
+    """The hot path: what provisioning a device needs."""
+
     def endpoint(self, region: str) -> Endpoint:
         """Where devices of `region` connect (MQTT over mutual TLS)."""
 
     def issue(self, thing_name: str, region: str,
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
-        """Create the device's identity in `region`: from the CSR's key, or with a new RSA-2048 key pair."""
+        """Create the device's identity in `region`: from the CSR's key, or with a new RSA-2048 key pair.
+
+        A failure that could not undo all it made raises `errors.IssueIncomplete` naming what is left."""
 
     def revoke(self, issued: IssuedCertificate | CertificateRef) -> None:
         """Undo `issue` (rollback, reset, audit): the certificate can no longer be used; parts gone are fine."""
 
-    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
-        """What the issuer knows of a certificate (status, validity, certificate_pem); None when unknown."""
+    def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
+        """What the issuer knows of a certificate, with its PEM and validity; None when unknown."""
 
-    def active_certificates(self, region: str) -> Iterator[dict]:
-        """Every active certificate in the region with the thing it belongs to (for the audit)."""
+
+@runtime_checkable
+class CertificateInventory(Protocol):
+    """The audit's view of certificates: every backend keeps one."""
+
+    def active_certificates(self, region: str) -> Iterator[CertificateInfo]:
+        """Every active certificate in the region with the thing it belongs to (no PEM)."""
+
+
+@runtime_checkable
+class ThingInventory(Protocol):
+    """Where a backend keeps things apart from certificates (AWS IoT), the audit finds and removes leftovers."""
 
     def things(self, region: str) -> Iterator[str]:
-        """Every thing in the region (for the audit); none where the backend has no things."""
+        """Every thing in the region."""
 
     def delete_thing(self, region: str, thing_name: str) -> None:
-        """Detach and delete a thing left behind (audit --fix)."""
+        """Detach and delete a thing left behind (audit --fix); gone already is fine."""

@@ -5,7 +5,6 @@ recorded (serial, thing, region, time, status) in one SQLite file, so revocation
 """
 import fcntl
 import hashlib
-import os
 import sqlite3
 import threading
 import warnings
@@ -17,10 +16,13 @@ from typing import Callable, Iterable, Iterator, Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chalicelib.clock import timestamp, utcnow
-from chalicelib.issuers.base import CertificateRef, Endpoint, IssuedCertificate
+from chalicelib.files import write_private
+from chalicelib.issuers.base import CertificateInfo, CertificateRef, Endpoint, IssuedCertificate
+from chalicelib.keypolicy import MIN_RSA_BITS
 
 # See LocalCertificateAuthority.sign: a CN over 64 characters is deliberate here.
 warnings.filterwarnings("ignore", message="Attribute's length must be", category=UserWarning)
@@ -30,16 +32,8 @@ DEVICE_LIFETIME = timedelta(days=3650)
 _BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between issuer and broker
 
 
-def _private_pem(key, fmt=serialization.PrivateFormat.PKCS8) -> bytes:
+def _private_pem(key: PrivateKeyTypes, fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only, from the first byte."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # the mode above applies only when the file is new
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
 
 
 class LocalCertificateAuthority:
@@ -60,7 +54,10 @@ class LocalCertificateAuthority:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not self.cert_path.exists():
                 self._create()
-        self.key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{self.key_path} is not the EC key this CA makes")
+        self.key = key
         self.certificate = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
         self._authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
         self._client_base = self._leaf_base(ExtendedKeyUsageOID.CLIENT_AUTH)
@@ -88,7 +85,7 @@ class LocalCertificateAuthority:
         write_private(self.key_path, _private_pem(key))
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
-    def sign(self, common_name: str, public_key, *, server_names: Iterable[str] = (),
+    def sign(self, common_name: str, public_key: CertificatePublicKeyTypes, *, server_names: Iterable[str] = (),
              lifetime: timedelta = DEVICE_LIFETIME) -> x509.Certificate:
         """A leaf certificate for `public_key`; a client certificate, or a server one when names are given."""
         now = self._clock()
@@ -105,7 +102,7 @@ class LocalCertificateAuthority:
                                             critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
-    def _leaf_base(self, usage) -> x509.CertificateBuilder:
+    def _leaf_base(self, usage: x509.ObjectIdentifier) -> x509.CertificateBuilder:
         """What every leaf of this CA shares, built once: a builder is immutable, so each leaf extends a copy."""
         return (x509.CertificateBuilder()
                 .issuer_name(self.certificate.subject)
@@ -179,8 +176,9 @@ class LocalIssuer:
               csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
         endpoint = self.endpoint(region)
         private_key_pem = None
+        public_key: CertificatePublicKeyTypes
         if csr is None:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            key = rsa.generate_private_key(public_exponent=65537, key_size=MIN_RSA_BITS)
             public_key = key.public_key()
             # The form AWS IoT returns ("BEGIN RSA PRIVATE KEY"), which the sample's device expects.
             private_key_pem = _private_pem(key, serialization.PrivateFormat.TraditionalOpenSSL).decode()
@@ -200,26 +198,28 @@ class LocalIssuer:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
                            (issued.certificate_id,))
 
-    def certificate(self, certificate_id: str, region: str | None = None) -> dict | None:
+    def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         row = self._db().execute("SELECT * FROM certificates WHERE certificate_id = ?",
                                  (certificate_id,)).fetchone()
-        return dict(row) if row else None
+        return _info(row) if row else None
 
-    def certificates(self, thing_name: str) -> list[dict]:
-        return [dict(row) for row in self._db().execute(
+    def certificates(self, thing_name: str) -> list[CertificateInfo]:
+        """Every certificate ever issued to the thing, oldest first (tests, the fleet report)."""
+        return [_info(row) for row in self._db().execute(
             "SELECT * FROM certificates WHERE thing_name = ? ORDER BY issued_at", (thing_name,))]
 
-    def things(self, region: str) -> Iterator[str]:
-        return iter(())  # the local stage has certificates only; brokers know devices by their certificate
-
-    def delete_thing(self, region: str, thing_name: str) -> None:
-        pass
-
-    def active_certificates(self, region: str) -> Iterator[dict]:
+    # The local stage has certificates only (brokers know devices by their certificate), so no ThingInventory.
+    def active_certificates(self, region: str) -> Iterator[CertificateInfo]:
         for row in self._db().execute(
                 "SELECT certificate_id, thing_name, region, status FROM certificates "
                 "WHERE region = ? AND status = 'ACTIVE' ORDER BY issued_at", (region,)):
-            yield dict(row)
+            yield CertificateInfo(row["certificate_id"], row["region"], row["status"], row["thing_name"])
+
+
+def _info(row: sqlite3.Row) -> CertificateInfo:
+    return CertificateInfo(row["certificate_id"], row["region"], row["status"], row["thing_name"],
+                           row["certificate_pem"], datetime.fromisoformat(row["issued_at"]),
+                           datetime.fromisoformat(row["not_after"]), row["serial"])
 
 
 def local_endpoints(regions: Iterable[str], host: str, base_port: int) -> dict[str, Endpoint]:

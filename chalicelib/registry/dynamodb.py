@@ -1,27 +1,35 @@
 """The prod stage's registry: one DynamoDB table keyed by thing_name, the original sample's attribute names."""
 from __future__ import annotations
 
-import json
+import builtins
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from datetime import datetime
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.aws import error_code as _code
 from chalicelib.clock import timestamp as _timestamp
-from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningError,
-                               ProvisioningInProgress, ServiceUnavailable, SignatureInvalid, replayed_request)
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json)
+from chalicelib.errors import ProvisioningError, ProvisioningInProgress, ServiceUnavailable, replayed_request
+from chalicelib.registry.base import (
+    ITEM_ATTRIBUTES,
+    PROVISIONED,
+    PROVISIONING,
+    UNPROVISIONED,
+    Claim,
+    DeviceRecord,
+    DeviceStatus,
+    Nonce,
+    attributes_json,
+    claim_refusal,
+    record_from_item,
+)
 
 log = logging.getLogger(__name__)
-_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="registry")
 DEFAULT_TABLE_NAME = "iot-global-provisioning"
-_PUBLIC_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
-                      "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attributes")
 # Errors that mean "DynamoDB is busy or down", not "the request was wrong": the device may retry later.
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
@@ -37,34 +45,40 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime"}
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def _backoff(attempt: int) -> None:
-    time.sleep(min(0.05 * 2 ** attempt, 1.0))
-
-
-def _item(raw: dict) -> dict:
-    item = {key: raw[key]["S"] for key in _PUBLIC_ATTRIBUTES if key in raw and "S" in raw[key]}
-    if "N" in raw.get("attempts", {}):
-        item["attempts"] = int(raw["attempts"]["N"])
-    if "attributes" in item:
-        item["attributes"] = json.loads(item["attributes"])
-    return item
+def _record(raw: Mapping[str, Any]) -> DeviceRecord:
+    """DynamoDB's typed attributes ({"S": ...}, {"N": ...}) to a record."""
+    item: dict[str, Any] = {key: raw[key]["S"] for key in ITEM_ATTRIBUTES if key in raw and "S" in raw[key]}
+    for number in ("attempts", "lease_expires"):
+        if "N" in raw.get(number, {}):
+            item[number] = float(raw[number]["N"])
+    return record_from_item(item)
 
 
 class DynamoDbRegistry:
-    def __init__(self, client, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None):
+    """`executor` (the composition root's pool) runs a v2 claim's two writes side by side; `sleep` waits
+    between retries of unprocessed batch items."""
+
+    def __init__(self, client: Any, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None, *,
+                 executor: Executor, sleep: Callable[[float], None] = time.sleep) -> None:
         self._client = client
         self._table = table_name
         self._nonces = f"{table_name}-nonces"  # v2 request nonces, kept apart so scans of devices stay lean
         self._page_size = page_size  # Scan's Limit; None lets DynamoDB fill 1 MB pages
+        self._executor = executor
+        self._sleep = sleep
 
-    def _call(self, operation: str, **kwargs) -> dict:
+    def _backoff(self, attempt: int) -> None:
+        self._sleep(min(0.05 * 2 ** attempt, 1.0))
+
+    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         try:
-            return getattr(self._client, operation)(**kwargs)
+            response: dict[str, Any] = getattr(self._client, operation)(**kwargs)
+            return response
         except ClientError as e:
             if _code(e) in _ANSWERS:
                 raise
@@ -74,7 +88,7 @@ class DynamoDbRegistry:
         except BotoCoreError as e:  # no connection, no credentials, timeouts
             raise ServiceUnavailable(f"registry unavailable: DynamoDB {operation}: {type(e).__name__}") from e
 
-    def _key(self, thing_name: str) -> dict:
+    def _key(self, thing_name: str) -> dict[str, Any]:
         return {"thing_name": {"S": thing_name}}
 
     def create(self) -> None:
@@ -114,49 +128,50 @@ class DynamoDbRegistry:
                 progress(min((done + 1) * _BATCH_GET_LIMIT, len(names)))
         return added
 
-    def _new_item(self, name: str, public_key: str | None, attributes: Mapping[str, str] | None) -> dict:
-        item = {**self._key(name), "prov_status": {"S": UNPROVISIONED}}
+    def _new_item(self, name: str, public_key: str | None, attributes: Mapping[str, str] | None) -> dict[str, Any]:
+        item = {**self._key(name), "prov_status": {"S": UNPROVISIONED.value}}
         if public_key:
             item["public_key"] = {"S": public_key}
         if attributes:
             item["attributes"] = {"S": attributes_json(attributes)}
         return item
 
-    def _write_batch(self, requests: list[dict]) -> None:
-        request = {self._table: requests}
+    def _write_batch(self, requests: builtins.list[dict[str, Any]]) -> None:
+        request: dict[str, Any] | None = {self._table: requests}
         for attempt in range(_BATCH_ATTEMPTS):
             request = self._call("batch_write_item", RequestItems=request).get("UnprocessedItems")
             if not request:
                 return
-            _backoff(attempt)
+            self._backoff(attempt)
         raise ServiceUnavailable("registry unavailable: DynamoDB batch_write_item kept items unprocessed")
 
-    def _existing(self, names: list[str]) -> set[str]:
-        found = set()
+    def _existing(self, names: builtins.list[str]) -> set[str]:
+        found: set[str] = set()
         for chunk in _chunks(names, _BATCH_GET_LIMIT):
-            request = {self._table: {"Keys": [self._key(name) for name in chunk], "ConsistentRead": True,
-                                     "ProjectionExpression": "#name",
-                                     "ExpressionAttributeNames": {"#name": "thing_name"}}}
+            request: dict[str, Any] | None = {self._table: {
+                "Keys": [self._key(name) for name in chunk], "ConsistentRead": True,
+                "ProjectionExpression": "#name", "ExpressionAttributeNames": {"#name": "thing_name"}}}
             for attempt in range(_BATCH_ATTEMPTS):
                 response = self._call("batch_get_item", RequestItems=request)
                 found.update(raw["thing_name"]["S"] for raw in response["Responses"].get(self._table, []))
                 request = response.get("UnprocessedKeys")
                 if not request:
                     break
-                _backoff(attempt)
+                self._backoff(attempt)
             else:
                 raise ServiceUnavailable("registry unavailable: DynamoDB batch_get_item kept keys unprocessed")
         return found
 
-    def get(self, thing_name: str) -> dict | None:
+    def get(self, thing_name: str) -> DeviceRecord | None:
         raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
-        return _item(raw) if raw else None
+        return _record(raw) if raw else None
 
-    def list(self, status: str | None = None, region: str | None = None,
-             since: datetime | None = None) -> Iterator[dict]:
-        kwargs: dict = {"TableName": self._table}
+    def list(self, status: DeviceStatus | None = None, region: str | None = None,
+             since: datetime | None = None) -> Iterator[DeviceRecord]:
+        kwargs: dict[str, Any] = {"TableName": self._table}
         filters = [(condition, name, value) for condition, name, value in (
-            ("#status = :status", "#status", status), ("#region = :region", "#region", region),
+            ("#status = :status", "#status", status and DeviceStatus(status).value),
+            ("#region = :region", "#region", region),
             ("#since >= :since", "#since", since and _timestamp(since))) if value]
         if filters:
             kwargs.update(FilterExpression=" AND ".join(condition for condition, _, _ in filters),
@@ -164,22 +179,22 @@ class DynamoDbRegistry:
                           ExpressionAttributeValues={f":{name[1:]}": {"S": value} for _, name, value in filters})
         if self._page_size:
             kwargs["Limit"] = self._page_size
-        items = []
+        records: builtins.list[DeviceRecord] = []
         while True:
             page = self._call("scan", **kwargs)
-            items.extend(_item(raw) for raw in page.get("Items", []))
+            records.extend(_record(raw) for raw in page.get("Items", []))
             if "LastEvaluatedKey" not in page:
                 break
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         # A scan comes back in hash order; sort like the SQLite backend does.
-        yield from sorted(items, key=lambda item: item["thing_name"])
+        yield from sorted(records, key=lambda record: record.thing_name)
 
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
-              nonce: tuple[str, float] | None = None) -> Claim:
+              nonce: Nonce | None = None) -> Claim:
         if nonce is None:
             return self._claim(thing_name, now, lease_seconds, fleet_key)
         # Two tables, two round trips: run them side by side rather than one after the other.
-        fresh = _POOL.submit(self._remember_nonce, thing_name, nonce, now)
+        fresh = self._executor.submit(self._remember_nonce, thing_name, nonce, now)
         try:
             claim = self._claim(thing_name, now, lease_seconds, fleet_key)
         except ProvisioningError:
@@ -196,7 +211,7 @@ class DynamoDbRegistry:
         at = now.timestamp()
         condition = ("attribute_exists(#name) AND (#status = :unprovisioned "
                      "OR (#status = :provisioning AND #lease < :now))")
-        names = ("#name", "#status", "#token", "#lease", "#attempts")
+        names: tuple[str, ...] = ("#name", "#status", "#token", "#lease", "#attempts")
         if fleet_key:  # a device with a key of its own may not be claimed with the fleet key's signature
             condition += " AND attribute_not_exists(#key)"
             names += ("#key",)
@@ -206,7 +221,8 @@ class DynamoDbRegistry:
                 UpdateExpression="SET #status = :provisioning, #token = :token, #lease = :lease ADD #attempts :one",
                 ConditionExpression=condition,
                 ExpressionAttributeNames={k: _NAMES[k] for k in names},
-                ExpressionAttributeValues={":provisioning": {"S": PROVISIONING}, ":unprovisioned": {"S": UNPROVISIONED},
+                ExpressionAttributeValues={":provisioning": {"S": PROVISIONING.value},
+                                           ":unprovisioned": {"S": UNPROVISIONED.value},
                                            ":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
                                            ":now": {"N": repr(at)}, ":one": {"N": "1"}},
                 ReturnValuesOnConditionCheckFailure="ALL_OLD")
@@ -215,18 +231,12 @@ class DynamoDbRegistry:
                 raise
             # The refusal carries the item as it was, so telling why costs no second read.
             old = e.response.get("Item")
-            if old is None:
-                raise NotRegistered(f"{thing_name} is not on the allow-list") from None
-            if fleet_key and "public_key" in old:
-                raise SignatureInvalid(REFUSED) from None
-            if old.get("prov_status", {}).get("S") == PROVISIONED:
-                raise AlreadyProvisioned(f"{thing_name} is already provisioned", item=_item(old)) from None
-            raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request") from None
+            raise claim_refusal(thing_name, _record(old) if old else None, fleet_key) from None
         return Claim(thing_name, token)
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
-        values = {":provisioned": {"S": PROVISIONED}, ":provisioning": {"S": PROVISIONING},
+        values = {":provisioned": {"S": PROVISIONED.value}, ":provisioning": {"S": PROVISIONING.value},
                   ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
                   ":cert": {"S": certificate_id}, ":token": {"S": claim.token}}
         sets = ["#status = :provisioned", "#datetime = :datetime", "#region = :region", "#cert = :cert"]
@@ -259,17 +269,18 @@ class DynamoDbRegistry:
                 UpdateExpression="SET #status = :unprovisioned, #error = :error REMOVE #token, #lease",
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#error", "#token", "#lease")},
-                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}, ":provisioning": {"S": PROVISIONING},
+                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value},
+                                           ":provisioning": {"S": PROVISIONING.value},
                                            ":error": {"S": error}, ":token": {"S": claim.token}})
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":  # the claim is gone already: nothing to undo
                 raise
 
-    def _remember_nonce(self, thing_name: str, nonce: tuple[str, float], now: datetime) -> bool:
-        value, expires = nonce
+    def _remember_nonce(self, thing_name: str, nonce: Nonce, now: datetime) -> bool:
         try:
             self._call("put_item", TableName=self._nonces,
-                       Item={"nonce_key": {"S": f"{thing_name}\n{value}"}, "expires": {"N": repr(expires)}},
+                       Item={"nonce_key": {"S": f"{thing_name}\n{nonce.value}"},
+                             "expires": {"N": repr(nonce.expires.timestamp())}},
                        ConditionExpression="attribute_not_exists(nonce_key) OR expires < :now",
                        ExpressionAttributeValues={":now": {"N": repr(now.timestamp())}})
         except ClientError as e:
@@ -278,17 +289,18 @@ class DynamoDbRegistry:
             return False
         return True
 
-    def stuck(self, now: datetime) -> list[dict]:
-        kwargs: dict = {"TableName": self._table, "FilterExpression": "#status = :provisioning AND #lease < :now",
-                        "ExpressionAttributeNames": {k: _NAMES[k] for k in ("#status", "#lease")},
-                        "ExpressionAttributeValues": {":provisioning": {"S": PROVISIONING},
-                                                      ":now": {"N": repr(now.timestamp())}}}
-        found = []
+    def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
+        kwargs: dict[str, Any] = {
+            "TableName": self._table, "FilterExpression": "#status = :provisioning AND #lease < :now",
+            "ExpressionAttributeNames": {k: _NAMES[k] for k in ("#status", "#lease")},
+            "ExpressionAttributeValues": {":provisioning": {"S": PROVISIONING.value},
+                                          ":now": {"N": repr(now.timestamp())}}}
+        found: builtins.list[DeviceRecord] = []
         while True:
             page = self._call("scan", **kwargs)
-            found += [{**_item(raw), "lease_expires": float(raw["lease_expires"]["N"])} for raw in page.get("Items", [])]
+            found += [_record(raw) for raw in page.get("Items", [])]
             if "LastEvaluatedKey" not in page:
-                return sorted(found, key=lambda item: item["thing_name"])
+                return sorted(found, key=lambda record: record.thing_name)
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def release_stuck(self, thing_name: str, now: datetime) -> bool:
@@ -298,7 +310,8 @@ class DynamoDbRegistry:
                 UpdateExpression="SET #status = :unprovisioned, #error = :error REMOVE #token, #lease",
                 ConditionExpression="#status = :provisioning AND #lease < :now",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#error", "#token", "#lease")},
-                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}, ":provisioning": {"S": PROVISIONING},
+                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value},
+                                           ":provisioning": {"S": PROVISIONING.value},
                                            ":error": {"S": "claim expired; released by audit"},
                                            ":now": {"N": repr(now.timestamp())}})
         except ClientError as e:
@@ -307,7 +320,7 @@ class DynamoDbRegistry:
             return False
         return True
 
-    def reset(self, thing_name: str) -> dict | None:
+    def reset(self, thing_name: str) -> DeviceRecord | None:
         try:
             old = self._call(
                 "update_item", TableName=self._table, Key=self._key(thing_name),
@@ -317,9 +330,9 @@ class DynamoDbRegistry:
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#datetime", "#region", "#cert",
                                                                  "#fingerprint", "#country", "#reason", "#token",
                                                                  "#lease", "#error")},
-                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED}}, ReturnValues="ALL_OLD")
+                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value}}, ReturnValues="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
             return None
-        return _item(old["Attributes"])
+        return _record(old["Attributes"])

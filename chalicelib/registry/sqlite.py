@@ -1,7 +1,7 @@
 """The local stage's registry: one SQLite file in WAL mode, the original sample's attribute names."""
 from __future__ import annotations
 
-import json
+import builtins
 import secrets
 import sqlite3
 import threading
@@ -10,9 +10,19 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from chalicelib.clock import timestamp as _timestamp
-from chalicelib.errors import (REFUSED, AlreadyProvisioned, NotRegistered, ProvisioningInProgress, SignatureInvalid,
-                               replayed_request)
-from chalicelib.registry.base import (PROVISIONED, PROVISIONING, UNPROVISIONED, Claim, attributes_json)
+from chalicelib.errors import ProvisioningInProgress, replayed_request
+from chalicelib.registry.base import (
+    PROVISIONED,
+    PROVISIONING,
+    UNPROVISIONED,
+    Claim,
+    DeviceRecord,
+    DeviceStatus,
+    Nonce,
+    attributes_json,
+    claim_refusal,
+    record_from_item,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -43,12 +53,12 @@ CREATE TABLE IF NOT EXISTS nonces (
 """
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
-                   "attributes")
+                   "attributes", "lease_expires")
 _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all inside one transaction
 
 
 class SqliteRegistry:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self._path = Path(path)
         # chalice local serves each request on its own thread; a sqlite3 connection belongs to one thread.
         self._local = threading.local()
@@ -90,23 +100,24 @@ class SqliteRegistry:
             raise
         return added
 
-    def get(self, thing_name: str) -> dict | None:
+    def get(self, thing_name: str) -> DeviceRecord | None:
         row = self._db().execute(
             f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-        return _item(row) if row else None
+        return record_from_item(dict(row)) if row else None
 
-    def list(self, status: str | None = None, region: str | None = None,
-             since: datetime | None = None) -> Iterator[dict]:
-        where = [(column, value) for column, value in (("prov_status = ?", status), ("aws_region = ?", region),
+    def list(self, status: DeviceStatus | None = None, region: str | None = None,
+             since: datetime | None = None) -> Iterator[DeviceRecord]:
+        where = [(column, value) for column, value in (("prov_status = ?", status and DeviceStatus(status).value),
+                                                       ("aws_region = ?", region),
                                                        ("prov_datetime >= ?", since and _timestamp(since))) if value]
         query = f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices"
         if where:
             query += " WHERE " + " AND ".join(column for column, _ in where)
         for row in self._db().execute(query + " ORDER BY thing_name", [value for _, value in where]):
-            yield _item(row)
+            yield record_from_item(dict(row))
 
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
-              nonce: tuple[str, float] | None = None) -> Claim:
+              nonce: Nonce | None = None) -> Claim:
         token = secrets.token_hex(16)
         at = now.timestamp()
         db = self._db()
@@ -129,14 +140,7 @@ class SqliteRegistry:
         if changed == 1:
             return Claim(thing_name, token)
         # The write was refused; read only to say why.
-        item = self.get(thing_name)
-        if item is None:
-            raise NotRegistered(f"{thing_name} is not on the allow-list")
-        if fleet_key and item.get("public_key"):
-            raise SignatureInvalid(REFUSED)
-        if item["prov_status"] == PROVISIONED:
-            raise AlreadyProvisioned(f"{thing_name} is already provisioned", item=item)
-        raise ProvisioningInProgress(f"{thing_name} is being provisioned by another request")
+        raise claim_refusal(thing_name, self.get(thing_name), fleet_key)
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None) -> None:
@@ -144,8 +148,8 @@ class SqliteRegistry:
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
             "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
             "last_error = NULL WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (PROVISIONED, _timestamp(now), region, certificate_id, fingerprint, country, reason, claim.thing_name,
-             PROVISIONING, claim.token)).rowcount
+            (PROVISIONED.value, _timestamp(now), region, certificate_id, fingerprint, country, reason,
+             claim.thing_name, PROVISIONING.value, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
@@ -153,21 +157,22 @@ class SqliteRegistry:
         self._db().execute(
             "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ? "
             "WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (UNPROVISIONED, error, claim.thing_name, PROVISIONING, claim.token))
+            (UNPROVISIONED.value, error, claim.thing_name, PROVISIONING.value, claim.token))
 
     @staticmethod
-    def _remember_nonce(db: sqlite3.Connection, thing_name: str, nonce: tuple[str, float], at: float) -> bool:
+    def _remember_nonce(db: sqlite3.Connection, thing_name: str, nonce: Nonce, at: float) -> bool:
         if secrets.randbelow(100) == 0:  # now and then, forget nonces whose timestamps are out of the window
             db.execute("DELETE FROM nonces WHERE expires < ?", (at,))
         return db.execute(
-            "INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
-            "WHERE nonces.expires < ?", (thing_name, *nonce, at)).rowcount == 1
+            "INSERT INTO nonces VALUES (?, ?, ?) "
+            "ON CONFLICT (thing_name, nonce) DO UPDATE SET expires = excluded.expires "
+            "WHERE nonces.expires < ?", (thing_name, nonce.value, nonce.expires.timestamp(), at)).rowcount == 1
 
-    def stuck(self, now: datetime) -> list[dict]:
+    def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
         rows = self._db().execute(
-            f"SELECT {', '.join(_PUBLIC_COLUMNS)}, lease_expires FROM devices "
+            f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices "
             "WHERE prov_status = 'provisioning' AND lease_expires < ? ORDER BY thing_name", (now.timestamp(),))
-        return [_item(row) for row in rows]
+        return [record_from_item(dict(row)) for row in rows]
 
     def release_stuck(self, thing_name: str, now: datetime) -> bool:
         return self._db().execute(
@@ -176,7 +181,7 @@ class SqliteRegistry:
             "WHERE thing_name = ? AND prov_status = 'provisioning' AND lease_expires < ?",
             (thing_name, now.timestamp())).rowcount == 1
 
-    def reset(self, thing_name: str) -> dict | None:
+    def reset(self, thing_name: str) -> DeviceRecord | None:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # the item returned is the one replaced
         try:
@@ -198,9 +203,3 @@ class SqliteRegistry:
             db.close()
             self._local.db = None
 
-
-def _item(row: sqlite3.Row) -> dict:
-    item = {key: row[key] for key in row.keys() if row[key] is not None}
-    if "attributes" in item:
-        item["attributes"] = json.loads(item["attributes"])
-    return item

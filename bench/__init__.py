@@ -1,0 +1,1 @@
+"""make bench: python -m bench.run (see run.py)."""
