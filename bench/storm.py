@@ -44,7 +44,7 @@ SIZES = {
     # cores, or the simulator and not the quota would set the pace (its CPU share is reported).
     # containers: Lambda's concurrency with admission control (its reserved concurrency) and without it
     # (today: uncapped, so "hundreds"; here as many as the machine can hold).
-    "default": dict(devices=450, containers=32, uncapped=96, latency=0.1, ramp=2.0, quota=3.0),
+    "default": dict(devices=450, containers=48, uncapped=96, latency=0.1, ramp=5.0, quota=3.0),
     "large": dict(devices=1000, containers=48, uncapped=128, latency=0.1, ramp=2.0, quota=10.0),
     "small": dict(devices=150, containers=8, uncapped=32, latency=0.05, ramp=1.0, quota=3.0),
     "tiny": dict(devices=30, containers=4, uncapped=8, latency=0.01, ramp=0.2, quota=5.0),
@@ -350,11 +350,12 @@ def make_devices(n: int) -> list[Device]:
 
 
 def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int = 7) -> StormResult:
+    from moto import mock_aws
+
     from chalicelib import operations
     from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
     from chalicelib.issuers.aws_iot import AwsIotIssuer
     from chalicelib.registry.dynamodb import DynamoDbRegistry
-    from moto import mock_aws
     gd = load_device_module()
     rng = random.Random(seed)
     scale = size["quota"] / min(IOT_QUOTAS[c] for c in ISSUE_CSR)

@@ -5,8 +5,19 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from chalicelib.admission import (DEFAULT_BUDGET, IOT_QUOTAS, ISSUE_CSR, ISSUE_SERVER_KEY, RESERVE, SLOW_FACTOR, SLOW_SECONDS,
-                                  Admission, Budget, budgets_from, quota_budget)
+from chalicelib.admission import (
+    DEFAULT_BUDGET,
+    IOT_QUOTAS,
+    ISSUE_CSR,
+    ISSUE_SERVER_KEY,
+    RESERVE,
+    SLOW_FACTOR,
+    SLOW_SECONDS,
+    Admission,
+    Budget,
+    budgets_from,
+    quota_budget,
+)
 from chalicelib.errors import ServiceUnavailable
 from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
 from chalicelib.registry.admission_sqlite import SqliteAdmissionStore

@@ -1,6 +1,7 @@
 """Admission control in the request pipeline: the local stage with a budget, and the AWS issuer's retries."""
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import pytest
@@ -14,6 +15,7 @@ from chalicelib import wiring
 from chalicelib.aws import AwsClients, without_retries
 from chalicelib.config import PROJECT_DIR
 from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS, AwsIotIssuer
+from chalicelib.registry.base import UNPROVISIONED
 from chalicelib.registry.sqlite import SqliteRegistry
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
 
@@ -40,8 +42,8 @@ def test_a_local_stage_with_a_budget_gives_refused_devices_slots_of_their_own(st
             assert "eu-west-2" in refused["message"]
             waits.append(int(response.headers["Retry-After"]))
             # refused before the claim: the device is exactly as it was
-            item = registry.get(name)
-            assert item["prov_status"] == "unprovisioned" and "attempts" not in item
+            record = registry.get(name)
+            assert record.status is UNPROVISIONED and not record.attempts
         assert waits[0] >= 1 and waits[1] == waits[0] + 1  # each its own slot, one second apart
 
         # a lost answer asked for again issues nothing, so it is answered even while the region is full
@@ -55,7 +57,7 @@ def test_a_local_stage_with_a_budget_gives_refused_devices_slots_of_their_own(st
         time.sleep(waits[0])  # the device honours Retry-After: at its slot it is admitted
         response, second = post(client, stage.body("mydevice2", csr["mydevice2"]), LONDON_IP)
         assert response.status_code == 200, second
-        assert registry.get("mydevice2")["attempts"] == 1
+        assert registry.get("mydevice2").attempts == 1
 
 
 def test_without_a_budget_the_local_stage_admits_everyone(stage):
@@ -119,8 +121,8 @@ def test_the_issuer_retries_a_throttled_call_itself_and_reports_it(aws):
     client = aws.client("iot", "eu-west-2")
     without_retries(client, MUTATING_OPERATIONS)
     reported = []
-    issuer = AwsIotIssuer(lambda region: client, mutating_client_for_region=lambda region: client,
-                          on_throttle=reported.append)
+    issuer = AwsIotIssuer(lambda region: client, ThreadPoolExecutor(4),
+                          mutating_client_for_region=lambda region: client, on_throttle=reported.append)
     sent = throttle(client, "AttachPolicy", 1)
     issued = issuer.issue("t1", "eu-west-2", None)
     assert sent == ["AttachPolicy"] * 2 and reported == ["eu-west-2"]
@@ -132,8 +134,8 @@ def test_a_call_throttled_past_the_issuers_retries_is_undone_and_unavailable(aws
     client = aws.client("iot", "eu-west-2")
     without_retries(client, MUTATING_OPERATIONS)
     reported = []
-    issuer = AwsIotIssuer(lambda region: client, mutating_client_for_region=lambda region: client,
-                          on_throttle=reported.append)
+    issuer = AwsIotIssuer(lambda region: client, ThreadPoolExecutor(4),
+                          mutating_client_for_region=lambda region: client, on_throttle=reported.append)
     sent = throttle(client, "CreateThing", 10)
     with pytest.raises(Exception) as failed:
         issuer.issue("t1", "eu-west-2", None)
