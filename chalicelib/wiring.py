@@ -128,7 +128,7 @@ def locator(config: Settings) -> GeoLocator:
 
 def build_service(config: Settings) -> ProvisioningService:
     policy = region_policy(config)
-    gate = admission(config)
+    gate = admission(config) if config.admission else None  # off: no step, no store
     return ProvisioningService(
         registry=registry(config),
         issuer=issuer(config, policy, gate),
