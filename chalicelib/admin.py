@@ -550,19 +550,11 @@ def cmd_policy(config: Settings, args: Args) -> int:
     return 0
 
 
-# Commands that make the registry when it is missing; the others have nothing to read without it.
-_MAKE_REGISTRY = {"keygen", "init", "register"}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         func: Callable[[Settings, Args], int] = args.func
         config = Settings.for_stage(args.stage, args.state_dir)
-        if (args.command not in _MAKE_REGISTRY and config.registry == "sqlite"
-                and not config.registry_path.exists()):
-            raise CommandError(f"registry {config.registry_path} does not exist: run `python -m chalicelib.admin "
-                               "init` (or check --state-dir / GIP_STATE_DIR)")
         return func(config, args)
     except (CommandError, ConfigError, operations.NotRegisteredDevice) as exc:
         print(f"error: {exc}", file=sys.stderr)

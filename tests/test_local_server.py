@@ -16,7 +16,7 @@ from chalicelib.config import PROJECT_DIR
 from devstack.stack import free_port
 
 
-def test_every_connection_gets_tcp_nodelay():
+def test_every_connection_gets_tcp_nodelay(stage):  # a stage with keys and a registry: /health is 200
     """Chalice sends headers and body in two writes; with Nagle on, the body waits for the client's delayed ACK."""
     seen = []
 
@@ -39,10 +39,10 @@ def test_every_connection_gets_tcp_nodelay():
 
 
 @pytest.fixture
-def server(tmp_path):
-    """The wrapper as `make local` starts it, with a 1 s read timeout."""
+def server(stage):
+    """The wrapper as `make local` starts it, with a 1 s read timeout, on a stage with keys and a registry."""
     port = free_port()
-    env = {**os.environ, "GIP_STATE_DIR": str(tmp_path), "DEVSTACK_READ_TIMEOUT": "1"}
+    env = {**os.environ, "GIP_STATE_DIR": str(stage.state_dir), "DEVSTACK_READ_TIMEOUT": "1"}
     process = subprocess.Popen([sys.executable, "devstack/chalice_local.py", "local", "--stage", "local",
                                 "--host", "127.0.0.1", "--port", str(port), "--no-autoreload"],
                                cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
