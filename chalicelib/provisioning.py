@@ -113,6 +113,8 @@ class ProvisioningService:
             choice = self._regions.choose(location)
         if self._admission is not None:
             with steps.step("admit"):
+                # A request too late to issue anyway takes no slot of the region's budget.
+                deadline.require("admitting the device", ISSUE_SECONDS + FINALIZE_SECONDS)
                 try:
                     self._admission.admit(choice.region, server_key=request.csr is None)
                 except ServiceUnavailable:
