@@ -1,11 +1,11 @@
-# make demo | make test | make local | make bench — each sets itself up first.
+# make demo | make test | make local | make bench | make storm — each sets itself up first.
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
 API_PORT ?= 8000
 export API_PORT
 
-.PHONY: install demo test local bench bench-quick report-screenshot clean
+.PHONY: install demo test local bench bench-quick report-screenshot storm clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ bench-quick: install
 # The README's picture of the fleet report: a synthetic 20,000-device fleet, headless Chromium.
 report-screenshot: install
 	$(PY) -m bench.report --devices 20000 --screenshot docs/report.png
+
+storm: install
+	$(PY) -m bench.storm --size default
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 # botocore logs whole responses at DEBUG, decrypted SecureString parameters included.
 logging.getLogger("botocore").setLevel(logging.INFO)
 
-# Throttling and 5xx are retried by botocore with backoff; past that the device gets 503 + Retry-After.
+# Throttling and 5xx are retried by botocore with backoff (not the IoT calls admission control pays for, see
+# without_retries); past that the device gets 503 + Retry-After.
 # One attempt waits at most connect + read timeout; an attempt (first or retry) is started only when that
 # worst case fits in the request's time left, less the rollback reserve (chalicelib/deadline.py). So the
 # number of attempts follows the time left, and no call can run a request past its deadline (with the old
@@ -30,6 +31,33 @@ READ_TIMEOUT = 3
 ATTEMPT_SECONDS = CONNECT_TIMEOUT + READ_TIMEOUT
 CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=CONNECT_TIMEOUT,
                        read_timeout=READ_TIMEOUT)
+
+
+def without_retries(client: Any, operations: frozenset[str]) -> None:
+    """botocore no longer retries `operations` on `client`; its other operations keep their retries.
+
+    For the IoT calls admission control pays for: botocore's retries would spend quota nobody admitted and
+    stack on the device's own; the issuer retries a throttled call itself, inside the budget. One client
+    serves both kinds, so botocore's standard retry handler (registered under a known unique id) is wrapped.
+    """
+    from botocore.retries import standard
+    service = client.meta.service_model.service_id.hyphenize()
+    event, unique_id = f"needs-retry.{service}", f"retry-config-{service}"
+    if getattr(client, "_gip_without_retries", None) is not None:
+        client._gip_without_retries.update(operations)
+        return
+    client.meta.events.unregister(event, unique_id=unique_id)
+    attempts = client.meta.config.retries.get("total_max_attempts")  # as botocore registered it
+    handler = standard.register_retry_handler(client, max_attempts=attempts)
+    client.meta.events.unregister(event, unique_id=unique_id)
+    skipped = set(operations)
+
+    def needs_retry(operation: Any = None, **kwargs: Any) -> float | None:
+        if operation is not None and operation.name in skipped:
+            return None
+        return handler.needs_retry(operation=operation, **kwargs)
+    client.meta.events.register(event, needs_retry, unique_id=unique_id)
+    client._gip_without_retries = skipped
 
 
 def error_code(error: ClientError) -> str:

@@ -53,6 +53,8 @@ class Settings:
     claim_lease_margin_seconds: int = 30
     cert_validity_days: int = 365  # the local CA's device certificates; AWS IoT sets its own
     relocation: str = "distance:1000"  # GIP_RELOCATION, checked by relocation.RelocationPolicy.parse
+    admission: bool = False  # admission control per region (on by default where the issuer is AWS IoT)
+    admission_rates: Mapping[str, float] = field(default_factory=dict)  # region or "*" -> devices/s (CSR)
 
     def lease_for_audit(self) -> int:
         """The lease the audit takes a device over with: as long as a request's."""
@@ -129,6 +131,7 @@ class Settings:
             claim_lease_margin_seconds=_int(env, "GIP_CLAIM_LEASE_MARGIN_SECONDS", 30),
             cert_validity_days=_int(env, "GIP_CERT_VALIDITY_DAYS", 365),
             relocation=env.get("GIP_RELOCATION") or "distance:1000",
+            **_admission(env),
         )
 
 
@@ -143,6 +146,18 @@ def default_state_dir(stage: str, env: Mapping[str, str] | None = None) -> Path:
             return PROJECT_DIR / ".state" / stage
         base = str(home / ".local" / "state")
     return Path(base) / STATE_DIR_NAME / stage
+
+
+def _admission(env: Mapping[str, str]) -> dict:
+    """GIP_ADMISSION (default: on with AWS IoT or when rates are given) and GIP_ADMISSION_RATES, a JSON
+    object of region (or "*") to the devices per second admitted there, for accounts with other quotas."""
+    rates = _json(env, "GIP_ADMISSION_RATES")
+    for region, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+            raise ConfigError(f"GIP_ADMISSION_RATES: {region!r} must map to a positive number of devices per second")
+    default = env.get("GIP_ISSUER") == "aws-iot" or bool(rates)
+    return {"admission": _bool(env, "GIP_ADMISSION", default),
+            "admission_rates": {region: float(rate) for region, rate in rates.items()}}
 
 
 def _path(value: str) -> Path:

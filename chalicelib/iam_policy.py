@@ -21,7 +21,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "logs:CreateLogStream": ("log-group",),
     "logs:PutLogEvents": ("log-group",),
     "dynamodb:GetItem": ("table",),
-    "dynamodb:UpdateItem": ("table",),
+    "dynamodb:UpdateItem": ("table", "nonce-table"),  # the nonce table keeps admission's schedules too
     "dynamodb:PutItem": ("nonce-table",),
     "ssm:GetParameter": ("parameters",),
     "kms:Decrypt": ("kms-key",),
@@ -48,6 +48,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
 
 # Statement ids, in the file's order, per resource kinds.
 _SIDS = {("log-group",): "OwnLogGroup", ("table",): "Registry", ("nonce-table",): "Nonces",
+         ("table", "nonce-table"): "RegistryAndNonces",
          ("parameters",): "Parameters", ("kms-key",): "IpstackKeyDecrypt", ("*",): "IotAccountLevel",
          ("thing",): "IotThings", ("thing", "cert"): "IotThingPrincipals", ("cert",): "IotCertificates",
          ("device-policy",): "IotDevicePolicy"}

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from chalicelib import deadline as deadlines
+from chalicelib.admission import Admission
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
 from chalicelib.errors import (
@@ -23,7 +24,7 @@ from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import IssuedCertificate, Issuer
 from chalicelib.observability import Steps
 from chalicelib.regions import Location, RegionChoice, RegionPolicy
-from chalicelib.registry.base import Claim, Nonce, PendingIssue, Registry
+from chalicelib.registry.base import PROVISIONED, Claim, Nonce, PendingIssue, Registry
 from chalicelib.settle import Settler
 from chalicelib.signatures import FleetKeyVerifier, load_device_key, verifies
 from chalicelib.wire import ProvisioningRequest
@@ -70,7 +71,8 @@ class ProvisioningService:
                  verifier: FleetKeyVerifier, lease_seconds: int | None = None,
                  clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300,
                  budget_seconds: float = DEFAULT_BUDGET_SECONDS, lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
-                 checkpoint: Callable[[str, str], None] = no_checkpoint) -> None:
+                 checkpoint: Callable[[str, str], None] = no_checkpoint,
+                 admission: Admission | None = None) -> None:
         self._registry = registry
         self._issuer = issuer
         self._locator = locator
@@ -86,6 +88,7 @@ class ProvisioningService:
         # Called at each step boundary (claimed, issued, recorded, finalized): the crash tests stop the process
         # there; a no-op otherwise.
         self._checkpoint = checkpoint
+        self._admission = admission
 
     @property
     def registry(self) -> Registry:
@@ -105,6 +108,23 @@ class ProvisioningService:
                    deadline: Deadline) -> ProvisioningResult:
         with steps.step("verify"):
             fleet_key = self._authenticate(request)
+        # The region is known before the claim, so the request is admitted against that region's budget
+        # (admission control) before it holds a claim or spends any IoT call.
+        with steps.step("geo"):
+            location = self._locator.locate(client_ip)
+            choice = self._regions.choose(location)
+        if self._admission is not None:
+            with steps.step("admit"):
+                # A request too late to issue anyway takes no slot of the region's budget.
+                deadline.require("admitting the device", ISSUE_SECONDS + FINALIZE_SECONDS)
+                try:
+                    self._admission.admit(choice.region, server_key=request.csr is None)
+                except ServiceUnavailable:
+                    # An answer that issues nothing (a lost answer asked for again) is not kept waiting.
+                    record = self._registry.get(request.thing_name)
+                    if record is None or record.status is not PROVISIONED:
+                        raise
+                    return self._earlier_answer(request, AlreadyProvisioned("", record=record), client_ip)
         with steps.step("claim"):
             deadline.require("claiming the device", ISSUE_SECONDS + FINALIZE_SECONDS)
             now = self._clock()
@@ -117,15 +137,12 @@ class ProvisioningService:
             except AlreadyProvisioned as refused:
                 return self._earlier_answer(request, refused, client_ip)
         self._checkpoint("claimed", request.thing_name)
-        issued = None
+        issued, issuing = None, False
         # Whether the write-ahead record may describe something that still exists, and whether the issuer,
         # should it fail, can be trusted to have undone its own steps.
         left, issuer_cleans_up, intent = claim.previous is not None, False, None
         wanted = key_fingerprint(request.csr.public_key()) if request.csr is not None else None
         try:
-            with steps.step("geo"):
-                location = self._locator.locate(client_ip)
-                choice = self._regions.choose(location)
             if claim.previous is not None:
                 with steps.step("settle"):
                     settled = self._settler.settle(claim, wanted)
@@ -138,6 +155,7 @@ class ProvisioningService:
                 self._registry.record_intent(claim, intent)
             left, issuer_cleans_up = True, True
             with steps.step("issue"):
+                issuing = True
                 issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
             issuer_cleans_up = False
             self._checkpoint("issued", request.thing_name)
@@ -158,6 +176,8 @@ class ProvisioningService:
             trusted = issuer_cleans_up and isinstance(exc, ProvisioningError)
             with steps.step("rollback"), deadline.rolling_back():
                 self._undo(claim, issued, exc, left and not trusted, intent)
+                if issuing and self._admission is not None:  # the undo's IoT calls are paid from the budget
+                    self._admission.rollback(choice.region)
             if cause is exc and isinstance(exc, ProvisioningError):
                 raise
             if isinstance(cause, ProvisioningError):

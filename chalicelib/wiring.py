@@ -8,6 +8,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
+from chalicelib.admission import DEFAULT_BUDGET, Admission, AdmissionStore, budgets_from
 from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
 from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
@@ -81,13 +82,36 @@ def registry(config: Settings) -> RenewalRegistry:
     return SqliteRegistry(config.registry_path)
 
 
-def issuer(config: Settings, policy: RegionPolicy | None = None) -> LocalIssuer | AwsIotIssuer:
+def admission(config: Settings) -> Admission:
+    """Admission control per region; the schedule lives where the registry does, so every container shares it."""
+    store: AdmissionStore
+    if config.registry == "dynamodb":
+        from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
+        store = DynamoDbAdmissionStore(aws_clients().client("dynamodb"), f"{config.table_name}-nonces")
+    else:
+        from chalicelib.registry.admission_sqlite import SqliteAdmissionStore
+        store = SqliteAdmissionStore(config.registry_path)
+    return Admission(store, budgets_from(config.admission_rates, DEFAULT_BUDGET if config.admission else None))
+
+
+def issuer(config: Settings, policy: RegionPolicy | None = None,
+           gate: Admission | None = None) -> LocalIssuer | AwsIotIssuer:
     """The stage's issuer: the hot path (`Issuer`) and the audit's inventory (`CertificateInventory`, and
     `ThingInventory` where the backend has things)."""
     if config.issuer == "aws-iot":
         from chalicelib.issuers.aws_iot import AwsIotIssuer
         clients = aws_clients()
-        return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"))
+        if gate is None or not config.admission:
+            return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"))
+        from chalicelib.aws import without_retries
+        from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS
+
+        def mutating(region: str) -> Any:  # the calls admission pays for: the issuer retries them, not botocore
+            client = clients.client("iot", region)
+            without_retries(client, MUTATING_OPERATIONS)
+            return client
+        return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"),
+                            mutating_client_for_region=mutating, on_throttle=gate.throttled)
     from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
     policy = policy or region_policy(config)
     return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port),
@@ -121,9 +145,11 @@ def fleet_verifier(config: Settings) -> FleetKeyVerifier:
 def build_service(config: Settings, checkpoint: Callable[[str, str], None] | None = None) -> ProvisioningService:
     """`checkpoint` (tests): called at each step boundary of a provisioning, see ProvisioningService."""
     policy = region_policy(config)
+    gate = admission(config) if config.admission else None  # off: no step, no store
     return ProvisioningService(
         registry=registry(config),
-        issuer=issuer(config, policy),
+        issuer=issuer(config, policy, gate),
+        admission=gate,
         locator=locator(config),
         regions=policy,
         verifier=fleet_verifier(config),

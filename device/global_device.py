@@ -37,6 +37,9 @@ EXIT_UNAVAILABLE, EXIT_MQTT, EXIT_INTERRUPTED = 6, 7, 130
 EXIT_CERT_REFUSED = 8  # the broker refused our certificate at the TLS handshake
 # Busy, down, or a gateway that gave up waiting: the same request may work a little later.
 RETRYABLE_STATUS = {429, 502, 503, 504}
+# The longest Retry-After the device waits out (main's default). In an onboarding storm the service gives each
+# device its own slot; 100,000 devices in one region at AWS IoT's default quotas take about 2.3 h (README).
+MAX_RETRY_AFTER = 6 * 3600
 # Signed request version sent unless --signature-version/--legacy-signature says otherwise.
 DEFAULT_SIGNATURE_VERSION = 2
 EXIT_BY_STATUS = {401: EXIT_REFUSED, 403: EXIT_REFUSED, 409: EXIT_CONFLICT,
@@ -289,9 +292,10 @@ def load_or_create_device_key(path: str, key_type: str):
 class ProvisioningClient:
     """POSTs the request, retrying throttling and outages with jittered exponential backoff."""
 
-    def __init__(self, api_base: str, session: requests.Session | None = None, *, max_attempts: int = 6,
+    def __init__(self, api_base: str, session: requests.Session | None = None, *, max_attempts: int = 10,
                  base_delay: float = 1.0, max_delay: float = 30.0, timeout: tuple = (10, 35),
-                 forwarded_for: str | None = None, sleep=time.sleep, clock=None):
+                 forwarded_for: str | None = None, sleep=time.sleep, clock=None,
+                 max_retry_after: float | None = None):
         self.url = api_base.rstrip("/") + "/device-provisioning"
         # The device's clock, corrected once from the server's when a v2 timestamp is refused as stale.
         self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
@@ -300,6 +304,7 @@ class ProvisioningClient:
         self.session = session or requests.Session()
         self.max_attempts, self.base_delay, self.max_delay = max(1, max_attempts), base_delay, max_delay
         self.timeout, self.sleep = timeout, sleep
+        self.max_retry_after = max_delay if max_retry_after is None else max_retry_after
         self.headers = {"Content-Type": "application/json"}
         if forwarded_for:
             self.headers["X-Forwarded-For"] = forwarded_for
@@ -346,7 +351,7 @@ class ProvisioningClient:
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server knows best when it will have capacity again
-            return min(retry_after, self.max_delay)
+            return min(retry_after, self.max_retry_after)
         # Full jitter keeps a fleet that lost the service at once from retrying in lockstep.
         return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
@@ -651,8 +656,8 @@ def parse_args(argv):
                    help="seconds between messages (default: 2)")
     p.add_argument("--forwarded-for", metavar="IP",
                    help="local stage only: send X-Forwarded-For: IP so the server geolocates that IP")
-    p.add_argument("--max-attempts", type=int, default=6, metavar="N",
-                   help="provisioning attempts on 429/502/503/504, 409 in progress and network errors (default: 6)")
+    p.add_argument("--max-attempts", type=int, default=10, metavar="N",
+                   help="provisioning attempts on 429/502/503/504, 409 in progress and network errors (default: 10)")
     p.add_argument("--renew", action="store_true",
                    help="renew the certificate now with a new key (POST /device-renewal), then connect to the "
                         "endpoint of the answer, which may be another region's")
@@ -685,7 +690,7 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
             check_root_ca(args.root_ca)
         client = ProvisioningClient(args.api_gw, session, max_attempts=args.max_attempts,
                                     base_delay=args.retry_base_delay, forwarded_for=args.forwarded_for,
-                                    sleep=sleep, clock=clock)
+                                    sleep=sleep, clock=clock, max_retry_after=MAX_RETRY_AFTER)
         if paths.complete():
             if os.path.exists(paths.answer):  # a renewal's answer came but was not applied (a crash)
                 apply_renewal(paths)

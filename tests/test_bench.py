@@ -16,10 +16,11 @@ def test_bench_runs_and_reports_every_measurement(tmp_path):
     assert [r["errors"] for route in ("health", "provisioning") for r in results["local_http"][route]] == [0] * 4
     assert results["http"]["errors"] == 0
     assert results["aws"]["bundled"]["steady_calls"] == sorted(
-        # claim, write-ahead intent, certificate id, finalize; DescribeThing: adopt or create, never delete a stranger's
+        # nonce; claim, write-ahead intent, certificate id, finalize, admission's schedule; DescribeThing: adopt or
+        # create, never delete a stranger's
         ["dynamodb.PutItem", "dynamodb.UpdateItem", "dynamodb.UpdateItem", "dynamodb.UpdateItem", "dynamodb.UpdateItem",
-         "iot.DescribeThing", "iot.CreateThing", "iot.CreateKeysAndCertificate", "iot.AttachPolicy",
-         "iot.AttachThingPrincipal"])
+         "dynamodb.UpdateItem", "iot.DescribeThing", "iot.CreateThing", "iot.CreateKeysAndCertificate",
+         "iot.AttachPolicy", "iot.AttachThingPrincipal"])
     assert "| Throughput / crypto floor |" in result.stdout
     assert "| Local HTTP latency, GET /health, 1 client(s), chalice local | p50 " in result.stdout
     inprocess, cold = results["inprocess"], results["cold"]

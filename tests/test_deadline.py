@@ -92,7 +92,8 @@ def test_a_request_with_3_seconds_left_answers_503_at_once_and_changes_nothing(b
 
 
 @pytest.mark.parametrize("backend", ["local", "aws"], indirect=True)
-def test_a_slow_step_before_issuing_releases_the_claim_and_issues_nothing(backend, locator):
+def test_a_slow_geolocation_leaves_the_device_unclaimed(backend, locator):
+    """Geolocation comes before the claim (admission needs the region): waiting it out changes nothing."""
     clock = FakeClock()
 
     class SlowLocator:
@@ -100,9 +101,31 @@ def test_a_slow_step_before_issuing_releases_the_claim_and_issues_nothing(backen
             clock.now += 10  # an unreachable geolocation provider, waited out
             return locator.locate(ip)
 
+    before = backend.registry.get("dev-3")
     with pytest.raises(DeadlineExceeded):
         backend.service(locator=SlowLocator()).provision(backend.request("dev-3", make_csr("dev-3")[0]), LONDON_IP,
                                                          deadline=Deadline(20, clock))
+    assert backend.registry.get("dev-3") == before  # not even claimed
+    assert sum(backend.calls.values()) == 0
+    assert backend.certificate_records("dev-3") == 0
+
+
+@pytest.mark.parametrize("backend", ["local", "aws"], indirect=True)
+def test_a_slow_step_before_issuing_releases_the_claim_and_issues_nothing(backend):
+    clock = FakeClock()
+
+    class SlowClaim:
+        """The backend's registry, whose claim (a conditional write) is waited out for 10 s."""
+        def __getattr__(self, name):
+            return getattr(backend.registry, name)
+
+        def claim(self, *args, **kwargs):
+            clock.now += 10
+            return backend.registry.claim(*args, **kwargs)
+
+    with pytest.raises(DeadlineExceeded):
+        backend.service(registry=SlowClaim()).provision(backend.request("dev-3", make_csr("dev-3")[0]), LONDON_IP,
+                                                        deadline=Deadline(20, clock))
     assert backend.certificate_records("dev-3") == 0
     backend.assert_nothing_left("dev-3")
 

@@ -1,8 +1,10 @@
 """The prod stage's issuer: AWS IoT Core in the chosen region, through one boto3 client per region."""
 import concurrent.futures as cf
 import contextvars
+import functools
 import json
 import logging
+import random
 import threading
 import time
 from datetime import datetime, timedelta
@@ -38,8 +40,15 @@ _TRANSIENT = {"ThrottlingException", "LimitExceededException", "ServiceUnavailab
 DETACH_WAITS = (0.2, 0.5, 1.0, 2.0)
 # CreationDate of a certificate and the write-ahead record's time come from two clocks.
 _CLOCK_SLACK = timedelta(seconds=60)
-# Backoff between tries of one rollback step that AWS throttles (botocore's own retries come first).
+# Backoff between tries of one rollback step that AWS throttles (with admission on, the mutating calls have no
+# botocore retries: these are the only ones).
 THROTTLED_WAITS = (0.2, 0.4, 0.8, 1.6, 3.2)
+# A throttled create/attach of issue() is tried again after about the time a bucket takes to refill, at most
+# twice: within the request's deadline, and inside the budget admission control keeps in reserve.
+_THROTTLE_WAITS = (0.5, 1.0)
+MUTATING_OPERATIONS = frozenset({"CreateThing", "CreateCertificateFromCsr", "CreateKeysAndCertificate",
+                                 "AttachPolicy", "AttachThingPrincipal", "DetachThingPrincipal", "DetachPolicy",
+                                 "UpdateCertificate", "DeleteCertificate", "DeleteThing"})
 
 
 def device_policy_document() -> dict[str, Any]:
@@ -91,8 +100,13 @@ class AwsIotIssuer:
 
     def __init__(self, client_for_region: Callable[[str | None], Any], executor: cf.Executor,
                  policy_name: str = DEVICE_POLICY_NAME, sleep: Callable[[float], None] = time.sleep,
-                 detach_waits: tuple[float, ...] = DETACH_WAITS) -> None:
+                 detach_waits: tuple[float, ...] = DETACH_WAITS,
+                 mutating_client_for_region: Callable[[str], Any] | None = None,
+                 on_throttle: Callable[[str], None] | None = None) -> None:
         self._client = client_for_region
+        # Clients for the calls that change things, without botocore's own retries (see _mutate).
+        self._mutating = mutating_client_for_region or client_for_region
+        self._on_throttle = on_throttle
         self._policy_name = policy_name
         self._executor = executor
         self._sleep = sleep
@@ -111,6 +125,28 @@ class AwsIotIssuer:
             if future is None or (future.done() and future.exception() is not None):
                 future = self._once_per_region[(what, region)] = self._submit(fn, region)
         return future
+
+    def _mutate(self, region: str, method: str, waits: tuple[float, ...], **kwargs: Any) -> Any:
+        """One create/attach/detach/delete call; a throttle is reported (admission control slows the whole
+        region) and the call tried again after a jittered wait, at most len(waits) times and only while the
+        request's deadline leaves room for another attempt."""
+        for wait in (*waits, None):
+            try:
+                return getattr(self._mutating(region), method)(**kwargs)
+            except ClientError as exc:
+                if _code(exc) != "ThrottlingException":
+                    raise
+                if self._on_throttle is not None:
+                    self._on_throttle(region)
+                current = deadline.current()
+                if wait is None or (current is not None and current.for_work() < wait * 1.25 + ATTEMPT_SECONDS):
+                    raise
+                self._sleep(wait * random.uniform(0.75, 1.25))
+        raise AssertionError("unreachable")
+
+    def _mutating_client(self, region: str, waits: tuple[float, ...] = _THROTTLE_WAITS) -> "_Mutating":
+        """issue()'s client; the rollback's (waits=()) leaves retrying to _while_throttled."""
+        return _Mutating(self, region, waits)
 
     def _describe_endpoint(self, region: str) -> Endpoint:
         address = self._client(region).describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
@@ -153,7 +189,7 @@ class AwsIotIssuer:
 
     def _issue(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
                make_thing: bool) -> IssuedCertificate:
-        client = self._client(region)
+        client = self._mutating_client(region)
         endpoint_f = self._once("endpoint", region, self._describe_endpoint)
         policy_f = self._once("policy", region, self._ensure_policy)
         # created False (not made, not adopted): a failure detaches the new certificate and keeps the thing.
@@ -174,8 +210,8 @@ class AwsIotIssuer:
             for future in attached:
                 future.result()
         except Exception as exc:
-            incomplete = self._undo(client, region, thing_name if created is not None else None, cert,
-                                    delete_thing=bool(created))
+            incomplete = self._undo(self._mutating_client(region, ()), region,
+                                    thing_name if created is not None else None, cert, delete_thing=bool(created))
             error = _domain_error(exc, region) if isinstance(exc, _AWS_ERRORS) else exc
             if incomplete:  # the orchestrator records it, for the operator and the audit
                 raise IssueIncomplete(error, f"thing {thing_name} or certificate "
@@ -273,7 +309,9 @@ class AwsIotIssuer:
                     return
                 raise _domain_error(exc, region) from exc
         cert = {"certificateId": issued.certificate_id, "certificateArn": arn}
-        failures = [self._undo(client, region, thing, cert, delete_thing=not keep_thing) for thing in things or [None]]
+        undo_client = self._mutating_client(region, ())
+        failures = [self._undo(undo_client, region, thing, cert, delete_thing=not keep_thing)
+                    for thing in things or [None]]
         if any(failures):
             raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
 
@@ -406,6 +444,17 @@ def _done(value: Any) -> cf.Future[Any]:
     future: cf.Future[Any] = cf.Future()
     future.set_result(value)
     return future
+class _Mutating:
+    """A region's client as issue() and _undo() use it: the calls that change things go through the issuer's
+    _mutate (no botocore retries, throttles reported); reads (DescribeThing...) are the client's own."""
+
+    def __init__(self, issuer: AwsIotIssuer, region: str, waits: tuple[float, ...]) -> None:
+        self._issuer, self._region, self._waits = issuer, region, waits
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if "".join(part.title() for part in method.split("_")) in MUTATING_OPERATIONS:
+            return functools.partial(self._issuer._mutate, self._region, method, self._waits)
+        return getattr(self._issuer._mutating(self._region), method)
 
 
 def _create_certificate(client: Any, csr: x509.CertificateSigningRequest | None) -> dict[str, Any]:

@@ -1,0 +1,554 @@
+"""make storm: a fleet powers on at once; is it provisioned at AWS IoT's quota pace, with no failure and no orphan?
+
+The real service code (ProvisioningService, DynamoDB registry, AWS IoT issuer, admission control) runs against
+moto, behind a throttling layer made of botocore event hooks: per API and per region, a token bucket holding
+one second's worth of the (scaled) quota, a ThrottlingException when it is empty, and a fixed latency per IoT
+call. K "containers" (each its own service and boto3 clients; they share only the DynamoDB tables and AWS, as
+Lambda containers do) serve the requests of M devices that run the device client's own retry logic. The same
+storm runs twice in one process, with admission control and without it (today's code: botocore's retries,
+no shared budget), and the results go to bench/storm.json, a table, and a chart.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import importlib.util
+import json
+import os
+import queue
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+import boto3  # noqa: E402
+from botocore.awsrequest import AWSResponse  # noqa: E402
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+SIZES = {
+    # devices, containers (Lambda concurrency), IoT latency (s), power-on spread (s), scaled quota (req/s)
+    # The default scales the binding quota down to 3/s: moto, serialised, must outrun the quota on 2 shared
+    # cores, or the simulator and not the quota would set the pace (its CPU share is reported).
+    # containers: Lambda's concurrency with admission control (its reserved concurrency) and without it
+    # (today: uncapped, so "hundreds"; here as many as the machine can hold).
+    "default": dict(devices=450, containers=48, uncapped=96, latency=0.1, ramp=5.0, quota=3.0),
+    "large": dict(devices=1000, containers=48, uncapped=128, latency=0.1, ramp=2.0, quota=10.0),
+    "small": dict(devices=150, containers=8, uncapped=32, latency=0.05, ramp=1.0, quota=3.0),
+    "tiny": dict(devices=30, containers=4, uncapped=8, latency=0.01, ramp=0.2, quota=5.0),
+}
+# One address per region, where the bundled GeoLite2 database puts it (nearest enabled region).
+REGION_IPS = {"eu-west-2": "81.2.69.142", "ap-northeast-1": "126.0.0.1", "ap-southeast-2": "1.1.1.1"}
+TABLE = "iot-global-provisioning"
+# Calls outside the quota table (DescribeEndpoint, GetPolicy, ...): made once per container and region, so
+# their number follows the containers, not the fleet; they keep AWS's 10/s, unscaled.
+READ_QUOTA = 10.0
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def load_device_module() -> Any:
+    spec = importlib.util.spec_from_file_location("global_device", PROJECT_DIR / "device" / "global_device.py")
+    if "global_device" in sys.modules:
+        return sys.modules["global_device"]
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules["global_device"] = module  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
+class Cut(BaseException):
+    """The run's time cap was reached: the device stops where it is (reported as unprovisioned)."""
+
+
+# ---------------------------------------------------------------- AWS: moto behind per-API token buckets
+
+class _Raw:
+    def __init__(self, body: dict):
+        self._body = json.dumps(body).encode()
+
+    def stream(self, **_: Any):
+        yield self._body
+
+
+class SigningCa:
+    """AWS IoT signs the CSR's own key; moto makes an RSA key per certificate instead (tens of ms of CPU, which
+    would make the simulator, not the quotas, the bottleneck). The layer signs the CSR with a CA of its own and
+    hands the certificate to moto with RegisterCertificateWithoutCA's code, so moto knows it like any other."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "storm simulated AWS IoT CA")])
+
+    def sign(self, csr_pem: str) -> str:
+        import datetime as dt
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(self.name)
+                .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now).not_valid_after(now + dt.timedelta(days=365))
+                .sign(self.key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class SimulatedAws:
+    """Throttling and latency in front of moto, and moto's own CPU time, for every client attached."""
+
+    def __init__(self, quotas: dict[str, float], default_quota: float, latency: float):
+        from moto.core.models import botocore_stubber
+        self._stubber = botocore_stubber
+        self._ca = SigningCa()
+        self._quotas, self._default = quotas, default_quota
+        self._latency = latency
+        self._buckets: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
+        self._moto = threading.Lock()  # moto is not thread-safe: it serves one call at a time
+        self.moto_cpu = 0.0
+        self.calls: Counter = Counter()
+        self.throttled: Counter = Counter()
+
+    def _take(self, region: str, operation: str) -> bool:
+        rate = self._quotas.get(operation, self._default)
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.setdefault((region, operation), [rate, now])  # full: one second's worth
+            bucket[0] = min(rate, bucket[0] + (now - bucket[1]) * rate)
+            bucket[1] = now
+            if bucket[0] >= 1.0:
+                bucket[0] -= 1.0
+                return True
+            return False
+
+    def _serve(self, request: Any, event_name: str, **kwargs: Any) -> Any:
+        with self._moto:
+            started = time.thread_time()
+            try:
+                return self._stubber(event_name=event_name, request=request, **kwargs)
+            finally:
+                self.moto_cpu += time.thread_time() - started
+
+    def _from_csr(self, request: Any, region: str) -> Any:
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.iot.models import iot_backends
+        body = json.loads(request.body)
+        with self._moto:
+            started = time.thread_time()
+            try:
+                cert = iot_backends[DEFAULT_ACCOUNT_ID][region].register_certificate_without_ca(
+                    self._ca.sign(body["certificateSigningRequest"]), "ACTIVE")
+            finally:
+                self.moto_cpu += time.thread_time() - started
+        return AWSResponse(request.url, 200, {"Content-Type": "application/json"},
+                           _Raw({"certificateArn": cert.arn, "certificateId": cert.certificate_id,
+                                 "certificatePem": cert.certificate_pem}))
+
+    def attach_iot(self, client: Any, region: str) -> None:
+        def before_send(request: Any, event_name: str, **kwargs: Any) -> Any:
+            operation = event_name.rsplit(".", 1)[-1]
+            time.sleep(self._latency)
+            with self._lock:
+                self.calls[operation] += 1
+            if not self._take(region, operation):
+                with self._lock:
+                    self.throttled[operation] += 1
+                return AWSResponse(request.url, 400, {"x-amzn-ErrorType": "ThrottlingException:",
+                                                      "Content-Type": "application/json"},
+                                   _Raw({"message": "Rate exceeded"}))
+            if operation == "CreateCertificateFromCsr":
+                return self._from_csr(request, region)
+            return self._serve(request, event_name, **kwargs)
+        # botocore runs every before-send handler and takes the first answer: moto's own would serve the call
+        # too (even a throttled one), so it is taken off the client and called by this layer instead.
+        client.meta.events.unregister("before-send", self._stubber)
+        client.meta.events.register_first("before-send.iot", before_send)
+
+    def attach(self, client: Any) -> None:
+        client.meta.events.unregister("before-send", self._stubber)
+        client.meta.events.register_first("before-send", self._serve)
+
+
+# ---------------------------------------------------------------- containers
+
+@dataclass
+class Reply:
+    status_code: int
+    body: dict
+    headers: dict
+
+    @property
+    def reason(self) -> str:
+        return str(self.status_code)
+
+    def json(self) -> dict:
+        return self.body
+
+
+class Container:
+    """One Lambda container: its own clients and service; serves one request at a time."""
+
+    def __init__(self, index: int, sim: SimulatedAws, admission: bool, rate: float, fleet_public_pem: bytes):
+        from chalicelib.admission import DEFAULT_BUDGET, Admission, budgets_from
+        from chalicelib.aws import AwsClients, without_retries
+        from chalicelib.geo import CachingLocator, MaxMindLocator
+        from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS, AwsIotIssuer
+        from chalicelib.provisioning import ProvisioningService
+        from chalicelib.regions import RegionPolicy
+        from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
+        from chalicelib.registry.dynamodb import DynamoDbRegistry
+        from chalicelib.signatures import FleetKeyVerifier
+        clients = AwsClients()
+        regions = list(REGION_IPS)
+        for region in regions:
+            sim.attach_iot(clients.client("iot", region), region)
+        dynamodb = clients.client("dynamodb")
+        sim.attach(dynamodb)
+        executor = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"iot-{index}")
+        gate = None
+        if admission:  # as chalicelib.wiring composes the prod stage
+            gate = Admission(DynamoDbAdmissionStore(dynamodb, f"{TABLE}-nonces"),
+                             budgets_from({"*": rate}, DEFAULT_BUDGET))
+
+            def mutating(region: str) -> Any:
+                client = clients.client("iot", region)
+                without_retries(client, MUTATING_OPERATIONS)
+                return client
+            issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor,
+                                  mutating_client_for_region=mutating, on_throttle=gate.throttled)
+        else:  # today's code: botocore's standard retries on every call, no shared budget
+            issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor)
+        with tempfile_pem(fleet_public_pem) as path:
+            verifier = FleetKeyVerifier(load_public(path))
+        self.service = ProvisioningService(
+            registry=DynamoDbRegistry(dynamodb, TABLE, executor=cf.ThreadPoolExecutor(2)), issuer=issuer,
+            locator=CachingLocator(MaxMindLocator.bundled()),
+            regions=RegionPolicy(regions, "eu-west-2"), verifier=verifier, lease_seconds=120, allow_v1=False,
+            admission=gate)
+        self.issuer = issuer
+
+    def handle(self, body: dict, ip: str) -> Reply:
+        """What app.py's route does, minus HTTP: parse, one service call, domain errors to statuses."""
+        from app import HTTP_STATUS
+        from chalicelib.errors import ProvisioningError, ServiceUnavailable
+        from chalicelib.wire import ProvisioningRequest, error_body, response_body
+        try:
+            result = self.service.provision(ProvisioningRequest.from_body(body), ip)
+            return Reply(200, response_body(result), {})
+        except ProvisioningError as exc:
+            status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
+            headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServiceUnavailable) else {}
+            return Reply(status, error_body(exc.code, exc.message), headers)
+        except Exception as exc:
+            return Reply(503, error_body("service-unavailable", f"{type(exc).__name__}"), {"Retry-After": "30"})
+
+
+@contextlib.contextmanager
+def tempfile_pem(data: bytes):
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".pem") as f:
+        f.write(data)
+        f.flush()
+        yield Path(f.name)
+
+
+def load_public(path: Path) -> Any:
+    from chalicelib.signatures import load_public_key
+    return load_public_key(path)
+
+
+class Gateway:
+    """API Gateway + Lambda as the device client's `requests` session sees them: a request goes to an idle
+    container; when all K are busy, Lambda refuses it (429, TooManyRequestsException, no Retry-After)."""
+
+    def __init__(self, idle: queue.Queue, ip: str, deadline: float, stats: Counter):
+        self._idle, self._ip, self._deadline, self._stats = idle, ip, deadline, stats
+
+    def post(self, url: str, data: str, headers: dict, timeout: Any) -> Reply:
+        if time.monotonic() > self._deadline:
+            raise Cut()
+        try:
+            container = self._idle.get_nowait()
+        except queue.Empty:
+            self._stats["lambda_throttled"] += 1
+            return Reply(429, {"message": "Rate Exceeded."}, {})
+        try:
+            return container.handle(json.loads(data), self._ip)
+        finally:
+            self._idle.put(container)
+
+
+# ---------------------------------------------------------------- one storm
+
+@dataclass
+class Device:
+    name: str
+    ip: str
+    csr_pem: str
+    power_on: float = 0.0
+    provisioned: float | None = None
+    gave_up: bool = False
+    attempts: int = 0
+
+
+@dataclass
+class StormResult:
+    label: str
+    devices: int
+    makespan_s: float | None
+    quota_bound_s: float
+    raw_quota_bound_s: float
+    iot_calls: int
+    throttled_calls: int
+    gave_up: int
+    unprovisioned: int
+    orphans: int
+    audit_clean: bool
+    p50_s: float | None
+    p99_s: float | None
+    simulator_cpu_share: float
+    wall_s: float
+    capped_at_s: float | None
+    timeline: list[float] = field(default_factory=list)
+    requests: int = 0
+    lambda_throttled: int = 0
+    containers: int = 0
+
+    def summary(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("timeline", "label")}
+        d["ratio"] = round(self.makespan_s / self.quota_bound_s, 3) if self.makespan_s else None
+        d["ratio_raw_quota"] = round(self.makespan_s / self.raw_quota_bound_s, 3) if self.makespan_s else None
+        d["throttled_share"] = round(self.throttled_calls / self.iot_calls, 4) if self.iot_calls else 0.0
+        return d
+
+
+def make_devices(n: int) -> list[Device]:
+    regions = list(REGION_IPS)
+    devices = []
+    for i in range(n):
+        name = f"storm-{i:06d}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .sign(key, hashes.SHA256()))
+        devices.append(Device(name, REGION_IPS[regions[i % len(regions)]],
+                              csr.public_bytes(serialization.Encoding.PEM).decode()))
+    return devices
+
+
+def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int = 7) -> StormResult:
+    from moto import mock_aws
+
+    from chalicelib import operations
+    from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
+    from chalicelib.issuers.aws_iot import AwsIotIssuer
+    from chalicelib.registry.dynamodb import DynamoDbRegistry
+    gd = load_device_module()
+    rng = random.Random(seed)
+    scale = size["quota"] / min(IOT_QUOTAS[c] for c in ISSUE_CSR)
+    quotas = {api: q * scale for api, q in IOT_QUOTAS.items()}
+    budget = quota_budget(quotas)
+    devices = make_devices(size["devices"])
+    per_region = Counter(d.ip for d in devices)
+    busiest = max(per_region.values())
+    quota_bound = busiest / budget.csr_per_s           # what the admitted budget allows
+    raw_bound = busiest / size["quota"]                 # what the raw (scaled) quota allows
+    cap = None if admission else 3 * quota_bound
+    public_pem = fleet_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
+    with mock_aws():
+        boto3.client("iot", region_name="eu-west-2").list_things()  # build moto's routers on one thread
+        setup = boto3.client("dynamodb", region_name="eu-west-2")
+        registry = DynamoDbRegistry(setup, TABLE, executor=cf.ThreadPoolExecutor(2))
+        registry.create()
+        registry.register(d.name for d in devices)
+        sim = SimulatedAws(quotas, READ_QUOTA, size["latency"])
+        idle: queue.Queue = queue.Queue()
+        gateway_stats: Counter = Counter()
+        containers = [Container(i, sim, admission, budget.csr_per_s, public_pem)
+                      for i in range(size["containers" if admission else "uncapped"])]
+        for c in containers:
+            idle.put(c)
+        say(f"  {label}: {len(devices)} devices over {len(per_region)} regions, {len(containers)} containers, "
+            f"quota {size['quota']:g}/s, budget {budget.csr_per_s:g}/s, quota bound {quota_bound:.1f} s"
+            + (f", capped at {cap:.0f} s" if cap else ""))
+        go = threading.Event()  # every device thread is up before the fleet powers on
+        clock = {"started": 0.0, "deadline": 0.0}
+
+        def cut_sleep(seconds: float) -> None:
+            remaining = clock["deadline"] - time.monotonic()
+            if seconds >= remaining:
+                time.sleep(max(0.0, remaining))
+                raise Cut()
+            time.sleep(seconds)
+
+        def device_life(device: Device) -> None:
+            go.wait()
+            time.sleep(max(0.0, clock["started"] + device.power_on - time.monotonic()))
+            client = gd.ProvisioningClient(
+                "https://storm.invalid/api", session=Gateway(idle, device.ip, clock["deadline"], gateway_stats),
+                sleep=cut_sleep, max_retry_after=gd.MAX_RETRY_AFTER)
+
+            def body() -> dict:
+                device.attempts += 1
+                return gd.build_v2_request(device.name, fleet_key, device.csr_pem)
+            try:
+                client.provision(body)
+                device.provisioned = time.monotonic() - clock["started"]
+            except gd.ClientError:
+                device.gave_up = True
+            except Cut:
+                pass
+
+        for device in devices:
+            device.power_on = rng.uniform(0, size["ramp"])
+        threading.stack_size(512 * 1024)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            threads = [threading.Thread(target=device_life, args=(d,), daemon=True) for d in devices]
+            for t in threads:
+                t.start()
+            started = clock["started"] = time.monotonic()
+            clock["deadline"] = started + (cap if cap else 20 * quota_bound + 60)
+            cpu_started = time.process_time()
+            go.set()
+            last_report = time.monotonic()
+            while any(t.is_alive() for t in threads):
+                time.sleep(0.5)
+                if time.monotonic() - last_report > 10:
+                    done = sum(d.provisioned is not None for d in devices)
+                    say(f"    {time.monotonic() - started:5.0f} s: {done}/{len(devices)} provisioned")
+                    last_report = time.monotonic()
+        wall = time.monotonic() - started
+        cpu = time.process_time() - cpu_started
+        # The audit (the operator's own use case) over clients the throttling layer does not touch.
+        look = {r: boto3.client("iot", region_name=r) for r in REGION_IPS}
+        report = operations.audit(registry, AwsIotIssuer(lambda region: look[region], cf.ThreadPoolExecutor(4)),
+                                  REGION_IPS, datetime.now(timezone.utc))
+        orphans = len(report.orphan_certificates) + len(report.orphan_things)
+        if os.environ.get("STORM_DEBUG"):
+            say(str(report)[:600])
+        audit_clean = report.findings == 0
+    times = sorted(d.provisioned - d.power_on for d in devices if d.provisioned is not None)
+    finished = [d.provisioned for d in devices if d.provisioned is not None]
+    provisioned_all = len(finished) == len(devices)
+    return StormResult(
+        label=label, devices=len(devices),
+        makespan_s=round(max(finished), 2) if provisioned_all else None,
+        quota_bound_s=round(quota_bound, 2), raw_quota_bound_s=round(raw_bound, 2),
+        iot_calls=sum(sim.calls.values()), throttled_calls=sum(sim.throttled.values()),
+        gave_up=sum(d.gave_up for d in devices),
+        unprovisioned=sum(d.provisioned is None for d in devices), orphans=orphans, audit_clean=audit_clean,
+        p50_s=round(statistics.median(times), 2) if times else None,
+        p99_s=round(times[min(len(times) - 1, int(0.99 * len(times)))], 2) if times else None,
+        simulator_cpu_share=round(sim.moto_cpu / cpu, 3) if cpu else 0.0,
+        wall_s=round(wall, 1), capped_at_s=round(cap, 1) if cap else None,
+        timeline=sorted(finished), requests=sum(d.attempts for d in devices),
+        lambda_throttled=gateway_stats["lambda_throttled"], containers=len(containers))
+
+
+# ---------------------------------------------------------------- output
+
+def table(results: dict[str, StormResult]) -> str:
+    rows = [("", "with admission", "without admission")]
+    w, wo = results["with_admission"].summary(), results["without_admission"].summary()
+
+    def fmt(value: Any, unit: str = "") -> str:
+        if value is None:
+            return "not reached"
+        return f"{value:g}{unit}" if isinstance(value, (int, float)) else str(value)
+    for label, key, unit in (("devices", "devices", ""), ("makespan", "makespan_s", " s"),
+                             ("quota bound (admitted budget)", "quota_bound_s", " s"),
+                             ("makespan / quota bound", "ratio", ""),
+                             ("makespan / raw-quota bound", "ratio_raw_quota", ""),
+                             ("IoT calls", "iot_calls", ""), ("throttled IoT calls", "throttled_calls", ""),
+                             ("throttled share", "throttled_share", ""),
+                             ("requests sent by devices", "requests", ""),
+                             ("Lambda containers (concurrency)", "containers", ""),
+                             ("refused by Lambda (429, all busy)", "lambda_throttled", ""),
+                             ("devices that gave up", "gave_up", ""), ("left unprovisioned", "unprovisioned", ""),
+                             ("orphans (audit)", "orphans", ""), ("audit clean", "audit_clean", ""),
+                             ("p50 time to provisioned", "p50_s", " s"), ("p99 time to provisioned", "p99_s", " s"),
+                             ("simulator share of CPU", "simulator_cpu_share", ""), ("wall time", "wall_s", " s"),
+                             ("capped at", "capped_at_s", " s")):
+        rows.append((label, fmt(w[key], unit), fmt(wo[key], unit)))
+    lines = ["| " + " | ".join(rows[0]) + " |", "|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, StormResult], path: Path, rate_per_region: float, regions: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    horizon = 0.0
+    for key, style in (("with_admission", "-"), ("without_admission", "--")):
+        r = results[key]
+        xs = [0.0] + r.timeline
+        ys = list(range(len(xs)))
+        ax.step(xs, ys, style, where="post", label=key.replace("_", " "))
+        horizon = max(horizon, r.wall_s)
+    total = results["with_admission"].devices
+    line_end = total / (rate_per_region * regions)
+    ax.plot([0, line_end], [0, total], ":", color="grey",
+            label=f"quota line ({rate_per_region:g}/s admitted per region)")
+    ax.set_xlabel("seconds since the fleet powered on")
+    ax.set_ylabel("devices provisioned")
+    ax.set_title(f"Onboarding storm: {total} devices, {regions} regions")
+    ax.set_xlim(0, horizon)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="default", help="storm size (default: %(default)s)")
+    p.add_argument("--devices", type=int, help="override the number of devices")
+    p.add_argument("--out", type=Path, default=PROJECT_DIR / "bench" / "storm.json", help="results JSON")
+    p.add_argument("--chart", type=Path, default=PROJECT_DIR / "docs" / "storm.png", help="chart PNG")
+    args = p.parse_args(argv)
+    size = dict(SIZES[args.size])
+    if args.devices:
+        size["devices"] = args.devices
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "eu-west-2",
+                        "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+        os.environ[name] = value
+    os.environ.pop("AWS_PROFILE", None)
+    sys.setswitchinterval(0.0005)  # moto's work should not hold up the containers' sleeps
+    import app  # noqa: F401  (the route's error map, imported once before the containers' threads use it)
+    fleet_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # the fleet key is RSA
+    results = {}
+    for key, admission in (("with_admission", True), ("without_admission", False)):
+        say(f"storm {key.replace('_', ' ')} ...")
+        results[key] = run_storm(key, size, admission, fleet_key)
+    from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
+    scale = size["quota"] / min(IOT_QUOTAS[c] for c in ISSUE_CSR)
+    budget = quota_budget({api: q * scale for api, q in IOT_QUOTAS.items()})
+    out = {key: r.summary() for key, r in results.items()}
+    out["parameters"] = {**size, "regions": len(REGION_IPS), "admitted_per_region_s": budget.csr_per_s}
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    chart(results, args.chart, budget.csr_per_s, len(REGION_IPS))
+    print(table(results))
+    say(f"wrote {args.out} and {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Admission control in the request pipeline: the local stage with a budget, and the AWS issuer's retries."""
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError
+from chalice.test import Client
+from moto import mock_aws
+
+from app import app
+from chalicelib import wiring
+from chalicelib.aws import AwsClients, without_retries
+from chalicelib.config import PROJECT_DIR
+from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS, AwsIotIssuer
+from chalicelib.registry.base import UNPROVISIONED
+from chalicelib.registry.sqlite import SqliteRegistry
+from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+
+
+def post(client, body, ip):
+    response = client.http.post("/device-provisioning", body=json.dumps(body),
+                                headers={"Content-Type": "application/json", "X-Forwarded-For": ip})
+    return response, json.loads(response.body)
+
+
+def test_a_local_stage_with_a_budget_gives_refused_devices_slots_of_their_own(stage, monkeypatch):
+    monkeypatch.setenv("GIP_ADMISSION_RATES", json.dumps({"*": 1}))  # one device per second per region
+    wiring.reset()
+    registry = SqliteRegistry(stage.state_dir / "registry.sqlite3")
+    csr = {name: make_csr(name)[0] for name in ("mydevice1", "mydevice2", "mydevice3", "mydevice4")}
+    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+        response, first = post(client, stage.body("mydevice1", csr["mydevice1"]), LONDON_IP)
+        assert response.status_code == 200, first
+        waits = []
+        for name in ("mydevice2", "mydevice3"):
+            response, refused = post(client, stage.body(name, csr[name]), LONDON_IP)
+            assert response.status_code == 503, refused
+            assert refused["code"] == "admission-control" and refused["status"] == "error"
+            assert "eu-west-2" in refused["message"]
+            waits.append(int(response.headers["Retry-After"]))
+            # refused before the claim: the device is exactly as it was
+            record = registry.get(name)
+            assert record.status is UNPROVISIONED and not record.attempts
+        assert waits[0] >= 1 and waits[1] == waits[0] + 1  # each its own slot, one second apart
+
+        # a lost answer asked for again issues nothing, so it is answered even while the region is full
+        response, again = post(client, stage.body("mydevice1", csr["mydevice1"]), LONDON_IP)
+        assert response.status_code == 200 and again["reason"] == "previous"
+        assert again["certificateId"] == first["certificateId"]
+        # another region has a schedule of its own
+        response, tokyo = post(client, stage.body("mydevice4", csr["mydevice4"]), TOKYO_IP)
+        assert response.status_code == 200 and tokyo["region"] == "ap-northeast-1"
+
+        time.sleep(waits[0])  # the device honours Retry-After: at its slot it is admitted
+        response, second = post(client, stage.body("mydevice2", csr["mydevice2"]), LONDON_IP)
+        assert response.status_code == 200, second
+        assert registry.get("mydevice2").attempts == 1
+
+
+def test_without_a_budget_the_local_stage_admits_everyone(stage):
+    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+        for name in ("mydevice1", "mydevice2", "mydevice3"):
+            response, body = post(client, stage.body(name, make_csr(name)[0]), LONDON_IP)
+            assert response.status_code == 200, body
+
+
+# ---------------------------------------------------------------- AWS: who retries a throttled call
+
+@pytest.fixture
+def aws(monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "eu-west-2",
+                        "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with mock_aws():
+        yield AwsClients()
+
+
+class _Raw:
+    def stream(self, **_):
+        yield json.dumps({"message": "Rate exceeded"}).encode()
+
+
+def throttle(client, operation: str, times: int, also: str | None = None) -> list:
+    """The first `times` attempts of `operation` (and of `also`) on the wire answer ThrottlingException (below botocore's
+    retry handler, as AWS would); returns the attempts seen. botocore runs every before-send handler, so
+    moto's own is taken off the client and called here only for the attempts that are not throttled (else
+    moto would carry out a throttled call)."""
+    from moto.core.models import botocore_stubber
+    sent = []
+
+    def hook(request, event_name, **kwargs):
+        called = event_name.rsplit(".", 1)[-1]
+        if called in (operation, also):
+            sent.append(called)
+            if sent.count(called) <= times:
+                return AWSResponse(request.url, 400, {"x-amzn-ErrorType": "ThrottlingException:",
+                                                      "Content-Type": "application/json"}, _Raw())
+        return botocore_stubber(event_name=event_name, request=request, **kwargs)
+    client.meta.events.unregister("before-send", botocore_stubber)
+    client.meta.events.register_first("before-send.iot", hook)
+    return sent
+
+
+def test_mutating_calls_skip_botocores_retries_and_reads_keep_them(aws):
+    client = aws.client("iot", "eu-west-2")
+    without_retries(client, MUTATING_OPERATIONS)
+    sent = throttle(client, "CreateThing", 1, also="DescribeEndpoint")
+    with pytest.raises(ClientError) as refused:
+        client.create_thing(thingName="t1")
+    assert refused.value.response["Error"]["Code"] == "ThrottlingException" and sent == ["CreateThing"]
+    client.describe_endpoint(endpointType="iot:Data-ATS")
+    assert sent == ["CreateThing"] + ["DescribeEndpoint"] * 2  # botocore retried the read
+
+
+def test_the_issuer_retries_a_throttled_call_itself_and_reports_it(aws):
+    client = aws.client("iot", "eu-west-2")
+    without_retries(client, MUTATING_OPERATIONS)
+    reported = []
+    issuer = AwsIotIssuer(lambda region: client, ThreadPoolExecutor(4),
+                          mutating_client_for_region=lambda region: client, on_throttle=reported.append)
+    sent = throttle(client, "AttachPolicy", 1)
+    issued = issuer.issue("t1", "eu-west-2", None)
+    assert sent == ["AttachPolicy"] * 2 and reported == ["eu-west-2"]
+    principals = boto3.client("iot", region_name="eu-west-2").list_thing_principals(thingName="t1")["principals"]
+    assert principals == [issued.certificate_arn]
+
+
+def test_a_call_throttled_past_the_issuers_retries_is_undone_and_unavailable(aws):
+    client = aws.client("iot", "eu-west-2")
+    without_retries(client, MUTATING_OPERATIONS)
+    reported = []
+    issuer = AwsIotIssuer(lambda region: client, ThreadPoolExecutor(4),
+                          mutating_client_for_region=lambda region: client, on_throttle=reported.append)
+    sent = throttle(client, "CreateThing", 10)
+    with pytest.raises(Exception) as failed:
+        issuer.issue("t1", "eu-west-2", None)
+    assert getattr(failed.value, "code", None) == "service-unavailable"
+    assert len(sent) == 3 and reported == ["eu-west-2"] * 3  # one try and two of its own, each reported
+    look = boto3.client("iot", region_name="eu-west-2")
+    assert look.list_things()["things"] == []
+    assert [c for c in look.list_certificates()["certificates"] if c["status"] == "ACTIVE"] == []
