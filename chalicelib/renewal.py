@@ -18,6 +18,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from chalicelib.admission import Admission
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.errors import (
     RENEWAL_REFUSED,
@@ -58,7 +59,8 @@ def refused() -> RenewalRefused:
 class RenewalService:
     def __init__(self, registry: RenewalRegistry, issuer: RenewalIssuer, locator: GeoLocator, regions: RegionPolicy,
                  relocation: RelocationPolicy, lease_seconds: int = 120,
-                 clock: Callable[[], datetime] = utcnow, skew_seconds: int = 300) -> None:
+                 clock: Callable[[], datetime] = utcnow, skew_seconds: int = 300,
+                 admission: Admission | None = None) -> None:
         self._registry = registry
         self._issuer = issuer
         self._locator = locator
@@ -67,6 +69,7 @@ class RenewalService:
         self._lease_seconds = lease_seconds
         self._clock = clock
         self._skew = skew_seconds
+        self._admission = admission
 
     def renew(self, request: RenewalRequest, client_ip: str, steps: Steps | None = None) -> RenewalResult:
         steps = steps or Steps()
@@ -91,6 +94,9 @@ class RenewalService:
         with steps.step("geo"):
             location = self._locator.locate(client_ip)
             choice = self._relocation.decide(state.region, location, self._regions)
+        if self._admission is not None:  # a renewal spends the same IoT quotas as provisioning, in its new region
+            with steps.step("admit"):
+                self._admission.admit(choice.region, server_key=request.csr is None)
         with steps.step("claim"):
             now = self._clock()
             try:

@@ -237,7 +237,8 @@ def build_renewal_service(config: Settings) -> RenewalService:
     policy = region_policy(config)
     return RenewalService(registry=registry(config), issuer=issuer(config, policy), locator=locator(config),
                           regions=policy, relocation=RelocationPolicy.parse(config.relocation),
-                          lease_seconds=config.lease_for_audit(), skew_seconds=config.timestamp_skew_seconds)
+                          lease_seconds=config.lease_for_audit(), skew_seconds=config.timestamp_skew_seconds,
+                          admission=admission(config) if config.admission else None)
 
 
 def renewal_service() -> RenewalService:

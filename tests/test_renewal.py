@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from app import app
+from chalicelib.admission import DEFAULT_BUDGET, Admission, budgets_from
 from chalicelib.clock import timestamp
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.errors import MalformedRequest, RenewalInProgress, RenewalRefused, ServiceUnavailable, SignatureInvalid
@@ -24,6 +25,7 @@ from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
 from chalicelib.operations import AuditReport, UnfinishedRenewal
 from chalicelib.provisioning import key_fingerprint
 from chalicelib.regions import RegionPolicy
+from chalicelib.registry.admission_sqlite import SqliteAdmissionStore
 from chalicelib.relocation import RelocationPolicy
 from chalicelib.renewal import RenewalService
 from chalicelib.signatures import renew_v1_text
@@ -520,3 +522,24 @@ def test_concurrent_renewals_with_different_keys_issue_one_certificate_and_the_r
     assert len(results) == 20 and all(isinstance(r, RenewalInProgress) for r in results if r is not winner)
     assert b.certificate_records("dev-1") == issued_before + 1
     assert_renewed(b, device, winner, device.certificate_id)
+
+
+def test_renewals_are_admitted_like_provisioning_in_the_region_they_issue_in(backend, tmp_path):
+    """One device per second in every region, and a one-second burst: the first renewal takes the slot, the next
+    one (another device, same region) is refused with a slot of its own and changes nothing."""
+    b = backend
+    first, second = Device(b, "dev-1"), Device(b, "dev-2")
+    gate = Admission(SqliteAdmissionStore(tmp_path / "admission.sqlite3"), budgets_from({"*": 1}, DEFAULT_BUDGET))
+    service = renewals(b, admission=gate)
+    csr_pem, new_key = make_csr("dev-1")
+    result = service.renew(first.request(csr_pem), LONDON_IP)
+    assert result.issued.certificate_id != first.certificate_id
+    before = b.registry.get("dev-2")
+    with pytest.raises(ServiceUnavailable) as refused:
+        service.renew(second.request(make_csr("dev-2")[0]), LONDON_IP)
+    assert refused.value.code == "admission-control" and refused.value.retry_after >= 1
+    assert b.registry.get("dev-2") == before  # refused before the renewal lease: nothing changed
+    assert b.active_certificates("dev-2") == {(second.region, second.certificate_id)}
+    # Tokyo has a schedule of its own: a move there is admitted
+    moved = renewals(b, relocation="nearest", admission=gate).renew(second.request(make_csr("dev-2")[0]), TOKYO_IP)
+    assert moved.choice.region == "ap-northeast-1"
