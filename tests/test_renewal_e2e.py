@@ -23,7 +23,7 @@ from chalicelib.registry.sqlite import SqliteRegistry
 from devstack.monitor import Monitor
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
-from tests.test_e2e import device_files, messages_by_region, run_device
+from tests.test_e2e import connect, device_files, listener, messages_by_region, run_device
 from tests.test_exactly_once_e2e import _chalice_of, audit, body, certificates, prepare_state
 from tests.test_renewal import renewal_body
 
@@ -98,6 +98,9 @@ def test_renew_from_tokyo_moves_the_device_and_it_publishes_there(stack, monitor
                       ip=LONDON_IP).returncode == 0
     old = stored_certificate_id(stack, "renewing2")
     assert registry.get("renewing2").region == "eu-west-2"
+    key, cert, _ = device_files(stack, "renewing2")
+    old_key, old_cert = key.with_name("london.key.pem"), cert.with_name("london.cert.pem")
+    old_key.write_bytes(key.read_bytes()), old_cert.write_bytes(cert.read_bytes())  # the London identity, kept
     monitor.drain()
 
     moved = run_device(stack, "renewing2", "--renew", "--renew-before", "0", count=1, ip=TOKYO_IP)
@@ -109,6 +112,17 @@ def test_renew_from_tokyo_moves_the_device_and_it_publishes_there(stack, monitor
     assert json.loads(device_files(stack, "renewing2")[2].read_text())["region"] == "ap-northeast-1"
     regions, _ = messages_by_region(monitor, "renewing2")
     assert regions == {"ap-northeast-1"}
+    # The London certificate is refused by London's broker (revocation reaches the broker within 5 s).
+    london, refused_at = listener(stack, "eu-west-2"), time.monotonic() + 5
+    while True:
+        client, ok = connect(london.port, london.ca_file, old_cert, old_key, client_id="renewing2", timeout=2)
+        client.loop_stop()
+        client.disconnect()
+        if not ok or time.monotonic() > refused_at:
+            break
+        time.sleep(0.25)
+    assert not ok, "the relocated device's London certificate still connects"
+    old_key.unlink(), old_cert.unlink()
 
 
 def test_black_box_refusals_and_lost_answer_over_http(stack):
