@@ -52,9 +52,7 @@ class ProvisioningRequest:
         """Check the wire format; anything wrong is a MalformedRequest naming the field and rule."""
         if not isinstance(body, Mapping):
             raise MalformedRequest("the body must be a JSON object")
-        thing_name = _required_text(body, "thing-name")
-        if not THING_NAME.fullmatch(thing_name):
-            raise MalformedRequest("thing-name must be 1-128 letters, digits, ':', '_' or '-'", "invalid-thing-name")
+        thing_name = _thing_name(body)
         signature = decode_signature(_required_text(body, "thing-name-sig"))
         timestamp, stamp, nonce = None, None, None
         if body.get("timestamp") is not None or body.get("nonce") is not None:
@@ -82,6 +80,13 @@ def parse_json(raw: bytes | str) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise MalformedRequest("the body is not valid JSON") from None
+
+
+def _thing_name(body: Mapping[str, Any]) -> str:
+    thing_name = _required_text(body, "thing-name")
+    if not THING_NAME.fullmatch(thing_name):
+        raise MalformedRequest("thing-name must be 1-128 letters, digits, ':', '_' or '-'", "invalid-thing-name")
+    return thing_name
 
 
 def _required_text(body: Mapping[str, Any], field: str) -> str:
@@ -187,9 +192,7 @@ class RenewalRequest:
         """Check the wire format; anything wrong is a MalformedRequest naming the field and rule."""
         if not isinstance(body, Mapping):
             raise MalformedRequest("the body must be a JSON object")
-        thing_name = _required_text(body, "thing-name")
-        if not THING_NAME.fullmatch(thing_name):
-            raise MalformedRequest("thing-name must be 1-128 letters, digits, ':', '_' or '-'", "invalid-thing-name")
+        thing_name = _thing_name(body)
         certificate_id = _required_text(body, "certificateId")
         if len(certificate_id) > MAX_CERTIFICATE_ID_CHARS or not certificate_id.isascii() \
                 or not certificate_id.isalnum():
