@@ -18,6 +18,7 @@ from typing import AbstractSet, Callable, Iterable, NamedTuple
 from chalicelib import operations, worldmap
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.config import Settings
+from chalicelib.geo import bundled_database
 from chalicelib.operations import AuditReport
 from chalicelib.regions import CATALOGUE
 from chalicelib.registry.base import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord
@@ -120,11 +121,7 @@ def geolocation_sources(config: Settings) -> list[str]:
         sources.append("ipstack (live lookups, key in SSM parameter "
                        f"{config.ipstack_key_parameter}); IP geolocation by ipstack.com")
     paths: list[Path] = [config.maxmind_db] if config.maxmind_db else []
-    try:
-        from _maxminddb_geolite2 import geolite2_database
-        paths.append(Path(geolite2_database()))
-    except ImportError:
-        pass
+    paths.append(Path(bundled_database()))
     for path in paths:
         sources.append(_database_source(path))
     return sources
