@@ -41,7 +41,10 @@ class SqliteAdmissionStore:
         if db is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, isolation_level=None, timeout=10)
-            db.execute("PRAGMA journal_mode=WAL")
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError:  # another connection is making the new file WAL now (the mode is the
+                pass                          # file's, and the registry made it WAL first anyway); no busy wait here
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             self._local.db = db
