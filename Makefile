@@ -1,11 +1,11 @@
-# make demo | make test | make local | make bench | make storm — each sets itself up first.
+# make demo | make test | make local | make bench | make storm | make chaos — each sets itself up first.
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
 API_PORT ?= 8000
 export API_PORT
 
-.PHONY: install demo test local bench bench-quick report-screenshot storm clean
+.PHONY: install demo test local bench bench-quick report-screenshot storm chaos clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ report-screenshot: install
 
 storm: install
 	$(PY) -m bench.storm --size default
+
+# kill -9 of make local during bursts of provisioning, then every device retries: no orphan, no double, audit clean.
+chaos: install
+	$(PY) -m bench.chaos --size default
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache
