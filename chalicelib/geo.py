@@ -9,9 +9,11 @@ import json
 import logging
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from chalicelib.clock import timestamp, utcnow
 from chalicelib.observability import emit_metrics
 from chalicelib.regions import Location
 
@@ -78,14 +80,17 @@ class Backoff:
     """A provider that failed is skipped for a while, then tried again: 30 s, doubling up to 15 min.
 
     The first failure of an outage is logged as a warning (once, not per request) and every failure counts
-    in the GeolocationProviderFailed metric, so running on the bundled database is visible, never silent.
+    in the GeolocationProviderFailed metric, so running on the bundled database is visible, never silent;
+    /health reports the outage (`outage()`) until the provider answers again.
     """
 
     def __init__(self, name: str, first: float = 30.0, cap: float = 900.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.name, self._first, self._cap, self._clock = name, first, cap, clock
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow):
+        self.name, self._first, self._cap, self._clock, self._wall = name, first, cap, clock, wall
         self.failures = 0
         self._retry_at = 0.0
+        self._since: datetime | None = None  # the outage's first failure (wall clock, for operators)
+        self._reason = ""
         self._lock = threading.Lock()
 
     def ready(self) -> bool:
@@ -96,7 +101,9 @@ class Backoff:
             self.failures += 1
             wait = min(self._cap, self._first * 2 ** (self.failures - 1))
             self._retry_at = self._clock() + wait
+            self._reason = reason
             if self.failures == 1:
+                self._since = self._wall()
                 log.warning("%s unavailable (%s): using the next geolocation provider; retrying in %.0f s, "
                             "backing off up to %.0f s", self.name, reason, wait, self._cap)
         emit_metrics([("GeolocationProviderFailed", "Count", 1.0, {"provider": self.name})])
@@ -105,7 +112,17 @@ class Backoff:
         if self.failures:
             with self._lock:
                 log.warning("%s is back after %d failed attempt(s)", self.name, self.failures)
-                self.failures, self._retry_at = 0, 0.0
+                self.failures, self._retry_at, self._since = 0, 0.0, None
+
+    def outage(self) -> dict[str, str] | None:
+        """The facts of an outage not over yet (the provider has not answered since it failed), else None."""
+        with self._lock:
+            if not self.failures or self._since is None:
+                return None
+            wait = max(0.0, self._retry_at - self._clock())
+            return {"provider": self.name, "reason": self._reason, "since": timestamp(self._since),
+                    "failures": str(self.failures),
+                    "next_try": f"in {wait:.0f} s" if wait else "with the next request"}
 
 
 class HttpResponse:

@@ -1,8 +1,8 @@
 """GET /health tells the truth (issue 16): what provisioning needs is checked cheaply, the answer is cached for a
 few seconds, and the same facts go to the structured log and a metric.
 
-Each probe returns None when its part is fine, a sentence when it is degraded (provisioning still works, worse),
-and raises when the part is broken.
+Each probe returns None when its part is fine, a sentence (or the facts, a "detail" sentence among them) when it
+is degraded (provisioning still works, worse), and raises when the part is broken.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from chalicelib.storage import StorageUnavailable
 OK, DEGRADED, FAILING = "ok", "degraded", "failing"
 CACHE_SECONDS = 5.0
 
-Probe = Callable[[], "str | None"]
+Probe = Callable[[], "str | Mapping[str, str] | None"]
 
 
 def _reason(exc: BaseException) -> str:
@@ -44,7 +44,9 @@ class Health:
             for name, probe in self._probes.items():
                 try:
                     detail = probe()
-                    checks[name] = {"status": OK} if detail is None else {"status": DEGRADED, "detail": detail}
+                    checks[name] = ({"status": OK} if detail is None else
+                                    {"status": DEGRADED, "detail": detail} if isinstance(detail, str) else
+                                    {"status": DEGRADED, **detail})
                 except Exception as exc:  # a broken part is what this endpoint is for: say which and why
                     checks[name] = {"status": FAILING, "detail": _reason(exc)}
             states = {check["status"] for check in checks.values()}
@@ -54,6 +56,13 @@ class Health:
         if self._report is not None:
             self._report(result)
         return result
+
+
+def provider_outage(outage: Mapping[str, str], fallback: str) -> dict[str, str]:
+    """A geolocation provider held off by its back-off (geo.Backoff.outage): degraded, with the facts."""
+    return {"detail": f"{outage['provider']} failing since {outage['since']} ({outage['reason']}; "
+                      f"{outage['failures']} failed attempt(s), next try {outage['next_try']}); running on {fallback}",
+            **outage}
 
 
 def failing_parts(result: dict) -> str:

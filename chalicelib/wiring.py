@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from chalicelib.admission import DEFAULT_BUDGET, Admission, AdmissionStore, budgets_from
 from chalicelib.config import Settings
 from chalicelib.errors import ConfigError
-from chalicelib.geo import CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
+from chalicelib.geo import Backoff, CachingLocator, FallbackLocator, GeoLocator, IpstackLocator, MaxMindLocator
 from chalicelib.provisioning import ProvisioningService, no_checkpoint
 from chalicelib.regions import RegionPolicy
 from chalicelib.registry.base import RenewalRegistry
@@ -29,6 +29,7 @@ _lock = threading.Lock()
 _settings: Settings | None = None
 _service: ProvisioningService | None = None
 _ipstack_key: Any = None  # the ipstack key's reader, when the stage uses ipstack (health tells whether it works)
+_ipstack_backoff: Backoff | None = None  # one per process: every locator shares it, /health reports its outage
 _renewal: RenewalService | None = None
 _aws: AwsClients | None = None
 _pools: dict[str, ThreadPoolExecutor] = {}
@@ -126,11 +127,24 @@ def locator(config: Settings) -> GeoLocator:
         from chalicelib.geo import HttpGet
         global _ipstack_key
         key = _ipstack_key = SsmSecret(aws_clients().client("ssm"), config.ipstack_key_parameter)
-        providers.append(IpstackLocator(HttpGet(), key, url=config.ipstack_url))
+        providers.append(IpstackLocator(HttpGet(), key, url=config.ipstack_url, backoff=ipstack_backoff()))
     if config.maxmind_db:
         providers.append(MaxMindLocator.open(config.maxmind_db))
     providers.append(MaxMindLocator.bundled())
     return CachingLocator(providers[0] if len(providers) == 1 else FallbackLocator(providers))
+
+
+def ipstack_backoff() -> Backoff:
+    global _ipstack_backoff
+    if _ipstack_backoff is None:
+        _ipstack_backoff = Backoff("ipstack")
+    return _ipstack_backoff
+
+
+def use_ipstack_backoff(backoff: Backoff) -> None:
+    """Hold ipstack off with this back-off (tests: one with its own clock)."""
+    global _ipstack_backoff
+    _ipstack_backoff = backoff
 
 
 def fleet_verifier(config: Settings) -> FleetKeyVerifier:
@@ -165,7 +179,7 @@ def build_service(config: Settings, checkpoint: Callable[[str, str], None] | Non
 _health = None
 
 
-def health_probes(config: Settings) -> dict[str, Callable[[], str | None]]:
+def health_probes(config: Settings) -> dict[str, Callable[[], str | dict[str, str] | None]]:
     """What provisioning needs, each checked cheaply (see chalicelib/health.py)."""
     known_ip = "81.2.69.142"  # London in every GeoLite2 build
     database: list[GeoLocator] = []
@@ -185,13 +199,20 @@ def health_probes(config: Settings) -> dict[str, Callable[[], str | None]]:
     def issuer_probe() -> None:
         part("issuer").check(config.enabled_regions)
 
-    def geolocation_probe() -> str | None:
+    def geolocation_probe() -> str | dict[str, str] | None:
         if not database:
             database.append(MaxMindLocator.open(config.maxmind_db) if config.maxmind_db else MaxMindLocator.bundled())
         if database[0].locate(known_ip) is None:
             raise RuntimeError("the geolocation database gives no location")
-        if config.ipstack_key_parameter and _ipstack_key is not None and _ipstack_key() is None:
-            return "ipstack is not usable (its key cannot be read); running on the bundled database"
+        if not config.ipstack_key_parameter:
+            return None
+        from chalicelib.health import provider_outage
+        fallback = "the MaxMind file" if config.maxmind_db else "the bundled database"
+        outage = _ipstack_backoff.outage() if _ipstack_backoff is not None else None
+        if outage is not None:
+            return provider_outage(outage, fallback)
+        if _ipstack_key is not None and _ipstack_key() is None:
+            return f"ipstack is not usable (its key cannot be read); running on {fallback}"
         return None
 
     verifier: list[FleetKeyVerifier] = []
@@ -262,8 +283,9 @@ def configure(config: Settings) -> None:
 
 def reset() -> None:
     """Forget what was built, so the next call reads the environment again (tests)."""
-    global _settings, _service, _aws, _health, _renewal
+    global _settings, _service, _aws, _health, _renewal, _ipstack_backoff
     with _lock:
+        _ipstack_backoff = None
         _settings = None
         _service = None
         _renewal = None

@@ -1,13 +1,21 @@
 """GET /health tells the truth (issue 16): each part checked, the answer cached a few seconds, 503 naming the
 failing part, `degraded` with 200 when provisioning works on a fallback; the same facts in the log and a metric."""
 import json
+import re
 
+import boto3
+import pytest
 from chalice.test import Client
+from moto import mock_aws
 
 from app import app
 from chalicelib import wiring
-from chalicelib.config import PROJECT_DIR
+from chalicelib.config import PROJECT_DIR, Settings
+from chalicelib.geo import Backoff
 from chalicelib.health import Health, log_and_count
+from devstack.stack import free_port
+from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from tests.fake_ipstack import FakeIpstack
 
 
 class Clock:
@@ -65,3 +73,74 @@ def test_a_healthy_local_stage_says_ok(stage):
     answer = json.loads(response.body)
     assert response.status_code == 200 and answer["status"] == "ok", answer
     assert set(answer["checks"]) == {"registry", "issuer", "geolocation", "fleet_key"}
+
+
+def _ipstack_on_the_local_stage(monkeypatch, tmp_path, url: str) -> None:
+    """The local stage with ipstack in front of the bundled database (key in SSM under moto, ipstack a stand-in)."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "eu-west-2",
+                        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                        "GIP_IPSTACK_KEY_PARAMETER": "/gip/ipstack-key", "GIP_IPSTACK_URL": url,
+                        # as the stage's config says; set here because the settings are rebuilt outside a request
+                        "GIP_TRUST_FORWARDED_FOR": "true"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def _get_health(client) -> tuple[int, dict]:
+    wiring.configure(wiring.settings())  # a fresh answer, not the one cached for 5 s (the back-off is kept)
+    response = client.http.get("/health")
+    return response.status_code, json.loads(response.body)
+
+
+def _provision(client, stage, thing: str, ip: str) -> dict:
+    response = client.http.post("/device-provisioning", body=json.dumps(stage.body(thing, make_csr(thing)[0])),
+                                headers={"Content-Type": "application/json", "X-Forwarded-For": ip})
+    assert response.status_code == 200, response.body
+    return json.loads(response.body)
+
+
+@pytest.mark.parametrize("outage", ["refused", "unreachable"])
+def test_ipstack_held_off_by_its_back_off_is_degraded_until_it_answers(stage, monkeypatch, tmp_path, capsys, outage):
+    clock = Clock()
+    with mock_aws(), FakeIpstack() as ipstack:
+        boto3.client("ssm", region_name="eu-west-2").put_parameter(Name="/gip/ipstack-key", Value="k",
+                                                                   Type="SecureString")
+        # refused: the stand-in knows no address (404, success false); unreachable: nothing listens there
+        down = ipstack.url if outage == "refused" else f"http://127.0.0.1:{free_port()}/{{ip}}"
+        _ipstack_on_the_local_stage(monkeypatch, tmp_path, down)
+        wiring.use_ipstack_backoff(Backoff("ipstack", clock=clock))
+        with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+            status, answer = _get_health(client)
+            assert status == 200 and answer["status"] == "ok", answer  # configured, not failed yet
+            assert _provision(client, stage, "mydevice1", LONDON_IP)["region"] == "eu-west-2"  # the bundled database
+            status, answer = _get_health(client)
+            assert status == 200 and answer["status"] == "degraded", answer
+            geo = answer["checks"]["geolocation"]
+            reason = "refused: HTTP 404" if outage == "refused" else "unreachable: "
+            assert geo["status"] == "degraded" and geo["provider"] == "ipstack" and geo["reason"].startswith(reason)
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", geo["since"]) and geo["failures"] == "1"
+            assert geo["detail"].startswith(f"ipstack failing since {geo['since']} ({reason}")
+            assert geo["detail"].endswith("next try in 30 s); running on the bundled database")
+            assert {part: check["status"] for part, check in answer["checks"].items()} == {
+                "registry": "ok", "issuer": "ok", "geolocation": "degraded", "fleet_key": "ok"}
+            out = capsys.readouterr().out
+            health_lines = [json.loads(line) for line in out.splitlines() if '"message":"health"' in line]
+            assert health_lines[-1]["health"] == "degraded"
+            assert health_lines[-1]["checks"]["geolocation"]["reason"] == geo["reason"]
+            assert '"HealthCheckNotOk":[1.0]' in out and '"part":"geolocation"' in out
+
+            # ipstack answers again once the back-off lets it be asked: ok, and the device was located by it
+            ipstack.answers[TOKYO_IP] = {"latitude": 35.7, "longitude": 139.7, "country_code": "JP",
+                                         "continent_code": "AS"}
+            monkeypatch.setenv("GIP_IPSTACK_URL", ipstack.url)
+            clock.now += 29
+            status, answer = _get_health(client)
+            assert answer["checks"]["geolocation"]["detail"].endswith("next try in 1 s); running on the bundled database")
+            clock.now += 2
+            wiring.configure(Settings.from_env())  # ipstack's new address
+            assert _provision(client, stage, "mydevice2", TOKYO_IP)["region"] == "ap-northeast-1"
+            assert TOKYO_IP in [ip for ip, _ in ipstack.calls]
+            status, answer = _get_health(client)
+            assert status == 200 and answer["status"] == "ok", answer
+            assert answer["checks"]["geolocation"] == {"status": "ok"}
