@@ -7,7 +7,10 @@ HTTP, built with the device client's own code) for every device without a certif
 process group with SIGKILL while the burst is in flight (a seeded RNG picks the moment). Then the stage is
 started again, the claim lease (the request budget plus its margin, see chalicelib/deadline.py) is waited out,
 and every device retries with its own key: the same CSR as before, or again without one; a device that already
-holds a certificate for its CSR asks again too (a lost answer must get the same certificate back).
+holds a certificate for its CSR asks again too (a lost answer must get the same certificate back). A device
+without a CSR whose answer died after its record was finalized is refused 409 `already-provisioned`: the
+server-made key is kept nowhere, by design; the run counts it, resets it as an operator would (`admin reset`)
+and lets it ask again.
 
 Targets (exit 0 only when all hold): every device provisioned and holding the certificate its registry row
 names, ACTIVE in the CA; zero ACTIVE certificates that no registry row refers to (read from the local CA's
@@ -48,9 +51,10 @@ import global_device as device  # noqa: E402 (the device's own signing and CSR c
 from devstack.stack import free_port, free_port_run  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
-    # devices, kill rounds, concurrent requests, share of devices with their own key, fixed lease (None: derived)
-    "default": dict(devices=120, rounds=4, concurrency=16, own_keys=0.25, lease=None),
-    "tiny": dict(devices=12, rounds=2, concurrency=6, own_keys=0.25, lease=4),
+    # devices, kill rounds, concurrent requests, share of devices with their own key, fixed lease (None: derived),
+    # the longest wait between the kill's trigger (a random number of answers) and the kill
+    "default": dict(devices=120, rounds=6, concurrency=16, own_keys=0.25, lease=None, jitter=0.3),
+    "tiny": dict(devices=12, rounds=2, concurrency=6, own_keys=0.25, lease=4, jitter=0.05),
 }
 # Where the bundled GeoLite2 database puts them: three regions get devices.
 ADDRESSES = ("81.2.69.142", "126.0.0.1", "1.1.1.1")
@@ -130,10 +134,12 @@ class Stage:
 
 
 def post(session: requests.Session, url: str, dev: Device) -> tuple[str, dict, float | None]:
-    """One provisioning request: ("200" | "<status>-<code>" | "lost", answer, Retry-After)."""
+    """One provisioning request: ("200" | "<status>-<code>" | "lost" | "down", answer, Retry-After)."""
     try:
         response = session.post(f"{url}/device-provisioning", data=dev.body(), timeout=HTTP_TIMEOUT,
                                 headers={"Content-Type": "application/json", "X-Forwarded-For": dev.address})
+    except requests.ConnectionError as exc:  # refused: the stage is down; else sent and never answered
+        return ("down" if "Connection refused" in str(exc) else "lost"), {}, None
     except requests.RequestException:
         return "lost", {}, None
     try:
@@ -154,12 +160,13 @@ def held(dev: Device, outcome: str, answer: dict) -> str | None:
     return before if before not in (None, dev.certificate_id) else None
 
 
-def burst(stage: Stage, devices: list[Device], concurrency: int, rng: random.Random) -> dict[str, Any]:
+def burst(stage: Stage, devices: list[Device], concurrency: int, rng: random.Random,
+          jitter_s: float) -> dict[str, Any]:
     """Every device's request at once, `concurrency` in flight; SIGKILL to the stage while they are."""
     answered = Counter[str]()
     lock, reached = threading.Lock(), threading.Event()
     target = rng.randint(0, max(0, len(devices) - concurrency))  # answers before the kill: many still in flight
-    jitter = rng.uniform(0.0, 0.3)
+    jitter = rng.uniform(0.0, jitter_s)
     replaced: list[str] = []
     local = threading.local()
 
@@ -208,7 +215,7 @@ def retry_all(stage: Stage, devices: list[Device], concurrency: int) -> dict[str
                     replaced.append(before)
             if outcome == "200":
                 return
-            if outcome.startswith(("409-provisioning-in-progress", "503", "lost")):
+            if outcome.startswith(("409-provisioning-in-progress", "503", "lost", "down")):
                 time.sleep(min(retry_after or 1.0, 60))
                 continue
             break  # refused: the device cannot get further by asking again
@@ -289,10 +296,12 @@ def damaged_registry(stage: Stage, env: dict[str, str], state_dir: Path) -> dict
             and len(lines) == 1 and "Traceback" not in cli.stderr}
 
 
-def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, budget: int, margin: int,
+def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concurrency: int | None, budget: int,
+        margin: int,
         storage: bool, keep: bool) -> dict[str, Any]:
     params = dict(SIZES[size])
-    params.update({k: v for k, v in (("devices", devices_n), ("rounds", rounds_n)) if v is not None})
+    params.update({k: v for k, v in (("devices", devices_n), ("rounds", rounds_n), ("concurrency", concurrency))
+                   if v is not None})
     rng = random.Random(seed)
     began = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="gip-chaos-"))
@@ -311,8 +320,11 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, budge
     try:
         for number in range(1, params["rounds"] + 1):
             starts.append(round(stage.start(), 2))
+            if number % 2 == 1 and number > 1:
+                # This burst takes over the claims the last kill left: settling them is killed too.
+                time.sleep(max(0.0, last_kill + lease + 1 - time.monotonic()))
             waiting = [d for d in devices if d.certificate_id is None]
-            result = burst(stage, waiting, params["concurrency"], rng)
+            result = burst(stage, waiting, params["concurrency"], rng, params["jitter"])
             last_kill = time.monotonic()
             rounds.append(result)
             say(f"[chaos] round {number}: {len(waiting)} requests, kill -9 at {result['killed_at_s']} s with "
@@ -328,6 +340,13 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, budge
         retried = [d for d in devices if d.certificate_id is None or d.csr_pem is not None]
         retry = retry_all(stage, retried, params["concurrency"])
         say(f"[chaos] retries: {retry['outcomes']}")
+        # Provisioned without a CSR, and the answer died with the process: the server-made key is kept nowhere
+        # (by design), so the device is refused 409 until an operator resets it (README, "Exactly once").
+        lost_keys = [d for d in devices if d.csr_pem is None and d.certificate_id is None
+                     and d.answers[-1] == "409-already-provisioned"]
+        for dev in lost_keys:
+            admin(env, "reset", dev.name)
+        reset_retry = retry_all(stage, lost_keys, params["concurrency"]) if lost_keys else None
         rows, active = inventory(state_dir)
         audit = admin(env, "audit")
     finally:
@@ -342,6 +361,7 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, budge
     stuck = [d.name for d in devices if d.certificate_id is None or d.certificate_id not in active_ids
              or rows.get(d.name, ("", None))[1] != d.certificate_id]
     replaced = [c for r in rounds for c in r["replaced"]] + retry["replaced"]
+    answers = {d.name: d.answers for d in devices if d.name in stuck or d.name in unprovisioned}
     report: dict[str, Any] = {
         "seed": seed, "size": size, "parameters": {**params, "budget_s": budget, "lease_margin_s": margin,
                                                    "lease_s": lease},
@@ -354,7 +374,10 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, budge
         "audit_during_lease": {"exit": during.returncode, **_audit_counts(during.stdout)},
         "retried_devices": len(retried), "retry_requests": retry["requests"], "retry_outcomes": retry["outcomes"],
         "gave_up": retry["gave_up"], "certificates_replaced_on_retry": len(replaced),
+        "lost_server_keys": [d.name for d in lost_keys],
+        "after_reset": reset_retry["outcomes"] if reset_retry else {},
         "provisioned": len(devices) - len(unprovisioned), "unprovisioned": unprovisioned, "stuck": stuck,
+        "stuck_answers": answers,
         "active_certificates": len(active), "orphans": len(orphans), "orphan_ids": orphans,
         "doubles": len(doubles), "double_things": doubles,
         "audit_exit": audit.returncode, "audit_output": audit.stdout.strip().splitlines()[-3:],
@@ -392,6 +415,8 @@ def table(report: dict[str, Any]) -> str:
          f"{report['audit_during_lease']['exit']}, {report['audit_during_lease'].get('in_flight', '?')}"),
         ("devices retried / retry requests", f"{report['retried_devices']} / {report['retry_requests']}"),
         ("certificates replaced on a retry", report["certificates_replaced_on_retry"]),
+        ("server-made keys lost with the answer (admin reset, then provisioned)",
+         f"{len(report['lost_server_keys'])} ({report['after_reset'].get('200', 0)})"),
         ("provisioned", f"{report['provisioned']} of {report['devices']}"),
         ("stuck (no certificate, or not the registry's)", len(report["stuck"])),
         ("ACTIVE certificates without a registry row", report["orphans"]),
@@ -413,10 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Exit status 0 when every target holds, 1 when one does not, 2 when "
                                             "the run itself failed (the stage did not start, ...).")
     parser.add_argument("--size", choices=SIZES, default="default",
-                        help="default: 120 devices, 4 rounds (a few minutes); tiny: 12 devices, 2 rounds, 4 s lease")
+                        help="default: 120 devices, 6 rounds (a few minutes); tiny: 12 devices, 2 rounds, 4 s lease")
     parser.add_argument("--seed", type=int, default=16, help="seed of the RNG choosing keys and kill moments")
     parser.add_argument("--devices", type=int, help="number of devices (overrides the size)")
     parser.add_argument("--rounds", type=int, help="number of kill -9 rounds (overrides the size)")
+    parser.add_argument("--concurrency", type=int, help="requests in flight at once (overrides the size)")
     parser.add_argument("--budget", type=int, default=20,
                         help="the local stage's request budget, GIP_REQUEST_BUDGET_SECONDS (default 20; a claim "
                              "needs about 18 s of it to fit)")
@@ -428,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to write the report (default bench/chaos.json)")
     args = parser.parse_args(argv)
     try:
-        report = run(args.size, args.seed, args.devices, args.rounds, args.budget, args.lease_margin,
+        report = run(args.size, args.seed, args.devices, args.rounds, args.concurrency, args.budget, args.lease_margin,
                      not args.no_storage, args.keep)
     except (RuntimeError, OSError) as exc:
         say(f"error: {exc}")
