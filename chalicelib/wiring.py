@@ -212,7 +212,11 @@ def health_probes(config: Settings) -> dict[str, Callable[[], str | dict[str, st
         if outage is not None:
             return provider_outage(outage, fallback)
         if _ipstack_key is not None and _ipstack_key() is None:
-            return f"ipstack is not usable (its key cannot be read); running on {fallback}"
+            key = _ipstack_key.backoff.outage()
+            if key is None:
+                return f"ipstack is not usable (its key cannot be read); running on {fallback}"
+            return provider_outage({**key, "provider": "ipstack", "reason": f"its key cannot be read: {key['reason']}"},
+                                   fallback)
         return None
 
     verifier: list[FleetKeyVerifier] = []

@@ -144,3 +144,16 @@ def test_ipstack_held_off_by_its_back_off_is_degraded_until_it_answers(stage, mo
             status, answer = _get_health(client)
             assert status == 200 and answer["status"] == "ok", answer
             assert answer["checks"]["geolocation"] == {"status": "ok"}
+
+
+def test_an_unreadable_ipstack_key_is_degraded_naming_why_and_since_when(stage, monkeypatch, tmp_path):
+    with mock_aws(), FakeIpstack() as ipstack:  # no parameter in SSM: ParameterNotFound
+        _ipstack_on_the_local_stage(monkeypatch, tmp_path, ipstack.url)
+        with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+            assert _provision(client, stage, "mydevice1", LONDON_IP)["region"] == "eu-west-2"
+            status, answer = _get_health(client)
+    geo = answer["checks"]["geolocation"]
+    assert status == 200 and answer["status"] == "degraded" and geo["provider"] == "ipstack", answer
+    assert geo["reason"] == "its key cannot be read: ParameterNotFound" and geo["since"].endswith("Z")
+    assert geo["detail"].startswith(f"ipstack failing since {geo['since']} (its key cannot be read: ParameterNotFound")
+    assert ipstack.calls == []  # without its key ipstack is never asked
