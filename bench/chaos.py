@@ -15,7 +15,8 @@ and lets it ask again.
 Targets (exit 0 only when all hold): every device provisioned and holding the certificate its registry row
 names, ACTIVE in the CA; zero ACTIVE certificates that no registry row refers to (read from the local CA's
 records directly); zero devices holding two ACTIVE certificates; `python -m chalicelib.admin audit` clean
-without --fix (exit 0). A last phase damages the registry file and checks that /health answers 503 naming
+without --fix (exit 0); and during the lease, before any retry, every ACTIVE certificate that no provisioned
+row names is listed by `admin audit` (in flight, stuck, or an orphan), none hidden. A last phase damages the registry file and checks that /health answers 503 naming
 the registry and that the admin CLI says so in one line, without a traceback.
 
 Run from the project directory: python -m bench.chaos [--size tiny|default] [--seed N] [--json FILE]
@@ -168,13 +169,16 @@ def burst(stage: Stage, devices: list[Device], concurrency: int, rng: random.Ran
     target = rng.randint(0, max(0, len(devices) - concurrency))  # answers before the kill: many still in flight
     jitter = rng.uniform(0.0, jitter_s)
     replaced: list[str] = []
+    waits: list[float | None] = []  # the Retry-After of each 409 provisioning-in-progress
     local = threading.local()
 
     def one(dev: Device) -> None:
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
-        outcome, answer, _ = post(session, stage.url, dev)
+        outcome, answer, retry_after = post(session, stage.url, dev)
         with lock:
+            if outcome == "409-provisioning-in-progress":
+                waits.append(retry_after)
             before = held(dev, outcome, answer)
             if before:
                 replaced.append(before)
@@ -195,7 +199,8 @@ def burst(stage: Stage, devices: list[Device], concurrency: int, rng: random.Ran
         for f in futures:
             f.result()
     return {"requests": len(devices), "kill_after_answers": target, "killed_at_s": round(killed_at, 3),
-            "in_flight_at_kill": in_flight, "outcomes": dict(sorted(answered.items())), "replaced": replaced}
+            "in_flight_at_kill": in_flight, "outcomes": dict(sorted(answered.items())), "replaced": replaced,
+            "in_progress_retry_after": waits}
 
 
 def retry_all(stage: Stage, devices: list[Device], concurrency: int) -> dict[str, Any]:
@@ -330,9 +335,11 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concu
             say(f"[chaos] round {number}: {len(waiting)} requests, kill -9 at {result['killed_at_s']} s with "
                 f"{result['in_flight_at_kill']} in flight; {result['outcomes']}")
         starts.append(round(stage.start(), 2))
+        # During the lease, nothing asking: what the kills left is in flight (reported, not a finding) or stuck,
+        # and every ACTIVE certificate no provisioned row names is among what the audit lists.
         rows, active = inventory(state_dir)
-        # During the lease: what the kills left is in flight (reported, not a finding) or stuck.
         during = admin(env, "audit", "--json")
+        during_lease = lease_audit(during, rows, active)
         wait = last_kill + lease + 1 - time.monotonic()
         say(f"[chaos] waiting {max(wait, 0):.0f} s for the claim lease to pass, then every device retries")
         time.sleep(max(wait, 0))
@@ -362,6 +369,9 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concu
              or rows.get(d.name, ("", None))[1] != d.certificate_id]
     replaced = [c for r in rounds for c in r["replaced"]] + retry["replaced"]
     answers = {d.name: d.answers for d in devices if d.name in stuck or d.name in unprovisioned}
+    # 409 provisioning-in-progress says when the lease ends: present, positive, at most the lease
+    waits = [w for r in rounds for w in r.pop("in_progress_retry_after")]
+    bad_waits = [w for w in waits if w is None or not 0 < w <= lease]
     report: dict[str, Any] = {
         "seed": seed, "size": size, "parameters": {**params, "budget_s": budget, "lease_margin_s": margin,
                                                    "lease_s": lease},
@@ -371,7 +381,9 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concu
         "in_flight_at_kills": sum(r["in_flight_at_kill"] for r in rounds),
         "answered_before_kills": sum(r["outcomes"].get("200", 0) for r in rounds),
         "rounds": rounds, "starts_s": starts,
-        "audit_during_lease": {"exit": during.returncode, **_audit_counts(during.stdout)},
+        "audit_during_lease": during_lease,
+        "in_progress_answers": len(waits), "in_progress_retry_after_s": [min(waits), max(waits)] if waits else [],
+        "in_progress_bad_retry_after": len(bad_waits),
         "retried_devices": len(retried), "retry_requests": retry["requests"], "retry_outcomes": retry["outcomes"],
         "gave_up": retry["gave_up"], "certificates_replaced_on_retry": len(replaced),
         "lost_server_keys": [d.name for d in lost_keys],
@@ -386,6 +398,7 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concu
         report["damaged_registry"] = damaged_registry(stage, env, state_dir)
     report["duration_s"] = round(time.monotonic() - began, 1)
     report["ok"] = (not unprovisioned and not stuck and not orphans and not doubles and audit.returncode == 0
+                    and during_lease["hidden"] == 0 and not bad_waits
                     and (not storage or report["damaged_registry"]["ok"]))
     if keep:
         say(f"[chaos] state kept in {home}")
@@ -395,24 +408,36 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concu
     return report
 
 
-def _audit_counts(text: str) -> dict[str, int]:
+def lease_audit(done: subprocess.CompletedProcess, rows: dict[str, tuple[str, str | None]],
+                active: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """`admin audit --json` during the lease: its counts, and the ACTIVE certificates it does not list."""
     try:
-        found = json.loads(text)
+        found = json.loads(done.stdout)
     except ValueError:
-        return {}
-    return {key: len(value) for key, value in found.items() if isinstance(value, list)}
+        return {"exit": done.returncode, "hidden": -1}
+    listed = {cert for key in ("in_flight", "stuck_claims", "unfinished_rollbacks") for attempt in found[key]
+              for cert in attempt.get("certificates", [])}
+    listed |= {orphan["certificate_id"] for orphan in found["orphan_certificates"]}
+    named = {cert for status, cert in rows.values() if status == "provisioned"}
+    unnamed = {cert for cert, _, _ in active if cert not in named}
+    return {"exit": done.returncode, **{key: len(value) for key, value in found.items() if isinstance(value, list)},
+            "active_unnamed": len(unnamed), "hidden": len(unnamed - listed)}
 
 
 def table(report: dict[str, Any]) -> str:
-    damaged = report.get("damaged_registry")
+    damaged, lease = report.get("damaged_registry"), report["audit_during_lease"]
     rows = [
         ("seed", report["seed"]), ("devices (with CSR / own key)",
                                    f"{report['devices']} ({report['with_csr']} / {report['own_keys']})"),
         ("kill -9 of make local", report["kills"]),
         ("burst requests / in flight at the kills", f"{report['burst_requests']} / {report['in_flight_at_kills']}"),
         ("answered 200 before the kills", report["answered_before_kills"]),
-        ("audit during the lease (exit, in flight)",
-         f"{report['audit_during_lease']['exit']}, {report['audit_during_lease'].get('in_flight', '?')}"),
+        ("audit during the lease: exit, in flight, stuck",
+         f"{lease['exit']}, {lease.get('in_flight', '?')}, {lease.get('stuck_claims', '?')}"),
+        ("ACTIVE certificates without a provisioned row during the lease / not listed by the audit",
+         f"{lease.get('active_unnamed', '?')} / {lease['hidden']}"),
+        ("409 in progress during the bursts: Retry-After range (s), missing or past the lease",
+         f"{report['in_progress_retry_after_s'] or '-'}, {report['in_progress_bad_retry_after']}"),
         ("devices retried / retry requests", f"{report['retried_devices']} / {report['retry_requests']}"),
         ("certificates replaced on a retry", report["certificates_replaced_on_retry"]),
         ("server-made keys lost with the answer (admin reset, then provisioned)",

@@ -22,6 +22,7 @@ def test_tiny_chaos_run_leaves_every_device_provisioned_and_nothing_behind(tmp_p
     assert report["orphans"] == 0 and report["doubles"] == 0 and report["certificates_replaced_on_retry"] == 0
     assert report["active_certificates"] == 12  # one per device, read from the CA's records
     assert report["audit_exit"] == 0 and report["audit_output"][-1].startswith("0 finding(s)")
+    assert report["audit_during_lease"]["hidden"] == 0  # during the lease the audit listed every unnamed certificate
     damaged = report["damaged_registry"]
     assert damaged["health_status"] == 503 and damaged["health_code"] == "unhealthy"
     assert damaged["health_names_registry"] and damaged["cli_exit"] != 0
