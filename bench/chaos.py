@@ -49,7 +49,12 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR / "device"))
 import global_device as device  # noqa: E402 (the device's own signing and CSR code, standalone by design)
 
+from chalicelib.deadline import ROLLBACK_RESERVE_SECONDS  # noqa: E402
+from chalicelib.provisioning import FINALIZE_SECONDS, ISSUE_SECONDS  # noqa: E402
 from devstack.stack import free_port, free_port_run  # noqa: E402
+
+# What a request must have left when it claims (chalicelib/provisioning.py): the local budget must exceed it.
+CLAIM_NEEDS = ISSUE_SECONDS + FINALIZE_SECONDS + ROLLBACK_RESERVE_SECONDS
 
 SIZES: dict[str, dict[str, Any]] = {
     # devices, kill rounds, concurrent requests, share of devices with their own key, fixed lease (None: derived),
@@ -460,17 +465,21 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=(__doc__ or "").split("\n\n")[0],
-                                     epilog="Exit status 0 when every target holds, 1 when one does not, 2 when "
-                                            "the run itself failed (the stage did not start, ...).")
+                                     epilog="Targets: every device provisioned, no ACTIVE certificate without a "
+                                            "registry row, no device with two, admin audit clean without --fix, "
+                                            "the audit hiding nothing during the lease. Exit status 0 when every "
+                                            "target holds, 1 when one does not, 2 when the run itself failed (the "
+                                            "stage did not start, ...).")
     parser.add_argument("--size", choices=SIZES, default="default",
                         help="default: 120 devices, 6 rounds (a few minutes); tiny: 12 devices, 2 rounds, 4 s lease")
-    parser.add_argument("--seed", type=int, default=16, help="seed of the RNG choosing keys and kill moments")
+    parser.add_argument("--seed", type=int, default=16,
+                        help="seed of the RNG choosing keys, CSRs and kill moments (default 16)")
     parser.add_argument("--devices", type=int, help="number of devices (overrides the size)")
     parser.add_argument("--rounds", type=int, help="number of kill -9 rounds (overrides the size)")
     parser.add_argument("--concurrency", type=int, help="requests in flight at once (overrides the size)")
     parser.add_argument("--budget", type=int, default=20,
-                        help="the local stage's request budget, GIP_REQUEST_BUDGET_SECONDS (default 20; a claim "
-                             "needs about 18 s of it to fit)")
+                        help=f"the local stage's request budget, GIP_REQUEST_BUDGET_SECONDS (default 20; a claim "
+                             f"needs {CLAIM_NEEDS:.0f} s of it left)")
     parser.add_argument("--lease-margin", type=int, default=2,
                         help="GIP_CLAIM_LEASE_MARGIN_SECONDS: the lease is the budget plus this (default 2)")
     parser.add_argument("--no-storage", action="store_true", help="skip the damaged-registry phase")
@@ -478,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(PROJECT_DIR / "bench" / "chaos.json"),
                         help="where to write the report (default bench/chaos.json)")
     args = parser.parse_args(argv)
+    if args.budget <= CLAIM_NEEDS:
+        parser.error(f"--budget must be over {CLAIM_NEEDS:.0f} s, or every request is refused before its claim")
     try:
         report = run(args.size, args.seed, args.devices, args.rounds, args.concurrency, args.budget, args.lease_margin,
                      not args.no_storage, args.keep)
