@@ -60,7 +60,7 @@ SIZES: dict[str, dict[str, Any]] = {
     # devices, kill rounds, concurrent requests, share of devices with their own key, fixed lease (None: derived),
     # the longest wait between the kill's trigger (a random number of answers) and the kill
     "default": dict(devices=120, rounds=6, concurrency=16, own_keys=0.25, lease=None, jitter=0.3),
-    "tiny": dict(devices=12, rounds=2, concurrency=6, own_keys=0.25, lease=4, jitter=0.05),
+    "tiny": dict(devices=12, rounds=2, concurrency=6, own_keys=0.25, lease=4, jitter=0.0),
 }
 # Where the bundled GeoLite2 database puts them: three regions get devices.
 ADDRESSES = ("81.2.69.142", "126.0.0.1", "1.1.1.1")
