@@ -7,7 +7,7 @@ from typing import Any, Callable
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from chalicelib import observability, wiring
+from chalicelib import coldstart, observability, wiring  # coldstart first: see its docstring
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.deadline import Deadline
 from chalicelib.errors import (
@@ -54,6 +54,14 @@ HTTP_STATUS: dict[type[ProvisioningError], int] = {
     RenewalRefused: 403,
     RenewalInProgress: 409,
 }
+
+
+@app.middleware("all")
+def resume_gc_after_the_first_event(event: Any, get_response: Callable[[Any], Any]) -> Any:
+    try:
+        return get_response(event)
+    finally:
+        coldstart.resume()  # a cold start's objects frozen, the collector back on (chalicelib/coldstart.py)
 
 
 @app.middleware("http")

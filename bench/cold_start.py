@@ -100,7 +100,45 @@ class _TimedMotoServer:
         self._thread.join()
 
 
-def run(reps: int, importtime: bool, verbose: bool = False) -> dict:
+def _self_times(stderr: str) -> dict[str, int]:
+    """python -X importtime's lines as {top-level package: microseconds spent in its own modules}."""
+    totals: dict[str, int] = {}
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and not line.endswith("| imported package"):
+            head, _, name = line.split("|")
+            self_us = head.split(":")[1]
+            package = name.strip().split(".")[0]
+            totals[package] = totals.get(package, 0) + int(self_us)
+    return totals
+
+
+def print_importtime(base: dict, aws: dict, env: dict, request: str) -> None:
+    """Each side's import time per top-level package (own modules only), the prod side's extras first."""
+    bare = subprocess.run([sys.executable, "-X", "importtime", "-c", BARE], env={**base, **aws},
+                          capture_output=True, text=True)
+    prod = subprocess.run([sys.executable, "-X", "importtime", "-c", PROD, request], cwd=PROJECT_DIR, env=env,
+                          capture_output=True, text=True)
+    bare_us, prod_us = _self_times(bare.stderr), _self_times(prod.stderr)
+    rows = sorted(set(bare_us) | set(prod_us), key=lambda k: bare_us.get(k, 0) - prod_us.get(k, 0))
+    print(f"{'package':24} {'prod ms':>8} {'bare ms':>8}", file=sys.stderr)
+    for name in rows[:30]:
+        print(f"{name:24} {prod_us.get(name, 0) / 1000:8.1f} {bare_us.get(name, 0) / 1000:8.1f}", file=sys.stderr)
+    print(f"{'all':24} {sum(prod_us.values()) / 1000:8.1f} {sum(bare_us.values()) / 1000:8.1f}", file=sys.stderr)
+
+
+PROFILED = ("import cProfile, pstats, sys, time\n"
+            "profile = cProfile.Profile(time.process_time)\n"
+            "profile.enable()\n"
+            "import json, app\n"
+            "answer = app.app(json.loads(sys.argv[1]), None)\n"
+            "profile.disable()\n"
+            "assert answer['statusCode'] == 200, answer\n"
+            "stats = pstats.Stats(profile, stream=sys.stderr)\n"
+            "stats.sort_stats('tottime').print_stats(40)\n"
+            "stats.sort_stats('cumulative').print_stats(60)\n")
+
+
+def run(reps: int, importtime: bool, verbose: bool = False, profile: bool = False) -> dict:
     import boto3
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -131,11 +169,20 @@ def run(reps: int, importtime: bool, verbose: bool = False) -> dict:
                 registry = DynamoDbRegistry(boto3.client("dynamodb", endpoint_url=aws["AWS_ENDPOINT_URL"]),
                                             env["GIP_TABLE_NAME"], executor=pool)
                 registry.create()
-                names = [f"cold-{i}" for i in range(reps + 2)]
+                names = [f"cold-{i}" for i in range(reps + 3)]
                 registry.register(names)
-            # moto builds each service's backend on its first request: not the function's cost
+            # moto builds each service's backend on its first request (seconds for IoT): not the function's cost.
+            # So each service is called once first, then one cold start is served and not counted.
+            endpoint = aws["AWS_ENDPOINT_URL"]
+            boto3.client("iot", region_name="eu-west-2", endpoint_url=endpoint).describe_endpoint(
+                endpointType="iot:Data-ATS")
+            ssm = boto3.client("ssm", region_name="eu-west-2", endpoint_url=endpoint)
+            try:
+                ssm.get_parameter(Name=env["GIP_IPSTACK_KEY_PARAMETER"], WithDecryption=True)
+            except ssm.exceptions.ParameterNotFound:
+                pass
             subprocess.run([sys.executable, "-c", PROD, json.dumps(event(v2_csr_body(fleet, names[-1]), "81.2.1.1"))],
-                           cwd=PROJECT_DIR, env=env, capture_output=True, text=True, check=True)
+                           cwd=PROJECT_DIR, env=env, capture_output=True, text=True)
             bare, bare_cpu, imports, firsts, totals, cpus, ratios, cpu_ratios = [], [], [], [], [], [], [], []
             own: list[float] = []
             own_ratios: list[float] = []
@@ -166,12 +213,12 @@ def run(reps: int, importtime: bool, verbose: bool = False) -> dict:
                 ratios.append(timing["total"] / bare[-1])
                 cpu_ratios.append(timing["cpu"] / bare_cpu[-1])
             if importtime:
-                out = subprocess.run([sys.executable, "-X", "importtime", "-c", PROD,
-                                      json.dumps(event(v2_csr_body(fleet, names[reps]), "81.2.200.1"))],
+                print_importtime(base, aws, env, json.dumps(event(v2_csr_body(fleet, names[reps]), "81.2.200.1")))
+            if profile:
+                out = subprocess.run([sys.executable, "-c", PROFILED,
+                                      json.dumps(event(v2_csr_body(fleet, names[reps + 1]), "81.2.201.1"))],
                                      cwd=PROJECT_DIR, env=env, capture_output=True, text=True)
-                rows = [line.split("|") for line in out.stderr.splitlines() if line.startswith("import time:")][1:]
-                top = sorted(((int(r[1]), r[2].rstrip()) for r in rows), reverse=True)[:25]
-                print("\n".join(f"{us / 1000:8.1f} ms  {name}" for us, name in top), file=sys.stderr)
+                print(out.stderr, file=sys.stderr)
     finally:
         server.stop()
         os.environ.clear()
@@ -189,9 +236,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="paired repetitions (default 7)")
     parser.add_argument("--importtime", action="store_true", help="also list the prod side's costliest imports")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print a CPU profile of one prod cold start (cProfile: import and first request)")
     parser.add_argument("--verbose", action="store_true", help="show the prod side's output")
     args = parser.parse_args(argv)
-    result = run(args.reps, args.importtime, args.verbose)
+    result = run(args.reps, args.importtime, args.verbose, args.profile)
     print(json.dumps(result, indent=2))
     return 0
 
