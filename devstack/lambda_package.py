@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lambda_package: chalice deploy --stage {args.stage}", flush=True)
             deployed = _chalice(PROJECT_DIR, "deploy", "--stage", args.stage)
             print(deployed.stdout, end="")
-            if REUSED not in deployed.stdout:
+            if REUSED not in deployed.stdout + deployed.stderr:
                 raise PackageError("chalice deploy built its own package instead of reusing this one (a file "
                                    "changed in between?): the function runs without bytecode; run it again")
     except PackageError as exc:

@@ -150,6 +150,21 @@ def test_built_package_has_unchecked_bytecode_for_the_runtime_for_every_module(b
     assert not [n for n in names if n.endswith(".pyc") and "__pycache__/" not in n]
 
 
+def test_chalice_reuses_the_built_package_so_chalice_deploy_uploads_it(clone, built, tmp_path):
+    """`make deploy` runs `chalice deploy --stage prod` after the build: chalice builds (or reuses) its package
+    the same way for `package` and `deploy`, so a second `chalice package` shows what deploy would upload."""
+    _, zip_path = built
+    env = {**os.environ, "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "PYTHONDONTWRITEBYTECODE": "1"}
+    chalice = str(Path(sys.executable).with_name("chalice"))
+    result = subprocess.run([chalice, "package", "--stage", "prod", str(tmp_path / "again")], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from devstack.lambda_package import REUSED
+    assert REUSED in result.stdout + result.stderr
+    assert (tmp_path / "again" / "deployment.zip").read_bytes() == zip_path.read_bytes()
+
+
 def test_built_package_keeps_botocore_data_of_the_function_services_only(built):
     from chalicelib import aws_models, iam_policy
     _, zip_path = built
