@@ -1,4 +1,6 @@
 """HTTP routes only: parse -> one service call -> map domain errors to HTTP (design.md)."""
+# First of all: inside Lambda this pauses the cyclic GC for the cold start (chalicelib/coldstart.py).
+from chalicelib import coldstart  # isort: skip
 import os
 import uuid
 from email.utils import format_datetime
@@ -7,7 +9,7 @@ from typing import Any, Callable
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from chalicelib import coldstart, observability, wiring  # coldstart first: see its docstring
+from chalicelib import observability, wiring
 from chalicelib.clock import timestamp, utcnow
 from chalicelib.deadline import Deadline
 from chalicelib.errors import (

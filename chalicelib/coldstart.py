@@ -4,7 +4,7 @@ A cold start makes about 90,000 objects that live as long as the container (modu
 clients, the service) and almost no cyclic garbage (about 600 objects). The collector would scan them again
 and again while they are being made: 125 young, 11 middle and one full collection, about 60 ms of CPU, a
 seventh of a prod cold start (measured with gc.callbacks; bench/cold_start.py). So inside Lambda, importing
-this module (app.py's first import of chalicelib) pauses the collector, and the end of the first event
+this module (app.py's first import) pauses the collector, and the end of the first event
 resumes it with everything made so far frozen (gc.freeze: later collections skip it; the few hundred
 garbage objects stay, once). Elsewhere (tests, chalice local, the CLI) it does nothing.
 """
