@@ -5,7 +5,7 @@ PY       := $(VENV)/bin/python
 API_PORT ?= 8000
 export API_PORT
 
-.PHONY: install demo test local bench bench-quick report-screenshot storm chaos clean
+.PHONY: install demo test local bench bench-quick report-screenshot storm chaos package deploy clean
 
 install: $(VENV)/.installed
 
@@ -49,5 +49,12 @@ storm: install
 chaos: install
 	$(PY) -m bench.chaos --size default
 
+# The prod stage's Lambda package with bytecode, trimmed (devstack/lambda_package.py); deploy uploads it.
+package: install
+	$(PY) -m devstack.lambda_package build/lambda
+
+deploy: install
+	$(PY) -m devstack.lambda_package --deploy build/lambda
+
 clean:
-	rm -rf $(VENV) .state .pytest_cache
+	rm -rf $(VENV) .state .pytest_cache build

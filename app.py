@@ -1,4 +1,6 @@
 """HTTP routes only: parse -> one service call -> map domain errors to HTTP (design.md)."""
+# First of all: inside Lambda this pauses the cyclic GC for the cold start (chalicelib/coldstart.py).
+from chalicelib import coldstart  # isort: skip
 import os
 import uuid
 from email.utils import format_datetime
@@ -54,6 +56,14 @@ HTTP_STATUS: dict[type[ProvisioningError], int] = {
     RenewalRefused: 403,
     RenewalInProgress: 409,
 }
+
+
+@app.middleware("all")
+def resume_gc_after_the_first_event(event: Any, get_response: Callable[[Any], Any]) -> Any:
+    try:
+        return get_response(event)
+    finally:
+        coldstart.resume()  # a cold start's objects frozen, the collector back on (chalicelib/coldstart.py)
 
 
 @app.middleware("http")

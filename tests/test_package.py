@@ -1,8 +1,11 @@
 """`chalice package --stage prod` from a clean copy of the project: the template deploys what the code needs,
-nothing broader, no secrets, the SDK the tests ran, within Lambda's size limits.
+nothing broader, no secrets, the SDK the tests ran, within Lambda's size limits. Then what `make package`
+ships (devstack/lambda_package.py: chalice's package trimmed and compiled): within Lambda's limits, and a
+cold start from it, unzipped read-only, compiles nothing.
 
 Chalice fetches Lambda-platform wheels from the package index; everything else is offline.
 """
+import importlib.util
 import json
 import os
 import re
@@ -19,8 +22,7 @@ from chalicelib.config import PROJECT_DIR
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    out = tmp_path_factory.mktemp("package") / "out"
+def clone(tmp_path_factory):
     # What a clean clone holds (tracked and new files, as git would commit them): no .state, no __pycache__,
     # which chalice would otherwise copy from chalicelib/ as it finds it.
     clone = tmp_path_factory.mktemp("clone")
@@ -30,10 +32,28 @@ def package(tmp_path_factory):
         if (PROJECT_DIR / name).is_file():
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_DIR / name, clone / name)
+    return clone
+
+
+@pytest.fixture(scope="module")
+def package(clone, tmp_path_factory):
+    out = tmp_path_factory.mktemp("package") / "out"
     env = {**os.environ, "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "PYTHONDONTWRITEBYTECODE": "1"}
     chalice = str(Path(sys.executable).with_name("chalice"))
     result = subprocess.run([chalice, "package", "--stage", "prod", str(out)], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((out / "sam.json").read_text()), out / "deployment.zip"
+
+
+@pytest.fixture(scope="module")
+def built(clone, package, tmp_path_factory):
+    """`make package` in the same clone, after the plain package (whose chalice cache it reuses and rewrites)."""
+    out = tmp_path_factory.mktemp("built") / "out"
+    env = {**os.environ, "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing"}
+    result = subprocess.run([sys.executable, "-m", "devstack.lambda_package", str(out)], cwd=clone, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads((out / "sam.json").read_text()), out / "deployment.zip"
@@ -66,9 +86,9 @@ def test_role_policy_is_exactly_the_policy_file(package):
     assert policies[0]["PolicyDocument"] == json.loads((PROJECT_DIR / ".chalice" / "policy-prod.json").read_text())
 
 
-def test_zip_is_small_and_holds_no_secret(package):
-    _, zip_path = package
-    assert zip_path.stat().st_size < 50 * 1024 * 1024
+@pytest.mark.parametrize("which", ["package", "built"])
+def test_zip_holds_no_secret(which, request):
+    _, zip_path = request.getfixturevalue(which)
     with zipfile.ZipFile(zip_path) as archive:
         names = archive.namelist()
         assert "app.py" in names and "chalicelib/provisioning.py" in names
@@ -79,20 +99,99 @@ def test_zip_is_small_and_holds_no_secret(package):
         assert leaked == []
 
 
-def test_the_sdk_inside_is_the_one_the_tests_ran_and_sizes_fit_lambda(package):
-    _, zip_path = package
+@pytest.mark.parametrize("which", ["package", "built"])
+def test_the_sdk_inside_is_the_one_the_tests_ran_and_sizes_fit_lambda(which, request):
+    """Both fit: `make deploy` uploads the built zip, a plain `chalice deploy --stage prod` the other."""
+    _, zip_path = request.getfixturevalue(which)
     # Chalice uploads the zip inline: at most 50 MiB; Lambda unpacks at most 250 MB (function and layers).
-    assert zip_path.stat().st_size <= 50 * 1024 * 1024
+    zipped = zip_path.stat().st_size
+    assert zipped <= 50 * 1024 * 1024, (
+        f"{which}: {zipped / 2**20:.1f} MiB, past the 50 MiB chalice deploy uploads inline"
+        + (": a plain `chalice deploy --stage prod` no longer works; `make deploy` (README) does while its zip fits"
+           if which == "package" else ""))
     with zipfile.ZipFile(zip_path) as archive:
-        assert sum(info.file_size for info in archive.infolist()) <= 250 * 1000 * 1000
+        unzipped = sum(info.file_size for info in archive.infolist())
+        assert unzipped <= 250 * 1000 * 1000, f"{which}: {unzipped / 1e6:.0f} MB unzipped, past Lambda's 250 MB"
         for package_name, dist in (("botocore", "botocore"), ("boto3", "boto3")):
             text = archive.read(f"{package_name}/__init__.py").decode()
             assert f"__version__ = '{version(dist)}'" in text, package_name
         names = archive.namelist()
     # what the function never uses stays out
-    assert not [n for n in names if n.startswith(("chalicelib/", "app.py")) and ("__pycache__" in n or n.endswith(".pyc"))]
     assert not [n for n in names if n.startswith("aws_lambda_powertools") or "swagger" in n.lower()]
     assert "chalicelib/botocore_models/iot/2015-05-28/service-2.json" in names
+
+
+def test_plain_package_takes_no_bytecode_from_the_working_tree(package):
+    _, zip_path = package
+    with zipfile.ZipFile(zip_path) as archive:
+        names = archive.namelist()
+    assert not [n for n in names if n.startswith(("chalicelib/", "app.py")) and ("__pycache__" in n or n.endswith(".pyc"))]
+
+
+def _pyc_of(name: str) -> str:
+    folder, _, file = name.rpartition("/")
+    return f"{folder}/__pycache__/{file[:-3]}.{sys.implementation.cache_tag}.pyc".lstrip("/")
+
+
+def test_built_package_has_unchecked_bytecode_for_the_runtime_for_every_module(built):
+    template, zip_path = built
+    [function] = resources_of_type(template, "AWS::Serverless::Function")
+    # bytecode is per Python version: the runtime chalice chose is the one that compiled it (this one)
+    assert function["Properties"]["Runtime"] == f"python{sys.version_info.major}.{sys.version_info.minor}"
+    with zipfile.ZipFile(zip_path) as archive:
+        names = set(archive.namelist())
+        sources = sorted(n for n in names if n.endswith(".py"))
+        assert {"app.py", "chalicelib/wiring.py", "botocore/client.py", "cryptography/x509/base.py"} <= set(sources)
+        assert [n for n in sources if _pyc_of(n) not in names] == []
+        headers = {archive.read(_pyc_of(n))[:8] for n in sources}
+    # PEP 552: the magic number of this (the runtime's) Python; flags 0b01 = checked by hash, never against
+    # the source (so neither the zip's times nor a read-only /var/task matter)
+    assert headers == {importlib.util.MAGIC_NUMBER + (0b01).to_bytes(4, "little")}
+    assert not [n for n in names if n.endswith(".pyc") and "__pycache__/" not in n]
+
+
+def test_chalice_reuses_the_built_package_so_chalice_deploy_uploads_it(clone, built, tmp_path):
+    """`make deploy` runs `chalice deploy --stage prod` after the build: chalice builds (or reuses) its package
+    the same way for `package` and `deploy`, so a second `chalice package` shows what deploy would upload."""
+    _, zip_path = built
+    env = {**os.environ, "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "PYTHONDONTWRITEBYTECODE": "1"}
+    chalice = str(Path(sys.executable).with_name("chalice"))
+    result = subprocess.run([chalice, "package", "--stage", "prod", str(tmp_path / "again")], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from devstack.lambda_package import REUSED
+    assert REUSED in result.stdout + result.stderr
+    assert (tmp_path / "again" / "deployment.zip").read_bytes() == zip_path.read_bytes()
+
+
+def test_built_package_keeps_botocore_data_of_the_function_services_only(built):
+    from chalicelib import aws_models, iam_policy
+    _, zip_path = built
+    with zipfile.ZipFile(zip_path) as archive:
+        names = archive.namelist()
+    services = {n.split("/")[2] for n in names if n.startswith("botocore/data/") and n.count("/") > 2}
+    assert services == set(aws_models.operations(list(iam_policy.ACTIONS))) == {"dynamodb", "iot", "ssm"}
+    assert {"botocore/data/endpoints.json", "botocore/data/partitions.json", "botocore/data/_retry.json",
+            "botocore/data/sdk-default-configuration.json"} <= set(names)
+
+
+def test_a_cold_start_from_the_built_package_unzipped_read_only_compiles_nothing(built, tmp_path):
+    """The app imported and the service built (botocore, the lean clients, cryptography, the geolocation
+    database) in an interpreter that sees only the package and the standard library and writes no bytecode.
+    The same package without its __pycache__ compiles every module: the check can fail."""
+    from devstack import lambda_package
+    _, zip_path = built
+    env = lambda_package.lambda_env()
+    with_bytecode = lambda_package.probe(lambda_package.unzip(zip_path, tmp_path / "with"), env)
+    without = lambda_package.probe(lambda_package.unzip(zip_path, tmp_path / "without", bytecode=False), env)
+    assert with_bytecode["compiled"] == []
+    assert with_bytecode["sources"] > 150 and with_bytecode["from_pyc"] == with_bytecode["sources"]
+    assert {"app.py", "chalicelib/wiring.py", "botocore/client.py"} <= set(without["compiled"])
+    assert without["from_pyc"] == 0
+    for run, root in ((with_bytecode, tmp_path / "with"), (without, tmp_path / "without")):
+        assert run["botocore"] == version("botocore") and run["botocore_file"].startswith(str(root))
+    assert not [p for p in (tmp_path / "without").rglob("__pycache__")]  # nothing written
 
 
 def test_pinned_sdk_is_what_is_installed():

@@ -35,7 +35,7 @@ NOT_RUN = {
     "make local": "runs until Ctrl-C: started around the hand-run commands, stopped after them",
 }
 AWS = "needs an AWS account and credentials"
-AWS_PREFIXES = (". .venv/bin/activate", "python -m chalicelib.admin --stage prod", "aws ", "chalice deploy",
+AWS_PREFIXES = (". .venv/bin/activate", "python -m chalicelib.admin --stage prod", "aws ", "chalice deploy", "make deploy",
                 "chalice package", "python device/global_device.py -t mydevice1 -a https://")
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (.ci/run installs it)")
