@@ -289,6 +289,22 @@ class AwsIotIssuer:
         return IssuedCertificate(region, certificate_id, found["certificatePem"], self.endpoint(region), None,
                                  thing_name, arn, created_thing=created)
 
+    def adopt_renewal(self, thing_name: str, region: str, certificate_id: str, in_place: bool) -> IssuedCertificate:
+        if not in_place:
+            return self.adopt(thing_name, region, certificate_id)
+        client = self._client(region)  # the thing is the device's and holds its current certificate: attach only
+        try:
+            found = client.describe_certificate(certificateId=certificate_id)["certificateDescription"]
+            if found["status"] != "ACTIVE":
+                raise LookupError(f"certificate {certificate_id} in {region} is {found['status']}")
+            self._once("policy", region, self._ensure_policy).result()
+            client.attach_policy(policyName=self._policy_name, target=found["certificateArn"])
+            client.attach_thing_principal(thingName=thing_name, principal=found["certificateArn"])
+        except _AWS_ERRORS as exc:
+            raise _domain_error(exc, region) from exc
+        return IssuedCertificate(region, certificate_id, found["certificatePem"], self.endpoint(region), None,
+                                 thing_name, found["certificateArn"])
+
     def revoke(self, issued: IssuedCertificate | CertificateRef, keep_thing: bool = False) -> None:
         """Undo `issue` fully; parts already gone are fine.
 

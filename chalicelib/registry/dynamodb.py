@@ -356,7 +356,8 @@ class DynamoDbRegistry:
         kwargs: dict[str, Any] = {"TableName": self._table,
                                   "FilterExpression": "#status = :provisioning OR attribute_exists(#pregion) "
                                                       "OR attribute_exists(#rlease)",
-                                  "ExpressionAttributeNames": {k: _NAMES[k] for k in ("#status", "#pregion", "#rlease")},
+                                  "ExpressionAttributeNames": {k: _NAMES[k]
+                                                               for k in ("#status", "#pregion", "#rlease")},
                                   "ExpressionAttributeValues": {":provisioning": {"S": PROVISIONING.value}}}
         found = []
         while True:
