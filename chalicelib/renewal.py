@@ -99,6 +99,9 @@ class RenewalService:
             recovered = self._lost_answer(request, state, client_ip)
             if recovered is not None:
                 return recovered
+            state = self._unanswered(request, state)
+            if not state.provisioned or not state.region or not state.certificate_id:  # reset meanwhile
+                raise refused()
             try:
                 current = self._verify(request, state)
             except RenewalRefused:
@@ -260,6 +263,27 @@ class RenewalService:
         issued = IssuedCertificate(state.region, state.certificate_id, cert.certificate_pem,
                                    self._issuer.endpoint(state.region), thing_name=state.thing_name)
         return RenewalResult(state.thing_name, choice, issued, state.previous_certificate_id, recovered=True)
+
+    def _unanswered(self, request: RenewalRequest, state: RenewalState) -> RenewalState:
+        """The device asks again with its previous certificate and key, for another key than the one its last
+        renewal recorded, and that renewal never retired the previous certificate: it died before answering (an
+        answered renewal retires it at once). A lease's time after that renewal (a request still answering is
+        over by then), its certificate is set aside on the write-ahead record, for the settler to revoke, and the
+        previous certificate is current again; this renewal goes on from there. Returns the state to go on with."""
+        if (not state.retire_pending or state.previous_certificate_id is None or state.previous_public_key is None
+                or state.previous_region is None or state.certificate_id is None or state.last_renewal is None
+                or request.certificate_id != state.previous_certificate_id
+                or (self._clock() - datetime.fromisoformat(state.last_renewal)).total_seconds() <= self._lease_window()
+                or not _signed_by(state.previous_public_key, request)):
+            return state
+        previous = self._issuer.certificate(state.previous_certificate_id, state.previous_region)
+        if previous is None or not previous.active:  # revoked meanwhile (an operator, the audit): nothing to go on
+            raise refused()
+        fingerprint = key_fingerprint(serialization.load_pem_public_key(state.previous_public_key.encode()))
+        if self._registry.reopen_renewal(state.thing_name, state.certificate_id, fingerprint, self._clock()):
+            log.warning("renewal of %s: certificate %s was recorded but never answered; set aside for the settler",
+                        state.thing_name, state.certificate_id)
+        return self._registry.renewal_state(state.thing_name) or state
 
     def _recorded(self, thing_name: str, issued: IssuedCertificate) -> bool:
         """Whether a record whose answer failed (a timeout, a lost connection) was written after all."""

@@ -641,3 +641,29 @@ def test_a_replayed_renewal_leaves_a_dead_renewals_record_for_the_next_one(regis
     [state] = registry.claims(T0 + timedelta(seconds=LEASE + 2))
     assert state.pending == PendingIssue("eu-west-2", T0, "fp-new") and not state.live(T0 + timedelta(seconds=LEASE + 2))
     assert registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 3), LEASE).previous == state.pending
+
+
+@pytest.mark.parametrize("move", [False, True], ids=["in-place", "move"])
+def test_a_renewal_never_answered_is_reopened_with_its_certificate_on_the_write_ahead_record(registry, move):
+    renewable(registry)
+    region = "ap-northeast-1" if move else "eu-west-2"
+    registry.complete_renewal(registry.begin_renewal("dev1", "cert-a", T0, LEASE), renewed(region), T0)
+    assert not registry.reopen_renewal("dev1", "cert-x", "fp-a", T0)  # not the current certificate
+    registry.previous_retired("dev1", "cert-a")
+    assert not registry.reopen_renewal("dev1", "cert-b", "fp-a", T0)  # answered: the previous one is retired
+    registry.reset("dev1")
+    renewable(registry)
+    registry.complete_renewal(registry.begin_renewal("dev1", "cert-a", T0, LEASE), renewed(region), T0)
+    before = registry.renewal_state("dev1")
+
+    assert registry.reopen_renewal("dev1", "cert-b", "fp-a", T0 + timedelta(seconds=LEASE + 1))
+    state = registry.renewal_state("dev1")
+    assert (state.region, state.certificate_id, state.public_key, state.fingerprint) == (
+        "eu-west-2", "cert-a", "KEY-A", "fp-a")
+    assert (state.previous_certificate_id, state.retire_pending, state.renewal_count) == (
+        None, False, before.renewal_count - 1)
+    [claim] = registry.claims(T0 + timedelta(seconds=LEASE + 1))
+    assert claim.pending == PendingIssue(region, T0 + timedelta(seconds=LEASE + 1), "fp-b", "cert-b", move, move)
+    assert not claim.live(T0 + timedelta(seconds=LEASE + 1))  # for the next renewal lease to settle
+    assert registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 2), LEASE).previous == claim.pending
+    assert not registry.reopen_renewal("dev1", "cert-b", "fp-a", T0 + timedelta(seconds=LEASE + 3))  # once

@@ -346,6 +346,12 @@ class RenewalRegistry(Registry, Protocol):
         `keep_pending` leaves the write-ahead record (something may be left): the next renewal, or the audit,
         settles it."""
 
+    def reopen_renewal(self, thing_name: str, certificate_id: str, previous_fingerprint: str, now: datetime) -> bool:
+        """The renewal that made `certificate_id` current was never answered (it died before retiring the
+        previous certificate): the previous certificate is current again, and `certificate_id` goes to the
+        write-ahead record for the next renewal lease to settle. Only while the previous certificate waits to be
+        retired and no renewal lease is live; False otherwise (nothing changed)."""
+
     def previous_retired(self, thing_name: str, certificate_id: str) -> None:
         """The previous certificate `certificate_id` is revoked (and its thing removed after a move)."""
 

@@ -539,6 +539,43 @@ class DynamoDbRegistry:
             if _code(e) != "ConditionalCheckFailedException":  # the lease is gone already: nothing to give back
                 raise
 
+    def reopen_renewal(self, thing_name: str, certificate_id: str, previous_fingerprint: str, now: datetime) -> bool:
+        old = self._call("get_item", TableName=self._table, Key=self._key(thing_name),
+                         ConsistentRead=True).get("Item") or {}
+        if not all("S" in old.get(name, {}) for name in ("aws_region", "previous_certificate_id", "previous_region")):
+            return False
+        moved = old["aws_region"] != old["previous_region"]
+        values: dict[str, Any] = {
+            ":pregion": old["aws_region"], ":psince": {"N": repr(now.timestamp())}, ":pcert": {"S": certificate_id},
+            ":pcreated": {"BOOL": moved}, ":pmove": {"BOOL": moved}, ":region": old["previous_region"],
+            ":prevcert": old["previous_certificate_id"], ":fingerprint": {"S": previous_fingerprint},
+            ":minus": {"N": "-1"}, ":error": {"S": f"renewal to {certificate_id} never answered; reopened"},
+            ":provisioned": {"S": PROVISIONED.value}, ":now": {"N": repr(now.timestamp())}}
+        sets = ["#pregion = :pregion", "#psince = :psince", "#pcert = :pcert", "#pcreated = :pcreated",
+                "#pmove = :pmove", "#region = :region", "#cert = :prevcert", "#fingerprint = :fingerprint",
+                "#error = :error"]
+        removes = ["#prevcert", "#prevkey", "#prevregion", "#retire", "#expires"]
+        for name, source in (("#pfingerprint", "public_key_fingerprint"), ("#certkey", "previous_public_key")):
+            if "S" in old.get(source, {}):
+                values[":" + name[1:]] = old[source]
+                sets.append(f"{name} = :{name[1:]}")
+            else:
+                removes.append(name)
+        update = f"SET {', '.join(sets)} ADD #renewals :minus REMOVE {', '.join(removes)}"
+        # The item read above is the one changed: the same certificates, still waiting, no live lease.
+        condition = ("#status = :provisioned AND #cert = :cert AND #prevcert = :prevcert AND attribute_exists(#retire) "
+                     "AND (attribute_not_exists(#rlease) OR #rlease < :now)")
+        values[":cert"] = {"S": certificate_id}
+        names = {k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}"))}
+        try:
+            self._call("update_item", TableName=self._table, Key=self._key(thing_name), UpdateExpression=update,
+                       ConditionExpression=condition, ExpressionAttributeNames=names, ExpressionAttributeValues=values)
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
+
     def previous_retired(self, thing_name: str, certificate_id: str) -> None:
         self._conditional_update(thing_name, "REMOVE #retire", "#prevcert = :cert",
                                  ("#retire", "#prevcert"), {":cert": {"S": certificate_id}})

@@ -390,6 +390,24 @@ class SqliteRegistry:
             + " WHERE thing_name = ? AND renewal_token = ?", (error, claim.thing_name, claim.token))
 
     @translated
+    def reopen_renewal(self, thing_name: str, certificate_id: str, previous_fingerprint: str, now: datetime) -> bool:
+        # SET's right-hand sides read the row as it was: the current certificate moves to the write-ahead record.
+        return self._db().execute(
+            "UPDATE devices SET pending_region = aws_region, pending_since = ?, "
+            "pending_fingerprint = public_key_fingerprint, pending_certificate_id = certificate_id, "
+            "pending_created_thing = aws_region IS NOT previous_region, "
+            "pending_move = aws_region IS NOT previous_region, "
+            "aws_region = previous_region, certificate_id = previous_certificate_id, "
+            "certificate_public_key = previous_public_key, public_key_fingerprint = ?, certificate_expires = NULL, "
+            "previous_certificate_id = NULL, previous_public_key = NULL, previous_region = NULL, "
+            "retire_pending = NULL, "
+            "renewal_count = MAX(COALESCE(renewal_count, 1) - 1, 0), last_error = ? "
+            "WHERE thing_name = ? AND prov_status = ? AND certificate_id = ? AND COALESCE(retire_pending, 0) = 1 "
+            "AND previous_certificate_id IS NOT NULL AND (renewal_lease IS NULL OR renewal_lease < ?)",
+            (now.timestamp(), previous_fingerprint, f"renewal to {certificate_id} never answered; reopened",
+             thing_name, PROVISIONED.value, certificate_id, now.timestamp())).rowcount == 1
+
+    @translated
     def previous_retired(self, thing_name: str, certificate_id: str) -> None:
         self._db().execute("UPDATE devices SET retire_pending = NULL WHERE thing_name = ? "
                            "AND previous_certificate_id = ?", (thing_name, certificate_id))
