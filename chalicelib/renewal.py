@@ -54,7 +54,7 @@ class RenewalResult:
     issued: IssuedCertificate
     previous_certificate_id: str
     recovered: bool = False  # the lost-answer rule gave back the current certificate; nothing was created
-    note: str | None = None  # wire.response_body's `message`; a renewal has nothing to explain
+    note: str | None = None  # wire.response_body's `message`: set when a dead renewal's certificate is given
 
 
 def refused() -> RenewalRefused:

@@ -42,6 +42,9 @@ def stage(request, tmp_path_factory):
         port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
         server.start()
+        # moto's backends are one per process, whichever server serves them: start from nothing (another module's
+        # certificates would be orphans to this one's audit), and leave nothing for the next module.
+        requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=10).raise_for_status()
         extra = {"GIP_REGISTRY": "dynamodb", "GIP_ISSUER": "aws-iot", "GIP_TABLE_NAME": "renewal-crash",
                  "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                  "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION,
@@ -74,6 +77,7 @@ def stage(request, tmp_path_factory):
                 process.wait(10)
             wiring.reset()
             if server is not None:
+                requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=10)
                 server.stop()
 
 
