@@ -144,7 +144,8 @@ def device_renewal() -> Response:
         thing_name = renewal_request.thing_name
         ip = client_ip(request.context.get("identity", {}).get("sourceIp", ""), request.headers,
                        wiring.settings().trust_forwarded_for)
-        result = wiring.renewal_service().renew(renewal_request, ip, steps)
+        deadline = Deadline.for_request(request.lambda_context, wiring.settings().request_budget_seconds)
+        result = wiring.renewal_service().renew(renewal_request, ip, steps, deadline)
         status, body = 200, renewal_response_body(result)
         code = "recovered" if result.recovered else ("relocated" if result.choice.reason == "relocated" else "renewed")
     except Exception as exc:  # noqa: BLE001 - every failure becomes an answer, as for provisioning

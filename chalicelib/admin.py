@@ -347,7 +347,8 @@ def cmd_reset(config: Settings, args: Args) -> int:
 def _attempt_json(attempt: operations.Attempt) -> dict[str, Any]:
     values = {"thing_name": attempt.thing_name, "region": attempt.region, "certificates": attempt.certificates,
               "key": attempt.key, "age_seconds": attempt.age_seconds, "lease_left_seconds": attempt.lease_left_seconds,
-              "lease_expires": attempt.lease_expires and attempt.lease_expires.timestamp()}
+              "lease_expires": attempt.lease_expires and attempt.lease_expires.timestamp(),
+              "renewal": attempt.renewal or None}
     return {name: value for name, value in values.items() if value is not None or name in ("region", "key")}
 
 
@@ -383,11 +384,13 @@ def cmd_audit(config: Settings, args: Args) -> int:
         print(json.dumps(audit_json(report, fixed), indent=2, default=str))
     else:
         for attempt in report.in_flight:
-            print(f"in flight: {attempt.thing_name} claimed {attempt.age_seconds} s ago, lease ends in "
+            print(f"in flight: {attempt.thing_name}{' renewal' if attempt.renewal else ''} claimed "
+                  f"{attempt.age_seconds} s ago, lease ends in "
                   f"{attempt.lease_left_seconds} s{_issued(attempt)} (not a finding)")
         for attempt in report.stuck_claims:
             ended = timestamp(attempt.lease_expires) if attempt.lease_expires else "-"
-            print(f"stuck claim: {attempt.thing_name} (lease ended {ended}){_issued(attempt)}")
+            print(f"stuck {'renewal' if attempt.renewal else 'claim'}: {attempt.thing_name} (lease ended {ended})"
+                  f"{_issued(attempt)}")
         for attempt in report.unfinished_rollbacks:
             print(f"unfinished rollback: {attempt.thing_name}{_issued(attempt)}")
         for cert in report.orphan_certificates:

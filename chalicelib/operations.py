@@ -32,7 +32,7 @@ from chalicelib.registry.base import (
     Registry,
     RenewalRegistry,
 )
-from chalicelib.settle import Settler
+from chalicelib.settle import RenewalSettler, Settler
 
 GONE = "gone"  # a missing certificate's status when the issuer does not know it at all
 
@@ -77,6 +77,7 @@ class Attempt:
     age_seconds: float | None = None        # in flight: since the claim
     lease_left_seconds: float | None = None  # in flight: until the claim may be taken over
     lease_expires: datetime | None = None    # stuck: when the lease ended
+    renewal: bool = False                    # a renewal's (of a provisioned device), not a provisioning's
 
 
 @dataclass(frozen=True)
@@ -116,26 +117,29 @@ def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now
     records = list(registry.list())
     regions = list(regions)
     settler = Settler(registry, issuer)
+    current = {r.thing_name: (r.certificate_id, r.previous_certificate_id) for r in records}
     in_flight, stuck, unfinished = [], [], []
     for state in registry.claims(now):
         pending = state.pending
+        if state.renewal and pending is None and not state.live(now):
+            continue  # a renewal lease that ended before anything was about to be issued: nothing is left
+        # A renewed device's own certificates are never counted as what its attempt left.
         attempt = Attempt(state.thing_name, pending.region if pending else None,
-                          settler.left_by(state.thing_name, pending),
-                          None if pending is None else ("device" if pending.fingerprint else "server-made"))
+                          settler.left_by(state.thing_name, pending, current.get(state.thing_name, ())),
+                          None if pending is None else ("device" if pending.fingerprint else "server-made"),
+                          renewal=state.renewal)
         if state.live(now):
             in_flight.append(replace(
                 attempt, age_seconds=round((now - state.claimed_at).total_seconds(), 1) if state.claimed_at else None,
                 lease_left_seconds=round((state.lease_expires - now).total_seconds(), 1)
                 if state.lease_expires else None))
-        elif state.status is PROVISIONING:
+        elif state.status is PROVISIONING or (state.renewal and state.lease_expires is not None):
             stuck.append(replace(attempt, lease_expires=state.lease_expires))
         else:
             unfinished.append(attempt)
-    # A live claim owns what it is making; a dead attempt's write-ahead record the certificates it points at,
-    # which settling it deals with: both are reported above, not as orphans.
+    # A live claim (or renewal lease) owns what it is making; a dead attempt's write-ahead record the certificates
+    # it points at, which settling it deals with: both are reported above, not as orphans.
     live_claims = {attempt.thing_name for attempt in in_flight}
-    # A renewal under a live lease may be about to record its certificate: not an orphan yet either.
-    live_claims |= {r.thing_name for r in records if r.renewal_lease and r.renewal_lease >= now}
     provisioned = [r for r in records if r.status is PROVISIONED]
     renewals = [UnfinishedRenewal(r.thing_name, r.previous_certificate_id, r.previous_region, r.region)
                 for r in provisioned if r.retire_pending and r.previous_certificate_id and r.previous_region]
@@ -165,9 +169,12 @@ def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport
     """audit --fix: settle stuck claims and unfinished rollbacks (as a retry would), revoke orphans, reset
     devices whose certificate is gone, finish unfinished renewals. Returns one line per repair made."""
     fixed = []
-    settler = Settler(registry, issuer)
+    settler = RenewalSettler(registry, issuer)
     for attempt in report.stuck_claims + report.unfinished_rollbacks:
         try:
+            if attempt.renewal:
+                fixed.append(settler.settle_renewal_for_audit(attempt.thing_name, now, lease_seconds))
+                continue
             fixed.append(settler.settle_for_audit(attempt.thing_name, now, lease_seconds,
                                                   died=attempt in report.stuck_claims))
         except (AlreadyProvisioned, ProvisioningInProgress):  # its own retry settled it meanwhile

@@ -3,10 +3,12 @@ that is now right for it, exactly once (design.md, "Wire protocol"; README, "Ren
 
 Order of a renewal: check the timestamp; read the device; the lost-answer rule; the one 403 for every
 mismatch; the CSR's key must be new; finish an earlier renewal's retirement; choose the region; take the
-renewal lease (with the nonce); issue (in the new region first when moving); record; retire the previous
-certificate (and the old region's thing). A failure before the record undoes the new certificate and gives
-the lease back; a failure after it leaves the previous certificate marked for retirement, which the next
-renewal or `admin audit --fix` finishes.
+renewal lease (with the nonce); settle what a dead renewal left (chalicelib/settle.py); write what is about to
+be issued (write-ahead); issue (in the new region first when moving); record its certificate id at once;
+complete; retire the previous certificate (and the old region's thing). Every step starts only when it fits in
+the request's deadline (chalicelib/deadline.py), as provisioning's do. A failure before the completion undoes
+the new certificate and gives the lease back; a failure after it leaves the previous certificate marked for
+retirement, which the next renewal or `admin audit --fix` finishes.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from chalicelib import deadline as deadlines
 from chalicelib.admission import Admission
 from chalicelib.clock import timestamp, utcnow
+from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
 from chalicelib.errors import (
     RENEWAL_REFUSED,
     IssueIncomplete,
@@ -33,10 +37,11 @@ from chalicelib.errors import (
 from chalicelib.geo import GeoLocator
 from chalicelib.issuers.base import CertificateInfo, CertificateRef, IssuedCertificate, RenewalIssuer
 from chalicelib.observability import Steps
-from chalicelib.provisioning import key_fingerprint, public_key_pem
-from chalicelib.regions import RegionChoice, RegionPolicy
-from chalicelib.registry.base import Claim, Nonce, RenewalRegistry, RenewalState, RenewedCertificate
+from chalicelib.provisioning import FINALIZE_SECONDS, ISSUE_SECONDS, key_fingerprint, no_checkpoint, public_key_pem
+from chalicelib.regions import Location, RegionChoice, RegionPolicy
+from chalicelib.registry.base import Claim, Nonce, PendingIssue, RenewalRegistry, RenewalState, RenewedCertificate
 from chalicelib.relocation import RELOCATED, RENEWAL, RelocationPolicy
+from chalicelib.settle import RenewalSettler
 from chalicelib.signatures import verifies
 from chalicelib.wire import RenewalRequest
 
@@ -49,7 +54,7 @@ class RenewalResult:
     issued: IssuedCertificate
     previous_certificate_id: str
     recovered: bool = False  # the lost-answer rule gave back the current certificate; nothing was created
-    note: str | None = None  # wire.response_body's `message`; a renewal has nothing to explain
+    note: str | None = None  # wire.response_body's `message`: set when a dead renewal's certificate is given
 
 
 def refused() -> RenewalRefused:
@@ -58,21 +63,34 @@ def refused() -> RenewalRefused:
 
 class RenewalService:
     def __init__(self, registry: RenewalRegistry, issuer: RenewalIssuer, locator: GeoLocator, regions: RegionPolicy,
-                 relocation: RelocationPolicy, lease_seconds: int = 120,
+                 relocation: RelocationPolicy, lease_seconds: int | None = None,
                  clock: Callable[[], datetime] = utcnow, skew_seconds: int = 300,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, budget_seconds: float = DEFAULT_BUDGET_SECONDS,
+                 lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
+                 checkpoint: Callable[[str, str], None] = no_checkpoint) -> None:
         self._registry = registry
         self._issuer = issuer
         self._locator = locator
         self._regions = regions
         self._relocation = relocation
-        self._lease_seconds = lease_seconds
+        self._lease_seconds = lease_seconds  # None: derived from the request's deadline, as provisioning's
+        self._lease_margin = lease_margin_seconds
+        self._budget = budget_seconds
         self._clock = clock
         self._skew = skew_seconds
         self._admission = admission
+        self._settler = RenewalSettler(registry, issuer)
+        # Called at each step boundary (renewal-claimed, -issued, -recorded, -completed): the crash tests stop the
+        # process there; a no-op otherwise.
+        self._checkpoint = checkpoint
 
-    def renew(self, request: RenewalRequest, client_ip: str, steps: Steps | None = None) -> RenewalResult:
-        steps = steps or Steps()
+    def renew(self, request: RenewalRequest, client_ip: str, steps: Steps | None = None,
+              deadline: Deadline | None = None) -> RenewalResult:
+        deadline = deadline or Deadline(self._budget)
+        with deadlines.running(deadline):
+            return self._renew(request, client_ip, steps or Steps(), deadline)
+
+    def _renew(self, request: RenewalRequest, client_ip: str, steps: Steps, deadline: Deadline) -> RenewalResult:
         with steps.step("verify"):
             self._check_timestamp(request)
             state = self._registry.renewal_state(request.thing_name)
@@ -81,6 +99,9 @@ class RenewalService:
             recovered = self._lost_answer(request, state, client_ip)
             if recovered is not None:
                 return recovered
+            state = self._unanswered(request, state)
+            if not state.provisioned or not state.region or not state.certificate_id:  # reset meanwhile
+                raise refused()
             try:
                 current = self._verify(request, state)
             except RenewalRefused:
@@ -96,41 +117,78 @@ class RenewalService:
             choice = self._relocation.decide(state.region, location, self._regions)
         if self._admission is not None:  # a renewal spends the same IoT quotas as provisioning, in its new region
             with steps.step("admit"):
+                deadline.require("admitting the renewal", ISSUE_SECONDS + FINALIZE_SECONDS)
                 self._admission.admit(choice.region, server_key=request.csr is None)
         with steps.step("claim"):
+            deadline.require("taking the renewal lease", ISSUE_SECONDS + FINALIZE_SECONDS)
             now = self._clock()
+            lease = self._lease_seconds or deadline.lease_seconds(self._lease_margin)
             try:
-                claim = self._registry.begin_renewal(request.thing_name, state.certificate_id, now,
-                                                     self._lease_seconds,
+                claim = self._registry.begin_renewal(request.thing_name, state.certificate_id, now, lease,
                                                      Nonce(request.nonce, now + timedelta(seconds=2 * self._skew)))
             except RenewalRefused:
                 recovered = self._recovered_meanwhile(request, state, client_ip)
                 if recovered is not None:
                     return recovered
                 raise
+        self._checkpoint("renewal-claimed", request.thing_name)
         in_place = choice.region == state.region
-        issued = None
+        wanted = key_fingerprint(request.csr.public_key()) if request.csr is not None else None
+        own = (state.certificate_id, state.previous_certificate_id)  # never what a dead renewal left
+        issued, intent, reused = None, None, False
+        # Whether the write-ahead record may describe something that still exists, and whether the issuer, should
+        # it fail, can be trusted to have undone its own steps (as in provisioning).
+        left, issuer_cleans_up, issuing = claim.previous is not None, False, False
         try:
-            with steps.step("issue"):
-                issued = self._issuer.issue_renewal(request.thing_name, choice.region, request.csr, in_place)
-            with steps.step("record"):
+            if claim.previous is not None:
+                with steps.step("settle"):
+                    settled = self._settler.settle(claim, wanted, own)
+                left = reused = settled.reused is not None  # the record describes it until the completion clears it
+                if settled.reused is not None:  # the dead renewal's certificate, for this very key: no second one
+                    issued = settled.reused
+                    choice = self._choice_of(issued.region, state, location, choice)
+                    in_place = issued.region == state.region
+            if issued is None:
+                deadline.require("issuing the certificate", ISSUE_SECONDS + FINALIZE_SECONDS)
+                intent = PendingIssue(choice.region, self._clock(), wanted, move=not in_place)
+                with steps.step("intent"):
+                    self._registry.record_intent(claim, intent)
+                left, issuer_cleans_up = True, True
+                with steps.step("issue"):
+                    issuing = True
+                    issued = self._issuer.issue_renewal(request.thing_name, choice.region, request.csr, in_place)
+                issuer_cleans_up = False
+                self._checkpoint("renewal-issued", request.thing_name)
+                with steps.step("record"):
+                    self._registry.record_certificate(claim, issued.certificate_id, issued.created_thing)
+                self._checkpoint("renewal-recorded", request.thing_name)
+            deadline.require("recording the renewal", FINALIZE_SECONDS)
+            with steps.step("complete"):
                 certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
                 key = request.csr.public_key() if request.csr is not None else certificate.public_key()
                 self._registry.complete_renewal(claim, RenewedCertificate(
                     choice.region, issued.certificate_id, public_key_pem(key), key_fingerprint(key),
                     timestamp(certificate.not_valid_after_utc), choice.country if not in_place else None,
                     RELOCATED if not in_place else None), self._clock())
+            self._checkpoint("renewal-completed", request.thing_name)
         except Exception as exc:
-            cause, leftover = (exc.error, exc.leftover) if isinstance(exc, IssueIncomplete) else (exc, None)
-            if issued is None or not self._recorded(request.thing_name, issued):
-                with steps.step("rollback"):
-                    self._undo(claim, issued, in_place, cause, leftover)
-                if isinstance(cause, ProvisioningError):
-                    raise cause from (exc if cause is not exc else None)
-                raise ServiceUnavailable("renewal failed on the server side; try again later") from cause
+            cause = exc.error if isinstance(exc, IssueIncomplete) else exc
+            with deadline.rolling_back():
+                if issued is None or not self._recorded(request.thing_name, issued):
+                    # An issuer's domain error means it undid its own steps (else it raises IssueIncomplete).
+                    trusted = issuer_cleans_up and isinstance(exc, ProvisioningError)
+                    with steps.step("rollback"):
+                        # A dead renewal's certificate adopted for this key stays on the record for the next try.
+                        self._undo(claim, None if reused else issued, in_place, exc, left and not trusted, intent, own)
+                        if issuing and self._admission is not None:  # the undo's IoT calls are paid from the budget
+                            self._admission.rollback(choice.region)
+                    if isinstance(cause, ProvisioningError):
+                        raise cause from (exc if cause is not exc else None)
+                    raise ServiceUnavailable("renewal failed on the server side; try again later") from cause
             log.warning("renewal of %s: the record's answer failed (%s) but the record is there",
                         request.thing_name, type(exc).__name__)
-        with steps.step("retire"):
+        assert issued is not None
+        with steps.step("retire"), deadline.rolling_back():  # nothing is left to roll back: the reserve is free
             try:
                 self._retire(RenewalState(request.thing_name, True, choice.region, issued.certificate_id,
                                           previous_certificate_id=state.certificate_id, previous_region=state.region,
@@ -138,7 +196,16 @@ class RenewalService:
             except Exception:  # the device has its new certificate; the next renewal or the audit finishes this
                 log.exception("renewal of %s: the previous certificate %s in %s is not retired yet",
                               request.thing_name, state.certificate_id, state.region)
-        return RenewalResult(request.thing_name, choice, issued, state.certificate_id)
+        note = "an earlier renewal with this key was interrupted: its certificate, not a second one" if reused else None
+        return RenewalResult(request.thing_name, choice, issued, state.certificate_id, note=note)
+
+    def _choice_of(self, region: str, state: RenewalState, location: Location | None,
+                   chosen: RegionChoice) -> RegionChoice:
+        """Where a dead renewal's certificate puts the device: its region, a move when it is not the current one."""
+        if region == chosen.region:
+            return chosen
+        return RegionChoice(region, self._regions.distance_km(location, region),
+                            RENEWAL if region == state.region else RELOCATED, location.country if location else None)
 
     # -- steps ----------------------------------------------------------------------------------------------
 
@@ -197,6 +264,27 @@ class RenewalService:
                                    self._issuer.endpoint(state.region), thing_name=state.thing_name)
         return RenewalResult(state.thing_name, choice, issued, state.previous_certificate_id, recovered=True)
 
+    def _unanswered(self, request: RenewalRequest, state: RenewalState) -> RenewalState:
+        """The device asks again with its previous certificate and key, for another key than the one its last
+        renewal recorded, and that renewal never retired the previous certificate: it died before answering (an
+        answered renewal retires it at once). A lease's time after that renewal (a request still answering is
+        over by then), its certificate is set aside on the write-ahead record, for the settler to revoke, and the
+        previous certificate is current again; this renewal goes on from there. Returns the state to go on with."""
+        if (not state.retire_pending or state.previous_certificate_id is None or state.previous_public_key is None
+                or state.previous_region is None or state.certificate_id is None or state.last_renewal is None
+                or request.certificate_id != state.previous_certificate_id
+                or (self._clock() - datetime.fromisoformat(state.last_renewal)).total_seconds() <= self._lease_window()
+                or not _signed_by(state.previous_public_key, request)):
+            return state
+        previous = self._issuer.certificate(state.previous_certificate_id, state.previous_region)
+        if previous is None or not previous.active:  # revoked meanwhile (an operator, the audit): nothing to go on
+            raise refused()
+        fingerprint = key_fingerprint(serialization.load_pem_public_key(state.previous_public_key.encode()))
+        if self._registry.reopen_renewal(state.thing_name, state.certificate_id, fingerprint, self._clock()):
+            log.warning("renewal of %s: certificate %s was recorded but never answered; set aside for the settler",
+                        state.thing_name, state.certificate_id)
+        return self._registry.renewal_state(state.thing_name) or state
+
     def _recorded(self, thing_name: str, issued: IssuedCertificate) -> bool:
         """Whether a record whose answer failed (a timeout, a lost connection) was written after all."""
         try:
@@ -224,7 +312,7 @@ class RenewalService:
                 return recovered
         if (request.certificate_id == later.previous_certificate_id and later.previous_public_key is not None
                 and later.last_renewal is not None
-                and (self._clock() - datetime.fromisoformat(later.last_renewal)).total_seconds() <= self._lease_seconds
+                and (self._clock() - datetime.fromisoformat(later.last_renewal)).total_seconds() <= self._lease_window()
                 and _signed_by(later.previous_public_key, request)):
             raise RenewalInProgress(f"{request.thing_name} was renewed by another request just now", retry_after=1)
         return None
@@ -236,22 +324,44 @@ class RenewalService:
                                            arn), delete_thing=state.previous_region != state.region)
         self._registry.previous_retired(state.thing_name, state.previous_certificate_id)
 
-    def _undo(self, claim: Claim, issued: IssuedCertificate | None, in_place: bool, cause: Exception,
-              leftover: str | None) -> None:
+    def _lease_window(self) -> float:
+        """How long a renewal can hold its lease: a request's whole time plus the margin."""
+        return self._lease_seconds or self._budget + self._lease_margin
+
+    def _undo(self, claim: Claim, issued: IssuedCertificate | None, in_place: bool, failure: Exception, unsure: bool,
+              intent: PendingIssue | None, own: tuple[str | None, ...]) -> None:
+        """Compensate, as provisioning does: retire the new certificate (and a thing this attempt made), give the
+        lease back with last_error, and keep the write-ahead record when something may be left, so the next
+        renewal or the audit settles it."""
+        cause = failure.error if isinstance(failure, IssueIncomplete) else failure
         log.error("renewal of %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
         error = f"renewal: {type(cause).__name__}: {cause}"
-        if leftover:  # the issuer could not undo all of its own steps
-            error = f"rollback incomplete, {leftover}; {error}"
-        if issued is not None:
+        incomplete = unsure and issued is None
+        if incomplete and intent is not None:  # the issuer failed in an unknown way: look for what it made
             try:
+                self._settler.settle(Claim(claim.thing_name, claim.token, intent, renewal=True), None, own)
+                incomplete = False
+            except Exception:
+                log.exception("rollback of the renewal of %s could not look for what the issuer made", claim.thing_name)
+        if isinstance(failure, IssueIncomplete):  # the issuer could not undo all of its own steps
+            error = f"rollback incomplete, {failure.leftover}; {error}"
+            incomplete = True
+            if failure.certificate is not None:  # on the write-ahead record: the settler need not search
+                try:
+                    self._registry.record_certificate(claim, *failure.certificate)
+                except Exception:
+                    log.exception("could not record what the rollback of the renewal of %s left", claim.thing_name)
+        if issued is not None:
+            try:  # in place the device's thing holds its current certificate: only a thing this attempt made goes
                 self._issuer.retire(CertificateRef(issued.region, issued.certificate_id, issued.thing_name,
-                                                   issued.certificate_arn), delete_thing=not in_place)
+                                                   issued.certificate_arn), delete_thing=issued.created_thing)
             except Exception:
                 log.exception("rollback of the renewal of %s incomplete: certificate %s in %s may still be active",
                               claim.thing_name, issued.certificate_id, issued.region)
                 error = f"rollback incomplete, certificate {issued.certificate_id} in {issued.region}; {error}"
+                incomplete = True
         try:
-            self._registry.abandon_renewal(claim, error[:500])
+            self._registry.abandon_renewal(claim, error[:500], keep_pending=incomplete)
         except Exception:
             log.exception("could not give back the renewal lease of %s; it ends by itself", claim.thing_name)
 

@@ -7,18 +7,23 @@ answers. A process that dies in between leaves that record on the device. Whoeve
 - the same device key asks again: finalize with the certificate already issued, no second one;
 - otherwise (a server-made key, which nobody kept, or another key): revoke that certificate and the thing the
   attempt made, then go on as if nothing had happened.
+A renewal does the same under its renewal lease (`RenewalSettler`): its record is on a provisioned device, whose
+current certificate is never counted as the dead attempt's, and whose thing stays unless the dead renewal made it
+in a new region.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Collection
 
 from cryptography import x509
 
 from chalicelib.clock import timestamp
-from chalicelib.issuers.base import CertificateRef, IssuedCertificate, Issuer
-from chalicelib.registry.base import Claim, PendingIssue, Registry
+from chalicelib.errors import RenewalInProgress, RenewalRefused
+from chalicelib.issuers.base import CertificateRef, IssuedCertificate, Issuer, RenewalIssuer
+from chalicelib.registry.base import Claim, PendingIssue, Registry, RenewalRegistry
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +39,31 @@ class Settler:
         self._registry = registry
         self._issuer = issuer
 
-    def left_by(self, thing_name: str, pending: PendingIssue | None) -> list[str]:
+    def left_by(self, thing_name: str, pending: PendingIssue | None, keep: Collection[str | None] = ()) -> list[str]:
         """Ids of the certificates a dead attempt's write-ahead record points at (found by the issuer when the
-        attempt died before recording the id)."""
+        attempt died before recording the id), never one in `keep` (a renewed device's current certificate)."""
         if pending is None:
             return []
         if pending.certificate_id:
-            return [pending.certificate_id]
-        return self._issuer.find_issued(thing_name, pending.region, pending.since, pending.fingerprint)
+            return [pending.certificate_id] if pending.certificate_id not in keep else []
+        return [certificate_id for certificate_id in self._issuer.find_issued(
+            thing_name, pending.region, pending.since, pending.fingerprint) if certificate_id not in keep]
 
-    def settle(self, claim: Claim, wanted: str | None) -> Settled:
+    def settle(self, claim: Claim, wanted: str | None, keep: Collection[str | None] = ()) -> Settled:
         """Settle `claim.previous`. `wanted`: the fingerprint of the key the holder of the claim asks a
-        certificate for (None: a server-made key)."""
+        certificate for (None: a server-made key). `keep`: certificates that are not the dead attempt's."""
         pending = claim.previous
         if pending is None:
             return Settled(None, ())
         reused, revoked = None, []
-        for certificate_id in self.left_by(claim.thing_name, pending):
+        for certificate_id in self.left_by(claim.thing_name, pending, keep):
             found = self._issuer.certificate(certificate_id, pending.region)
             if found is None or not found.active:
                 continue
             # The record's fingerprint is the key of the CSR the issuer signed: the same key asks again.
             if reused is None and wanted is not None and wanted == pending.fingerprint:
                 try:
-                    reused = self._issuer.adopt(claim.thing_name, pending.region, certificate_id)
+                    reused = self._adopt(claim, pending, certificate_id)
                     continue
                 except LookupError:  # revoked meanwhile: issue a new one below
                     pass
@@ -68,6 +74,9 @@ class Settler:
             log.warning("settled a dead attempt on %s: revoked certificate %s in %s", claim.thing_name,
                         certificate_id, pending.region)
         return Settled(reused, tuple(revoked))
+
+    def _adopt(self, claim: Claim, pending: PendingIssue, certificate_id: str) -> IssuedCertificate:
+        return self._issuer.adopt(claim.thing_name, pending.region, certificate_id)
 
     def settle_for_audit(self, thing_name: str, now: datetime, lease_seconds: int, died: bool = True) -> str:
         """Take the device over (its lease has ended, or a rollback left its record) and settle what is left.
@@ -95,3 +104,40 @@ class Settler:
         self._registry.release(claim, "claim expired; settled by audit")
         what = f"revoked {', '.join(settled.revoked)} and " if settled.revoked else ""
         return f"{what}released the expired claim on {thing_name}"
+
+
+class RenewalSettler(Settler):
+    """The settler for renewal leases too: a dead renewal's certificate is adopted for the device's thing as it
+    is (in place) or in the new region; the audit settles a dead renewal by revoking what it left."""
+
+    def __init__(self, registry: RenewalRegistry, issuer: RenewalIssuer):
+        super().__init__(registry, issuer)
+        self._renewals = registry
+        self._renewal_issuer = issuer
+
+    def _adopt(self, claim: Claim, pending: PendingIssue, certificate_id: str) -> IssuedCertificate:
+        if not claim.renewal:
+            return super()._adopt(claim, pending, certificate_id)
+        return self._renewal_issuer.adopt_renewal(claim.thing_name, pending.region, certificate_id,
+                                                  in_place=not pending.move)
+
+    def settle_renewal_for_audit(self, thing_name: str, now: datetime, lease_seconds: int) -> str:
+        """Take over a dead renewal's lease (or the record its rollback left) and revoke what it issued: unlike a
+        device being provisioned, the device still holds its current certificate, which keeps working, and it
+        may renew again with any key (recording the dead renewal instead would retire the certificate it holds).
+        Returns what was done, for the operator."""
+        state = self._renewals.renewal_state(thing_name)
+        if state is None or state.certificate_id is None:
+            return f"{thing_name} was reset meanwhile; its next claim settles what is left"
+        try:
+            claim = self._renewals.begin_renewal(thing_name, state.certificate_id, now, lease_seconds)
+        except (RenewalInProgress, RenewalRefused):  # renewed, or being renewed, meanwhile: that request settles it
+            return f"{thing_name} was settled by its own retry meanwhile"
+        try:
+            settled = self.settle(claim, None, keep=(state.certificate_id, state.previous_certificate_id))
+        except Exception:
+            self._renewals.abandon_renewal(claim, "the audit could not settle the last renewal", keep_pending=True)
+            raise
+        self._renewals.abandon_renewal(claim, "renewal interrupted; settled by audit")
+        what = f"revoked {', '.join(settled.revoked)} and " if settled.revoked else ""
+        return f"{what}released the interrupted renewal of {thing_name} (its current certificate stays)"

@@ -258,12 +258,16 @@ def use_service(service: ProvisioningService) -> None:
         _health = None
 
 
-def build_renewal_service(config: Settings) -> RenewalService:
+def build_renewal_service(config: Settings, checkpoint: Callable[[str, str], None] | None = None) -> RenewalService:
+    """`checkpoint` (tests): called at each step boundary of a renewal, see RenewalService."""
     policy = region_policy(config)
     return RenewalService(registry=registry(config), issuer=issuer(config, policy), locator=locator(config),
                           regions=policy, relocation=RelocationPolicy.parse(config.relocation),
-                          lease_seconds=config.lease_for_audit(), skew_seconds=config.timestamp_skew_seconds,
-                          admission=admission(config) if config.admission else None)
+                          lease_seconds=config.claim_lease_seconds, skew_seconds=config.timestamp_skew_seconds,
+                          admission=admission(config) if config.admission else None,
+                          budget_seconds=config.request_budget_seconds,
+                          lease_margin_seconds=config.claim_lease_margin_seconds,
+                          checkpoint=checkpoint or no_checkpoint)
 
 
 def renewal_service() -> RenewalService:
@@ -273,6 +277,13 @@ def renewal_service() -> RenewalService:
             if _renewal is None:
                 _renewal = build_renewal_service(settings())
     return _renewal
+
+
+def use_renewal_service(service: RenewalService) -> None:
+    """Serve renewals with this service (tests that build it with a step checkpoint)."""
+    global _renewal
+    with _lock:
+        _renewal = service
 
 
 def configure(config: Settings) -> None:

@@ -2,7 +2,9 @@
 from the environment, and a step checkpoint injected into the service (no patching) that can stop a request
 dead at a named step boundary: it writes a marker file and waits there for the parent's `kill -9`.
 
-    python -m tests.crash_child --port PORT [--pause-at claimed|issued|recorded|finalized --marker FILE]
+    python -m tests.crash_child --port PORT [--pause-at BOUNDARY --marker FILE]
+
+BOUNDARY: claimed|issued|recorded|finalized (provisioning) or renewal-claimed|-issued|-recorded|-completed.
 """
 import argparse
 import os
@@ -32,6 +34,7 @@ def main() -> None:
                 time.sleep(60)
 
     wiring.use_service(wiring.build_service(wiring.settings(), checkpoint))
+    wiring.use_renewal_service(wiring.build_renewal_service(wiring.settings(), checkpoint))
     from app import app
     server = create_local_server(app, Config.create(chalice_stage="local", app_name="crash-child",
                                                     lambda_timeout=60), "127.0.0.1", args.port)

@@ -6,6 +6,9 @@ asserts): what is checked is what was done and undone, and that the request fini
 # ruff: noqa: F811 - `backend` is the fixture imported from test_exactly_once, taken as an argument
 import json
 import math
+import threading
+from collections import Counter
+from datetime import datetime, timezone
 
 import pytest
 from botocore.exceptions import ClientError
@@ -18,6 +21,7 @@ from chalicelib.deadline import LEASE_MARGIN_SECONDS, ROLLBACK_RESERVE_SECONDS, 
 from chalicelib.operations import AuditReport
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
+from tests.test_renewal import Device, renewals
 
 aws = pytest.mark.parametrize("backend", ["aws"], indirect=True)
 
@@ -56,26 +60,59 @@ def test_the_deadline_is_the_sooner_of_the_functions_and_the_budget_and_the_leas
     assert math.isclose(on_lambda.remaining(), 10)
 
 
-def slow(backend, operation: str, clock: FakeClock, seconds: float) -> None:
-    """`operation` takes `seconds` on the injected clock, on the service's IoT clients in every region."""
+def slow(backend, operation: str, clock: FakeClock, seconds: float, after: threading.Event | None = None) -> None:
+    """`operation` takes `seconds` on the injected clock, on the service's IoT clients in every region (`after`:
+    only once that event is set)."""
     def hook(**_):
+        if after is not None:
+            assert after.wait(30), f"{operation} waited in vain"
         clock.now += seconds
     for client in backend.iot.values():
         client.meta.events.register(f"before-send.iot.{operation}", hook)
+
+
+def asked(backend) -> Counter:
+    """IoT calls the service asked for (before-call), whether or not the deadline's gate let them reach AWS;
+    `backend.calls` counts what was sent (before-send)."""
+    seen: Counter = Counter()
+    for client in backend.iot.values():
+        client.meta.events.register("before-call.iot.*", lambda model, **_: seen.update([model.name]))
+    return seen
+
+
+def answered(backend, *operations: str) -> threading.Event:
+    """Set once each of `operations` answered. issue() runs the thing, the certificate, the policy and the
+    endpoint side by side: a slow certificate call that waits for the others makes it the attachments, after
+    all four, that cannot fit, whichever thread runs first."""
+    done, seen, lock = threading.Event(), set(), threading.Lock()
+
+    def hook(model, **_):
+        with lock:
+            seen.add(model.name)
+            if seen >= set(operations):
+                done.set()
+    for client in backend.iot.values():
+        for operation in operations:
+            client.meta.events.register(f"after-call.iot.{operation}", hook)
+    return done
 
 
 @aws
 def test_a_slow_aws_call_leaves_too_little_time_to_attach_so_the_request_rolls_back_in_time(backend):
     clock = FakeClock()
     deadline = Deadline(20, clock)
-    slow(backend, "CreateCertificateFromCsr", clock, 12)  # 8 s left: attaching (4 s) + the 6 s reserve do not fit
+    asked_for, others = asked(backend), answered(backend, "CreateThing", "CreatePolicy", "DescribeEndpoint")
+    # 8 s left after it: attaching (4 s an attempt) + the 6 s reserve do not fit.
+    slow(backend, "CreateCertificateFromCsr", clock, 12, after=others)
 
     with pytest.raises(DeadlineExceeded) as refused:
         backend.service().provision(backend.request("dev-1", make_csr("dev-1")[0]), LONDON_IP, deadline=deadline)
 
     assert refused.value.code == "deadline-exceeded" and refused.value.retry_after > 0
-    assert backend.calls["AttachPolicy"] == backend.calls["AttachThingPrincipal"] == 0  # never started
-    assert backend.calls["DeleteCertificate"] == 1  # undone within the reserve
+    assert backend.calls["CreateThing"] == backend.calls["CreateCertificateFromCsr"] == 1  # both made
+    assert asked_for["AttachPolicy"] == asked_for["AttachThingPrincipal"] == 1  # asked for, and refused by the gate:
+    assert backend.calls["AttachPolicy"] == backend.calls["AttachThingPrincipal"] == 0  # never sent to AWS
+    assert backend.calls["DeleteCertificate"] == backend.calls["DeleteThing"] == 1  # undone within the reserve
     assert deadline.remaining() > 0  # answered before the deadline
     backend.assert_nothing_left("dev-1")
 
@@ -204,3 +241,90 @@ def test_a_rollback_throttled_past_the_deadline_records_what_is_left_and_the_aud
 
 
 from chalicelib.errors import ServiceUnavailable as ServiceUnavailableError  # noqa: E402
+
+# --- renewal (POST /device-renewal) under the same deadline -----------------------------------------------------
+
+def _renewable(backend, thing: str):
+    """A provisioned device and a renewal request of it (a new key's CSR), signed with its current key."""
+    device = Device(backend, thing)
+    return device, device.request(make_csr(thing)[0])
+
+
+@aws
+def test_a_slow_aws_call_leaves_a_renewal_too_little_time_to_attach_so_it_rolls_back_in_time(backend):
+    device, request = _renewable(backend, "dev-1")
+    clock = FakeClock()
+    deadline = Deadline(20, clock)
+    asked_for = asked(backend)
+    sent_before = Counter(backend.calls)
+    slow(backend, "CreateCertificateFromCsr", clock, 12)  # in place: no thing to make, the attachments do not fit
+
+    with pytest.raises(DeadlineExceeded) as refused:
+        renewals(backend).renew(request, LONDON_IP, deadline=deadline)
+
+    assert refused.value.code == "deadline-exceeded" and refused.value.retry_after > 0
+    sent = backend.calls - sent_before
+    assert sent["CreateCertificateFromCsr"] == 1 and asked_for["AttachPolicy"] == 1
+    assert sent["AttachPolicy"] == sent["AttachThingPrincipal"] == 0  # refused by the gate, never sent
+    assert sent["DeleteCertificate"] == 1 and sent["DeleteThing"] == 0  # undone in the reserve; the thing stays
+    assert deadline.remaining() > 0  # answered before the deadline
+    state = backend.registry.renewal_state("dev-1")
+    assert (state.certificate_id, state.renewing_until, state.renewal_count) == (device.certificate_id, None, 0)
+    assert backend.active_certificates("dev-1") == {(device.region, device.certificate_id)}
+    assert backend.things("dev-1") == [device.region]
+    assert backend.registry.claims(datetime.now(timezone.utc)) == []  # no write-ahead record left: nothing to settle
+    assert backend.audit() == AuditReport()
+    # The device tries again when AWS is quick again, and renews.
+    assert renewals(backend).renew(device.request(make_csr("dev-1")[0]), LONDON_IP).issued.certificate_id
+
+
+@pytest.mark.parametrize("backend", ["local", "aws"], indirect=True)
+def test_a_renewal_with_3_seconds_left_answers_503_at_once_and_changes_nothing(backend):
+    device, request = _renewable(backend, "dev-2")
+    before, sent_before = backend.registry.renewal_state("dev-2"), Counter(backend.calls)
+    with pytest.raises(DeadlineExceeded) as refused:
+        renewals(backend).renew(request, LONDON_IP, deadline=Deadline(3))
+    assert refused.value.retry_after > 0
+    assert backend.registry.renewal_state("dev-2") == before  # not even the lease taken
+    assert backend.calls == sent_before  # nothing sent to AWS
+    assert backend.active_certificates("dev-2") == {(device.region, device.certificate_id)}
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_the_renewal_lease_follows_the_requests_deadline(backend):
+    device, request = _renewable(backend, "dev-3")
+    leases = []
+
+    class Watched:
+        """The backend's registry, noting the lease each renewal asks for."""
+        def __getattr__(self, name):
+            return getattr(backend.registry, name)
+
+        def begin_renewal(self, thing_name, certificate_id, now, lease_seconds, nonce=None):
+            leases.append(lease_seconds)
+            return backend.registry.begin_renewal(thing_name, certificate_id, now, lease_seconds, nonce)
+
+    renewals(backend, registry=Watched(), lease_seconds=None).renew(request, LONDON_IP,
+                                                                     deadline=Deadline(20, FakeClock()))
+    assert leases == [20 + LEASE_MARGIN_SECONDS]  # about a minute after the request must have answered
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_http_answers_503_with_retry_after_when_the_budget_cannot_fit_a_renewal(backend):
+    device = Device(backend, "dev-4")
+    before = backend.registry.renewal_state("dev-4")
+    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+        wiring.configure(Settings.from_env({"GIP_STATE_DIR": str(backend.settings.state_dir),
+                                            "GIP_ENABLED_REGIONS": "eu-west-2,ap-northeast-1",
+                                            "GIP_DEFAULT_REGION": "eu-west-2",
+                                            "GIP_FLEET_PUBLIC_KEY": str(backend.settings.fleet_public_key),
+                                            "GIP_REQUEST_BUDGET_SECONDS": "3"}))
+        response = client.http.post("/device-renewal", body=json.dumps(device.body(make_csr("dev-4")[0])),
+                                    headers={"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP})
+    answer = json.loads(response.body)
+    assert response.status_code == 503, answer
+    assert answer["status"] == "error" and answer["code"] == "deadline-exceeded"
+    assert int(response.headers["Retry-After"]) > 0
+    assert backend.registry.renewal_state("dev-4") == before
+    assert backend.active_certificates("dev-4") == {(device.region, device.certificate_id)}
+

@@ -70,7 +70,7 @@ class Backend:
     iot: dict = field(default_factory=dict)       # aws: the service's own IoT clients, by region
     look: dict = field(default_factory=dict)      # aws: separate IoT clients for inspection (never hooked)
     look_db: Any = None                           # aws: a separate DynamoDB client for inspection
-    calls: Counter = field(default_factory=Counter)  # aws: IoT operations the service's clients made
+    calls: Counter = field(default_factory=Counter)  # aws: IoT requests the service's clients sent (each attempt)
 
     # -- building
     def service(self, **parts) -> ProvisioningService:
@@ -122,7 +122,7 @@ class Backend:
         return found
 
     def certificate_records(self, thing: str) -> int:
-        """How many certificates were ever issued for `thing` (local) / IoT create calls made (aws)."""
+        """How many certificates were ever issued for `thing` (local) / IoT create requests sent (aws)."""
         if self.name == "local":
             return len(self.issuer.certificates(thing))
         return sum(self.calls[op] for op in ("CreateKeysAndCertificate", "CreateCertificateFromCsr"))
@@ -223,9 +223,11 @@ def backend(request, tmp_path, monkeypatch, fleet_key, locator):
                     fleet_key, locator, ["--stage", "prod"], iot=iot,
                     look={r: boto3.client("iot", region_name=r) for r in REGIONS},
                     look_db=boto3.client("dynamodb", region_name=DEFAULT))
+        # Counted at before-send: what really reaches AWS, each attempt; a call that a before-call fault or the
+        # request's deadline (its gate fires at request-created) stops is not counted.
         for client in iot.values():
-            client.meta.events.register("before-call.iot.*",
-                                        lambda model, **_: b.calls.update([model.name]))
+            client.meta.events.register("before-send.iot.*",
+                                        lambda event_name, **_: b.calls.update([event_name.rsplit(".", 1)[1]]))
         yield b
         wiring.reset()
 
@@ -429,7 +431,7 @@ def test_one_throttled_call_is_retried_by_botocore_and_the_device_never_notices(
 
     result = backend.service().provision(backend.request("dev-1", make_csr("dev-1")[0]), LONDON_IP)
     assert len(sent) == 2
-    assert backend.calls["CreateThing"] == 1  # one API call, two attempts on the wire
+    assert backend.calls["CreateThing"] == 2  # one API call, two attempts on the wire (botocore retried)
     backend.assert_provisioned("dev-1", result)
 
 

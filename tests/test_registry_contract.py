@@ -575,3 +575,95 @@ def test_set_public_key_only_for_the_current_certificate_and_reset_forgets_renew
     assert (state.provisioned, state.certificate_id, state.public_key, state.previous_certificate_id,
             state.retire_pending) == (False, None, None, None, False)
     assert registry.get("dev1").renewal_count == 1  # the history stays
+
+
+# --- write-ahead issuance for renewals (issue 16): the renewal lease carries the record, as a claim does --------
+
+def test_a_renewal_lease_taken_over_carries_the_write_ahead_record_the_dead_renewal_left(registry):
+    renewable(registry)
+    dead = registry.begin_renewal("dev1", "cert-a", T0, LEASE)
+    assert (dead.previous, dead.renewal) == (None, True)
+    intent = PendingIssue("ap-northeast-1", T0 + timedelta(seconds=1), "fp-new", move=True)
+    registry.record_intent(dead, intent)
+    registry.record_certificate(dead, "cert-dead", True)
+    # The audit sees it under its live lease, with the time the lease was taken (its age).
+    [state] = registry.claims(T0 + timedelta(seconds=10))
+    assert (state.thing_name, state.status, state.renewal, state.claimed_at) == ("dev1", PROVISIONED, True, T0)
+    assert state.lease_expires == T0 + timedelta(seconds=LEASE) and state.live(T0 + timedelta(seconds=10))
+    assert state.pending == PendingIssue("ap-northeast-1", T0 + timedelta(seconds=1), "fp-new", "cert-dead", True,
+                                         move=True)
+    assert not state.live(T0 + timedelta(seconds=LEASE + 1))  # dead once its lease ended
+    with pytest.raises(RenewalInProgress):
+        registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=100), LEASE)
+
+    taken = registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 1), LEASE)
+    assert taken.previous == state.pending and taken.renewal
+    # The dead renewal can no longer write, and a provisioning claim's writes never match a renewal lease.
+    with pytest.raises(RenewalInProgress):
+        registry.record_certificate(dead, "cert-late", True)
+    with pytest.raises(RenewalInProgress):
+        registry.record_intent(dead, PendingIssue("eu-west-2", T0))
+    with pytest.raises(ProvisioningInProgress):
+        registry.record_intent(Claim("dev1", taken.token), PendingIssue("eu-west-2", T0))
+    registry.record_intent(taken, PendingIssue("eu-west-2", T0 + timedelta(seconds=LEASE + 2), "fp-b"))
+    assert registry.claims(T0)[0].pending == PendingIssue("eu-west-2", T0 + timedelta(seconds=LEASE + 2), "fp-b")
+    registry.complete_renewal(taken, renewed(), T0 + timedelta(seconds=LEASE + 3))
+    assert registry.claims(T0) == []  # complete clears the record and the lease
+    assert registry.get("dev1").certificate_id == "cert-b"
+
+
+def test_an_abandoned_renewal_keeps_its_record_only_when_its_rollback_left_something(registry):
+    renewable(registry)
+    for keep in (True, False):
+        claim = registry.begin_renewal("dev1", "cert-a", T0, LEASE)
+        assert claim.previous == (PendingIssue("eu-west-2", T0, None, "cert-left", False) if not keep else None)
+        if keep:
+            registry.record_intent(claim, PendingIssue("eu-west-2", T0))
+            registry.record_certificate(claim, "cert-left", False)
+        registry.abandon_renewal(claim, "issuer down", keep_pending=keep)
+        if keep:  # no lease, a record: for the next renewal or the audit to settle
+            [state] = registry.claims(T0)
+            assert (state.renewal, state.lease_expires, state.live(T0)) == (True, None, False)
+            assert state.pending.certificate_id == "cert-left"
+    assert registry.claims(T0) == []
+    assert registry.renewal_state("dev1").certificate_id == "cert-a"
+
+
+def test_a_replayed_renewal_leaves_a_dead_renewals_record_for_the_next_one(registry):
+    renewable(registry)
+    dead = registry.begin_renewal("dev1", "cert-a", T0, LEASE)
+    registry.record_intent(dead, PendingIssue("eu-west-2", T0, "fp-new"))
+    nonce = Nonce("n1", T0 + timedelta(hours=1))
+    registry.abandon_renewal(registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 1), LEASE,
+                                                    nonce), "failed", keep_pending=True)
+    with pytest.raises(SignatureInvalid):
+        registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 2), LEASE, nonce)
+    [state] = registry.claims(T0 + timedelta(seconds=LEASE + 2))
+    assert state.pending == PendingIssue("eu-west-2", T0, "fp-new") and not state.live(T0 + timedelta(seconds=LEASE + 2))
+    assert registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 3), LEASE).previous == state.pending
+
+
+@pytest.mark.parametrize("move", [False, True], ids=["in-place", "move"])
+def test_a_renewal_never_answered_is_reopened_with_its_certificate_on_the_write_ahead_record(registry, move):
+    renewable(registry)
+    region = "ap-northeast-1" if move else "eu-west-2"
+    registry.complete_renewal(registry.begin_renewal("dev1", "cert-a", T0, LEASE), renewed(region), T0)
+    assert not registry.reopen_renewal("dev1", "cert-x", "fp-a", T0)  # not the current certificate
+    registry.previous_retired("dev1", "cert-a")
+    assert not registry.reopen_renewal("dev1", "cert-b", "fp-a", T0)  # answered: the previous one is retired
+    registry.reset("dev1")
+    renewable(registry)
+    registry.complete_renewal(registry.begin_renewal("dev1", "cert-a", T0, LEASE), renewed(region), T0)
+    before = registry.renewal_state("dev1")
+
+    assert registry.reopen_renewal("dev1", "cert-b", "fp-a", T0 + timedelta(seconds=LEASE + 1))
+    state = registry.renewal_state("dev1")
+    assert (state.region, state.certificate_id, state.public_key, state.fingerprint) == (
+        "eu-west-2", "cert-a", "KEY-A", "fp-a")
+    assert (state.previous_certificate_id, state.retire_pending, state.renewal_count) == (
+        None, False, before.renewal_count - 1)
+    [claim] = registry.claims(T0 + timedelta(seconds=LEASE + 1))
+    assert claim.pending == PendingIssue(region, T0 + timedelta(seconds=LEASE + 1), "fp-b", "cert-b", move, move)
+    assert not claim.live(T0 + timedelta(seconds=LEASE + 1))  # for the next renewal lease to settle
+    assert registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 2), LEASE).previous == claim.pending
+    assert not registry.reopen_renewal("dev1", "cert-b", "fp-a", T0 + timedelta(seconds=LEASE + 3))  # once

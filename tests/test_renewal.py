@@ -543,3 +543,85 @@ def test_renewals_are_admitted_like_provisioning_in_the_region_they_issue_in(bac
     # Tokyo has a schedule of its own: a move there is admitted
     moved = renewals(b, relocation="nearest", admission=gate).renew(second.request(make_csr("dev-2")[0]), TOKYO_IP)
     assert moved.choice.region == "ap-northeast-1"
+
+
+# ------------------------------------------------------------------------------------------- write-ahead (issue 16)
+
+class Died(BaseException):
+    """The process died here: no `except Exception` runs, no rollback (tests/test_renewal_crash.py kills for real)."""
+
+
+def dies_at(boundary: str):
+    def checkpoint(at: str, thing_name: str) -> None:
+        if at == boundary:
+            raise Died(at)
+    return checkpoint
+
+
+def after_the_lease(b, relocation: str = "nearest") -> RenewalService:
+    return renewals(b, relocation, clock=lambda: now() + timedelta(seconds=LEASE + 1), skew_seconds=LEASE + 300)
+
+
+@pytest.mark.parametrize("boundary", ["renewal-issued", "renewal-recorded"])
+@pytest.mark.parametrize("same_key", [True, False], ids=["same-csr", "other-key"])
+def test_a_move_that_died_is_settled_by_the_devices_retry(backend, boundary, same_key):
+    """A renewal moving London -> Tokyo dies after issuing there: the audit shows it in flight during the lease; after
+    it, the retry with the same CSR completes the move with that very certificate, one with another key revokes it
+    and gets a new one. Either way one active certificate, one thing, and a clean audit."""
+    b = backend
+    device = Device(b, "dev-1", LONDON_IP)
+    csr_pem, _ = make_csr("dev-1")
+    with pytest.raises(Died):
+        renewals(b, "nearest", checkpoint=dies_at(boundary)).renew(device.request(csr_pem), TOKYO_IP)
+    [(region, dead)] = b.active_certificates("dev-1") - {(device.region, device.certificate_id)}
+    assert region == "ap-northeast-1"
+    found = b.audit()
+    [flight] = found.in_flight
+    assert (flight.thing_name, flight.renewal, flight.region, flight.certificates) == (
+        "dev-1", True, "ap-northeast-1", [dead])
+    assert flight.age_seconds >= 0 and found.findings == 0
+    state = b.audit(now() + timedelta(seconds=LEASE + 1))
+    assert [(s.thing_name, s.renewal, s.certificates) for s in state.stuck_claims] == [("dev-1", True, [dead])]
+
+    result = after_the_lease(b).renew(device.request(csr_pem if same_key else make_csr("dev-1")[0]), TOKYO_IP)
+    assert (result.choice.region, result.choice.reason) == ("ap-northeast-1", "relocated")
+    assert (result.issued.certificate_id == dead) == same_key
+    assert_renewed(b, device, result, device.certificate_id)  # the London thing and certificate retired
+    if b.name == "local" and not same_key:
+        assert b.issuer.certificate(dead).status == "REVOKED"
+
+
+def test_a_renewal_that_died_before_issuing_leaves_nothing_but_its_lease(backend):
+    b = backend
+    device = Device(b, "dev-1")
+    with pytest.raises(Died):
+        renewals(b, checkpoint=dies_at("renewal-claimed")).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    [flight] = b.audit().in_flight
+    assert (flight.renewal, flight.certificates, flight.key) == (True, [], None)
+    assert b.audit(now() + timedelta(seconds=LEASE + 1)) == EMPTY_AUDIT  # an ended lease with nothing on it
+    result = after_the_lease(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    assert_renewed(b, device, result, device.certificate_id)
+
+
+def test_a_renewal_whose_issuer_failed_in_an_unknown_way_is_settled_by_its_own_rollback(backend):
+    """The issuer raises something it does not own up to (not a domain error, no IssueIncomplete) after making the
+    certificate: the rollback looks for what the write-ahead record says may exist, and revokes it."""
+    b = backend
+
+    class Broken:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def issue_renewal(self, *args, **kwargs):
+            self.inner.issue_renewal(*args, **kwargs)
+            raise RuntimeError("injected: the issuer's answer was lost")
+
+    device = Device(b, "dev-1")
+    with pytest.raises(ServiceUnavailable):
+        renewals(b, issuer=Broken(b.issuer)).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
+    assert b.registry.claims(now()) == [] and b.audit() == EMPTY_AUDIT
+    assert "RuntimeError" in b.registry.get("dev-1").last_error

@@ -169,7 +169,8 @@ def _kill_mid_renewal(stack, thing: str, old: str, request, after_record: bool) 
             outcome["error"] = exc
 
     def token(db) -> tuple:
-        return db.execute("SELECT renewal_token, certificate_id FROM devices WHERE thing_name = ?", (thing,)).fetchone()
+        return db.execute("SELECT renewal_token, certificate_id, pending_region FROM devices WHERE thing_name = ?",
+                          (thing,)).fetchone()
 
     caller = threading.Thread(target=call)
     registry = sqlite3.connect(settings.registry_path, isolation_level=None, timeout=5)
@@ -178,8 +179,9 @@ def _kill_mid_renewal(stack, thing: str, old: str, request, after_record: bool) 
     issued_before = len(certificates(settings.ca_dir, thing))
 
     def lease_taken(db) -> bool:
-        now_token, current = token(db)
-        return now_token is not None and now_token != before and current == old
+        """The renewal holds its lease and has written what it is about to issue (write-ahead)."""
+        now_token, current, intent = token(db)
+        return now_token is not None and now_token != before and current == old and intent is not None
 
     try:
         # The CA's records are held first, so the renewal takes its lease and then waits to issue: the test sees
@@ -187,7 +189,7 @@ def _kill_mid_renewal(stack, thing: str, old: str, request, after_record: bool) 
         ca.execute("BEGIN IMMEDIATE")
         caller.start()
         deadline = time.monotonic() + 30
-        while True:  # hold the registry once the renewal has its lease: it cannot record now
+        while True:  # hold the registry once the renewal has its lease and its intent: it cannot record now
             if lease_taken(registry):
                 registry.execute("BEGIN IMMEDIATE")
                 if lease_taken(registry):
@@ -245,8 +247,10 @@ def test_kill_9_mid_renewal_is_settled_by_the_audit_and_by_the_next_request(tmp_
         assert orphan["status"] == "ACTIVE" and registry.get("cut1").certificate_id == old
         stack = _restart(stack, settings)
         time.sleep(3.5)  # the dead renewal's lease ends
-        code, found = audit(state, capsys)
-        assert code == 1 and [c["certificate_id"] for c in found["orphan_certificates"]] == [orphan["certificate_id"]]
+        code, found = audit(state, capsys)  # the dead renewal's record points at it: a stuck renewal, no orphan
+        assert code == 1 and found["orphan_certificates"] == []
+        assert [(s["thing_name"], s["certificates"], s.get("renewal")) for s in found["stuck_claims"]] == [
+            ("cut1", [orphan["certificate_id"]], True)]
         assert audit(state, capsys, "--fix")[0] == 0
         assert audit(state, capsys)[0] == 0
         assert {c["certificate_id"]: c["status"] for c in certificates(settings.ca_dir, "cut1")} == {

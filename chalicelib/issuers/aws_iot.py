@@ -249,17 +249,23 @@ class AwsIotIssuer:
 
     def find_issued(self, thing_name: str, region: str, since: datetime, fingerprint: str | None) -> list[str]:
         """CreateCertificateFromCsr names its certificate only in its answer: a crash right after it leaves a
-        certificate nothing records. Newest first, back to `since`: active certificates attached to the thing,
-        or attached to nothing and carrying the device's key (a server-made key cannot be told apart; see
+        certificate nothing records. Active certificates attached to the thing since `since` (its principals),
+        and from ListCertificates, newest first back to `since`, those attached to nothing and carrying the
+        device's key (a server-made key cannot be told apart; see
         README, exactly-once)."""
         from chalicelib.provisioning import key_fingerprint
         client, found = self._client(region), list[str]()
         try:
+            # Attached to the thing: its principals say so whatever order ListCertificates pages come in.
+            for arn in self._principals(client, thing_name):
+                cert = client.describe_certificate(certificateId=arn.rsplit("/", 1)[-1])["certificateDescription"]
+                if cert["status"] == "ACTIVE" and cert["creationDate"] >= since - _CLOCK_SLACK:
+                    found.append(cert["certificateId"])
             for page in client.get_paginator("list_certificates").paginate(ascendingOrder=False):
                 for cert in page["certificates"]:
                     if cert["creationDate"] < since - _CLOCK_SLACK:
                         return found
-                    if cert["status"] != "ACTIVE":
+                    if cert["status"] != "ACTIVE" or cert["certificateId"] in found:
                         continue
                     things = client.list_principal_things(principal=cert["certificateArn"])["things"]
                     if thing_name in things:
@@ -272,6 +278,16 @@ class AwsIotIssuer:
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
         return found
+
+    @staticmethod
+    def _principals(client: Any, thing_name: str) -> list[str]:
+        try:
+            principals: list[str] = client.list_thing_principals(thingName=thing_name)["principals"]
+            return principals
+        except ClientError as exc:
+            if _is_not_found(exc):
+                return []
+            raise
 
     def adopt(self, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate:
         client = self._client(region)
@@ -288,6 +304,22 @@ class AwsIotIssuer:
             raise _domain_error(exc, region) from exc
         return IssuedCertificate(region, certificate_id, found["certificatePem"], self.endpoint(region), None,
                                  thing_name, arn, created_thing=created)
+
+    def adopt_renewal(self, thing_name: str, region: str, certificate_id: str, in_place: bool) -> IssuedCertificate:
+        if not in_place:
+            return self.adopt(thing_name, region, certificate_id)
+        client = self._client(region)  # the thing is the device's and holds its current certificate: attach only
+        try:
+            found = client.describe_certificate(certificateId=certificate_id)["certificateDescription"]
+            if found["status"] != "ACTIVE":
+                raise LookupError(f"certificate {certificate_id} in {region} is {found['status']}")
+            self._once("policy", region, self._ensure_policy).result()
+            client.attach_policy(policyName=self._policy_name, target=found["certificateArn"])
+            client.attach_thing_principal(thingName=thing_name, principal=found["certificateArn"])
+        except _AWS_ERRORS as exc:
+            raise _domain_error(exc, region) from exc
+        return IssuedCertificate(region, certificate_id, found["certificatePem"], self.endpoint(region), None,
+                                 thing_name, found["certificateArn"])
 
     def revoke(self, issued: IssuedCertificate | CertificateRef, keep_thing: bool = False) -> None:
         """Undo `issue` fully; parts already gone are fine.

@@ -114,6 +114,10 @@ class RenewalIssuer(Issuer, Protocol):
         """A renewal's certificate: `in_place`, for the device's thing as it is (neither made nor deleted here,
         even on failure); else in another region, thing included, as `issue` does."""
 
+    def adopt_renewal(self, thing_name: str, region: str, certificate_id: str, in_place: bool) -> IssuedCertificate:
+        """A certificate a dead renewal issued, made whole to be recorded with: `in_place`, attached to the device's
+        thing as it is (which holds the current certificate too); else as `adopt` does in the new region."""
+
     def retire(self, previous: CertificateRef, delete_thing: bool) -> None:
         """Revoke a renewed device's previous certificate, and delete its thing too after a move (`delete_thing`);
         parts gone already are fine. Raises ServiceUnavailable when something is left."""

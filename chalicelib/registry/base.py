@@ -75,20 +75,23 @@ class PendingIssue:
     fingerprint: str | None = None       # the device's key (its CSR's), when the key is the device's
     certificate_id: str | None = None    # recorded right after the issuer answered
     created_thing: bool | None = None    # whether the attempt made the thing (None: not known yet)
+    move: bool = False                   # a renewal moving the device to `region` (its thing made or adopted there)
 
 
 @dataclass(frozen=True)
 class Claim:
-    """Proof that this request, and no other, is provisioning the device until the lease ends."""
+    """Proof that this request, and no other, is provisioning (or renewing) the device until the lease ends."""
 
     thing_name: str
     token: str
     previous: PendingIssue | None = None  # what a dead (or half rolled back) attempt left, to settle first
+    renewal: bool = False  # the renewal lease of a provisioned device (begin_renewal), not a provisioning claim
 
 
 @dataclass(frozen=True)
 class ClaimState:
-    """A device in provisioning, or one whose last attempt left a write-ahead record (for the audit)."""
+    """A device in provisioning or renewal, or one whose last attempt left a write-ahead record (for the audit).
+    For a provisioned device the claim is a renewal's: `claimed_at` and `lease_expires` are its lease's."""
 
     thing_name: str
     status: DeviceStatus
@@ -96,8 +99,13 @@ class ClaimState:
     lease_expires: datetime | None
     pending: PendingIssue | None
 
+    @property
+    def renewal(self) -> bool:
+        return self.status is PROVISIONED
+
     def live(self, now: datetime) -> bool:
-        return self.status is PROVISIONING and self.lease_expires is not None and self.lease_expires >= now
+        return (self.status in (PROVISIONING, PROVISIONED) and self.lease_expires is not None
+                and self.lease_expires >= now)
 
 
 @dataclass(frozen=True)
@@ -256,13 +264,14 @@ class Registry(Protocol):
 
     def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
         """Write what is about to be issued on the claim (replacing a settled record); only while `claim` holds,
-        else raises ProvisioningInProgress."""
+        else raises ProvisioningInProgress (RenewalInProgress for a renewal's claim)."""
 
     def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
         """Add the certificate id the issuer answered to the write-ahead record; only while `claim` holds."""
 
     def claims(self, now: datetime) -> builtins.list[ClaimState]:
-        """Every device in provisioning or with a write-ahead record, sorted by name."""
+        """Every device in provisioning, under a renewal lease (live or ended), or with a write-ahead record,
+        sorted by name."""
 
     def check(self) -> None:
         """Raise unless the registry can be read and written now (GET /health, admin init)."""
@@ -322,14 +331,26 @@ class RenewalRegistry(Registry, Protocol):
                       nonce: Nonce | None = None) -> Claim:
         """Take the renewal lease of a provisioned device whose current certificate is `certificate_id`, with no
         other renewal in flight and no previous certificate left to retire; records the nonce in the same step
-        (one seen before refuses the request). Raises RenewalInProgress, RenewalRefused or SignatureInvalid."""
+        (one seen before refuses the request). Raises RenewalInProgress, RenewalRefused or SignatureInvalid.
+
+        The claim (`renewal`) carries the write-ahead record a dead renewal left (`previous`), read in the same
+        write; `record_intent` and `record_certificate` take it as they take a provisioning claim."""
 
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
         """Make `renewed` the current certificate while `claim` holds: the old one becomes the previous one (to
-        retire), the renewal count goes up by one. Else raises RenewalInProgress."""
+        retire), the renewal count goes up by one, the write-ahead record is cleared. Else raises
+        RenewalInProgress."""
 
-    def abandon_renewal(self, claim: Claim, error: str) -> None:
-        """Give the renewal lease back after a failure (the current certificate stays); records the error."""
+    def abandon_renewal(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
+        """Give the renewal lease back after a failure (the current certificate stays); records the error.
+        `keep_pending` leaves the write-ahead record (something may be left): the next renewal, or the audit,
+        settles it."""
+
+    def reopen_renewal(self, thing_name: str, certificate_id: str, previous_fingerprint: str, now: datetime) -> bool:
+        """The renewal that made `certificate_id` current was never answered (it died before retiring the
+        previous certificate): the previous certificate is current again, and `certificate_id` goes to the
+        write-ahead record for the next renewal lease to settle. Only while the previous certificate waits to be
+        retired and no renewal lease is live; False otherwise (nothing changed)."""
 
     def previous_retired(self, thing_name: str, certificate_id: str) -> None:
         """The previous certificate `certificate_id` is revoked (and its thing removed after a move)."""

@@ -57,14 +57,14 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#fingerprint": "public_key_fingerprint", "#key": "public_key", "#country": "country",
           "#reason": "region_reason", "#attempts": "attempts", "#since": "prov_datetime", "#claimed": "claimed_at",
           "#pregion": "pending_region", "#psince": "pending_since", "#pfingerprint": "pending_fingerprint",
-          "#pcert": "pending_certificate_id", "#pcreated": "pending_created_thing",
+          "#pcert": "pending_certificate_id", "#pcreated": "pending_created_thing", "#pmove": "pending_move",
           # renewal
           "#certkey": "certificate_public_key", "#prevcert": "previous_certificate_id",
           "#prevkey": "previous_public_key", "#prevregion": "previous_region", "#retire": "retire_pending",
           "#renewals": "renewal_count", "#renewed": "last_renewal", "#rtoken": "renewal_token",
           "#rlease": "renewal_lease", "#expires": "certificate_expires"}
 # The write-ahead record of an issuance (registry/base.py PendingIssue), as attribute placeholders.
-_PENDING_NAMES = ("#pregion", "#psince", "#pfingerprint", "#pcert", "#pcreated")
+_PENDING_NAMES = ("#pregion", "#psince", "#pfingerprint", "#pcert", "#pcreated", "#pmove")
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -82,7 +82,8 @@ def _pending(raw: Mapping[str, Any]) -> PendingIssue | None:
     return PendingIssue(raw["pending_region"]["S"],
                         datetime.fromtimestamp(float(raw["pending_since"]["N"]), timezone.utc),
                         raw.get("pending_fingerprint", {}).get("S"), raw.get("pending_certificate_id", {}).get("S"),
-                        raw["pending_created_thing"]["BOOL"] if "pending_created_thing" in raw else None)
+                        raw["pending_created_thing"]["BOOL"] if "pending_created_thing" in raw else None,
+                        raw.get("pending_move", {}).get("BOOL", False))
 
 
 def _record(raw: Mapping[str, Any]) -> DeviceRecord:
@@ -318,8 +319,9 @@ class DynamoDbRegistry:
                 raise
 
     def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
-        values = {":pregion": {"S": pending.region}, ":psince": {"N": repr(pending.since.timestamp())}}
-        sets = ["#pregion = :pregion", "#psince = :psince"]
+        values = {":pregion": {"S": pending.region}, ":psince": {"N": repr(pending.since.timestamp())},
+                  ":pmove": {"BOOL": pending.move}}
+        sets = ["#pregion = :pregion", "#psince = :psince", "#pmove = :pmove"]
         if pending.fingerprint:
             values[":pfingerprint"] = {"S": pending.fingerprint}
             sets.append("#pfingerprint = :pfingerprint")
@@ -332,30 +334,39 @@ class DynamoDbRegistry:
                       {":pcert": {"S": certificate_id}, ":pcreated": {"BOOL": created_thing}})
 
     def _holding(self, claim: Claim, update: str, values: dict[str, Any]) -> None:
-        """A write on the device that only the holder of `claim` may make."""
-        names = {name for name in _NAMES if name in update} | {"#status", "#token"}
+        """A write on the device that only the holder of `claim` (a provisioning claim or a renewal lease) may make."""
+        token, status = ("#rtoken", PROVISIONED) if claim.renewal else ("#token", PROVISIONING)
+        names = set(re.findall(r"#\w+", update)) | {"#status", token}
         try:
             self._call("update_item", TableName=self._table, Key=self._key(claim.thing_name), UpdateExpression=update,
-                       ConditionExpression="#status = :provisioning AND #token = :token",
+                       ConditionExpression=f"#status = :status AND {token} = :token",
                        ExpressionAttributeNames={name: _NAMES[name] for name in names},
-                       ExpressionAttributeValues={**values, ":provisioning": {"S": PROVISIONING.value},
+                       ExpressionAttributeValues={**values, ":status": {"S": status.value},
                                                   ":token": {"S": claim.token}})
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
+            if claim.renewal:
+                raise RenewalInProgress(
+                    f"{claim.thing_name}: the renewal's lease ran out before it was recorded") from None
             raise ProvisioningInProgress(
                 f"{claim.thing_name}: the claim's lease ran out before provisioning ended") from None
 
     def claims(self, now: datetime) -> builtins.list[ClaimState]:
         kwargs: dict[str, Any] = {"TableName": self._table,
-                                  "FilterExpression": "#status = :provisioning OR attribute_exists(#pregion)",
-                                  "ExpressionAttributeNames": {k: _NAMES[k] for k in ("#status", "#pregion")},
+                                  "FilterExpression": "#status = :provisioning OR attribute_exists(#pregion) "
+                                                      "OR attribute_exists(#rlease)",
+                                  "ExpressionAttributeNames": {k: _NAMES[k]
+                                                               for k in ("#status", "#pregion", "#rlease")},
                                   "ExpressionAttributeValues": {":provisioning": {"S": PROVISIONING.value}}}
         found = []
         while True:
             page = self._call("scan", **kwargs)
+            # A provisioned device's claim is its renewal lease.
             found += [ClaimState(raw["thing_name"]["S"], DeviceStatus(raw["prov_status"]["S"]),
-                                 _moment(raw.get("claimed_at")), _moment(raw.get("lease_expires")), _pending(raw))
+                                 _moment(raw.get("claimed_at")),
+                                 _moment(raw.get("renewal_lease" if raw["prov_status"]["S"] == PROVISIONED.value
+                                                 else "lease_expires")), _pending(raw))
                       for raw in page.get("Items", [])]
             if "LastEvaluatedKey" not in page:
                 return sorted(found, key=lambda state: state.thing_name)
@@ -442,17 +453,19 @@ class DynamoDbRegistry:
                       nonce: Nonce | None = None) -> Claim:
         token, at = secrets.token_hex(16), now.timestamp()
         try:
-            self._call(
+            # ALL_OLD: the write-ahead record a dead renewal left comes back with the lease, no second read.
+            won = self._call(
                 "update_item", TableName=self._table, Key=self._key(thing_name),
-                UpdateExpression="SET #rtoken = :token, #rlease = :lease",
+                UpdateExpression="SET #rtoken = :token, #rlease = :lease, #claimed = :now",
                 ConditionExpression="#status = :provisioned AND #cert = :cert "
                                     "AND (attribute_not_exists(#rlease) OR #rlease < :now) "
                                     "AND attribute_not_exists(#retire)",
-                ExpressionAttributeNames={k: _NAMES[k] for k in ("#rtoken", "#rlease", "#status", "#cert", "#retire")},
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#rtoken", "#rlease", "#claimed", "#status", "#cert",
+                                                                 "#retire")},
                 ExpressionAttributeValues={":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
                                            ":provisioned": {"S": PROVISIONED.value}, ":cert": {"S": certificate_id},
                                            ":now": {"N": repr(at)}},
-                ReturnValuesOnConditionCheckFailure="ALL_OLD")
+                ReturnValues="ALL_OLD", ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
@@ -462,10 +475,11 @@ class DynamoDbRegistry:
                 raise RenewalInProgress(f"{thing_name} is being renewed by another request",
                                         retry_after=max(1, min(30, int(state.renewing_until - at) + 1))) from None
             raise RenewalRefused(RENEWAL_REFUSED) from None
-        claim = Claim(thing_name, token)
-        # The nonce after the lease (DynamoDB has no cheap two-table commit here): a replay gives the lease back.
+        claim = Claim(thing_name, token, _pending(won.get("Attributes", {})), renewal=True)
+        # The nonce after the lease (DynamoDB has no cheap two-table commit here): a replay gives the lease back,
+        # and leaves a dead renewal's record for the next one to settle.
         if nonce is not None and not self._remember_nonce(thing_name, nonce, now):
-            self.abandon_renewal(claim, "replayed request refused")
+            self.abandon_renewal(claim, "replayed request refused", keep_pending=True)
             raise replayed_request()
         return claim
 
@@ -478,7 +492,7 @@ class DynamoDbRegistry:
                   ":provisioned": {"S": PROVISIONED.value}}
         sets = ["#region = :region", "#cert = :cert", "#certkey = :certkey", "#fingerprint = :fingerprint",
                 "#renewed = :renewed", "#retire = :one"]
-        removes = ["#rtoken", "#rlease", "#error"]
+        removes = ["#rtoken", "#rlease", "#error", *_PENDING_NAMES]
         # The current certificate becomes the previous one; the condition below proves `old` is still current.
         for name, attribute in (("#prevcert", "certificate_id"), ("#prevkey", "certificate_public_key"),
                                 ("#prevregion", "aws_region")):
@@ -512,16 +526,55 @@ class DynamoDbRegistry:
                 raise
             raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded") from None
 
-    def abandon_renewal(self, claim: Claim, error: str) -> None:
+    def abandon_renewal(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
+        removes = ("#rtoken", "#rlease") + (() if keep_pending else _PENDING_NAMES)
         try:
             self._call(
                 "update_item", TableName=self._table, Key=self._key(claim.thing_name),
-                UpdateExpression="SET #error = :error REMOVE #rtoken, #rlease", ConditionExpression="#rtoken = :token",
-                ExpressionAttributeNames={k: _NAMES[k] for k in ("#error", "#rtoken", "#rlease")},
+                UpdateExpression=f"SET #error = :error REMOVE {', '.join(removes)}",
+                ConditionExpression="#rtoken = :token",
+                ExpressionAttributeNames={k: _NAMES[k] for k in ("#error", *removes)},
                 ExpressionAttributeValues={":error": {"S": error}, ":token": {"S": claim.token}})
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":  # the lease is gone already: nothing to give back
                 raise
+
+    def reopen_renewal(self, thing_name: str, certificate_id: str, previous_fingerprint: str, now: datetime) -> bool:
+        old = self._call("get_item", TableName=self._table, Key=self._key(thing_name),
+                         ConsistentRead=True).get("Item") or {}
+        if not all("S" in old.get(name, {}) for name in ("aws_region", "previous_certificate_id", "previous_region")):
+            return False
+        moved = old["aws_region"] != old["previous_region"]
+        values: dict[str, Any] = {
+            ":pregion": old["aws_region"], ":psince": {"N": repr(now.timestamp())}, ":pcert": {"S": certificate_id},
+            ":pcreated": {"BOOL": moved}, ":pmove": {"BOOL": moved}, ":region": old["previous_region"],
+            ":prevcert": old["previous_certificate_id"], ":fingerprint": {"S": previous_fingerprint},
+            ":minus": {"N": "-1"}, ":error": {"S": f"renewal to {certificate_id} never answered; reopened"},
+            ":provisioned": {"S": PROVISIONED.value}, ":now": {"N": repr(now.timestamp())}}
+        sets = ["#pregion = :pregion", "#psince = :psince", "#pcert = :pcert", "#pcreated = :pcreated",
+                "#pmove = :pmove", "#region = :region", "#cert = :prevcert", "#fingerprint = :fingerprint",
+                "#error = :error"]
+        removes = ["#prevcert", "#prevkey", "#prevregion", "#retire", "#expires"]
+        for name, source in (("#pfingerprint", "public_key_fingerprint"), ("#certkey", "previous_public_key")):
+            if "S" in old.get(source, {}):
+                values[":" + name[1:]] = old[source]
+                sets.append(f"{name} = :{name[1:]}")
+            else:
+                removes.append(name)
+        update = f"SET {', '.join(sets)} ADD #renewals :minus REMOVE {', '.join(removes)}"
+        # The item read above is the one changed: the same certificates, still waiting, no live lease.
+        condition = ("#status = :provisioned AND #cert = :cert AND #prevcert = :prevcert AND attribute_exists(#retire) "
+                     "AND (attribute_not_exists(#rlease) OR #rlease < :now)")
+        values[":cert"] = {"S": certificate_id}
+        names = {k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}"))}
+        try:
+            self._call("update_item", TableName=self._table, Key=self._key(thing_name), UpdateExpression=update,
+                       ConditionExpression=condition, ExpressionAttributeNames=names, ExpressionAttributeValues=values)
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
 
     def previous_retired(self, thing_name: str, certificate_id: str) -> None:
         self._conditional_update(thing_name, "REMOVE #retire", "#prevcert = :cert",

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS devices (
     pending_fingerprint TEXT,
     pending_certificate_id TEXT,
     pending_created_thing INTEGER,
+    pending_move   INTEGER,
     -- renewal (POST /device-renewal): the current certificate's key and end, the history, what is left to retire
     certificate_public_key TEXT,
     certificate_expires TEXT,
@@ -92,10 +93,11 @@ _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "
 # Added after the first release: a registry made before them gets them on first open.
 _ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_since", "REAL"),
                   ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
-                  ("pending_created_thing", "INTEGER"), *_RENEWAL_COLUMNS.items())
-_PENDING = "pending_region, pending_since, pending_fingerprint, pending_certificate_id, pending_created_thing"
+                  ("pending_created_thing", "INTEGER"), *_RENEWAL_COLUMNS.items(), ("pending_move", "INTEGER"))
+_PENDING = ("pending_region, pending_since, pending_fingerprint, pending_certificate_id, pending_created_thing, "
+            "pending_move")
 _NO_PENDING = ("pending_region = NULL, pending_since = NULL, pending_fingerprint = NULL, "
-               "pending_certificate_id = NULL, pending_created_thing = NULL")
+               "pending_certificate_id = NULL, pending_created_thing = NULL, pending_move = NULL")
 _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all inside one transaction
 
 
@@ -224,8 +226,8 @@ class SqliteRegistry:
     @translated
     def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
         self._holding(claim, "pending_region = ?, pending_since = ?, pending_fingerprint = ?, "
-                             "pending_certificate_id = NULL, pending_created_thing = NULL",
-                      (pending.region, pending.since.timestamp(), pending.fingerprint))
+                             "pending_certificate_id = NULL, pending_created_thing = NULL, pending_move = ?",
+                      (pending.region, pending.since.timestamp(), pending.fingerprint, int(pending.move)))
 
     @translated
     def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
@@ -233,19 +235,25 @@ class SqliteRegistry:
                       (certificate_id, int(created_thing)))
 
     def _holding(self, claim: Claim, assignments: str, values: tuple) -> None:
+        """A write that only the holder of `claim` (a provisioning claim or a renewal lease) may make."""
+        token, status = ("renewal_token", PROVISIONED) if claim.renewal else ("claim_token", PROVISIONING)
         changed = self._db().execute(
-            f"UPDATE devices SET {assignments} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
-            (*values, claim.thing_name, PROVISIONING.value, claim.token)).rowcount
+            f"UPDATE devices SET {assignments} WHERE thing_name = ? AND prov_status = ? AND {token} = ?",
+            (*values, claim.thing_name, status.value, claim.token)).rowcount
         if changed != 1:
+            if claim.renewal:
+                raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded")
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
     @translated
     def claims(self, now: datetime) -> builtins.list[ClaimState]:
+        # A provisioned device's claim is its renewal lease.
         rows = self._db().execute(
-            f"SELECT thing_name, prov_status, claimed_at, lease_expires, {_PENDING} FROM devices "
-            "WHERE prov_status = 'provisioning' OR pending_region IS NOT NULL ORDER BY thing_name")
+            "SELECT thing_name, prov_status, claimed_at, CASE prov_status WHEN 'provisioned' THEN renewal_lease "
+            f"ELSE lease_expires END AS lease, {_PENDING} FROM devices WHERE prov_status = 'provisioning' "
+            "OR pending_region IS NOT NULL OR renewal_lease IS NOT NULL ORDER BY thing_name")
         return [ClaimState(row["thing_name"], DeviceStatus(row["prov_status"]), _moment(row["claimed_at"]),
-                           _moment(row["lease_expires"]), _pending(row)) for row in rows]
+                           _moment(row["lease"]), _pending(row)) for row in rows]
 
     def check(self) -> None:
         """Raise StorageUnavailable unless the file is whole (quick_check) and can be written. A missing file is
@@ -335,12 +343,13 @@ class SqliteRegistry:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # the lease and the nonce in one commit
         try:
-            changed = db.execute(
-                "UPDATE devices SET renewal_token = ?, renewal_lease = ? WHERE thing_name = ? AND prov_status = ? "
-                "AND certificate_id = ? AND (renewal_lease IS NULL OR renewal_lease < ?) "
-                "AND COALESCE(retire_pending, 0) = 0",
-                (token, at + lease_seconds, thing_name, PROVISIONED.value, certificate_id, at)).rowcount
-            if changed == 1 and nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
+            # The write-ahead record is left as it is: RETURNING hands over what a dead renewal wrote.
+            won = db.execute(
+                "UPDATE devices SET renewal_token = ?, renewal_lease = ?, claimed_at = ? WHERE thing_name = ? "
+                "AND prov_status = ? AND certificate_id = ? AND (renewal_lease IS NULL OR renewal_lease < ?) "
+                f"AND COALESCE(retire_pending, 0) = 0 RETURNING {_PENDING}",
+                (token, at + lease_seconds, at, thing_name, PROVISIONED.value, certificate_id, at)).fetchone()
+            if won is not None and nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
                 db.execute("ROLLBACK")
                 raise replayed_request()
             db.execute("COMMIT")
@@ -348,8 +357,8 @@ class SqliteRegistry:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        if changed == 1:
-            return Claim(thing_name, token)
+        if won is not None:
+            return Claim(thing_name, token, _pending(won), renewal=True)
         state = self.renewal_state(thing_name)
         if state is not None and state.certificate_id == certificate_id and state.renewing_until:
             raise RenewalInProgress(f"{thing_name} is being renewed by another request",
@@ -365,7 +374,7 @@ class SqliteRegistry:
             "certificate_public_key = ?, public_key_fingerprint = ?, country = COALESCE(?, country), "
             "certificate_expires = ?, "
             "region_reason = COALESCE(?, region_reason), renewal_count = COALESCE(renewal_count, 0) + 1, "
-            "last_renewal = ?, renewal_token = NULL, renewal_lease = NULL, last_error = NULL "
+            f"last_renewal = ?, renewal_token = NULL, renewal_lease = NULL, last_error = NULL, {_NO_PENDING} "
             "WHERE thing_name = ? AND renewal_token = ? AND prov_status = ?",
             (renewed.region, renewed.certificate_id, renewed.public_key, renewed.fingerprint, renewed.country,
              renewed.expires, renewed.reason, _timestamp(now), claim.thing_name, claim.token,
@@ -374,10 +383,29 @@ class SqliteRegistry:
             raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded")
 
     @translated
-    def abandon_renewal(self, claim: Claim, error: str) -> None:
+    def abandon_renewal(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
         self._db().execute(
-            "UPDATE devices SET renewal_token = NULL, renewal_lease = NULL, last_error = ? "
-            "WHERE thing_name = ? AND renewal_token = ?", (error, claim.thing_name, claim.token))
+            "UPDATE devices SET renewal_token = NULL, renewal_lease = NULL, last_error = ?"
+            + ("" if keep_pending else f", {_NO_PENDING}")
+            + " WHERE thing_name = ? AND renewal_token = ?", (error, claim.thing_name, claim.token))
+
+    @translated
+    def reopen_renewal(self, thing_name: str, certificate_id: str, previous_fingerprint: str, now: datetime) -> bool:
+        # SET's right-hand sides read the row as it was: the current certificate moves to the write-ahead record.
+        return self._db().execute(
+            "UPDATE devices SET pending_region = aws_region, pending_since = ?, "
+            "pending_fingerprint = public_key_fingerprint, pending_certificate_id = certificate_id, "
+            "pending_created_thing = aws_region IS NOT previous_region, "
+            "pending_move = aws_region IS NOT previous_region, "
+            "aws_region = previous_region, certificate_id = previous_certificate_id, "
+            "certificate_public_key = previous_public_key, public_key_fingerprint = ?, certificate_expires = NULL, "
+            "previous_certificate_id = NULL, previous_public_key = NULL, previous_region = NULL, "
+            "retire_pending = NULL, "
+            "renewal_count = MAX(COALESCE(renewal_count, 1) - 1, 0), last_error = ? "
+            "WHERE thing_name = ? AND prov_status = ? AND certificate_id = ? AND COALESCE(retire_pending, 0) = 1 "
+            "AND previous_certificate_id IS NOT NULL AND (renewal_lease IS NULL OR renewal_lease < ?)",
+            (now.timestamp(), previous_fingerprint, f"renewal to {certificate_id} never answered; reopened",
+             thing_name, PROVISIONED.value, certificate_id, now.timestamp())).rowcount == 1
 
     @translated
     def previous_retired(self, thing_name: str, certificate_id: str) -> None:
@@ -411,4 +439,4 @@ def _pending(row: sqlite3.Row) -> PendingIssue | None:
     created = row["pending_created_thing"]
     return PendingIssue(row["pending_region"], datetime.fromtimestamp(row["pending_since"], timezone.utc),
                         row["pending_fingerprint"], row["pending_certificate_id"],
-                        None if created is None else bool(created))
+                        None if created is None else bool(created), bool(row["pending_move"]))
