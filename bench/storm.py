@@ -1,18 +1,22 @@
 """make storm: a fleet powers on at once; is it provisioned at AWS IoT's quota pace, with no failure and no orphan?
 
 The real service code (ProvisioningService, DynamoDB registry, AWS IoT issuer, admission control) runs against
-moto, behind a throttling layer made of botocore event hooks: per API and per region, a token bucket holding
-one second's worth of the (scaled) quota, a ThrottlingException when it is empty, and a fixed latency per IoT
-call. K "containers" (each its own service and boto3 clients; they share only the DynamoDB tables and AWS, as
-Lambda containers do) serve the requests of M devices that run the device client's own retry logic. The same
-storm runs twice in one process, with admission control and without it (today's code: botocore's retries,
-no shared budget), and the results go to bench/storm.json, a table, and a chart.
+moto, served by a child process (moto is not thread-safe, so it serves one call at a time there, on the other
+core, and its CPU time is the simulator's), behind a throttling layer made of botocore event hooks in this
+process: per API and per region, a token bucket holding one second's worth of the (scaled) quota, a
+ThrottlingException (HTTP 400, as AWS IoT answers) when it is empty, and a fixed latency per IoT call, throttled
+or not. K Lambda "containers" (each its own service and botocore clients; they share only the DynamoDB tables
+and AWS, as Lambda containers do; each busy for the whole of its request) serve the requests of M devices that
+run the device client's own retry logic, under the function's real request deadline. The same storm runs twice
+in one process, with admission control and without it (botocore's retries, no shared budget, Lambda's
+concurrency uncapped), and the results go to bench/storm.json, a table, and a chart.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
 import contextlib
+import contextvars
 import importlib.util
 import json
 import os
@@ -33,28 +37,42 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 import boto3  # noqa: E402
 from botocore.awsrequest import AWSResponse  # noqa: E402
+from botocore.config import Config  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
 SIZES = {
-    # devices, containers (Lambda concurrency), IoT latency (s), power-on spread (s), scaled quota (req/s)
-    # The default scales the binding quota down to 3/s: moto, serialised, must outrun the quota on 2 shared
-    # cores, or the simulator and not the quota would set the pace (its CPU share is reported).
-    # containers: Lambda's concurrency with admission control (its reserved concurrency) and without it
-    # (today: uncapped, so "hundreds"; here as many as the machine can hold).
-    "default": dict(devices=450, containers=48, uncapped=96, latency=0.1, ramp=5.0, quota=3.0),
-    "large": dict(devices=1000, containers=48, uncapped=128, latency=0.1, ramp=2.0, quota=10.0),
-    "small": dict(devices=150, containers=8, uncapped=32, latency=0.05, ramp=1.0, quota=3.0),
-    "tiny": dict(devices=30, containers=4, uncapped=8, latency=0.01, ramp=0.2, quota=5.0),
+    # devices; containers with admission control; containers without it (Lambda uncapped: as many as requests in
+    # flight, here as many as this machine can simulate); IoT latency (s); power-on spread (s); scaled quota
+    # (req/s of the binding calls, CreateCertificateFromCsr and AttachPolicy).
+    # With admission the deployment's formula (admission.reserved_concurrency) gives 11 containers for this budget;
+    # the storm gives 48, because a simulated request holds its container several times longer than on AWS
+    # (moto's queue is inside it), which would make Lambda's 429s the simulator's, not the design's.
+    # The default is the largest storm moto can serve on this machine: the issue's 1,000 devices at 10/s need
+    # about 24 provisionings a second, about 4 cores of moto and harness (see the README, "Onboarding storm").
+    "default": dict(devices=450, containers=48, uncapped=150, latency=0.1, ramp=5.0, quota=3.0),
+    "large": dict(devices=1000, containers=96, uncapped=300, latency=0.1, ramp=2.0, quota=10.0),
+    "small": dict(devices=150, containers=16, uncapped=32, latency=0.05, ramp=1.0, quota=3.0),
+    "tiny": dict(devices=30, containers=8, uncapped=8, latency=0.01, ramp=0.2, quota=5.0),
 }
 # One address per region, where the bundled GeoLite2 database puts it (nearest enabled region).
 REGION_IPS = {"eu-west-2": "81.2.69.142", "ap-northeast-1": "126.0.0.1", "ap-southeast-2": "1.1.1.1"}
 TABLE = "iot-global-provisioning"
-# Calls outside the quota table (DescribeEndpoint, GetPolicy, ...): made once per container and region, so
-# their number follows the containers, not the fleet; they keep AWS's 10/s, unscaled.
-READ_QUOTA = 10.0
+# Quotas of the calls outside admission's table (chalicelib.admission.IOT_QUOTAS), requests per second, scaled
+# like the others: DescribeEndpoint (L-F30831DF) and GetPolicy (L-5CE9072D) are small (10/s assumed here), which
+# is why the issuer shares the endpoint and never reads the policy; DescribeThing is made once per device.
+OTHER_QUOTAS = {"DescribeEndpoint": 10.0, "GetPolicy": 10.0, "CreatePolicy": 10.0, "DescribeThing": 350.0,
+                "ListThingPrincipals": 10.0}
+OTHER_DEFAULT = 10.0
+# What bounds a request on AWS: API Gateway answers 504 after 29 s (REST API integration timeout) whatever the
+# function does; the function's own deadline (lambda_timeout 25 s, the service's 20 s budget) comes first.
+GATEWAY_TIMEOUT_SECONDS = 29.0
+LAMBDA_TIMEOUT_SECONDS = 25.0  # .chalice/config.json, prod
+# The function's client configuration (chalicelib.aws.CLIENT_CONFIG) but for the read timeout: a call waiting in
+# moto's queue is the simulator's wait, which DynamoDB or AWS IoT would not make (see Stalls).
+SIMULATOR_CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=1, read_timeout=120)
 
 
 def say(text: str) -> None:
@@ -76,7 +94,7 @@ class Cut(BaseException):
     """The run's time cap was reached: the device stops where it is (reported as unprovisioned)."""
 
 
-# ---------------------------------------------------------------- AWS: moto behind per-API token buckets
+# ---------------------------------------------------------------- AWS: moto in a child process, token buckets here
 
 class _Raw:
     def __init__(self, body: dict):
@@ -89,7 +107,7 @@ class _Raw:
 class SigningCa:
     """AWS IoT signs the CSR's own key; moto makes an RSA key per certificate instead (tens of ms of CPU, which
     would make the simulator, not the quotas, the bottleneck). The layer signs the CSR with a CA of its own and
-    hands the certificate to moto with RegisterCertificateWithoutCA's code, so moto knows it like any other."""
+    hands the certificate to moto with RegisterCertificateWithoutCA, so moto knows it like any other."""
 
     def __init__(self) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
@@ -106,19 +124,122 @@ class SigningCa:
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
+def serve_moto(port: int) -> None:
+    """The child process: moto's server, one call at a time (moto is not thread-safe), on loopback."""
+    import logging
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app = DomainDispatcherApplication(create_backend_app)
+    lock = threading.Lock()
+
+    def one_at_a_time(environ: dict, start_response: Any) -> list:
+        with lock:
+            return list(app(environ, start_response))
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the storm was stopped: do not outlive it
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+    threading.Thread(target=orphaned, daemon=True).start()
+    make_server("127.0.0.1", port, one_at_a_time, True, request_handler=MotoRequestHandler).serve_forever()
+
+
+class MotoProcess:
+    def __init__(self) -> None:
+        import socket
+        import subprocess
+
+        from devstack.stack import free_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._process = subprocess.Popen([sys.executable, "-m", "bench.storm", "--serve-moto", str(self.port)],
+                                         cwd=PROJECT_DIR, stdin=subprocess.DEVNULL)
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self._process.poll() is not None:
+                    raise RuntimeError("moto's server did not start") from None
+                time.sleep(0.05)
+        raise RuntimeError("moto's server did not start listening")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(10)
+
+
+class Stalls:
+    """The time a request spends waiting on moto, which is not AWS's time: moto serves every container's calls one
+    at a time on one core (seconds of queue under a storm), where DynamoDB answers in milliseconds. A request's
+    deadline runs on a clock that stops while any of its calls is inside moto (the union of those intervals);
+    the injected IoT latency and botocore's back-off sleeps still count, as they would on AWS."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._since = 0.0
+        self._total = 0.0
+
+    def begin(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._since = time.monotonic()
+            self._inside += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                self._total += time.monotonic() - self._since
+
+    def clock(self) -> float:
+        with self._lock:
+            ongoing = time.monotonic() - self._since if self._inside else 0.0
+            return time.monotonic() - self._total - ongoing
+
+
+_stalls: contextvars.ContextVar[Stalls | None] = contextvars.ContextVar("stalls", default=None)
+
+
+_inside_moto = threading.local()
+
+
+def meter_moto(client: Any, service: str) -> None:
+    """Count the time `client`'s calls spend in moto against the simulator, not the request (see Stalls). An
+    attempt's before-send and needs-retry events run on the thread that makes the call."""
+    def begin(**_: Any) -> None:
+        stalls = _stalls.get()
+        if stalls is not None:
+            stalls.begin()
+            _inside_moto.stalls = stalls
+
+    def end(**_: Any) -> None:
+        stalls = getattr(_inside_moto, "stalls", None)
+        if stalls is not None:
+            _inside_moto.stalls = None
+            stalls.end()
+    client.meta.events.register_last(f"before-send.{service}", begin)  # after the throttling layer's latency
+    client.meta.events.register_first(f"needs-retry.{service}", end)
+
+
 class SimulatedAws:
-    """Throttling and latency in front of moto, and moto's own CPU time, for every client attached."""
+    """Throttling and latency in front of moto's server, for every IoT client attached; counts per operation."""
 
     def __init__(self, quotas: dict[str, float], default_quota: float, latency: float):
-        from moto.core.models import botocore_stubber
-        self._stubber = botocore_stubber
         self._ca = SigningCa()
         self._quotas, self._default = quotas, default_quota
         self._latency = latency
         self._buckets: dict[tuple[str, str], list[float]] = {}
         self._lock = threading.Lock()
-        self._moto = threading.Lock()  # moto is not thread-safe: it serves one call at a time
-        self.moto_cpu = 0.0
+        self._plain = {r: boto3.client("iot", region_name=r) for r in REGION_IPS}  # unthrottled, for the CA trick
         self.calls: Counter = Counter()
         self.throttled: Counter = Counter()
 
@@ -134,32 +255,28 @@ class SimulatedAws:
                 return True
             return False
 
-    def _serve(self, request: Any, event_name: str, **kwargs: Any) -> Any:
-        with self._moto:
-            started = time.thread_time()
-            try:
-                return self._stubber(event_name=event_name, request=request, **kwargs)
-            finally:
-                self.moto_cpu += time.thread_time() - started
-
     def _from_csr(self, request: Any, region: str) -> Any:
-        from moto.core import DEFAULT_ACCOUNT_ID
-        from moto.iot.models import iot_backends
         body = json.loads(request.body)
-        with self._moto:
-            started = time.thread_time()
-            try:
-                cert = iot_backends[DEFAULT_ACCOUNT_ID][region].register_certificate_without_ca(
-                    self._ca.sign(body["certificateSigningRequest"]), "ACTIVE")
-            finally:
-                self.moto_cpu += time.thread_time() - started
+        stalls = _stalls.get()
+        if stalls is not None:
+            stalls.begin()
+        try:
+            cert = self._plain[region].register_certificate_without_ca(
+                certificatePem=self._ca.sign(body["certificateSigningRequest"]), status="ACTIVE")
+            pem = self._plain[region].describe_certificate(
+                certificateId=cert["certificateId"])["certificateDescription"]["certificatePem"]
+        finally:
+            if stalls is not None:
+                stalls.end()
         return AWSResponse(request.url, 200, {"Content-Type": "application/json"},
-                           _Raw({"certificateArn": cert.arn, "certificateId": cert.certificate_id,
-                                 "certificatePem": cert.certificate_pem}))
+                           _Raw({"certificateArn": cert["certificateArn"], "certificateId": cert["certificateId"],
+                                 "certificatePem": pem}))
 
     def attach_iot(self, client: Any, region: str) -> None:
         def before_send(request: Any, event_name: str, **kwargs: Any) -> Any:
             operation = event_name.rsplit(".", 1)[-1]
+            # A throttled call costs its round trip too: AWS IoT answers it, HTTP 400 ThrottlingException
+            # (docs.aws.amazon.com/iot/latest/apireference/API_CreateThing.html, "Errors").
             time.sleep(self._latency)
             with self._lock:
                 self.calls[operation] += 1
@@ -171,15 +288,8 @@ class SimulatedAws:
                                    _Raw({"message": "Rate exceeded"}))
             if operation == "CreateCertificateFromCsr":
                 return self._from_csr(request, region)
-            return self._serve(request, event_name, **kwargs)
-        # botocore runs every before-send handler and takes the first answer: moto's own would serve the call
-        # too (even a throttled one), so it is taken off the client and called by this layer instead.
-        client.meta.events.unregister("before-send", self._stubber)
+            return None  # botocore sends it to moto's server
         client.meta.events.register_first("before-send.iot", before_send)
-
-    def attach(self, client: Any) -> None:
-        client.meta.events.unregister("before-send", self._stubber)
-        client.meta.events.register_first("before-send", self._serve)
 
 
 # ---------------------------------------------------------------- containers
@@ -198,17 +308,22 @@ class Reply:
         return self.body
 
 
-# moto serves every container's AWS calls on one interpreter, one at a time, so a request's wall time here holds
-# the other containers' AWS work too (seconds for a DynamoDB write under a storm, milliseconds on AWS). The request
-# deadline guards a real function's time; with the real 20 s it refused admitted requests for the simulator's
-# slowness (127 of 450 devices gave up after the merge), which is the simulator's miss, not the design's.
-SIMULATED_BUDGET_SECONDS = 120
+class LambdaContext:
+    """What the handler reads of Lambda's context: the time left before the function is stopped."""
+
+    def __init__(self, timeout: float, clock: Any = time.monotonic):
+        self._clock = clock
+        self._end = clock() + timeout
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self._end - self._clock()) * 1000)
 
 
 class Container:
     """One Lambda container: its own clients and service; serves one request at a time."""
 
-    def __init__(self, index: int, sim: SimulatedAws, admission: bool, rate: float, fleet_public_pem: bytes):
+    def __init__(self, index: int, sim: SimulatedAws, admission: bool, rate: float, verifier: Any,
+                 session: Any):
         from chalicelib.admission import DEFAULT_BUDGET, Admission, budgets_from
         from chalicelib.aws import AwsClients, without_retries
         from chalicelib.geo import CachingLocator, MaxMindLocator
@@ -217,14 +332,16 @@ class Container:
         from chalicelib.regions import RegionPolicy
         from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
         from chalicelib.registry.dynamodb import DynamoDbRegistry
-        from chalicelib.signatures import FleetKeyVerifier
-        clients = AwsClients()
+        from chalicelib.registry.endpoints_dynamodb import DynamoDbEndpoints
+        clients = AwsClients(SIMULATOR_CLIENT_CONFIG, session=session)
         regions = list(REGION_IPS)
         for region in regions:
             sim.attach_iot(clients.client("iot", region), region)
+            meter_moto(clients.client("iot", region), "iot")
         dynamodb = clients.client("dynamodb")
-        sim.attach(dynamodb)
+        meter_moto(dynamodb, "dynamodb")
         executor = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"iot-{index}")
+        shared = DynamoDbEndpoints(dynamodb, f"{TABLE}-nonces")
         gate = None
         if admission:  # as chalicelib.wiring composes the prod stage
             gate = Admission(DynamoDbAdmissionStore(dynamodb, f"{TABLE}-nonces"),
@@ -235,25 +352,31 @@ class Container:
                 without_retries(client, MUTATING_OPERATIONS)
                 return client
             issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor,
-                                  mutating_client_for_region=mutating, on_throttle=gate.throttled)
-        else:  # today's code: botocore's standard retries on every call, no shared budget
-            issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor)
-        with tempfile_pem(fleet_public_pem) as path:
-            verifier = FleetKeyVerifier(load_public(path))
+                                  mutating_client_for_region=mutating, on_throttle=gate.throttled,
+                                  shared_endpoints=shared)
+        else:  # botocore's standard retries on every call, no shared budget
+            issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor, shared_endpoints=shared)
         self.service = ProvisioningService(
             registry=DynamoDbRegistry(dynamodb, TABLE, executor=cf.ThreadPoolExecutor(2)), issuer=issuer,
             locator=CachingLocator(MaxMindLocator.bundled()),
-            regions=RegionPolicy(regions, "eu-west-2"), verifier=verifier, lease_seconds=120, allow_v1=False,
-            admission=gate, budget_seconds=SIMULATED_BUDGET_SECONDS)
-        self.issuer = issuer
+            regions=RegionPolicy(regions, "eu-west-2"), verifier=verifier, allow_v1=False, admission=gate)
+        self.started, self.clock = 0.0, time.monotonic  # the request being served: its start on its clock
 
     def handle(self, body: dict, ip: str) -> Reply:
-        """What app.py's route does, minus HTTP: parse, one service call, domain errors to statuses."""
+        """What app.py's route does, minus HTTP: parse, one service call under the function's deadline, domain
+        errors to statuses."""
         from app import HTTP_STATUS
+        from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, Deadline
         from chalicelib.errors import ProvisioningError, ServiceUnavailable
         from chalicelib.wire import ProvisioningRequest, error_body, response_body
+        stalls = Stalls()
+        _stalls.set(stalls)
+        deadline = Deadline.for_request(LambdaContext(LAMBDA_TIMEOUT_SECONDS, stalls.clock), DEFAULT_BUDGET_SECONDS,
+                                        stalls.clock)
+        self.started = stalls.clock()
+        self.clock = stalls.clock
         try:
-            result = self.service.provision(ProvisioningRequest.from_body(body), ip)
+            result = self.service.provision(ProvisioningRequest.from_body(body), ip, deadline=deadline)
             return Reply(200, response_body(result), {})
         except ProvisioningError as exc:
             status = next((s for cls, s in HTTP_STATUS.items() if isinstance(exc, cls)), 400)
@@ -263,23 +386,10 @@ class Container:
             return Reply(503, error_body("service-unavailable", f"{type(exc).__name__}"), {"Retry-After": "30"})
 
 
-@contextlib.contextmanager
-def tempfile_pem(data: bytes):
-    import tempfile
-    with tempfile.NamedTemporaryFile(suffix=".pem") as f:
-        f.write(data)
-        f.flush()
-        yield Path(f.name)
-
-
-def load_public(path: Path) -> Any:
-    from chalicelib.signatures import load_public_key
-    return load_public_key(path)
-
-
 class Gateway:
     """API Gateway + Lambda as the device client's `requests` session sees them: a request goes to an idle
-    container; when all K are busy, Lambda refuses it (429, TooManyRequestsException, no Retry-After)."""
+    container, which is busy until its request ends; when all K are busy, Lambda refuses it (429,
+    TooManyRequestsException, no Retry-After); an answer later than API Gateway's 29 s is a 504."""
 
     def __init__(self, idle: queue.Queue, ip: str, deadline: float, stats: Counter):
         self._idle, self._ip, self._deadline, self._stats = idle, ip, deadline, stats
@@ -293,7 +403,13 @@ class Gateway:
             self._stats["lambda_throttled"] += 1
             return Reply(429, {"message": "Rate Exceeded."}, {})
         try:
-            return container.handle(json.loads(data), self._ip)
+            reply = container.handle(json.loads(data), self._ip)
+            if container.clock() - container.started > GATEWAY_TIMEOUT_SECONDS:  # simulated time, as the deadline
+                self._stats["gateway_timeouts"] += 1
+                return Reply(504, {"message": "Endpoint request timed out"}, {})
+            if reply.status_code != 200:
+                self._stats[f"refused {reply.status_code} {reply.body.get('code', '')}"] += 1
+            return reply
         finally:
             self._idle.put(container)
 
@@ -329,10 +445,16 @@ class StormResult:
     simulator_cpu_share: float
     wall_s: float
     capped_at_s: float | None
+    harness_cpu_load: float = 0.0   # this process's CPU seconds per second: near 1, the harness holds things up
+    moto_cpu_load: float = 0.0      # moto's: near 1, the simulated AWS does
     timeline: list[float] = field(default_factory=list)
     requests: int = 0
     lambda_throttled: int = 0
+    gateway_timeouts: int = 0
     containers: int = 0
+    refused: dict = field(default_factory=dict)
+    calls_by_operation: dict = field(default_factory=dict)
+    throttled_by_operation: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k not in ("timeline", "label")}
@@ -357,16 +479,18 @@ def make_devices(n: int) -> list[Device]:
 
 
 def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int = 7) -> StormResult:
-    from moto import mock_aws
+    import botocore.session
 
     from chalicelib import operations
     from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
+    from chalicelib.aws_models import lean_loader
     from chalicelib.issuers.aws_iot import AwsIotIssuer
     from chalicelib.registry.dynamodb import DynamoDbRegistry
+    from chalicelib.signatures import FleetKeyVerifier
     gd = load_device_module()
     rng = random.Random(seed)
     scale = size["quota"] / min(IOT_QUOTAS[c] for c in ISSUE_CSR)
-    quotas = {api: q * scale for api, q in IOT_QUOTAS.items()}
+    quotas = {api: q * scale for api, q in {**OTHER_QUOTAS, **IOT_QUOTAS}.items()}
     budget = quota_budget(quotas)
     devices = make_devices(size["devices"])
     per_region = Counter(d.ip for d in devices)
@@ -374,19 +498,24 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
     quota_bound = busiest / budget.csr_per_s           # what the admitted budget allows
     raw_bound = busiest / size["quota"]                 # what the raw (scaled) quota allows
     cap = None if admission else 3 * quota_bound
-    public_pem = fleet_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
-    with mock_aws():
-        boto3.client("iot", region_name="eu-west-2").list_things()  # build moto's routers on one thread
+    moto = MotoProcess()  # a fresh AWS for each storm
+    os.environ["AWS_ENDPOINT_URL"] = moto.url
+    try:
         setup = boto3.client("dynamodb", region_name="eu-west-2")
         registry = DynamoDbRegistry(setup, TABLE, executor=cf.ThreadPoolExecutor(2))
         registry.create()
         registry.register(d.name for d in devices)
-        sim = SimulatedAws(quotas, READ_QUOTA, size["latency"])
+        sim = SimulatedAws(quotas, OTHER_DEFAULT * scale, size["latency"])
         idle: queue.Queue = queue.Queue()
         gateway_stats: Counter = Counter()
-        containers = [Container(i, sim, admission, budget.csr_per_s, public_pem)
-                      for i in range(size["containers" if admission else "uncapped"])]
+        # The containers share one botocore session: it holds only the (lean) service models, and a session
+        # each would cost this process 130 ms of CPU and 5 MB per container. Each has its own clients.
+        session = botocore.session.get_session()
+        session.register_component("data_loader", lean_loader())
+        count = size["containers"] if admission else min(size["uncapped"], len(devices))
+        threading.stack_size(512 * 1024)
+        verifier = FleetKeyVerifier(fleet_key.public_key())
+        containers = [Container(i, sim, admission, budget.csr_per_s, verifier, session) for i in range(count)]
         for c in containers:
             idle.put(c)
         say(f"  {label}: {len(devices)} devices over {len(per_region)} regions, {len(containers)} containers, "
@@ -422,14 +551,13 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
 
         for device in devices:
             device.power_on = rng.uniform(0, size["ramp"])
-        threading.stack_size(512 * 1024)
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             threads = [threading.Thread(target=device_life, args=(d,), daemon=True) for d in devices]
             for t in threads:
                 t.start()
             started = clock["started"] = time.monotonic()
             clock["deadline"] = started + (cap if cap else 20 * quota_bound + 60)
-            cpu_started = time.process_time()
+            cpu_started, moto_started = time.process_time(), moto.cpu_seconds()
             go.set()
             last_report = time.monotonic()
             while any(t.is_alive() for t in threads):
@@ -439,7 +567,7 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
                     say(f"    {time.monotonic() - started:5.0f} s: {done}/{len(devices)} provisioned")
                     last_report = time.monotonic()
         wall = time.monotonic() - started
-        cpu = time.process_time() - cpu_started
+        cpu, moto_cpu = time.process_time() - cpu_started, moto.cpu_seconds() - moto_started
         # The audit (the operator's own use case) over clients the throttling layer does not touch.
         look = {r: boto3.client("iot", region_name=r) for r in REGION_IPS}
         report = operations.audit(registry, AwsIotIssuer(lambda region: look[region], cf.ThreadPoolExecutor(4)),
@@ -447,7 +575,11 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
         orphans = len(report.orphan_certificates) + len(report.orphan_things)
         if os.environ.get("STORM_DEBUG"):
             say(str(report)[:600])
+            say(str(gateway_stats))
         audit_clean = report.findings == 0
+    finally:
+        moto.stop()
+        os.environ.pop("AWS_ENDPOINT_URL", None)
     times = sorted(d.provisioned - d.power_on for d in devices if d.provisioned is not None)
     finished = [d.provisioned for d in devices if d.provisioned is not None]
     provisioned_all = len(finished) == len(devices)
@@ -460,10 +592,15 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
         unprovisioned=sum(d.provisioned is None for d in devices), orphans=orphans, audit_clean=audit_clean,
         p50_s=round(statistics.median(times), 2) if times else None,
         p99_s=round(times[min(len(times) - 1, int(0.99 * len(times)))], 2) if times else None,
-        simulator_cpu_share=round(sim.moto_cpu / cpu, 3) if cpu else 0.0,
+        simulator_cpu_share=round(moto_cpu / (moto_cpu + cpu), 3) if cpu else 0.0,
+        harness_cpu_load=round(cpu / wall, 3), moto_cpu_load=round(moto_cpu / wall, 3),
         wall_s=round(wall, 1), capped_at_s=round(cap, 1) if cap else None,
         timeline=sorted(finished), requests=sum(d.attempts for d in devices),
-        lambda_throttled=gateway_stats["lambda_throttled"], containers=len(containers))
+        lambda_throttled=gateway_stats["lambda_throttled"], gateway_timeouts=gateway_stats["gateway_timeouts"],
+        containers=len(containers),
+        refused={k.removeprefix("refused "): v for k, v in sorted(gateway_stats.items()) if k.startswith("refused")},
+        calls_by_operation=dict(sorted(sim.calls.items())),
+        throttled_by_operation=dict(sorted(sim.throttled.items())))
 
 
 # ---------------------------------------------------------------- output
@@ -471,6 +608,8 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
 def table(results: dict[str, StormResult]) -> str:
     rows = [("", "with admission", "without admission")]
     w, wo = results["with_admission"].summary(), results["without_admission"].summary()
+    for d in (w, wo):
+        d["cpu_loads"] = f"{d['harness_cpu_load']:g} / {d['moto_cpu_load']:g}"
 
     def fmt(value: Any, unit: str = "") -> str:
         if value is None:
@@ -488,7 +627,9 @@ def table(results: dict[str, StormResult]) -> str:
                              ("devices that gave up", "gave_up", ""), ("left unprovisioned", "unprovisioned", ""),
                              ("orphans (audit)", "orphans", ""), ("audit clean", "audit_clean", ""),
                              ("p50 time to provisioned", "p50_s", " s"), ("p99 time to provisioned", "p99_s", " s"),
-                             ("simulator share of CPU", "simulator_cpu_share", ""), ("wall time", "wall_s", " s"),
+                             ("simulator (moto) share of CPU", "simulator_cpu_share", ""),
+                             ("harness / moto CPU load (s per s)", "cpu_loads", ""),
+                             ("answers later than 29 s (504)", "gateway_timeouts", ""), ("wall time", "wall_s", " s"),
                              ("capped at", "capped_at_s", " s")):
         rows.append((label, fmt(w[key], unit), fmt(wo[key], unit)))
     lines = ["| " + " | ".join(rows[0]) + " |", "|---|---|---|"]
@@ -527,24 +668,37 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="storm size (default: %(default)s)")
     p.add_argument("--devices", type=int, help="override the number of devices")
+    p.add_argument("--quota", type=float, help="override the scaled quota of the binding call (requests/s)")
+    p.add_argument("--only", choices=("with", "without"), help="run one of the two storms (a trial; writes nothing)")
     p.add_argument("--out", type=Path, default=PROJECT_DIR / "bench" / "storm.json", help="results JSON")
     p.add_argument("--chart", type=Path, default=PROJECT_DIR / "docs" / "storm.png", help="chart PNG")
+    p.add_argument("--serve-moto", type=int, help=argparse.SUPPRESS)  # the child process: moto's server
     args = p.parse_args(argv)
+    if args.serve_moto:
+        serve_moto(args.serve_moto)
+        return 0
     size = dict(SIZES[args.size])
     if args.devices:
         size["devices"] = args.devices
+    if args.quota:
+        size["quota"] = args.quota
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "eu-west-2",
                         "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
         os.environ[name] = value
     os.environ.pop("AWS_PROFILE", None)
-    sys.setswitchinterval(0.0005)  # moto's work should not hold up the containers' sleeps
+    sys.setswitchinterval(0.0005)  # hundreds of threads share this interpreter: a woken one should not wait long
     import app  # noqa: F401  (the route's error map, imported once before the containers' threads use it)
     fleet_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # the fleet key is RSA
     results = {}
     for key, admission in (("with_admission", True), ("without_admission", False)):
+        if args.only and not key.startswith(args.only + "_"):
+            continue
         say(f"storm {key.replace('_', ' ')} ...")
         results[key] = run_storm(key, size, admission, fleet_key)
+        say(json.dumps({k: v for k, v in results[key].summary().items()}, indent=None))
+    if args.only:
+        return 0
     from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
     scale = size["quota"] / min(IOT_QUOTAS[c] for c in ISSUE_CSR)
     budget = quota_budget({api: q * scale for api, q in IOT_QUOTAS.items()})
