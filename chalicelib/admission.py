@@ -45,8 +45,12 @@ ROLLBACK = ("DetachThingPrincipal", "DetachPolicy", "UpdateCertificate", "Delete
 # GetPolicy), operators' resets and audits, other applications in the same account.
 RESERVE = 0.2
 BURST_SECONDS = 1.0    # AWS's buckets hold one second's worth of requests; so does the schedule
-SLOW_FACTOR = 0.75     # after a throttle seen anyway, the region runs at 3/4 of its budget ...
-SLOW_SECONDS = 5.0     # ... for this long, shared by every container
+# After a throttle seen anyway, the region runs at 3/4 of its budget for 2 s, shared by every container. AWS's
+# bucket refills in 1 s, so a throttle says it was empty just then; 2 s at 3/4 gives back half a bucket. Lasting
+# contention (another application on the same quota) throttles again and keeps the region slowed. (It was 5 s:
+# in the storm each stray throttle then cost 1.25 s of the budget, a tenth of the makespan over a run.)
+SLOW_FACTOR = 0.75
+SLOW_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
