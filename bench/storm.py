@@ -200,6 +200,9 @@ class Stalls:
             if self._inside == 0:
                 self._total += time.monotonic() - self._since
 
+    def inside(self) -> bool:
+        return self._inside > 0
+
     def clock(self) -> float:
         with self._lock:
             ongoing = time.monotonic() - self._since if self._inside else 0.0
@@ -261,10 +264,8 @@ class SimulatedAws:
         if stalls is not None:
             stalls.begin()
         try:
-            cert = self._plain[region].register_certificate_without_ca(
-                certificatePem=self._ca.sign(body["certificateSigningRequest"]), status="ACTIVE")
-            pem = self._plain[region].describe_certificate(
-                certificateId=cert["certificateId"])["certificateDescription"]["certificatePem"]
+            pem = self._ca.sign(body["certificateSigningRequest"])
+            cert = self._plain[region].register_certificate_without_ca(certificatePem=pem, status="ACTIVE")
         finally:
             if stalls is not None:
                 stalls.end()
@@ -357,10 +358,11 @@ class Container:
         else:  # botocore's standard retries on every call, no shared budget
             issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor, shared_endpoints=shared)
         self.service = ProvisioningService(
-            registry=DynamoDbRegistry(dynamodb, TABLE, executor=cf.ThreadPoolExecutor(2)), issuer=issuer,
+            registry=DynamoDbRegistry(dynamodb, TABLE, executor=ContextExecutor(2)), issuer=issuer,
             locator=CachingLocator(MaxMindLocator.bundled()),
             regions=RegionPolicy(regions, "eu-west-2"), verifier=verifier, allow_v1=False, admission=gate)
-        self.started, self.clock = 0.0, time.monotonic  # the request being served: its start on its clock
+        self.started, self.stalls = 0.0, Stalls()  # the request being served: its start on its clock
+        self.clock = self.stalls.clock
 
     def handle(self, body: dict, ip: str) -> Reply:
         """What app.py's route does, minus HTTP: parse, one service call under the function's deadline, domain
@@ -369,7 +371,7 @@ class Container:
         from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, Deadline
         from chalicelib.errors import ProvisioningError, ServiceUnavailable
         from chalicelib.wire import ProvisioningRequest, error_body, response_body
-        stalls = Stalls()
+        stalls = self.stalls = Stalls()
         _stalls.set(stalls)
         deadline = Deadline.for_request(LambdaContext(LAMBDA_TIMEOUT_SECONDS, stalls.clock), DEFAULT_BUDGET_SECONDS,
                                         stalls.clock)
@@ -388,20 +390,28 @@ class Container:
 
 class Gateway:
     """API Gateway + Lambda as the device client's `requests` session sees them: a request goes to an idle
-    container, which is busy until its request ends; when all K are busy, Lambda refuses it (429,
-    TooManyRequestsException, no Retry-After); an answer later than API Gateway's 29 s is a 504."""
+    container, which is busy until its request ends; when K are busy, Lambda refuses it (429,
+    TooManyRequestsException, no Retry-After); an answer later than API Gateway's 29 s is a 504.
 
-    def __init__(self, idle: queue.Queue, ip: str, deadline: float, stats: Counter):
-        self._idle, self._ip, self._deadline, self._stats = idle, ip, deadline, stats
+    K counts in the simulated time of Stalls: a container whose request waits inside moto is not counted (on AWS
+    that wait does not exist, and the request would have moved on), so the pool holds more containers than K."""
+
+    def __init__(self, idle: queue.Queue, busy: set, limit: int, ip: str, deadline: float, stats: Counter):
+        self._idle, self._busy, self._limit = idle, busy, limit
+        self._ip, self._deadline, self._stats = ip, deadline, stats
 
     def post(self, url: str, data: str, headers: dict, timeout: Any) -> Reply:
         if time.monotonic() > self._deadline:
             raise Cut()
+        working = sum(1 for c in list(self._busy) if not c.stalls.inside())
         try:
+            if working >= self._limit:
+                raise queue.Empty
             container = self._idle.get_nowait()
         except queue.Empty:
             self._stats["lambda_throttled"] += 1
             return Reply(429, {"message": "Rate Exceeded."}, {})
+        self._busy.add(container)
         try:
             reply = container.handle(json.loads(data), self._ip)
             if container.clock() - container.started > GATEWAY_TIMEOUT_SECONDS:  # simulated time, as the deadline
@@ -411,7 +421,15 @@ class Gateway:
                 self._stats[f"refused {reply.status_code} {reply.body.get('code', '')}"] += 1
             return reply
         finally:
+            self._busy.discard(container)
             self._idle.put(container)
+
+
+class ContextExecutor(cf.ThreadPoolExecutor):
+    """The registry's pool, carrying the caller's context (its Stalls) to the nonce write it runs beside the claim."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> cf.Future:  # type: ignore[override]
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- one storm
@@ -512,13 +530,15 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
         # each would cost this process 130 ms of CPU and 5 MB per container. Each has its own clients.
         session = botocore.session.get_session()
         session.register_component("data_loader", lean_loader())
-        count = size["containers"] if admission else min(size["uncapped"], len(devices))
+        limit = size["containers"] if admission else min(size["uncapped"], len(devices))
+        busy: set = set()
         threading.stack_size(512 * 1024)
         verifier = FleetKeyVerifier(fleet_key.public_key())
-        containers = [Container(i, sim, admission, budget.csr_per_s, verifier, session) for i in range(count)]
+        containers = [Container(i, sim, admission, budget.csr_per_s, verifier, session)
+                      for i in range(min(2 * limit, len(devices)))]
         for c in containers:
             idle.put(c)
-        say(f"  {label}: {len(devices)} devices over {len(per_region)} regions, {len(containers)} containers, "
+        say(f"  {label}: {len(devices)} devices over {len(per_region)} regions, {limit} containers, "
             f"quota {size['quota']:g}/s, budget {budget.csr_per_s:g}/s, quota bound {quota_bound:.1f} s"
             + (f", capped at {cap:.0f} s" if cap else ""))
         go = threading.Event()  # every device thread is up before the fleet powers on
@@ -535,7 +555,7 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
             go.wait()
             time.sleep(max(0.0, clock["started"] + device.power_on - time.monotonic()))
             client = gd.ProvisioningClient(
-                "https://storm.invalid/api", session=Gateway(idle, device.ip, clock["deadline"], gateway_stats),
+                "https://storm.invalid/api", session=Gateway(idle, busy, limit, device.ip, clock["deadline"], gateway_stats),
                 sleep=cut_sleep, max_retry_after=gd.MAX_RETRY_AFTER)
 
             def body() -> dict:
@@ -597,7 +617,7 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
         wall_s=round(wall, 1), capped_at_s=round(cap, 1) if cap else None,
         timeline=sorted(finished), requests=sum(d.attempts for d in devices),
         lambda_throttled=gateway_stats["lambda_throttled"], gateway_timeouts=gateway_stats["gateway_timeouts"],
-        containers=len(containers),
+        containers=limit,
         refused={k.removeprefix("refused "): v for k, v in sorted(gateway_stats.items()) if k.startswith("refused")},
         calls_by_operation=dict(sorted(sim.calls.items())),
         throttled_by_operation=dict(sorted(sim.throttled.items())))
@@ -687,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                         "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
         os.environ[name] = value
     os.environ.pop("AWS_PROFILE", None)
-    sys.setswitchinterval(0.0005)  # hundreds of threads share this interpreter: a woken one should not wait long
+    # (moto runs in its own process: the interpreter keeps its 5 ms switch interval, which costs this process far
+    # less CPU with hundreds of threads than the 0.5 ms moto in-process needed)
     import app  # noqa: F401  (the route's error map, imported once before the containers' threads use it)
     fleet_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # the fleet key is RSA
     results = {}

@@ -228,6 +228,11 @@ class AwsIotIssuer:
                make_thing: bool) -> IssuedCertificate:
         client = self._mutating_client(region)
         endpoint_f = self._once("endpoint", region, self._find_endpoint)
+        if not endpoint_f.done():  # a cold container: a failed lookup must not cost a thing and a certificate
+            try:
+                endpoint_f.result()
+            except _AWS_ERRORS as exc:
+                raise _domain_error(exc, region) from exc
         # created False (not made, not adopted): a failure detaches the new certificate and keeps the thing.
         thing_f = (self._submit(self._ensure_thing, client, region, thing_name) if make_thing else _done(False))
         cert_f = self._submit(_create_certificate, client, csr)
