@@ -1,15 +1,14 @@
 """make storm: a fleet powers on at once; is it provisioned at AWS IoT's quota pace, with no failure and no orphan?
 
 The real service code (ProvisioningService, DynamoDB registry, AWS IoT issuer, admission control) runs against
-moto, served by a child process (moto is not thread-safe, so it serves one call at a time there, on the other
-core, and its CPU time is the simulator's), behind a throttling layer made of botocore event hooks in this
-process: per API and per region, a token bucket holding one second's worth of the (scaled) quota, a
-ThrottlingException (HTTP 400, as AWS IoT answers) when it is empty, and a fixed latency per IoT call, throttled
-or not. K Lambda "containers" (each its own service and botocore clients; they share only the DynamoDB tables
-and AWS, as Lambda containers do; each busy for the whole of its request) serve the requests of M devices that
-run the device client's own retry logic, under the function's real request deadline. The same storm runs twice
-in one process, with admission control and without it (botocore's retries, no shared budget, Lambda's
-concurrency uncapped), and the results go to bench/storm.json, a table, and a chart.
+moto, behind a throttling layer made of botocore event hooks: per API and per region, a token bucket holding one
+second's worth of the (scaled) quota, a ThrottlingException (HTTP 400, as AWS IoT answers) when it is empty, and
+a fixed latency per IoT call, throttled or not. K Lambda "containers" (each its own service and botocore clients;
+they share only the DynamoDB tables and AWS, as Lambda containers do; each busy for the whole of its request)
+serve the requests of M devices that run the device client's own retry logic, under the function's real request
+deadline on a clock that leaves out the time spent waiting for moto (Stalls). The same storm runs twice in one
+process, with admission control and without it (botocore's retries, no shared budget, Lambda's concurrency
+uncapped), and the results go to bench/storm.json, a table, and a chart.
 """
 from __future__ import annotations
 
@@ -37,7 +36,6 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 import boto3  # noqa: E402
 from botocore.awsrequest import AWSResponse  # noqa: E402
-from botocore.config import Config  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
@@ -70,9 +68,6 @@ OTHER_DEFAULT = 10.0
 # function does; the function's own deadline (lambda_timeout 25 s, the service's 20 s budget) comes first.
 GATEWAY_TIMEOUT_SECONDS = 29.0
 LAMBDA_TIMEOUT_SECONDS = 25.0  # .chalice/config.json, prod
-# The function's client configuration (chalicelib.aws.CLIENT_CONFIG) but for the read timeout: a call waiting in
-# moto's queue is the simulator's wait, which DynamoDB or AWS IoT would not make (see Stalls).
-SIMULATOR_CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=1, read_timeout=120)
 
 
 def say(text: str) -> None:
@@ -94,7 +89,7 @@ class Cut(BaseException):
     """The run's time cap was reached: the device stops where it is (reported as unprovisioned)."""
 
 
-# ---------------------------------------------------------------- AWS: moto in a child process, token buckets here
+# ---------------------------------------------------------------- AWS: moto behind per-API token buckets
 
 class _Raw:
     def __init__(self, body: dict):
@@ -122,58 +117,6 @@ class SigningCa:
                 .not_valid_before(now).not_valid_after(now + dt.timedelta(days=365))
                 .sign(self.key, hashes.SHA256()))
         return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def serve_moto(port: int) -> None:
-    """The child process: moto's server, one call at a time (moto is not thread-safe), on loopback."""
-    import logging
-
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    app = DomainDispatcherApplication(create_backend_app)
-    lock = threading.Lock()
-
-    def one_at_a_time(environ: dict, start_response: Any) -> list:
-        with lock:
-            return list(app(environ, start_response))
-    parent = os.getppid()
-
-    def orphaned() -> None:  # the storm was stopped: do not outlive it
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(0)
-    threading.Thread(target=orphaned, daemon=True).start()
-    make_server("127.0.0.1", port, one_at_a_time, True, request_handler=MotoRequestHandler).serve_forever()
-
-
-class MotoProcess:
-    def __init__(self) -> None:
-        import socket
-        import subprocess
-
-        from devstack.stack import free_port
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._process = subprocess.Popen([sys.executable, "-m", "bench.storm", "--serve-moto", str(self.port)],
-                                         cwd=PROJECT_DIR, stdin=subprocess.DEVNULL)
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self._process.poll() is not None:
-                    raise RuntimeError("moto's server did not start") from None
-                time.sleep(0.05)
-        raise RuntimeError("moto's server did not start listening")
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-    def stop(self) -> None:
-        self._process.terminate()
-        self._process.wait(10)
 
 
 class Stalls:
@@ -212,37 +155,20 @@ class Stalls:
 _stalls: contextvars.ContextVar[Stalls | None] = contextvars.ContextVar("stalls", default=None)
 
 
-_inside_moto = threading.local()
-
-
-def meter_moto(client: Any, service: str) -> None:
-    """Count the time `client`'s calls spend in moto against the simulator, not the request (see Stalls). An
-    attempt's before-send and needs-retry events run on the thread that makes the call."""
-    def begin(**_: Any) -> None:
-        stalls = _stalls.get()
-        if stalls is not None:
-            stalls.begin()
-            _inside_moto.stalls = stalls
-
-    def end(**_: Any) -> None:
-        stalls = getattr(_inside_moto, "stalls", None)
-        if stalls is not None:
-            _inside_moto.stalls = None
-            stalls.end()
-    client.meta.events.register_last(f"before-send.{service}", begin)  # after the throttling layer's latency
-    client.meta.events.register_first(f"needs-retry.{service}", end)
-
-
 class SimulatedAws:
-    """Throttling and latency in front of moto's server, for every IoT client attached; counts per operation."""
+    """Throttling and latency in front of moto (in this process, behind one lock: moto is not thread-safe), and
+    moto's own CPU time, for every client attached; calls and throttles per operation."""
 
     def __init__(self, quotas: dict[str, float], default_quota: float, latency: float):
+        from moto.core.models import botocore_stubber
+        self._stubber = botocore_stubber
         self._ca = SigningCa()
         self._quotas, self._default = quotas, default_quota
         self._latency = latency
         self._buckets: dict[tuple[str, str], list[float]] = {}
         self._lock = threading.Lock()
-        self._plain = {r: boto3.client("iot", region_name=r) for r in REGION_IPS}  # unthrottled, for the CA trick
+        self._moto = threading.Lock()  # moto serves one call at a time
+        self.moto_cpu = 0.0
         self.calls: Counter = Counter()
         self.throttled: Counter = Counter()
 
@@ -258,20 +184,36 @@ class SimulatedAws:
                 return True
             return False
 
-    def _from_csr(self, request: Any, region: str) -> Any:
-        body = json.loads(request.body)
+    @contextlib.contextmanager
+    def _in_moto(self) -> Any:
+        """Waiting for moto and moto's work are the simulator's time (Stalls), and its CPU."""
         stalls = _stalls.get()
         if stalls is not None:
             stalls.begin()
         try:
-            pem = self._ca.sign(body["certificateSigningRequest"])
-            cert = self._plain[region].register_certificate_without_ca(certificatePem=pem, status="ACTIVE")
+            with self._moto:
+                started = time.thread_time()
+                try:
+                    yield
+                finally:
+                    self.moto_cpu += time.thread_time() - started
         finally:
             if stalls is not None:
                 stalls.end()
+
+    def _serve(self, request: Any, event_name: str, **kwargs: Any) -> Any:
+        with self._in_moto():
+            return self._stubber(event_name=event_name, request=request, **kwargs)
+
+    def _from_csr(self, request: Any, region: str) -> Any:
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.iot.models import iot_backends
+        pem = self._ca.sign(json.loads(request.body)["certificateSigningRequest"])
+        with self._in_moto():
+            cert = iot_backends[DEFAULT_ACCOUNT_ID][region].register_certificate_without_ca(pem, "ACTIVE")
         return AWSResponse(request.url, 200, {"Content-Type": "application/json"},
-                           _Raw({"certificateArn": cert["certificateArn"], "certificateId": cert["certificateId"],
-                                 "certificatePem": pem}))
+                           _Raw({"certificateArn": cert.arn, "certificateId": cert.certificate_id,
+                                 "certificatePem": cert.certificate_pem}))
 
     def attach_iot(self, client: Any, region: str) -> None:
         def before_send(request: Any, event_name: str, **kwargs: Any) -> Any:
@@ -289,8 +231,15 @@ class SimulatedAws:
                                    _Raw({"message": "Rate exceeded"}))
             if operation == "CreateCertificateFromCsr":
                 return self._from_csr(request, region)
-            return None  # botocore sends it to moto's server
+            return self._serve(request, event_name, **kwargs)
+        # botocore runs every before-send handler and takes the first answer: moto's own would serve the call
+        # too (even a throttled one), so it is taken off the client and called by this layer instead.
+        client.meta.events.unregister("before-send", self._stubber)
         client.meta.events.register_first("before-send.iot", before_send)
+
+    def attach(self, client: Any) -> None:
+        client.meta.events.unregister("before-send", self._stubber)
+        client.meta.events.register_first("before-send", self._serve)
 
 
 # ---------------------------------------------------------------- containers
@@ -334,13 +283,12 @@ class Container:
         from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
         from chalicelib.registry.dynamodb import DynamoDbRegistry
         from chalicelib.registry.endpoints_dynamodb import DynamoDbEndpoints
-        clients = AwsClients(SIMULATOR_CLIENT_CONFIG, session=session)
+        clients = AwsClients(session=session)
         regions = list(REGION_IPS)
         for region in regions:
             sim.attach_iot(clients.client("iot", region), region)
-            meter_moto(clients.client("iot", region), "iot")
         dynamodb = clients.client("dynamodb")
-        meter_moto(dynamodb, "dynamodb")
+        sim.attach(dynamodb)
         executor = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"iot-{index}")
         shared = DynamoDbEndpoints(dynamodb, f"{TABLE}-nonces")
         gate = None
@@ -463,8 +411,7 @@ class StormResult:
     simulator_cpu_share: float
     wall_s: float
     capped_at_s: float | None
-    harness_cpu_load: float = 0.0   # this process's CPU seconds per second: near 1, the harness holds things up
-    moto_cpu_load: float = 0.0      # moto's: near 1, the simulated AWS does
+    cpu_load: float = 0.0   # the process's CPU seconds per second: near 1 (one interpreter), the simulator is the limit
     timeline: list[float] = field(default_factory=list)
     requests: int = 0
     lambda_throttled: int = 0
@@ -498,6 +445,7 @@ def make_devices(n: int) -> list[Device]:
 
 def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int = 7) -> StormResult:
     import botocore.session
+    from moto import mock_aws
 
     from chalicelib import operations
     from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
@@ -516,9 +464,8 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
     quota_bound = busiest / budget.csr_per_s           # what the admitted budget allows
     raw_bound = busiest / size["quota"]                 # what the raw (scaled) quota allows
     cap = None if admission else 3 * quota_bound
-    moto = MotoProcess()  # a fresh AWS for each storm
-    os.environ["AWS_ENDPOINT_URL"] = moto.url
-    try:
+    with mock_aws():  # a fresh AWS for each storm
+        boto3.client("iot", region_name="eu-west-2").list_things()  # build moto's routers on one thread
         setup = boto3.client("dynamodb", region_name="eu-west-2")
         registry = DynamoDbRegistry(setup, TABLE, executor=cf.ThreadPoolExecutor(2))
         registry.create()
@@ -577,7 +524,7 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
                 t.start()
             started = clock["started"] = time.monotonic()
             clock["deadline"] = started + (cap if cap else 20 * quota_bound + 60)
-            cpu_started, moto_started = time.process_time(), moto.cpu_seconds()
+            cpu_started = time.process_time()
             go.set()
             last_report = time.monotonic()
             while any(t.is_alive() for t in threads):
@@ -587,7 +534,7 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
                     say(f"    {time.monotonic() - started:5.0f} s: {done}/{len(devices)} provisioned")
                     last_report = time.monotonic()
         wall = time.monotonic() - started
-        cpu, moto_cpu = time.process_time() - cpu_started, moto.cpu_seconds() - moto_started
+        cpu, moto_cpu = time.process_time() - cpu_started, sim.moto_cpu
         # The audit (the operator's own use case) over clients the throttling layer does not touch.
         look = {r: boto3.client("iot", region_name=r) for r in REGION_IPS}
         report = operations.audit(registry, AwsIotIssuer(lambda region: look[region], cf.ThreadPoolExecutor(4)),
@@ -597,9 +544,6 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
             say(str(report)[:600])
             say(str(gateway_stats))
         audit_clean = report.findings == 0
-    finally:
-        moto.stop()
-        os.environ.pop("AWS_ENDPOINT_URL", None)
     times = sorted(d.provisioned - d.power_on for d in devices if d.provisioned is not None)
     finished = [d.provisioned for d in devices if d.provisioned is not None]
     provisioned_all = len(finished) == len(devices)
@@ -612,8 +556,7 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
         unprovisioned=sum(d.provisioned is None for d in devices), orphans=orphans, audit_clean=audit_clean,
         p50_s=round(statistics.median(times), 2) if times else None,
         p99_s=round(times[min(len(times) - 1, int(0.99 * len(times)))], 2) if times else None,
-        simulator_cpu_share=round(moto_cpu / (moto_cpu + cpu), 3) if cpu else 0.0,
-        harness_cpu_load=round(cpu / wall, 3), moto_cpu_load=round(moto_cpu / wall, 3),
+        simulator_cpu_share=round(moto_cpu / cpu, 3) if cpu else 0.0, cpu_load=round(cpu / wall, 3),
         wall_s=round(wall, 1), capped_at_s=round(cap, 1) if cap else None,
         timeline=sorted(finished), requests=sum(d.attempts for d in devices),
         lambda_throttled=gateway_stats["lambda_throttled"], gateway_timeouts=gateway_stats["gateway_timeouts"],
@@ -628,8 +571,6 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
 def table(results: dict[str, StormResult]) -> str:
     rows = [("", "with admission", "without admission")]
     w, wo = results["with_admission"].summary(), results["without_admission"].summary()
-    for d in (w, wo):
-        d["cpu_loads"] = f"{d['harness_cpu_load']:g} / {d['moto_cpu_load']:g}"
 
     def fmt(value: Any, unit: str = "") -> str:
         if value is None:
@@ -648,7 +589,7 @@ def table(results: dict[str, StormResult]) -> str:
                              ("orphans (audit)", "orphans", ""), ("audit clean", "audit_clean", ""),
                              ("p50 time to provisioned", "p50_s", " s"), ("p99 time to provisioned", "p99_s", " s"),
                              ("simulator (moto) share of CPU", "simulator_cpu_share", ""),
-                             ("harness / moto CPU load (s per s)", "cpu_loads", ""),
+                             ("process CPU load (s per s; 1 = the simulator's limit)", "cpu_load", ""),
                              ("answers later than 29 s (504)", "gateway_timeouts", ""), ("wall time", "wall_s", " s"),
                              ("capped at", "capped_at_s", " s")):
         rows.append((label, fmt(w[key], unit), fmt(wo[key], unit)))
@@ -692,11 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("with", "without"), help="run one of the two storms (a trial; writes nothing)")
     p.add_argument("--out", type=Path, default=PROJECT_DIR / "bench" / "storm.json", help="results JSON")
     p.add_argument("--chart", type=Path, default=PROJECT_DIR / "docs" / "storm.png", help="chart PNG")
-    p.add_argument("--serve-moto", type=int, help=argparse.SUPPRESS)  # the child process: moto's server
     args = p.parse_args(argv)
-    if args.serve_moto:
-        serve_moto(args.serve_moto)
-        return 0
     size = dict(SIZES[args.size])
     if args.devices:
         size["devices"] = args.devices
@@ -707,8 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                         "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
         os.environ[name] = value
     os.environ.pop("AWS_PROFILE", None)
-    # (moto runs in its own process: the interpreter keeps its 5 ms switch interval, which costs this process far
-    # less CPU with hundreds of threads than the 0.5 ms moto in-process needed)
+    sys.setswitchinterval(0.0005)  # moto's work (one lock, this interpreter) should not hold up the others' sleeps
     import app  # noqa: F401  (the route's error map, imported once before the containers' threads use it)
     fleet_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # the fleet key is RSA
     results = {}
