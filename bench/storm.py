@@ -42,20 +42,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
 SIZES = {
-    # devices; containers with admission control; containers without it (Lambda uncapped: as many as requests in
-    # flight, here as many as this machine can simulate); IoT latency (s); power-on spread (s); scaled quota
-    # (req/s of the binding calls, CreateCertificateFromCsr and AttachPolicy).
-    # With admission the deployment's formula (admission.reserved_concurrency) gives 11 containers for this budget;
-    # the storm gives 48, because a simulated request holds its container far longer than on AWS (moto's lock and
-    # this one interpreter's CPU are inside it), which would make Lambda's 429s the simulator's, not the design's.
-    # (150 was worse: more containers, more of the one interpreter's CPU and moto's lock fought over.)
+    # devices; Lambda containers with admission control (None: what the deployment's formula gives for the budget,
+    # admission.reserved_concurrency: 11 for 3 regions at 2.4/s); containers without it (Lambda uncapped: as many
+    # as requests in flight, here as many as this machine can simulate); IoT latency (s); power-on spread (s);
+    # scaled quota (req/s of the binding calls, CreateCertificateFromCsr and AttachPolicy).
+    # More containers made the storm with admission slower here, not faster: they fight over this one
+    # interpreter's CPU and moto's lock (48: 98 s against 76 s with 11, in the same hour).
     # The default is the largest storm this simulator serves at the quota's pace on this machine: the issue's
     # 1,000 devices at 10/s admit 24 devices a second, about 2.9 cores of one interpreter (README, "Onboarding
     # storm"); "large" is that size, for a machine that can.
     "default": dict(devices=450, containers=None, uncapped=150, latency=0.1, ramp=5.0, quota=3.0),
-    "large": dict(devices=1000, containers=96, uncapped=300, latency=0.1, ramp=2.0, quota=10.0),
-    "small": dict(devices=150, containers=16, uncapped=32, latency=0.05, ramp=1.0, quota=3.0),
-    "tiny": dict(devices=30, containers=8, uncapped=8, latency=0.01, ramp=0.2, quota=5.0),
+    "large": dict(devices=1000, containers=None, uncapped=300, latency=0.1, ramp=2.0, quota=10.0),
+    "small": dict(devices=150, containers=None, uncapped=32, latency=0.05, ramp=1.0, quota=3.0),
+    "tiny": dict(devices=30, containers=4, uncapped=8, latency=0.01, ramp=0.2, quota=5.0),
 }
 # One address per region, where the bundled GeoLite2 database puts it (nearest enabled region).
 REGION_IPS = {"eu-west-2": "81.2.69.142", "ap-northeast-1": "126.0.0.1", "ap-southeast-2": "1.1.1.1"}
