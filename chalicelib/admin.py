@@ -118,6 +118,10 @@ def cmd_init(config: Settings, args: Args) -> int:
     where = (f"DynamoDB tables {config.table_name} and {config.table_name}-nonces"
              if config.registry == "dynamodb" else str(config.registry_path))
     print(f"registry ready: {where}")
+    if config.issuer == "aws-iot" and config.registry == "dynamodb":
+        # Each region's endpoint where every container reads it, so that none calls DescribeEndpoint (issue 18).
+        wiring.issuer(config).check(tuple(config.enabled_regions))
+        print(f"AWS IoT endpoints recorded for {len(config.enabled_regions)} regions")
     return 0
 
 

@@ -65,9 +65,13 @@ def error_code(error: ClientError) -> str:
 
 
 class AwsClients:
-    def __init__(self, config: Config = CLIENT_CONFIG, lean: bool | None = None) -> None:
-        self._session = botocore.session.get_session()
-        if lean if lean is not None else bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME")):  # inside Lambda
+    def __init__(self, config: Config = CLIENT_CONFIG, lean: bool | None = None,
+                 session: botocore.session.Session | None = None) -> None:
+        if session is not None:  # one made before (bench/storm.py's containers share one: it is only models)
+            self._session = session
+        else:
+            self._session = botocore.session.get_session()
+        if session is None and (lean if lean is not None else bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME"))):
             from chalicelib.aws_models import lean_loader
             self._session.register_component("data_loader", lean_loader())
         self._config = config

@@ -20,7 +20,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "logs:CreateLogGroup": ("log-group",),
     "logs:CreateLogStream": ("log-group",),
     "logs:PutLogEvents": ("log-group",),
-    "dynamodb:GetItem": ("table",),
+    "dynamodb:GetItem": ("table", "nonce-table"),  # the nonce table keeps each region's IoT endpoint too
     "dynamodb:UpdateItem": ("table", "nonce-table"),  # the nonce table keeps admission's schedules too
     "dynamodb:PutItem": ("nonce-table",),
     "ssm:GetParameter": ("parameters",),
@@ -42,7 +42,6 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "iot:ListCertificates": ("*",),
     "iot:ListPrincipalThings": ("*",),
     "dynamodb:DescribeTable": ("table",),
-    "iot:GetPolicy": ("device-policy",),
     "iot:CreatePolicy": ("device-policy",),
 }
 

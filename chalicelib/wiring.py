@@ -101,9 +101,13 @@ def issuer(config: Settings, policy: RegionPolicy | None = None,
     `ThingInventory` where the backend has things)."""
     if config.issuer == "aws-iot":
         from chalicelib.issuers.aws_iot import AwsIotIssuer
+        from chalicelib.registry.endpoints_dynamodb import DynamoDbEndpoints
         clients = aws_clients()
+        shared = (DynamoDbEndpoints(clients.client("dynamodb"), f"{config.table_name}-nonces")
+                  if config.registry == "dynamodb" else None)
         if gate is None or not config.admission:
-            return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"))
+            return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"),
+                                shared_endpoints=shared)
         from chalicelib.aws import without_retries
         from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS
 
@@ -112,7 +116,7 @@ def issuer(config: Settings, policy: RegionPolicy | None = None,
             without_retries(client, MUTATING_OPERATIONS)
             return client
         return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"),
-                            mutating_client_for_region=mutating, on_throttle=gate.throttled)
+                            mutating_client_for_region=mutating, on_throttle=gate.throttled, shared_endpoints=shared)
     from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
     policy = policy or region_policy(config)
     return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port),

@@ -167,10 +167,10 @@ def test_a_throttle_slows_the_region_for_every_container(store):
     one, other = admission(store, 10, clock), admission(store, 10, clock)
     assert outcome(other.admit) is None
     one.throttled("eu-west-1")
-    clock.now += 2
+    clock.now += SLOW_SECONDS / 4
     # other learns the shared slow-down from the store's answer to its next request ...
     assert outcome(other.admit) is None
-    clock.now += 2
+    clock.now += SLOW_SECONDS / 4
     # ... and from then on admits at half the rate: half the burst
     slowed = [outcome(other.admit) for _ in range(10)]
     assert slowed[:int(10 * SLOW_FACTOR)] == [None] * int(10 * SLOW_FACTOR)

@@ -14,7 +14,7 @@ from app import app
 from chalicelib import wiring
 from chalicelib.aws import AwsClients, without_retries
 from chalicelib.config import PROJECT_DIR
-from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS, AwsIotIssuer
+from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME, MUTATING_OPERATIONS, AwsIotIssuer, device_policy_document
 from chalicelib.registry.base import UNPROVISIONED
 from chalicelib.registry.sqlite import SqliteRegistry
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
@@ -123,6 +123,8 @@ def test_the_issuer_retries_a_throttled_call_itself_and_reports_it(aws):
     reported = []
     issuer = AwsIotIssuer(lambda region: client, ThreadPoolExecutor(4),
                           mutating_client_for_region=lambda region: client, on_throttle=reported.append)
+    boto3.client("iot", region_name="eu-west-2").create_policy(  # an account that has provisioned before
+        policyName=DEVICE_POLICY_NAME, policyDocument=json.dumps(device_policy_document()))
     sent = throttle(client, "AttachPolicy", 1)
     issued = issuer.issue("t1", "eu-west-2", None)
     assert sent == ["AttachPolicy"] * 2 and reported == ["eu-west-2"]

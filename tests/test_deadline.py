@@ -18,6 +18,7 @@ from app import app
 from chalicelib import wiring
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.deadline import LEASE_MARGIN_SECONDS, ROLLBACK_RESERVE_SECONDS, Deadline, DeadlineExceeded
+from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME, device_policy_document
 from chalicelib.operations import AuditReport
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
@@ -221,6 +222,8 @@ def test_a_throttled_rollback_is_retried_within_the_deadline_and_leaves_nothing(
 def test_a_rollback_throttled_past_the_deadline_records_what_is_left_and_the_audit_settles_it(backend):
     clock = FakeClock()
     throttling = throttled(backend, "UpdateCertificate", 100)
+    for client in backend.iot.values():  # the device policy exists (a new account's first AttachPolicy makes it)
+        client.create_policy(policyName=DEVICE_POLICY_NAME, policyDocument=json.dumps(device_policy_document()))
     slow(backend, "AttachPolicy", clock, 9)  # the rollback starts with 11 s left: too few for many retries
     with iot_fault(backend, "AttachThingPrincipal"):
         with pytest.raises(ServiceUnavailableError):

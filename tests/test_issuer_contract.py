@@ -252,11 +252,12 @@ def test_calls_per_region_are_made_once_and_per_device_calls_are_minimal(aws):
             aws.issuer.issue(f"dev-{i}", region, request)
     for region in (REGION_A, REGION_B):
         assert calls[region] == Counter({
-            "DescribeEndpoint": 1, "GetPolicy": 1, "CreatePolicy": 1,
+            # No GetPolicy: the first AttachPolicy in a region finds no policy, which is made then, once.
+            "DescribeEndpoint": 1, "CreatePolicy": 1,
             # DescribeThing first: CreateThing succeeds on an existing thing of the same configuration, and a
             # rollback must know whether this attempt made the thing (it deletes only that).
             "DescribeThing": 3, "CreateThing": 3, "CreateKeysAndCertificate": 2, "CreateCertificateFromCsr": 1,
-            "AttachPolicy": 3, "AttachThingPrincipal": 3})
+            "AttachPolicy": 3 + 1, "AttachThingPrincipal": 3})
 
 
 def test_concurrent_first_issues_share_one_region_setup(aws):
@@ -266,7 +267,7 @@ def test_concurrent_first_issues_share_one_region_setup(aws):
     assert len({r.certificate_id for r in results}) == 6
     assert len({r.endpoint for r in results}) == 1
     assert (calls[REGION_A]["DescribeEndpoint"], calls[REGION_A]["GetPolicy"],
-            calls[REGION_A]["CreatePolicy"]) == (1, 1, 1)
+            calls[REGION_A]["CreatePolicy"]) == (1, 0, 1)
 
 
 def test_a_failed_attach_undoes_everything(aws, caplog):
@@ -327,7 +328,7 @@ def test_a_failed_region_lookup_is_tried_again(aws):
     assert aws.active_certificates("dev-1", REGION_A) == set()
     issued = aws.issuer.issue("dev-1", REGION_A, None)
     assert aws.active_certificates("dev-1", REGION_A) == {issued.certificate_id}
-    assert calls[REGION_A]["DescribeEndpoint"] == 2 and calls[REGION_A]["GetPolicy"] == 1
+    assert calls[REGION_A]["DescribeEndpoint"] == 2 and calls[REGION_A]["CreatePolicy"] == 1
 
 
 def test_a_policy_made_concurrently_elsewhere_is_fine(aws):
@@ -366,3 +367,42 @@ def test_revoke_waits_for_a_detachment_to_propagate(aws):
     assert not aws.certificate_active(issued.certificate_id, REGION_A)
     assert aws.clients[REGION_A].list_certificates()["certificates"] == []
     assert not aws.thing_exists("dev-1", REGION_A)
+
+
+def test_a_policy_that_exists_is_attached_without_looking_it_up(aws):
+    calls = CallLog(prepared(aws).clients).calls
+    boto3.client("iot", region_name=REGION_A).create_policy(  # made by an earlier deployment or container
+        policyName=DEVICE_POLICY_NAME, policyDocument=json.dumps(device_policy_document()))
+    issued = aws.issuer.issue("dev-1", REGION_A, None)
+    assert aws.active_certificates("dev-1", REGION_A) == {issued.certificate_id}
+    assert (calls[REGION_A]["GetPolicy"], calls[REGION_A]["CreatePolicy"], calls[REGION_A]["AttachPolicy"]) == (0, 0, 1)
+
+
+def test_a_cold_container_reads_the_endpoint_another_one_shared(aws_env, executor):
+    """DescribeEndpoint has a small quota of its own: of many cold containers only the first asks AWS IoT."""
+    from chalicelib.registry.dynamodb import DynamoDbRegistry
+    from chalicelib.registry.endpoints_dynamodb import DynamoDbEndpoints
+    dynamodb = boto3.client("dynamodb", region_name=REGION_A)
+    DynamoDbRegistry(dynamodb, "gip", executor=executor).create()
+    containers = [aws_backend(executor) for _ in range(3)]
+    for container in containers:  # each container its own issuer and clients; they share the table
+        container.issuer = AwsIotIssuer(container.issuer._client, executor,  # noqa: SLF001 - the test's factory
+                                        shared_endpoints=DynamoDbEndpoints(dynamodb, "gip-nonces"))
+    calls = [CallLog(prepared(c).clients).calls for c in containers]
+    endpoints = [c.issuer.issue(f"dev-{i}", REGION_A, None).endpoint for i, c in enumerate(containers)]
+    assert len(set(endpoints)) == 1  # moto makes a new address on every DescribeEndpoint
+    assert [c[REGION_A]["DescribeEndpoint"] for c in calls] == [1, 0, 0]
+    assert DynamoDbEndpoints(dynamodb, "gip-nonces").get(REGION_A) == endpoints[0].address
+    assert DynamoDbEndpoints(dynamodb, "gip-nonces").get(REGION_B) is None  # only the regions asked for
+
+
+def test_an_unreadable_shared_endpoint_falls_back_to_aws_iot(aws, executor):
+    class Broken:
+        def get(self, region):
+            raise ConnectionError("store down")
+
+        def put(self, region, address):
+            raise ConnectionError("store down")
+    issuer = AwsIotIssuer(aws.issuer._client, executor, shared_endpoints=Broken())  # noqa: SLF001
+    issued = issuer.issue("dev-1", REGION_A, None)
+    assert issued.endpoint.address.endswith(f"-ats.iot.{REGION_A}.amazonaws.com")

@@ -319,10 +319,28 @@ def test_endpoint_and_policy_lookups_are_once_per_container(prod):
         thing = f"mydevice{i}"
         service.provision(ProvisioningRequest.from_body(body(fleet_key, thing)), "10.0.0.1")
     assert actions.count("DescribeEndpoint") == 1
-    assert actions.count("GetPolicy") + actions.count("CreatePolicy") <= 2
-    per_device = [a for a in actions if a not in ("DescribeEndpoint", "GetPolicy", "CreatePolicy")]
+    # No GetPolicy: the first AttachPolicy finds no policy (a new account), which is made then, once.
+    assert actions.count("GetPolicy") == 0 and actions.count("CreatePolicy") == 1
+    per_device = [a for a in actions if a not in ("DescribeEndpoint", "CreatePolicy")]
     assert sorted(per_device) == sorted(["DescribeThing", "CreateThing", "CreateKeysAndCertificate", "AttachPolicy",
-                                         "AttachThingPrincipal"] * 3)
+                                         "AttachThingPrincipal"] * 3 + ["AttachPolicy"])
+
+
+def test_admin_init_records_every_region_endpoint_so_no_container_asks_for_one(prod, monkeypatch, capsys):
+    settings, fleet_key, http = prod
+    for name, value in PROD_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert admin.main(["--stage", "prod", "init"]) == 0
+    assert f"endpoints recorded for {len(settings.enabled_regions)} regions" in capsys.readouterr().out
+    wiring.reset()  # a new container
+    wiring.configure(settings)
+    actions: list = []
+    for region in settings.enabled_regions:
+        wiring.aws_clients().client("iot", region).meta.events.register(
+            "before-call.iot.*", lambda event_name, **_: actions.append(event_name.split(".")[2]))
+    issued = wiring.service().provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice1")), TOKYO_IP)
+    assert "DescribeEndpoint" not in actions
+    assert issued.issued.endpoint.address.endswith("-ats.iot.ap-northeast-1.amazonaws.com")
 
 
 def test_the_prod_stage_on_lambda_is_served(prod, monkeypatch):

@@ -30,5 +30,10 @@ def test_tiny_storm_with_and_without_admission(tmp_path):
     # the layer really counted the calls it throttled, and never more than it saw
     assert with_admission["iot_calls"] >= 4 * with_admission["devices"]
     assert 0 <= with_admission["throttled_calls"] <= with_admission["iot_calls"]
+    assert sum(with_admission["throttled_by_operation"].values()) == with_admission["throttled_calls"]
+    # the deployment step recorded every region's endpoint and nobody reads the policy: no container of either
+    # storm spends those small quotas
+    for storm in (with_admission, without):
+        assert storm["calls_by_operation"].get("DescribeEndpoint", 0) == storm["calls_by_operation"].get("GetPolicy", 0) == 0
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| makespan |" in done.stdout

@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography import x509
@@ -49,6 +49,14 @@ _THROTTLE_WAITS = (0.5, 1.0)
 MUTATING_OPERATIONS = frozenset({"CreateThing", "CreateCertificateFromCsr", "CreateKeysAndCertificate",
                                  "AttachPolicy", "AttachThingPrincipal", "DetachThingPrincipal", "DetachPolicy",
                                  "UpdateCertificate", "DeleteCertificate", "DeleteThing"})
+
+
+class SharedEndpoints(Protocol):
+    """Each region's device endpoint (DescribeEndpoint's iot:Data-ATS address), kept where every container reads it."""
+
+    def get(self, region: str) -> str | None: ...
+
+    def put(self, region: str, address: str) -> None: ...
 
 
 def device_policy_document() -> dict[str, Any]:
@@ -102,8 +110,12 @@ class AwsIotIssuer:
                  policy_name: str = DEVICE_POLICY_NAME, sleep: Callable[[float], None] = time.sleep,
                  detach_waits: tuple[float, ...] = DETACH_WAITS,
                  mutating_client_for_region: Callable[[str], Any] | None = None,
-                 on_throttle: Callable[[str], None] | None = None) -> None:
+                 on_throttle: Callable[[str], None] | None = None,
+                 shared_endpoints: "SharedEndpoints | None" = None) -> None:
         self._client = client_for_region
+        # Where every container finds a region's endpoint another one looked up (DescribeEndpoint has its own,
+        # small quota: a storm's hundreds of cold containers must not each ask for it).
+        self._shared_endpoints = shared_endpoints
         # Clients for the calls that change things, without botocore's own retries (see _mutate).
         self._mutating = mutating_client_for_region or client_for_region
         self._on_throttle = on_throttle
@@ -152,20 +164,45 @@ class AwsIotIssuer:
         address = self._client(region).describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
         return Endpoint(address, MQTT_PORT)
 
-    def _ensure_policy(self, region: str) -> None:
-        client = self._client(region)
+    def _find_endpoint(self, region: str) -> Endpoint:
+        """The region's endpoint, once per container: from the shared store when another container put it there
+        (an account's endpoint in a region never changes), else DescribeEndpoint, then shared."""
+        shared = self._shared_endpoints
+        if shared is not None:
+            try:
+                address = shared.get(region)
+                if address:
+                    return Endpoint(address, MQTT_PORT)
+            except Exception as exc:  # the store is a shortcut: without it, ask AWS IoT
+                log.warning("shared endpoint of %s unreadable: %s: %s", region, type(exc).__name__, exc)
+        endpoint = self._describe_endpoint(region)
+        if shared is not None:
+            try:
+                shared.put(region, endpoint.address)
+            except Exception as exc:
+                log.warning("could not share the endpoint of %s: %s: %s", region, type(exc).__name__, exc)
+        return endpoint
+
+    def _create_policy(self, region: str) -> None:
         try:
-            client.get_policy(policyName=self._policy_name)
+            self._client(region).create_policy(policyName=self._policy_name,
+                                               policyDocument=json.dumps(device_policy_document()))
+        except ClientError as exc:
+            if _code(exc) != "ResourceAlreadyExistsException":  # another container made it meanwhile
+                raise
+
+    def _attach_policy(self, client: Any, region: str, arn: str) -> None:
+        """AttachPolicy; the device policy is made only when AWS says it does not exist (once per region for
+        the account's life), so no container spends a GetPolicy, whose quota is small, to look first."""
+        try:
+            client.attach_policy(policyName=self._policy_name, target=arn)
             return
         except ClientError as exc:
             if not _is_not_found(exc):
                 raise
-        try:
-            client.create_policy(policyName=self._policy_name,
-                                 policyDocument=json.dumps(device_policy_document()))
-        except ClientError as exc:
-            if _code(exc) != "ResourceAlreadyExistsException":  # another container made it meanwhile
-                raise
+        # The certificate was just made by this request, so what is missing is the policy.
+        self._once("policy", region, self._create_policy).result()
+        client.attach_policy(policyName=self._policy_name, target=arn)
 
     def check(self, regions: Iterator[str] | tuple[str, ...]) -> None:
         """Raise unless the IoT client of every region answered once (its endpoint, kept for the container)."""
@@ -174,7 +211,7 @@ class AwsIotIssuer:
 
     def endpoint(self, region: str) -> Endpoint:
         try:
-            return self._once("endpoint", region, self._describe_endpoint).result()
+            return self._once("endpoint", region, self._find_endpoint).result()
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
 
@@ -190,20 +227,24 @@ class AwsIotIssuer:
     def _issue(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
                make_thing: bool) -> IssuedCertificate:
         client = self._mutating_client(region)
-        endpoint_f = self._once("endpoint", region, self._describe_endpoint)
-        policy_f = self._once("policy", region, self._ensure_policy)
+        endpoint_f = self._once("endpoint", region, self._find_endpoint)
+        if not endpoint_f.done():  # a cold container: a failed lookup must not cost a thing and a certificate
+            try:
+                endpoint_f.result()
+            except _AWS_ERRORS as exc:
+                raise _domain_error(exc, region) from exc
         # created False (not made, not adopted): a failure detaches the new certificate and keeps the thing.
         thing_f = (self._submit(self._ensure_thing, client, region, thing_name) if make_thing else _done(False))
         cert_f = self._submit(_create_certificate, client, csr)
-        cf.wait([endpoint_f, policy_f, thing_f, cert_f])
+        cf.wait([endpoint_f, thing_f, cert_f])
         # Whatever succeeded is ours to undo if anything else failed; a thing we did not make stays.
         created: bool | None = thing_f.result() if thing_f.exception() is None else None
         cert: dict[str, Any] | None = cert_f.result() if cert_f.exception() is None else None
         try:
-            for future in (cert_f, thing_f, policy_f, endpoint_f):
+            for future in (cert_f, thing_f, endpoint_f):
                 future.result()
             assert cert is not None  # cert_f.result() above raised otherwise
-            attached = [self._submit(client.attach_policy, policyName=self._policy_name, target=cert["certificateArn"]),
+            attached = [self._submit(self._attach_policy, client, region, cert["certificateArn"]),
                         self._submit(client.attach_thing_principal, thingName=thing_name,
                                      principal=cert["certificateArn"])]
             cf.wait(attached)
@@ -296,9 +337,8 @@ class AwsIotIssuer:
             if found["status"] != "ACTIVE":
                 raise LookupError(f"certificate {certificate_id} in {region} is {found['status']}")
             arn = found["certificateArn"]
-            self._once("policy", region, self._ensure_policy).result()
             created = self._ensure_thing(client, region, thing_name, principal=arn)
-            client.attach_policy(policyName=self._policy_name, target=arn)  # both are no-ops when already done
+            self._attach_policy(client, region, arn)  # both are no-ops when already done
             client.attach_thing_principal(thingName=thing_name, principal=arn)
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
