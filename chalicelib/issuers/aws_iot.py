@@ -353,8 +353,7 @@ class AwsIotIssuer:
             found = client.describe_certificate(certificateId=certificate_id)["certificateDescription"]
             if found["status"] != "ACTIVE":
                 raise LookupError(f"certificate {certificate_id} in {region} is {found['status']}")
-            self._once("policy", region, self._ensure_policy).result()
-            client.attach_policy(policyName=self._policy_name, target=found["certificateArn"])
+            self._attach_policy(client, region, found["certificateArn"])
             client.attach_thing_principal(thingName=thing_name, principal=found["certificateArn"])
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
