@@ -111,6 +111,14 @@ def test_adjacent_networks_with_the_same_answer_are_merged(built):
     assert len(ranges) == len(intervals)
 
 
+def test_reading_a_file_by_its_tree_gives_back_the_ranges_written(built):
+    networks, intervals, path = built
+    again, records = build_geodata.read_tree(path, progress=False)  # the aliases are not read twice
+    _, original_records = build_geodata.read_source(iter(networks), progress=False)
+    assert [(s, e, records[n]) for s, e, n in zip(again.starts, again.ends, again.records)] == \
+        [(s, e, original_records[n]) for s, e, n in zip(intervals.starts, intervals.ends, intervals.records)]
+
+
 def test_records_hold_only_what_the_service_reads(built):
     _, _, path = built
     with maxminddb.open_database(str(path)) as reader:
@@ -142,3 +150,26 @@ def test_the_bundled_database_locates_like_a_city_database():
     location = locator.locate("81.2.69.142")
     assert location is not None and (location.country, location.continent) == ("GB", "EU")
     assert abs(location.latitude - 51.5) < 1 and abs(location.longitude) < 1
+
+
+def test_joining_neighbours_keeps_countries_and_moves_addresses_a_bounded_distance():
+    london, reading, paris, tokyo = ((51.5074, -0.1278, "GB", "EU"), (51.4543, -0.9781, "GB", "EU"),
+                                     (48.8566, 2.3522, "FR", "EU"), (35.6895, 139.692, "JP", "AS"))
+    records = [london, reading, paris, tokyo, (None, None, "GB", "EU")]
+
+    def ranges():
+        intervals = build_geodata.Intervals()
+        for start, end, number in [(0, 255, 0), (256, 511, 1), (512, 1023, 0), (1024, 1279, 2), (1280, 1535, 3),
+                                   (1536, 1791, 4), (4096, 4351, 0)]:
+            intervals.add(start, end, number)
+        return intervals
+
+    kept = build_geodata.coarsen(ranges(), records, 10)  # Reading is 59 km from London
+    assert list(zip(kept.starts, kept.ends, kept.records)) == list(zip(*[ranges().starts, ranges().ends,
+                                                                         ranges().records]))
+    joined, used = build_geodata.compact(build_geodata.coarsen(ranges(), records, 100), records)
+    # London, Reading and London again are one range, at London's place (its largest part); Paris is
+    # another country, Tokyo too; a range without coordinates is never joined to one with; a gap splits
+    assert [(start, end, used[number]) for start, end, number in zip(joined.starts, joined.ends, joined.records)] \
+        == [(0, 1023, london), (1024, 1279, paris), (1280, 1535, tokyo), (1536, 1791, records[4]), (4096, 4351, london)]
+    assert sorted(used, key=str) == sorted([london, paris, tokyo, records[4]], key=str)  # Reading is gone
