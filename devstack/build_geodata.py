@@ -415,15 +415,12 @@ def write_database(out: Path, left: list[int], right: list[int], data: bytes, of
                 + (b & 0xFFFFFF).to_bytes(3, "big")
         else:
             tree += a.to_bytes(4, "big") + b.to_bytes(4, "big")
-    metadata = {"node_count": node_count, "record_size": record_size, "ip_version": 6,
-                "database_type": DATABASE_TYPE, "languages": ["en"],
-                "binary_format_major_version": 2, "binary_format_minor_version": 0,
-                "build_epoch": build_epoch, "description": {"en": description}}
-    meta = _control(7, len(metadata)) + b"".join(
-        _string(k) + (_uint(5, v) if k in ("record_size", "ip_version", "binary_format_major_version",
-                                           "binary_format_minor_version") else
-                      _uint(6, v) if k == "node_count" else _uint(9, v) if k == "build_epoch" else _value(v))
-        for k, v in metadata.items())
+    metadata = [("node_count", _uint(6, node_count)), ("record_size", _uint(5, record_size)),
+                ("ip_version", _uint(5, 6)), ("database_type", _string(DATABASE_TYPE)),
+                ("languages", _value(["en"])), ("binary_format_major_version", _uint(5, 2)),
+                ("binary_format_minor_version", _uint(5, 0)), ("build_epoch", _uint(9, build_epoch)),
+                ("description", _value({"en": description}))]
+    meta = _control(7, len(metadata)) + b"".join(_string(key) + value for key, value in metadata)
     out.write_bytes(bytes(tree) + bytes(16) + data + b"\xab\xcd\xefMaxMind.com" + meta)
 
 
