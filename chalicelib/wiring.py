@@ -185,7 +185,7 @@ _health = None
 
 def health_probes(config: Settings) -> dict[str, Callable[[], str | dict[str, str] | None]]:
     """What provisioning needs, each checked cheaply (see chalicelib/health.py)."""
-    known_ip = "81.2.69.142"  # London in every GeoLite2 build
+    known_ip = "81.2.69.142"  # London in every GeoLite2 and DB-IP build
     database: list[GeoLocator] = []
 
     own: dict[str, Any] = {}

@@ -21,7 +21,7 @@ SHARED_VECTORS_PATH = PROJECT_DIR.parent / "shared" / "vectors" / "signatures.js
 VECTORS_COPY_PATH = PROJECT_DIR / "tests" / "vectors" / "signatures.json"
 VECTORS_PATH = SHARED_VECTORS_PATH if SHARED_VECTORS_PATH.is_file() else VECTORS_COPY_PATH
 
-# Well-known public addresses and where the bundled GeoLite2 database puts them.
+# Well-known public addresses and where the bundled DB-IP City Lite database puts them.
 LONDON_IP = "81.2.69.142"      # GB, London
 TOKYO_IP = "126.0.0.1"         # JP, Tokyo
 SYDNEY_IP = "1.1.1.1"          # AU, Melbourne area

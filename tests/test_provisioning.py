@@ -1,4 +1,4 @@
-"""ProvisioningService built directly from real local parts: SQLite registry, local CAs, bundled GeoLite2.
+"""ProvisioningService built directly from real local parts: SQLite registry, local CAs, bundled DB-IP City Lite.
 
 Failures are made by small wrappers around the real parts, passed in through the constructor.
 """

@@ -1,4 +1,4 @@
-"""Region policy: rules before distance, IP addresses through the bundled GeoLite2 database, config checks.
+"""Region policy: rules before distance, IP addresses through the bundled DB-IP City Lite database, config checks.
 
 Nearest-region answers are checked against an independent computation (spherical law of cosines over the
 catalogue's coordinates), so close calls are settled by arithmetic, not by what the code happens to return.
@@ -54,7 +54,7 @@ NEAREST = [
     ("202.62.0.1", "Fiji, near the antimeridian", "ap-southeast-2"),
     ("108.41.0.1", "New York", "us-east-1"),
     ("73.85.0.1", "Florida", "us-east-1"),
-    ("8.8.8.8", "centre of the US (Kansas)", "us-east-2"),
+    ("8.8.8.8", "Mountain View, Google's seat (us-west-1 not enabled)", "us-west-2"),
     ("2600:1700::1", "Texas, IPv6", None),
     ("99.224.0.1", "Toronto: Ohio and Virginia within 50 km of each other", None),
     ("50.35.0.1", "Seattle area", "us-west-2"),

@@ -285,7 +285,8 @@ def test_admin_report_writes_the_page_for_the_stage(stage, tmp_path, capsys):
     assert markers == {"eu-west-2": "1", "ap-northeast-1": "1", "ap-southeast-2": "1"}
     assert set(re.findall(r'class="country shaded" data-code="(\w\w)"', page)) == {"GB", "JP", "AU"}
     assert "stage <b>local</b>" in page
-    assert "GeoLite2-City" in page and "built 20" in page and "MaxMind" in page  # the data's date and credit
+    assert "DBIP-City-Lite" in page and "built 2023-04-01" in page  # the bundled data's date and its credit:
+    assert 'IP Geolocation by DB-IP (<a href="https://db-ip.com">https://db-ip.com</a>), CC BY 4.0' in page
     assert "Natural Earth" in page
 
 
