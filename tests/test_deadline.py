@@ -82,9 +82,9 @@ def asked(backend) -> Counter:
 
 
 def answered(backend, *operations: str) -> threading.Event:
-    """Set once each of `operations` answered. issue() runs the thing, the certificate, the policy and the
-    endpoint side by side: a slow certificate call that waits for the others makes it the attachments, after
-    all four, that cannot fit, whichever thread runs first."""
+    """Set once each of `operations` answered. issue() makes the thing and the certificate side by side: a
+    slow certificate call that waits for the thing makes it the attachments, after both, that cannot fit,
+    whichever thread runs first."""
     done, seen, lock = threading.Event(), set(), threading.Lock()
 
     def hook(model, **_):
@@ -102,7 +102,7 @@ def answered(backend, *operations: str) -> threading.Event:
 def test_a_slow_aws_call_leaves_too_little_time_to_attach_so_the_request_rolls_back_in_time(backend):
     clock = FakeClock()
     deadline = Deadline(20, clock)
-    asked_for, others = asked(backend), answered(backend, "CreateThing", "CreatePolicy", "DescribeEndpoint")
+    asked_for, others = asked(backend), answered(backend, "CreateThing")
     # 8 s left after it: attaching (4 s an attempt) + the 6 s reserve do not fit.
     slow(backend, "CreateCertificateFromCsr", clock, 12, after=others)
 
