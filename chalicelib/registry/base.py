@@ -160,6 +160,7 @@ def record_from_item(item: Mapping[str, Any]) -> DeviceRecord:
         retire_pending=bool(item.get("retire_pending")),
         renewal_lease=(datetime.fromtimestamp(float(item["renewal_lease"]), timezone.utc)
                        if item.get("renewal_lease") is not None else None),
+        server_key=bool(item.get("server_key")),
     )
 
 
