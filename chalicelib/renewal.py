@@ -13,6 +13,7 @@ retirement, which the next renewal or `admin audit --fix` finishes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -152,7 +153,10 @@ class RenewalService:
         region = state.region
 
         def begin(now: datetime, lease: int) -> Claim:
-            return self._registry.begin_rekey(thing_name, now, lease, window_seconds, fleet_key)
+            # Not while the provisioning request may still be answering (a lease's time): a duplicate request
+            # then waits (409) instead of revoking the certificate that answer carries.
+            return self._registry.begin_rekey(thing_name, now, lease, window_seconds, fleet_key,
+                                              math.ceil(self._lease_window()))
 
         def decide(location: Location | None) -> RegionChoice:
             return RegionChoice(region, self._regions.distance_km(location, region), REKEYED,

@@ -778,3 +778,14 @@ def test_only_one_of_many_concurrent_rekeys_wins(registry):
     for thread in threads:
         thread.join()
     assert len(won) == 1 and len(refused) == 7
+
+
+def test_no_rekey_while_the_provisioning_request_may_still_be_answering(registry):
+    """A duplicate request right after the provisioning waits (409 with the time left) instead of revoking the
+    certificate the first answer carries; from `quiet_seconds` after the provisioning the re-key may start."""
+    server_keyed(registry)
+    with pytest.raises(ProvisioningInProgress) as early:
+        registry.begin_rekey("dev1", T0 + timedelta(seconds=49), LEASE, WINDOW, quiet_seconds=50)
+    assert early.value.retry_after == 1
+    assert registry.renewal_state("dev1").renewing_until is None
+    registry.begin_rekey("dev1", T0 + timedelta(seconds=50), LEASE, WINDOW, quiet_seconds=50)

@@ -10,7 +10,7 @@ import builtins
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -219,14 +219,20 @@ def claim_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool,
                                   retry_after=None if left is None else max(1, math.ceil(left)))
 
 
-def rekey_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool, now: datetime) -> ProvisioningError:
-    """Why a re-key claim (`begin_rekey`) was refused: claim_refusal's rule, then a re-key in flight (409 with the
-    time left on its lease), else the device is provisioned for good (its window is over, or its key is its own)."""
+def rekey_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool, now: datetime,
+                  quiet_seconds: int = 0) -> ProvisioningError:
+    """Why a re-key claim (`begin_rekey`) was refused: claim_refusal's rule, then a re-key in flight or a
+    provisioning that may still be answering (409 with the time left), else the device is provisioned for good
+    (its window is over, or its key is its own)."""
     if record is None or (fleet_key and record.public_key) or record.status is not PROVISIONED:
         return claim_refusal(thing_name, record, fleet_key, now)
     if record.renewal_lease is not None and record.renewal_lease >= now:
         return ProvisioningInProgress(f"{thing_name} is being re-keyed by another request",
                                       retry_after=max(1, math.ceil((record.renewal_lease - now).total_seconds())))
+    opens = record.provisioned_at + timedelta(seconds=quiet_seconds) if record.provisioned_at else None
+    if record.server_key and opens is not None and opens > now:
+        return ProvisioningInProgress(f"{thing_name} was provisioned just now; its answer may still be on the way",
+                                      retry_after=max(1, math.ceil((opens - now).total_seconds())))
     return AlreadyProvisioned(f"{thing_name} is already provisioned; an operator must reset it (admin reset) before "
                               "it can provision again", record=record)
 
@@ -356,11 +362,11 @@ class RenewalRegistry(Registry, Protocol):
         write; `record_intent` and `record_certificate` take it as they take a provisioning claim."""
 
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
-                    fleet_key: bool = False) -> Claim:
-        """Take the renewal lease of a device provisioned with a server-made key (`server_key`) at or after
-        `now - window_seconds`, with no renewal lease live and no previous certificate left to retire, in one
-        conditional write, as `claim` (the fleet-key rule included). The claim carries what a dead re-key left
-        (`previous`). Refusals are `rekey_refusal`'s."""
+                    fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
+        """Take the renewal lease of a device provisioned with a server-made key (`server_key`) between
+        `now - window_seconds` and `now - quiet_seconds` (the provisioning request is over), with no renewal lease
+        live and no previous certificate left to retire, in one conditional write, as `claim` (the fleet-key rule
+        included). The claim carries what a dead re-key left (`previous`). Refusals are `rekey_refusal`'s."""
 
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
         """Make `renewed` the current certificate while `claim` holds: the old one becomes the previous one (to

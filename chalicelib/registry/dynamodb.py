@@ -491,10 +491,10 @@ class DynamoDbRegistry:
         return claim
 
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
-                    fleet_key: bool = False) -> Claim:
+                    fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
         token, at = secrets.token_hex(16), now.timestamp()
         # prov_datetime is clock.timestamp text: it sorts as time does.
-        condition = ("#status = :provisioned AND #serverkey = :one AND #datetime >= :since "
+        condition = ("#status = :provisioned AND #serverkey = :one AND #datetime BETWEEN :since AND :quiet "
                      "AND (attribute_not_exists(#rlease) OR #rlease < :now) AND attribute_not_exists(#retire)")
         if fleet_key:  # as in claim: a device with a key of its own does not take the fleet key's signature
             condition += " AND attribute_not_exists(#key)"
@@ -507,13 +507,14 @@ class DynamoDbRegistry:
                 ExpressionAttributeValues={":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
                                            ":provisioned": {"S": PROVISIONED.value}, ":one": {"N": "1"},
                                            ":since": {"S": _timestamp(now - timedelta(seconds=window_seconds))},
+                                           ":quiet": {"S": _timestamp(now - timedelta(seconds=quiet_seconds))},
                                            ":now": {"N": repr(at)}},
                 ReturnValues="ALL_OLD", ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
             old = e.response.get("Item")
-            raise rekey_refusal(thing_name, _record(old) if old else None, fleet_key, now) from None
+            raise rekey_refusal(thing_name, _record(old) if old else None, fleet_key, now, quiet_seconds) from None
         return Claim(thing_name, token, _pending(won.get("Attributes", {})), renewal=True)
 
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
