@@ -789,3 +789,7 @@ def test_no_rekey_while_the_provisioning_request_may_still_be_answering(registry
     assert early.value.retry_after == 1
     assert registry.renewal_state("dev1").renewing_until is None
     registry.begin_rekey("dev1", T0 + timedelta(seconds=50), LEASE, WINDOW, quiet_seconds=50)
+    # A window shorter than the quiet time never opens: refused as provisioned for good, not an error.
+    server_keyed(registry, "dev2")
+    with pytest.raises(AlreadyProvisioned):
+        registry.begin_rekey("dev2", T0 + timedelta(seconds=60), LEASE, 10, quiet_seconds=50)

@@ -494,7 +494,7 @@ class DynamoDbRegistry:
                     fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
         token, at = secrets.token_hex(16), now.timestamp()
         # prov_datetime is clock.timestamp text: it sorts as time does.
-        condition = ("#status = :provisioned AND #serverkey = :one AND #datetime BETWEEN :since AND :quiet "
+        condition = ("#status = :provisioned AND #serverkey = :one AND #datetime >= :since AND #datetime <= :quiet "
                      "AND (attribute_not_exists(#rlease) OR #rlease < :now) AND attribute_not_exists(#retire)")
         if fleet_key:  # as in claim: a device with a key of its own does not take the fleet key's signature
             condition += " AND attribute_not_exists(#key)"
