@@ -8,9 +8,9 @@ process group with SIGKILL while the burst is in flight (a seeded RNG picks the 
 started again, the claim lease (the request budget plus its margin, see chalicelib/deadline.py) is waited out,
 and every device retries with its own key: the same CSR as before, or again without one; a device that already
 holds a certificate for its CSR asks again too (a lost answer must get the same certificate back). A device
-without a CSR whose answer died after its record was finalized is refused 409 `already-provisioned`: the
-server-made key is kept nowhere, by design; the run counts it, resets it as an operator would (`admin reset`)
-and lets it ask again.
+without a CSR whose answer died after its record was finalized lost its server-made key with it (the service
+keeps none): asking again within the re-key window (GIP_REKEY_WINDOW_SECONDS) it gets a new certificate and key
+(`reason: rekeyed`) and the old certificate is revoked; no operator is involved. The run counts those re-keys.
 
 Targets (exit 0 only when all hold): every device provisioned and holding the certificate its registry row
 names, ACTIVE in the CA; zero ACTIVE certificates that no registry row refers to (read from the local CA's
@@ -210,7 +210,7 @@ def burst(stage: Stage, devices: list[Device], concurrency: int, rng: random.Ran
 
 def retry_all(stage: Stage, devices: list[Device], concurrency: int) -> dict[str, Any]:
     """Each device asks until it holds a certificate (or is refused for good), honouring Retry-After."""
-    outcomes, replaced, gave_up = Counter[str](), [], []
+    outcomes, replaced, gave_up, rekeyed = Counter[str](), [], [], []
     lock, local = threading.Lock(), threading.local()
 
     def one(dev: Device) -> None:
@@ -224,6 +224,9 @@ def retry_all(stage: Stage, devices: list[Device], concurrency: int) -> dict[str
                 if before:
                     replaced.append(before)
             if outcome == "200":
+                if answer.get("reason") == "rekeyed":
+                    with lock:
+                        rekeyed.append(dev.name)
                 return
             if outcome.startswith(("409-provisioning-in-progress", "503", "lost", "down")):
                 time.sleep(min(retry_after or 1.0, 60))
@@ -235,7 +238,7 @@ def retry_all(stage: Stage, devices: list[Device], concurrency: int) -> dict[str
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, devices))
     return {"requests": sum(outcomes.values()), "outcomes": dict(sorted(outcomes.items())), "replaced": replaced,
-            "gave_up": sorted(gave_up)}
+            "gave_up": sorted(gave_up), "rekeyed": rekeyed}
 
 
 def inventory(state_dir: Path) -> tuple[dict[str, tuple[str, str | None]], list[tuple[str, str, str]]]:
@@ -349,16 +352,10 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concu
         say(f"[chaos] waiting {max(wait, 0):.0f} s for the claim lease to pass, then every device retries")
         time.sleep(max(wait, 0))
         # Devices still without a certificate, and every CSR device (a lost answer must get the same one back).
+        # A server-made key lost with its answer is re-keyed on the device's own retry (README, "Exactly once").
         retried = [d for d in devices if d.certificate_id is None or d.csr_pem is not None]
         retry = retry_all(stage, retried, params["concurrency"])
         say(f"[chaos] retries: {retry['outcomes']}")
-        # Provisioned without a CSR, and the answer died with the process: the server-made key is kept nowhere
-        # (by design), so the device is refused 409 until an operator resets it (README, "Exactly once").
-        lost_keys = [d for d in devices if d.csr_pem is None and d.certificate_id is None
-                     and d.answers[-1] == "409-already-provisioned"]
-        for dev in lost_keys:
-            admin(env, "reset", dev.name)
-        reset_retry = retry_all(stage, lost_keys, params["concurrency"]) if lost_keys else None
         rows, active = inventory(state_dir)
         audit = admin(env, "audit")
     finally:
@@ -391,8 +388,7 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concu
         "in_progress_bad_retry_after": len(bad_waits),
         "retried_devices": len(retried), "retry_requests": retry["requests"], "retry_outcomes": retry["outcomes"],
         "gave_up": retry["gave_up"], "certificates_replaced_on_retry": len(replaced),
-        "lost_server_keys": [d.name for d in lost_keys],
-        "after_reset": reset_retry["outcomes"] if reset_retry else {},
+        "rekeyed": sorted(retry["rekeyed"]),
         "provisioned": len(devices) - len(unprovisioned), "unprovisioned": unprovisioned, "stuck": stuck,
         "stuck_answers": answers,
         "active_certificates": len(active), "orphans": len(orphans), "orphan_ids": orphans,
@@ -445,8 +441,7 @@ def table(report: dict[str, Any]) -> str:
          f"{report['in_progress_retry_after_s'] or '-'}, {report['in_progress_bad_retry_after']}"),
         ("devices retried / retry requests", f"{report['retried_devices']} / {report['retry_requests']}"),
         ("certificates replaced on a retry", report["certificates_replaced_on_retry"]),
-        ("server-made keys lost with the answer (admin reset, then provisioned)",
-         f"{len(report['lost_server_keys'])} ({report['after_reset'].get('200', 0)})"),
+        ("server-made keys lost with the answer, re-keyed on the device's retry", len(report["rekeyed"])),
         ("provisioned", f"{report['provisioned']} of {report['devices']}"),
         ("stuck (no certificate, or not the registry's)", len(report["stuck"])),
         ("ACTIVE certificates without a registry row", report["orphans"]),

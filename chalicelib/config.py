@@ -53,6 +53,9 @@ class Settings:
     claim_lease_margin_seconds: int = 30
     cert_validity_days: int = 365  # the local CA's device certificates; AWS IoT sets its own
     relocation: str = "distance:1000"  # GIP_RELOCATION, checked by relocation.RelocationPolicy.parse
+    # A device provisioned with a server-made key that lost the answer (and the key) may ask again for a new one this
+    # long after its provisioning (README, "Exactly once"); 0: never, an operator resets it.
+    rekey_window_seconds: int = 900
     admission: bool = False  # admission control per region (on by default where the issuer is AWS IoT)
     admission_rates: Mapping[str, float] = field(default_factory=dict)  # region or "*" -> devices/s (CSR)
 
@@ -131,6 +134,7 @@ class Settings:
             claim_lease_margin_seconds=_int(env, "GIP_CLAIM_LEASE_MARGIN_SECONDS", 30),
             cert_validity_days=_int(env, "GIP_CERT_VALIDITY_DAYS", 365),
             relocation=env.get("GIP_RELOCATION") or "distance:1000",
+            rekey_window_seconds=_int(env, "GIP_REKEY_WINDOW_SECONDS", 900, minimum=0),
             **_admission(env),
         )
 
@@ -201,7 +205,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r}: expected true or false")
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -209,6 +213,6 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r}: must be positive")
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r}: " + ("must be positive" if minimum == 1 else f"at least {minimum}"))
     return value

@@ -2,7 +2,7 @@
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,6 +42,21 @@ class ProvisioningResult:
     note: str | None = None
 
 
+class Reissued(Protocol):
+    @property
+    def choice(self) -> RegionChoice: ...
+
+    @property
+    def issued(self) -> IssuedCertificate: ...
+
+
+class Rekeyer(Protocol):
+    """Gives a device provisioned with a server-made key a new certificate and key (renewal.RenewalService)."""
+
+    def rekey(self, thing_name: str, client_ip: str, fleet_key: bool, window_seconds: int,
+              steps: Steps | None = None, deadline: Deadline | None = None) -> Reissued: ...
+
+
 def key_fingerprint(public_key: PublicKeyTypes) -> str:
     """SHA-256 of the SubjectPublicKeyInfo DER, hex: what the registry remembers of a device's key."""
     digest = hashes.Hash(hashes.SHA256())
@@ -72,7 +87,8 @@ class ProvisioningService:
                  clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300,
                  budget_seconds: float = DEFAULT_BUDGET_SECONDS, lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
                  checkpoint: Callable[[str, str], None] = no_checkpoint,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, rekeyer: Rekeyer | None = None,
+                 rekey_window_seconds: int = 0) -> None:
         self._registry = registry
         self._issuer = issuer
         self._locator = locator
@@ -89,6 +105,8 @@ class ProvisioningService:
         # there; a no-op otherwise.
         self._checkpoint = checkpoint
         self._admission = admission
+        self._rekeyer = rekeyer if rekey_window_seconds else None  # 0: no re-key, an operator resets
+        self._rekey_window = rekey_window_seconds
 
     @property
     def registry(self) -> Registry:
@@ -122,9 +140,11 @@ class ProvisioningService:
                 except ServiceUnavailable:
                     # An answer that issues nothing (a lost answer asked for again) is not kept waiting.
                     record = self._registry.get(request.thing_name)
-                    if record is None or record.status is not PROVISIONED:
-                        raise
-                    return self._earlier_answer(request, AlreadyProvisioned("", record=record), client_ip)
+                    if record is None or record.status is not PROVISIONED or request.csr is None:
+                        raise  # a re-key issues: it waits for the region's budget like any issue
+                    return self._earlier_answer(request, AlreadyProvisioned("", record=record), client_ip,
+                                                fleet_key, steps, deadline)
+        earlier: AlreadyProvisioned | None = None
         with steps.step("claim"):
             deadline.require("claiming the device", ISSUE_SECONDS + FINALIZE_SECONDS)
             now = self._clock()
@@ -135,7 +155,9 @@ class ProvisioningService:
             try:
                 claim = self._registry.claim(request.thing_name, now, lease, fleet_key, nonce)
             except AlreadyProvisioned as refused:
-                return self._earlier_answer(request, refused, client_ip)
+                earlier = refused
+        if earlier is not None:
+            return self._earlier_answer(request, earlier, client_ip, fleet_key, steps, deadline)
         self._checkpoint("claimed", request.thing_name)
         issued, issuing = None, False
         # Whether the write-ahead record may describe something that still exists, and whether the issuer,
@@ -168,7 +190,8 @@ class ProvisioningService:
                 public_key = request.csr.public_key() if request.csr is not None else certificate.public_key()
                 self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
                                         key_fingerprint(public_key), choice.country, choice.reason,
-                                        public_key_pem(public_key), timestamp(certificate.not_valid_after_utc))
+                                        public_key_pem(public_key), timestamp(certificate.not_valid_after_utc),
+                                        server_key=request.csr is None)
             self._checkpoint("finalized", request.thing_name)
         except Exception as exc:
             cause = exc.error if isinstance(exc, IssueIncomplete) else exc
@@ -230,12 +253,21 @@ class ProvisioningService:
                 raise SignatureInvalid(REFUSED)
         return fleet_key
 
-    def _earlier_answer(self, request: ProvisioningRequest, refused: AlreadyProvisioned,
-                        client_ip: str) -> ProvisioningResult:
+    def _earlier_answer(self, request: ProvisioningRequest, refused: AlreadyProvisioned, client_ip: str,
+                        fleet_key: bool, steps: Steps, deadline: Deadline) -> ProvisioningResult:
         """A provisioned device asks again: its earlier answer was lost. With the same key (CSR) it gets the
-        same certificate, and nothing is created; a server-made key was never kept, so that needs a reset."""
+        same certificate, and nothing is created. A server-made key was never kept: within the re-key window the
+        device gets a new certificate and key and the previous certificate is revoked (RenewalService.rekey);
+        after it, an operator resets the device."""
         record = refused.record
         if request.csr is None:
+            if self._rekeyer is not None and record is not None and record.server_key:
+                rekeyed = self._rekeyer.rekey(request.thing_name, client_ip, fleet_key, self._rekey_window,
+                                              steps, deadline)
+                self._checkpoint("rekeyed", request.thing_name)
+                return ProvisioningResult(request.thing_name, rekeyed.choice, rekeyed.issued,
+                                          "the earlier answer's key was made here and is not kept: a new certificate "
+                                          "and key, the previous certificate revoked")
             raise AlreadyProvisioned(f"{request.thing_name} is already provisioned and its server-made key is not "
                                      "kept; an operator must reset it (admin reset) before it can provision again")
         if record is None or record.key_fingerprint != key_fingerprint(request.csr.public_key()):

@@ -13,6 +13,7 @@ retirement, which the next renewal or `admin audit --fix` finishes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -26,6 +27,7 @@ from chalicelib.clock import timestamp, utcnow
 from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
 from chalicelib.errors import (
     RENEWAL_REFUSED,
+    AlreadyProvisioned,
     IssueIncomplete,
     MalformedRequest,
     ProvisioningError,
@@ -46,6 +48,7 @@ from chalicelib.signatures import verifies
 from chalicelib.wire import RenewalRequest
 
 log = logging.getLogger(__name__)
+REKEYED = "rekeyed"  # the answer's reason for a re-key (a lost answer's new server-made key, in place)
 
 @dataclass(frozen=True)
 class RenewalResult:
@@ -55,6 +58,14 @@ class RenewalResult:
     previous_certificate_id: str
     recovered: bool = False  # the lost-answer rule gave back the current certificate; nothing was created
     note: str | None = None  # wire.response_body's `message`: set when a dead renewal's certificate is given
+
+
+class _Recovered(Exception):
+    """A refused renewal lease turned out to be a lost answer: the answer, carried out of `_reissue`."""
+
+    def __init__(self, result: RenewalResult) -> None:
+        super().__init__(result.thing_name)
+        self.result = result
 
 
 def refused() -> RenewalRefused:
@@ -109,31 +120,74 @@ class RenewalService:
                 if recovered is not None:
                     return recovered
                 raise
+        certificate_id, region = state.certificate_id, state.region
+
+        def begin(now: datetime, lease: int) -> Claim:
+            try:
+                return self._registry.begin_renewal(request.thing_name, certificate_id, now, lease,
+                                                    Nonce(request.nonce, now + timedelta(seconds=2 * self._skew)))
+            except RenewalRefused:
+                recovered = self._recovered_meanwhile(request, state, client_ip)
+                if recovered is not None:
+                    raise _Recovered(recovered) from None
+                raise
+
+        try:
+            return self._reissue(state, request.csr, client_ip, steps, deadline, begin,
+                                 lambda location: self._relocation.decide(region, location, self._regions),
+                                 admit=True, arn=current.arn)
+        except _Recovered as done:
+            return done.result
+
+    def rekey(self, thing_name: str, client_ip: str, fleet_key: bool, window_seconds: int,
+              steps: Steps | None = None, deadline: Deadline | None = None) -> RenewalResult:
+        """A device provisioned with a server-made key lost the answer (and the key with it) and asks again, signed
+        as for provisioning, without a CSR, within `window_seconds` of its provisioning: a new certificate and key in
+        its region, the previous certificate revoked once the new one is recorded, exactly as a renewal in place
+        (the lease, the write-ahead record, the settler, the retirement the audit finishes). The caller checked the
+        signature and admitted the request; its nonce is used up already."""
+        deadline = deadline or Deadline(self._budget)
+        state = self._registry.renewal_state(thing_name)
+        if state is None or not state.provisioned or not state.region or not state.certificate_id:
+            raise AlreadyProvisioned(f"{thing_name} is not provisioned any more; ask again")
+        region = state.region
+
+        def begin(now: datetime, lease: int) -> Claim:
+            # Not while the provisioning request may still be answering (a lease's time): a duplicate request
+            # then waits (409) instead of revoking the certificate that answer carries.
+            return self._registry.begin_rekey(thing_name, now, lease, window_seconds, fleet_key,
+                                              math.ceil(self._lease_window()))
+
+        def decide(location: Location | None) -> RegionChoice:
+            return RegionChoice(region, self._regions.distance_km(location, region), REKEYED,
+                                location.country if location else None)
+
+        with deadlines.running(deadline):
+            return self._reissue(state, None, client_ip, steps or Steps(), deadline, begin, decide, admit=False,
+                                 arn=None)
+
+    def _reissue(self, state: RenewalState, csr: x509.CertificateSigningRequest | None, client_ip: str,
+                 steps: Steps, deadline: Deadline, begin: Callable[[datetime, int], Claim],
+                 decide: Callable[[Location | None], RegionChoice], admit: bool, arn: str | None) -> RenewalResult:
+        """From the lease to the retirement: what a renewal and a re-key share."""
+        thing_name = state.thing_name
+        assert state.region is not None and state.certificate_id is not None
         if state.retire_pending:  # an earlier renewal was cut short after its record: finish it first
             with steps.step("retire"):
                 self._retire(state)
         with steps.step("geo"):
             location = self._locator.locate(client_ip)
-            choice = self._relocation.decide(state.region, location, self._regions)
-        if self._admission is not None:  # a renewal spends the same IoT quotas as provisioning, in its new region
+            choice = decide(location)
+        if admit and self._admission is not None:  # a renewal spends the same IoT quotas as provisioning
             with steps.step("admit"):
                 deadline.require("admitting the renewal", ISSUE_SECONDS + FINALIZE_SECONDS)
-                self._admission.admit(choice.region, server_key=request.csr is None)
+                self._admission.admit(choice.region, server_key=csr is None)
         with steps.step("claim"):
             deadline.require("taking the renewal lease", ISSUE_SECONDS + FINALIZE_SECONDS)
-            now = self._clock()
-            lease = self._lease_seconds or deadline.lease_seconds(self._lease_margin)
-            try:
-                claim = self._registry.begin_renewal(request.thing_name, state.certificate_id, now, lease,
-                                                     Nonce(request.nonce, now + timedelta(seconds=2 * self._skew)))
-            except RenewalRefused:
-                recovered = self._recovered_meanwhile(request, state, client_ip)
-                if recovered is not None:
-                    return recovered
-                raise
-        self._checkpoint("renewal-claimed", request.thing_name)
+            claim = begin(self._clock(), self._lease_seconds or deadline.lease_seconds(self._lease_margin))
+        self._checkpoint("renewal-claimed", thing_name)
         in_place = choice.region == state.region
-        wanted = key_fingerprint(request.csr.public_key()) if request.csr is not None else None
+        wanted = key_fingerprint(csr.public_key()) if csr is not None else None
         own = (state.certificate_id, state.previous_certificate_id)  # never what a dead renewal left
         issued, intent, reused = None, None, False
         # Whether the write-ahead record may describe something that still exists, and whether the issuer, should
@@ -156,48 +210,48 @@ class RenewalService:
                 left, issuer_cleans_up = True, True
                 with steps.step("issue"):
                     issuing = True
-                    issued = self._issuer.issue_renewal(request.thing_name, choice.region, request.csr, in_place)
+                    issued = self._issuer.issue_renewal(thing_name, choice.region, csr, in_place)
                 issuer_cleans_up = False
-                self._checkpoint("renewal-issued", request.thing_name)
+                self._checkpoint("renewal-issued", thing_name)
                 with steps.step("record"):
                     self._registry.record_certificate(claim, issued.certificate_id, issued.created_thing)
-                self._checkpoint("renewal-recorded", request.thing_name)
+                self._checkpoint("renewal-recorded", thing_name)
             deadline.require("recording the renewal", FINALIZE_SECONDS)
             with steps.step("complete"):
                 certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
-                key = request.csr.public_key() if request.csr is not None else certificate.public_key()
+                key = csr.public_key() if csr is not None else certificate.public_key()
                 self._registry.complete_renewal(claim, RenewedCertificate(
                     choice.region, issued.certificate_id, public_key_pem(key), key_fingerprint(key),
                     timestamp(certificate.not_valid_after_utc), choice.country if not in_place else None,
-                    RELOCATED if not in_place else None), self._clock())
-            self._checkpoint("renewal-completed", request.thing_name)
+                    RELOCATED if not in_place else None, csr is None), self._clock())
+            self._checkpoint("renewal-completed", thing_name)
         except Exception as exc:
             cause = exc.error if isinstance(exc, IssueIncomplete) else exc
             with deadline.rolling_back():
-                if issued is None or not self._recorded(request.thing_name, issued):
+                if issued is None or not self._recorded(thing_name, issued):
                     # An issuer's domain error means it undid its own steps (else it raises IssueIncomplete).
                     trusted = issuer_cleans_up and isinstance(exc, ProvisioningError)
                     with steps.step("rollback"):
                         # A dead renewal's certificate adopted for this key stays on the record for the next try.
                         self._undo(claim, None if reused else issued, in_place, exc, left and not trusted, intent, own)
-                        if issuing and self._admission is not None:  # the undo's IoT calls are paid from the budget
+                        if issuing and admit and self._admission is not None:  # the undo's IoT calls are paid for
                             self._admission.rollback(choice.region)
                     if isinstance(cause, ProvisioningError):
                         raise cause from (exc if cause is not exc else None)
                     raise ServiceUnavailable("renewal failed on the server side; try again later") from cause
             log.warning("renewal of %s: the record's answer failed (%s) but the record is there",
-                        request.thing_name, type(exc).__name__)
+                        thing_name, type(exc).__name__)
         assert issued is not None
         with steps.step("retire"), deadline.rolling_back():  # nothing is left to roll back: the reserve is free
             try:
-                self._retire(RenewalState(request.thing_name, True, choice.region, issued.certificate_id,
+                self._retire(RenewalState(thing_name, True, choice.region, issued.certificate_id,
                                           previous_certificate_id=state.certificate_id, previous_region=state.region,
-                                          retire_pending=True), current.arn)
+                                          retire_pending=True), arn)
             except Exception:  # the device has its new certificate; the next renewal or the audit finishes this
                 log.exception("renewal of %s: the previous certificate %s in %s is not retired yet",
-                              request.thing_name, state.certificate_id, state.region)
+                              thing_name, state.certificate_id, state.region)
         note = "an earlier renewal with this key was interrupted: its certificate, not a second one" if reused else None
-        return RenewalResult(request.thing_name, choice, issued, state.certificate_id, note=note)
+        return RenewalResult(thing_name, choice, issued, state.certificate_id, note=note)
 
     def _choice_of(self, region: str, state: RenewalState, location: Location | None,
                    chosen: RegionChoice) -> RegionChoice:

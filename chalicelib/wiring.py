@@ -177,6 +177,9 @@ def build_service(config: Settings, checkpoint: Callable[[str, str], None] | Non
         budget_seconds=config.request_budget_seconds,
         lease_margin_seconds=config.claim_lease_margin_seconds,
         checkpoint=checkpoint or no_checkpoint,
+        # A re-key is a renewal in place: the same service, with the same checkpoint (crash tests).
+        rekeyer=build_renewal_service(config, checkpoint) if config.rekey_window_seconds else None,
+        rekey_window_seconds=config.rekey_window_seconds,
     )
 
 

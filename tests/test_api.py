@@ -1,5 +1,6 @@
 """The HTTP API through chalice.test.Client, on a real local stage (SQLite registry, local CAs, bundled DB-IP City Lite)."""
 import json
+import time
 
 import pytest
 from chalice.test import Client
@@ -99,11 +100,45 @@ def test_signature_for_another_thing_is_refused(client, stage):
     assert post(client, body)[0] == 403
 
 
-def test_already_provisioned_is_409_and_keeps_the_first_certificate(client, stage):
+def test_already_provisioned_is_409_and_keeps_the_first_certificate(client, stage, monkeypatch):
+    monkeypatch.setenv("GIP_REKEY_WINDOW_SECONDS", "0")  # no re-key: an operator resets
+    wiring.reset()
     first = post(client, stage.body("mydevice1"))[1]
     status, body = post(client, stage.body("mydevice1"))
     assert status == 409 and body["status"] == "error" and body["code"] == "already-provisioned"
     assert registry(stage).get("mydevice1").certificate_id == first["certificateId"]
+
+
+def test_a_lost_server_made_key_is_rekeyed_within_the_window_and_refused_after_it(client, stage, monkeypatch):
+    """GIP_REKEY_WINDOW_SECONDS: from a lease's time after the provisioning (its answer is over by then) until the
+    window's end, the device asking again without a CSR gets a new certificate and key, the old one revoked."""
+    monkeypatch.setenv("GIP_CLAIM_LEASE_SECONDS", "1")
+    monkeypatch.setenv("GIP_REKEY_WINDOW_SECONDS", "4")
+    wiring.reset()
+    first = post(client, stage.body("mydevice1"))[1]
+    time.sleep(1.5)
+    status, body = post(client, stage.body("mydevice1"))
+    assert (status, body["reason"]) == (200, "rekeyed"), body
+    assert body["certificateId"] != first["certificateId"] and "PrivateKey" in body
+    key = serialization.load_pem_private_key(body["PrivateKey"].encode(), password=None)
+    assert x509.load_pem_x509_certificate(body["certificatePem"].encode()).public_key() == key.public_key()
+    issuer = wiring.service().issuer
+    assert not issuer.certificate(first["certificateId"], "eu-west-2").active
+    assert issuer.certificate(body["certificateId"], "eu-west-2").active
+    assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
+    time.sleep(4)  # the window counts from the provisioning: it is over now
+    status, late = post(client, stage.body("mydevice1"))
+    assert (status, late["code"]) == (409, "already-provisioned") and "operator must reset" in late["message"]
+    assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
+    assert issuer.certificate(body["certificateId"], "eu-west-2").active
+
+
+def test_a_device_provisioned_with_its_own_key_is_never_rekeyed_without_a_csr(client, stage):
+    csr_pem, _ = make_csr("mydevice2")
+    first = post(client, stage.body("mydevice2", csr_pem))[1]
+    status, body = post(client, stage.body("mydevice2"))
+    assert (status, body["code"]) == (409, "already-provisioned")
+    assert wiring.service().issuer.certificate(first["certificateId"], "eu-west-2").active
 
 
 def test_unknown_device_is_403(client, stage):

@@ -3,7 +3,10 @@ server) and stops dead at a step boundary through the checkpoint injected into t
 the parent kills it there, waits out the (short) lease, retries from another child and checks that
 
 - a retry with the same CSR gets the SAME certificate the dead attempt issued (none issued twice),
-- a retry without a CSR gets a new certificate and the dead attempt's one is revoked,
+- a retry without a CSR gets a new certificate and the dead attempt's one is revoked; after "finalized" too, for a
+  device provisioned with a server-made key (a re-key, within GIP_REKEY_WINDOW_SECONDS), while a device
+  provisioned with its own key (CSR) is still refused without one,
+- a re-key killed in the middle leaves one active certificate once the next request settles it,
 - `admin audit` reports the dead attempt's certificate as in flight (with its age) while the lease runs, and
   is clean (exit 0, no finding) once the retry settled it.
 
@@ -33,6 +36,7 @@ from tests.conftest import LONDON_IP, make_csr, sign_v1
 
 LEASE = 3  # seconds: short, so that the suite waits little; injected through the settings
 BOUNDARIES = ("claimed", "issued", "recorded", "finalized")
+REKEY_BOUNDARIES = ("renewal-claimed", "renewal-recorded", "renewal-completed")  # a re-key is a renewal in place
 HEADERS = {"X-Forwarded-For": LONDON_IP}  # every device is placed in eu-west-2
 REGION = "eu-west-2"
 
@@ -147,6 +151,7 @@ def stage(request, tmp_path_factory):
         assert admin.main(["--state-dir", str(state), "keygen"]) == 0
         assert admin.main(["--state-dir", str(state), "init"]) == 0
         names = [f"{b}-{r}-{i}" for b in BOUNDARIES for r in ("samecsr", "nocsr") for i in (1, 2)]
+        names += [f"rekey-{b}" for b in REKEY_BOUNDARIES]
         assert admin.main(["--state-dir", str(state), "register", *names, "lease-1"]) == 0
         from cryptography.hazmat.primitives import serialization
         fleet_key = serialization.load_pem_private_key(
@@ -230,21 +235,53 @@ def test_a_retry_without_csr_after_a_kill_gets_a_new_certificate_and_the_old_one
                                                                                                capsys):
     thing = f"{boundary}-nocsr-1"
     csr_pem, _ = make_csr(thing)
-    killed = kill_at(stage, boundary, stage.body(thing, csr_pem))
+    # After "finalized" the device is provisioned: only a server-made key (no CSR) lost with the answer is re-keyed.
+    killed = kill_at(stage, boundary, stage.body(thing, None if boundary == "finalized" else csr_pem))
     left = stage.certificates(thing)
     time.sleep(max(0.0, killed + LEASE + 0.3 - time.time()))
 
     status, payload, _ = stage.healthy.post(stage.body(thing))
     after = stage.certificates(thing)
-    if boundary == "finalized":
-        # A provisioned device is never silently re-keyed: its certificate stays, the device is told why.
-        assert (status, payload["code"]) == (409, "already-provisioned"), payload
-        assert after == left and list(left.values()) == ["ACTIVE"]
-    else:
-        assert status == 200, payload
-        assert "PrivateKey" in payload and payload["certificateId"] not in left
-        assert after == {**{cert: "REVOKED" for cert in left}, payload["certificateId"]: "ACTIVE"} or (
-            stage.backend == "dynamodb" and after == {payload["certificateId"]: "ACTIVE"})  # AWS deletes revoked
+    assert status == 200, payload
+    assert "PrivateKey" in payload and payload["certificateId"] not in left
+    assert payload["reason"] == ("rekeyed" if boundary == "finalized" else "nearest")
+    assert after == {**{cert: "REVOKED" for cert in left}, payload["certificateId"]: "ACTIVE"} or (
+        stage.backend == "dynamodb" and after == {payload["certificateId"]: "ACTIVE"})  # AWS deletes revoked
+    code, found = stage.audit(capsys)
+    assert code == 0 and not any(found.values()), found
+
+
+def test_a_device_provisioned_with_its_own_key_is_not_rekeyed_without_a_csr(stage, capsys):
+    """Its key never left the device: a lost answer is recovered with the same CSR, never by a new server key."""
+    thing = "finalized-nocsr-2"
+    csr_pem, _ = make_csr(thing)
+    kill_at(stage, "finalized", stage.body(thing, csr_pem))
+    left = stage.certificates(thing)
+    status, payload, _ = stage.healthy.post(stage.body(thing))
+    assert (status, payload["code"]) == (409, "already-provisioned"), payload
+    assert "operator must reset" in payload["message"]
+    assert stage.certificates(thing) == left and list(left.values()) == ["ACTIVE"]
+    status, payload, _ = stage.healthy.post(stage.body(thing, csr_pem))
+    assert (status, payload["certificateId"], payload["reason"]) == (200, *left, "previous"), payload
+
+
+@pytest.mark.parametrize("boundary", REKEY_BOUNDARIES)
+def test_a_rekey_killed_in_the_middle_leaves_one_active_certificate(stage, boundary, capsys):
+    """The re-key itself dies (after its lease, after its certificate id is recorded, after the new certificate is
+    current but before the old one is revoked): the device's next retry settles it, one certificate stays active."""
+    thing = f"rekey-{boundary}"
+    status, first, _ = stage.healthy.post(stage.body(thing))
+    assert status == 200, first
+    status, payload, headers = stage.healthy.post(stage.body(thing))  # its answer may still be on the way
+    assert (status, payload["code"]) == (409, "provisioning-in-progress") and int(headers["Retry-After"]) <= LEASE + 1
+    time.sleep(LEASE + 1)
+    killed = kill_at(stage, boundary, stage.body(thing))
+    time.sleep(max(0.0, killed + LEASE + 0.3 - time.time()))
+    status, payload, _ = stage.healthy.post(stage.body(thing))
+    assert (status, payload["reason"]) == (200, "rekeyed"), payload
+    after = stage.certificates(thing)
+    assert [cert for cert, state in after.items() if state == "ACTIVE"] == [payload["certificateId"]], after
+    assert first["certificateId"] != payload["certificateId"]
     code, found = stage.audit(capsys)
     assert code == 0 and not any(found.values()), found
 

@@ -365,3 +365,85 @@ def test_an_unknown_location_gets_the_default_region_with_a_note(build, registry
     body = response_body(result)
     assert body["reason"] == "default" and body["message"] == result.note
     assert registry.get("dev-1").region == "us-east-1"
+
+
+def test_concurrent_retries_of_a_lost_server_made_key_rekey_it_once(build, registry, issuer, locator, fleet_key,
+                                                                      clock):
+    """Eight retries without a CSR at once, in the re-key window: one re-key wins (one conditional write), the
+    others are told 409 in progress; one certificate stays ACTIVE, the registry's, and the first is revoked."""
+    from chalicelib.relocation import RelocationPolicy
+    from chalicelib.renewal import RenewalService
+
+    rekeyer = RenewalService(registry=registry, issuer=issuer, locator=locator, regions=RegionPolicy(),
+                             relocation=RelocationPolicy.parse("never"), lease_seconds=LEASE, clock=clock)
+    service = build(rekeyer=rekeyer, rekey_window_seconds=900)
+
+    def request() -> ProvisioningRequest:
+        return ProvisioningRequest.from_body({"thing-name": "dev-1", "thing-name-sig": sign_v1(fleet_key, "dev-1")})
+
+    first = service.provision(request(), LONDON_IP)
+    clock.advance(LEASE + 1)  # the first answer is surely over (else: 409 in progress, nothing revoked)
+    threads_n = 8
+    barrier = threading.Barrier(threads_n)
+    outcomes: list = [None] * threads_n
+
+    def run(i):
+        barrier.wait()
+        try:
+            outcomes[i] = service.provision(request(), LONDON_IP)
+        except Exception as exc:  # collected and checked below
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    [winner] = [o for o in outcomes if not isinstance(o, Exception)]
+    assert all(isinstance(o, ProvisioningInProgress) for o in outcomes if o is not winner), outcomes
+    assert winner.choice.reason == "rekeyed" and winner.issued.private_key_pem
+    statuses = {r.certificate_id: r.status for r in issuer.certificates("dev-1")}
+    assert statuses == {first.issued.certificate_id: "REVOKED", winner.issued.certificate_id: "ACTIVE"}
+    assert registry.get("dev-1").certificate_id == winner.issued.certificate_id
+    clock.advance(900)  # the window counts from the provisioning: over
+    with pytest.raises(AlreadyProvisioned, match="operator must reset"):
+        service.provision(request(), LONDON_IP)
+
+
+class FailingRetire:
+    """A real LocalIssuer whose retire() (revoking the previous certificate after a re-key) fails."""
+
+    def __init__(self, real: LocalIssuer):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def retire(self, ref, delete_thing=False):
+        raise ServiceUnavailable("injected: revoking the previous certificate failed")
+
+
+def test_a_rekey_whose_revocation_fails_answers_and_the_audit_finishes_it(build, registry, issuer, locator,
+                                                                          fleet_key, clock):
+    """The new certificate is recorded first; the old one's revocation failing leaves it marked to retire:
+    `audit` lists it (an unfinished renewal) and `audit --fix` revokes it."""
+    from chalicelib import operations
+    from chalicelib.relocation import RelocationPolicy
+    from chalicelib.renewal import RenewalService
+
+    rekeyer = RenewalService(registry=registry, issuer=FailingRetire(issuer), locator=locator, regions=RegionPolicy(),
+                             relocation=RelocationPolicy.parse("never"), lease_seconds=LEASE, clock=clock)
+    service = build(rekeyer=rekeyer, rekey_window_seconds=900)
+    body = {"thing-name": "dev-1", "thing-name-sig": sign_v1(fleet_key, "dev-1")}
+    first = service.provision(ProvisioningRequest.from_body(body), LONDON_IP)
+    clock.advance(LEASE + 1)
+    again = service.provision(ProvisioningRequest.from_body(body), LONDON_IP)
+    assert again.choice.reason == "rekeyed" and registry.get("dev-1").retire_pending
+    assert statuses(issuer, "dev-1") == ["ACTIVE", "ACTIVE"]  # until the audit finishes it
+    report = operations.audit(registry, issuer, SAMPLE_REGIONS, clock())
+    assert [u.previous_certificate_id for u in report.unfinished_renewals] == [first.issued.certificate_id]
+    operations.repair(registry, issuer, report, clock(), LEASE)
+    assert {r.certificate_id: r.status for r in issuer.certificates("dev-1")} == {
+        first.issued.certificate_id: "REVOKED", again.issued.certificate_id: "ACTIVE"}
+    assert operations.audit(registry, issuer, SAMPLE_REGIONS, clock()).findings == 0

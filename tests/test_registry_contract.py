@@ -667,3 +667,129 @@ def test_a_renewal_never_answered_is_reopened_with_its_certificate_on_the_write_
     assert not claim.live(T0 + timedelta(seconds=LEASE + 1))  # for the next renewal lease to settle
     assert registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 2), LEASE).previous == claim.pending
     assert not registry.reopen_renewal("dev1", "cert-b", "fp-a", T0 + timedelta(seconds=LEASE + 3))  # once
+
+
+# --- re-key (a server-made key lost with its answer): the same contract on both backends ------------------------
+
+WINDOW = 900
+
+
+def server_keyed(registry, name: str = "dev1", own_key: str | None = None) -> None:
+    """Provisioned at T0 with a server-made key (no CSR)."""
+    registry.register([name], {name: own_key} if own_key else None)
+    registry.finalize(registry.claim(name, T0, LEASE), "eu-west-2", "cert-a", T0, "fp-a", "GB", "nearest",
+                      "KEY-A", "2027-11-28T12:00:00Z", server_key=True)
+
+
+def test_provisioning_records_whether_the_key_was_made_by_the_service(registry):
+    server_keyed(registry)
+    renewable(registry, "dev2")
+    assert registry.get("dev1").server_key and item(registry.get("dev1"))["server_key"] is True
+    assert not registry.get("dev2").server_key and "server_key" not in item(registry.get("dev2"))
+    registry.reset("dev1")
+    assert not registry.get("dev1").server_key
+
+
+def test_a_rekey_takes_the_renewal_lease_within_the_window_through_its_last_instant(registry):
+    server_keyed(registry)
+    claim = registry.begin_rekey("dev1", T0 + timedelta(seconds=WINDOW), LEASE, WINDOW)
+    assert claim.renewal and claim.previous is None
+    assert registry.renewal_state("dev1").renewing_until == (T0 + timedelta(seconds=WINDOW + LEASE)).timestamp()
+    # It completes as a renewal in place: the old certificate is the previous one, waiting to be revoked.
+    registry.complete_renewal(claim, renewed(server_key=True), T0 + timedelta(seconds=WINDOW))
+    state = registry.renewal_state("dev1")
+    assert (state.certificate_id, state.previous_certificate_id, state.retire_pending) == ("cert-b", "cert-a", True)
+    record = registry.get("dev1")
+    assert record.server_key and record.provisioned_at == T0  # the window still counts from the provisioning
+    # While the old certificate waits to be revoked no re-key starts; once it is, one may (still in the window).
+    with pytest.raises(AlreadyProvisioned):
+        registry.begin_rekey("dev1", T0 + timedelta(seconds=10), LEASE, WINDOW)
+    registry.previous_retired("dev1", "cert-a")
+    registry.begin_rekey("dev1", T0 + timedelta(seconds=10), LEASE, WINDOW)
+
+
+def test_a_rekey_after_the_window_or_of_a_devices_own_key_is_already_provisioned(registry):
+    server_keyed(registry)
+    with pytest.raises(AlreadyProvisioned) as late:
+        registry.begin_rekey("dev1", T0 + timedelta(seconds=WINDOW + 1), LEASE, WINDOW)
+    assert "operator must reset" in str(late.value)
+    renewable(registry, "dev2")  # provisioned with its own key (a CSR)
+    with pytest.raises(AlreadyProvisioned):
+        registry.begin_rekey("dev2", T0, LEASE, WINDOW)
+    registry.register(["dev3"])
+    with pytest.raises(NotRegistered):
+        registry.begin_rekey("nobody", T0, LEASE, WINDOW)
+    with pytest.raises(ProvisioningInProgress):  # reset meanwhile: asking again provisions it
+        registry.begin_rekey("dev3", T0, LEASE, WINDOW)
+    # A renewal with a CSR ends the window early: the key is the device's own now.
+    claim = registry.begin_renewal("dev1", "cert-a", T0, LEASE)
+    registry.complete_renewal(claim, renewed(), T0)
+    registry.previous_retired("dev1", "cert-a")
+    assert not registry.get("dev1").server_key
+    with pytest.raises(AlreadyProvisioned):
+        registry.begin_rekey("dev1", T0 + timedelta(seconds=1), LEASE, WINDOW)
+    assert registry.renewal_state("dev1").renewing_until is None  # every refusal changed nothing
+
+
+def test_a_rekey_with_the_fleet_key_of_a_device_with_its_own_signing_key_is_refused(registry):
+    server_keyed(registry, own_key="DEVICE-PEM")
+    with pytest.raises(SignatureInvalid):
+        registry.begin_rekey("dev1", T0, LEASE, WINDOW, fleet_key=True)
+    registry.begin_rekey("dev1", T0, LEASE, WINDOW, fleet_key=False)  # signed with its own key
+
+
+def test_one_rekey_at_a_time_a_dead_ones_lease_ends_and_hands_over_its_record(registry):
+    server_keyed(registry)
+    first = registry.begin_rekey("dev1", T0, LEASE, WINDOW)
+    registry.record_intent(first, PendingIssue("eu-west-2", T0, None))
+    registry.record_certificate(first, "cert-dead", False)
+    with pytest.raises(ProvisioningInProgress) as busy:
+        registry.begin_rekey("dev1", T0 + timedelta(seconds=10), LEASE, WINDOW)
+    assert busy.value.retry_after == LEASE - 10
+    with pytest.raises(RenewalInProgress):  # a renewal waits for it too
+        registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=10), LEASE)
+    late = registry.begin_rekey("dev1", T0 + timedelta(seconds=LEASE + 1), LEASE, WINDOW)
+    assert late.token != first.token
+    assert (late.previous.certificate_id, late.previous.region) == ("cert-dead", "eu-west-2")
+    with pytest.raises(RenewalInProgress):
+        registry.complete_renewal(first, renewed(), T0)  # its lease was taken over
+    registry.abandon_renewal(late, "issuer failed")
+    state = registry.renewal_state("dev1")
+    assert (state.renewing_until, state.certificate_id, state.retire_pending) == (None, "cert-a", False)
+
+
+def test_only_one_of_many_concurrent_rekeys_wins(registry):
+    if isinstance(registry, DynamoDbRegistry):
+        pytest.skip("moto serialises requests in-process, so it cannot show DynamoDB's conditional-write atomicity")
+    server_keyed(registry)
+    start = threading.Barrier(8)
+    won, refused = [], []
+
+    def contend():
+        start.wait()
+        try:
+            won.append(registry.begin_rekey("dev1", T0, LEASE, WINDOW))
+        except ProvisioningInProgress:
+            refused.append(True)
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and len(refused) == 7
+
+
+def test_no_rekey_while_the_provisioning_request_may_still_be_answering(registry):
+    """A duplicate request right after the provisioning waits (409 with the time left) instead of revoking the
+    certificate the first answer carries; from `quiet_seconds` after the provisioning the re-key may start."""
+    server_keyed(registry)
+    with pytest.raises(ProvisioningInProgress) as early:
+        registry.begin_rekey("dev1", T0 + timedelta(seconds=49), LEASE, WINDOW, quiet_seconds=50)
+    assert early.value.retry_after == 1
+    assert registry.renewal_state("dev1").renewing_until is None
+    registry.begin_rekey("dev1", T0 + timedelta(seconds=50), LEASE, WINDOW, quiet_seconds=50)
+    # A window shorter than the quiet time never opens: refused as provisioned for good, not an error.
+    server_keyed(registry, "dev2")
+    with pytest.raises(AlreadyProvisioned):
+        registry.begin_rekey("dev2", T0 + timedelta(seconds=60), LEASE, 10, quiet_seconds=50)

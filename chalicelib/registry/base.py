@@ -10,7 +10,7 @@ import builtins
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -62,6 +62,9 @@ class DeviceRecord:
     previous_region: str | None = None
     retire_pending: bool = False  # the previous certificate (and thing, after a move) is not removed yet
     renewal_lease: datetime | None = None  # while a renewal is in flight: when its lease ends
+    # The current certificate's key was made by the service (no CSR): a lost answer lost the key with it, so the
+    # device may ask again for a new one within the re-key window (chalicelib/renewal.py, RenewalService.rekey).
+    server_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ def attributes_json(attributes: Mapping[str, str] | None) -> str | None:
 ITEM_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
                    "attributes", "certificate_expires", "renewal_count", "last_renewal", "previous_certificate_id",
-                   "previous_region", "retire_pending", "renewal_lease")
+                   "previous_region", "retire_pending", "renewal_lease", "server_key")
 
 
 def record_from_item(item: Mapping[str, Any]) -> DeviceRecord:
@@ -157,6 +160,7 @@ def record_from_item(item: Mapping[str, Any]) -> DeviceRecord:
         retire_pending=bool(item.get("retire_pending")),
         renewal_lease=(datetime.fromtimestamp(float(item["renewal_lease"]), timezone.utc)
                        if item.get("renewal_lease") is not None else None),
+        server_key=bool(item.get("server_key")),
     )
 
 
@@ -177,7 +181,7 @@ def item_of(record: DeviceRecord) -> dict[str, Any]:
         "renewal_count": record.renewal_count or None,
         "last_renewal": record.last_renewal and timestamp(record.last_renewal),
         "previous_certificate_id": record.previous_certificate_id, "previous_region": record.previous_region,
-        "retire_pending": record.retire_pending or None}
+        "retire_pending": record.retire_pending or None, "server_key": record.server_key or None}
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -215,6 +219,24 @@ def claim_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool,
                                   retry_after=None if left is None else max(1, math.ceil(left)))
 
 
+def rekey_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool, now: datetime,
+                  quiet_seconds: int = 0) -> ProvisioningError:
+    """Why a re-key claim (`begin_rekey`) was refused: claim_refusal's rule, then a re-key in flight or a
+    provisioning that may still be answering (409 with the time left), else the device is provisioned for good
+    (its window is over, or its key is its own)."""
+    if record is None or (fleet_key and record.public_key) or record.status is not PROVISIONED:
+        return claim_refusal(thing_name, record, fleet_key, now)
+    if record.renewal_lease is not None and record.renewal_lease >= now:
+        return ProvisioningInProgress(f"{thing_name} is being re-keyed by another request",
+                                      retry_after=max(1, math.ceil((record.renewal_lease - now).total_seconds())))
+    opens = record.provisioned_at + timedelta(seconds=quiet_seconds) if record.provisioned_at else None
+    if record.server_key and opens is not None and opens > now:
+        return ProvisioningInProgress(f"{thing_name} was provisioned just now; its answer may still be on the way",
+                                      retry_after=max(1, math.ceil((opens - now).total_seconds())))
+    return AlreadyProvisioned(f"{thing_name} is already provisioned; an operator must reset it (admin reset) before "
+                              "it can provision again", record=record)
+
+
 class Registry(Protocol):
     def create(self) -> None:
         """Make the table if it is missing; safe to repeat."""
@@ -247,8 +269,10 @@ class Registry(Protocol):
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
-                 public_key: str | None = None, expires: str | None = None) -> None:
+                 public_key: str | None = None, expires: str | None = None, server_key: bool = False) -> None:
         """provisioning -> provisioned, only while `claim` still holds; else raises ProvisioningInProgress.
+
+        `server_key`: the certificate's key was made by the service (no CSR), which allows a re-key.
 
         `public_key` (PEM) is the certificate's key, which a renewal's signature is checked with; `expires` its
         end of validity (clock.timestamp form), for `admin list --expiring-within`.
@@ -319,6 +343,7 @@ class RenewedCertificate:
     expires: str | None = None  # the certificate's end of validity, clock.timestamp form
     country: str | None = None
     reason: str | None = None  # set on a move: why the device now lives in `region`
+    server_key: bool = False  # the key was made by the service (no CSR): DeviceRecord.server_key
 
 
 class RenewalRegistry(Registry, Protocol):
@@ -335,6 +360,13 @@ class RenewalRegistry(Registry, Protocol):
 
         The claim (`renewal`) carries the write-ahead record a dead renewal left (`previous`), read in the same
         write; `record_intent` and `record_certificate` take it as they take a provisioning claim."""
+
+    def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
+                    fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
+        """Take the renewal lease of a device provisioned with a server-made key (`server_key`) between
+        `now - window_seconds` and `now - quiet_seconds` (the provisioning request is over), with no renewal lease
+        live and no previous certificate left to retire, in one conditional write, as `claim` (the fleet-key rule
+        included). The claim carries what a dead re-key left (`previous`). Refusals are `rekey_refusal`'s."""
 
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
         """Make `renewed` the current certificate while `claim` holds: the old one becomes the previous one (to

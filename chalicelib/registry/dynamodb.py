@@ -7,7 +7,7 @@ import re
 import secrets
 import time
 from concurrent.futures import Executor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -39,6 +39,7 @@ from chalicelib.registry.base import (
     attributes_json,
     claim_refusal,
     record_from_item,
+    rekey_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#certkey": "certificate_public_key", "#prevcert": "previous_certificate_id",
           "#prevkey": "previous_public_key", "#prevregion": "previous_region", "#retire": "retire_pending",
           "#renewals": "renewal_count", "#renewed": "last_renewal", "#rtoken": "renewal_token",
-          "#rlease": "renewal_lease", "#expires": "certificate_expires"}
+          "#rlease": "renewal_lease", "#expires": "certificate_expires", "#serverkey": "server_key"}
 # The write-ahead record of an issuance (registry/base.py PendingIssue), as attribute placeholders.
 _PENDING_NAMES = ("#pregion", "#psince", "#pfingerprint", "#pcert", "#pcreated", "#pmove")
 
@@ -89,7 +90,7 @@ def _pending(raw: Mapping[str, Any]) -> PendingIssue | None:
 def _record(raw: Mapping[str, Any]) -> DeviceRecord:
     """DynamoDB's typed attributes ({"S": ...}, {"N": ...}) to a record."""
     item: dict[str, Any] = {key: raw[key]["S"] for key in ITEM_ATTRIBUTES if key in raw and "S" in raw[key]}
-    for number in ("attempts", "lease_expires", "renewal_count", "renewal_lease", "retire_pending"):
+    for number in ("attempts", "lease_expires", "renewal_count", "renewal_lease", "retire_pending", "server_key"):
         if "N" in raw.get(number, {}):
             item[number] = float(raw[number]["N"])
     return record_from_item(item)
@@ -274,7 +275,7 @@ class DynamoDbRegistry:
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
-                 public_key: str | None = None, expires: str | None = None) -> None:
+                 public_key: str | None = None, expires: str | None = None, server_key: bool = False) -> None:
         values = {":provisioned": {"S": PROVISIONED.value}, ":provisioning": {"S": PROVISIONING.value},
                   ":datetime": {"S": _timestamp(now)}, ":region": {"S": region},
                   ":cert": {"S": certificate_id}, ":token": {"S": claim.token}}
@@ -287,6 +288,11 @@ class DynamoDbRegistry:
                 sets.append(f"{name} = :{name[1:]}")
             else:
                 removes.append(name)
+        if server_key:
+            values[":serverkey"] = {"N": "1"}
+            sets.append("#serverkey = :serverkey")
+        else:
+            removes.append("#serverkey")
         update = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
         try:
             self._call(
@@ -294,7 +300,7 @@ class DynamoDbRegistry:
                 ConditionExpression="#status = :provisioning AND #token = :token",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
                                                                  "#lease", "#error", "#fingerprint", "#country",
-                                                                 "#reason", "#certkey", "#expires",
+                                                                 "#reason", "#certkey", "#expires", "#serverkey",
                                                                  *_PENDING_NAMES)},
                 ExpressionAttributeValues=values)
         except ClientError as e:
@@ -429,13 +435,14 @@ class DynamoDbRegistry:
                 "update_item", TableName=self._table, Key=self._key(thing_name),
                 UpdateExpression="SET #status = :unprovisioned REMOVE #datetime, #region, #cert, #fingerprint, "
                                  "#country, #reason, #token, #lease, #error, "
-                                 "#certkey, #prevcert, #prevkey, #prevregion, #retire, #rtoken, #rlease, #expires",
+                                 "#certkey, #prevcert, #prevkey, #prevregion, #retire, #rtoken, #rlease, #expires, "
+                                 "#serverkey",
                 ConditionExpression="attribute_exists(#name)",
                 ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#datetime", "#region", "#cert",
                                                                  "#fingerprint", "#country", "#reason", "#token",
                                                                  "#lease", "#error", "#certkey", "#prevcert",
                                                                  "#prevkey", "#prevregion", "#retire", "#rtoken",
-                                                                 "#rlease", "#expires")},
+                                                                 "#rlease", "#expires", "#serverkey")},
                 ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value}}, ReturnValues="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
@@ -483,6 +490,33 @@ class DynamoDbRegistry:
             raise replayed_request()
         return claim
 
+    def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
+                    fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
+        token, at = secrets.token_hex(16), now.timestamp()
+        # prov_datetime is clock.timestamp text: it sorts as time does.
+        condition = ("#status = :provisioned AND #serverkey = :one AND #datetime >= :since AND #datetime <= :quiet "
+                     "AND (attribute_not_exists(#rlease) OR #rlease < :now) AND attribute_not_exists(#retire)")
+        if fleet_key:  # as in claim: a device with a key of its own does not take the fleet key's signature
+            condition += " AND attribute_not_exists(#key)"
+        update = "SET #rtoken = :token, #rlease = :lease, #claimed = :now"
+        try:
+            won = self._call(
+                "update_item", TableName=self._table, Key=self._key(thing_name), UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeNames={k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}"))},
+                ExpressionAttributeValues={":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
+                                           ":provisioned": {"S": PROVISIONED.value}, ":one": {"N": "1"},
+                                           ":since": {"S": _timestamp(now - timedelta(seconds=window_seconds))},
+                                           ":quiet": {"S": _timestamp(now - timedelta(seconds=quiet_seconds))},
+                                           ":now": {"N": repr(at)}},
+                ReturnValues="ALL_OLD", ReturnValuesOnConditionCheckFailure="ALL_OLD")
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            old = e.response.get("Item")
+            raise rekey_refusal(thing_name, _record(old) if old else None, fleet_key, now, quiet_seconds) from None
+        return Claim(thing_name, token, _pending(won.get("Attributes", {})), renewal=True)
+
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
         old = self._call("get_item", TableName=self._table, Key=self._key(claim.thing_name),
                          ConsistentRead=True).get("Item") or {}
@@ -510,6 +544,11 @@ class DynamoDbRegistry:
             sets.append("#expires = :expires")
         else:
             removes.append("#expires")
+        if renewed.server_key:
+            values[":serverkey"] = {"N": "1"}
+            sets.append("#serverkey = :serverkey")
+        else:
+            removes.append("#serverkey")
         condition = "#rtoken = :token AND #status = :provisioned"
         if "S" in old.get("certificate_id", {}):
             condition += " AND #cert = :oldcert"

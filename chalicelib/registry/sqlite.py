@@ -5,7 +5,7 @@ import builtins
 import secrets
 import sqlite3
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -32,6 +32,7 @@ from chalicelib.registry.base import (
     attributes_json,
     claim_refusal,
     record_from_item,
+    rekey_refusal,
 )
 from chalicelib.storage import StorageUnavailable, explain, translated
 
@@ -70,7 +71,9 @@ CREATE TABLE IF NOT EXISTS devices (
     renewal_count  INTEGER,
     last_renewal   TEXT,
     renewal_token  TEXT,
-    renewal_lease  REAL
+    renewal_lease  REAL,
+    -- the current certificate's key was made by the service (no CSR): a re-key may replace it in its window
+    server_key     INTEGER
 ) WITHOUT ROWID;
 -- No index on prov_status: it would double the cost of every claim and finalize, and only operator
 -- commands (list, stats, audit) filter on it, where a scan of even a million rows is quick enough.
@@ -89,11 +92,12 @@ _RENEWAL_COLUMNS = {"certificate_public_key": "TEXT", "previous_certificate_id":
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
                    "attributes", "lease_expires", "certificate_expires", "renewal_count", "last_renewal",
-                   "previous_certificate_id", "previous_region", "retire_pending", "renewal_lease")
+                   "previous_certificate_id", "previous_region", "retire_pending", "renewal_lease", "server_key")
 # Added after the first release: a registry made before them gets them on first open.
 _ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_since", "REAL"),
                   ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
-                  ("pending_created_thing", "INTEGER"), *_RENEWAL_COLUMNS.items(), ("pending_move", "INTEGER"))
+                  ("pending_created_thing", "INTEGER"), *_RENEWAL_COLUMNS.items(), ("pending_move", "INTEGER"),
+                  ("server_key", "INTEGER"))
 _PENDING = ("pending_region, pending_since, pending_fingerprint, pending_certificate_id, pending_created_thing, "
             "pending_move")
 _NO_PENDING = ("pending_region = NULL, pending_since = NULL, pending_fingerprint = NULL, "
@@ -204,14 +208,14 @@ class SqliteRegistry:
     @translated
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
-                 public_key: str | None = None, expires: str | None = None) -> None:
+                 public_key: str | None = None, expires: str | None = None, server_key: bool = False) -> None:
         changed = self._db().execute(
             "UPDATE devices SET prov_status = ?, prov_datetime = ?, aws_region = ?, certificate_id = ?, "
             "public_key_fingerprint = ?, country = ?, region_reason = ?, claim_token = NULL, lease_expires = NULL, "
-            "certificate_public_key = ?, certificate_expires = ?, "
+            "certificate_public_key = ?, certificate_expires = ?, server_key = ?, "
             f"last_error = NULL, {_NO_PENDING} WHERE thing_name = ? AND prov_status = ? AND claim_token = ?",
             (PROVISIONED.value, _timestamp(now), region, certificate_id, fingerprint, country, reason, public_key,
-             expires, claim.thing_name, PROVISIONING.value, claim.token)).rowcount
+             expires, int(server_key) or None, claim.thing_name, PROVISIONING.value, claim.token)).rowcount
         if changed != 1:
             raise ProvisioningInProgress(f"{claim.thing_name}: the claim's lease ran out before provisioning ended")
 
@@ -309,7 +313,7 @@ class SqliteRegistry:
                 "claim_token = NULL, lease_expires = NULL, "
                 "certificate_public_key = NULL, previous_certificate_id = NULL, previous_public_key = NULL, "
                 "previous_region = NULL, retire_pending = NULL, renewal_token = NULL, renewal_lease = NULL, "
-                "certificate_expires = NULL, "
+                "certificate_expires = NULL, server_key = NULL, "
                 "last_error = NULL WHERE thing_name = ?", (thing_name,))
             db.execute("COMMIT")
         except BaseException:
@@ -366,19 +370,36 @@ class SqliteRegistry:
         raise RenewalRefused(RENEWAL_REFUSED)
 
     @translated
+    def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
+                    fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
+        token, at = secrets.token_hex(16), now.timestamp()
+        # prov_datetime is clock.timestamp text: it sorts as time does.
+        won = self._db().execute(
+            "UPDATE devices SET renewal_token = ?, renewal_lease = ?, claimed_at = ? WHERE thing_name = ? "
+            "AND prov_status = ? AND server_key = 1 AND prov_datetime >= ? AND prov_datetime <= ? "
+            "AND (renewal_lease IS NULL OR renewal_lease < ?) AND COALESCE(retire_pending, 0) = 0 "
+            f"AND (? = 0 OR public_key IS NULL) RETURNING {_PENDING}",
+            (token, at + lease_seconds, at, thing_name, PROVISIONED.value,
+             _timestamp(now - timedelta(seconds=window_seconds)), _timestamp(now - timedelta(seconds=quiet_seconds)),
+             at, int(fleet_key))).fetchone()
+        if won is not None:
+            return Claim(thing_name, token, _pending(won), renewal=True)
+        raise rekey_refusal(thing_name, self.get(thing_name), fleet_key, now, quiet_seconds)
+
+    @translated
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
         changed = self._db().execute(
             "UPDATE devices SET previous_certificate_id = certificate_id, "
             "previous_public_key = certificate_public_key, "
             "previous_region = aws_region, retire_pending = 1, aws_region = ?, certificate_id = ?, "
             "certificate_public_key = ?, public_key_fingerprint = ?, country = COALESCE(?, country), "
-            "certificate_expires = ?, "
+            "certificate_expires = ?, server_key = ?, "
             "region_reason = COALESCE(?, region_reason), renewal_count = COALESCE(renewal_count, 0) + 1, "
             f"last_renewal = ?, renewal_token = NULL, renewal_lease = NULL, last_error = NULL, {_NO_PENDING} "
             "WHERE thing_name = ? AND renewal_token = ? AND prov_status = ?",
             (renewed.region, renewed.certificate_id, renewed.public_key, renewed.fingerprint, renewed.country,
-             renewed.expires, renewed.reason, _timestamp(now), claim.thing_name, claim.token,
-             PROVISIONED.value)).rowcount
+             renewed.expires, int(renewed.server_key) or None, renewed.reason, _timestamp(now), claim.thing_name,
+             claim.token, PROVISIONED.value)).rowcount
         if changed != 1:
             raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded")
 
