@@ -62,7 +62,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "default": dict(devices=120, rounds=6, concurrency=16, own_keys=0.25, lease=None, jitter=0.3),
     "tiny": dict(devices=12, rounds=2, concurrency=6, own_keys=0.25, lease=4, jitter=0.0),
 }
-# Where the bundled GeoLite2 database puts them: three regions get devices.
+# Where the bundled geolocation database puts them: three regions get devices.
 ADDRESSES = ("81.2.69.142", "126.0.0.1", "1.1.1.1")
 MAX_RETRIES = 8
 HTTP_TIMEOUT = (3, 30)

@@ -56,7 +56,7 @@ SIZES = {
     "small": dict(devices=150, containers=None, uncapped=32, latency=0.05, ramp=1.0, quota=3.0),
     "tiny": dict(devices=30, containers=4, uncapped=8, latency=0.01, ramp=0.2, quota=5.0),
 }
-# One address per region, where the bundled GeoLite2 database puts it (nearest enabled region).
+# One address per region, where the bundled geolocation database puts it (nearest enabled region).
 REGION_IPS = {"eu-west-2": "81.2.69.142", "ap-northeast-1": "126.0.0.1", "ap-southeast-2": "1.1.1.1"}
 TABLE = "iot-global-provisioning"
 # Quotas of the calls outside admission's table (chalicelib.admission.IOT_QUOTAS), requests per second, scaled

@@ -124,7 +124,7 @@ def issuer(config: Settings, policy: RegionPolicy | None = None,
 
 
 def locator(config: Settings) -> GeoLocator:
-    """ipstack (key in SSM) and/or a MaxMind City file when configured, then the bundled GeoLite2."""
+    """ipstack (key in SSM) and/or a MaxMind City file when configured, then the bundled DB-IP City Lite file."""
     providers: list[GeoLocator] = []
     if config.ipstack_key_parameter:
         from chalicelib.aws import SsmSecret

@@ -1,4 +1,4 @@
-"""Geolocation providers: bundled GeoLite2, ipstack (recorded responses), SSM key, the fallback chain."""
+"""Geolocation providers: the bundled database, ipstack (recorded responses), SSM key, the fallback chain."""
 import boto3
 import pytest
 import requests
