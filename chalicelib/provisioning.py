@@ -293,21 +293,9 @@ class ProvisioningService:
         cause = failure.error if isinstance(failure, IssueIncomplete) else failure
         log.error("provisioning %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
         error = f"{type(cause).__name__}: {cause}"
-        incomplete = unsure and issued is None
-        if incomplete and intent is not None:  # the issuer failed in an unknown way: look for what it made
-            try:
-                self._settler.settle(Claim(claim.thing_name, claim.token, intent), None)
-                incomplete = False
-            except Exception:
-                log.exception("rollback of %s could not look for what the issuer made", claim.thing_name)
+        incomplete = self._settler.before_rollback(claim, intent, failure, unsure and issued is None, claim.thing_name)
         if isinstance(failure, IssueIncomplete):  # the issuer could not undo all of its own steps
             error = f"rollback incomplete, {failure.leftover}; {error}"
-            incomplete = True
-            if failure.certificate is not None:  # on the write-ahead record: the settler need not search
-                try:
-                    self._registry.record_certificate(claim, *failure.certificate)
-                except Exception:
-                    log.exception("could not record what the rollback of %s left", claim.thing_name)
         if issued is not None:
             try:
                 self._issuer.revoke(issued, keep_thing=not issued.created_thing)

@@ -390,21 +390,10 @@ class RenewalService:
         cause = failure.error if isinstance(failure, IssueIncomplete) else failure
         log.error("renewal of %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
         error = f"renewal: {type(cause).__name__}: {cause}"
-        incomplete = unsure and issued is None
-        if incomplete and intent is not None:  # the issuer failed in an unknown way: look for what it made
-            try:
-                self._settler.settle(Claim(claim.thing_name, claim.token, intent, renewal=True), None, own)
-                incomplete = False
-            except Exception:
-                log.exception("rollback of the renewal of %s could not look for what the issuer made", claim.thing_name)
+        incomplete = self._settler.before_rollback(claim, intent, failure, unsure and issued is None,
+                                                   f"the renewal of {claim.thing_name}", own)
         if isinstance(failure, IssueIncomplete):  # the issuer could not undo all of its own steps
             error = f"rollback incomplete, {failure.leftover}; {error}"
-            incomplete = True
-            if failure.certificate is not None:  # on the write-ahead record: the settler need not search
-                try:
-                    self._registry.record_certificate(claim, *failure.certificate)
-                except Exception:
-                    log.exception("could not record what the rollback of the renewal of %s left", claim.thing_name)
         if issued is not None:
             try:  # in place the device's thing holds its current certificate: only a thing this attempt made goes
                 self._issuer.retire(CertificateRef(issued.region, issued.certificate_id, issued.thing_name,

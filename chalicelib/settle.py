@@ -14,14 +14,14 @@ in a new region.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Collection
 
 from cryptography import x509
 
 from chalicelib.clock import timestamp
-from chalicelib.errors import RenewalInProgress, RenewalRefused
+from chalicelib.errors import IssueIncomplete, RenewalInProgress, RenewalRefused
 from chalicelib.issuers.base import CertificateRef, IssuedCertificate, Issuer, RenewalIssuer
 from chalicelib.registry.base import Claim, PendingIssue, Registry, RenewalRegistry
 
@@ -48,6 +48,28 @@ class Settler:
             return [pending.certificate_id] if pending.certificate_id not in keep else []
         return [certificate_id for certificate_id in self._issuer.find_issued(
             thing_name, pending.region, pending.since, pending.fingerprint) if certificate_id not in keep]
+
+    def before_rollback(self, claim: Claim, intent: PendingIssue | None, failure: Exception, search: bool,
+                        what: str, keep: Collection[str | None] = ()) -> bool:
+        """What a failed attempt may have left, put right before its rollback: an issuer that failed in an
+        unknown way and returned nothing (`search`) is searched for what it made, which is settled; an issuer
+        that could not undo its own steps has its certificate put on the write-ahead record. Returns whether
+        something may still be left (the record is then kept for the next claim or the audit)."""
+        incomplete = search
+        if search and intent is not None:
+            try:
+                self.settle(replace(claim, previous=intent), None, keep)
+                incomplete = False
+            except Exception:
+                log.exception("rollback of %s could not look for what the issuer made", what)
+        if isinstance(failure, IssueIncomplete):
+            incomplete = True
+            if failure.certificate is not None:  # on the write-ahead record: the settler need not search
+                try:
+                    self._registry.record_certificate(claim, *failure.certificate)
+                except Exception:
+                    log.exception("could not record what the rollback of %s left", what)
+        return incomplete
 
     def settle(self, claim: Claim, wanted: str | None, keep: Collection[str | None] = ()) -> Settled:
         """Settle `claim.previous`. `wanted`: the fingerprint of the key the holder of the claim asks a
