@@ -3,19 +3,19 @@
 Answers GET /<ip> with what was put in `answers` (404 otherwise), after `delay` seconds; records each call.
 """
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from tests.loopback import LoopbackServer, QuietHandler
 
-class FakeIpstack:
+
+class FakeIpstack(LoopbackServer):
     def __init__(self, delay: float = 0.0):
         self.answers: dict[str, dict] = {}
         self.calls: list[tuple[str, dict]] = []
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 parts = urlsplit(self.path)
                 ip = parts.path.strip("/")
@@ -29,18 +29,5 @@ class FakeIpstack:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args):
-                pass
-
         self.delay = delay
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{{ip}}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self) -> "FakeIpstack":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, path="/{ip}", poll=0.05)

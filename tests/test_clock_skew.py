@@ -7,9 +7,7 @@ the local stage (SQLite registry, local CA), through Chalice's own local gateway
 import datetime as dt
 import json
 import re
-import threading
 from email.utils import parsedate_to_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from chalice.test import Client
@@ -17,18 +15,19 @@ from chalice.test import Client
 from app import app
 from chalicelib import wiring
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
+from tests.loopback import LoopbackServer, QuietHandler
 from tests.test_device_client import gd
 
 DAY = dt.timedelta(days=1)
 
 
-class AppServer:
+class AppServer(LoopbackServer):
     """The app behind a real loopback HTTP server (one request at a time), counting what it answered."""
 
     def __init__(self, client):
         answers = self.answers = []
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 response = client.http.post(self.path.removeprefix("/api"), body=body,
@@ -44,20 +43,7 @@ class AppServer:
                 self.end_headers()
                 self.wfile.write(response.body)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

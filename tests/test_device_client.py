@@ -14,8 +14,6 @@ import os
 import socket
 import stat
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
+
+from tests.loopback import LoopbackServer, QuietHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,14 +71,14 @@ def error_body(code, message):
     return {"status": "error", "code": code, "message": message}
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """Answers POSTs from a script of (status, body, headers); the last entry repeats."""
 
     def __init__(self, script):
         self.script, self.requests = list(script), []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 outer.requests.append({"path": self.path, "headers": dict(self.headers),
@@ -93,20 +93,7 @@ class ScriptedServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def run_client(server_url, signing_key_file, state_dir, *extra, sleeps=None):

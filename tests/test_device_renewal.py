@@ -4,8 +4,6 @@ import datetime as dt
 import hashlib
 import json
 import stat
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from cryptography import x509
@@ -14,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests import test_device_client
+from tests.loopback import LoopbackServer, QuietHandler
 from tests.test_device_client import ScriptedServer, error_body, gd, run_client, verifies
 
 signing_key_file = test_device_client.signing_key_file  # the fleet key file (unused once provisioned)
@@ -53,7 +52,7 @@ def renewal_answer(csr_pem: str, certificate_id: str = "b" * 64, region: str = "
             "certificatePem": certificate_for(csr.public_key(), 365), "previousCertificateId": "a" * 64}
 
 
-class Renewals:
+class Renewals(LoopbackServer):
     """A renewal service on 127.0.0.1: answers each request with a certificate for its CSR's key, after
     `failures` 503s."""
 
@@ -61,7 +60,7 @@ class Renewals:
         self.failures, self.requests = failures, []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 request = {"path": self.path, "body": json.loads(self.rfile.read(length))}
@@ -78,20 +77,7 @@ class Renewals:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def test_renew_sends_a_renew_v1_request_and_stores_the_answer(tmp_path, provisioned, signing_key_file):
