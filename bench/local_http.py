@@ -15,12 +15,36 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 SIZES = {"full": dict(health=2000, devices=400), "quick": dict(health=500, devices=100),
          "tiny": dict(health=16, devices=8)}
 LONDON_IP = "81.2.69.142"
 CLIENTS = (1, 8)
+
+
+@contextmanager
+def registered_stage(prefix: str, count: int) -> Iterator[tuple[Any, Any]]:
+    """A throw-away local stage's (settings, fleet private key), with a fleet key and devices
+    `<prefix>1`..`<prefix><count>` registered (quietly: the CLI's own output is not the bench's)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from chalicelib import admin
+    from chalicelib.config import Settings
+    from devstack.stack import free_port_run
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.update(GIP_STATE_DIR=tmp, GIP_MQTT_BASE_PORT=str(free_port_run(11)))
+        settings = Settings.for_stage("local", tmp)
+        with open(os.devnull, "w") as quiet:
+            stdout, sys.stdout = sys.stdout, quiet
+            try:
+                admin.main(["--state-dir", tmp, "keygen"])
+                admin.main(["--state-dir", tmp, "register", "--prefix", prefix, "--count", str(count)])
+            finally:
+                sys.stdout = stdout
+        yield settings, serialization.load_pem_private_key(
+            (settings.keys_dir / "global-provisioning.priv.key.pem").read_bytes(), password=None)
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -62,24 +86,11 @@ def bench(size: str = "full") -> dict:
     from cryptography.hazmat.primitives.asymmetric import ec, padding
     from cryptography.x509.oid import NameOID
 
-    from chalicelib import admin
-    from chalicelib.config import Settings
-    from devstack.stack import LocalStack, free_port, free_port_run
+    from devstack.stack import LocalStack, free_port
 
     n = SIZES[size]
     devices = n["devices"] * len(CLIENTS)  # each run provisions devices of its own
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.update(GIP_STATE_DIR=tmp, GIP_MQTT_BASE_PORT=str(free_port_run(11)))
-        settings = Settings.for_stage("local", tmp)
-        with open(os.devnull, "w") as quiet:
-            stdout, sys.stdout = sys.stdout, quiet
-            try:
-                admin.main(["--state-dir", tmp, "keygen"])
-                admin.main(["--state-dir", tmp, "register", "--prefix", "lat-", "--count", str(devices)])
-            finally:
-                sys.stdout = stdout
-        fleet = serialization.load_pem_private_key(
-            (settings.keys_dir / "global-provisioning.priv.key.pem").read_bytes(), password=None)
+    with registered_stage("lat-", devices) as (settings, fleet):
 
         def body(name: str) -> str:
             csr = (x509.CertificateSigningRequestBuilder()

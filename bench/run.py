@@ -238,21 +238,8 @@ def bench_inprocess(n: int, reps: int) -> dict:
 def bench_http(n: int, clients: int = 8) -> dict:
     import requests
 
-    from chalicelib import admin
-    from chalicelib.config import Settings
-    from devstack.stack import LocalStack, free_port, free_port_run
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.update(GIP_STATE_DIR=tmp, GIP_MQTT_BASE_PORT=str(free_port_run(11)))
-        settings = Settings.for_stage("local", tmp)
-        with open(os.devnull, "w") as quiet:
-            stdout, sys.stdout = sys.stdout, quiet
-            try:
-                admin.main(["--state-dir", tmp, "keygen"])
-                admin.main(["--state-dir", tmp, "register", "--prefix", "http-", "--count", str(n)])
-            finally:
-                sys.stdout = stdout
-        fleet = serialization.load_pem_private_key(
-            (settings.keys_dir / "global-provisioning.priv.key.pem").read_bytes(), password=None)
+    from devstack.stack import LocalStack, free_port
+    with local_http.registered_stage("http-", n) as (settings, fleet):
         say(f"  making {n} EC device keys and CSRs (not timed) ...")
         bodies = [{"thing-name": f"http-{i}", "thing-name-sig": sign(fleet, f"http-{i}".encode()),
                    "CSR": make_csr(f"http-{i}", ec.generate_private_key(ec.SECP256R1()))} for i in range(1, n + 1)]
