@@ -24,6 +24,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import boto3
 import pytest
@@ -172,14 +173,15 @@ def stage(request, tmp_path_factory):
                 server.stop()
 
 
-def kill_at(stage: Stage, boundary: str, payload: dict) -> float:
-    """Send `payload` to a child that stops at `boundary`, then kill -9 it there. Returns when it was killed."""
+def kill_at(stage: Stage, boundary: str, payload: dict, send: Callable[[Any, dict], Any] | None = None) -> float:
+    """Send `payload` to a child that stops at `boundary` (by `send(child, payload)`; a provisioning request
+    unless told), then kill -9 it there. Returns when it was killed."""
     victim = stage.start(pause_at=boundary)
     outcome: dict = {}
 
     def call() -> None:
         try:
-            outcome["answer"] = victim.post(payload)
+            outcome["answer"] = send(victim, payload) if send else victim.post(payload)
         except requests.RequestException as exc:
             outcome["error"] = exc
 

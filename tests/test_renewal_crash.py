@@ -13,8 +13,6 @@ there, and then checks that
 Both backends: SQLite + local CA in the children; DynamoDB + AWS IoT under moto's server mode.
 """
 import os
-import signal
-import threading
 import time
 
 import boto3
@@ -25,7 +23,7 @@ from chalicelib import admin, wiring
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME
 from devstack.stack import free_port
 from tests.conftest import make_csr
-from tests.test_crash_recovery import HEADERS, LEASE, REGION, Stage, _environment
+from tests.test_crash_recovery import HEADERS, LEASE, REGION, Stage, _environment, kill_at
 from tests.test_renewal import renewal_body
 
 BOUNDARIES = ("renewal-claimed", "renewal-issued", "renewal-recorded", "renewal-completed")
@@ -95,29 +93,8 @@ def provisioned(stage: Stage, thing: str) -> tuple[str, object]:
 
 
 def kill_renewal_at(stage: Stage, boundary: str, body: dict) -> float:
-    """Send the renewal `body` to a child that stops at `boundary`, then kill -9 it there. Returns when."""
-    victim = stage.start(pause_at=boundary)
-    outcome: dict = {}
-
-    def call() -> None:
-        try:
-            outcome["answer"] = renew(victim.url, body)
-        except requests.RequestException as exc:
-            outcome["error"] = exc
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    deadline = time.monotonic() + 60
-    while not victim.marker.exists():
-        assert victim.process.poll() is None and time.monotonic() < deadline, outcome
-        time.sleep(0.01)
-    assert victim.marker.read_text().split()[:2] == [boundary, body["thing-name"]]
-    os.kill(victim.process.pid, signal.SIGKILL)
-    killed = time.time()
-    assert victim.process.wait(10) == -signal.SIGKILL
-    caller.join(30)
-    assert "error" in outcome, outcome  # the device never got an answer
-    return killed
+    """kill_at for a renewal: the child stops at `boundary` while renewing, and is killed there."""
+    return kill_at(stage, boundary, body, send=lambda victim, payload: renew(victim.url, payload))
 
 
 def active(stage: Stage, thing: str) -> set[str]:
