@@ -26,10 +26,12 @@ demo: install
 local: install
 	$(PY) -m devstack.local --api-port $(API_PORT)
 
-# Lint and types first; then the suite. pytest's exit code 5 (no tests collected) fails like any other.
+# Lint, types and the layers' import contracts first; then the suite. pytest's exit code 5 (no tests collected)
+# fails like any other.
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 bench: install

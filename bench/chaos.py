@@ -5,7 +5,7 @@ with its own XDG_STATE_HOME. N devices are registered (a share with keys of thei
 key); half of them send a CSR, half do not. Each round fires a burst of concurrent signed requests (v2, over
 HTTP, built with the device client's own code) for every device without a certificate yet, and kills the whole
 process group with SIGKILL while the burst is in flight (a seeded RNG picks the moment). Then the stage is
-started again, the claim lease (the request budget plus its margin, see chalicelib/deadline.py) is waited out,
+started again, the claim lease (the request budget plus its margin, see chalicelib/domain/deadline.py) is waited out,
 and every device retries with its own key: the same CSR as before, or again without one; a device that already
 holds a certificate for its CSR asks again too (a lost answer must get the same certificate back). A device
 without a CSR whose answer died after its record was finalized lost its server-made key with it (the service
@@ -14,7 +14,7 @@ keeps none): asking again within the re-key window (GIP_REKEY_WINDOW_SECONDS) it
 
 Targets (exit 0 only when all hold): every device provisioned and holding the certificate its registry row
 names, ACTIVE in the CA; zero ACTIVE certificates that no registry row refers to (read from the local CA's
-records directly); zero devices holding two ACTIVE certificates; `python -m chalicelib.admin audit` clean
+records directly); zero devices holding two ACTIVE certificates; `python -m admin audit` clean
 without --fix (exit 0); and during the lease, before any retry, every ACTIVE certificate that no provisioned
 row names is listed by `admin audit` (in flight, stuck, or an orphan), none hidden. A last phase damages the registry file and checks that /health answers 503 naming
 the registry and that the admin CLI says so in one line, without a traceback.
@@ -49,11 +49,11 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR / "device"))
 import global_device as device  # noqa: E402 (the device's own signing and CSR code, standalone by design)
 
-from chalicelib.deadline import ROLLBACK_RESERVE_SECONDS  # noqa: E402
-from chalicelib.provisioning import FINALIZE_SECONDS, ISSUE_SECONDS  # noqa: E402
+from chalicelib.domain.deadline import ROLLBACK_RESERVE_SECONDS  # noqa: E402
+from chalicelib.services.provisioning import FINALIZE_SECONDS, ISSUE_SECONDS  # noqa: E402
 from devstack.stack import free_port, free_port_run  # noqa: E402
 
-# What a request must have left when it claims (chalicelib/provisioning.py): the local budget must exceed it.
+# What a request must have left when it claims (chalicelib/services/provisioning.py): the local budget must exceed it.
 CLAIM_NEEDS = ISSUE_SECONDS + FINALIZE_SECONDS + ROLLBACK_RESERVE_SECONDS
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -253,7 +253,7 @@ def inventory(state_dir: Path) -> tuple[dict[str, tuple[str, str | None]], list[
 
 
 def admin(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chalicelib.admin", *argv], cwd=PROJECT_DIR, env=env,
+    return subprocess.run([sys.executable, "-m", "admin", *argv], cwd=PROJECT_DIR, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -68,8 +68,8 @@ def v2_csr_body(fleet_key, name: str) -> dict:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-    from bench.run import make_csr
-    from chalicelib.signatures import v2_text
+    from bench.devices import make_csr
+    from chalicelib.domain.signatures import v2_text
     csr = make_csr(name, ec.generate_private_key(ec.SECP256R1()))
     stamp, nonce = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), os.urandom(12).hex()
     signature = fleet_key.sign(v2_text(name, stamp, nonce, csr), padding.PKCS1v15(), hashes.SHA256())
@@ -177,7 +177,7 @@ def run(reps: int, importtime: bool, verbose: bool = False, profile: bool = Fals
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from chalicelib.registry.dynamodb import DynamoDbRegistry
+    from chalicelib.adapters.registry.dynamodb import DynamoDbRegistry
     from devstack.stack import free_port
     config = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]
     port = free_port()

@@ -16,9 +16,9 @@ import random
 import sys
 from pathlib import Path
 
+from chalicelib.adapters.geo import MaxMindLocator
 from chalicelib.config import PROJECT_DIR
-from chalicelib.geo import MaxMindLocator
-from chalicelib.regions import RegionPolicy
+from chalicelib.domain.regions import RegionPolicy
 from devstack.build_geodata import dbip_file, package_data_file
 
 CACHE = PROJECT_DIR / ".state" / "geodata"
@@ -33,7 +33,7 @@ def geolite2_file(cache: Path) -> Path:
 
 def database(source: str) -> Path:
     if source == "bundled":
-        from chalicelib.geo import bundled_database
+        from chalicelib.adapters.geo import bundled_database
         return Path(bundled_database())
     if source == "dbip-2023":
         return dbip_file(CACHE)
@@ -65,7 +65,7 @@ def compare(old: MaxMindLocator, new: MaxMindLocator, addresses: list[str]) -> d
     policy = RegionPolicy()
     counts = dict.fromkeys(["old_located", "new_located", "old_only", "new_only", "both", "country_changed",
                             "region_changed", "distance_over_500km", "answer_changed"], 0)
-    from chalicelib.regions import great_circle_km
+    from chalicelib.domain.regions import great_circle_km
     for ip in addresses:
         a, b = old.locate(ip), new.locate(ip)
         counts["old_located"] += a is not None

@@ -30,7 +30,7 @@ def registered_stage(prefix: str, count: int) -> Iterator[tuple[Any, Any]]:
     `<prefix>1`..`<prefix><count>` registered (quietly: the CLI's own output is not the bench's)."""
     from cryptography.hazmat.primitives import serialization
 
-    from chalicelib import admin
+    from admin import cli as admin
     from chalicelib.config import Settings
     from devstack.stack import free_port_run
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,11 +81,10 @@ def _timed(calls: list[Callable[[Any], int]], clients: int) -> dict[str, Any]:
 
 def bench(size: str = "full") -> dict:
     import requests
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, padding
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
 
+    from bench.devices import make_csr
     from devstack.stack import LocalStack, free_port
 
     n = SIZES[size]
@@ -93,12 +92,9 @@ def bench(size: str = "full") -> dict:
     with registered_stage("lat-", devices) as (settings, fleet):
 
         def body(name: str) -> str:
-            csr = (x509.CertificateSigningRequestBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                   .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
             signature = fleet.sign(name.encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr]
             return json.dumps({"thing-name": name, "thing-name-sig": base64.b64encode(signature).decode(),
-                               "CSR": csr.public_bytes(serialization.Encoding.PEM).decode()})
+                               "CSR": make_csr(name)})
 
         bodies = [body(f"lat-{i}") for i in range(1, devices + 1)]  # not timed
         headers = {"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP}

@@ -22,11 +22,12 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from chalicelib import admin, worldmap
-from chalicelib.clock import timestamp
+from admin import cli as admin
+from admin import worldmap
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import Settings
-from chalicelib.regions import Location, RegionPolicy
-from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.domain.clock import timestamp
+from chalicelib.domain.regions import Location, RegionPolicy
 
 RULES = {"countries": {"CH": "eu-central-1", "NZ": "ap-southeast-2", "CA": "us-east-1"},
          "continents": {"SA": "us-east-1"}}

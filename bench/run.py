@@ -20,9 +20,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import NameOID
 
 from bench import local_http
+from bench.devices import make_csr
 from chalicelib.config import PROJECT_DIR
 
 SIZES = {  # devices in-process, devices over HTTP, rows into SQLite, rows into DynamoDB, repetitions, AWS-path devices
@@ -42,15 +42,8 @@ def sign(key, text: bytes) -> str:
     return base64.b64encode(key.sign(text, padding.PKCS1v15(), hashes.SHA256())).decode()
 
 
-def make_csr(name: str, key) -> str:
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-           .sign(key, hashes.SHA256()))
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def v2_body(key, name: str) -> dict:
-    from chalicelib.signatures import v2_text
+    from chalicelib.domain.signatures import v2_text
     stamp, nonce = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), os.urandom(12).hex()
     return {"thing-name": name, "thing-name-sig": sign(key, v2_text(name, stamp, nonce, None)),
             "timestamp": stamp, "nonce": nonce}
@@ -68,18 +61,19 @@ def service_settings(state: Path):
                               "GIP_TRUST_FORWARDED_FOR": "true"})
 
 
-def local_service(state: Path, fleet_key):
-    """The service exactly as the local stage composes it (wiring), on a fresh state directory."""
-    from chalicelib import wiring
+def local_container(state: Path, fleet_key):
+    """The local stage's container (chalicelib/container.py) on a fresh state directory: the service and the
+    handler's app are built on it, exactly as chalice local builds them."""
+    from chalicelib.container import Container
     public = state / "fleet.pub.pem"
     public.write_bytes(fleet_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
-    return wiring.build_service(service_settings(state))
+    return Container(service_settings(state))
 
 
 def v2_csr_body(key, name: str, csr: str) -> dict:
     """The device's default request (signed request v2) in CSR mode, signed now (the timestamp is checked)."""
-    from chalicelib.signatures import v2_text
+    from chalicelib.domain.signatures import v2_text
     stamp, nonce = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), os.urandom(12).hex()
     return {"thing-name": name, "thing-name-sig": sign(key, v2_text(name, stamp, nonce, csr)), "CSR": csr,
             "timestamp": stamp, "nonce": nonce}
@@ -97,9 +91,10 @@ def api_event(body: dict, ip: str) -> dict:
 
 def bench_inprocess(n: int, reps: int) -> dict:
     from bench.geo_compare import sample
-    from chalicelib import observability, wiring
-    from chalicelib.observability import Steps
-    from chalicelib.wire import ProvisioningRequest
+    from chalicelib.adapters import observability
+    from chalicelib.domain.requests import ProvisioningRequest
+    from chalicelib.domain.steps import Steps
+    from chalicelib.edge.http import create_app
     fleet = rsa_key()
     say(f"  making {n} RSA-2048 device keys and CSRs (not timed) ...")
     names = [f"bench-{i}" for i in range(n)]
@@ -123,10 +118,9 @@ def bench_inprocess(n: int, reps: int) -> dict:
                     spent[step] = spent.get(step, 0.0) + ms / 1000
         return time.perf_counter() - started
 
-    def handle_all(events) -> float:
+    def handle_all(app, events) -> float:
         """Seconds for all, through the Chalice handler as Lambda calls it: routing, parsing, service, log line,
         metrics, response."""
-        from app import app
         started = time.perf_counter()
         for event in events:
             answer = app(event, None)
@@ -136,7 +130,7 @@ def bench_inprocess(n: int, reps: int) -> dict:
 
     def floor_once(items, ca_key, fleet_public) -> float:
         """Per device: the request signature check, the CSR's self-signature check, one CA signature."""
-        from chalicelib.signatures import v2_text
+        from chalicelib.domain.signatures import v2_text
         parsed = [x509.load_pem_x509_csr(b["CSR"].encode()) for b in items]
         tbs = [c.tbs_certrequest_bytes for c in parsed]  # a few hundred bytes, like a certificate's TBS part
         texts = [v2_text(b["thing-name"], b["timestamp"], b["nonce"], b["CSR"]) for b in items]
@@ -164,18 +158,17 @@ def bench_inprocess(n: int, reps: int) -> dict:
     for rep in range(reps):
         with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
             state = Path(tmp)
-            service = local_service(state, fleet)
+            parts = local_container(state, fleet)
+            service, app = parts.provisioning, create_app(parts)
             service._registry.register(names)
             service._registry.register(handler_names)
-            wiring.reset()  # the handler's service: the same settings, built by the wiring as in a container
-            wiring.configure(service_settings(state))
             warm = [f"warm-{rep}-{i}" for i in range(2)]
             service._registry.register(warm)
             service.provision(ProvisioningRequest.from_body(v2_csr_body(fleet, warm[0], make_csr(warm[0], keys[0]))),
                               LONDON_IP)  # first use: makes the region's CA (not timed)
             sys.stdout = devnull  # the log lines go where Lambda's go: a pipe, not a terminal
             try:
-                handle_all([api_event(v2_csr_body(fleet, warm[1], make_csr(warm[1], keys[1])), LONDON_IP)])
+                handle_all(app, [api_event(v2_csr_body(fleet, warm[1], make_csr(warm[1], keys[1])), LONDON_IP)])
             finally:
                 sys.stdout = real_stdout
             ca_key = service._issuer.authority("eu-west-2").key
@@ -192,7 +185,7 @@ def bench_inprocess(n: int, reps: int) -> dict:
                 floor_s += floor_once(bodies, ca_key, fleet.public_key())
                 sys.stdout = devnull
                 try:
-                    handler_s += handle_all(events)
+                    handler_s += handle_all(app, events)
                 finally:
                     sys.stdout = real_stdout
             sys.stdout = devnull
@@ -208,7 +201,7 @@ def bench_inprocess(n: int, reps: int) -> dict:
             breakdowns.append({step: seconds / n * 1e6 for step, seconds in spent.items()})
             # server-made keys: RSA-2048 generation dominates; a smaller batch is plenty
             m = max(2, n // 20)
-            from chalicelib.signatures import v2_text
+            from chalicelib.domain.signatures import v2_text
             plain = []
             for i in range(m):
                 name, stamp, nonce = f"srv-{rep}-{i}", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), f"n{rep}-{i}"
@@ -216,7 +209,6 @@ def bench_inprocess(n: int, reps: int) -> dict:
                               "timestamp": stamp, "nonce": nonce})
             service._registry.register(b["thing-name"] for b in plain)
             server_key_rates.append(m / provision_all(service, plain, addresses[:m]))
-            wiring.reset()
         say(f"  rep {rep + 1}: {rates[-1]:.0f}/s, floor {floors[-1]:.0f}/s, ratio {ratios[-1]:.2f}, "
             f"handler {handler_us[-1]:.0f} us, service {service_us[-1]:.0f} us, log+metrics {log_us[-1]:.0f} us")
     median = ratios.index(statistics.median_low(ratios))  # the median repetition, reported whole
@@ -297,9 +289,9 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
     import boto3
     from moto import mock_aws
 
-    from chalicelib import wiring
     from chalicelib.config import Settings
-    from chalicelib.wire import ProvisioningRequest
+    from chalicelib.container import Container
+    from chalicelib.domain.requests import ProvisioningRequest
     from tests.fake_ipstack import FakeIpstack
     # ipstack: a stand-in on 127.0.0.1 answering every address from London after the simulated delay
     with tempfile.TemporaryDirectory() as tmp, mock_aws(), FakeIpstack(delay=delays["http"]) as http:
@@ -309,10 +301,9 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
         env = {**prod_env, "GIP_FLEET_PUBLIC_KEY": str(public), "GIP_STATE_DIR": tmp, "GIP_IPSTACK_URL": http.url}
         if geo == "bundled":
             env.pop("GIP_IPSTACK_KEY_PARAMETER")
-        wiring.reset()
         settings = Settings.from_env(env)
-        wiring.configure(settings)
-        registry = wiring.registry(settings)
+        parts = Container(settings)
+        registry = parts.registry
         registry.create()
         names = [f"aws-{i}" for i in range(reps + 1)]
         registry.register(names)
@@ -333,15 +324,16 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
         def after(event_name, **_):
             delay = delays["iot" if event_name.split(".")[1] == "iot" else "dynamodb"]
             time.sleep(max(0.0, delay - (time.perf_counter() - began_at.t)))
-        clients = wiring.aws_clients()
+        clients = parts.aws
         # moto builds its IoT request router on first use, not thread-safely (getmoto/moto#7166), and our first
         # provisioning calls IoT from four threads at once: build it here, on one thread, before timing anything.
         clients.client("iot", settings.default_region).list_things(maxResults=1)
         for client in [clients.client("dynamodb"), clients.client("ssm"),
-                       *(clients.client("iot", r) for r in settings.enabled_regions)]:
+                       *(clients.client("iot", r, retries=retries) for r in settings.enabled_regions
+                         for retries in (True, False))]:
             client.meta.events.register("before-call.*.*", before)
             client.meta.events.register("after-call.*.*", after)
-        service = wiring.service()
+        service = parts.provisioning
         timings = []
         for i, name in enumerate(names):
             calls.clear()
@@ -377,7 +369,6 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
                             UpdateExpression="SET prov_status = :p", ExpressionAttributeValues={":p": {"S": "provisioned"}})
             sample.append((time.perf_counter() - began) * 1000)
         ours, theirs = statistics.median(timings), statistics.median(sample)
-        wiring.reset()
         return {"first_calls": first_calls, "steady_calls": steady_calls, "first_ms": round(first_ms),
                 "steady_ms": round(ours), "sample_ms": round(theirs), "speedup": round(theirs / ours, 2)}
 
@@ -396,8 +387,8 @@ def bench_bulk(sqlite_rows: int, dynamo_rows: int) -> dict:
     import boto3
     from moto import mock_aws
 
-    from chalicelib.registry.dynamodb import DynamoDbRegistry
-    from chalicelib.registry.sqlite import SqliteRegistry
+    from chalicelib.adapters.registry.dynamodb import DynamoDbRegistry
+    from chalicelib.adapters.registry.sqlite import SqliteRegistry
     names = [f"bulk-{i:07d}" for i in range(sqlite_rows)]
     with tempfile.TemporaryDirectory() as tmp:
         registry = SqliteRegistry(Path(tmp) / "r.sqlite3")

@@ -59,7 +59,7 @@ SIZES = {
 # One address per region, where the bundled geolocation database puts it (nearest enabled region).
 REGION_IPS = {"eu-west-2": "81.2.69.142", "ap-northeast-1": "126.0.0.1", "ap-southeast-2": "1.1.1.1"}
 TABLE = "iot-global-provisioning"
-# Quotas of the calls outside admission's table (chalicelib.admission.IOT_QUOTAS), requests per second, scaled
+# Quotas of the calls outside admission's table (chalicelib.domain.admission.IOT_QUOTAS), requests per second, scaled
 # like the others: DescribeEndpoint (L-F30831DF) and GetPolicy (L-5CE9072D) are small (10/s assumed here), which
 # is why the issuer shares the endpoint and never reads the policy; DescribeThing is made once per device.
 OTHER_QUOTAS = {"DescribeEndpoint": 10.0, "GetPolicy": 10.0, "CreatePolicy": 10.0, "DescribeThing": 350.0,
@@ -273,34 +273,33 @@ class Container:
 
     def __init__(self, index: int, sim: SimulatedAws, admission: bool, rate: float, verifier: Any,
                  session: Any):
-        from chalicelib.admission import DEFAULT_BUDGET, Admission, budgets_from
-        from chalicelib.aws import AwsClients, without_retries
-        from chalicelib.geo import CachingLocator, MaxMindLocator
-        from chalicelib.issuers.aws_iot import MUTATING_OPERATIONS, AwsIotIssuer
-        from chalicelib.provisioning import ProvisioningService
-        from chalicelib.regions import RegionPolicy
-        from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
-        from chalicelib.registry.dynamodb import DynamoDbRegistry
-        from chalicelib.registry.endpoints_dynamodb import DynamoDbEndpoints
+        from chalicelib.adapters.admission.dynamodb import DynamoDbAdmissionStore
+        from chalicelib.adapters.aws import AwsClients
+        from chalicelib.adapters.geo import CachingLocator, MaxMindLocator
+        from chalicelib.adapters.issuers.aws_iot import AwsIotIssuer
+        from chalicelib.adapters.issuers.endpoints_dynamodb import DynamoDbEndpoints
+        from chalicelib.adapters.registry.dynamodb import DynamoDbRegistry
+        from chalicelib.domain.admission import DEFAULT_BUDGET, budgets_from
+        from chalicelib.domain.regions import RegionPolicy
+        from chalicelib.services.admission import Admission
+        from chalicelib.services.provisioning import ProvisioningService
         clients = AwsClients(session=session)
         regions = list(REGION_IPS)
         for region in regions:
             sim.attach_iot(clients.client("iot", region), region)
+            sim.attach_iot(clients.client("iot", region, retries=False), region)
         dynamodb = clients.client("dynamodb")
         sim.attach(dynamodb)
         executor = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"iot-{index}")
         shared = DynamoDbEndpoints(dynamodb, f"{TABLE}-nonces")
         gate = None
-        if admission:  # as chalicelib.wiring composes the prod stage
+        if admission:  # as chalicelib.container composes the prod stage
             gate = Admission(DynamoDbAdmissionStore(dynamodb, f"{TABLE}-nonces"),
                              budgets_from({"*": rate}, DEFAULT_BUDGET))
 
-            def mutating(region: str) -> Any:
-                client = clients.client("iot", region)
-                without_retries(client, MUTATING_OPERATIONS)
-                return client
             issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor,
-                                  mutating_client_for_region=mutating, on_throttle=gate.throttled,
+                                  mutating_client_for_region=lambda region: clients.client("iot", region, retries=False),
+                                  on_throttle=gate.throttled,
                                   shared_endpoints=shared)
         else:  # botocore's standard retries on every call, no shared budget
             issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor, shared_endpoints=shared)
@@ -314,10 +313,11 @@ class Container:
     def handle(self, body: dict, ip: str) -> Reply:
         """What app.py's route does, minus HTTP: parse, one service call under the function's deadline, domain
         errors to statuses."""
-        from app import HTTP_STATUS
-        from chalicelib.deadline import DEFAULT_BUDGET_SECONDS, Deadline
-        from chalicelib.errors import ProvisioningError, ServiceUnavailable
-        from chalicelib.wire import ProvisioningRequest, error_body, response_body
+        from chalicelib.domain.deadline import DEFAULT_BUDGET_SECONDS, Deadline
+        from chalicelib.domain.errors import ProvisioningError, ServiceUnavailable
+        from chalicelib.domain.requests import ProvisioningRequest
+        from chalicelib.edge.http import HTTP_STATUS
+        from chalicelib.edge.wire import error_body, response_body
         stalls = self.stalls = Stalls()
         _stalls.set(stalls)
         deadline = Deadline.for_request(LambdaContext(LAMBDA_TIMEOUT_SECONDS, stalls.clock), DEFAULT_BUDGET_SECONDS,
@@ -455,13 +455,13 @@ def run_storm(label: str, size: dict, admission: bool, fleet_key: Any, seed: int
     import botocore.session
     from moto import mock_aws
 
-    from chalicelib import operations
-    from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget, reserved_concurrency
-    from chalicelib.aws_models import lean_loader
-    from chalicelib.issuers.aws_iot import AwsIotIssuer
-    from chalicelib.registry.dynamodb import DynamoDbRegistry
-    from chalicelib.registry.endpoints_dynamodb import DynamoDbEndpoints
-    from chalicelib.signatures import FleetKeyVerifier
+    from admin import operations
+    from chalicelib.adapters.aws_models import lean_loader
+    from chalicelib.adapters.issuers.aws_iot import AwsIotIssuer
+    from chalicelib.adapters.issuers.endpoints_dynamodb import DynamoDbEndpoints
+    from chalicelib.adapters.registry.dynamodb import DynamoDbRegistry
+    from chalicelib.domain.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget, reserved_concurrency
+    from chalicelib.domain.signatures import FleetKeyVerifier
     gd = load_device_module()
     rng = random.Random(seed)
     scale = size["quota"] / min(IOT_QUOTAS[c] for c in ISSUE_CSR)
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[name] = value
     os.environ.pop("AWS_PROFILE", None)
     sys.setswitchinterval(0.0005)  # moto's work (one lock, this interpreter) should not hold up the others' sleeps
-    import app  # noqa: F401  (the route's error map, imported once before the containers' threads use it)
+    import chalicelib.edge.http  # noqa: F401  (the route's error map, imported once before the containers' threads use it)
     fleet_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # the fleet key is RSA
     results = {}
     for key, admission in (("with_admission", True), ("without_admission", False)):
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         say(json.dumps({k: v for k, v in results[key].summary().items()}, indent=None))
     if args.only:
         return 0
-    from chalicelib.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
+    from chalicelib.domain.admission import IOT_QUOTAS, ISSUE_CSR, quota_budget
     scale = size["quota"] / min(IOT_QUOTAS[c] for c in ISSUE_CSR)
     budget = quota_budget({api: q * scale for api, q in IOT_QUOTAS.items()})
     out = {key: r.summary() for key, r in results.items()}

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from chalicelib.errors import ConfigError
-from chalicelib.regions import DEFAULT_REGION, SAMPLE_REGIONS
+from chalicelib.domain.errors import ConfigError
+from chalicelib.domain.regions import DEFAULT_REGION, SAMPLE_REGIONS
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR_NAME = "iot-global-provisioning"
@@ -31,7 +31,7 @@ class Settings:
     trust_forwarded_for: bool
     mqtt_host: str
     mqtt_base_port: int
-    claim_lease_seconds: int | None  # None: the request's time left plus the margin (chalicelib/deadline.py)
+    claim_lease_seconds: int | None  # None: the request's time left plus the margin (chalicelib/domain/deadline.py)
     registry: str = "sqlite"
     issuer: str = "local-ca"
     table_name: str = "iot-global-provisioning"

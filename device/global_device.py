@@ -167,7 +167,7 @@ def load_signing_key(path: str):
             return serialization.load_pem_private_key(f.read(), password=None)
     except FileNotFoundError:
         raise ClientError(EXIT_LOCAL, f"no provisioning signing key at {path}. Make the fleet key pair with "
-                                      "`python -m chalicelib.admin keygen` (for the local stage it writes "
+                                      "`python -m admin keygen` (for the local stage it writes "
                                       f"{local_stage_signing_key()}) and pass it with --signing-key") from None
     except (OSError, ValueError, TypeError) as err:
         raise ClientError(EXIT_LOCAL, f"cannot read provisioning signing key {path}: {err}") from err

@@ -4,7 +4,7 @@
                                      [--ipv4-prefix 24] [--ipv6-prefix 48]
 
 The service reads, per network, a location (latitude, longitude), the country's ISO code and the
-continent's code (chalicelib/geo.py, MaxMindLocator). DB-IP's City Lite also carries city, subdivision and
+continent's code (chalicelib/adapters/geo.py, MaxMindLocator). DB-IP's City Lite also carries city, subdivision and
 country names in ten languages, so its file is 104 MB. This keeps those four fields, exactly as the source
 has them, merges adjacent networks whose kept fields are equal, and writes a MaxMind DB (format 2.0) that
 maxminddb reads as it reads any City file. That alone still makes 97.5 MB: the file is mostly its search
@@ -209,7 +209,7 @@ def coarsen(intervals: Intervals, records: Sequence[Reduced], within_km: float) 
     boundary costs search-tree nodes: this is what makes the file small. 0 keeps every range."""
     if within_km <= 0:
         return intervals
-    from chalicelib.regions import great_circle_km
+    from chalicelib.domain.regions import great_circle_km
 
     out = Intervals()
     largest = -1
@@ -438,7 +438,7 @@ def verify(source: Path, out: Path, intervals: Intervals, records: Sequence[Redu
 
     import maxminddb
 
-    from chalicelib.regions import great_circle_km
+    from chalicelib.domain.regions import great_circle_km
 
     rng = random.Random(seed)
     picks = [rng.randrange(len(intervals)) for _ in range(count)]

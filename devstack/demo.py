@@ -11,9 +11,9 @@ import shutil
 import subprocess
 import sys
 
-from chalicelib import admin
+from admin import cli as admin
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings, default_state_dir
-from chalicelib.errors import ConfigError
+from chalicelib.domain.errors import ConfigError
 from devstack.monitor import Monitor
 from devstack.stack import LocalStack, StackError, die_with_parent, free_port, free_port_run
 
@@ -31,7 +31,7 @@ def section(number: int, title: str) -> None:
 
 
 def run_admin(*argv: str) -> None:
-    print(f"$ python -m chalicelib.admin {' '.join(argv)}", flush=True)
+    print(f"$ python -m admin {' '.join(argv)}", flush=True)
     if admin.main(["--state-dir", str(STATE), *argv]) != 0:
         raise SystemExit(f"demo: admin {argv[0]} failed")
 

@@ -41,8 +41,8 @@ class PackageError(Exception):
 
 def kept_botocore_services() -> set[str]:
     """The AWS services the function calls: botocore keeps their data (endpoint rules), drops the others'."""
-    from chalicelib import aws_models, iam_policy
-    return set(aws_models.operations(list(iam_policy.ACTIONS)))
+    from admin import iam_policy, lean_models
+    return set(lean_models.operations(list(iam_policy.ACTIONS)))
 
 
 def _dropped(name: str, services: set[str]) -> bool:
@@ -102,9 +102,9 @@ sys.addaudithook(lambda event, args: event == "compile" and isinstance(args[1], 
                  and args[1].startswith(root) and compiled.append(args[1][len(root) + 1:]))
 import json
 import app
-from chalicelib import wiring
-wiring.service()
-wiring.aws_clients().client("iot", "eu-west-2")
+app.container.provisioning
+app.container.aws.client("iot", "eu-west-2")
+
 cpu = time.process_time() - c0
 from_package = [m for m in list(sys.modules.values()) if (getattr(m, "__file__", None) or "").startswith(root)]
 sources = [m for m in from_package if m.__file__.endswith(".py")]

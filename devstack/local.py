@@ -8,7 +8,7 @@ import signal
 import sys
 
 from chalicelib.config import Settings
-from chalicelib.errors import ConfigError
+from chalicelib.domain.errors import ConfigError
 from devstack.stack import LocalStack, StackError, die_with_parent
 
 

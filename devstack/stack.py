@@ -22,9 +22,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.files import write_private
-from chalicelib.issuers.local_ca import (
+from chalicelib.adapters.files import write_private
+from chalicelib.adapters.issuers.local_ca import (
     CRL_LIFETIME,
     LocalIssuer,
     certificate_revocation_list,
@@ -33,7 +32,8 @@ from chalicelib.issuers.local_ca import (
     records_version,
     revoked_serials,
 )
-from chalicelib.wiring import region_policy
+from chalicelib.config import PROJECT_DIR, Settings
+from chalicelib.container import Container
 
 # Not a valid thing name ('@' is outside AWS IoT's alphabet), so no device can ever be issued this identity.
 MONITOR_IDENTITY = "monitor@devstack"
@@ -297,7 +297,7 @@ class LocalStack:
     def start(self) -> "LocalStack":
         self._stopping.clear()
         try:
-            region_policy(self.settings)  # a wrong setting is reported here, before anything starts
+            Container(self.settings).validate()  # a wrong setting is reported here, before anything starts
             self._mosquitto = ensure_mosquitto()
             plugin = build_plugin(self.files.build_dir)
             self._say(f"[stack] region CAs and broker certificates in {self.settings.state_dir}")

@@ -6,14 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from chalicelib import admin, wiring
+from admin import cli as admin
+from chalicelib.adapters.geo import MaxMindLocator
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
-from chalicelib.geo import MaxMindLocator
+from chalicelib.container import Container
+from chalicelib.edge.http import create_app
 
 # The wire-protocol vectors live in ../shared beside the repository; a copy travels with the repository so a
 # clone anywhere runs the whole suite, and test_signatures keeps the copy equal to the original.
@@ -54,7 +57,7 @@ def moto_routers_built_on_one_thread():
 
 @pytest.fixture(scope="session")
 def executor():
-    """The thread pool a composition root would give the AWS backends (wiring.pool in the service)."""
+    """The thread pool a composition root would give the AWS backends (Container.pool)."""
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="test-pool") as pool:
         yield pool
 
@@ -94,14 +97,18 @@ def stage(tmp_path, monkeypatch) -> Stage:
     monkeypatch.setenv("GIP_STATE_DIR", str(state_dir))
     for name in ("GIP_FLEET_PUBLIC_KEY", "GIP_ENABLED_REGIONS", "GIP_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
-    wiring.reset()
     s = Stage(state_dir, None)
     assert s.admin("keygen") == 0
     assert s.admin("register", "--prefix", "mydevice", "--count", "5") == 0
     s.fleet_key = serialization.load_pem_private_key(
         (state_dir / "keys" / FLEET_PRIVATE_KEY_NAME).read_bytes(), password=None)
-    yield s
-    wiring.reset()
+    return s
+
+
+def api(stage: str = "local", parts: Container | None = None) -> Client:
+    """chalice's test client over an app of its own: on `parts`, else on a container built from the stage's
+    environment on first use (as chalice local's is)."""
+    return Client(create_app(parts or Container()), stage_name=stage, project_dir=str(PROJECT_DIR))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from chalicelib.config import Settings
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -23,7 +25,8 @@ def main() -> None:
     from chalice.config import Config
     from chalice.local import create_local_server
 
-    from chalicelib import wiring
+    from chalicelib.container import Container
+    from chalicelib.edge.http import create_app
 
     def checkpoint(boundary: str, thing_name: str) -> None:
         if boundary == args.pause_at:
@@ -33,9 +36,7 @@ def main() -> None:
             while True:  # until SIGKILL
                 time.sleep(60)
 
-    wiring.use_service(wiring.build_service(wiring.settings(), checkpoint))
-    wiring.use_renewal_service(wiring.build_renewal_service(wiring.settings(), checkpoint))
-    from app import app
+    app = create_app(Container(Settings.from_env(), checkpoint=checkpoint))
     server = create_local_server(app, Config.create(chalice_stage="local", app_name="crash-child",
                                                     lambda_timeout=60), "127.0.0.1", args.port)
     sys.stdout.flush()

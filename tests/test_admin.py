@@ -1,4 +1,4 @@
-"""The operator CLI (chalicelib.admin.main) against a temporary state directory; effects checked on disk."""
+"""The operator CLI (admin.cli.main) against a temporary state directory; effects checked on disk."""
 import argparse
 import json
 import os
@@ -9,10 +9,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from chalicelib import admin, wiring
+from admin import cli as admin
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, FLEET_PUBLIC_KEY_NAME, Settings
-from chalicelib.registry.sqlite import SqliteRegistry
-from chalicelib.wire import ProvisioningRequest
+from chalicelib.container import Container
+from chalicelib.domain.requests import ProvisioningRequest
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 
 
@@ -51,9 +52,7 @@ def cli(tmp_path, monkeypatch, capsys) -> Cli:
     # Only --state-dir decides where the CLI looks: no GIP_* setting of the caller's shell leaks in.
     for name in [n for n in os.environ if n.startswith("GIP_")]:
         monkeypatch.delenv(name)
-    wiring.reset()
     yield Cli(tmp_path / "state", capsys)
-    wiring.reset()
 
 
 # --- keygen -------------------------------------------------------------------------------------------
@@ -263,7 +262,7 @@ def test_show_and_list_after_a_real_provisioning(cli):
     assert cli("register", "dev-a", "dev-b")[0] == 0
     fleet_key = serialization.load_pem_private_key(cli.private_key.read_bytes(), password=None)
     # The service built from the same stage settings the CLI reads: both must look at the same files.
-    service = wiring.build_service(Settings.for_stage("local", str(cli.state_dir)))
+    service = Container(Settings.for_stage("local", str(cli.state_dir))).provisioning
     csr_pem, _ = make_csr("dev-a")
     result = service.provision(ProvisioningRequest.from_body(
         {"thing-name": "dev-a", "thing-name-sig": sign_v1(fleet_key, "dev-a"), "CSR": csr_pem}), LONDON_IP)
@@ -309,9 +308,9 @@ def test_help_exits_zero_and_prints_usage(cli, capsys, argv):
         admin.main([*argv, "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: python -m chalicelib.admin")
+    assert out.startswith("usage: python -m admin")
     if argv:
-        assert f"chalicelib.admin {argv[0]}" in out.splitlines()[0]
+        assert f"admin {argv[0]}" in out.splitlines()[0]
     else:
         assert all(name in out for name in _subcommands())
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from chalicelib import admin, wiring
+from admin import cli as admin
 from chalicelib.config import PROJECT_DIR
 
 
@@ -16,9 +16,7 @@ def clean_env(tmp_path, monkeypatch):
     for name in [n for n in os.environ if n.startswith("GIP_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-    wiring.reset()
     yield tmp_path
-    wiring.reset()
 
 
 @pytest.mark.parametrize("argv", [["list"], ["init"], ["register", "mydevice1"], ["where", "81.2.69.142"],
@@ -27,7 +25,7 @@ def test_prod_without_an_aws_region_says_how_to_set_it(clean_env, argv):
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")}
     env.update(AWS_CONFIG_FILE=str(clean_env / "none"), AWS_SHARED_CREDENTIALS_FILE=str(clean_env / "none"),
                AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
-    result = subprocess.run([sys.executable, "-m", "chalicelib.admin", "--stage", "prod", *argv], cwd=PROJECT_DIR,
+    result = subprocess.run([sys.executable, "-m", "admin", "--stage", "prod", *argv], cwd=PROJECT_DIR,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
@@ -92,7 +90,7 @@ def test_every_commands_help_says_what_it_does(name, capsys):
     with pytest.raises(SystemExit):
         admin.main([name, "--help"])
     lines = capsys.readouterr().out.split("\n\n")
-    assert lines[0].startswith(f"usage: python -m chalicelib.admin {name}")
+    assert lines[0].startswith(f"usage: python -m admin {name}")
     assert lines[1].strip() and not lines[1].startswith(("positional arguments", "options")), lines[1]
 
 

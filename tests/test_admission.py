@@ -5,7 +5,9 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from chalicelib.admission import (
+from chalicelib.adapters.admission.dynamodb import DynamoDbAdmissionStore
+from chalicelib.adapters.admission.sqlite import SqliteAdmissionStore
+from chalicelib.domain.admission import (
     DEFAULT_BUDGET,
     IOT_QUOTAS,
     ISSUE_CSR,
@@ -13,14 +15,12 @@ from chalicelib.admission import (
     RESERVE,
     SLOW_FACTOR,
     SLOW_SECONDS,
-    Admission,
     Budget,
     budgets_from,
     quota_budget,
 )
-from chalicelib.errors import ServiceUnavailable
-from chalicelib.registry.admission_dynamodb import DynamoDbAdmissionStore
-from chalicelib.registry.admission_sqlite import SqliteAdmissionStore
+from chalicelib.domain.errors import ServiceUnavailable
+from chalicelib.services.admission import Admission
 
 NONCES = "iot-global-provisioning-nonces"
 T0 = 1_800_000_000.0

@@ -7,17 +7,17 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
-from chalice.test import Client
 from moto import mock_aws
 
-from app import app
-from chalicelib import wiring
-from chalicelib.aws import AwsClients, without_retries
-from chalicelib.config import PROJECT_DIR
-from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME, MUTATING_OPERATIONS, AwsIotIssuer, device_policy_document
-from chalicelib.registry.base import UNPROVISIONED
-from chalicelib.registry.sqlite import SqliteRegistry
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from chalicelib.adapters.aws import AwsClients
+from chalicelib.adapters.issuers.aws_iot import (
+    DEVICE_POLICY_NAME,
+    AwsIotIssuer,
+    device_policy_document,
+)
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
+from chalicelib.domain.records import UNPROVISIONED
+from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr
 
 
 def post(client, body, ip):
@@ -28,10 +28,9 @@ def post(client, body, ip):
 
 def test_a_local_stage_with_a_budget_gives_refused_devices_slots_of_their_own(stage, monkeypatch):
     monkeypatch.setenv("GIP_ADMISSION_RATES", json.dumps({"*": 1}))  # one device per second per region
-    wiring.reset()
     registry = SqliteRegistry(stage.state_dir / "registry.sqlite3")
     csr = {name: make_csr(name)[0] for name in ("mydevice1", "mydevice2", "mydevice3", "mydevice4")}
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+    with api("local") as client:
         response, first = post(client, stage.body("mydevice1", csr["mydevice1"]), LONDON_IP)
         assert response.status_code == 200, first
         waits = []
@@ -61,7 +60,7 @@ def test_a_local_stage_with_a_budget_gives_refused_devices_slots_of_their_own(st
 
 
 def test_without_a_budget_the_local_stage_admits_everyone(stage):
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+    with api("local") as client:
         for name in ("mydevice1", "mydevice2", "mydevice3"):
             response, body = post(client, stage.body(name, make_csr(name)[0]), LONDON_IP)
             assert response.status_code == 200, body
@@ -107,21 +106,20 @@ def throttle(client, operation: str, times: int, also: str | None = None) -> lis
 
 
 def test_mutating_calls_skip_botocores_retries_and_reads_keep_them(aws):
-    client = aws.client("iot", "eu-west-2")
-    without_retries(client, MUTATING_OPERATIONS)
-    sent = throttle(client, "CreateThing", 1, also="DescribeEndpoint")
+    client, mutating = aws.client("iot", "eu-west-2"), aws.client("iot", "eu-west-2", retries=False)
+    sent = throttle(mutating, "CreateThing", 1)
     with pytest.raises(ClientError) as refused:
-        client.create_thing(thingName="t1")
+        mutating.create_thing(thingName="t1")
     assert refused.value.response["Error"]["Code"] == "ThrottlingException" and sent == ["CreateThing"]
+    sent = throttle(client, "DescribeEndpoint", 1)
     client.describe_endpoint(endpointType="iot:Data-ATS")
-    assert sent == ["CreateThing"] + ["DescribeEndpoint"] * 2  # botocore retried the read
+    assert sent == ["DescribeEndpoint"] * 2  # botocore retried the read
 
 
 def test_the_issuer_retries_a_throttled_call_itself_and_reports_it(aws):
-    client = aws.client("iot", "eu-west-2")
-    without_retries(client, MUTATING_OPERATIONS)
+    client = aws.client("iot", "eu-west-2", retries=False)
     reported = []
-    issuer = AwsIotIssuer(lambda region: client, ThreadPoolExecutor(4),
+    issuer = AwsIotIssuer(lambda region: aws.client("iot", region), ThreadPoolExecutor(4),
                           mutating_client_for_region=lambda region: client, on_throttle=reported.append)
     boto3.client("iot", region_name="eu-west-2").create_policy(  # an account that has provisioned before
         policyName=DEVICE_POLICY_NAME, policyDocument=json.dumps(device_policy_document()))
@@ -133,10 +131,9 @@ def test_the_issuer_retries_a_throttled_call_itself_and_reports_it(aws):
 
 
 def test_a_call_throttled_past_the_issuers_retries_is_undone_and_unavailable(aws):
-    client = aws.client("iot", "eu-west-2")
-    without_retries(client, MUTATING_OPERATIONS)
+    client = aws.client("iot", "eu-west-2", retries=False)
     reported = []
-    issuer = AwsIotIssuer(lambda region: client, ThreadPoolExecutor(4),
+    issuer = AwsIotIssuer(lambda region: aws.client("iot", region), ThreadPoolExecutor(4),
                           mutating_client_for_region=lambda region: client, on_throttle=reported.append)
     sent = throttle(client, "CreateThing", 10)
     with pytest.raises(Exception) as failed:

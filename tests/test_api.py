@@ -3,22 +3,26 @@ import json
 import time
 
 import pytest
-from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from app import app
-from chalicelib import wiring
-from chalicelib.config import PROJECT_DIR
-from chalicelib.registry.base import item_of
-from chalicelib.registry.sqlite import SqliteRegistry
-from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1
+from chalicelib.adapters.registry.items import item_of
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
+from chalicelib.config import Settings
+from chalicelib.container import Container
+from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, api, make_csr, sign_v1
 
 
 @pytest.fixture
-def client(stage):
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as c:
+def parts(stage):
+    """The stage's container, built from the environment on the first request (after a test's own settings)."""
+    return Container()
+
+
+@pytest.fixture
+def client(parts):
+    with api("local", parts) as c:
         yield c
 
 
@@ -55,7 +59,7 @@ def test_without_csr_the_server_makes_the_key_pair(client, stage):
     assert body["region"] == "eu-west-2" and body["reason"] == "nearest"
     assert body["distance"] >= 0 and body["distance"] < 100  # the bundled DB-IP data puts this address 45 km from the region
     assert body["endpointAddress"] == "localhost"
-    assert body["endpointPort"] == 18883 + wiring.settings().enabled_regions.index("eu-west-2")
+    assert body["endpointPort"] == 18883 + Settings.from_env().enabled_regions.index("eu-west-2")
     cert = x509.load_pem_x509_certificate(body["certificatePem"].encode())
     key = serialization.load_pem_private_key(body["PrivateKey"].encode(), password=None)
     assert body["PrivateKey"].startswith("-----BEGIN RSA PRIVATE KEY-----")
@@ -102,19 +106,17 @@ def test_signature_for_another_thing_is_refused(client, stage):
 
 def test_already_provisioned_is_409_and_keeps_the_first_certificate(client, stage, monkeypatch):
     monkeypatch.setenv("GIP_REKEY_WINDOW_SECONDS", "0")  # no re-key: an operator resets
-    wiring.reset()
     first = post(client, stage.body("mydevice1"))[1]
     status, body = post(client, stage.body("mydevice1"))
     assert status == 409 and body["status"] == "error" and body["code"] == "already-provisioned"
     assert registry(stage).get("mydevice1").certificate_id == first["certificateId"]
 
 
-def test_a_lost_server_made_key_is_rekeyed_within_the_window_and_refused_after_it(client, stage, monkeypatch):
+def test_a_lost_server_made_key_is_rekeyed_within_the_window_and_refused_after_it(client, parts, stage, monkeypatch):
     """GIP_REKEY_WINDOW_SECONDS: from a lease's time after the provisioning (its answer is over by then) until the
     window's end, the device asking again without a CSR gets a new certificate and key, the old one revoked."""
     monkeypatch.setenv("GIP_CLAIM_LEASE_SECONDS", "1")
     monkeypatch.setenv("GIP_REKEY_WINDOW_SECONDS", "4")
-    wiring.reset()
     first = post(client, stage.body("mydevice1"))[1]
     time.sleep(1.5)
     status, body = post(client, stage.body("mydevice1"))
@@ -122,7 +124,7 @@ def test_a_lost_server_made_key_is_rekeyed_within_the_window_and_refused_after_i
     assert body["certificateId"] != first["certificateId"] and "PrivateKey" in body
     key = serialization.load_pem_private_key(body["PrivateKey"].encode(), password=None)
     assert x509.load_pem_x509_certificate(body["certificatePem"].encode()).public_key() == key.public_key()
-    issuer = wiring.service().issuer
+    issuer = parts.issuer
     assert not issuer.certificate(first["certificateId"], "eu-west-2").active
     assert issuer.certificate(body["certificateId"], "eu-west-2").active
     assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
@@ -133,12 +135,12 @@ def test_a_lost_server_made_key_is_rekeyed_within_the_window_and_refused_after_i
     assert issuer.certificate(body["certificateId"], "eu-west-2").active
 
 
-def test_a_device_provisioned_with_its_own_key_is_never_rekeyed_without_a_csr(client, stage):
+def test_a_device_provisioned_with_its_own_key_is_never_rekeyed_without_a_csr(client, parts, stage):
     csr_pem, _ = make_csr("mydevice2")
     first = post(client, stage.body("mydevice2", csr_pem))[1]
     status, body = post(client, stage.body("mydevice2"))
     assert (status, body["code"]) == (409, "already-provisioned")
-    assert wiring.service().issuer.certificate(first["certificateId"], "eu-west-2").active
+    assert parts.issuer.certificate(first["certificateId"], "eu-west-2").active
 
 
 def test_unknown_device_is_403(client, stage):
@@ -199,7 +201,6 @@ def test_body_too_large_is_413(client, stage):
 
 def test_missing_fleet_key_is_a_clear_503_not_a_crash(client, stage):
     (stage.state_dir / "keys" / "global-provisioning.pub.key.pem").unlink()
-    wiring.reset()
     status, body = post(client, stage.body("mydevice1"))
     assert status == 503 and body["code"] == "service-misconfigured"
     assert registry(stage).get("mydevice1").status == "unprovisioned"

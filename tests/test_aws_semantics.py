@@ -14,7 +14,7 @@ refused with 409 `thing-exists`, naming the thing and the region, and nothing is
 import pytest
 from botocore.exceptions import ClientError
 
-from chalicelib.errors import AlreadyProvisioned, ServiceUnavailable
+from chalicelib.domain.errors import AlreadyProvisioned, ServiceUnavailable
 from tests.conftest import LONDON_IP, make_csr
 from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
 

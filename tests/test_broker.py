@@ -22,11 +22,14 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from chalicelib import admin, wiring
+from admin import cli as admin
+from chalicelib.adapters.fleet_keys import load_public_key
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
-from chalicelib.errors import ServiceUnavailable
-from chalicelib.provisioning import ProvisioningRequest, ProvisioningService
-from chalicelib.signatures import FleetKeyVerifier, load_public_key
+from chalicelib.container import Container
+from chalicelib.domain.errors import ServiceUnavailable
+from chalicelib.domain.requests import ProvisioningRequest
+from chalicelib.domain.signatures import FleetKeyVerifier
+from chalicelib.services.provisioning import ProvisioningService
 from devstack.stack import (
     LocalStack,
     StackError,
@@ -50,7 +53,6 @@ def local_env(state: Path):
            "GIP_ENABLED_REGIONS": REGIONS, "GIP_DEFAULT_REGION": "eu-west-2"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    wiring.reset()
     try:
         yield Settings.for_stage("local", str(state))
     finally:
@@ -59,7 +61,6 @@ def local_env(state: Path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        wiring.reset()
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +177,6 @@ def assert_closed_within_deadline(session: Session, since: float) -> float:
 
 
 def cli(stack, *argv: str) -> int:
-    wiring.reset()
     return admin.main(["--state-dir", str(stack.settings.state_dir), *argv])
 
 
@@ -247,9 +247,9 @@ def test_a_rollback_closes_the_session_of_the_certificate_it_revokes(stack, caps
     csr_pem, key = make_csr(thing)
     neighbour = provision(stack, "dev6")
     settings = stack.settings
-    issuer = SessionOpeningIssuer(wiring.issuer(settings), key, stack)
-    service = ProvisioningService(registry=wiring.registry(settings), issuer=issuer, locator=wiring.locator(settings),
-                                  regions=wiring.region_policy(settings),
+    issuer = SessionOpeningIssuer(Container(settings).issuer, key, stack)
+    service = ProvisioningService(registry=Container(settings).registry, issuer=issuer, locator=Container(settings).locator,
+                                  regions=Container(settings).regions,
                                   verifier=FleetKeyVerifier(load_public_key(settings.fleet_public_key)))
     request = ProvisioningRequest.from_body({"thing-name": thing, "thing-name-sig": sign_v1(fleet_key(stack), thing),
                                              "CSR": csr_pem})

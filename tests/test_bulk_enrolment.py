@@ -12,9 +12,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from moto import mock_aws
 
-from chalicelib import admin, wiring
+from admin import cli as admin
+from chalicelib.adapters.registry.items import item_of
 from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.registry.base import item_of
+from chalicelib.container import Container
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
 
@@ -46,7 +47,7 @@ class Backend:
         return code, out, err
 
     def registry(self):
-        return wiring.registry(self.settings)
+        return Container(self.settings).registry
 
     def items(self) -> dict[str, dict]:
         """The registry as operators see it (the sample's attribute names)."""
@@ -58,10 +59,8 @@ def backend(request, tmp_path, monkeypatch, capsys):
     for name in [n for n in os.environ if n.startswith("GIP_")]:
         monkeypatch.delenv(name)
     if request.param == "sqlite":
-        wiring.reset()
         state = str(tmp_path / "state")
         yield Backend("sqlite", ["--state-dir", state], Settings.for_stage("local", state), capsys)
-        wiring.reset()
         return
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "eu-west-2",
@@ -70,9 +69,7 @@ def backend(request, tmp_path, monkeypatch, capsys):
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     with mock_aws():
-        wiring.reset()
         yield Backend("dynamodb", ["--stage", "prod"], Settings.for_stage("prod", None), capsys)
-        wiring.reset()
 
 
 def write_csv(path, rows: list[list[str]]) -> list[int]:

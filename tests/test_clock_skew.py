@@ -10,11 +10,10 @@ import re
 from email.utils import parsedate_to_datetime
 
 import pytest
-from chalice.test import Client
 
-from app import app
-from chalicelib import wiring
-from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
+from chalicelib.config import FLEET_PRIVATE_KEY_NAME
+from chalicelib.container import Container
+from tests.conftest import api
 from tests.loopback import LoopbackServer, QuietHandler
 from tests.test_device_client import gd
 
@@ -48,7 +47,7 @@ class AppServer(LoopbackServer):
 
 @pytest.fixture
 def server(stage):
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client, AppServer(client) as running:
+    with api("local") as client, AppServer(client) as running:
         yield running
 
 
@@ -75,7 +74,7 @@ def test_a_device_a_day_off_provisions_after_one_corrected_retry(server, stage, 
     out = capsys.readouterr().out
     said = re.search(r"device clock is (\d+) s (ahead of|behind) the server's", out)
     assert said and abs(int(said[1]) - 86400) <= 2 and said[2] == ("ahead of" if off_by > dt.timedelta(0) else "behind")
-    assert wiring.registry(wiring.settings()).get("mydevice2").status == "provisioned"
+    assert Container().registry.get("mydevice2").status == "provisioned"
 
 
 def test_a_renewal_a_day_off_carries_the_server_time_and_renews_after_one_corrected_retry(server, stage, tmp_path,
@@ -92,7 +91,7 @@ def test_a_renewal_a_day_off_carries_the_server_time_and_renews_after_one_correc
     assert abs(parsedate_to_datetime(headers["Date"]) - server_time) <= dt.timedelta(seconds=1)
     assert second == 200 and answer["previousCertificateId"] == first_certificate
     assert capsys.readouterr().out.count("corrected, retrying") == 1
-    record = wiring.registry(wiring.settings()).get("mydevice2")
+    record = Container().registry.get("mydevice2")
     assert (record.certificate_id, record.renewal_count) == (answer["certificateId"], 1)
 
 
@@ -107,13 +106,13 @@ def test_the_clock_is_corrected_once_not_in_a_loop(server, stage, tmp_path, caps
     assert [status for status, _, _ in server.answers] == [403, 403]
     assert all(answer["code"] == "stale-timestamp" for _, answer, _ in server.answers)
     assert capsys.readouterr().out.count("corrected, retrying") == 1
-    assert wiring.registry(wiring.settings()).get("mydevice2").status == "unprovisioned"
+    assert Container().registry.get("mydevice2").status == "unprovisioned"
 
 
 def test_other_refusals_carry_no_server_time(stage):
     body = stage.body("mydevice1")
     body["thing-name-sig"] = stage.body("mydevice2")["thing-name-sig"]  # another device's signature
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+    with api("local") as client:
         response = client.http.post("/device-provisioning", body=json.dumps(body),
                                     headers={"Content-Type": "application/json"})
     assert response.status_code == 403 and "serverTime" not in json.loads(response.body)

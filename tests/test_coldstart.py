@@ -1,4 +1,4 @@
-"""chalicelib/coldstart.py: inside Lambda the cyclic GC is paused from the app's import to the end of the first
+"""chalicelib/edge/coldstart.py: inside Lambda the cyclic GC is paused from the app's import to the end of the first
 event, then resumes with the cold start's objects frozen; elsewhere nothing changes. Fresh interpreters, since
 the pause happens at import."""
 import json

@@ -30,7 +30,7 @@ import boto3
 import pytest
 import requests
 
-from chalicelib import admin, wiring
+from admin import cli as admin
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
 from devstack.stack import free_port
 from tests.conftest import LONDON_IP, make_csr, sign_v1
@@ -108,7 +108,6 @@ class Stage:
         return found
 
     def audit(self, capsys) -> tuple[int, dict]:
-        wiring.reset()
         capsys.readouterr()
         code = admin.main(["--state-dir", str(self.state), "audit", "--json"])
         return code, json.loads(capsys.readouterr().out)
@@ -148,7 +147,6 @@ def stage(request, tmp_path_factory):
         for name, value in env.items():
             if name.startswith(("GIP_", "AWS_")):
                 monkeypatch.setenv(name, value)
-        wiring.reset()
         assert admin.main(["--state-dir", str(state), "keygen"]) == 0
         assert admin.main(["--state-dir", str(state), "init"]) == 0
         names = [f"{b}-{r}-{i}" for b in BOUNDARIES for r in ("samecsr", "nocsr") for i in (1, 2)]
@@ -168,7 +166,6 @@ def stage(request, tmp_path_factory):
                 if process.poll() is None:
                     process.kill()
                 process.wait(10)
-            wiring.reset()
             if server is not None:
                 server.stop()
 
@@ -300,7 +297,6 @@ def test_audit_fix_settles_a_dead_attempt_for_the_devices_key_without_a_retry(st
     assert code == 1
     assert [(s["thing_name"], s["certificates"], s["key"]) for s in found["stuck_claims"]] == [
         (thing, [left], "device")]
-    wiring.reset()
     assert admin.main(["--state-dir", str(stage.state), "audit", "--fix"]) == 0
     assert stage.audit(capsys)[0] == 0
     status, payload, _ = stage.healthy.post(stage.body(thing, csr_pem))

@@ -12,15 +12,13 @@ from datetime import datetime, timezone
 
 import pytest
 from botocore.exceptions import ClientError
-from chalice.test import Client
 
-from app import app
-from chalicelib import wiring
-from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.deadline import LEASE_MARGIN_SECONDS, ROLLBACK_RESERVE_SECONDS, Deadline, DeadlineExceeded
-from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME, device_policy_document
-from chalicelib.operations import AuditReport
-from tests.conftest import LONDON_IP, make_csr, sign_v1
+from admin.operations import AuditReport
+from chalicelib.adapters.issuers.aws_iot import DEVICE_POLICY_NAME, device_policy_document
+from chalicelib.config import Settings
+from chalicelib.container import Container
+from chalicelib.domain.deadline import LEASE_MARGIN_SECONDS, ROLLBACK_RESERVE_SECONDS, Deadline, DeadlineExceeded
+from tests.conftest import LONDON_IP, api, make_csr, sign_v1
 from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
 from tests.test_renewal import Device, renewals
 
@@ -171,12 +169,11 @@ def test_a_slow_step_before_issuing_releases_the_claim_and_issues_nothing(backen
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
 def test_http_answers_503_with_retry_after_when_the_budget_cannot_fit_a_provisioning(backend, monkeypatch):
     data = {"thing-name": "dev-4", "thing-name-sig": sign_v1(backend.fleet_key, "dev-4")}
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
-        wiring.configure(Settings.from_env({"GIP_STATE_DIR": str(backend.settings.state_dir),
-                                            "GIP_ENABLED_REGIONS": "eu-west-2,ap-northeast-1",
-                                            "GIP_DEFAULT_REGION": "eu-west-2",
-                                            "GIP_FLEET_PUBLIC_KEY": str(backend.settings.fleet_public_key),
-                                            "GIP_REQUEST_BUDGET_SECONDS": "3"}))
+    with api("local", Container(Settings.from_env({"GIP_STATE_DIR": str(backend.settings.state_dir),
+                                                           "GIP_ENABLED_REGIONS": "eu-west-2,ap-northeast-1",
+                                                           "GIP_DEFAULT_REGION": "eu-west-2",
+                                                           "GIP_FLEET_PUBLIC_KEY": str(backend.settings.fleet_public_key),
+                                                           "GIP_REQUEST_BUDGET_SECONDS": "3"}))) as client:
         response = client.http.post("/device-provisioning", body=json.dumps(data),
                                     headers={"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP})
     answer = json.loads(response.body)
@@ -243,7 +240,7 @@ def test_a_rollback_throttled_past_the_deadline_records_what_is_left_and_the_aud
     backend.assert_nothing_left("dev-1")
 
 
-from chalicelib.errors import ServiceUnavailable as ServiceUnavailableError  # noqa: E402
+from chalicelib.domain.errors import ServiceUnavailable as ServiceUnavailableError  # noqa: E402
 
 # --- renewal (POST /device-renewal) under the same deadline -----------------------------------------------------
 
@@ -316,12 +313,11 @@ def test_the_renewal_lease_follows_the_requests_deadline(backend):
 def test_http_answers_503_with_retry_after_when_the_budget_cannot_fit_a_renewal(backend):
     device = Device(backend, "dev-4")
     before = backend.registry.renewal_state("dev-4")
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
-        wiring.configure(Settings.from_env({"GIP_STATE_DIR": str(backend.settings.state_dir),
-                                            "GIP_ENABLED_REGIONS": "eu-west-2,ap-northeast-1",
-                                            "GIP_DEFAULT_REGION": "eu-west-2",
-                                            "GIP_FLEET_PUBLIC_KEY": str(backend.settings.fleet_public_key),
-                                            "GIP_REQUEST_BUDGET_SECONDS": "3"}))
+    with api("local", Container(Settings.from_env({"GIP_STATE_DIR": str(backend.settings.state_dir),
+                                                           "GIP_ENABLED_REGIONS": "eu-west-2,ap-northeast-1",
+                                                           "GIP_DEFAULT_REGION": "eu-west-2",
+                                                           "GIP_FLEET_PUBLIC_KEY": str(backend.settings.fleet_public_key),
+                                                           "GIP_REQUEST_BUDGET_SECONDS": "3"}))) as client:
         response = client.http.post("/device-renewal", body=json.dumps(device.body(make_csr("dev-4")[0])),
                                     headers={"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP})
     answer = json.loads(response.body)

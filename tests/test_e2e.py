@@ -11,10 +11,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from chalicelib import admin
+from admin import cli as admin
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
-from chalicelib.registry.base import UNPROVISIONED, DeviceRecord
-from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.domain.records import UNPROVISIONED, DeviceRecord
 from devstack.monitor import Monitor
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
 from tests.conftest import LONDON_IP, TOKYO_IP

@@ -20,28 +20,29 @@ import pytest
 import responses
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
-from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from moto import mock_aws
 
-from app import app
-from chalicelib import admin, operations, wiring
+from admin import cli as admin
+from admin import operations
+from admin.operations import AuditReport, MissingCertificate
+from chalicelib.adapters.geo import MaxMindLocator
+from chalicelib.adapters.issuers.aws_iot import AwsIotIssuer
+from chalicelib.adapters.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.adapters.registry.dynamodb import DynamoDbRegistry
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.errors import AlreadyProvisioned, ServiceUnavailable
-from chalicelib.geo import MaxMindLocator
-from chalicelib.issuers.aws_iot import AwsIotIssuer
-from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
-from chalicelib.operations import AuditReport, MissingCertificate
-from chalicelib.provisioning import ProvisioningService
-from chalicelib.regions import RegionPolicy
-from chalicelib.registry.base import UNPROVISIONED, DeviceRecord
-from chalicelib.registry.dynamodb import DynamoDbRegistry
-from chalicelib.registry.sqlite import SqliteRegistry
-from chalicelib.signatures import FleetKeyVerifier
-from chalicelib.wire import ProvisioningRequest, response_body
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
+from chalicelib.container import Container
+from chalicelib.domain.errors import AlreadyProvisioned, ServiceUnavailable
+from chalicelib.domain.records import UNPROVISIONED, DeviceRecord
+from chalicelib.domain.regions import RegionPolicy
+from chalicelib.domain.requests import ProvisioningRequest
+from chalicelib.domain.signatures import FleetKeyVerifier
+from chalicelib.edge.wire import response_body
+from chalicelib.services.provisioning import ProvisioningService
+from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr, sign_v1
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
 REGIONS = ("eu-west-2", "ap-northeast-1")   # LONDON_IP -> eu-west-2, TOKYO_IP -> ap-northeast-1
@@ -71,6 +72,12 @@ class Backend:
     look: dict = field(default_factory=dict)      # aws: separate IoT clients for inspection (never hooked)
     look_db: Any = None                           # aws: a separate DynamoDB client for inspection
     calls: Counter = field(default_factory=Counter)  # aws: IoT requests the service's clients sent (each attempt)
+    parts: Any = None                             # the stage's container: what the HTTP route and the CLI use
+
+    def all_iot(self) -> list:
+        """aws: every IoT client of the container, by region: the ordinary ones (`iot`, which the hand-built issuer
+        uses for every call) and the ones without retries that the container's issuer sends mutating calls by."""
+        return [*self.iot.values(), *(self.parts.aws.client("iot", r, retries=False) for r in self.iot)]
 
     # -- building
     def service(self, **parts) -> ProvisioningService:
@@ -184,7 +191,6 @@ def _isolated_env(monkeypatch, tmp_path, fleet_key) -> Path:
 def backend(request, tmp_path, monkeypatch, fleet_key, locator):
     public = _isolated_env(monkeypatch, tmp_path, fleet_key)
     state = tmp_path / "state"
-    wiring.reset()
     if request.param == "local":
         settings = Settings.from_env({"GIP_STAGE": "local", "GIP_STATE_DIR": str(state),
                                       "GIP_ENABLED_REGIONS": ",".join(REGIONS), "GIP_DEFAULT_REGION": DEFAULT,
@@ -194,10 +200,9 @@ def backend(request, tmp_path, monkeypatch, fleet_key, locator):
         registry.register(DEVICES)
         issuer = LocalIssuer(settings.ca_dir, local_endpoints(REGIONS, "localhost", 18883))
         issuer.certificates("-")  # makes the certificate table, so tests can add triggers to it
-        wiring.configure(settings)
-        yield Backend("local", settings, registry, issuer, fleet_key, locator, ["--state-dir", str(state)])
+        yield Backend("local", settings, registry, issuer, fleet_key, locator, ["--state-dir", str(state)],
+                      parts=Container(settings))
         registry.close()
-        wiring.reset()
         return
 
     # Dummy credentials and no profile files: nothing real can be contacted or signed for.
@@ -212,24 +217,23 @@ def backend(request, tmp_path, monkeypatch, fleet_key, locator):
         settings = Settings.from_env({**PROD_ENV, "GIP_IPSTACK_KEY_PARAMETER": "", "GIP_FLEET_PUBLIC_KEY": str(public),
                                       "GIP_STATE_DIR": str(state), "GIP_ENABLED_REGIONS": ",".join(REGIONS),
                                       "GIP_DEFAULT_REGION": DEFAULT, "GIP_ALLOW_V1": "true"})
-        wiring.configure(settings)
-        clients = wiring.aws_clients()  # the very clients the HTTP route and the CLI will use
-        registry = DynamoDbRegistry(clients.client("dynamodb"), settings.table_name, executor=wiring.pool("registry"))
+        parts = Container(settings)
+        clients = parts.aws  # the very clients the HTTP route will use
+        registry = DynamoDbRegistry(clients.client("dynamodb"), settings.table_name, executor=parts.pool("registry"))
         registry.create()
         registry.register(DEVICES)
         iot = {region: clients.client("iot", region) for region in REGIONS}
         b = Backend("aws", settings, registry,
-                    AwsIotIssuer(lambda region: clients.client("iot", region), wiring.pool("aws-iot")),
+                    AwsIotIssuer(lambda region: clients.client("iot", region), parts.pool("aws-iot")),
                     fleet_key, locator, ["--stage", "prod"], iot=iot,
                     look={r: boto3.client("iot", region_name=r) for r in REGIONS},
-                    look_db=boto3.client("dynamodb", region_name=DEFAULT))
+                    look_db=boto3.client("dynamodb", region_name=DEFAULT), parts=parts)
         # Counted at before-send: what really reaches AWS, each attempt; a call that a before-call fault or the
         # request's deadline (its gate fires at request-created) stops is not counted.
-        for client in iot.values():
+        for client in b.all_iot():
             client.meta.events.register("before-send.iot.*",
                                         lambda event_name, **_: b.calls.update([event_name.rsplit(".", 1)[1]]))
         yield b
-        wiring.reset()
 
 
 # ------------------------------------------------------------------------------------------- fault injection
@@ -244,19 +248,19 @@ def iot_fault(b: Backend, operation: str, code: str = "InternalFailureException"
     """`operation` fails in every region on the service's IoT clients while the block runs."""
     def hook(**_):
         raise aws_error(operation, code, status)
-    for client in b.iot.values():
+    for client in b.all_iot():
         client.meta.events.register(f"before-call.iot.{operation}", hook)
     try:
         yield
     finally:
-        for client in b.iot.values():
+        for client in b.all_iot():
             client.meta.events.unregister(f"before-call.iot.{operation}", hook)
 
 
 @contextmanager
 def dynamodb_finalize_fault(b: Backend):
     """DynamoDB refuses the write that marks the device provisioned (and only that one)."""
-    client = wiring.aws_clients().client("dynamodb")
+    client = b.parts.aws.client("dynamodb")
 
     def hook(params, **_):
         if ":provisioned" in params.get("ExpressionAttributeValues", {}):
@@ -449,8 +453,7 @@ def test_http_503_with_retry_after_then_200_when_the_fault_clears(backend):
         injected = iot_fault(backend, "CreateThing", "ThrottlingException", 400)
     else:
         injected = sqlite_trigger(backend.settings.ca_dir / "certificates.sqlite3", "certificates", "INSERT")
-    with Client(app, stage_name=stage, project_dir=str(PROJECT_DIR)) as client:
-        wiring.configure(backend.settings)  # the test client's stage environment must not replace ours
+    with api(stage, backend.parts) as client:  # our settings, not the test client's stage environment
         with injected:
             response, answer = _post(client, data)
         assert response.status_code == 503, answer

@@ -20,10 +20,10 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from chalicelib import admin
+from admin import cli as admin
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, Settings
-from chalicelib.provisioning import key_fingerprint
-from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.domain.keypolicy import key_fingerprint
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 

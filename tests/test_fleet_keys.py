@@ -4,18 +4,17 @@ import json
 
 import boto3
 import pytest
-from chalice.test import Client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from moto import mock_aws
 
-from app import app
-from chalicelib import admin, wiring
+from admin import cli as admin
+from chalicelib.adapters.fleet_keys import SsmFleetKeyVerifier, rotated_value
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
-from chalicelib.errors import ConfigError
-from chalicelib.fleet_keys import SsmFleetKeyVerifier, rotated_value
-from chalicelib.signatures import v1_text
-from tests.conftest import sign_v1
+from chalicelib.container import Container
+from chalicelib.domain.errors import ConfigError
+from chalicelib.domain.signatures import v1_text
+from tests.conftest import api, sign_v1
 from tests.test_security import v2_body
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
@@ -32,12 +31,10 @@ def aws(tmp_path, monkeypatch):
     for name in ("GIP_STATE_DIR", "GIP_FLEET_PUBLIC_KEY"):
         monkeypatch.delenv(name, raising=False)
     with mock_aws():
-        wiring.reset()
         calls = []
         ssm = boto3.client("ssm")
         ssm.meta.events.register("before-call.ssm.GetParameter", lambda **_: calls.append("GetParameter"))
         yield ssm, calls
-        wiring.reset()
 
 
 def private_key(tmp_path):
@@ -130,20 +127,19 @@ def test_the_prod_http_route_answers_503_until_keygen_then_provisions(aws, tmp_p
     ssm, _ = aws
     settings = Settings.from_env({**PROD_ENV, "GIP_IPSTACK_KEY_PARAMETER": ""})
     assert settings.fleet_public_key_parameter == PARAMETER
-    wiring.configure(settings)
-    wiring.registry(settings).create()
-    wiring.registry(settings).register(["mydevice1"])
-    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
-        def post():
-            key = private_key(tmp_path) if (tmp_path / "xdg").exists() else new_key()
-            response = client.http.post("/device-provisioning", headers={"Content-Type": "application/json"},
-                                        body=json.dumps(v2_body(key, "mydevice1")))  # prod accepts v2 only
-            return response.status_code, json.loads(response.body)
-        status, body = post()
+    Container(settings).registry.create()
+    Container(settings).registry.register(["mydevice1"])
+    def post(client):
+        key = private_key(tmp_path) if (tmp_path / "xdg").exists() else new_key()
+        response = client.http.post("/device-provisioning", headers={"Content-Type": "application/json"},
+                                    body=json.dumps(v2_body(key, "mydevice1")))  # prod accepts v2 only
+        return response.status_code, json.loads(response.body)
+    with api("prod", Container(settings)) as client:
+        status, body = post(client)
         assert (status, body["code"]) == (503, "service-misconfigured")
-        wiring.configure(settings)  # a new container
-        assert admin.main(["--stage", "prod", "keygen"]) == 0
-        status, body = post()
+    assert admin.main(["--stage", "prod", "keygen"]) == 0
+    with api("prod", Container(settings)) as client:  # a new container
+        status, body = post(client)
         assert status == 200, body
 
 

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography import x509
 
-from chalicelib import wiring
-from chalicelib.registry.base import STATUSES
+from chalicelib.container import Container
+from chalicelib.domain.records import STATUSES
 from tests.test_bulk_enrolment import backend  # noqa: F401  (the fixture: SQLite stage and prod under moto)
 
 NOW = datetime.now(timezone.utc)
@@ -123,7 +123,7 @@ def test_show_has_the_certificate_validity_issuer_and_the_history(backend):  # n
     assert backend("register", "dev-1", "dev-2", "dev-3")[0] == 0
     registry = backend.registry()
     registry.release(registry.claim("dev-1", NOW, 300), "issuer down")  # a failed first try
-    issued = wiring.issuer(backend.settings).issue("dev-1", "eu-west-2", None)
+    issued = Container(backend.settings).issuer.issue("dev-1", "eu-west-2", None)
     provision(registry, "dev-1", "eu-west-2", NOW, issued.certificate_id)
     registry.release(registry.claim("dev-2", NOW, 300), "geolocation unavailable")
 

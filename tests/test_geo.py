@@ -5,9 +5,10 @@ import requests
 import responses
 from moto import mock_aws
 
-from chalicelib.aws import SsmSecret
-from chalicelib.geo import FallbackLocator, IpstackLocator, MaxMindLocator, client_ip
-from chalicelib.regions import Location, RegionPolicy
+from chalicelib.adapters.aws import SsmSecret
+from chalicelib.adapters.geo import FallbackLocator, IpstackLocator, MaxMindLocator
+from chalicelib.domain.regions import Location, RegionPolicy
+from chalicelib.edge.forwarded import client_ip
 from tests.conftest import LONDON_IP, TOKYO_IP
 
 IPSTACK = "https://api.ipstack.com/"

@@ -9,9 +9,9 @@ import requests
 import responses
 from moto import mock_aws
 
-from chalicelib.aws import SsmSecret
-from chalicelib.geo import Backoff, IpstackLocator
-from chalicelib.regions import Location
+from chalicelib.adapters.aws import SsmSecret
+from chalicelib.adapters.geo import Backoff, IpstackLocator
+from chalicelib.domain.regions import Location
 from tests.conftest import LONDON_IP
 
 URL = "https://api.ipstack.com/" + LONDON_IP
@@ -41,7 +41,7 @@ def test_an_outage_backs_off_warns_once_counts_and_heals(outage, caplog, capsys)
     clock = Clock()
     locator = IpstackLocator(requests.Session(), lambda: "key", backoff=Backoff("ipstack", clock=clock))
     responses.get(URL, **outage)
-    with caplog.at_level(logging.WARNING, logger="chalicelib.geo"):
+    with caplog.at_level(logging.WARNING, logger="chalicelib.adapters.geo"):
         assert locator.locate(LONDON_IP) is None
         assert locator.locate(LONDON_IP) is None               # within the back-off: ipstack is not asked
         assert len(responses.calls) == 1
@@ -97,7 +97,7 @@ def test_a_missing_secret_is_tried_again_after_the_back_off(ssm, capsys):
 
 def test_ipstack_over_urllib3_against_a_local_stand_in(capsys):
     """The HTTP client the prod wiring uses (urllib3): query string, JSON answer; a dead port backs off."""
-    from chalicelib.geo import HttpGet
+    from chalicelib.adapters.geo import HttpGet
     from tests.fake_ipstack import FakeIpstack
     with FakeIpstack() as fake:
         fake.answers[LONDON_IP] = GOOD

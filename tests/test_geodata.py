@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 import maxminddb
 import pytest
 
+from chalicelib.adapters.geo import MaxMindLocator, bundled_database
 from chalicelib.config import PROJECT_DIR
-from chalicelib.geo import MaxMindLocator, bundled_database
 from devstack import build_geodata
 
 README = (PROJECT_DIR / "README.md").read_text()

@@ -5,16 +5,13 @@ import re
 
 import boto3
 import pytest
-from chalice.test import Client
 from moto import mock_aws
 
-from app import app
-from chalicelib import wiring
-from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.geo import Backoff
-from chalicelib.health import Health, log_and_count
+from chalicelib.adapters.geo import Backoff
+from chalicelib.container import Container
+from chalicelib.edge.health import Health, log_and_count
 from devstack.stack import free_port
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr
 from tests.fake_ipstack import FakeIpstack
 
 
@@ -55,8 +52,7 @@ def test_parts_are_ok_degraded_or_failing_and_the_answer_is_cached(capsys):
 
 def test_a_missing_fleet_key_is_a_503_naming_it_and_the_other_parts_are_ok(stage):
     (stage.state_dir / "keys" / "global-provisioning.pub.key.pem").unlink()
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
-        wiring.configure(wiring.settings())
+    with api("local") as client:
         response = client.http.get("/health")
     answer = json.loads(response.body)
     assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
@@ -67,8 +63,7 @@ def test_a_missing_fleet_key_is_a_503_naming_it_and_the_other_parts_are_ok(stage
 
 
 def test_a_healthy_local_stage_says_ok(stage):
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
-        wiring.configure(wiring.settings())
+    with api("local") as client:
         response = client.http.get("/health")
     answer = json.loads(response.body)
     assert response.status_code == 200 and answer["status"] == "ok", answer
@@ -87,8 +82,12 @@ def _ipstack_on_the_local_stage(monkeypatch, tmp_path, url: str) -> None:
         monkeypatch.setenv(name, value)
 
 
+def _uncached(backoff: Backoff | None = None) -> Container:
+    """The stage's container with /health answered afresh at each call (not cached for 5 s), and `backoff`."""
+    return Container(ipstack_backoff=backoff, health_cache_seconds=0)
+
+
 def _get_health(client) -> tuple[int, dict]:
-    wiring.configure(wiring.settings())  # a fresh answer, not the one cached for 5 s (the back-off is kept)
     response = client.http.get("/health")
     return response.status_code, json.loads(response.body)
 
@@ -109,8 +108,8 @@ def test_ipstack_held_off_by_its_back_off_is_degraded_until_it_answers(stage, mo
         # refused: the stand-in knows no address (404, success false); unreachable: nothing listens there
         down = ipstack.url if outage == "refused" else f"http://127.0.0.1:{free_port()}/{{ip}}"
         _ipstack_on_the_local_stage(monkeypatch, tmp_path, down)
-        wiring.use_ipstack_backoff(Backoff("ipstack", clock=clock))
-        with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+        backoff = Backoff("ipstack", clock=clock)
+        with api("local", _uncached(backoff)) as client:
             status, answer = _get_health(client)
             assert status == 200 and answer["status"] == "ok", answer  # configured, not failed yet
             assert _provision(client, stage, "mydevice1", LONDON_IP)["region"] == "eu-west-2"  # the bundled database
@@ -138,7 +137,7 @@ def test_ipstack_held_off_by_its_back_off_is_degraded_until_it_answers(stage, mo
             status, answer = _get_health(client)
             assert answer["checks"]["geolocation"]["detail"].endswith("next try in 1 s); running on the bundled database")
             clock.now += 2
-            wiring.configure(Settings.from_env())  # ipstack's new address
+        with api("local", _uncached(backoff)) as client:  # ipstack's new address: a new container, the same back-off
             assert _provision(client, stage, "mydevice2", TOKYO_IP)["region"] == "ap-northeast-1"
             assert TOKYO_IP in [ip for ip, _ in ipstack.calls]
             status, answer = _get_health(client)
@@ -149,7 +148,7 @@ def test_ipstack_held_off_by_its_back_off_is_degraded_until_it_answers(stage, mo
 def test_an_unreadable_ipstack_key_is_degraded_naming_why_and_since_when(stage, monkeypatch, tmp_path):
     with mock_aws(), FakeIpstack() as ipstack:  # no parameter in SSM: ParameterNotFound
         _ipstack_on_the_local_stage(monkeypatch, tmp_path, ipstack.url)
-        with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+        with api("local", _uncached()) as client:
             assert _provision(client, stage, "mydevice1", LONDON_IP)["region"] == "eu-west-2"
             status, answer = _get_health(client)
     geo = answer["checks"]["geolocation"]

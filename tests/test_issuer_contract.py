@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from moto import mock_aws
 
-from chalicelib.errors import IssueIncomplete, MalformedRequest, ServiceUnavailable
-from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME, AwsIotIssuer, device_policy_document
-from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.adapters.issuers.aws_iot import DEVICE_POLICY_NAME, AwsIotIssuer, device_policy_document
+from chalicelib.adapters.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.domain.errors import IssueIncomplete, MalformedRequest, ServiceUnavailable
 from tests.conftest import make_csr
 
 REGION_A, REGION_B = "eu-west-2", "ap-northeast-1"
@@ -347,7 +347,7 @@ def test_a_failed_cleanup_is_logged_and_the_first_error_is_raised(aws, caplog):
     prepared(aws)
     fail(aws.clients[REGION_A], "AttachThingPrincipal", "ThrottlingException")
     fail(aws.clients[REGION_A], "DeleteThing", "AccessDeniedException", 403)
-    with caplog.at_level(logging.ERROR, logger="chalicelib.issuers.aws_iot"):
+    with caplog.at_level(logging.ERROR, logger="chalicelib.adapters.issuers.aws_iot"):
         with pytest.raises(IssueIncomplete) as raised:  # the thing is left: a declared leftover
             aws.issuer.issue("dev-1", REGION_A, None)
     assert isinstance(raised.value.error, ServiceUnavailable)
@@ -380,8 +380,8 @@ def test_a_policy_that_exists_is_attached_without_looking_it_up(aws):
 
 def test_a_cold_container_reads_the_endpoint_another_one_shared(aws_env, executor):
     """DescribeEndpoint has a small quota of its own: of many cold containers only the first asks AWS IoT."""
-    from chalicelib.registry.dynamodb import DynamoDbRegistry
-    from chalicelib.registry.endpoints_dynamodb import DynamoDbEndpoints
+    from chalicelib.adapters.issuers.endpoints_dynamodb import DynamoDbEndpoints
+    from chalicelib.adapters.registry.dynamodb import DynamoDbRegistry
     dynamodb = boto3.client("dynamodb", region_name=REGION_A)
     DynamoDbRegistry(dynamodb, "gip", executor=executor).create()
     containers = [aws_backend(executor) for _ in range(3)]

@@ -2,17 +2,14 @@
 import json
 
 import pytest
-from chalice.test import Client
 
-from app import app
-from chalicelib import observability
-from chalicelib.config import PROJECT_DIR
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from chalicelib.adapters import observability
+from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr
 
 
 @pytest.fixture
 def client(stage):
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as c:
+    with api("local") as c:
         yield c
 
 

@@ -91,7 +91,7 @@ def test_zip_holds_no_secret(which, request):
     _, zip_path = request.getfixturevalue(which)
     with zipfile.ZipFile(zip_path) as archive:
         names = archive.namelist()
-        assert "app.py" in names and "chalicelib/provisioning.py" in names
+        assert "app.py" in names and "chalicelib/services/provisioning.py" in names
         assert not [n for n in names if n.startswith((".state", "tests/", "device/", "devstack/", "bench/"))]
         private = re.compile(rb"-----BEGIN (RSA |EC |ENCRYPTED )?PRIVATE KEY-----")
         leaked = [n for n in names if n.endswith((".pem", ".key", ".py", ".json"))
@@ -118,7 +118,7 @@ def test_the_sdk_inside_is_the_one_the_tests_ran_and_sizes_fit_lambda(which, req
         names = archive.namelist()
     # what the function never uses stays out
     assert not [n for n in names if n.startswith("aws_lambda_powertools") or "swagger" in n.lower()]
-    assert "chalicelib/botocore_models/iot/2015-05-28/service-2.json" in names
+    assert "chalicelib/adapters/botocore_models/iot/2015-05-28/service-2.json" in names
 
 
 def test_plain_package_takes_no_bytecode_from_the_working_tree(package):
@@ -141,7 +141,7 @@ def test_built_package_has_unchecked_bytecode_for_the_runtime_for_every_module(b
     with zipfile.ZipFile(zip_path) as archive:
         names = set(archive.namelist())
         sources = sorted(n for n in names if n.endswith(".py"))
-        assert {"app.py", "chalicelib/wiring.py", "botocore/client.py", "cryptography/x509/base.py"} <= set(sources)
+        assert {"app.py", "chalicelib/container.py", "botocore/client.py", "cryptography/x509/base.py"} <= set(sources)
         assert [n for n in sources if _pyc_of(n) not in names] == []
         headers = {archive.read(_pyc_of(n))[:8] for n in sources}
     # PEP 552: the magic number of this (the runtime's) Python; flags 0b01 = checked by hash, never against
@@ -166,12 +166,12 @@ def test_chalice_reuses_the_built_package_so_chalice_deploy_uploads_it(clone, bu
 
 
 def test_built_package_keeps_botocore_data_of_the_function_services_only(built):
-    from chalicelib import aws_models, iam_policy
+    from admin import iam_policy, lean_models
     _, zip_path = built
     with zipfile.ZipFile(zip_path) as archive:
         names = archive.namelist()
     services = {n.split("/")[2] for n in names if n.startswith("botocore/data/") and n.count("/") > 2}
-    assert services == set(aws_models.operations(list(iam_policy.ACTIONS))) == {"dynamodb", "iot", "ssm"}
+    assert services == set(lean_models.operations(list(iam_policy.ACTIONS))) == {"dynamodb", "iot", "ssm"}
     assert {"botocore/data/endpoints.json", "botocore/data/partitions.json", "botocore/data/_retry.json",
             "botocore/data/sdk-default-configuration.json"} <= set(names)
 
@@ -187,7 +187,7 @@ def test_a_cold_start_from_the_built_package_unzipped_read_only_compiles_nothing
     without = lambda_package.probe(lambda_package.unzip(zip_path, tmp_path / "without", bytecode=False), env)
     assert with_bytecode["compiled"] == []
     assert with_bytecode["sources"] > 150 and with_bytecode["from_pyc"] == with_bytecode["sources"]
-    assert {"app.py", "chalicelib/wiring.py", "botocore/client.py"} <= set(without["compiled"])
+    assert {"app.py", "chalicelib/container.py", "botocore/client.py"} <= set(without["compiled"])
     assert without["from_pyc"] == 0
     for run, root in ((with_bytecode, tmp_path / "with"), (without, tmp_path / "without")):
         assert run["botocore"] == version("botocore") and run["botocore_file"].startswith(str(root))
@@ -205,7 +205,7 @@ def test_template_policy_scopes_destructive_iot_actions_to_the_enabled_regions(p
     [role] = resources_of_type(template, "AWS::IAM::Role")
     regions = set(json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]
                   ["environment_variables"].get("GIP_ENABLED_REGIONS", "").split(",")) - {""}
-    from chalicelib.regions import SAMPLE_REGIONS
+    from chalicelib.domain.regions import SAMPLE_REGIONS
     regions = regions or set(SAMPLE_REGIONS)
     for statement in role["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
         resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]

@@ -10,21 +10,21 @@ from datetime import datetime, timezone
 
 import boto3
 import pytest
-from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from moto import mock_aws
 
-from app import app
-from chalicelib import admin, aws_models, iam_policy, wiring
-from chalicelib.aws import AwsClients
+from admin import cli as admin
+from admin import iam_policy, lean_models
+from chalicelib.adapters.aws import AwsClients
+from chalicelib.adapters.issuers.aws_iot import DEVICE_POLICY_NAME
+from chalicelib.adapters.registry.dynamodb import DynamoDbRegistry
 from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.issuers.aws_iot import DEVICE_POLICY_NAME
-from chalicelib.registry.dynamodb import DynamoDbRegistry
-from chalicelib.signatures import v2_text
-from chalicelib.wire import ProvisioningRequest
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
+from chalicelib.container import Container
+from chalicelib.domain.requests import ProvisioningRequest
+from chalicelib.domain.signatures import v2_text
+from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr, sign_v1
 from tests.fake_ipstack import FakeIpstack
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
@@ -34,7 +34,7 @@ IPSTACK_PARAMETER = PROD_ENV["GIP_IPSTACK_KEY_PARAMETER"]
 
 @pytest.fixture
 def prod(tmp_path, monkeypatch):
-    """The prod stage's settings, its fleet key in a temporary file, AWS faked by moto."""
+    """The prod stage's settings, its fleet key in a temporary file, AWS faked by moto, and the stage's container."""
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "eu-west-2",
                         "AWS_CONFIG_FILE": str(tmp_path / "none"),
@@ -46,15 +46,13 @@ def prod(tmp_path, monkeypatch):
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
     # ipstack is a stand-in on 127.0.0.1 that answers only what a test puts in; nothing leaves this machine.
     with mock_aws(), FakeIpstack() as http:
-        wiring.reset()
         settings = Settings.from_env({**PROD_ENV, "GIP_FLEET_PUBLIC_KEY": str(public),
                                       "GIP_STATE_DIR": str(tmp_path / "state"), "GIP_IPSTACK_URL": http.url})
-        wiring.configure(settings)
-        wiring.registry(settings).create()
-        wiring.registry(settings).register([f"mydevice{i}" for i in range(1, 6)])
+        parts = Container(settings)
+        parts.registry.create()
+        parts.registry.register([f"mydevice{i}" for i in range(1, 6)])
         boto3.client("ssm").put_parameter(Name=IPSTACK_PARAMETER, Value="ipstack-key", Type="SecureString")
-        yield settings, fleet_key, http
-        wiring.reset()
+        yield settings, fleet_key, http, parts
 
 
 def body(fleet_key, thing, csr_pem=None, version=2):
@@ -79,9 +77,9 @@ def post(client, data):
 
 
 def test_http_route_on_prod_wiring_all_sample_modes(prod):
-    settings, fleet_key, http = prod
+    settings, fleet_key, http, parts = prod
     iot = boto3.client("iot", region_name="eu-west-2")
-    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+    with api("prod", parts) as client:
         # chalice's test gateway reports 127.0.0.1 and prod ignores X-Forwarded-For: default region.
         status, answer = post(client, body(fleet_key, "mydevice1"))
         assert status == 200, answer
@@ -106,7 +104,7 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
         assert status == 409 and answer["code"] == "provisioning-in-progress"
         assert len(iot.list_thing_principals(thingName="mydevice1")["principals"]) == 1
 
-    registry = wiring.registry(settings)
+    registry = Container(settings).registry
     assert registry.get("mydevice1").status == "provisioned"
     assert registry.get("mydevice1").region == "eu-west-2"
     assert registry.get("mydevice3").status == "unprovisioned"
@@ -114,23 +112,23 @@ def test_http_route_on_prod_wiring_all_sample_modes(prod):
 
 
 def test_prod_refuses_v1_by_default_and_one_setting_accepts_it(prod):
-    settings, fleet_key, http = prod
+    settings, fleet_key, http, parts = prod
     assert PROD_ENV["GIP_ALLOW_V1"] == "false" and Settings.from_env({"GIP_STAGE": "prod"}).allow_v1 is False
     assert Settings.from_env({"GIP_STAGE": "local"}).allow_v1 is True  # the local stage and the demo show both
-    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+    with api("prod", parts) as client:
         status, answer = post(client, body(fleet_key, "mydevice1", version=1))
         assert status == 403 and answer["code"] == "v1-refused"
-        assert wiring.registry(settings).get("mydevice1").status == "unprovisioned"
-    wiring.configure(Settings.from_env({**PROD_ENV, "GIP_ALLOW_V1": "true", "GIP_FLEET_PUBLIC_KEY":
-                                        str(settings.fleet_public_key), "GIP_STATE_DIR": str(settings.state_dir)}))
-    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        assert Container(settings).registry.get("mydevice1").status == "unprovisioned"
+    parts = Container(Settings.from_env({**PROD_ENV, "GIP_ALLOW_V1": "true", "GIP_FLEET_PUBLIC_KEY":
+                                         str(settings.fleet_public_key), "GIP_STATE_DIR": str(settings.state_dir)}))
+    with api("prod", parts) as client:
         status, answer = post(client, body(fleet_key, "mydevice1", version=1))
         assert status == 200, answer
 
 
 def test_admin_cli_on_prod_lists_and_shows_dynamodb_items(prod, capsys, monkeypatch):
-    settings, fleet_key, http = prod
-    issued = wiring.service().provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice4")), TOKYO_IP)
+    settings, fleet_key, http, parts = prod
+    issued = parts.provisioning.provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice4")), TOKYO_IP)
     for name, value in PROD_ENV.items():
         monkeypatch.setenv(name, value)
     assert admin.main(["--stage", "prod", "register", "--prefix", "mydevice", "--count", "7"]) == 0
@@ -147,14 +145,19 @@ def test_admin_cli_on_prod_lists_and_shows_dynamodb_items(prod, capsys, monkeypa
     assert shown["certificate"]["status"] == "ACTIVE" and shown["certificate"]["region"] == "ap-northeast-1"
 
 
-def _record_actions(settings, actions: set):
+def iot_clients(parts, region: str) -> list:
+    """Both IoT clients a container has in `region`: the ordinary one (reads), and the one without botocore's
+    retries that the calls admission pays for go through."""
+    return [parts.aws.client("iot", region), parts.aws.client("iot", region, retries=False)]
+
+
+def _record_actions(parts, actions: set):
     """Every AWS API call the service's clients make, as IAM action names."""
     def record(event_name, **_):
         _, service, operation = event_name.split(".")[:3]
         actions.add(f"{service}:{operation}")
-    clients = wiring.aws_clients()
-    for client in [clients.client("dynamodb"), clients.client("ssm"),
-                   *(clients.client("iot", region) for region in settings.enabled_regions)]:
+    for client in [parts.aws.client("dynamodb"), parts.aws.client("ssm"),
+                   *(c for region in parts.settings.enabled_regions for c in iot_clients(parts, region))]:
         client.meta.events.register("before-call.*.*", record)
 
 
@@ -168,19 +171,18 @@ def _policy_actions(prefixes=("dynamodb:", "iot:", "ssm:")) -> set:
 
 def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
     """Through the function's own clients (lean models: a call missing from the policy has no method either)."""
-    settings, fleet_key, http = prod
+    settings, fleet_key, http, parts = prod
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "iot-global-provisioning-prod")
-    wiring.reset()
-    wiring.configure(settings)
-    assert wiring.aws_clients().client("iot", "eu-west-2").meta.service_model.operation_names == sorted(
+    parts = Container(settings)  # a container of the function's own: lean models
+    assert parts.aws.client("iot", "eu-west-2").meta.service_model.operation_names == sorted(
         a.split(":")[1] for a in iam_policy.ACTIONS if a.startswith("iot:"))
     operator_registry = DynamoDbRegistry(AwsClients(lean=False).client("dynamodb"), settings.table_name,
-                                         executor=wiring.pool("registry"))
+                                         executor=parts.pool("registry"))
     http.answers[LONDON_IP] = {"latitude": 51.5, "longitude": -0.12, "country_code": "GB"}
     http.answers[TOKYO_IP] = {"latitude": 35.7, "longitude": 139.7, "country_code": "JP"}
     actions: set = set()
-    _record_actions(settings, actions)
-    service = wiring.service()
+    _record_actions(parts, actions)
+    service = parts.provisioning
 
     def request(thing, csr=None):
         return ProvisioningRequest.from_body(body(fleet_key, thing, csr))
@@ -209,7 +211,7 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
         service.provision(request("mydevice1"), LONDON_IP)                     # refused: already provisioned
 
     # A failure after the certificate exists: the rollback's calls are part of what the Lambda does.
-    iot = wiring.aws_clients().client("iot", "eu-west-2")
+    iot = parts.aws.client("iot", "eu-west-2", retries=False)  # AttachThingPrincipal's: admission pays for it
 
     def fail(**_):
         raise RuntimeError("injected: attach failed")
@@ -220,9 +222,9 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
 
     # A thing made beforehand with no certificate is adopted (DescribeThing, ListThingPrincipals), and
     # GET /health's registry check describes both tables.
-    wiring.aws_clients().client("iot", "eu-west-2").create_thing(thingName="mydevice4")
+    parts.aws.client("iot", "eu-west-2").create_thing(thingName="mydevice4")
     service.provision(request("mydevice4", make_csr("mydevice4")[0]), LONDON_IP)
-    wiring.health().check()
+    parts.health.check()
 
     assert actions >= {"dynamodb:GetItem", "dynamodb:PutItem"}
     actions.update(seen_before)
@@ -273,16 +275,16 @@ def test_policy_resources_are_narrow():
 
 
 def test_committed_policy_is_what_the_generator_makes_from_the_stage_config():
-    """Fails when .chalice/policy-prod.json is stale: run `python -m chalicelib.admin --stage prod policy --write`."""
+    """Fails when .chalice/policy-prod.json is stale: run `python -m admin --stage prod policy --write`."""
     assert json.loads(iam_policy.render(Settings.for_stage("prod", environ={}))) == POLICY
 
 
 def test_committed_lean_models_are_what_the_generator_makes_from_the_pinned_botocore():
-    """Fails when chalicelib/botocore_models is stale (an action added, botocore upgraded): regenerate with
-    `python -m chalicelib.admin --stage prod policy --write`."""
-    generated = aws_models.generate(list(iam_policy.ACTIONS))
-    committed = {str(p.relative_to(aws_models.MODELS_DIR)): p.read_text()
-                 for p in aws_models.MODELS_DIR.rglob("*.json")}
+    """Fails when chalicelib/adapters/botocore_models is stale (an action added, botocore upgraded): regenerate with
+    `python -m admin --stage prod policy --write`."""
+    generated = lean_models.generate(list(iam_policy.ACTIONS))
+    committed = {str(p.relative_to(lean_models.MODELS_DIR)): p.read_text()
+                 for p in lean_models.MODELS_DIR.rglob("*.json")}
     assert committed == generated
 
 
@@ -308,13 +310,12 @@ def test_policy_command_prints_the_committed_policy(monkeypatch, capsys):
 
 
 def test_endpoint_and_policy_lookups_are_once_per_container(prod):
-    settings, fleet_key, http = prod
+    settings, fleet_key, http, parts = prod
     actions: list = []
-    clients = wiring.aws_clients()
-    for region in settings.enabled_regions:
-        clients.client("iot", region).meta.events.register(
+    for client in (c for region in settings.enabled_regions for c in iot_clients(parts, region)):
+        client.meta.events.register(
             "before-call.iot.*", lambda event_name, **_: actions.append(event_name.split(".")[2]))
-    service = wiring.service()
+    service = parts.provisioning
     for i in (1, 2, 3):
         thing = f"mydevice{i}"
         service.provision(ProvisioningRequest.from_body(body(fleet_key, thing)), "10.0.0.1")
@@ -327,26 +328,25 @@ def test_endpoint_and_policy_lookups_are_once_per_container(prod):
 
 
 def test_admin_init_records_every_region_endpoint_so_no_container_asks_for_one(prod, monkeypatch, capsys):
-    settings, fleet_key, http = prod
+    settings, fleet_key, http, parts = prod
     for name, value in PROD_ENV.items():
         monkeypatch.setenv(name, value)
     assert admin.main(["--stage", "prod", "init"]) == 0
     assert f"endpoints recorded for {len(settings.enabled_regions)} regions" in capsys.readouterr().out
-    wiring.reset()  # a new container
-    wiring.configure(settings)
+    parts = Container(settings)  # a new container
     actions: list = []
-    for region in settings.enabled_regions:
-        wiring.aws_clients().client("iot", region).meta.events.register(
+    for client in (c for region in settings.enabled_regions for c in iot_clients(parts, region)):
+        client.meta.events.register(
             "before-call.iot.*", lambda event_name, **_: actions.append(event_name.split(".")[2]))
-    issued = wiring.service().provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice1")), TOKYO_IP)
+    issued = parts.provisioning.provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice1")), TOKYO_IP)
     assert "DescribeEndpoint" not in actions
     assert issued.issued.endpoint.address.endswith("-ats.iot.ap-northeast-1.amazonaws.com")
 
 
 def test_the_prod_stage_on_lambda_is_served(prod, monkeypatch):
-    settings, fleet_key, http = prod
+    settings, fleet_key, http, parts = prod
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "iot-global-provisioning-prod")
-    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+    with api("prod", parts) as client:
         response = client.http.get("/health")
         assert response.status_code == 200 and json.loads(response.body)["stage"] == "prod"
         status, answer = post(client, body(fleet_key, "mydevice2"))

@@ -13,20 +13,21 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from chalicelib.errors import (
+from chalicelib.adapters.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.adapters.registry.items import item_of
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
+from chalicelib.domain.errors import (
     AlreadyProvisioned,
     NotRegistered,
     ProvisioningInProgress,
     ServiceUnavailable,
     SignatureInvalid,
 )
-from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
-from chalicelib.provisioning import ProvisioningService
-from chalicelib.regions import SAMPLE_REGIONS, RegionPolicy
-from chalicelib.registry.base import item_of
-from chalicelib.registry.sqlite import SqliteRegistry
-from chalicelib.signatures import FleetKeyVerifier
-from chalicelib.wire import ProvisioningRequest, response_body
+from chalicelib.domain.regions import SAMPLE_REGIONS, RegionPolicy
+from chalicelib.domain.requests import ProvisioningRequest
+from chalicelib.domain.signatures import FleetKeyVerifier
+from chalicelib.edge.wire import response_body
+from chalicelib.services.provisioning import ProvisioningService
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
 
 LEASE = 300
@@ -257,7 +258,7 @@ def test_a_lease_lost_during_issue_revokes_our_certificate_and_leaves_the_new_cl
 def test_a_failing_rollback_does_not_hide_the_original_error(build, registry, issuer, request_for, caplog):
     failing_registry = FailingFinalizeRegistry(registry, RuntimeError("the original failure"))
     failing_issuer = FailingIssuer(issuer, revoke_error=RuntimeError("revoke failed too"))
-    with caplog.at_level(logging.ERROR, logger="chalicelib.provisioning"):
+    with caplog.at_level(logging.ERROR, logger="chalicelib.services.provisioning"):
         with pytest.raises(ServiceUnavailable) as raised:
             build(registry=failing_registry, issuer=failing_issuer).provision(request_for("dev-1"), LONDON_IP)
     assert str(raised.value.__cause__) == "the original failure"
@@ -371,8 +372,8 @@ def test_concurrent_retries_of_a_lost_server_made_key_rekey_it_once(build, regis
                                                                       clock):
     """Eight retries without a CSR at once, in the re-key window: one re-key wins (one conditional write), the
     others are told 409 in progress; one certificate stays ACTIVE, the registry's, and the first is revoked."""
-    from chalicelib.relocation import RelocationPolicy
-    from chalicelib.renewal import RenewalService
+    from chalicelib.domain.relocation import RelocationPolicy
+    from chalicelib.services.renewal import RenewalService
 
     rekeyer = RenewalService(registry=registry, issuer=issuer, locator=locator, regions=RegionPolicy(),
                              relocation=RelocationPolicy.parse("never"), lease_seconds=LEASE, clock=clock)
@@ -428,9 +429,9 @@ def test_a_rekey_whose_revocation_fails_answers_and_the_audit_finishes_it(build,
                                                                           fleet_key, clock):
     """The new certificate is recorded first; the old one's revocation failing leaves it marked to retire:
     `audit` lists it (an unfinished renewal) and `audit --fix` revokes it."""
-    from chalicelib import operations
-    from chalicelib.relocation import RelocationPolicy
-    from chalicelib.renewal import RenewalService
+    from admin import operations
+    from chalicelib.domain.relocation import RelocationPolicy
+    from chalicelib.services.renewal import RenewalService
 
     rekeyer = RenewalService(registry=registry, issuer=FailingRetire(issuer), locator=locator, regions=RegionPolicy(),
                              relocation=RelocationPolicy.parse("never"), lease_seconds=LEASE, clock=clock)

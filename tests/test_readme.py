@@ -22,12 +22,12 @@ RUN = {
     "demo": ["make demo"],
     "hand-run": [  # with `make local` running, as the README says
         "STATE=${XDG_STATE_HOME:-$HOME/.local/state}/iot-global-provisioning/local",
-        ".venv/bin/python -m chalicelib.admin keygen",
-        ".venv/bin/python -m chalicelib.admin register --prefix mydevice --count 10",
+        ".venv/bin/python -m admin keygen",
+        ".venv/bin/python -m admin register --prefix mydevice --count 10",
         ".venv/bin/python device/global_device.py -t mydevice1 -a http://127.0.0.1:${API_PORT:-8000} -c --count 3 "
         "--interval 0.5 --forwarded-for 81.2.69.142 --signing-key $STATE/keys/global-provisioning.priv.key.pem "
         "--root-ca $STATE/ca/bundle.pem --state-dir $STATE/devices",
-        ".venv/bin/python -m chalicelib.admin list",
+        ".venv/bin/python -m admin list",
     ],
 }
 NOT_RUN = {
@@ -35,7 +35,7 @@ NOT_RUN = {
     "make local": "runs until Ctrl-C: started around the hand-run commands, stopped after them",
 }
 AWS = "needs an AWS account and credentials"
-AWS_PREFIXES = (". .venv/bin/activate", "python -m chalicelib.admin --stage prod", "aws ", "chalice deploy", "make deploy",
+AWS_PREFIXES = (". .venv/bin/activate", "python -m admin --stage prod", "aws ", "chalice deploy", "make deploy",
                 "chalice package", "python device/global_device.py -t mydevice1 -a https://")
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (.ci/run installs it)")

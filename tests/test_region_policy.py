@@ -7,14 +7,12 @@ import json
 import math
 
 import pytest
-from chalice.test import Client
 
-from chalicelib import wiring
-from chalicelib.config import PROJECT_DIR
-from chalicelib.errors import ConfigError, RegionBlocked
-from chalicelib.geo import CachingLocator, MaxMindLocator
-from chalicelib.regions import CATALOGUE, SAMPLE_REGIONS, Location, RegionPolicy
-from tests.conftest import LONDON_IP
+from chalicelib.adapters.geo import CachingLocator, MaxMindLocator
+from chalicelib.container import Container
+from chalicelib.domain.errors import ConfigError, RegionBlocked
+from chalicelib.domain.regions import CATALOGUE, SAMPLE_REGIONS, Location, RegionPolicy
+from tests.conftest import LONDON_IP, api
 
 RULES = {"countries": {"IE": "eu-west-2", "DE": "eu-central-1", "ZA": "ap-south-1"},
          "continents": {"AF": "eu-west-2", "SA": "us-east-1", "OC": "ap-northeast-1"},
@@ -171,7 +169,7 @@ def test_rules_from_the_stage_environment_are_checked_at_startup():
         Settings.from_env({"GIP_REGION_RULES": "{not json"})
     config = Settings.from_env({"GIP_REGION_RULES": json.dumps({"continents": {"XX": "eu-west-2"}})})
     with pytest.raises(ConfigError, match="GIP_REGION_RULES.*'XX'"):
-        wiring.region_policy(config)
+        Container(config).validate()
 
 
 def test_geolocation_is_cached_per_ip_with_a_bound():
@@ -189,10 +187,8 @@ def test_geolocation_is_cached_per_ip_with_a_bound():
 
 @pytest.fixture
 def ruled_client(stage, monkeypatch):
-    app = __import__("app").app  # a first import reads the settings (wiring.validate): before the reset
     monkeypatch.setenv("GIP_REGION_RULES", json.dumps(RULES))
-    wiring.reset()
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+    with api("local") as client:
         yield client
 
 
@@ -206,11 +202,11 @@ def test_the_api_explains_its_choice_and_the_registry_keeps_it(stage, ruled_clie
     status, body = post(ruled_client, stage.body("mydevice1"), "87.32.0.1")
     assert status == 200, body
     assert (body["region"], body["reason"], body["country"]) == ("eu-west-2", "country-rule", "IE")
-    item = wiring.registry(wiring.settings()).get("mydevice1")
+    item = Container().registry.get("mydevice1")
     assert (item.country, item.region_reason) == ("IE", "country-rule")
 
 
 def test_the_api_refuses_a_blocked_country_and_changes_nothing(stage, ruled_client):
     status, body = post(ruled_client, stage.body("mydevice2"), "175.45.176.1")
     assert status == 403 and body["code"] == "country-blocked" and body["status"] == "error"
-    assert wiring.registry(wiring.settings()).get("mydevice2").status == "unprovisioned"
+    assert Container().registry.get("mydevice2").status == "unprovisioned"

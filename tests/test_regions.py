@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from chalicelib.errors import ConfigError
-from chalicelib.regions import (
+from chalicelib.domain.errors import ConfigError
+from chalicelib.domain.regions import (
     CATALOGUE,
     DEFAULT_REGION,
     SAMPLE_REGIONS,

@@ -11,7 +11,10 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from chalicelib.errors import (
+from chalicelib.adapters.registry.dynamodb import DynamoDbRegistry
+from chalicelib.adapters.registry.items import item_of
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
+from chalicelib.domain.errors import (
     AlreadyProvisioned,
     NotRegistered,
     ProvisioningInProgress,
@@ -20,7 +23,7 @@ from chalicelib.errors import (
     ServiceUnavailable,
     SignatureInvalid,
 )
-from chalicelib.registry.base import (
+from chalicelib.domain.records import (
     PROVISIONED,
     PROVISIONING,
     UNPROVISIONED,
@@ -29,10 +32,7 @@ from chalicelib.registry.base import (
     Nonce,
     PendingIssue,
     RenewedCertificate,
-    item_of,
 )
-from chalicelib.registry.dynamodb import DynamoDbRegistry
-from chalicelib.registry.sqlite import SqliteRegistry
 
 LEASE = 300
 T0 = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)

@@ -3,9 +3,9 @@ test_renewal.py)."""
 import pytest
 
 from chalicelib.config import Settings
-from chalicelib.errors import ConfigError, RegionBlocked
-from chalicelib.regions import Location, RegionPolicy
-from chalicelib.relocation import RelocationPolicy
+from chalicelib.domain.errors import ConfigError, RegionBlocked
+from chalicelib.domain.regions import Location, RegionPolicy
+from chalicelib.domain.relocation import RelocationPolicy
 
 REGIONS = ("eu-west-2", "eu-west-1", "ap-northeast-1")
 TOKYO = Location(35.68, 139.69, "JP", "AS")

@@ -10,28 +10,34 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from app import app
-from chalicelib.admission import DEFAULT_BUDGET, Admission, budgets_from
-from chalicelib.clock import timestamp
-from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.errors import MalformedRequest, RenewalInProgress, RenewalRefused, ServiceUnavailable, SignatureInvalid
-from chalicelib.issuers.base import CertificateRef
-from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
-from chalicelib.operations import AuditReport, UnfinishedRenewal
-from chalicelib.provisioning import key_fingerprint
-from chalicelib.regions import RegionPolicy
-from chalicelib.registry.admission_sqlite import SqliteAdmissionStore
-from chalicelib.relocation import RelocationPolicy
-from chalicelib.renewal import RenewalService
-from chalicelib.signatures import renew_v1_text
-from chalicelib.wire import RenewalRequest, renewal_response_body
+from admin.operations import AuditReport, UnfinishedRenewal
+from chalicelib.adapters.admission.sqlite import SqliteAdmissionStore
+from chalicelib.adapters.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.config import Settings
+from chalicelib.domain.admission import DEFAULT_BUDGET, budgets_from
+from chalicelib.domain.certificates import CertificateRef
+from chalicelib.domain.clock import timestamp
+from chalicelib.domain.errors import (
+    MalformedRequest,
+    RenewalInProgress,
+    RenewalRefused,
+    ServiceUnavailable,
+    SignatureInvalid,
+)
+from chalicelib.domain.keypolicy import key_fingerprint
+from chalicelib.domain.regions import RegionPolicy
+from chalicelib.domain.relocation import RelocationPolicy
+from chalicelib.domain.requests import RenewalRequest
+from chalicelib.domain.signatures import renew_v1_text
+from chalicelib.edge.wire import renewal_response_body
+from chalicelib.services.admission import Admission
+from chalicelib.services.renewal import RenewalService
 from tests import test_exactly_once
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr
 from tests.test_exactly_once import DEFAULT, LEASE, REGIONS
 
 backend = test_exactly_once.backend  # the two-backend fixture: SQLite + local CA, DynamoDB + AWS IoT (moto)
@@ -172,7 +178,7 @@ def test_every_refusal_is_one_identical_403_and_changes_nothing(backend):
     before = {thing: b.registry.get(thing) for thing in ("dev-1", "dev-2", "dev-3", "dev-4")}
     active = b.all_active_certificates()
     answers = set()
-    with Client(app, stage_name=_stage(b), project_dir=str(PROJECT_DIR)) as client:
+    with api(_stage(b), b.parts) as client:
         for case, body in cases.items():
             response = client.http.post("/device-renewal", headers={"Content-Type": "application/json"},
                                         body=json.dumps(body))
@@ -223,7 +229,7 @@ def test_malformed_renewal_requests_are_400(backend):
     bad = [{**good, "certificateId": ""}, {**good, "certificateId": "../etc"}, {**good, "signature": "not base64!"},
            {**good, "timestamp": "yesterday"}, {**good, "CSR": "junk"}, {k: v for k, v in good.items() if k != "nonce"},
            {**good, "thing-name": "a/b"}, [good]]
-    with Client(app, stage_name=_stage(b), project_dir=str(PROJECT_DIR)) as client:
+    with api(_stage(b), b.parts) as client:
         for body in bad:
             response = client.http.post("/device-renewal", headers={"Content-Type": "application/json"},
                                         body=json.dumps(body))
@@ -295,7 +301,7 @@ def test_a_renewal_in_flight_answers_409_with_retry_after(backend):
     b = backend
     device = Device(b, "dev-1")
     b.registry.begin_renewal("dev-1", device.certificate_id, now(), LEASE)  # another request holds the lease
-    with Client(app, stage_name=_stage(b), project_dir=str(PROJECT_DIR)) as client:
+    with api(_stage(b), b.parts) as client:
         response = client.http.post("/device-renewal", headers={"Content-Type": "application/json"},
                                     body=json.dumps(device.body(make_csr("dev-1")[0])))
     assert response.status_code == 409 and json.loads(response.body)["code"] == "renewal-in-progress"

@@ -19,7 +19,7 @@ import boto3
 import pytest
 import requests
 
-from chalicelib import admin, wiring
+from admin import cli as admin
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME
 from devstack.stack import free_port
 from tests.conftest import make_csr
@@ -54,7 +54,6 @@ def stage(request, tmp_path_factory):
         for name, value in env.items():
             if name.startswith(("GIP_", "AWS_")):
                 monkeypatch.setenv(name, value)
-        wiring.reset()
         assert admin.main(["--state-dir", str(state), "keygen"]) == 0
         assert admin.main(["--state-dir", str(state), "init"]) == 0
         names = [f"{b}-{r}" for b in BOUNDARIES for r in RETRIES] + ["audit-only"]
@@ -73,7 +72,6 @@ def stage(request, tmp_path_factory):
                 if process.poll() is None:
                     process.kill()
                 process.wait(10)
-            wiring.reset()
             if server is not None:
                 requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=10)
                 server.stop()
@@ -172,7 +170,6 @@ def test_audit_fix_settles_a_dead_renewal_without_a_retry_and_the_device_keeps_i
     assert code == 1
     assert [(s["thing_name"], s["certificates"], s["key"], s["renewal"]) for s in found["stuck_claims"]] == [
         (thing, [left], "device", True)]
-    wiring.reset()
     assert admin.main(["--state-dir", str(stage.state), "audit", "--fix"]) == 0
     assert stage.audit(capsys)[0] == 0
     assert active(stage, thing) == {current}

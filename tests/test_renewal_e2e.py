@@ -16,10 +16,10 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from chalicelib import admin
+from admin import cli as admin
+from chalicelib.adapters.issuers.local_ca import LocalIssuer, local_endpoints
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import Settings
-from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
-from chalicelib.registry.sqlite import SqliteRegistry
 from devstack.monitor import Monitor
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
 from tests.conftest import LONDON_IP, TOKYO_IP, make_csr

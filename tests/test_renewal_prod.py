@@ -4,15 +4,10 @@ stage, the log line and the metrics."""
 import json
 
 import boto3
-from chalice.test import Client
 
-from app import app
-from chalicelib import wiring
-from chalicelib.config import PROJECT_DIR
-from chalicelib.provisioning import ProvisioningRequest
-from chalicelib.wire import RenewalRequest
+from chalicelib.domain.requests import ProvisioningRequest, RenewalRequest
 from tests import test_prod_stage
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr
 from tests.test_observability import lines, metrics
 from tests.test_prod_stage import _policy_actions, _record_actions, body
 from tests.test_renewal import renewal_body
@@ -20,16 +15,16 @@ from tests.test_renewal import renewal_body
 prod = test_prod_stage.prod  # the prod stage's settings and AWS under moto
 
 def test_renewal_and_move_on_prod_call_only_granted_actions(prod):
-    settings, fleet_key, http = prod
+    settings, fleet_key, http, parts = prod
     http.answers[LONDON_IP] = {"latitude": 51.5, "longitude": -0.12, "country_code": "GB"}
     http.answers[TOKYO_IP] = {"latitude": 35.7, "longitude": 139.7, "country_code": "JP"}
     csr_pem, key = make_csr("mydevice1")
-    first = wiring.service().provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice1", csr_pem)),
+    first = parts.provisioning.provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice1", csr_pem)),
                                        LONDON_IP)
     assert first.choice.region == "eu-west-2"
     actions: set = set()
-    _record_actions(settings, actions)
-    with Client(app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+    _record_actions(parts, actions)
+    with api("prod", parts) as client:
         def renew(certificate_id, signing_key, ip):
             new_csr, new_key = make_csr("mydevice1")
             response = client.http.post("/device-renewal", headers={"Content-Type": "application/json"},
@@ -42,7 +37,7 @@ def test_renewal_and_move_on_prod_call_only_granted_actions(prod):
         in_place, key = renew(first.issued.certificate_id, key, LONDON_IP)
         assert (in_place["region"], in_place["reason"]) == ("eu-west-2", "renewal")
     # A move needs a located caller: the same service, called as the route would from Tokyo.
-    moved = wiring.renewal_service().renew(RenewalRequest.from_body(renewal_body(
+    moved = parts.renewal.renew(RenewalRequest.from_body(renewal_body(
         "mydevice1", in_place["certificateId"], key, make_csr("mydevice1")[0])), TOKYO_IP)
     assert (moved.choice.region, moved.choice.reason) == ("ap-northeast-1", "relocated")
     assert actions <= _policy_actions(), actions - _policy_actions()
@@ -50,14 +45,14 @@ def test_renewal_and_move_on_prod_call_only_granted_actions(prod):
     tokyo, london = (boto3.client("iot", region_name=r) for r in ("ap-northeast-1", "eu-west-2"))
     assert "mydevice1" in [t["thingName"] for t in tokyo.list_things()["things"]]
     assert "mydevice1" not in [t["thingName"] for t in london.list_things()["things"]]
-    assert wiring.registry(settings).get("mydevice1").region == "ap-northeast-1"
+    assert parts.registry.get("mydevice1").region == "ap-northeast-1"
 
 
 def test_a_renewal_and_a_move_log_one_line_each_and_count_renewed_and_relocated(stage, capsys):
     """The local stage through the HTTP route: one "renewal request" line per request (no key, no signature, no
     certificate in it), and the metrics Renewed / Relocated by region, RenewalRefused by code."""
     csr_pem, key = make_csr("mydevice2")
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
+    with api("local") as client:
         def post(path, body, ip):
             response = client.http.post(path, body=json.dumps(body), headers={
                 "Content-Type": "application/json", "X-Forwarded-For": ip})

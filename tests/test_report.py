@@ -9,12 +9,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from chalicelib import report, wiring, worldmap
+from admin import report, worldmap
+from admin.operations import AuditReport
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import PROJECT_DIR, Settings
-from chalicelib.operations import AuditReport
-from chalicelib.registry.base import PROVISIONED, PROVISIONING, UNPROVISIONED, DeviceRecord
-from chalicelib.registry.sqlite import SqliteRegistry
-from chalicelib.wire import ProvisioningRequest
+from chalicelib.container import Container
+from chalicelib.domain.records import PROVISIONED, PROVISIONING, UNPROVISIONED, DeviceRecord
+from chalicelib.domain.requests import ProvisioningRequest
 from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1
 from tests.test_bulk_enrolment import backend  # noqa: F401  (the fixture: SQLite stage and prod under moto)
 
@@ -99,7 +100,7 @@ REGION_COUNTRY = {"us-east-1": "US", "us-east-2": "US", "us-west-2": "US", "ca-c
 
 @pytest.mark.parametrize("region,country", sorted(REGION_COUNTRY.items()))
 def test_each_region_s_metro_lands_inside_its_country_on_the_map(region, country):
-    from chalicelib.regions import CATALOGUE
+    from chalicelib.domain.regions import CATALOGUE
     frame = worldmap.Frame()
     metro = CATALOGUE[region]
     point = frame.point(metro.longitude, metro.latitude)
@@ -267,7 +268,7 @@ def test_audit_findings_appear_only_when_asked_for():
 
 def provision_from(stage, names_and_ips):
     """Real provisionings through the service the stage's settings build (registry, CA, geolocation)."""
-    service = wiring.build_service(Settings.for_stage("local", str(stage.state_dir)))
+    service = Container(Settings.for_stage("local", str(stage.state_dir))).provisioning
     for name, ip in names_and_ips:
         csr, _ = make_csr(name)
         service.provision(ProvisioningRequest.from_body(
@@ -302,7 +303,7 @@ def test_admin_report_audit_lists_stuck_claims_and_expiring_certificates(stage, 
     # Ten years on, the same certificate is inside the window: the date came from the issuer.
     config = Settings.for_stage("local", str(stage.state_dir))
     later = datetime.now(timezone.utc) + timedelta(days=3650 - 10)
-    report.write(config, out, audit=True, now=later)
+    report.write(Container(config), out, audit=True, now=later)
     assert re.search(r"<td>mydevice1</td><td>eu-west-2</td><td>20\d\d-", out.read_text())
 
 

@@ -14,7 +14,7 @@ from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from chalicelib.registry.sqlite import SqliteRegistry
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP
 from tests.test_report import provision_from
 

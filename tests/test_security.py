@@ -12,7 +12,6 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from chalice.test import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -20,12 +19,11 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import app
-from chalicelib import admin, observability, wiring
-from chalicelib.config import PROJECT_DIR
-from chalicelib.registry.sqlite import SqliteRegistry
-from chalicelib.wire import MAX_BODY_BYTES
-from tests.conftest import LONDON_IP, sign_v1
+from admin import cli as admin
+from chalicelib.adapters import observability
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
+from chalicelib.edge.wire import MAX_BODY_BYTES
+from tests.conftest import LONDON_IP, api, sign_v1
 
 HOSTILE = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                                      HealthCheck.data_too_large])
@@ -121,7 +119,7 @@ def csr_corpus(keys) -> list[str]:
 # --- the stage, the client and the state that must not change ----------------------------------------------------
 
 def open_client():
-    return Client(app, stage_name="local", project_dir=str(PROJECT_DIR))
+    return api("local")
 
 
 def registry(stage) -> SqliteRegistry:
@@ -631,7 +629,6 @@ def test_v2_malformed_timestamp_is_400(client, stage, timestamp):
 
 def test_a_stage_that_refuses_v1_still_takes_v2(stage, monkeypatch):
     monkeypatch.setenv("GIP_ALLOW_V1", "false")
-    wiring.reset()
     state = State(stage)
     with open_client() as client:
         before = state.snapshot()
@@ -743,7 +740,7 @@ def pem_body_lines(pem: str) -> list[str]:
 
 def test_no_secret_in_any_log(stage, keys, caplog, capfd):
     collect = Collect()
-    app_logger = app.log
+    app_logger = observability.logger  # the Chalice app's log is this logger
     saved_level = app_logger.level
     root = logging.getLogger()
     root.addHandler(collect)

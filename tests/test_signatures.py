@@ -6,17 +6,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from chalicelib.errors import ConfigError, MalformedRequest
-from chalicelib.signatures import (
-    FleetKeyVerifier,
-    load_device_key,
-    load_public_key,
-    renew_v1_text,
-    v1_text,
-    v2_text,
-    verifies,
-)
-from chalicelib.wire import ProvisioningRequest, RenewalRequest, decode_signature
+from chalicelib.adapters.fleet_keys import load_public_key
+from chalicelib.domain.errors import ConfigError, MalformedRequest
+from chalicelib.domain.requests import ProvisioningRequest, RenewalRequest, decode_signature
+from chalicelib.domain.signatures import FleetKeyVerifier, load_device_key, renew_v1_text, v1_text, v2_text, verifies
 from tests.conftest import SHARED_VECTORS_PATH, VECTORS_COPY_PATH
 
 

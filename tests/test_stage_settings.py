@@ -4,7 +4,7 @@ import json
 import pytest
 
 from chalicelib.config import Settings
-from chalicelib.errors import ConfigError
+from chalicelib.domain.errors import ConfigError
 
 
 def write_config(tmp_path, config: dict):

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from chalice.test import Client
 from cryptography.hazmat.primitives import serialization
 
-from app import app
-from chalicelib import admin, wiring
+from admin import cli as admin
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
-from chalicelib.registry.sqlite import SqliteRegistry
 from devstack.stack import free_port
-from tests.conftest import LONDON_IP, TOKYO_IP, sign_v1
+from tests.conftest import LONDON_IP, TOKYO_IP, api, sign_v1
 
 STAGES = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]
 
@@ -28,8 +26,7 @@ def test_chalices_default_stage_is_defined_and_is_the_local_stage():
 
 @pytest.mark.parametrize("chalice_stage", ["dev", "local"])
 def test_the_default_stage_serves_the_local_stage_and_trusts_forwarded_for(stage, chalice_stage):
-    wiring.reset()
-    with Client(app, stage_name=chalice_stage, project_dir=str(PROJECT_DIR)) as client:
+    with api(chalice_stage) as client:
         assert json.loads(client.http.get("/health").body)["stage"] == "local"
         for thing, ip, region in (("mydevice1", LONDON_IP, "eu-west-2"), ("mydevice2", TOKYO_IP, "ap-northeast-1")):
             response = client.http.post("/device-provisioning", body=json.dumps(stage.body(thing)),
@@ -41,9 +38,8 @@ def test_the_default_stage_serves_the_local_stage_and_trusts_forwarded_for(stage
 @pytest.mark.parametrize("chalice_stage", ["dev", "local"])
 def test_a_non_prod_stage_on_lambda_refuses_every_request(stage, monkeypatch, chalice_stage):
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", f"iot-global-provisioning-{chalice_stage}")
-    wiring.reset()
     before = list(SqliteRegistry(stage.state_dir / "registry.sqlite3").list())
-    with Client(app, stage_name=chalice_stage, project_dir=str(PROJECT_DIR)) as client:
+    with api(chalice_stage) as client:
         answers = [client.http.get("/health"),
                    client.http.post("/device-provisioning", body=json.dumps(stage.body("mydevice1")),
                                     headers={"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP})]

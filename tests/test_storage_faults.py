@@ -12,29 +12,25 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from dataclasses import replace
 
 import requests
-from chalice.test import Client
 
-from app import app
-from chalicelib import wiring
-from chalicelib.config import PROJECT_DIR
-from chalicelib.provisioning import ProvisioningService
-from chalicelib.registry.sqlite import SqliteRegistry
-from chalicelib.signatures import FleetKeyVerifier, load_public_key
+from chalicelib.adapters.registry.sqlite import SqliteRegistry
+from chalicelib.config import PROJECT_DIR, Settings
+from chalicelib.container import Container
 from devstack.stack import free_port
-from tests.conftest import LONDON_IP, make_csr
+from tests.conftest import LONDON_IP, api, make_csr
 
 BODY_KEYS = {"status", "code", "message"}
 
 
-def serve_with_registry(stage, on_connect, lease_seconds: int | None = None) -> None:
-    """The stage's service, except that its registry's connections are opened with `on_connect`."""
-    config = wiring.settings()
-    policy = wiring.region_policy(config)
-    wiring.use_service(ProvisioningService(
-        SqliteRegistry(config.registry_path, on_connect), wiring.issuer(config, policy), wiring.locator(config),
-        policy, FleetKeyVerifier(load_public_key(config.fleet_public_key)), lease_seconds=lease_seconds))
+def with_registry(on_connect, lease_seconds: int | None = None) -> Container:
+    """The stage's container, except that its registry's connections are opened with `on_connect`."""
+    config = Settings.from_env()
+    if lease_seconds is not None:
+        config = replace(config, claim_lease_seconds=lease_seconds)
+    return Container(config, registry=SqliteRegistry(config.registry_path, on_connect))
 
 
 def post(client, body: dict):
@@ -67,8 +63,7 @@ def test_a_full_database_answers_503_and_leaves_nothing_half_written(stage):
     with closing(sqlite3.connect(stage.state_dir / "registry.sqlite3")) as db:
         pages = db.execute("PRAGMA page_count").fetchone()[0]
     csr_pem = make_csr("big1")[0]
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
-        serve_with_registry(stage, lambda db: db.execute(f"PRAGMA max_page_count = {pages}"), lease_seconds=1)
+    with api("local", with_registry(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"), 1)) as client:
         response, answer = post(client, stage.body("big1", csr_pem))
         assert_storage_503(response, answer)
         # The write-ahead record could not be written, so nothing was issued; nor could the release (it writes
@@ -76,15 +71,14 @@ def test_a_full_database_answers_503_and_leaves_nothing_half_written(stage):
         assert certificates(stage) == []
         assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("big1").status == "provisioning"
         time.sleep(1.1)
-        wiring.configure(wiring.settings())
+    with api("local") as client:  # with room again
         response, answer = post(client, stage.body("big1", csr_pem))
     assert response.status_code == 200, answer
     assert certificates(stage) == [("big1", "ACTIVE")]
 
 
 def test_a_read_only_registry_answers_503_to_devices_and_health_names_it(stage):
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
-        serve_with_registry(stage, lambda db: db.execute("PRAGMA query_only = ON"))
+    with api("local", with_registry(lambda db: db.execute("PRAGMA query_only = ON"))) as client:
         response, answer = post(client, stage.body("mydevice1"))
         assert_storage_503(response, answer)
         health = client.http.get("/health")
@@ -104,8 +98,7 @@ def test_a_corrupt_registry_answers_503_everywhere_and_the_cli_says_what_to_do(s
     for leftover in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         leftover.unlink(missing_ok=True)
     path.write_bytes(b"this is not a database " * 500)
-    with Client(app, stage_name="local", project_dir=str(PROJECT_DIR)) as client:
-        wiring.configure(wiring.settings())
+    with api("local") as client:
         response, answer = post(client, stage.body("mydevice1"))
         assert_storage_503(response, answer)
         health = client.http.get("/health")
@@ -119,7 +112,7 @@ def test_a_corrupt_registry_answers_503_everywhere_and_the_cli_says_what_to_do(s
         assert out == "" and "Traceback" not in err
         [line] = err.splitlines()
         assert line == (f"error: registry {path}: it is damaged (not a database); restore it from a backup, or "
-                        "move it away and run `python -m chalicelib.admin init`"), command
+                        "move it away and run `python -m admin init`"), command
 
 
 def test_the_cli_says_how_to_make_a_missing_registry(stage, capsys):
@@ -151,7 +144,7 @@ def test_admin_init_checks_an_existing_file_instead_of_calling_it_ready(stage, c
 
 def test_list_into_head_exits_quietly(stage):
     assert stage.admin("register", "--prefix", "many", "--count", "3000") == 0
-    listing = subprocess.Popen([sys.executable, "-m", "chalicelib.admin", "--state-dir", str(stage.state_dir),
+    listing = subprocess.Popen([sys.executable, "-m", "admin", "--state-dir", str(stage.state_dir),
                                 "list"], cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = listing.stdout.readline()
     listing.stdout.close()  # what `head -1` does after its line

@@ -1,0 +1,264 @@
+"""The operator's use cases (the admin CLI prints them): audit and repair, reset, fleet statistics, show.
+
+Each takes the registry and the issuer it works on; nothing here parses arguments or prints.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from chalicelib.adapters.files import write_private
+from chalicelib.domain.certificates import CertificateInfo, CertificateRef
+from chalicelib.domain.errors import AlreadyProvisioned, ProvisioningInProgress
+from chalicelib.domain.records import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord, DeviceStatus
+from chalicelib.ports.issuer import CertificateInventory, Issuer, RenewalIssuer, ThingInventory
+from chalicelib.ports.registry import Registry, RenewalRegistry
+from chalicelib.services.settle import RenewalSettler, Settler
+
+GONE = "gone"  # a missing certificate's status when the issuer does not know it at all
+
+
+class NotRegisteredDevice(Exception):
+    """The operator named a device the registry does not have."""
+
+    def __init__(self, thing_name: str) -> None:
+        super().__init__(f"{thing_name} is not registered")
+        self.thing_name = thing_name
+
+
+class AuditedIssuer(RenewalIssuer, CertificateInventory, Protocol):
+    """An issuer the audit can take stock of; where it also keeps things, it is a ThingInventory too."""
+
+
+@dataclass(frozen=True)
+class OrphanThing:
+    thing_name: str
+    region: str
+
+
+@dataclass(frozen=True)
+class MissingCertificate:
+    """A provisioned device whose certificate is not active (revoked, inactive) or gone."""
+
+    thing_name: str
+    certificate_id: str | None
+    region: str | None
+    status: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A device's claim or write-ahead record as the audit sees it: live (in flight), dead (its lease ended)
+    or a rollback that could not finish, with the certificates its attempt issued."""
+
+    thing_name: str
+    region: str | None
+    certificates: list[str]
+    key: str | None  # "device" (a CSR's key), "server-made", None when nothing was about to be issued
+    age_seconds: float | None = None        # in flight: since the claim
+    lease_left_seconds: float | None = None  # in flight: until the claim may be taken over
+    lease_expires: datetime | None = None    # stuck: when the lease ended
+    renewal: bool = False                    # a renewal's (of a provisioned device), not a provisioning's
+
+
+@dataclass(frozen=True)
+class UnfinishedRenewal:
+    """A renewal recorded but cut short before its previous certificate (and thing, after a move) was removed."""
+
+    thing_name: str
+    previous_certificate_id: str
+    previous_region: str
+    region: str | None
+
+    @property
+    def move(self) -> bool:
+        return self.previous_region != self.region
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What a crashed or half-failed provisioning or renewal can leave behind, on any backend. `in_flight` is
+    work under a live claim: reported with its age, not a finding, never fixed."""
+
+    stuck_claims: list[Attempt] = field(default_factory=list)
+    orphan_certificates: list[CertificateInfo] = field(default_factory=list)
+    orphan_things: list[OrphanThing] = field(default_factory=list)
+    missing_certificates: list[MissingCertificate] = field(default_factory=list)
+    unfinished_rollbacks: list[Attempt] = field(default_factory=list)
+    in_flight: list[Attempt] = field(default_factory=list)
+    unfinished_renewals: list[UnfinishedRenewal] = field(default_factory=list)
+
+    @property
+    def findings(self) -> int:
+        return (len(self.stuck_claims) + len(self.unfinished_rollbacks) + len(self.orphan_certificates)
+                + len(self.orphan_things) + len(self.missing_certificates) + len(self.unfinished_renewals))
+
+
+def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now: datetime) -> AuditReport:
+    records = list(registry.list())
+    regions = list(regions)
+    settler = Settler(registry, issuer)
+    current = {r.thing_name: (r.certificate_id, r.previous_certificate_id) for r in records}
+    in_flight, stuck, unfinished = [], [], []
+    for state in registry.claims(now):
+        pending = state.pending
+        if state.renewal and pending is None and not state.live(now):
+            continue  # a renewal lease that ended before anything was about to be issued: nothing is left
+        # A renewed device's own certificates are never counted as what its attempt left.
+        attempt = Attempt(state.thing_name, pending.region if pending else None,
+                          settler.left_by(state.thing_name, pending, current.get(state.thing_name, ())),
+                          None if pending is None else ("device" if pending.fingerprint else "server-made"),
+                          renewal=state.renewal)
+        if state.live(now):
+            in_flight.append(replace(
+                attempt, age_seconds=round((now - state.claimed_at).total_seconds(), 1) if state.claimed_at else None,
+                lease_left_seconds=round((state.lease_expires - now).total_seconds(), 1)
+                if state.lease_expires else None))
+        elif state.status is PROVISIONING or (state.renewal and state.lease_expires is not None):
+            stuck.append(replace(attempt, lease_expires=state.lease_expires))
+        else:
+            unfinished.append(attempt)
+    # A live claim (or renewal lease) owns what it is making; a dead attempt's write-ahead record the certificates
+    # it points at, which settling it deals with: both are reported above, not as orphans.
+    live_claims = {attempt.thing_name for attempt in in_flight}
+    provisioned = [r for r in records if r.status is PROVISIONED]
+    renewals = [UnfinishedRenewal(r.thing_name, r.previous_certificate_id, r.previous_region, r.region)
+                for r in provisioned if r.retire_pending and r.previous_certificate_id and r.previous_region]
+    referenced = {(r.region, r.certificate_id) for r in provisioned}
+    referenced |= {(a.region, cert) for a in in_flight + stuck + unfinished for cert in a.certificates}
+    referenced |= {(u.previous_region, u.previous_certificate_id) for u in renewals}
+    orphans = [cert for region in regions for cert in issuer.active_certificates(region)
+               if (region, cert.certificate_id) not in referenced and cert.thing_name not in live_claims]
+    things: list[OrphanThing] = []
+    if isinstance(issuer, ThingInventory):
+        placed = {(r.region, r.thing_name) for r in provisioned}
+        placed |= {(a.region, a.thing_name) for a in stuck + unfinished if a.region}
+        placed |= {(u.previous_region, u.thing_name) for u in renewals}
+        things = [OrphanThing(name, region) for region in regions for name in issuer.things(region)
+                  if (region, name) not in placed and name not in live_claims]
+    missing = []
+    for record in provisioned:
+        cert = issuer.certificate(record.certificate_id or "", record.region)
+        if cert is None or not cert.active:
+            missing.append(MissingCertificate(record.thing_name, record.certificate_id, record.region,
+                                              cert.status if cert else GONE))
+    return AuditReport(stuck, orphans, things, missing, unfinished, in_flight, renewals)
+
+
+def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport, now: datetime,
+           lease_seconds: int) -> list[str]:
+    """audit --fix: settle stuck claims and unfinished rollbacks (as a retry would), revoke orphans, reset
+    devices whose certificate is gone, finish unfinished renewals. Returns one line per repair made."""
+    fixed = []
+    settler = RenewalSettler(registry, issuer)
+    for attempt in report.stuck_claims + report.unfinished_rollbacks:
+        try:
+            if attempt.renewal:
+                fixed.append(settler.settle_renewal_for_audit(attempt.thing_name, now, lease_seconds))
+                continue
+            fixed.append(settler.settle_for_audit(attempt.thing_name, now, lease_seconds,
+                                                  died=attempt in report.stuck_claims))
+        except (AlreadyProvisioned, ProvisioningInProgress):  # its own retry settled it meanwhile
+            fixed.append(f"{attempt.thing_name} was settled by its own retry meanwhile")
+    in_use = {(r.region, r.thing_name) for r in registry.list(PROVISIONED)}
+    for cert in report.orphan_certificates:
+        if (cert.region, cert.thing_name) in in_use:  # a renewal's leftover: the thing holds the current one
+            issuer.retire(cert.ref(), delete_thing=False)
+        else:
+            issuer.revoke(cert.ref())
+        fixed.append(f"revoked orphan certificate {cert.certificate_id} in {cert.region} (thing {cert.thing_name})")
+    for thing in report.orphan_things:
+        if isinstance(issuer, ThingInventory):
+            issuer.delete_thing(thing.region, thing.thing_name)
+            fixed.append(f"deleted orphan thing {thing.thing_name} in {thing.region}")
+    for missing in report.missing_certificates:
+        region = missing.region or ""
+        issuer.revoke(CertificateRef(region, missing.certificate_id or "", missing.thing_name))
+        if isinstance(issuer, ThingInventory):
+            issuer.delete_thing(region, missing.thing_name)
+        registry.reset(missing.thing_name)
+        fixed.append(f"reset {missing.thing_name} (its certificate is {missing.status}) to unprovisioned")
+    for unfinished in report.unfinished_renewals:
+        issuer.retire(CertificateRef(unfinished.previous_region, unfinished.previous_certificate_id,
+                                     unfinished.thing_name), delete_thing=unfinished.move)
+        registry.previous_retired(unfinished.thing_name, unfinished.previous_certificate_id)
+        fixed.append(f"finished the {'move' if unfinished.move else 'renewal'} of {unfinished.thing_name}: revoked "
+                     f"{unfinished.previous_certificate_id} in {unfinished.previous_region}"
+                     + (" and deleted the thing there" if unfinished.move else ""))
+    return fixed
+
+
+def expiring_within(records: Iterable[DeviceRecord], days: float, now: datetime) -> list[DeviceRecord]:
+    """Provisioned devices whose certificate ends within `days` from now, soonest first (unknown expiry first)."""
+    limit = now + timedelta(days=days)
+    due = [r for r in records if r.status is PROVISIONED and (r.certificate_expires is None
+                                                              or r.certificate_expires <= limit)]
+    return sorted(due, key=lambda r: r.certificate_expires or datetime.min.replace(tzinfo=timezone.utc))
+
+
+@dataclass(frozen=True)
+class ResetOutcome:
+    before: DeviceRecord
+    revoked: CertificateRef | None  # the certificate revoked (and thing removed), if the device had one
+
+
+def reset(registry: Registry, issuer: Issuer, thing_name: str) -> ResetOutcome:
+    """Deprovision a device so it can provision again."""
+    record = registry.get(thing_name)
+    if record is None:
+        raise NotRegisteredDevice(thing_name)
+    revoked = None
+    if record.certificate_id and record.region:
+        # Revoke first: if that fails the device stays provisioned and the command can be run again.
+        revoked = CertificateRef(record.region, record.certificate_id, thing_name)
+        issuer.revoke(revoked)
+    registry.reset(thing_name)
+    return ResetOutcome(record, revoked)
+
+
+@dataclass(frozen=True)
+class FleetStats:
+    total: int
+    by_status: dict[DeviceStatus, int]
+    provisioned_by_region: dict[str, int]
+    stuck: list[DeviceRecord]
+
+
+def fleet_stats(registry: Registry, now: datetime) -> FleetStats:
+    """Counts from one pass over the registry, so they add up to its total."""
+    records = list(registry.list())
+    by_status = Counter(record.status for record in records)
+    by_region = Counter(record.region or "-" for record in records if record.status is PROVISIONED)
+    return FleetStats(len(records), {status: by_status[status] for status in STATUSES},
+                      dict(sorted(by_region.items())), registry.stuck(now))
+
+
+def show(registry: Registry, issuer: Issuer, thing_name: str) -> tuple[DeviceRecord, CertificateInfo | None]:
+    """A device's record and, when it has one, what the issuer knows of its certificate."""
+    record = registry.get(thing_name)
+    if record is None:
+        raise NotRegisteredDevice(thing_name)
+    cert = None
+    if record.certificate_id and record.region:
+        cert = issuer.certificate(record.certificate_id, record.region)
+    return record, cert
+
+
+def make_fleet_key(private_path: Path, public_path: Path | None, bits: int) -> rsa.RSAPublicKey:
+    """A new fleet signing key pair: the private half for device firmware (mode 0600), the public half where the
+    service reads it (a file; None when the caller publishes it elsewhere, as prod does in SSM)."""
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    write_private(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    if public_path is not None:
+        public_path.parent.mkdir(parents=True, exist_ok=True)
+        public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key.public_key()

@@ -1,1 +1,0 @@
-"""The allow-list registry: which devices may be provisioned, and what became of each."""

@@ -1,0 +1,71 @@
+"""Admission control per region, over the shared schedule (domain/admission.py's arithmetic)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+from chalicelib.domain.admission import BURST_SECONDS, SLOW_FACTOR, SLOW_SECONDS, Budget
+from chalicelib.domain.errors import ServiceUnavailable
+from chalicelib.ports.admission import AdmissionStore
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    """What the orchestrator (and renewal) calls before spending IoT calls in a region."""
+
+    def __init__(self, store: AdmissionStore, budgets: Callable[[str], Budget | None],
+                 clock: Callable[[], float] = time.time, burst_seconds: float = BURST_SECONDS):
+        self._store = store
+        self._budgets = budgets
+        self._clock = clock
+        self._burst = burst_seconds
+        self._slow_until: dict[str, float] = {}  # this container's latest view of the shared slow-down
+
+    def budget(self, region: str) -> Budget | None:
+        return self._budgets(region)
+
+    def _rate(self, region: str, budget: Budget, server_key: bool, now: float) -> float:
+        rate = budget.per_s(server_key)
+        return rate * SLOW_FACTOR if now < self._slow_until.get(region, 0.0) else rate
+
+    def admit(self, region: str, server_key: bool = False) -> None:
+        """Take a slot in `region` or raise ServiceUnavailable with the Retry-After of a slot of its own."""
+        budget = self._budgets(region)
+        if budget is None:
+            return
+        now = self._clock()
+        rate = self._rate(region, budget, server_key, now)
+        interval = 1.0 / rate
+        # (a microsecond of slack: float sums of intervals must not refuse the burst's last request)
+        ticket = self._store.schedule(region, now, interval, max(0.0, self._burst - interval) + 1e-6)
+        self._slow_until[region] = ticket.slow_until
+        if not ticket.admitted:
+            retry_after = max(1, math.ceil(ticket.wait))
+            raise ServiceUnavailable(f"{region} is issuing at its budget ({rate:.3g} devices/s); your turn comes "
+                                     f"in {retry_after} s", "admission-control", retry_after=retry_after)
+
+    def rollback(self, region: str) -> None:
+        """A rollback's calls are not asked for (an undo must run); they are paid for from the schedule."""
+        budget = self._budgets(region)
+        if budget is not None:
+            self._quiet(self._store.charge, region, self._clock(), 1.0 / budget.rollback_per_s)
+
+    def throttled(self, region: str) -> None:
+        """AWS throttled a call anyway (other callers, a lower quota): slow the whole region for a while."""
+        if self._budgets(region) is None:
+            return
+        now = self._clock()
+        log.warning("AWS IoT throttled a call in %s; admitting at %.0f%% for %.0f s", region,
+                    SLOW_FACTOR * 100, SLOW_SECONDS)
+        self._slow_until[region] = now + SLOW_SECONDS
+        self._quiet(self._store.charge, region, now, 0.0, now + SLOW_SECONDS)
+
+    @staticmethod
+    def _quiet(call: Callable[..., None], *args: object) -> None:
+        try:
+            call(*args)
+        except Exception as exc:  # bookkeeping must never turn a finished request into a failure
+            log.warning("admission bookkeeping failed: %s: %s", type(exc).__name__, exc)
