@@ -162,8 +162,8 @@ def create_app(services: Services) -> Chalice:
                 reason=result.choice.reason if result else None,
                 detail={"certificate_id": result.issued.certificate_id,
                         "previous_certificate_id": result.previous_certificate_id} if result else None)
-        return device_route(RenewalRequest.from_body, lambda *args: services.renewal.renew(*args), renewal_response_body,
-                            done)
+        return device_route(RenewalRequest.from_body, lambda *args: services.renewal.renew(*args),
+                            renewal_response_body, done)
 
     @app.route("/health", methods=["GET"])
     def health() -> Response | dict[str, Any]:
