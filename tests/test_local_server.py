@@ -27,7 +27,7 @@ from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
 from chalicelib.wire import MAX_BODY_BYTES
 from devstack.chalice_local import MAX_HEADER_BYTES, RequestHandler
 from devstack.stack import free_port
-from tests.conftest import sign_v1
+from tests.conftest import make_csr, sign_v1
 
 DEADLINE = 1  # seconds, for the servers below (the default is 30)
 MISSING_TOKEN = {"message": "Missing Authentication Token"}
@@ -378,6 +378,14 @@ def test_every_generated_request_gets_an_answer_in_json(server, parts):
         answer = json.loads(body)
         assert answer == MISSING_TOKEN or (answer["status"] == "error" and answer["code"] and answer["message"])
     server.assert_no_traceback()
+
+
+# --- the key policy and the client address, over a real server -------------------------------------------
+
+def test_a_csr_with_public_exponent_3_is_400_malformed_csr(server):
+    csr = make_csr("mydevice1", rsa.generate_private_key(public_exponent=3, key_size=2048))[0]
+    status, answer = post(server, provisioning_body(server, "mydevice1", csr))
+    assert (status, answer["code"]) == (400, "malformed-csr") and "65537" in answer["message"], answer
 
 
 # --- the bound on connections ------------------------------------------------------------------------------------
