@@ -27,7 +27,7 @@ from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
 from chalicelib.wire import MAX_BODY_BYTES
 from devstack.chalice_local import MAX_HEADER_BYTES, RequestHandler
 from devstack.stack import free_port
-from tests.conftest import make_csr, sign_v1
+from tests.conftest import LONDON_IP, make_csr, sign_v1
 
 DEADLINE = 1  # seconds, for the servers below (the default is 30)
 MISSING_TOKEN = {"message": "Missing Authentication Token"}
@@ -386,6 +386,15 @@ def test_a_csr_with_public_exponent_3_is_400_malformed_csr(server):
     csr = make_csr("mydevice1", rsa.generate_private_key(public_exponent=3, key_size=2048))[0]
     status, answer = post(server, provisioning_body(server, "mydevice1", csr))
     assert (status, answer["code"]) == (400, "malformed-csr") and "65537" in answer["message"], answer
+
+
+def test_an_invalid_right_most_forwarded_hop_makes_the_header_untrusted(server):
+    """The local stage trusts X-Forwarded-For; a right-most hop that is no address must not let the client's own
+    hop (London) choose the region: the socket's address (loopback: no location) does, as the default region."""
+    status, answer = post(server, provisioning_body(server, "mydevice2"), f"X-Forwarded-For: {LONDON_IP}, nonsense\r\n")
+    assert status == 200 and answer["reason"] == "default" and "country" not in answer, answer
+    status, answer = post(server, provisioning_body(server, "mydevice3"), f"X-Forwarded-For: 10.1.1.1, {LONDON_IP}\r\n")
+    assert status == 200 and answer["reason"] == "nearest" and answer["country"] == "GB", answer
 
 
 # --- the bound on connections ------------------------------------------------------------------------------------
