@@ -6,6 +6,8 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 from chalicelib.config import Settings
 from chalicelib.domain.errors import ConfigError
@@ -26,6 +28,11 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    problem = unwritable(settings.state_dir)
+    if problem:
+        print(f"error: the state directory {settings.state_dir} cannot be written ({problem}); make it writable, "
+              "or choose another with --state-dir or GIP_STATE_DIR", file=sys.stderr)
+        return 1
     stack = LocalStack(settings, args.api_port)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below on kill too
     try:
@@ -51,6 +58,17 @@ def main(argv=None) -> int:
             stack.stop()
             print("stopped mosquitto and chalice local", flush=True)
     return 0
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why nothing can be written in `directory` (made if missing), or None: the stack writes everything there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Geolocation providers: the bundled database, ipstack (recorded responses), SSM key, the fallback chain."""
+import ipaddress
+
 import boto3
 import pytest
 import requests
 import responses
+from hypothesis import given
+from hypothesis import strategies as st
 from moto import mock_aws
 
 from chalicelib.adapters.aws import SsmSecret
@@ -100,9 +104,29 @@ def test_missing_ssm_parameter_turns_the_provider_off(aws_env):
 @pytest.mark.parametrize("header, trusted, expected", [
     ("81.2.69.142", True, "81.2.69.142"),
     ("1.2.3.4, 81.2.69.142", True, "81.2.69.142"),     # right-most hop: the one our proxy appended
-    ("81.2.69.142, garbage", True, "81.2.69.142"),
+    ("garbage, 81.2.69.142", True, "81.2.69.142"),
+    ("81.2.69.142, garbage", True, "127.0.0.1"),       # an invalid right-most hop: the header is not trusted,
+    ("81.2.69.142, ", True, "127.0.0.1"),              # and the client's own hop to its left is never used
+    ("81.2.69.142, 8.8.8.8:443", True, "127.0.0.1"),
+    ("81.2.69.142,,", True, "127.0.0.1"),
+    (" 2001:db8::1 ", True, "2001:db8::1"),
     ("81.2.69.142", False, "127.0.0.1"),               # prod: the header is the client's word, ignored
     ("", True, "127.0.0.1"),
 ])
 def test_client_ip(header, trusted, expected):
     assert client_ip("127.0.0.1", {"x-forwarded-for": header}, trusted) == expected
+
+
+HOP_TEXT = st.text(alphabet=st.characters(codec="latin-1", exclude_characters="\r\n,"), max_size=30)
+
+
+@given(left=st.lists(st.ip_addresses().map(str) | HOP_TEXT, max_size=5), last=HOP_TEXT)
+def test_only_the_right_most_hop_is_ever_used(left, last):
+    """Whatever the client wrote to the left, the answer is the right-most hop when it is an address, else the
+    connection's source."""
+    header = ", ".join([*left, last])
+    try:
+        expected = str(ipaddress.ip_address(last.strip()))
+    except ValueError:
+        expected = "192.0.2.7"
+    assert client_ip("192.0.2.7", {"x-forwarded-for": header}, True) == expected

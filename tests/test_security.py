@@ -40,6 +40,7 @@ class Keys:
         self.rsa1024 = rsa.generate_private_key(public_exponent=65537, key_size=1024)
         self.rsa2048 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.rsa3072 = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        self.rsa_e3 = rsa.generate_private_key(public_exponent=3, key_size=2048)
         self.ed25519 = ed25519.Ed25519PrivateKey.generate()
         # per-device signing keys, and a stranger's key (signs "wrong" signatures)
         self.device_ec = ec.generate_private_key(ec.SECP256R1())
@@ -460,6 +461,7 @@ def client(stage):
     ("other-cn", ["CN", "mydevice1"]),
     ("two-cns", ["CN"]),
     ("rsa-1024", ["RSA", "2048", "1024"]),
+    ("rsa-e3", ["RSA", "exponent 65537", "not 3"]),
     ("ec-p521", ["P-256", "P-384", "secp521r1"]),
     ("ed25519", ["RSA", "EC"]),
     ("ca", ["CA"]),
@@ -472,6 +474,7 @@ def test_csr_rules_are_400_malformed_csr_naming_the_rule(client, stage, keys, ca
         "other-cn": lambda: csr_pem("mydevice2", keys.ec256),
         "two-cns": lambda: csr_pem("mydevice1", keys.ec256, extra_cn="mydevice1"),
         "rsa-1024": lambda: csr_pem("mydevice1", keys.rsa1024),
+        "rsa-e3": lambda: csr_pem("mydevice1", keys.rsa_e3),
         "ec-p521": lambda: csr_pem("mydevice1", keys.ec521),
         "ed25519": lambda: csr_pem("mydevice1", keys.ed25519),
         "ca": lambda: csr_pem("mydevice1", keys.ec256, ca=True),
@@ -701,11 +704,13 @@ def test_per_device_key_replay_is_refused(client, stage, per_device):
     assert_error(status, answer, 403, "replayed-request")
 
 
-@pytest.mark.parametrize("content", ["rsa1024", "garbage", "private", "ec384", "missing"])
+@pytest.mark.parametrize("content", ["rsa1024", "rsa-e3", "garbage", "private", "ec384", "missing"])
 def test_register_refuses_unusable_public_keys(stage, keys, tmp_path, content, capsys):
     path = tmp_path / "key.pem"
     if content == "rsa1024":
         path.write_bytes(public_pem(keys.rsa1024))
+    elif content == "rsa-e3":
+        path.write_bytes(public_pem(keys.rsa_e3))
     elif content == "garbage":
         path.write_bytes(b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
     elif content == "private":
@@ -717,7 +722,10 @@ def test_register_refuses_unusable_public_keys(stage, keys, tmp_path, content, c
     assert admin.main(["--state-dir", str(stage.state_dir), "register", "dev-bad", "--public-key", str(path)]) == 2
     assert list(registry(stage).list()) == before
     assert registry(stage).get("dev-bad") is None
-    assert "PRIVATE KEY" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "PRIVATE KEY" not in err
+    if content == "rsa-e3":
+        assert "public exponent 65537, not 3" in err and err.count("\n") == 1, err
 
 
 # =================================================================================================================

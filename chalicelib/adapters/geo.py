@@ -207,5 +207,3 @@ class CachingLocator:
 
     def __init__(self, inner: GeoLocator, size: int = 10_000) -> None:
         self.locate = functools.lru_cache(maxsize=size)(inner.locate)
-
-

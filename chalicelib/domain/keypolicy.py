@@ -1,4 +1,11 @@
-"""Which public keys the service accepts, written once: CSR keys, per-device signing keys, the fleet key."""
+"""Which public keys the service accepts, written once: CSR keys, per-device signing keys, the fleet key.
+
+RSA keys of devices (a CSR's, a per-device signing key) must have the public exponent 65537 (RSA_EXPONENT).
+With a small exponent such as 3, anyone can forge that key's PKCS#1 v1.5 signatures wherever a verifier does
+not check the whole padding (Bleichenbacher 2006, found again since in several TLS libraries, embedded ones
+among them), and encryption to the key is weakened (Coppersmith, Hastad). FIPS 186-5 requires an exponent above
+2**16, and every current key generator makes 65537: the rule costs a genuine device nothing.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +19,7 @@ from chalicelib.domain.errors import (
 )
 
 MIN_RSA_BITS = 2048
+RSA_EXPONENT = 65537  # the only public exponent of device RSA keys (module docstring)
 KEYGEN_RSA_BITS = (2048, 3072, 4096)  # what the CLI makes for a fleet key
 _CURVE_NAMES = {ec.SECP256R1: "P-256", ec.SECP384R1: "P-384"}
 
@@ -27,6 +35,9 @@ class KeyPolicy:
         if isinstance(key, rsa.RSAPublicKey):
             if key.key_size < MIN_RSA_BITS:
                 return f"an RSA {self.what} must have at least {MIN_RSA_BITS} bits, not {key.key_size}"
+            exponent = key.public_numbers().e
+            if exponent != RSA_EXPONENT:
+                return f"an RSA {self.what} must have the public exponent {RSA_EXPONENT}, not {exponent}"
             return None
         names = [_CURVE_NAMES[curve] for curve in self.curves]
         if isinstance(key, ec.EllipticCurvePublicKey):

@@ -45,7 +45,8 @@ def verifies(public_key: PublicKeyTypes, text: bytes, signature: bytes) -> bool:
 
 
 def check_signing_key(key: object) -> None:
-    """A provisioning key must be RSA of 2048 bits or more, or EC P-256; raises ValueError naming the rule."""
+    """A provisioning key must be RSA of 2048 bits or more with exponent 65537, or EC P-256 (keypolicy); raises
+    ValueError naming the rule."""
     problem = SIGNING_KEYS.problem(key)
     if problem:
         raise ValueError(problem)

@@ -9,13 +9,14 @@ def client_ip(source_ip: str, headers: Mapping[str, str], trust_forwarded_for: b
     """The caller's address: the connection's source, or with a trusted proxy the last X-Forwarded-For hop.
 
     The right-most hop is the one the nearest proxy appended; hops to its left are whatever the client wrote.
+    When the right-most hop is not an address (empty, garbage, a port appended), the header is not trusted for
+    this request and the connection's source is used: never a hop further left, which the client chose.
     """
     if trust_forwarded_for:
         forwarded = headers.get("x-forwarded-for") or headers.get("X-Forwarded-For") or ""
-        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-        for hop in reversed(hops):
+        if forwarded.strip():
             try:
-                return str(ipaddress.ip_address(hop))
+                return str(ipaddress.ip_address(forwarded.rsplit(",", 1)[-1].strip()))
             except ValueError:
-                continue
+                pass
     return source_ip
