@@ -339,8 +339,8 @@ def cmd_show(parts: Container, args: Args) -> int:
 
 def cmd_reset(parts: Container, args: Args) -> int:
     outcome = operations.reset(existing_registry(parts), parts.issuer, args.name)
-    if outcome.revoked:
-        print(f"revoked certificate {outcome.revoked.certificate_id} in {outcome.revoked.region} and removed the thing")
+    for revoked in outcome.revoked:
+        print(f"revoked certificate {revoked.certificate_id} in {revoked.region} and removed the thing")
     print(f"{args.name}: {outcome.before.status.value} -> unprovisioned; it can provision again")
     return 0
 

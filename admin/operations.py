@@ -17,9 +17,9 @@ from chalicelib.adapters.files import write_private
 from chalicelib.domain.certificates import CertificateInfo, CertificateRef
 from chalicelib.domain.errors import AlreadyProvisioned, ProvisioningInProgress
 from chalicelib.domain.records import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord, DeviceStatus
-from chalicelib.ports.issuer import CertificateInventory, Issuer, RenewalIssuer, ThingInventory
+from chalicelib.ports.issuer import CertificateInventory, Issuer, ThingInventory
 from chalicelib.ports.registry import Registry, RenewalRegistry
-from chalicelib.services.settle import RenewalSettler, Settler
+from chalicelib.services.settle import Settler
 
 GONE = "gone"  # a missing certificate's status when the issuer does not know it at all
 
@@ -32,7 +32,7 @@ class NotRegisteredDevice(Exception):
         self.thing_name = thing_name
 
 
-class AuditedIssuer(RenewalIssuer, CertificateInventory, Protocol):
+class AuditedIssuer(Issuer, CertificateInventory, Protocol):
     """An issuer the audit can take stock of; where it also keeps things, it is a ThingInventory too."""
 
 
@@ -100,7 +100,7 @@ class AuditReport:
                 + len(self.orphan_things) + len(self.missing_certificates) + len(self.unfinished_renewals))
 
 
-def audit(registry: Registry, issuer: AuditedIssuer, regions: Iterable[str], now: datetime) -> AuditReport:
+def audit(registry: RenewalRegistry, issuer: AuditedIssuer, regions: Iterable[str], now: datetime) -> AuditReport:
     records = list(registry.list())
     regions = list(regions)
     settler = Settler(registry, issuer)
@@ -156,7 +156,7 @@ def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport
     """audit --fix: settle stuck claims and unfinished rollbacks (as a retry would), revoke orphans, reset
     devices whose certificate is gone, finish unfinished renewals. Returns one line per repair made."""
     fixed = []
-    settler = RenewalSettler(registry, issuer)
+    settler = Settler(registry, issuer)
     for attempt in report.stuck_claims + report.unfinished_rollbacks:
         try:
             if attempt.renewal:
@@ -168,10 +168,8 @@ def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport
             fixed.append(f"{attempt.thing_name} was settled by its own retry meanwhile")
     in_use = {(r.region, r.thing_name) for r in registry.list(PROVISIONED)}
     for cert in report.orphan_certificates:
-        if (cert.region, cert.thing_name) in in_use:  # a renewal's leftover: the thing holds the current one
-            issuer.retire(cert.ref(), delete_thing=False)
-        else:
-            issuer.revoke(cert.ref())
+        # A renewal's leftover stays off the thing, which holds the current certificate; else the thing goes too.
+        issuer.revoke(cert.ref(), delete_thing=(cert.region, cert.thing_name) not in in_use)
         fixed.append(f"revoked orphan certificate {cert.certificate_id} in {cert.region} (thing {cert.thing_name})")
     for thing in report.orphan_things:
         if isinstance(issuer, ThingInventory):
@@ -179,13 +177,13 @@ def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport
             fixed.append(f"deleted orphan thing {thing.thing_name} in {thing.region}")
     for missing in report.missing_certificates:
         region = missing.region or ""
-        issuer.revoke(CertificateRef(region, missing.certificate_id or "", missing.thing_name))
+        issuer.revoke(CertificateRef(region, missing.certificate_id or "", missing.thing_name), delete_thing=True)
         if isinstance(issuer, ThingInventory):
             issuer.delete_thing(region, missing.thing_name)
         registry.reset(missing.thing_name)
         fixed.append(f"reset {missing.thing_name} (its certificate is {missing.status}) to unprovisioned")
     for unfinished in report.unfinished_renewals:
-        issuer.retire(CertificateRef(unfinished.previous_region, unfinished.previous_certificate_id,
+        issuer.revoke(CertificateRef(unfinished.previous_region, unfinished.previous_certificate_id,
                                      unfinished.thing_name), delete_thing=unfinished.move)
         registry.previous_retired(unfinished.thing_name, unfinished.previous_certificate_id)
         fixed.append(f"finished the {'move' if unfinished.move else 'renewal'} of {unfinished.thing_name}: revoked "
@@ -205,21 +203,28 @@ def expiring_within(records: Iterable[DeviceRecord], days: float, now: datetime)
 @dataclass(frozen=True)
 class ResetOutcome:
     before: DeviceRecord
-    revoked: CertificateRef | None  # the certificate revoked (and thing removed), if the device had one
+    revoked: tuple[CertificateRef, ...]  # the certificates revoked (and things removed): what the device held
 
 
 def reset(registry: Registry, issuer: Issuer, thing_name: str) -> ResetOutcome:
-    """Deprovision a device so it can provision again."""
+    """Deprovision a device so it can provision again. Every certificate it may still use is revoked first: its
+    current one, and the previous one while a renewal's retirement of it is pending (else the reset device would
+    keep a working credential). If a revocation fails the device stays as it is and the command can be run again."""
     record = registry.get(thing_name)
     if record is None:
         raise NotRegisteredDevice(thing_name)
-    revoked = None
+    revoked = []
+    if record.retire_pending and record.previous_certificate_id and record.previous_region:
+        # After a move its thing is the old region's; in place it is the current certificate's, which goes next.
+        previous = CertificateRef(record.previous_region, record.previous_certificate_id, thing_name)
+        issuer.revoke(previous, delete_thing=record.previous_region != record.region)
+        revoked.append(previous)
     if record.certificate_id and record.region:
-        # Revoke first: if that fails the device stays provisioned and the command can be run again.
-        revoked = CertificateRef(record.region, record.certificate_id, thing_name)
-        issuer.revoke(revoked)
+        current = CertificateRef(record.region, record.certificate_id, thing_name)
+        issuer.revoke(current, delete_thing=True)
+        revoked.append(current)
     registry.reset(thing_name)
-    return ResetOutcome(record, revoked)
+    return ResetOutcome(record, tuple(revoked))
 
 
 @dataclass(frozen=True)

@@ -160,10 +160,10 @@ def bench_inprocess(n: int, reps: int) -> dict:
             state = Path(tmp)
             parts = local_container(state, fleet)
             service, app = parts.provisioning, create_app(parts)
-            service._registry.register(names)
-            service._registry.register(handler_names)
+            service.registry.register(names)
+            service.registry.register(handler_names)
             warm = [f"warm-{rep}-{i}" for i in range(2)]
-            service._registry.register(warm)
+            service.registry.register(warm)
             service.provision(ProvisioningRequest.from_body(v2_csr_body(fleet, warm[0], make_csr(warm[0], keys[0]))),
                               LONDON_IP)  # first use: makes the region's CA (not timed)
             sys.stdout = devnull  # the log lines go where Lambda's go: a pipe, not a terminal
@@ -171,7 +171,7 @@ def bench_inprocess(n: int, reps: int) -> dict:
                 handle_all(app, [api_event(v2_csr_body(fleet, warm[1], make_csr(warm[1], keys[1])), LONDON_IP)])
             finally:
                 sys.stdout = real_stdout
-            ca_key = service._issuer.authority("eu-west-2").key
+            ca_key = service.issuer.authority("eu-west-2").key
             # Everything is timed in turns, a chunk of devices each, so the machine's drifts (it is shared)
             # weigh on all alike; each repetition's ratios pair them.
             spent: dict = {}
@@ -207,7 +207,7 @@ def bench_inprocess(n: int, reps: int) -> dict:
                 name, stamp, nonce = f"srv-{rep}-{i}", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), f"n{rep}-{i}"
                 plain.append({"thing-name": name, "thing-name-sig": sign(fleet, v2_text(name, stamp, nonce, None)),
                               "timestamp": stamp, "nonce": nonce})
-            service._registry.register(b["thing-name"] for b in plain)
+            service.registry.register(b["thing-name"] for b in plain)
             server_key_rates.append(m / provision_all(service, plain, addresses[:m]))
         say(f"  rep {rep + 1}: {rates[-1]:.0f}/s, floor {floors[-1]:.0f}/s, ratio {ratios[-1]:.2f}, "
             f"handler {handler_us[-1]:.0f} us, service {service_us[-1]:.0f} us, log+metrics {log_us[-1]:.0f} us")

@@ -233,8 +233,8 @@ class SessionOpeningIssuer:
     def __getattr__(self, name):
         return getattr(self._issuer, name)
 
-    def issue(self, thing_name, region, csr):
-        issued = self._issuer.issue(thing_name, region, csr)
+    def issue(self, thing_name, region, csr, in_place=False):
+        issued = self._issuer.issue(thing_name, region, csr, in_place)
         self.session = Session(Device(self._stack, thing_name, issued.certificate_pem, self._key, region))
         return issued
 

@@ -3,7 +3,7 @@ server) and stops dead at a step boundary through the checkpoint injected into t
 the parent kills it there, waits out the (short) lease, retries from another child and checks that
 
 - a retry with the same CSR gets the SAME certificate the dead attempt issued (none issued twice),
-- a retry without a CSR gets a new certificate and the dead attempt's one is revoked; after "finalized" too, for a
+- a retry without a CSR gets a new certificate and the dead attempt's one is revoked; after "committed" too, for a
   device provisioned with a server-made key (a re-key, within GIP_REKEY_WINDOW_SECONDS), while a device
   provisioned with its own key (CSR) is still refused without one,
 - a re-key killed in the middle leaves one active certificate once the next request settles it,
@@ -36,8 +36,8 @@ from devstack.stack import free_port
 from tests.conftest import LONDON_IP, make_csr, sign_v1
 
 LEASE = 3  # seconds: short, so that the suite waits little; injected through the settings
-BOUNDARIES = ("claimed", "issued", "recorded", "finalized")
-REKEY_BOUNDARIES = ("renewal-claimed", "renewal-recorded", "renewal-completed")  # a re-key is a renewal in place
+BOUNDARIES = ("claimed", "issued", "recorded", "committed")
+REKEY_BOUNDARIES = ("renewal-claimed", "renewal-recorded", "renewal-committed")  # a re-key is a renewal in place
 HEADERS = {"X-Forwarded-For": LONDON_IP}  # every device is placed in eu-west-2
 REGION = "eu-west-2"
 
@@ -205,7 +205,7 @@ def test_a_retry_with_the_same_csr_after_a_kill_gets_the_same_certificate(stage,
     left = stage.certificates(thing)
     assert list(left.values()) == ([] if boundary == "claimed" else ["ACTIVE"])
 
-    if boundary != "finalized":
+    if boundary != "committed":
         # While the lease runs the dead attempt is work in flight: reported with its age, not a finding.
         status, payload, headers = stage.healthy.post(stage.body(thing, csr_pem))
         assert (status, payload["code"]) == (409, "provisioning-in-progress"), payload
@@ -234,8 +234,8 @@ def test_a_retry_without_csr_after_a_kill_gets_a_new_certificate_and_the_old_one
                                                                                                capsys):
     thing = f"{boundary}-nocsr-1"
     csr_pem, _ = make_csr(thing)
-    # After "finalized" the device is provisioned: only a server-made key (no CSR) lost with the answer is re-keyed.
-    killed = kill_at(stage, boundary, stage.body(thing, None if boundary == "finalized" else csr_pem))
+    # After "committed" the device is provisioned: only a server-made key (no CSR) lost with the answer is re-keyed.
+    killed = kill_at(stage, boundary, stage.body(thing, None if boundary == "committed" else csr_pem))
     left = stage.certificates(thing)
     time.sleep(max(0.0, killed + LEASE + 0.3 - time.time()))
 
@@ -243,7 +243,7 @@ def test_a_retry_without_csr_after_a_kill_gets_a_new_certificate_and_the_old_one
     after = stage.certificates(thing)
     assert status == 200, payload
     assert "PrivateKey" in payload and payload["certificateId"] not in left
-    assert payload["reason"] == ("rekeyed" if boundary == "finalized" else "nearest")
+    assert payload["reason"] == ("rekeyed" if boundary == "committed" else "nearest")
     assert after == {**{cert: "REVOKED" for cert in left}, payload["certificateId"]: "ACTIVE"} or (
         stage.backend == "dynamodb" and after == {payload["certificateId"]: "ACTIVE"})  # AWS deletes revoked
     code, found = stage.audit(capsys)
@@ -252,9 +252,9 @@ def test_a_retry_without_csr_after_a_kill_gets_a_new_certificate_and_the_old_one
 
 def test_a_device_provisioned_with_its_own_key_is_not_rekeyed_without_a_csr(stage, capsys):
     """Its key never left the device: a lost answer is recovered with the same CSR, never by a new server key."""
-    thing = "finalized-nocsr-2"
+    thing = "committed-nocsr-2"
     csr_pem, _ = make_csr(thing)
-    kill_at(stage, "finalized", stage.body(thing, csr_pem))
+    kill_at(stage, "committed", stage.body(thing, csr_pem))
     left = stage.certificates(thing)
     status, payload, _ = stage.healthy.post(stage.body(thing))
     assert (status, payload["code"]) == (409, "already-provisioned"), payload

@@ -379,7 +379,7 @@ def test_a_lost_response_retried_with_the_same_csr_gets_the_same_certificate_and
     assert backend.certificate_records("dev-1") == 1
     backend.assert_provisioned("dev-1", first)
 
-    backend.issuer.revoke(first.issued)                                     # revoked meanwhile: needs a reset
+    backend.issuer.revoke(first.issued, delete_thing=True)  # revoked meanwhile: needs a reset
     with pytest.raises(AlreadyProvisioned) as raised:
         service.provision(backend.request("dev-1", csr_pem), LONDON_IP)
     assert "reset" in raised.value.message
@@ -565,7 +565,7 @@ def test_a_live_claims_certificate_is_not_an_orphan_until_its_lease_ends(backend
 def test_a_certificate_revoked_out_of_band_is_reported_missing_and_fix_resets_the_device(backend, capsys):
     first = backend.service().provision(backend.request("dev-1", make_csr("dev-1")[0]), LONDON_IP)
     if backend.name == "local":
-        backend.issuer.revoke(first.issued)
+        backend.issuer.revoke(first.issued, delete_thing=True)
         expected = "REVOKED"
     else:  # an operator revoked it in the AWS console
         backend.look["eu-west-2"].update_certificate(certificateId=first.issued.certificate_id, newStatus="REVOKED")

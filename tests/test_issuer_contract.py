@@ -160,12 +160,12 @@ def test_endpoint_differs_per_region_and_is_stable(issuer):
 
 def test_revoke_leaves_no_active_certificate(issuer):
     issued = issuer.issuer.issue("dev-5", REGION_A, None)
-    issuer.issuer.revoke(issued)
+    issuer.issuer.revoke(issued, delete_thing=True)
     assert issuer.active_certificates("dev-5", REGION_A) == set()
     assert not issuer.certificate_active(issued.certificate_id, REGION_A)
     if issuer.thing_exists:
         assert not issuer.thing_exists("dev-5", REGION_A)
-    issuer.issuer.revoke(issued)  # again: what is already gone is fine
+    issuer.issuer.revoke(issued, delete_thing=True)  # again: what is already gone is fine
 
 
 def test_regions_are_independent(issuer):
@@ -174,7 +174,7 @@ def test_regions_are_independent(issuer):
     assert in_a.certificate_id != in_b.certificate_id
     assert (in_a.region, in_b.region) == (REGION_A, REGION_B)
     assert in_a.endpoint != in_b.endpoint
-    issuer.issuer.revoke(in_a)
+    issuer.issuer.revoke(in_a, delete_thing=True)
     assert issuer.active_certificates("dev-6", REGION_A) == set()
     assert issuer.active_certificates("dev-6", REGION_B) == {in_b.certificate_id}
 
@@ -363,7 +363,7 @@ def test_a_failed_cleanup_is_logged_and_the_first_error_is_raised(aws, caplog):
 def test_revoke_waits_for_a_detachment_to_propagate(aws):
     issued = aws.issuer.issue("dev-1", REGION_A, None)
     fail(aws.clients[REGION_A], "DeleteCertificate", "DeleteConflictException", 409, times=1)
-    aws.issuer.revoke(issued)
+    aws.issuer.revoke(issued, delete_thing=True)
     assert not aws.certificate_active(issued.certificate_id, REGION_A)
     assert aws.clients[REGION_A].list_certificates()["certificates"] == []
     assert not aws.thing_exists("dev-1", REGION_A)

@@ -61,18 +61,18 @@ class FailingIssuer:
     def __getattr__(self, name):  # everything else (settling a dead attempt's record) is the real issuer's
         return getattr(self.real, name)
 
-    def issue(self, thing_name, region, csr):
+    def issue(self, thing_name, region, csr, in_place=False):
         if self.issue_error is not None and self.times > 0:
             self.times -= 1
             raise self.issue_error
-        issued = self.real.issue(thing_name, region, csr)
+        issued = self.real.issue(thing_name, region, csr, in_place)
         self.issued.append(issued)
         return issued
 
-    def revoke(self, issued, keep_thing=False):
+    def revoke(self, issued, *, delete_thing):
         if self.revoke_error is not None:
             raise self.revoke_error
-        self.real.revoke(issued, keep_thing)
+        self.real.revoke(issued, delete_thing=delete_thing)
 
 
 class FailingFinalizeRegistry:
@@ -234,8 +234,8 @@ def test_a_lease_lost_during_issue_revokes_our_certificate_and_leaves_the_new_cl
     competitor = {}
 
     class SlowIssuer(FailingIssuer):
-        def issue(self, thing_name, region, csr):
-            issued = super().issue(thing_name, region, csr)
+        def issue(self, thing_name, region, csr, in_place=False):
+            issued = super().issue(thing_name, region, csr, in_place)
             clock.advance(LEASE + 1)
             competitor["claim"] = registry.claim(thing_name, clock(), LEASE)
             return issued
@@ -413,7 +413,7 @@ def test_concurrent_retries_of_a_lost_server_made_key_rekey_it_once(build, regis
 
 
 class FailingRetire:
-    """A real LocalIssuer whose retire() (revoking the previous certificate after a re-key) fails."""
+    """A real LocalIssuer whose revoke() (here: of the previous certificate after a re-key) fails."""
 
     def __init__(self, real: LocalIssuer):
         self.real = real
@@ -421,7 +421,7 @@ class FailingRetire:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def retire(self, ref, delete_thing=False):
+    def revoke(self, ref, *, delete_thing):
         raise ServiceUnavailable("injected: revoking the previous certificate failed")
 
 

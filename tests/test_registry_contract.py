@@ -541,9 +541,9 @@ def test_one_renewal_lease_at_a_time_and_a_dead_ones_ends(registry):
     late = registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 1), LEASE)  # the first died
     with pytest.raises(RenewalInProgress):
         registry.complete_renewal(first, renewed(), T0)  # its lease was taken over
-    registry.abandon_renewal(first, "too late")  # gives back nothing: the lease is not its own
+    registry.release(first, "too late")  # gives back nothing: the lease is not its own
     assert registry.renewal_state("dev1").renewing_until is not None
-    registry.abandon_renewal(late, "issuer failed")
+    registry.release(late, "issuer failed")
     state = registry.renewal_state("dev1")
     assert (state.renewing_until, state.certificate_id) == (None, "cert-a")
     assert registry.get("dev1").last_error == "issuer failed"
@@ -556,7 +556,7 @@ def test_renewal_refusals_and_nonces(registry):
         with pytest.raises(RenewalRefused):
             registry.begin_renewal(name, cert, T0, LEASE)
     nonce = Nonce("n1", T0 + timedelta(minutes=10))
-    registry.abandon_renewal(registry.begin_renewal("dev1", "cert-a", T0, LEASE, nonce), "failed")
+    registry.release(registry.begin_renewal("dev1", "cert-a", T0, LEASE, nonce), "failed")
     with pytest.raises(SignatureInvalid) as replay:
         registry.begin_renewal("dev1", "cert-a", T0, LEASE, nonce)
     assert replay.value.code == "replayed-request"
@@ -620,7 +620,7 @@ def test_an_abandoned_renewal_keeps_its_record_only_when_its_rollback_left_somet
         if keep:
             registry.record_intent(claim, PendingIssue("eu-west-2", T0))
             registry.record_certificate(claim, "cert-left", False)
-        registry.abandon_renewal(claim, "issuer down", keep_pending=keep)
+        registry.release(claim, "issuer down", keep_pending=keep)
         if keep:  # no lease, a record: for the next renewal or the audit to settle
             [state] = registry.claims(T0)
             assert (state.renewal, state.lease_expires, state.live(T0)) == (True, None, False)
@@ -634,7 +634,7 @@ def test_a_replayed_renewal_leaves_a_dead_renewals_record_for_the_next_one(regis
     dead = registry.begin_renewal("dev1", "cert-a", T0, LEASE)
     registry.record_intent(dead, PendingIssue("eu-west-2", T0, "fp-new"))
     nonce = Nonce("n1", T0 + timedelta(hours=1))
-    registry.abandon_renewal(registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 1), LEASE,
+    registry.release(registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 1), LEASE,
                                                     nonce), "failed", keep_pending=True)
     with pytest.raises(SignatureInvalid):
         registry.begin_renewal("dev1", "cert-a", T0 + timedelta(seconds=LEASE + 2), LEASE, nonce)
@@ -753,7 +753,7 @@ def test_one_rekey_at_a_time_a_dead_ones_lease_ends_and_hands_over_its_record(re
     assert (late.previous.certificate_id, late.previous.region) == ("cert-dead", "eu-west-2")
     with pytest.raises(RenewalInProgress):
         registry.complete_renewal(first, renewed(), T0)  # its lease was taken over
-    registry.abandon_renewal(late, "issuer failed")
+    registry.release(late, "issuer failed")
     state = registry.renewal_state("dev1")
     assert (state.renewing_until, state.certificate_id, state.retire_pending) == (None, "cert-a", False)
 

@@ -162,7 +162,7 @@ def test_every_refusal_is_one_identical_403_and_changes_nothing(backend):
     device = Device(b, "dev-1")
     other = Device(b, "dev-2")
     revoked = Device(b, "dev-3")
-    b.issuer.revoke(CertificateRef(revoked.region, revoked.certificate_id, "dev-3"))
+    b.issuer.revoke(CertificateRef(revoked.region, revoked.certificate_id, "dev-3"), delete_thing=True)
     stranger = ec.generate_private_key(ec.SECP256R1())
     cases = {
         "not registered": renewal_body("nobody", device.certificate_id, device.key),
@@ -381,11 +381,11 @@ def settle_and_check(b, device: Device, service_parts: dict, ip: str, previous_a
 
 
 FAULTS = [  # (port, method, after): where a renewal or a move fails
-    ("issuer", "issue_renewal", False),   # AWS IoT refuses: nothing was made
-    ("issuer", "issue_renewal", True),    # made, but the answer was lost: an orphan for the audit
+    ("issuer", "issue", False),   # AWS IoT refuses: nothing was made
+    ("issuer", "issue", True),    # made, but the answer was lost: an orphan for the audit
     ("registry", "complete_renewal", False),  # the record fails: the new certificate is undone
     ("registry", "complete_renewal", True),   # recorded, but the answer was lost: it is a success
-    ("issuer", "retire", False),          # the previous certificate stays until the next renewal or the audit
+    ("issuer", "revoke", False),          # the previous certificate stays until the next renewal or the audit
 ]
 
 
@@ -402,11 +402,11 @@ def test_a_fault_at_any_step_leaves_one_active_certificate(backend, ip, port, me
     except ServiceUnavailable:
         result = None
     assert faulty.calls == 1
-    succeeded = (method, after) in (("complete_renewal", True), ("retire", False))
+    succeeded = (method, after) in (("complete_renewal", True), ("revoke", False))
     assert (result is not None) == succeeded
     item = b.registry.get("dev-1")
     assert item.certificate_id == (result.issued.certificate_id if succeeded else device.certificate_id)
-    if method == "retire":  # the answer went out; the previous certificate waits, and the audit knows
+    if method == "revoke":  # the answer went out; the previous certificate waits, and the audit knows
         unfinished = b.audit().unfinished_renewals
         assert unfinished == [UnfinishedRenewal("dev-1", device.certificate_id, "eu-west-2", result.choice.region)]
         assert unfinished[0].move == (ip == TOKYO_IP)
@@ -417,13 +417,29 @@ def test_the_next_renewal_finishes_an_unfinished_one(backend):
     b = backend
     device = Device(b, "dev-1", LONDON_IP)
     csr_pem, new_key = make_csr("dev-1")
-    first = renewals(b, "nearest", issuer=Faulty(b.issuer, "retire")).renew(device.request(csr_pem), TOKYO_IP)
+    first = renewals(b, "nearest", issuer=Faulty(b.issuer, "revoke")).renew(device.request(csr_pem), TOKYO_IP)
     assert len(b.active_certificates("dev-1")) == 2
     old = device.certificate_id
     device.took(first, new_key)
     second = renewals(b, "nearest").renew(device.request(make_csr("dev-1")[0]), TOKYO_IP)
     assert_renewed(b, device, second, first.issued.certificate_id)
     assert (("eu-west-2", old)) not in b.active_certificates("dev-1")
+
+
+def test_a_reset_revokes_the_previous_certificate_whose_retirement_is_pending(backend):
+    """A renewal whose revocation of the previous certificate failed leaves it ACTIVE, marked to retire: an operator's
+    reset revokes it with the current one (a reset device keeps no working credential), and the audit is clean."""
+    b = backend
+    device = Device(b, "dev-1", LONDON_IP)
+    csr_pem, _ = make_csr("dev-1")
+    renewed = renewals(b, "nearest", issuer=Faulty(b.issuer, "revoke")).renew(device.request(csr_pem), LONDON_IP)
+    assert b.registry.get("dev-1").retire_pending
+    assert b.active_certificates("dev-1") == {("eu-west-2", device.certificate_id),
+                                               ("eu-west-2", renewed.issued.certificate_id)}
+    assert b.cli("reset", "dev-1") == 0
+    assert b.active_certificates("dev-1") == set()
+    assert b.registry.get("dev-1").status == "unprovisioned" and b.things("dev-1") == []
+    assert b.audit() == EMPTY_AUDIT
 
 
 def test_aws_faults_from_botocore_hooks(backend):
@@ -621,8 +637,8 @@ def test_a_renewal_whose_issuer_failed_in_an_unknown_way_is_settled_by_its_own_r
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-        def issue_renewal(self, *args, **kwargs):
-            self.inner.issue_renewal(*args, **kwargs)
+        def issue(self, *args, **kwargs):
+            self.inner.issue(*args, **kwargs)
             raise RuntimeError("injected: the issuer's answer was lost")
 
     device = Device(b, "dev-1")

@@ -26,7 +26,7 @@ from tests.conftest import make_csr
 from tests.test_crash_recovery import HEADERS, LEASE, REGION, Stage, _environment, kill_at
 from tests.test_renewal import renewal_body
 
-BOUNDARIES = ("renewal-claimed", "renewal-issued", "renewal-recorded", "renewal-completed")
+BOUNDARIES = ("renewal-claimed", "renewal-issued", "renewal-recorded", "renewal-committed")
 RETRIES = ("samecsr", "otherkey")
 
 
@@ -114,7 +114,7 @@ def test_a_renewal_retried_with_the_same_csr_after_a_kill_gets_the_same_certific
     left = active(stage, thing) - {current}  # what the dead renewal issued
     assert len(left) == (0 if boundary == "renewal-claimed" else 1)
 
-    if boundary != "renewal-completed":
+    if boundary != "renewal-committed":
         # While the lease runs the dead renewal is work in flight: 409 for the device, not a finding for the audit.
         status, payload, headers = renew(stage.healthy.url, renewal_body(thing, current, key, csr_pem))
         assert (status, payload["code"]) == (409, "renewal-in-progress"), payload

@@ -1,8 +1,13 @@
-"""What every issuer backend offers: the hot path (`Issuer`) and, apart, what the operator's audit reads."""
+"""Certificates as the issuer port and the registry see them: issued, referred to, known, certified."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+
+from cryptography import x509
+
+from chalicelib.domain.clock import timestamp
+from chalicelib.domain.keypolicy import key_fingerprint, public_key_pem
 
 ACTIVE = "ACTIVE"  # a certificate's status that lets a device connect (AWS IoT's word; the local CA's too)
 
@@ -57,9 +62,19 @@ class CertificateInfo:
         return CertificateRef(self.region or "", self.certificate_id, self.thing_name, self.arn)
 
 
+@dataclass(frozen=True)
+class Certified:
+    """An issued certificate as a commit records it: its key (the CSR's, or the one the issuer made)."""
+
+    issued: IssuedCertificate
+    public_key: str     # PEM: a renewal's signature is checked with it
+    fingerprint: str    # SHA-256 of its SubjectPublicKeyInfo DER, hex
+    expires: str        # its end of validity, clock.timestamp form (`admin list --expiring-within`)
+    server_key: bool    # the service made the key (no CSR): a lost answer may be re-keyed
 
 
-
-
-
-
+def certify(issued: IssuedCertificate, csr: x509.CertificateSigningRequest | None) -> Certified:
+    certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+    key = csr.public_key() if csr is not None else certificate.public_key()
+    return Certified(issued, public_key_pem(key), key_fingerprint(key), timestamp(certificate.not_valid_after_utc),
+                     csr is None)

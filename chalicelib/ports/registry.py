@@ -62,7 +62,9 @@ class Registry(Protocol):
         `country` and `reason` say where the device was and why its region was chosen."""
 
     def release(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
-        """provisioning -> unprovisioned after a failure, only while `claim` still holds; records the error.
+        """Give the claim back after a failure, only while it still holds; records the error. A provisioning claim:
+        provisioning -> unprovisioned. A renewal lease (`claim.renewal`): the lease ends, the device keeps its
+        current certificate.
 
         `keep_pending` leaves the write-ahead record (a rollback that could not undo everything): the next
         claim, or the audit, settles it."""
@@ -118,11 +120,6 @@ class RenewalRegistry(Registry, Protocol):
         """Make `renewed` the current certificate while `claim` holds: the old one becomes the previous one (to
         retire), the renewal count goes up by one, the write-ahead record is cleared. Else raises
         RenewalInProgress."""
-
-    def abandon_renewal(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
-        """Give the renewal lease back after a failure (the current certificate stays); records the error.
-        `keep_pending` leaves the write-ahead record (something may be left): the next renewal, or the audit,
-        settles it."""
 
     def reopen_renewal(self, thing_name: str, certificate_id: str, previous_fingerprint: str, now: datetime) -> bool:
         """The renewal that made `certificate_id` current was never answered (it died before retiring the

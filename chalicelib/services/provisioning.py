@@ -1,41 +1,35 @@
-"""The orchestrator: verify, claim, locate, choose a region, issue, record. Collaborators are passed in."""
+"""Day one: POST /device-provisioning. Verify the signature, locate the caller, choose the region, then the one
+issuance sequence (services/saga.py) with the provisioning plan; a provisioned device asking again gets its earlier
+answer (same key: the same certificate) or, with a server-made key lost with its answer, a re-key."""
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable, Protocol
 
-from cryptography import x509
-
 from chalicelib.domain import deadline as deadlines
-from chalicelib.domain.certificates import IssuedCertificate
-from chalicelib.domain.clock import timestamp, utcnow
+from chalicelib.domain.certificates import Certified, IssuedCertificate
+from chalicelib.domain.clock import utcnow
 from chalicelib.domain.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
-from chalicelib.domain.errors import (
-    REFUSED,
-    AlreadyProvisioned,
-    IssueIncomplete,
-    ProvisioningError,
-    ServiceUnavailable,
-    SignatureInvalid,
-)
-from chalicelib.domain.keypolicy import key_fingerprint, public_key_pem
-from chalicelib.domain.records import PROVISIONED, Claim, Nonce, PendingIssue
-from chalicelib.domain.regions import Location, RegionChoice, RegionPolicy
+from chalicelib.domain.errors import REFUSED, AlreadyProvisioned, ServiceUnavailable, SignatureInvalid
+from chalicelib.domain.keypolicy import key_fingerprint
+from chalicelib.domain.records import PROVISIONED, Claim, Nonce
+from chalicelib.domain.regions import RegionChoice, RegionPolicy
 from chalicelib.domain.requests import ProvisioningRequest
 from chalicelib.domain.signatures import FleetKeyVerifier, load_device_key, verifies
 from chalicelib.domain.steps import Steps
 from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.issuer import Issuer
-from chalicelib.ports.registry import Registry
+from chalicelib.ports.registry import RenewalRegistry
 from chalicelib.services.admission import Admission
-from chalicelib.services.settle import Settler
+from chalicelib.services.saga import Checkpoint, Plan, Saga, no_checkpoint
 
 log = logging.getLogger(__name__)
+REUSED = "an earlier attempt with this key was interrupted: its certificate, not a second one"
 
 
 @dataclass(frozen=True)
 class ProvisioningResult:
-    """What a provisioning produced; `wire.response_body` says it to the device."""
+    """What a provisioning produced; `edge.wire.response_body` says it to the device."""
 
     thing_name: str
     choice: RegionChoice
@@ -52,169 +46,96 @@ class Reissued(Protocol):
 
 
 class Rekeyer(Protocol):
-    """Gives a device provisioned with a server-made key a new certificate and key (renewal.RenewalService)."""
+    """Gives a device provisioned with a server-made key a new certificate and key (services.renewal)."""
 
     def rekey(self, thing_name: str, client_ip: str, fleet_key: bool, window_seconds: int,
               steps: Steps | None = None, deadline: Deadline | None = None) -> Reissued: ...
 
 
+class NewDevice(Plan):
+    """Provisioning's plan: the claim (with the nonce) of an unprovisioned device; the commit makes it provisioned."""
 
+    kind = "provisioning"
+    commit_step = "finalize"
 
-# What the steps after the claim may take at worst (seconds), each checked against the request's deadline
-# before it starts; the rollback reserve comes on top (chalicelib/domain/deadline.py).
-ISSUE_SECONDS = 8.0      # AWS IoT: thing and certificate side by side, then two attachments
-FINALIZE_SECONDS = 4.0   # one conditional registry write, one attempt
+    def __init__(self, service: "ProvisioningService", request: ProvisioningRequest, fleet_key: bool,
+                 choice: RegionChoice, distance_km: Callable[[str], float | None]) -> None:
+        self.thing_name, self.region, self.csr = request.thing_name, choice.region, request.csr
+        self.choice = choice
+        self.note: str | None = None
+        self.refused: AlreadyProvisioned | None = None
+        self._service, self._request, self._fleet_key, self._distance = service, request, fleet_key, distance_km
 
+    def claim(self, now: datetime, lease_seconds: int) -> Claim:
+        # The nonce is recorded only now, for a correctly signed request: nobody can use up a device's.
+        nonce = (Nonce(self._request.nonce, now + timedelta(seconds=2 * self._service.skew))
+                 if self._request.nonce is not None else None)
+        try:
+            return self._service.registry.claim(self.thing_name, now, lease_seconds, self._fleet_key, nonce)
+        except AlreadyProvisioned as refused:  # the device asks again: its earlier answer (or a re-key)
+            self.refused = refused
+            raise
 
-def no_checkpoint(boundary: str, thing_name: str) -> None:
-    pass
+    def reused(self, issued: IssuedCertificate) -> None:
+        self.choice = RegionChoice(issued.region, self._distance(issued.region), "previous", self.choice.country)
+        self.note = REUSED
 
-
+    def commit(self, claim: Claim, certified: Certified, now: datetime) -> None:
+        issued = certified.issued
+        self._service.registry.finalize(claim, issued.region, issued.certificate_id, now, certified.fingerprint,
+                                        self.choice.country, self.choice.reason, certified.public_key,
+                                        certified.expires, server_key=certified.server_key)
 
 
 class ProvisioningService:
-    def __init__(self, registry: Registry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
+    def __init__(self, registry: RenewalRegistry, issuer: Issuer, locator: GeoLocator, regions: RegionPolicy,
                  verifier: FleetKeyVerifier, lease_seconds: int | None = None,
                  clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300,
                  budget_seconds: float = DEFAULT_BUDGET_SECONDS, lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
-                 checkpoint: Callable[[str, str], None] = no_checkpoint,
-                 admission: Admission | None = None, rekeyer: Rekeyer | None = None,
-                 rekey_window_seconds: int = 0) -> None:
-        self._registry = registry
-        self._issuer = issuer
+                 checkpoint: Checkpoint = no_checkpoint, admission: Admission | None = None,
+                 rekeyer: Rekeyer | None = None, rekey_window_seconds: int = 0) -> None:
+        self.registry = registry
+        self.issuer = issuer
         self._locator = locator
         self._regions = regions
         self._verifier = verifier
-        self._lease_seconds = lease_seconds  # None: derived from the request's deadline
-        self._lease_margin = lease_margin_seconds
         self._budget = budget_seconds
         self._clock = clock
         self._allow_v1 = allow_v1
-        self._skew = skew_seconds
-        self._settler = Settler(registry, issuer)
-        # Called at each step boundary (claimed, issued, recorded, finalized): the crash tests stop the process
-        # there; a no-op otherwise.
-        self._checkpoint = checkpoint
-        self._admission = admission
+        self.skew = skew_seconds
+        self._saga = Saga(registry, issuer, admission, lease_seconds, lease_margin_seconds, clock, checkpoint)
         self._rekeyer = rekeyer if rekey_window_seconds else None  # 0: no re-key, an operator resets
         self._rekey_window = rekey_window_seconds
-
-    @property
-    def registry(self) -> Registry:
-        return self._registry
-
-    @property
-    def issuer(self) -> Issuer:
-        return self._issuer
 
     def provision(self, request: ProvisioningRequest, client_ip: str, steps: Steps | None = None,
                   deadline: Deadline | None = None) -> ProvisioningResult:
         deadline = deadline or Deadline(self._budget)
+        steps = steps or Steps()
         with deadlines.running(deadline):
-            return self._provision(request, client_ip, steps or Steps(), deadline)
-
-    def _provision(self, request: ProvisioningRequest, client_ip: str, steps: Steps,
-                   deadline: Deadline) -> ProvisioningResult:
-        with steps.step("verify"):
-            fleet_key = self._authenticate(request)
-        # The region is known before the claim, so the request is admitted against that region's budget
-        # (admission control) before it holds a claim or spends any IoT call.
-        with steps.step("geo"):
-            location = self._locator.locate(client_ip)
-            choice = self._regions.choose(location)
-        if self._admission is not None:
-            with steps.step("admit"):
-                # A request too late to issue anyway takes no slot of the region's budget.
-                deadline.require("admitting the device", ISSUE_SECONDS + FINALIZE_SECONDS)
-                try:
-                    self._admission.admit(choice.region, server_key=request.csr is None)
-                except ServiceUnavailable:
-                    # An answer that issues nothing (a lost answer asked for again) is not kept waiting.
-                    record = self._registry.get(request.thing_name)
-                    if record is None or record.status is not PROVISIONED or request.csr is None:
-                        raise  # a re-key issues: it waits for the region's budget like any issue
-                    return self._earlier_answer(request, AlreadyProvisioned("", record=record), client_ip,
-                                                fleet_key, steps, deadline)
-        earlier: AlreadyProvisioned | None = None
-        with steps.step("claim"):
-            deadline.require("claiming the device", ISSUE_SECONDS + FINALIZE_SECONDS)
-            now = self._clock()
-            # The nonce is recorded only now, for a correctly signed request: nobody can use up a device's.
-            nonce = (Nonce(request.nonce, now + timedelta(seconds=2 * self._skew))
-                     if request.nonce is not None else None)
-            lease = self._lease_seconds or deadline.lease_seconds(self._lease_margin)
+            with steps.step("verify"):
+                fleet_key = self._authenticate(request)
+            # The region is known before the claim, so the request is admitted against that region's budget.
+            with steps.step("geo"):
+                location = self._locator.locate(client_ip)
+                choice = self._regions.choose(location)
+            plan = NewDevice(self, request, fleet_key, choice, lambda region: self._regions.distance_km(location,
+                                                                                                        region))
             try:
-                claim = self._registry.claim(request.thing_name, now, lease, fleet_key, nonce)
+                issued, _ = self._saga.run(plan, steps, deadline)
             except AlreadyProvisioned as refused:
-                earlier = refused
-        if earlier is not None:
-            return self._earlier_answer(request, earlier, client_ip, fleet_key, steps, deadline)
-        self._checkpoint("claimed", request.thing_name)
-        issued, issuing = None, False
-        # Whether the write-ahead record may describe something that still exists, and whether the issuer,
-        # should it fail, can be trusted to have undone its own steps.
-        left, issuer_cleans_up, intent = claim.previous is not None, False, None
-        wanted = key_fingerprint(request.csr.public_key()) if request.csr is not None else None
-        try:
-            if claim.previous is not None:
-                with steps.step("settle"):
-                    settled = self._settler.settle(claim, wanted)
-                left = settled.reused is not None  # the record describes it until finalize clears it
-                if settled.reused is not None:
-                    return self._finalize_reused(request, claim, settled.reused, wanted, location, steps)
-            deadline.require("issuing the certificate", ISSUE_SECONDS + FINALIZE_SECONDS)
-            intent = PendingIssue(choice.region, self._clock(), wanted)
-            with steps.step("intent"):
-                self._registry.record_intent(claim, intent)
-            left, issuer_cleans_up = True, True
-            with steps.step("issue"):
-                issuing = True
-                issued = self._issuer.issue(request.thing_name, choice.region, request.csr)
-            issuer_cleans_up = False
-            self._checkpoint("issued", request.thing_name)
-            with steps.step("record"):
-                self._registry.record_certificate(claim, issued.certificate_id, issued.created_thing)
-            self._checkpoint("recorded", request.thing_name)
-            deadline.require("recording the device", FINALIZE_SECONDS)
-            with steps.step("finalize"):
-                certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
-                public_key = request.csr.public_key() if request.csr is not None else certificate.public_key()
-                self._registry.finalize(claim, choice.region, issued.certificate_id, self._clock(),
-                                        key_fingerprint(public_key), choice.country, choice.reason,
-                                        public_key_pem(public_key), timestamp(certificate.not_valid_after_utc),
-                                        server_key=request.csr is None)
-            self._checkpoint("finalized", request.thing_name)
-        except Exception as exc:
-            cause = exc.error if isinstance(exc, IssueIncomplete) else exc
-            # An issuer's domain error means it undid its own steps (else it raises IssueIncomplete).
-            trusted = issuer_cleans_up and isinstance(exc, ProvisioningError)
-            with steps.step("rollback"), deadline.rolling_back():
-                self._undo(claim, issued, exc, left and not trusted, intent)
-                if issuing and self._admission is not None:  # the undo's IoT calls are paid from the budget
-                    self._admission.rollback(choice.region)
-            if cause is exc and isinstance(exc, ProvisioningError):
-                raise
-            if isinstance(cause, ProvisioningError):
-                raise cause from exc
-            raise ServiceUnavailable("provisioning failed on the server side; try again later") from cause
-        note = None if choice.reason != "default" else (
-            f"location of {client_ip} is unknown; using the default region {choice.region}")
-        return ProvisioningResult(request.thing_name, choice, issued, note)
-
-    def _finalize_reused(self, request: ProvisioningRequest, claim: Claim, issued: IssuedCertificate,
-                         fingerprint: str | None, location: Location | None, steps: Steps) -> ProvisioningResult:
-        """The dead attempt's certificate for this very key: finalize with it, issue nothing."""
-        choice = RegionChoice(issued.region, self._regions.distance_km(location, issued.region), "previous",
-                              location.country if location else None)
-        certificate = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
-        with steps.step("finalize"):
-            self._registry.finalize(claim, issued.region, issued.certificate_id, self._clock(),
-                                    fingerprint or key_fingerprint(certificate.public_key()), choice.country,
-                                    choice.reason, public_key_pem(certificate.public_key()),
-                                    timestamp(certificate.not_valid_after_utc))
-        self._checkpoint("finalized", request.thing_name)
-        return ProvisioningResult(request.thing_name, choice, issued,
-                                  "an earlier attempt with this key was interrupted: its certificate, not a second one")
+                if refused is not plan.refused:  # a thing another certificate uses (issuer): a refusal of its own
+                    raise
+                return self._earlier_answer(request, refused, client_ip, fleet_key, steps, deadline)
+            except ServiceUnavailable as busy:
+                # An answer that issues nothing (a lost answer asked for again with its key) is not kept waiting.
+                record = self.registry.get(request.thing_name) if busy.code == "admission-control" else None
+                if record is None or record.status is not PROVISIONED or request.csr is None:
+                    raise
+                return self._earlier_answer(request, AlreadyProvisioned("", record=record), client_ip, fleet_key,
+                                            steps, deadline)
+        note = plan.note or (None if plan.choice.reason != "default" else
+                             f"location of {client_ip} is unknown; using the default region {plan.choice.region}")
+        return ProvisioningResult(request.thing_name, plan.choice, issued, note)
 
     def _authenticate(self, request: ProvisioningRequest) -> bool:
         """Check the signature before anything changes; returns whether the fleet key made it.
@@ -227,13 +148,13 @@ class ProvisioningService:
             raise SignatureInvalid("this service accepts only signed requests v2 (timestamp, nonce)", "v1-refused")
         if request.timestamp is not None:
             skew = abs((now - request.timestamp).total_seconds())
-            if skew > self._skew:
+            if skew > self.skew:
                 raise SignatureInvalid(f"the timestamp is {skew:.0f} s away from the server's clock "
-                                       f"(at most {self._skew} s allowed)", "stale-timestamp")
+                                       f"(at most {self.skew} s allowed)", "stale-timestamp")
         text = request.signed_text()
         fleet_key = self._verifier.verifies(text, request.signature)
         if not fleet_key:
-            record = self._registry.get(request.thing_name)
+            record = self.registry.get(request.thing_name)
             pem = record.public_key if record else None
             try:
                 device_key = load_device_key(pem) if pem else None
@@ -248,14 +169,13 @@ class ProvisioningService:
                         fleet_key: bool, steps: Steps, deadline: Deadline) -> ProvisioningResult:
         """A provisioned device asks again: its earlier answer was lost. With the same key (CSR) it gets the
         same certificate, and nothing is created. A server-made key was never kept: within the re-key window the
-        device gets a new certificate and key and the previous certificate is revoked (RenewalService.rekey);
+        device gets a new certificate and key and the previous certificate is revoked (services.renewal);
         after it, an operator resets the device."""
         record = refused.record
         if request.csr is None:
             if self._rekeyer is not None and record is not None and record.server_key:
-                rekeyed = self._rekeyer.rekey(request.thing_name, client_ip, fleet_key, self._rekey_window,
-                                              steps, deadline)
-                self._checkpoint("rekeyed", request.thing_name)
+                rekeyed = self._rekeyer.rekey(request.thing_name, client_ip, fleet_key, self._rekey_window, steps,
+                                              deadline)
                 return ProvisioningResult(request.thing_name, rekeyed.choice, rekeyed.issued,
                                           "the earlier answer's key was made here and is not kept: a new certificate "
                                           "and key, the previous certificate revoked")
@@ -264,39 +184,14 @@ class ProvisioningService:
         if record is None or record.key_fingerprint != key_fingerprint(request.csr.public_key()):
             raise AlreadyProvisioned(f"{request.thing_name} is already provisioned with another key")
         region, certificate_id = record.region, record.certificate_id
-        cert = self._issuer.certificate(certificate_id, region) if region and certificate_id else None
+        cert = self.issuer.certificate(certificate_id, region) if region and certificate_id else None
         if region is None or cert is None or not cert.active or cert.certificate_pem is None:
             raise AlreadyProvisioned(f"{request.thing_name} is provisioned but its certificate is no longer active; "
                                      "an operator must reset it (admin reset)")
         location = self._locator.locate(client_ip)
         choice = RegionChoice(region, self._regions.distance_km(location, region), "previous",
                               location.country if location else None)
-        issued = IssuedCertificate(region, cert.certificate_id, cert.certificate_pem, self._issuer.endpoint(region),
+        issued = IssuedCertificate(region, cert.certificate_id, cert.certificate_pem, self.issuer.endpoint(region),
                                    thing_name=request.thing_name)
         return ProvisioningResult(request.thing_name, choice, issued,
                                   "already provisioned with this key: the same certificate again")
-
-    def _undo(self, claim: Claim, issued: IssuedCertificate | None, failure: Exception, unsure: bool,
-              intent: PendingIssue | None) -> None:
-        """Compensate in reverse order. A failure here is logged and never hides the original error; the claim
-        is released anyway (no stuck device) with last_error naming what is left, and the write-ahead record
-        kept when something may be left, so the next claim or the audit settles it."""
-        cause = failure.error if isinstance(failure, IssueIncomplete) else failure
-        log.error("provisioning %s failed, rolling back: %s: %s", claim.thing_name, type(cause).__name__, cause)
-        error = f"{type(cause).__name__}: {cause}"
-        incomplete = self._settler.before_rollback(claim, intent, failure, unsure and issued is None, claim.thing_name)
-        if isinstance(failure, IssueIncomplete):  # the issuer could not undo all of its own steps
-            error = f"rollback incomplete, {failure.leftover}; {error}"
-        if issued is not None:
-            try:
-                self._issuer.revoke(issued, keep_thing=not issued.created_thing)
-            except Exception:
-                log.exception("rollback of %s incomplete: certificate %s in %s may still be active",
-                              claim.thing_name, issued.certificate_id, issued.region)
-                error = f"rollback incomplete, certificate {issued.certificate_id} in {issued.region}; {error}"
-                incomplete = True
-        try:
-            self._registry.release(claim, error[:500], keep_pending=incomplete)
-        except Exception:
-            log.exception("could not release the claim on %s; it frees itself when the lease ends",
-                          claim.thing_name)

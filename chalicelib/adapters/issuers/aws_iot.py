@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography import x509
@@ -204,7 +204,7 @@ class AwsIotIssuer:
         self._once("policy", region, self._create_policy).result()
         client.attach_policy(policyName=self._policy_name, target=arn)
 
-    def check(self, regions: Iterator[str] | tuple[str, ...]) -> None:
+    def check(self, regions: Iterable[str]) -> None:
         """Raise unless the IoT client of every region answered once (its endpoint, kept for the container)."""
         for region in regions:
             self.endpoint(region)
@@ -215,17 +215,9 @@ class AwsIotIssuer:
         except _AWS_ERRORS as exc:
             raise _domain_error(exc, region) from exc
 
-    def issue(self, thing_name: str, region: str,
-              csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
-        return self._issue(thing_name, region, csr, make_thing=True)
-
-    def issue_renewal(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
-                      in_place: bool) -> IssuedCertificate:
-        # In place, the thing exists and holds the current certificate: a failure must not delete it.
-        return self._issue(thing_name, region, csr, make_thing=not in_place)
-
-    def _issue(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
-               make_thing: bool) -> IssuedCertificate:
+    def issue(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
+              in_place: bool = False) -> IssuedCertificate:
+        """In place, the thing exists and holds the current certificate: it is neither made nor, on failure, deleted."""
         client = self._mutating_client(region)
         endpoint_f = self._once("endpoint", region, self._find_endpoint)
         if not endpoint_f.done():  # a cold container: a failed lookup must not cost a thing and a certificate
@@ -234,7 +226,7 @@ class AwsIotIssuer:
             except _AWS_ERRORS as exc:
                 raise _domain_error(exc, region) from exc
         # created False (not made, not adopted): a failure detaches the new certificate and keeps the thing.
-        thing_f = (self._submit(self._ensure_thing, client, region, thing_name) if make_thing else _done(False))
+        thing_f = _done(False) if in_place else self._submit(self._ensure_thing, client, region, thing_name)
         cert_f = self._submit(_create_certificate, client, csr)
         cf.wait([endpoint_f, thing_f, cert_f])
         # Whatever succeeded is ours to undo if anything else failed; a thing we did not make stays.
@@ -330,14 +322,15 @@ class AwsIotIssuer:
                 return []
             raise
 
-    def adopt(self, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate:
-        client = self._client(region)
+    def adopt(self, thing_name: str, region: str, certificate_id: str, in_place: bool = False) -> IssuedCertificate:
+        client = self._mutating_client(region)
         try:
             found = client.describe_certificate(certificateId=certificate_id)["certificateDescription"]
             if found["status"] != "ACTIVE":
                 raise LookupError(f"certificate {certificate_id} in {region} is {found['status']}")
             arn = found["certificateArn"]
-            created = self._ensure_thing(client, region, thing_name, principal=arn)
+            # In place the thing is the device's and holds its current certificate: attach only.
+            created = False if in_place else self._ensure_thing(client, region, thing_name, principal=arn)
             self._attach_policy(client, region, arn)  # both are no-ops when already done
             client.attach_thing_principal(thingName=thing_name, principal=arn)
         except _AWS_ERRORS as exc:
@@ -345,46 +338,26 @@ class AwsIotIssuer:
         return IssuedCertificate(region, certificate_id, found["certificatePem"], self.endpoint(region), None,
                                  thing_name, arn, created_thing=created)
 
-    def adopt_renewal(self, thing_name: str, region: str, certificate_id: str, in_place: bool) -> IssuedCertificate:
-        if not in_place:
-            return self.adopt(thing_name, region, certificate_id)
-        client = self._client(region)  # the thing is the device's and holds its current certificate: attach only
-        try:
-            found = client.describe_certificate(certificateId=certificate_id)["certificateDescription"]
-            if found["status"] != "ACTIVE":
-                raise LookupError(f"certificate {certificate_id} in {region} is {found['status']}")
-            self._attach_policy(client, region, found["certificateArn"])
-            client.attach_thing_principal(thingName=thing_name, principal=found["certificateArn"])
-        except _AWS_ERRORS as exc:
-            raise _domain_error(exc, region) from exc
-        return IssuedCertificate(region, certificate_id, found["certificatePem"], self.endpoint(region), None,
-                                 thing_name, found["certificateArn"])
-
-    def revoke(self, issued: IssuedCertificate | CertificateRef, keep_thing: bool = False) -> None:
-        """Undo `issue` fully; parts already gone are fine.
-
-        What issue() returned names the thing and the certificate ARN; from a certificate id alone (an
-        operator's reset) they are looked up first.
-        """
-        region, client = issued.region, self._client(issued.region)
-        things: list[str | None]
-        if issued.certificate_arn and issued.thing_name:
-            arn, things = issued.certificate_arn, [issued.thing_name]
-        else:
+    def revoke(self, certificate: IssuedCertificate | CertificateRef, *, delete_thing: bool) -> None:
+        """Detach the certificate, mark it REVOKED, delete it; with `delete_thing`, its thing too. Parts already gone
+        are fine. What issue() returned names the thing and the ARN; from less (an operator's reset, a settled
+        record) the ARN and the things the certificate is attached to are looked up first."""
+        region = certificate.region
+        client = self._client(region)
+        arn, things = certificate.certificate_arn, [certificate.thing_name]
+        if arn is None or certificate.thing_name is None:
             try:
-                arn = client.describe_certificate(
-                    certificateId=issued.certificate_id)["certificateDescription"]["certificateArn"]
-                things = client.list_principal_things(principal=arn)["things"]
+                arn = arn or client.describe_certificate(
+                    certificateId=certificate.certificate_id)["certificateDescription"]["certificateArn"]
+                things = client.list_principal_things(principal=arn)["things"] or things
             except ClientError as exc:
-                if _is_not_found(exc):
-                    return
-                raise _domain_error(exc, region) from exc
-        cert = {"certificateId": issued.certificate_id, "certificateArn": arn}
-        undo_client = self._mutating_client(region, ())
-        failures = [self._undo(undo_client, region, thing, cert, delete_thing=not keep_thing)
-                    for thing in things or [None]]
-        if any(failures):
-            raise ServiceUnavailable(f"revoking certificate {issued.certificate_id} in {region} is incomplete")
+                if not _is_not_found(exc):
+                    raise _domain_error(exc, region) from exc
+                arn = None  # gone already: only its thing may be left to delete
+        cert = {"certificateId": certificate.certificate_id, "certificateArn": arn} if arn else None
+        undo = self._mutating_client(region, ())
+        if any([self._undo(undo, region, thing, cert, delete_thing=delete_thing) for thing in things]):
+            raise ServiceUnavailable(f"revoking certificate {certificate.certificate_id} in {region} is incomplete")
 
     def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         try:
@@ -421,7 +394,7 @@ class AwsIotIssuer:
 
     def delete_thing(self, region: str, thing_name: str) -> None:
         """Detach whatever is attached to the thing, then delete it; gone already is fine."""
-        client = self._client(region)
+        client = self._mutating_client(region)
         try:
             principals = client.list_thing_principals(thingName=thing_name)["principals"]
             for principal in principals:
@@ -430,22 +403,6 @@ class AwsIotIssuer:
         except ClientError as exc:
             if not _is_not_found(exc):
                 raise _domain_error(exc, region) from exc
-
-    def retire(self, previous: CertificateRef, delete_thing: bool) -> None:
-        """Revoke a renewed device's previous certificate: detach it, mark it REVOKED, delete it; and after a move
-        delete the old region's thing, which only this service made and nothing else is attached to by now."""
-        region, client, thing = previous.region, self._client(previous.region), previous.thing_name
-        arn = previous.certificate_arn
-        if arn is None:
-            try:
-                arn = client.describe_certificate(
-                    certificateId=previous.certificate_id)["certificateDescription"]["certificateArn"]
-            except ClientError as exc:
-                if not _is_not_found(exc):
-                    raise _domain_error(exc, region) from exc
-        cert = {"certificateId": previous.certificate_id, "certificateArn": arn} if arn else None
-        if self._undo(client, region, thing, cert, delete_thing=delete_thing):
-            raise ServiceUnavailable(f"retiring certificate {previous.certificate_id} in {region} is incomplete")
 
     def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict[str, Any] | None,
               delete_thing: bool = True) -> bool:

@@ -180,8 +180,9 @@ class LocalIssuer:
             self._local.db = db
         return db
 
-    def issue(self, thing_name: str, region: str,
-              csr: x509.CertificateSigningRequest | None) -> IssuedCertificate:
+    def issue(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
+              in_place: bool = False) -> IssuedCertificate:
+        # The local stage has no things: in place or not, only the certificate is made.
         endpoint = self.endpoint(region)
         private_key_pem = None
         public_key: CertificatePublicKeyTypes
@@ -202,9 +203,9 @@ class LocalIssuer:
              timestamp(self._clock()), timestamp(cert.not_valid_after_utc), pem))
         return IssuedCertificate(region, cert_id, pem, endpoint, private_key_pem, thing_name)
 
-    def revoke(self, issued: IssuedCertificate | CertificateRef, keep_thing: bool = False) -> None:
+    def revoke(self, certificate: IssuedCertificate | CertificateRef, *, delete_thing: bool) -> None:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
-                           (issued.certificate_id,))
+                           (certificate.certificate_id,))
 
     def find_issued(self, thing_name: str, region: str, since: datetime, fingerprint: str | None) -> list[str]:
         # issued_at has whole seconds: one second of slack keeps a certificate signed in the same second.
@@ -212,22 +213,12 @@ class LocalIssuer:
             "SELECT certificate_id FROM certificates WHERE thing_name = ? AND region = ? AND status = 'ACTIVE' "
             "AND issued_at >= ? ORDER BY issued_at", (thing_name, region, timestamp(since - timedelta(seconds=1))))]
 
-    def adopt(self, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate:
+    def adopt(self, thing_name: str, region: str, certificate_id: str, in_place: bool = False) -> IssuedCertificate:
         found = self.certificate(certificate_id)
         if found is None or not found.active or found.thing_name != thing_name or found.certificate_pem is None:
             raise LookupError(f"certificate {certificate_id} of {thing_name} is not active")
         return IssuedCertificate(region, certificate_id, found.certificate_pem, self.endpoint(region),
                                  thing_name=thing_name)
-
-    def issue_renewal(self, thing_name: str, region: str, csr: x509.CertificateSigningRequest | None,
-                      in_place: bool) -> IssuedCertificate:
-        return self.issue(thing_name, region, csr)  # the local stage has no things to keep or make
-
-    def adopt_renewal(self, thing_name: str, region: str, certificate_id: str, in_place: bool) -> IssuedCertificate:
-        return self.adopt(thing_name, region, certificate_id)
-
-    def retire(self, previous: CertificateRef, delete_thing: bool) -> None:
-        self.revoke(previous)
 
     def certificate(self, certificate_id: str, region: str | None = None) -> CertificateInfo | None:
         row = self._db().execute("SELECT * FROM certificates WHERE certificate_id = ?",

@@ -307,6 +307,8 @@ class DynamoDbRegistry:
                 f"{claim.thing_name}: the claim's lease ran out before provisioning ended") from None
 
     def release(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
+        if claim.renewal:  # the renewal lease: the device stays provisioned with its current certificate
+            return self._abandon_renewal(claim, error, keep_pending)
         removes = ("#token", "#lease") + (() if keep_pending else _PENDING_NAMES)
         try:
             self._call(
@@ -483,7 +485,7 @@ class DynamoDbRegistry:
         # The nonce after the lease (DynamoDB has no cheap two-table commit here): a replay gives the lease back,
         # and leaves a dead renewal's record for the next one to settle.
         if nonce is not None and not self._remember_nonce(thing_name, nonce, now):
-            self.abandon_renewal(claim, "replayed request refused", keep_pending=True)
+            self.release(claim, "replayed request refused", keep_pending=True)
             raise replayed_request()
         return claim
 
@@ -562,7 +564,7 @@ class DynamoDbRegistry:
                 raise
             raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded") from None
 
-    def abandon_renewal(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
+    def _abandon_renewal(self, claim: Claim, error: str, keep_pending: bool) -> None:
         removes = ("#rtoken", "#rlease") + (() if keep_pending else _PENDING_NAMES)
         try:
             self._call(

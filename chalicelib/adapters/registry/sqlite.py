@@ -219,6 +219,8 @@ class SqliteRegistry:
 
     @translated
     def release(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
+        if claim.renewal:  # the renewal lease: the device stays provisioned with its current certificate
+            return self._abandon_renewal(claim, error, keep_pending)
         self._db().execute(
             "UPDATE devices SET prov_status = ?, claim_token = NULL, lease_expires = NULL, last_error = ?"
             + ("" if keep_pending else f", {_NO_PENDING}")
@@ -402,7 +404,7 @@ class SqliteRegistry:
             raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded")
 
     @translated
-    def abandon_renewal(self, claim: Claim, error: str, keep_pending: bool = False) -> None:
+    def _abandon_renewal(self, claim: Claim, error: str, keep_pending: bool) -> None:
         self._db().execute(
             "UPDATE devices SET renewal_token = NULL, renewal_lease = NULL, last_error = ?"
             + ("" if keep_pending else f", {_NO_PENDING}")

@@ -1,0 +1,208 @@
+"""The one issuance sequence (design.md, "One skeleton per kind of work"): provisioning, renewal and re-key are
+small plans over it.
+
+    admit -> claim -> settle what a dead attempt left -> write ahead -> issue -> record -> commit -> after
+                      any failure before the commit is undone in reverse, inside the deadline's reserve
+
+A plan says how a step differs: which lease it takes, what the commit writes, what follows the commit. The
+stages between the steps are named (`Stage`): the crash tests stop a process dead at `plan.stages + stage`.
+Every step starts only when it fits in the request's deadline (domain/deadline.py).
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from enum import StrEnum
+from typing import Callable
+
+from cryptography import x509
+
+from chalicelib.domain import deadline as deadlines
+from chalicelib.domain.certificates import CertificateRef, Certified, IssuedCertificate, certify
+from chalicelib.domain.clock import utcnow
+from chalicelib.domain.deadline import Deadline
+from chalicelib.domain.errors import IssueIncomplete, ProvisioningError, ServiceUnavailable
+from chalicelib.domain.keypolicy import key_fingerprint
+from chalicelib.domain.records import Claim, PendingIssue
+from chalicelib.domain.steps import Steps
+from chalicelib.ports.issuer import Issuer
+from chalicelib.ports.registry import RenewalRegistry
+from chalicelib.services.admission import Admission
+from chalicelib.services.settle import Settler
+
+log = logging.getLogger(__name__)
+
+# What the steps after the claim may take at worst (seconds), each checked against the request's deadline before
+# it starts; the rollback reserve comes on top (domain/deadline.py).
+ISSUE_SECONDS = 8.0      # AWS IoT: thing and certificate side by side, then two attachments
+COMMIT_SECONDS = 4.0     # one conditional registry write, one attempt
+
+
+class Stage(StrEnum):
+    """Where a sequence stands between two steps (and where a crash test may stop it)."""
+
+    CLAIMED = "claimed"
+    ISSUED = "issued"
+    RECORDED = "recorded"
+    COMMITTED = "committed"
+
+
+Checkpoint = Callable[[str, str], None]
+
+
+def no_checkpoint(stage: str, thing_name: str) -> None:
+    pass
+
+
+class Plan:
+    """One kind of issuance. Set by the plan: `thing_name`, `region` (where to issue), `csr`, `in_place` (the
+    device's thing stays as it is: never made, never deleted), `keep` (the device's own certificates, never a dead
+    attempt's), `admit` (pay admission's budget first)."""
+
+    kind = "issuance"       # what the plan does, in messages and in last_error
+    stages = ""             # the stages' names' prefix, for the crash tests
+    commit_step = "commit"  # the commit's step name in the log line
+    after_step = ""         # what follows the commit, by its step name in the log line ("": nothing)
+    thing_name: str
+    region: str
+    csr: x509.CertificateSigningRequest | None = None
+    in_place = False
+    keep: tuple[str | None, ...] = ()
+    admit = True
+
+    def claim(self, now: datetime, lease_seconds: int) -> Claim:
+        """Take the device (one conditional write), carrying what a dead attempt left."""
+        raise NotImplementedError
+
+    def reused(self, issued: IssuedCertificate) -> None:
+        """A dead attempt's certificate for this very key is given instead of a new one (the plan's answer says so)."""
+
+    def commit(self, claim: Claim, certified: Certified, now: datetime) -> None:
+        """Record the certificate as the device's, only while `claim` holds."""
+        raise NotImplementedError
+
+    def after(self, issued: IssuedCertificate) -> None:
+        """What follows the commit (a renewal retires the previous certificate); its failure is left to the next
+        request or the audit: the device has its answer."""
+
+
+class Saga:
+    def __init__(self, registry: RenewalRegistry, issuer: Issuer, admission: Admission | None = None,
+                 lease_seconds: int | None = None, lease_margin_seconds: int = deadlines.LEASE_MARGIN_SECONDS,
+                 clock: Callable[[], datetime] = utcnow, checkpoint: Checkpoint = no_checkpoint) -> None:
+        self._registry = registry
+        self._issuer = issuer
+        self._admission = admission
+        self._lease_seconds = lease_seconds  # None: derived from the request's deadline
+        self._lease_margin = lease_margin_seconds
+        self._clock = clock
+        self._checkpoint = checkpoint
+        self.settler = Settler(registry, issuer)
+
+    def lease_seconds(self, deadline: Deadline) -> int:
+        return self._lease_seconds or deadline.lease_seconds(self._lease_margin)
+
+    def run(self, plan: Plan, steps: Steps, deadline: Deadline) -> tuple[IssuedCertificate, bool]:
+        """Issue exactly once for `plan`; returns the certificate and whether it is a dead attempt's (reused)."""
+        if plan.admit and self._admission is not None:
+            with steps.step("admit"):  # a request too late to issue anyway takes no slot of the region's budget
+                deadline.require("admitting the device", ISSUE_SECONDS + COMMIT_SECONDS)
+                self._admission.admit(plan.region, server_key=plan.csr is None)
+        with steps.step("claim"):
+            deadline.require("claiming the device", ISSUE_SECONDS + COMMIT_SECONDS)
+            claim = plan.claim(self._clock(), self.lease_seconds(deadline))
+        self._stage(plan, Stage.CLAIMED)
+        wanted = key_fingerprint(plan.csr.public_key()) if plan.csr is not None else None
+        issued, intent, reused, issuing = None, None, False, False
+        # Whether the write-ahead record may describe something that still exists, and whether the issuer, should
+        # it fail, can be trusted to have undone its own steps (a domain error; else it raises IssueIncomplete).
+        left, issuer_cleans_up = claim.previous is not None, False
+        try:
+            if claim.previous is not None:
+                with steps.step("settle"):
+                    issued = self.settler.settle(claim, wanted, plan.keep).reused
+                left = reused = issued is not None  # the record describes it until the commit clears it
+                if issued is not None:
+                    plan.reused(issued)
+            if issued is None:
+                deadline.require("issuing the certificate", ISSUE_SECONDS + COMMIT_SECONDS)
+                intent = PendingIssue(plan.region, self._clock(), wanted, move=claim.renewal and not plan.in_place)
+                with steps.step("intent"):
+                    self._registry.record_intent(claim, intent)
+                left, issuer_cleans_up, issuing = True, True, True
+                with steps.step("issue"):
+                    issued = self._issuer.issue(plan.thing_name, plan.region, plan.csr, in_place=plan.in_place)
+                issuer_cleans_up = False
+                self._stage(plan, Stage.ISSUED)
+                with steps.step("record"):
+                    self._registry.record_certificate(claim, issued.certificate_id, issued.created_thing)
+                self._stage(plan, Stage.RECORDED)
+            deadline.require("recording the certificate", COMMIT_SECONDS)
+            with steps.step(plan.commit_step):
+                plan.commit(claim, certify(issued, plan.csr), self._clock())
+            self._stage(plan, Stage.COMMITTED)
+        except Exception as exc:
+            with deadline.rolling_back():
+                if issued is None or not self._committed(plan, issued):
+                    with steps.step("rollback"):
+                        trusted = issuer_cleans_up and isinstance(exc, ProvisioningError)
+                        # A dead attempt's certificate adopted for this key stays on the record for the next try.
+                        self._undo(plan, claim, None if reused else issued, exc, left and not trusted, intent)
+                        if issuing and plan.admit and self._admission is not None:  # the undo's IoT calls
+                            self._admission.rollback(plan.region)
+                    cause = exc.error if isinstance(exc, IssueIncomplete) else exc
+                    if isinstance(cause, ProvisioningError):
+                        raise cause from (exc if cause is not exc else None)
+                    raise ServiceUnavailable(f"{plan.kind} failed on the server side; try again later") from cause
+            log.warning("%s of %s: the commit's answer failed (%s) but the certificate is recorded",
+                        plan.kind, plan.thing_name, type(exc).__name__)
+        assert issued is not None
+        if plan.after_step:
+            with steps.step(plan.after_step), deadline.rolling_back():  # nothing is left to undo: the reserve is free
+                try:
+                    plan.after(issued)
+                except Exception:  # the device has its certificate; the next request or the audit finishes this
+                    log.exception("%s of %s: %s is not done yet", plan.kind, plan.thing_name, plan.after_step)
+        return issued, reused
+
+    def _stage(self, plan: Plan, stage: Stage) -> None:
+        self._checkpoint(f"{plan.stages}{stage}", plan.thing_name)
+
+    def _committed(self, plan: Plan, issued: IssuedCertificate) -> bool:
+        """Whether a commit whose answer failed (a timeout, a lost connection) was written after all."""
+        try:
+            record = self._registry.get(plan.thing_name)
+        except Exception as exc:
+            # Undoing a certificate that may be recorded could leave the device with none: leave it to the audit
+            # (an orphan once the lease ends) and to the device's retry (a lost answer asked for again).
+            log.exception("%s: cannot tell whether certificate %s was recorded", plan.thing_name, issued.certificate_id)
+            raise ServiceUnavailable("the service could not record the certificate; try again later") from exc
+        return record is not None and record.certificate_id == issued.certificate_id
+
+    def _undo(self, plan: Plan, claim: Claim, issued: IssuedCertificate | None, failure: Exception, unsure: bool,
+              intent: PendingIssue | None) -> None:
+        """Compensate in reverse order. A failure here is logged and never hides the original error; the claim is
+        given back anyway (no stuck device) with last_error naming what is left, and the write-ahead record kept
+        when something may be left, so the next claim or the audit settles it."""
+        cause = failure.error if isinstance(failure, IssueIncomplete) else failure
+        log.error("%s of %s failed, rolling back: %s: %s", plan.kind, plan.thing_name, type(cause).__name__, cause)
+        error = f"{plan.kind}: {type(cause).__name__}: {cause}"
+        incomplete = self.settler.before_rollback(claim, intent, failure, unsure and issued is None, plan.keep)
+        if isinstance(failure, IssueIncomplete):  # the issuer could not undo all of its own steps
+            error = f"rollback incomplete, {failure.leftover}; {error}"
+        if issued is not None:
+            try:  # a thing this attempt did not make stays (in place it holds the device's current certificate)
+                self._issuer.revoke(ref(issued), delete_thing=issued.created_thing)
+            except Exception:
+                log.exception("rollback of %s incomplete: certificate %s in %s may still be active", plan.thing_name,
+                              issued.certificate_id, issued.region)
+                error = f"rollback incomplete, certificate {issued.certificate_id} in {issued.region}; {error}"
+                incomplete = True
+        try:
+            self._registry.release(claim, error[:500], keep_pending=incomplete)
+        except Exception:
+            log.exception("could not give back the claim on %s; it frees itself when the lease ends", plan.thing_name)
+
+
+def ref(issued: IssuedCertificate) -> CertificateRef:
+    return CertificateRef(issued.region, issued.certificate_id, issued.thing_name, issued.certificate_arn)
