@@ -1,6 +1,5 @@
 """The HTTP API through chalice.test.Client, on a real local stage (SQLite registry, local CAs, bundled DB-IP City Lite)."""
 import json
-import time
 
 import pytest
 from chalice.test import Client
@@ -10,10 +9,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from app import app
 from chalicelib import wiring
+from chalicelib.clock import utcnow
 from chalicelib.config import PROJECT_DIR
+from chalicelib.provisioning import ProvisioningService
 from chalicelib.registry.base import item_of
 from chalicelib.registry.sqlite import SqliteRegistry
-from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1
+from chalicelib.relocation import RelocationPolicy
+from chalicelib.renewal import RenewalService
+from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1, v2_body
+from tests.test_provisioning import Clock
 
 
 @pytest.fixture
@@ -109,25 +113,50 @@ def test_already_provisioned_is_409_and_keeps_the_first_certificate(client, stag
     assert registry(stage).get("mydevice1").certificate_id == first["certificateId"]
 
 
-def test_a_lost_server_made_key_is_rekeyed_within_the_window_and_refused_after_it(client, stage, monkeypatch):
+def serve_with_clock(clock) -> None:
+    """The stage's service, as its settings say (lease, re-key window), on `clock`: time moves by hand."""
+    config = wiring.settings()
+    policy, registry, locator = wiring.region_policy(config), wiring.registry(config), wiring.locator(config)
+    issuer = wiring.issuer(config, policy)
+    rekeyer = RenewalService(registry, issuer, locator, policy, RelocationPolicy.parse(config.relocation),
+                             lease_seconds=config.claim_lease_seconds, clock=clock)
+    wiring.use_service(ProvisioningService(registry, issuer, locator, policy, wiring.fleet_verifier(config),
+                                           lease_seconds=config.claim_lease_seconds, clock=clock, rekeyer=rekeyer,
+                                           rekey_window_seconds=config.rekey_window_seconds))
+
+
+def test_a_lost_server_made_key_is_rekeyed_once_within_the_window_and_refused_after_it(client, stage, monkeypatch):
     """GIP_REKEY_WINDOW_SECONDS: from a lease's time after the provisioning (its answer is over by then) until the
-    window's end, the device asking again without a CSR gets a new certificate and key, the old one revoked."""
-    monkeypatch.setenv("GIP_CLAIM_LEASE_SECONDS", "1")
-    monkeypatch.setenv("GIP_REKEY_WINDOW_SECONDS", "4")
+    window's end, the device asking again without a CSR (signed v2) gets a new certificate and key, the old one
+    revoked. A duplicate one second after the re-key waits (409, Retry-After): the certificate the re-key answered
+    with stays active. A request signed v1 is never re-keyed."""
+    monkeypatch.setenv("GIP_CLAIM_LEASE_SECONDS", "60")
+    monkeypatch.setenv("GIP_REKEY_WINDOW_SECONDS", "900")
     wiring.reset()
-    first = post(client, stage.body("mydevice1"))[1]
-    time.sleep(1.5)
-    status, body = post(client, stage.body("mydevice1"))
+    clock = Clock(utcnow())
+    serve_with_clock(clock)
+    first = post(client, v2_body(stage.fleet_key, "mydevice1", at=clock()))[1]
+    clock.advance(61)
+    status, body = post(client, v2_body(stage.fleet_key, "mydevice1", at=clock()))
     assert (status, body["reason"]) == (200, "rekeyed"), body
     assert body["certificateId"] != first["certificateId"] and "PrivateKey" in body
     key = serialization.load_pem_private_key(body["PrivateKey"].encode(), password=None)
     assert x509.load_pem_x509_certificate(body["certificatePem"].encode()).public_key() == key.public_key()
     issuer = wiring.service().issuer
     assert not issuer.certificate(first["certificateId"], "eu-west-2").active
+    clock.advance(1)
+    response = client.http.post("/device-provisioning", body=json.dumps(v2_body(stage.fleet_key, "mydevice1",
+                                                                                at=clock())),
+                                headers={"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP})
+    duplicate = json.loads(response.body)
+    assert (response.status_code, duplicate["code"]) == (409, "provisioning-in-progress"), duplicate
+    assert response.headers["Retry-After"] == "59"
+    status, v1 = post(client, stage.body("mydevice1"))
+    assert (status, v1["code"]) == (409, "already-provisioned") and "signed v2" in v1["message"]
     assert issuer.certificate(body["certificateId"], "eu-west-2").active
     assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
-    time.sleep(4)  # the window counts from the provisioning: it is over now
-    status, late = post(client, stage.body("mydevice1"))
+    clock.advance(900)  # the window counts from the provisioning: it is over now
+    status, late = post(client, v2_body(stage.fleet_key, "mydevice1", at=clock()))
     assert (status, late["code"]) == (409, "already-provisioned") and "operator must reset" in late["message"]
     assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
     assert issuer.certificate(body["certificateId"], "eu-west-2").active
@@ -136,7 +165,7 @@ def test_a_lost_server_made_key_is_rekeyed_within_the_window_and_refused_after_i
 def test_a_device_provisioned_with_its_own_key_is_never_rekeyed_without_a_csr(client, stage):
     csr_pem, _ = make_csr("mydevice2")
     first = post(client, stage.body("mydevice2", csr_pem))[1]
-    status, body = post(client, stage.body("mydevice2"))
+    status, body = post(client, stage.body("mydevice2", version=2))
     assert (status, body["code"]) == (409, "already-provisioned")
     assert wiring.service().issuer.certificate(first["certificateId"], "eu-west-2").active
 
