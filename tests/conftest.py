@@ -19,6 +19,9 @@ from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
 from chalicelib.geo import MaxMindLocator
 from chalicelib.signatures import v2_text
 
+# No test leaves a process behind: the check's hooks, registered here (tests/process_check.py).
+from tests.process_check import pytest_configure, pytest_runtest_logstart, pytest_sessionfinish  # noqa: F401
+
 # The wire-protocol vectors live in ../shared beside the repository; a copy travels with the repository so a
 # clone anywhere runs the whole suite, and test_signatures keeps the copy equal to the original.
 SHARED_VECTORS_PATH = PROJECT_DIR.parent / "shared" / "vectors" / "signatures.json"
@@ -135,3 +138,15 @@ def locator():
 @pytest.fixture(scope="session")
 def vectors() -> dict:
     return json.loads(VECTORS_PATH.read_text())
+
+
+# --- tools a module cannot run without ----------------------------------------------------------------------------
+
+def needs_tool(found: object, what: str) -> pytest.MarkDecorator:
+    """The mark of a module that cannot run without `what` (mosquitto, Chromium): its tests are skipped where it is
+    missing, except under CI (the CI variable set, as CI services do and .ci/run does), where the missing tool fails
+    the run: a suite that skips what it guards would pass while that code is broken."""
+    reason = f"{what} is not installed (.ci/run installs it)"
+    if not found and os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason}; CI is set, so this fails the run instead of skipping its tests", pytrace=False)
+    return pytest.mark.skipif(not found, reason=reason)
