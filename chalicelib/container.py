@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from chalicelib.adapters.geo import Backoff, CachingLocator, FallbackLocator, IpstackLocator, MaxMindLocator
 from chalicelib.config import Settings
 from chalicelib.domain.admission import DEFAULT_BUDGET, budgets_from
+from chalicelib.domain.clock import utcnow
 from chalicelib.domain.errors import ConfigError
 from chalicelib.domain.regions import RegionPolicy
 from chalicelib.domain.relocation import RelocationPolicy
@@ -21,8 +23,9 @@ from chalicelib.domain.signatures import FleetKeyVerifier
 from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.registry import RenewalRegistry
 from chalicelib.services.admission import Admission
-from chalicelib.services.provisioning import ProvisioningService, no_checkpoint
+from chalicelib.services.provisioning import ProvisioningService
 from chalicelib.services.renewal import RenewalService
+from chalicelib.services.saga import Checkpoint, no_checkpoint
 
 if TYPE_CHECKING:
     from chalicelib.adapters.aws import AwsClients, SsmSecret
@@ -31,7 +34,6 @@ if TYPE_CHECKING:
     from chalicelib.edge.health import Health
 
 T = TypeVar("T")
-Checkpoint = Callable[[str, str], None]
 # Worker threads per pool: the registry runs a v2 claim's two DynamoDB writes side by side; AWS IoT's issue()
 # runs its four calls side by side.
 POOL_SIZES = {"registry": 4, "aws-iot": 8}
@@ -40,14 +42,17 @@ KNOWN_IP = "81.2.69.142"  # London in every GeoLite2 and DB-IP build: the geoloc
 
 class Container:
     """`settings`: the stage's (default: read from the environment on first use, as Lambda and chalice local
-    give it). `checkpoint` (crash tests): called at each stage of an issuance (services/saga.py).
+    give it). `checkpoint` (crash tests): called at each stage of an issuance (services/saga.py). `clock`
+    (tests): the services' time.
     `health_cache_seconds` (tests): /health's answer is cached that long (edge/health.py's default otherwise).
     `given`: parts made elsewhere, by name (`aws=` clients a benchmark's simulated containers share, a test's
     `registry=` or `ipstack_backoff=`); the container builds the others around them."""
 
     def __init__(self, settings: Settings | None = None, *, checkpoint: Checkpoint = no_checkpoint,
-                 health_cache_seconds: float | None = None, **given: Any) -> None:
+                 clock: Callable[[], datetime] = utcnow, health_cache_seconds: float | None = None,
+                 **given: Any) -> None:
         self._settings = settings
+        self._clock = clock
         self._health_cache = health_cache_seconds
         self._checkpoint = checkpoint
         unknown = set(given) - {name for name, value in vars(Container).items() if isinstance(value, property)}
@@ -204,7 +209,8 @@ class Container:
                                   regions=self.regions, relocation=self.relocation,
                                   lease_seconds=config.claim_lease_seconds, skew_seconds=config.timestamp_skew_seconds,
                                   admission=self.admission, budget_seconds=config.request_budget_seconds,
-                                  lease_margin_seconds=config.claim_lease_margin_seconds, checkpoint=self._checkpoint)
+                                  lease_margin_seconds=config.claim_lease_margin_seconds, checkpoint=self._checkpoint,
+                                  clock=self._clock)
         return self._once("renewal", make)
 
     @property
@@ -216,7 +222,7 @@ class Container:
                 regions=self.regions, verifier=self.fleet_verifier, lease_seconds=config.claim_lease_seconds,
                 allow_v1=config.allow_v1, skew_seconds=config.timestamp_skew_seconds,
                 budget_seconds=config.request_budget_seconds, lease_margin_seconds=config.claim_lease_margin_seconds,
-                checkpoint=self._checkpoint,
+                checkpoint=self._checkpoint, clock=self._clock,
                 # A re-key is a renewal in place: the renewal service, with the same parts.
                 rekeyer=self.renewal if config.rekey_window_seconds else None,
                 rekey_window_seconds=config.rekey_window_seconds)

@@ -1,8 +1,10 @@
 import base64
 import json
 import os
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,12 @@ from admin import cli as admin
 from chalicelib.adapters.geo import MaxMindLocator
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
 from chalicelib.container import Container
+from chalicelib.domain.clock import timestamp, utcnow
+from chalicelib.domain.signatures import v2_text
 from chalicelib.edge.http import create_app
+
+# No test leaves a process behind: the check's hooks, registered here (tests/process_check.py).
+from tests.process_check import pytest_configure, pytest_runtest_logstart, pytest_sessionfinish  # noqa: F401
 
 # The wire-protocol vectors live in ../shared beside the repository; a copy travels with the repository so a
 # clone anywhere runs the whole suite, and test_signatures keeps the copy equal to the original.
@@ -67,6 +74,17 @@ def sign_v1(private_key, thing_name: str) -> str:
         private_key.sign(thing_name.encode(), padding.PKCS1v15(), hashes.SHA256())).decode()
 
 
+def v2_body(private_key, thing_name: str, csr_pem: str | None = None, at: datetime | None = None) -> dict:
+    """A signed request v2 by an RSA key (the fleet key's kind): timestamp `at` (now unless told), a fresh nonce."""
+    stamp, nonce = timestamp(at or utcnow()), secrets.token_hex(16)
+    signature = private_key.sign(v2_text(thing_name, stamp, nonce, csr_pem), padding.PKCS1v15(), hashes.SHA256())
+    body = {"thing-name": thing_name, "thing-name-sig": base64.b64encode(signature).decode(), "timestamp": stamp,
+            "nonce": nonce}
+    if csr_pem:
+        body["CSR"] = csr_pem
+    return body
+
+
 def make_csr(thing_name: str, key=None) -> tuple[str, object]:
     key = key or ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
@@ -83,7 +101,9 @@ class Stage:
     def admin(self, *argv: str) -> int:
         return admin.main(["--state-dir", str(self.state_dir), *argv])
 
-    def body(self, thing_name: str, csr_pem: str | None = None) -> dict:
+    def body(self, thing_name: str, csr_pem: str | None = None, version: int = 1) -> dict:
+        if version == 2:
+            return v2_body(self.fleet_key, thing_name, csr_pem)
         body = {"thing-name": thing_name, "thing-name-sig": sign_v1(self.fleet_key, thing_name)}
         if csr_pem:
             body["CSR"] = csr_pem
@@ -125,3 +145,15 @@ def locator():
 @pytest.fixture(scope="session")
 def vectors() -> dict:
     return json.loads(VECTORS_PATH.read_text())
+
+
+# --- tools a module cannot run without ----------------------------------------------------------------------------
+
+def needs_tool(found: object, what: str) -> pytest.MarkDecorator:
+    """The mark of a module that cannot run without `what` (mosquitto, Chromium): its tests are skipped where it is
+    missing, except under CI (the CI variable set, as CI services do and .ci/run does), where the missing tool fails
+    the run: a suite that skips what it guards would pass while that code is broken."""
+    reason = f"{what} is not installed (.ci/run installs it)"
+    if not found and os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason}; CI is set, so this fails the run instead of skipping its tests", pytrace=False)
+    return pytest.mark.skipif(not found, reason=reason)

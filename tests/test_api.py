@@ -1,6 +1,5 @@
 """The HTTP API through chalice.test.Client, on a real local stage (SQLite registry, local CAs, bundled DB-IP City Lite)."""
 import json
-import time
 
 import pytest
 from cryptography import x509
@@ -11,7 +10,9 @@ from chalicelib.adapters.registry.items import item_of
 from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import Settings
 from chalicelib.container import Container
-from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, api, make_csr, sign_v1
+from chalicelib.domain.clock import utcnow
+from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, api, make_csr, sign_v1, v2_body
+from tests.test_provisioning import Clock
 
 
 @pytest.fixture
@@ -112,33 +113,47 @@ def test_already_provisioned_is_409_and_keeps_the_first_certificate(client, stag
     assert registry(stage).get("mydevice1").certificate_id == first["certificateId"]
 
 
-def test_a_lost_server_made_key_is_rekeyed_within_the_window_and_refused_after_it(client, parts, stage, monkeypatch):
+def test_a_lost_server_made_key_is_rekeyed_once_within_the_window_and_refused_after_it(stage, monkeypatch):
     """GIP_REKEY_WINDOW_SECONDS: from a lease's time after the provisioning (its answer is over by then) until the
-    window's end, the device asking again without a CSR gets a new certificate and key, the old one revoked."""
-    monkeypatch.setenv("GIP_CLAIM_LEASE_SECONDS", "1")
-    monkeypatch.setenv("GIP_REKEY_WINDOW_SECONDS", "4")
-    first = post(client, stage.body("mydevice1"))[1]
-    time.sleep(1.5)
-    status, body = post(client, stage.body("mydevice1"))
-    assert (status, body["reason"]) == (200, "rekeyed"), body
-    assert body["certificateId"] != first["certificateId"] and "PrivateKey" in body
-    key = serialization.load_pem_private_key(body["PrivateKey"].encode(), password=None)
-    assert x509.load_pem_x509_certificate(body["certificatePem"].encode()).public_key() == key.public_key()
-    issuer = parts.issuer
-    assert not issuer.certificate(first["certificateId"], "eu-west-2").active
-    assert issuer.certificate(body["certificateId"], "eu-west-2").active
-    assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
-    time.sleep(4)  # the window counts from the provisioning: it is over now
-    status, late = post(client, stage.body("mydevice1"))
-    assert (status, late["code"]) == (409, "already-provisioned") and "operator must reset" in late["message"]
-    assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
-    assert issuer.certificate(body["certificateId"], "eu-west-2").active
+    window's end, the device asking again without a CSR (signed v2) gets a new certificate and key, the old one
+    revoked. A duplicate one second after the re-key waits (409, Retry-After): the certificate the re-key answered
+    with stays active. A request signed v1 is never re-keyed."""
+    monkeypatch.setenv("GIP_CLAIM_LEASE_SECONDS", "60")
+    monkeypatch.setenv("GIP_REKEY_WINDOW_SECONDS", "900")
+    clock = Clock(utcnow())
+    parts = Container(clock=clock)  # the stage's settings (lease, re-key window), on a clock moved by hand
+    with api("local", parts) as client:
+        first = post(client, v2_body(stage.fleet_key, "mydevice1", at=clock()))[1]
+        clock.advance(61)
+        status, body = post(client, v2_body(stage.fleet_key, "mydevice1", at=clock()))
+        assert (status, body["reason"]) == (200, "rekeyed"), body
+        assert body["certificateId"] != first["certificateId"] and "PrivateKey" in body
+        key = serialization.load_pem_private_key(body["PrivateKey"].encode(), password=None)
+        assert x509.load_pem_x509_certificate(body["certificatePem"].encode()).public_key() == key.public_key()
+        issuer = parts.issuer
+        assert not issuer.certificate(first["certificateId"], "eu-west-2").active
+        clock.advance(1)
+        response = client.http.post("/device-provisioning", body=json.dumps(v2_body(stage.fleet_key, "mydevice1",
+                                                                                    at=clock())),
+                                    headers={"Content-Type": "application/json", "X-Forwarded-For": LONDON_IP})
+        duplicate = json.loads(response.body)
+        assert (response.status_code, duplicate["code"]) == (409, "provisioning-in-progress"), duplicate
+        assert response.headers["Retry-After"] == "59"
+        status, v1 = post(client, stage.body("mydevice1"))
+        assert (status, v1["code"]) == (409, "already-provisioned") and "signed v2" in v1["message"]
+        assert issuer.certificate(body["certificateId"], "eu-west-2").active
+        assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
+        clock.advance(900)  # the window counts from the provisioning: it is over now
+        status, late = post(client, v2_body(stage.fleet_key, "mydevice1", at=clock()))
+        assert (status, late["code"]) == (409, "already-provisioned") and "operator must reset" in late["message"]
+        assert registry(stage).get("mydevice1").certificate_id == body["certificateId"]
+        assert issuer.certificate(body["certificateId"], "eu-west-2").active
 
 
 def test_a_device_provisioned_with_its_own_key_is_never_rekeyed_without_a_csr(client, parts, stage):
     csr_pem, _ = make_csr("mydevice2")
     first = post(client, stage.body("mydevice2", csr_pem))[1]
-    status, body = post(client, stage.body("mydevice2"))
+    status, body = post(client, stage.body("mydevice2", version=2))
     assert (status, body["code"]) == (409, "already-provisioned")
     assert parts.issuer.certificate(first["certificateId"], "eu-west-2").active
 

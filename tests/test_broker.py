@@ -38,10 +38,9 @@ from devstack.stack import (
     free_port_run,
     mosquitto_binary,
 )
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
+from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, needs_tool, sign_v1
 
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None,
-                                reason="mosquitto is not installed (.ci/run installs it)")
+pytestmark = needs_tool(mosquitto_binary(), "mosquitto")
 
 REGIONS = "eu-west-2,ap-northeast-1"  # LONDON_IP -> eu-west-2, TOKYO_IP -> ap-northeast-1
 DEADLINE = 5.0  # the bound: a revoked certificate's session ends within 5 s

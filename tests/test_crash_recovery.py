@@ -33,7 +33,7 @@ import requests
 from admin import cli as admin
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR
 from devstack.stack import free_port
-from tests.conftest import LONDON_IP, make_csr, sign_v1
+from tests.conftest import LONDON_IP, make_csr, sign_v1, v2_body
 
 LEASE = 3  # seconds: short, so that the suite waits little; injected through the settings
 BOUNDARIES = ("claimed", "issued", "recorded", "committed")
@@ -83,7 +83,9 @@ class Stage:
             assert time.monotonic() < deadline, "the child never answered"
             time.sleep(0.05)
 
-    def body(self, thing: str, csr_pem: str | None = None) -> dict:
+    def body(self, thing: str, csr_pem: str | None = None, version: int = 1) -> dict:
+        if version == 2:  # a re-key's request: v1 is never re-keyed
+            return v2_body(self.fleet_key, thing, csr_pem)
         out = {"thing-name": thing, "thing-name-sig": sign_v1(self.fleet_key, thing)}
         if csr_pem:
             out["CSR"] = csr_pem
@@ -239,7 +241,7 @@ def test_a_retry_without_csr_after_a_kill_gets_a_new_certificate_and_the_old_one
     left = stage.certificates(thing)
     time.sleep(max(0.0, killed + LEASE + 0.3 - time.time()))
 
-    status, payload, _ = stage.healthy.post(stage.body(thing))
+    status, payload, _ = stage.healthy.post(stage.body(thing, version=2))
     after = stage.certificates(thing)
     assert status == 200, payload
     assert "PrivateKey" in payload and payload["certificateId"] not in left
@@ -256,7 +258,7 @@ def test_a_device_provisioned_with_its_own_key_is_not_rekeyed_without_a_csr(stag
     csr_pem, _ = make_csr(thing)
     kill_at(stage, "committed", stage.body(thing, csr_pem))
     left = stage.certificates(thing)
-    status, payload, _ = stage.healthy.post(stage.body(thing))
+    status, payload, _ = stage.healthy.post(stage.body(thing, version=2))
     assert (status, payload["code"]) == (409, "already-provisioned"), payload
     assert "operator must reset" in payload["message"]
     assert stage.certificates(thing) == left and list(left.values()) == ["ACTIVE"]
@@ -269,14 +271,14 @@ def test_a_rekey_killed_in_the_middle_leaves_one_active_certificate(stage, bound
     """The re-key itself dies (after its lease, after its certificate id is recorded, after the new certificate is
     current but before the old one is revoked): the device's next retry settles it, one certificate stays active."""
     thing = f"rekey-{boundary}"
-    status, first, _ = stage.healthy.post(stage.body(thing))
+    status, first, _ = stage.healthy.post(stage.body(thing, version=2))
     assert status == 200, first
-    status, payload, headers = stage.healthy.post(stage.body(thing))  # its answer may still be on the way
+    status, payload, headers = stage.healthy.post(stage.body(thing, version=2))  # its answer may be on the way
     assert (status, payload["code"]) == (409, "provisioning-in-progress") and int(headers["Retry-After"]) <= LEASE + 1
     time.sleep(LEASE + 1)
-    killed = kill_at(stage, boundary, stage.body(thing))
+    killed = kill_at(stage, boundary, stage.body(thing, version=2))
     time.sleep(max(0.0, killed + LEASE + 0.3 - time.time()))
-    status, payload, _ = stage.healthy.post(stage.body(thing))
+    status, payload, _ = stage.healthy.post(stage.body(thing, version=2))
     assert (status, payload["reason"]) == (200, "rekeyed"), payload
     after = stage.certificates(thing)
     assert [cert for cert, state in after.items() if state == "ACTIVE"] == [payload["certificateId"]], after

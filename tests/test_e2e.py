@@ -17,10 +17,9 @@ from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
 from chalicelib.domain.records import UNPROVISIONED, DeviceRecord
 from devstack.monitor import Monitor
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
-from tests.conftest import LONDON_IP, TOKYO_IP
+from tests.conftest import LONDON_IP, TOKYO_IP, needs_tool
 
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None,
-                                reason="mosquitto is not installed (.ci/run installs it)")
+pytestmark = needs_tool(mosquitto_binary(), "mosquitto")
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,9 @@ from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, Settings
 from chalicelib.domain.keypolicy import key_fingerprint
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
-from tests.conftest import LONDON_IP, make_csr, sign_v1
+from tests.conftest import LONDON_IP, make_csr, needs_tool, sign_v1
 
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None,
-                                reason="mosquitto is not installed (.ci/run installs it)")
+pytestmark = needs_tool(mosquitto_binary(), "mosquitto")
 
 CONCURRENT_SAME_DEVICE = 50
 BULK_DEVICES = 200

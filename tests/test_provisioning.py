@@ -28,7 +28,7 @@ from chalicelib.domain.requests import ProvisioningRequest
 from chalicelib.domain.signatures import FleetKeyVerifier
 from chalicelib.edge.wire import response_body
 from chalicelib.services.provisioning import ProvisioningService
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1
+from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, sign_v1, v2_body
 
 LEASE = 300
 T0 = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
@@ -368,30 +368,43 @@ def test_an_unknown_location_gets_the_default_region_with_a_note(build, registry
     assert registry.get("dev-1").region == "us-east-1"
 
 
-def test_concurrent_retries_of_a_lost_server_made_key_rekey_it_once(build, registry, issuer, locator, fleet_key,
-                                                                      clock):
-    """Eight retries without a CSR at once, in the re-key window: one re-key wins (one conditional write), the
-    others are told 409 in progress; one certificate stays ACTIVE, the registry's, and the first is revoked."""
+@pytest.fixture
+def rekeying(build, registry, issuer, locator, clock):
+    """The service with re-keys on (a 900 s window), as the container builds it: a RenewalService in place."""
     from chalicelib.domain.relocation import RelocationPolicy
     from chalicelib.services.renewal import RenewalService
 
-    rekeyer = RenewalService(registry=registry, issuer=issuer, locator=locator, regions=RegionPolicy(),
-                             relocation=RelocationPolicy.parse("never"), lease_seconds=LEASE, clock=clock)
-    service = build(rekeyer=rekeyer, rekey_window_seconds=900)
+    def make(rekey_issuer=issuer) -> ProvisioningService:
+        rekeyer = RenewalService(registry=registry, issuer=rekey_issuer, locator=locator, regions=RegionPolicy(),
+                                 relocation=RelocationPolicy.parse("never"), lease_seconds=LEASE, clock=clock)
+        return build(rekeyer=rekeyer, rekey_window_seconds=900)
 
-    def request() -> ProvisioningRequest:
-        return ProvisioningRequest.from_body({"thing-name": "dev-1", "thing-name-sig": sign_v1(fleet_key, "dev-1")})
+    return make
 
-    first = service.provision(request(), LONDON_IP)
+
+@pytest.fixture
+def server_key_request(fleet_key, clock):
+    """A device's request without a CSR, signed v2 at the service's time (each one with a nonce of its own)."""
+    return lambda: ProvisioningRequest.from_body(v2_body(fleet_key, "dev-1", at=clock()))
+
+
+def test_concurrent_retries_of_a_lost_server_made_key_rekey_it_once(rekeying, registry, issuer, server_key_request,
+                                                                      clock):
+    """Eight retries without a CSR at once, in the re-key window: one re-key wins (one conditional write), the
+    others are told 409 in progress, also those that come after the winner completed (its answer may still be on
+    the way); one certificate stays ACTIVE, the registry's, and the first is revoked."""
+    service = rekeying()
+    first = service.provision(server_key_request(), LONDON_IP)
     clock.advance(LEASE + 1)  # the first answer is surely over (else: 409 in progress, nothing revoked)
     threads_n = 8
+    requests = [server_key_request() for _ in range(threads_n)]
     barrier = threading.Barrier(threads_n)
     outcomes: list = [None] * threads_n
 
     def run(i):
         barrier.wait()
         try:
-            outcomes[i] = service.provision(request(), LONDON_IP)
+            outcomes[i] = service.provision(requests[i], LONDON_IP)
         except Exception as exc:  # collected and checked below
             outcomes[i] = exc
 
@@ -409,7 +422,44 @@ def test_concurrent_retries_of_a_lost_server_made_key_rekey_it_once(build, regis
     assert registry.get("dev-1").certificate_id == winner.issued.certificate_id
     clock.advance(900)  # the window counts from the provisioning: over
     with pytest.raises(AlreadyProvisioned, match="operator must reset"):
-        service.provision(request(), LONDON_IP)
+        service.provision(server_key_request(), LONDON_IP)
+
+
+def test_a_duplicate_right_after_a_rekey_waits_and_only_a_retry_after_its_answer_rekeys(
+        rekeying, registry, issuer, server_key_request, clock):
+    """The re-key's answer is protected as provisioning's is: a duplicate one second later gets 409 with the time
+    left, and the certificate the re-key answered with stays ACTIVE; a retry a lease's time later re-keys."""
+    service = rekeying()
+    first = service.provision(server_key_request(), LONDON_IP)
+    clock.advance(LEASE + 1)
+    rekeyed = service.provision(server_key_request(), LONDON_IP)
+    assert rekeyed.choice.reason == "rekeyed"
+    clock.advance(1)
+    with pytest.raises(ProvisioningInProgress) as duplicate:
+        service.provision(server_key_request(), LONDON_IP)
+    assert duplicate.value.retry_after == LEASE - 1
+    assert {r.certificate_id: r.status for r in issuer.certificates("dev-1")} == {
+        first.issued.certificate_id: "REVOKED", rekeyed.issued.certificate_id: "ACTIVE"}
+    assert registry.get("dev-1").certificate_id == rekeyed.issued.certificate_id
+    clock.advance(LEASE - 1)  # that answer is over: the device asking again lost it too
+    again = service.provision(server_key_request(), LONDON_IP)
+    assert again.choice.reason == "rekeyed"
+    assert [r.certificate_id for r in issuer.certificates("dev-1") if r.status == "ACTIVE"] == [
+        again.issued.certificate_id]
+
+
+def test_a_request_signed_v1_is_never_rekeyed(rekeying, registry, issuer, fleet_key, server_key_request, clock):
+    """A v1 signature is the same for every request of the device: replayed in the window it would hand whoever
+    saw it once a new key for the device and revoke the device's own. It is refused; a v2 request re-keys."""
+    service = rekeying()
+    v1 = {"thing-name": "dev-1", "thing-name-sig": sign_v1(fleet_key, "dev-1")}
+    first = service.provision(ProvisioningRequest.from_body(v1), LONDON_IP)
+    clock.advance(LEASE + 1)
+    with pytest.raises(AlreadyProvisioned, match="signed v1 can be replayed, so it is never re-keyed"):
+        service.provision(ProvisioningRequest.from_body(v1), LONDON_IP)
+    assert statuses(issuer, "dev-1") == ["ACTIVE"] and registry.get("dev-1").renewal_count == 0
+    assert service.provision(server_key_request(), LONDON_IP).choice.reason == "rekeyed"
+    assert issuer.certificate(first.issued.certificate_id, first.issued.region).active is False
 
 
 class FailingRetire:
@@ -425,21 +475,16 @@ class FailingRetire:
         raise ServiceUnavailable("injected: revoking the previous certificate failed")
 
 
-def test_a_rekey_whose_revocation_fails_answers_and_the_audit_finishes_it(build, registry, issuer, locator,
-                                                                          fleet_key, clock):
+def test_a_rekey_whose_revocation_fails_answers_and_the_audit_finishes_it(rekeying, registry, issuer,
+                                                                          server_key_request, clock):
     """The new certificate is recorded first; the old one's revocation failing leaves it marked to retire:
     `audit` lists it (an unfinished renewal) and `audit --fix` revokes it."""
     from admin import operations
-    from chalicelib.domain.relocation import RelocationPolicy
-    from chalicelib.services.renewal import RenewalService
 
-    rekeyer = RenewalService(registry=registry, issuer=FailingRetire(issuer), locator=locator, regions=RegionPolicy(),
-                             relocation=RelocationPolicy.parse("never"), lease_seconds=LEASE, clock=clock)
-    service = build(rekeyer=rekeyer, rekey_window_seconds=900)
-    body = {"thing-name": "dev-1", "thing-name-sig": sign_v1(fleet_key, "dev-1")}
-    first = service.provision(ProvisioningRequest.from_body(body), LONDON_IP)
+    service = rekeying(FailingRetire(issuer))
+    first = service.provision(server_key_request(), LONDON_IP)
     clock.advance(LEASE + 1)
-    again = service.provision(ProvisioningRequest.from_body(body), LONDON_IP)
+    again = service.provision(server_key_request(), LONDON_IP)
     assert again.choice.reason == "rekeyed" and registry.get("dev-1").retire_pending
     assert statuses(issuer, "dev-1") == ["ACTIVE", "ACTIVE"]  # until the audit finishes it
     report = operations.audit(registry, issuer, SAMPLE_REGIONS, clock())

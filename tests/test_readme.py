@@ -12,10 +12,9 @@ import signal
 import subprocess
 import sys
 
-import pytest
-
 from chalicelib.config import PROJECT_DIR
 from devstack.stack import free_port, free_port_run, mosquitto_binary
+from tests.conftest import needs_tool
 
 README = PROJECT_DIR / "README.md"
 RUN = {
@@ -38,7 +37,7 @@ AWS = "needs an AWS account and credentials"
 AWS_PREFIXES = (". .venv/bin/activate", "python -m admin --stage prod", "aws ", "chalice deploy", "make deploy",
                 "chalice package", "python device/global_device.py -t mydevice1 -a https://")
 
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (.ci/run installs it)")
+pytestmark = needs_tool(mosquitto_binary(), "mosquitto")
 
 
 def readme_commands() -> list[str]:

@@ -703,9 +703,9 @@ def test_a_rekey_takes_the_renewal_lease_within_the_window_through_its_last_inst
     assert record.server_key and record.provisioned_at == T0  # the window still counts from the provisioning
     # While the old certificate waits to be revoked no re-key starts; once it is, one may (still in the window).
     with pytest.raises(AlreadyProvisioned):
-        registry.begin_rekey("dev1", T0 + timedelta(seconds=10), LEASE, WINDOW)
+        registry.begin_rekey("dev1", T0 + timedelta(seconds=WINDOW), LEASE, WINDOW)
     registry.previous_retired("dev1", "cert-a")
-    registry.begin_rekey("dev1", T0 + timedelta(seconds=10), LEASE, WINDOW)
+    registry.begin_rekey("dev1", T0 + timedelta(seconds=WINDOW), LEASE, WINDOW)
 
 
 def test_a_rekey_after_the_window_or_of_a_devices_own_key_is_already_provisioned(registry):
@@ -793,3 +793,23 @@ def test_no_rekey_while_the_provisioning_request_may_still_be_answering(registry
     server_keyed(registry, "dev2")
     with pytest.raises(AlreadyProvisioned):
         registry.begin_rekey("dev2", T0 + timedelta(seconds=60), LEASE, 10, quiet_seconds=50)
+
+
+def test_no_rekey_while_a_rekeys_answer_may_still_be_on_its_way(registry):
+    """A duplicate right after a re-key waits (409 with the time left) instead of revoking the certificate that
+    re-key answered with, whether the previous certificate is revoked yet or not; `quiet_seconds` after the re-key
+    completed, a retry re-keys again (its answer was lost too), while the window lasts."""
+    server_keyed(registry)
+    done = T0 + timedelta(seconds=100)
+    registry.complete_renewal(registry.begin_rekey("dev1", done, LEASE, WINDOW, quiet_seconds=50),
+                              renewed(server_key=True), done)
+    for retired in (False, True):
+        if retired:
+            registry.previous_retired("dev1", "cert-a")
+        with pytest.raises(ProvisioningInProgress, match="new certificate just now") as early:
+            registry.begin_rekey("dev1", done + timedelta(seconds=1), LEASE, WINDOW, quiet_seconds=50)
+        assert early.value.retry_after == 49
+        state = registry.renewal_state("dev1")
+        assert (state.certificate_id, state.renewing_until, state.retire_pending) == ("cert-b", None, not retired)
+    again = registry.begin_rekey("dev1", done + timedelta(seconds=50), LEASE, WINDOW, quiet_seconds=50)
+    assert again.renewal and registry.renewal_state("dev1").renewing_until is not None

@@ -22,13 +22,12 @@ from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import Settings
 from devstack.monitor import Monitor
 from devstack.stack import LocalStack, free_port, free_port_run, mosquitto_binary
-from tests.conftest import LONDON_IP, TOKYO_IP, make_csr
+from tests.conftest import LONDON_IP, TOKYO_IP, make_csr, needs_tool
 from tests.test_e2e import connect, device_files, listener, messages_by_region, run_device
 from tests.test_exactly_once_e2e import _chalice_of, audit, body, certificates, prepare_state
 from tests.test_renewal import renewal_body
 
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None,
-                                reason="mosquitto is not installed (.ci/run installs it)")
+pytestmark = needs_tool(mosquitto_binary(), "mosquitto")
 
 
 @pytest.fixture(scope="module")

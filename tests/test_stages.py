@@ -16,6 +16,7 @@ from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import FLEET_PRIVATE_KEY_NAME, PROJECT_DIR, Settings
 from devstack.stack import free_port
 from tests.conftest import LONDON_IP, TOKYO_IP, api, sign_v1
+from tests.process_check import stop_group
 
 STAGES = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]
 
@@ -68,8 +69,10 @@ def test_plain_chalice_local_serves_the_local_stage_and_keeps_serving(tmp_path, 
     fleet_key = serialization.load_pem_private_key((state / "keys" / FLEET_PRIVATE_KEY_NAME).read_bytes(), None)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIP_")}
+    # A session of its own: the reloader's worker outlives the reloader, so both are stopped as one group.
     chalice = subprocess.Popen([str(Path(sys.executable).with_name("chalice")), "local", "--port", str(port)],
-                               cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -91,8 +94,7 @@ def test_plain_chalice_local_serves_the_local_stage_and_keeps_serving(tmp_path, 
         assert _children(chalice.pid) == {worker}, "chalice local restarted its server"
         assert SqliteRegistry(state / "registry.sqlite3").get("mydevice2").status == "provisioned"
     finally:
-        chalice.terminate()
-        chalice.wait(10)
+        stop_group(chalice)
 
 
 def test_the_cli_for_stage_dev_sees_what_chalice_local_for_dev_sees(tmp_path, monkeypatch):

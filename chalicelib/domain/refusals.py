@@ -36,16 +36,19 @@ def claim_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool,
 def rekey_refusal(thing_name: str, record: DeviceRecord | None, fleet_key: bool, now: datetime,
                   quiet_seconds: int = 0) -> ProvisioningError:
     """Why a re-key claim (`begin_rekey`) was refused: claim_refusal's rule, then a re-key in flight or a
-    provisioning that may still be answering (409 with the time left), else the device is provisioned for good
-    (its window is over, or its key is its own)."""
+    provisioning, re-key or renewal that may still be answering (409 with the time left), else the device is
+    provisioned for good (its window is over, or its key is its own)."""
     if record is None or (fleet_key and record.public_key) or record.status is not PROVISIONED:
         return claim_refusal(thing_name, record, fleet_key, now)
     if record.renewal_lease is not None and record.renewal_lease >= now:
         return ProvisioningInProgress(f"{thing_name} is being re-keyed by another request",
                                       retry_after=max(1, math.ceil((record.renewal_lease - now).total_seconds())))
-    opens = record.provisioned_at + timedelta(seconds=quiet_seconds) if record.provisioned_at else None
+    # The last certificate answered: the provisioning's, or a later re-key's (or renewal's).
+    issued = max((at for at in (record.provisioned_at, record.last_renewal) if at is not None), default=None)
+    opens = issued + timedelta(seconds=quiet_seconds) if issued is not None else None
     if record.server_key and opens is not None and opens > now:
-        return ProvisioningInProgress(f"{thing_name} was provisioned just now; its answer may still be on the way",
+        what = "provisioned" if issued == record.provisioned_at else "given a new certificate"
+        return ProvisioningInProgress(f"{thing_name} was {what} just now; its answer may still be on the way",
                                       retry_after=max(1, math.ceil((opens - now).total_seconds())))
     return AlreadyProvisioned(f"{thing_name} is already provisioned; an operator must reset it (admin reset) before "
                               "it can provision again", record=record)

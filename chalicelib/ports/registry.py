@@ -112,9 +112,11 @@ class RenewalRegistry(Registry, Protocol):
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
                     fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
         """Take the renewal lease of a device provisioned with a server-made key (`server_key`) between
-        `now - window_seconds` and `now - quiet_seconds` (the provisioning request is over), with no renewal lease
-        live and no previous certificate left to retire, in one conditional write, as `claim` (the fleet-key rule
-        included). The claim carries what a dead re-key left (`previous`). Refusals are `rekey_refusal`'s."""
+        `now - window_seconds` and `now - quiet_seconds` (the provisioning request is over), whose last re-key or
+        renewal (`last_renewal`), if any, completed by `now - quiet_seconds` too (its answer is over), with no
+        renewal lease live and no previous certificate left to retire, in one conditional write, as `claim` (the
+        fleet-key rule included). The claim carries what a dead re-key left (`previous`). Refusals are
+        `rekey_refusal`'s."""
 
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
         """Make `renewed` the current certificate while `claim` holds: the old one becomes the previous one (to

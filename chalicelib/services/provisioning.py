@@ -174,6 +174,10 @@ class ProvisioningService:
         record = refused.record
         if request.csr is None:
             if self._rekeyer is not None and record is not None and record.server_key:
+                if request.version == 1:  # never changes: whoever saw it once would get the key (docs, security)
+                    raise AlreadyProvisioned(f"{request.thing_name} is already provisioned; a request signed v1 can "
+                                             "be replayed, so it is never re-keyed: ask again signed v2 within the "
+                                             "re-key window, or an operator resets it (admin reset)")
                 rekeyed = self._rekeyer.rekey(request.thing_name, client_ip, fleet_key, self._rekey_window, steps,
                                               deadline)
                 return ProvisioningResult(request.thing_name, rekeyed.choice, rekeyed.issued,

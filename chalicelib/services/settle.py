@@ -111,8 +111,10 @@ class Settler:
             raise
         if settled.reused is not None:
             issued, certified = settled.reused, certify(settled.reused, None)
-            # The key and the end of validity, as provisioning keeps them: a renewal is checked with the key.
-            self._registry.finalize(claim, issued.region, issued.certificate_id, now, certified.fingerprint,
+            # The key the device asks with (its CSR's) and, as provisioning keeps them, the certificate's key (a
+            # renewal is checked with it) and its end of validity.
+            self._registry.finalize(claim, issued.region, issued.certificate_id, now,
+                                    pending.fingerprint if pending else certified.fingerprint,
                                     public_key=certified.public_key, expires=certified.expires)
             return (f"finalized {thing_name} with certificate {issued.certificate_id} in {issued.region}, issued "
                     "by an attempt that died (the device gets it by asking again with the same key)")

@@ -492,8 +492,9 @@ class DynamoDbRegistry:
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
                     fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
         token, at = secrets.token_hex(16), now.timestamp()
-        # prov_datetime is clock.timestamp text: it sorts as time does.
+        # prov_datetime and last_renewal are clock.timestamp text: they sort as time does.
         condition = ("#status = :provisioned AND #serverkey = :one AND #datetime >= :since AND #datetime <= :quiet "
+                     "AND (attribute_not_exists(#renewed) OR #renewed <= :quiet) "
                      "AND (attribute_not_exists(#rlease) OR #rlease < :now) AND attribute_not_exists(#retire)")
         if fleet_key:  # as in claim: a device with a key of its own does not take the fleet key's signature
             condition += " AND attribute_not_exists(#key)"

@@ -373,15 +373,16 @@ class SqliteRegistry:
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
                     fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
         token, at = secrets.token_hex(16), now.timestamp()
-        # prov_datetime is clock.timestamp text: it sorts as time does.
+        quiet = _timestamp(now - timedelta(seconds=quiet_seconds))
+        # prov_datetime and last_renewal are clock.timestamp text: they sort as time does.
         won = self._db().execute(
             "UPDATE devices SET renewal_token = ?, renewal_lease = ?, claimed_at = ? WHERE thing_name = ? "
             "AND prov_status = ? AND server_key = 1 AND prov_datetime >= ? AND prov_datetime <= ? "
+            "AND (last_renewal IS NULL OR last_renewal <= ?) "
             "AND (renewal_lease IS NULL OR renewal_lease < ?) AND COALESCE(retire_pending, 0) = 0 "
             f"AND (? = 0 OR public_key IS NULL) RETURNING {_PENDING}",
             (token, at + lease_seconds, at, thing_name, PROVISIONED.value,
-             _timestamp(now - timedelta(seconds=window_seconds)), _timestamp(now - timedelta(seconds=quiet_seconds)),
-             at, int(fleet_key))).fetchone()
+             _timestamp(now - timedelta(seconds=window_seconds)), quiet, quiet, at, int(fleet_key))).fetchone()
         if won is not None:
             return Claim(thing_name, token, _pending(won), renewal=True)
         raise rekey_refusal(thing_name, self.get(thing_name), fleet_key, now, quiet_seconds)
