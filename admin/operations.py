@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.adapters.files import write_private
-from chalicelib.domain.certificates import CertificateInfo, CertificateRef
-from chalicelib.domain.errors import AlreadyProvisioned, ProvisioningInProgress
+from chalicelib.domain.certificates import CertificateInfo, CertificateRef, certify
+from chalicelib.domain.errors import AlreadyProvisioned, ProvisioningInProgress, RenewalInProgress, RenewalRefused
 from chalicelib.domain.records import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord, DeviceStatus
 from chalicelib.ports.issuer import CertificateInventory, Issuer, ThingInventory
 from chalicelib.ports.registry import Registry, RenewalRegistry
@@ -160,10 +160,10 @@ def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport
     for attempt in report.stuck_claims + report.unfinished_rollbacks:
         try:
             if attempt.renewal:
-                fixed.append(settler.settle_renewal_for_audit(attempt.thing_name, now, lease_seconds))
+                fixed.append(settle_renewal_for_audit(registry, settler, attempt.thing_name, now, lease_seconds))
                 continue
-            fixed.append(settler.settle_for_audit(attempt.thing_name, now, lease_seconds,
-                                                  died=attempt in report.stuck_claims))
+            fixed.append(settle_for_audit(registry, settler, attempt.thing_name, now, lease_seconds,
+                                          died=attempt in report.stuck_claims))
         except (AlreadyProvisioned, ProvisioningInProgress):  # its own retry settled it meanwhile
             fixed.append(f"{attempt.thing_name} was settled by its own retry meanwhile")
     in_use = {(r.region, r.thing_name) for r in registry.list(PROVISIONED)}
@@ -190,6 +190,57 @@ def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport
                      f"{unfinished.previous_certificate_id} in {unfinished.previous_region}"
                      + (" and deleted the thing there" if unfinished.move else ""))
     return fixed
+
+
+def settle_for_audit(registry: RenewalRegistry, settler: Settler, thing_name: str, now: datetime,
+                     lease_seconds: int, died: bool = True) -> str:
+    """Take the device over (its lease has ended, or a rollback left its record) and settle what is left.
+
+    When the attempt `died` its device never got an answer: a certificate for the device's own key is
+    finalized (asking again with that key returns it). After a rollback the device was told to try again,
+    perhaps with a new key: what is left is revoked. Returns what was done, for the operator."""
+    claim = registry.claim(thing_name, now, lease_seconds)
+    pending = claim.previous
+    try:
+        settled = settler.settle(claim, pending.fingerprint if pending and died else None)
+    except Exception:
+        registry.release(claim, "the audit could not settle the last attempt", keep_pending=True)
+        raise
+    if settled.reused is not None:
+        issued, certified = settled.reused, certify(settled.reused, None)
+        # The key the device asks with (its CSR's) and, as provisioning keeps them, the certificate's key (a
+        # renewal is checked with it) and its end of validity.
+        registry.finalize(claim, issued.region, issued.certificate_id, now,
+                          pending.fingerprint if pending else certified.fingerprint,
+                          public_key=certified.public_key, expires=certified.expires)
+        return (f"finalized {thing_name} with certificate {issued.certificate_id} in {issued.region}, issued "
+                "by an attempt that died (the device gets it by asking again with the same key)")
+    registry.release(claim, "claim expired; settled by audit")
+    what = f"revoked {', '.join(settled.revoked)} and " if settled.revoked else ""
+    return f"{what}released the expired claim on {thing_name}"
+
+
+def settle_renewal_for_audit(registry: RenewalRegistry, settler: Settler, thing_name: str, now: datetime,
+                             lease_seconds: int) -> str:
+    """Take over a dead renewal's lease (or the record its rollback left) and revoke what it issued: unlike a
+    device being provisioned, the device still holds its current certificate, which keeps working, and it may
+    renew again with any key (recording the dead renewal instead would retire the certificate it holds).
+    Returns what was done, for the operator."""
+    state = registry.renewal_state(thing_name)
+    if state is None or state.certificate_id is None:
+        return f"{thing_name} was reset meanwhile; its next claim settles what is left"
+    try:
+        claim = registry.begin_renewal(thing_name, state.certificate_id, now, lease_seconds)
+    except (RenewalInProgress, RenewalRefused):  # renewed, or being renewed, meanwhile: that request settles it
+        return f"{thing_name} was settled by its own retry meanwhile"
+    try:
+        settled = settler.settle(claim, None, keep=(state.certificate_id, state.previous_certificate_id))
+    except Exception:
+        registry.release(claim, "the audit could not settle the last renewal", keep_pending=True)
+        raise
+    registry.release(claim, "renewal interrupted; settled by audit")
+    what = f"revoked {', '.join(settled.revoked)} and " if settled.revoked else ""
+    return f"{what}released the interrupted renewal of {thing_name} (its current certificate stays)"
 
 
 def expiring_within(records: Iterable[DeviceRecord], days: float, now: datetime) -> list[DeviceRecord]:

@@ -50,11 +50,11 @@ sys.path.insert(0, str(PROJECT_DIR / "device"))
 import global_device as device  # noqa: E402 (the device's own signing and CSR code, standalone by design)
 
 from chalicelib.domain.deadline import ROLLBACK_RESERVE_SECONDS  # noqa: E402
-from chalicelib.services.provisioning import FINALIZE_SECONDS, ISSUE_SECONDS  # noqa: E402
+from chalicelib.services.saga import COMMIT_SECONDS, ISSUE_SECONDS  # noqa: E402
 from devstack.stack import free_port, free_port_run  # noqa: E402
 
 # What a request must have left when it claims (chalicelib/services/provisioning.py): the local budget must exceed it.
-CLAIM_NEEDS = ISSUE_SECONDS + FINALIZE_SECONDS + ROLLBACK_RESERVE_SECONDS
+CLAIM_NEEDS = ISSUE_SECONDS + COMMIT_SECONDS + ROLLBACK_RESERVE_SECONDS
 
 SIZES: dict[str, dict[str, Any]] = {
     # devices, kill rounds, concurrent requests, share of devices with their own key, fixed lease (None: derived),

@@ -33,7 +33,7 @@ from chalicelib.domain.regions import RegionPolicy
 from chalicelib.domain.relocation import RelocationPolicy
 from chalicelib.domain.requests import RenewalRequest
 from chalicelib.domain.signatures import renew_v1_text
-from chalicelib.edge.wire import renewal_response_body
+from chalicelib.edge.wire import response_body
 from chalicelib.services.admission import Admission
 from chalicelib.services.renewal import RenewalService
 from tests import test_exactly_once
@@ -122,7 +122,7 @@ def test_renewal_in_place_with_a_csr_gives_a_certificate_for_the_new_key(backend
     csr_pem, new_key = make_csr("dev-1")
     result = renewals(b).renew(device.request(csr_pem), LONDON_IP)
 
-    body = renewal_response_body(result)
+    body = response_body(result)
     assert body["status"] == "success" and body["reason"] == "renewal" and body["region"] == "eu-west-2"
     assert body["previousCertificateId"] == device.certificate_id and "PrivateKey" not in body
     assert body["thingName"] == "dev-1" and body["endpointAddress"] and body["endpointPort"]
@@ -145,7 +145,7 @@ def test_renewal_without_a_csr_makes_the_key_on_the_server(backend):
     b = backend
     device = Device(b, "dev-2")
     result = renewals(b).renew(device.request(), LONDON_IP)
-    body = renewal_response_body(result)
+    body = response_body(result)
     assert body["PrivateKey"].startswith("-----BEGIN RSA PRIVATE KEY-----")
     key = serialization.load_pem_private_key(body["PrivateKey"].encode(), None)
     assert cert_key_fingerprint(body["certificatePem"]) == key_fingerprint(key.public_key())
@@ -254,7 +254,7 @@ def test_lost_answer_gives_the_same_certificate_and_creates_nothing(backend):
     fresh = service.renew(device.request(csr_pem), LONDON_IP)          # or signed afresh, same CSR
     for again in (same, fresh):
         assert again.recovered
-        assert renewal_response_body(again) == renewal_response_body(first)
+        assert response_body(again) == response_body(first)
     assert b.certificate_records("dev-1") == issued
     assert_renewed(b, device, first, device.certificate_id)
     # The recovered device goes on normally.
@@ -291,7 +291,7 @@ def test_fifty_identical_concurrent_renewals_issue_one_certificate(backend):
     busy = [r for r in results if isinstance(r, RenewalInProgress)]
     assert len(answered) + len(busy) == 50 and answered
     assert {r.issued.certificate_id for r in answered} == {b.registry.get("dev-1").certificate_id}
-    assert len({json.dumps(renewal_response_body(r), sort_keys=True) for r in answered}) == 1
+    assert len({json.dumps(response_body(r), sort_keys=True) for r in answered}) == 1
     assert all(r.retry_after >= 1 for r in busy)
     assert b.certificate_records("dev-1") == issued_before + 1
     assert_renewed(b, device, answered[0], device.certificate_id)
@@ -319,7 +319,7 @@ def test_relocation_london_to_tokyo_under_each_policy(backend, setting, moves):
     result = renewals(b, setting).renew(device.request(make_csr("dev-1")[0]), TOKYO_IP)
     expected = "ap-northeast-1" if moves else "eu-west-2"
     assert (result.choice.region, result.choice.reason) == (expected, "relocated" if moves else "renewal")
-    body = renewal_response_body(result)
+    body = response_body(result)
     assert body["region"] == expected and body["endpointAddress"] == b.issuer.endpoint(expected).address
     assert body["endpointPort"] == b.issuer.endpoint(expected).port
     assert_renewed(b, device, result, device.certificate_id)  # aws: the thing lives in the new region only

@@ -91,7 +91,7 @@ class ConfigError(Exception):
 
 
 class RenewalRefused(ProvisioningError):
-    """Unknown device, wrong certificate id, wrong key, revoked certificate: one answer for all (design.md)."""
+    """Unknown device, wrong certificate id, wrong key, revoked certificate: one answer for all (docs/protocol.md)."""
 
     code = "renewal-refused"
 

@@ -1,4 +1,4 @@
-"""The wire format of POST /device-provisioning and POST /device-renewal (design.md, "Wire protocol"): the
+"""The wire format of POST /device-provisioning and POST /device-renewal (docs/protocol.md): the
 request schemas, checked and decoded once into a typed `ProvisioningRequest` / `RenewalRequest`, and the JSON
 bodies of the answers."""
 from __future__ import annotations
@@ -7,20 +7,18 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, Mapping
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
-from chalicelib.domain.clock import TIMESTAMP_FORMAT
-from chalicelib.domain.errors import MalformedRequest
+from chalicelib.domain.clock import TIMESTAMP_FORMAT, timestamp
+from chalicelib.domain.errors import MalformedRequest, SignatureInvalid
 from chalicelib.domain.keypolicy import CERTIFICATE_KEYS
+from chalicelib.domain.records import Nonce
 from chalicelib.domain.signatures import renew_v1_text, v1_text, v2_text
-
-if TYPE_CHECKING:
-    pass
 
 MAX_NONCE_CHARS = 128
 # AWS IoT's rule for thing names; it also keeps MQTT wildcards and '/' out of topics and ACLs.
@@ -181,5 +179,15 @@ class RenewalRequest:
                    renew_v1_text(thing_name, certificate_id, stamp, nonce, csr_pem))
 
 
+def check_fresh(signed_at: datetime, now: datetime, skew_seconds: int) -> None:
+    """A signed request's timestamp is within the allowed skew of the server's clock, either way (a device without
+    NTP learns the server's time from the refusal)."""
+    off = abs((now - signed_at).total_seconds())
+    if off > skew_seconds:
+        raise SignatureInvalid(f"the timestamp is {off:.0f} s away from the server's clock, {timestamp(now)} "
+                               f"(at most {skew_seconds} s allowed)", "stale-timestamp")
 
 
+def remembered(nonce: str, now: datetime, skew_seconds: int) -> Nonce:
+    """A nonce is remembered until its request's timestamp is stale anyway: twice the allowed skew."""
+    return Nonce(nonce, now + timedelta(seconds=2 * skew_seconds))

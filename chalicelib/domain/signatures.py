@@ -1,4 +1,4 @@
-"""Provisioning request signatures (design.md, "Wire protocol").
+"""Provisioning request signatures (docs/protocol.md).
 
 v1 is the original sample's: RSA PKCS#1 v1.5 / SHA-256 over the UTF-8 thing name, made with the
 fleet-wide provisioning key. v2 also covers a timestamp, a nonce and the CSR, so a captured request can

@@ -16,6 +16,7 @@ from chalice.app import Request
 from chalicelib.adapters import observability
 from chalicelib.adapters.storage import DEVICE_MESSAGE, StorageUnavailable
 from chalicelib.config import Settings
+from chalicelib.domain.answers import Answer
 from chalicelib.domain.clock import timestamp, utcnow
 from chalicelib.domain.deadline import Deadline
 from chalicelib.domain.errors import (
@@ -37,9 +38,9 @@ from chalicelib.domain.steps import Steps
 from chalicelib.edge import coldstart
 from chalicelib.edge.forwarded import client_ip
 from chalicelib.edge.health import Health, failing_parts
-from chalicelib.edge.wire import error_body, parse_json, renewal_response_body, response_body
-from chalicelib.services.provisioning import ProvisioningResult, ProvisioningService
-from chalicelib.services.renewal import RenewalResult, RenewalService
+from chalicelib.edge.wire import error_body, parse_json, response_body
+from chalicelib.services.provisioning import ProvisioningService
+from chalicelib.services.renewal import RenewalService
 
 HTTP_STATUS: dict[type[ProvisioningError], int] = {
     BodyTooLarge: 413,
@@ -136,7 +137,7 @@ def create_app(services: Services) -> Chalice:
     # parsed as JSON whatever it says (Chalice would answer 415 in its own body shape before the handler).
     @app.route("/device-provisioning", methods=["POST"], content_types=["*/*"])
     def device_provisioning() -> Response:
-        def done(result: ProvisioningResult | None, request: ProvisioningRequest | None, ip: str | None, code: str,
+        def done(result: Answer | None, request: ProvisioningRequest | None, ip: str | None, code: str,
                  **line: Any) -> None:
             choice = result.choice if result else None
             detail: dict[str, Any] = {"client_ip": ip,
@@ -153,7 +154,7 @@ def create_app(services: Services) -> Chalice:
     @app.route("/device-renewal", methods=["POST"], content_types=["*/*"])
     def device_renewal() -> Response:
         """Renewal, key rotation and relocation; errors mapped as provisioning's are."""
-        def done(result: RenewalResult | None, code: str, request: Any, ip: Any, **line: Any) -> None:
+        def done(result: Answer | None, code: str, request: Any, ip: Any, **line: Any) -> None:
             if result is not None:
                 code = "recovered" if result.recovered else (
                     "relocated" if result.choice.reason == "relocated" else "renewed")
@@ -162,8 +163,8 @@ def create_app(services: Services) -> Chalice:
                 reason=result.choice.reason if result else None,
                 detail={"certificate_id": result.issued.certificate_id,
                         "previous_certificate_id": result.previous_certificate_id} if result else None)
-        return device_route(RenewalRequest.from_body, lambda *args: services.renewal.renew(*args),
-                            renewal_response_body, done)
+        return device_route(RenewalRequest.from_body, lambda *args: services.renewal.renew(*args), response_body,
+                            done)
 
     @app.route("/health", methods=["GET"])
     def health() -> Response | dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The HTTP bodies: the JSON parse under the size limit, the success and error bodies (design.md's wire protocol)."""
+"""The HTTP bodies: the JSON parse under the size limit, the success and error bodies (docs/protocol.md)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any
 from chalicelib.domain.errors import BodyTooLarge, MalformedRequest
 
 if TYPE_CHECKING:
-    from chalicelib.services.provisioning import ProvisioningResult
-    from chalicelib.services.renewal import RenewalResult
+    from chalicelib.domain.answers import Answer
 
 
 MAX_BODY_BYTES = 16 * 1024
@@ -25,8 +24,8 @@ def parse_json(raw: bytes | str) -> Any:
         raise MalformedRequest("the body is not valid JSON") from None
 
 
-def response_body(result: ProvisioningResult | RenewalResult) -> dict[str, Any]:
-    """HTTP 200's body; `PrivateKey` only when the service made the key pair."""
+def response_body(result: Answer) -> dict[str, Any]:
+    """HTTP 200's body; `PrivateKey` only when the service made the key pair; a renewal's `previousCertificateId`."""
     body: dict[str, Any] = {
         "status": "success",
         "thingName": result.thing_name,
@@ -43,13 +42,8 @@ def response_body(result: ProvisioningResult | RenewalResult) -> dict[str, Any]:
         body["PrivateKey"] = result.issued.private_key_pem
     if result.note:
         body["message"] = result.note
-    return body
-
-
-def renewal_response_body(result: RenewalResult) -> dict[str, Any]:
-    """A renewal's HTTP 200: provisioning's fields plus `previousCertificateId`."""
-    body = response_body(result)
-    body["previousCertificateId"] = result.previous_certificate_id
+    if result.previous_certificate_id is not None:
+        body["previousCertificateId"] = result.previous_certificate_id
     return body
 
 

@@ -1,27 +1,23 @@
-"""Day two: POST /device-renewal renews a device's certificate, rotates its key and moves it to the region that is
-now right for it, exactly once; and the re-key of a server-made key lost with its answer (design.md).
-
-A renewal is verified here (the timestamp; the lost-answer rule; the one 403 for every mismatch; the CSR's key must
-be new), then issued by the one issuance sequence (services/saga.py) with the renewal plan: the renewal lease (with
-the nonce), settle what a dead renewal left, write ahead, issue (in the new region first on a move), record,
-complete, then retire the previous certificate (and the old region's thing). A failure before the completion
-undoes the new certificate; one after it leaves the previous certificate marked for retirement, which the next
-renewal or `admin audit --fix` finishes. A re-key is the same plan in place, without a CSR, with `begin_rekey`.
+"""Day two, POST /device-renewal: a new certificate (and key) for a device, in the region that is now right for it;
+and the re-key of a server-made key lost with its answer. Verified here (the timestamp; the lost-answer rule; the
+one 403 for every mismatch; a new key), then issued by the one sequence (services/saga.py) with the renewal plan,
+which retires the previous certificate once the new one is recorded (a failure there is finished by the next
+renewal or `admin audit --fix`). A re-key is the same plan in place, without a CSR, with `begin_rekey`.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from chalicelib.domain import deadline as deadlines
+from chalicelib.domain.answers import Answer
 from chalicelib.domain.certificates import CertificateInfo, CertificateRef, Certified, IssuedCertificate
-from chalicelib.domain.clock import timestamp, utcnow
+from chalicelib.domain.clock import utcnow
 from chalicelib.domain.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
 from chalicelib.domain.errors import (
     RENEWAL_REFUSED,
@@ -29,13 +25,12 @@ from chalicelib.domain.errors import (
     MalformedRequest,
     RenewalInProgress,
     RenewalRefused,
-    SignatureInvalid,
 )
 from chalicelib.domain.keypolicy import key_fingerprint, public_key_pem
-from chalicelib.domain.records import Claim, Nonce, RenewalState, RenewedCertificate
+from chalicelib.domain.records import Claim, RenewalState, RenewedCertificate
 from chalicelib.domain.regions import Location, RegionChoice, RegionPolicy
 from chalicelib.domain.relocation import RELOCATED, RENEWAL, RelocationPolicy
-from chalicelib.domain.requests import RenewalRequest
+from chalicelib.domain.requests import RenewalRequest, check_fresh, remembered
 from chalicelib.domain.signatures import verifies
 from chalicelib.domain.steps import Steps
 from chalicelib.ports.geo import GeoLocator
@@ -48,28 +43,15 @@ log = logging.getLogger(__name__)
 REKEYED = "rekeyed"  # the answer's reason for a re-key (a lost answer's new server-made key, in place)
 
 
-@dataclass(frozen=True)
-class RenewalResult:
-    thing_name: str
-    choice: RegionChoice
-    issued: IssuedCertificate
-    previous_certificate_id: str
-    recovered: bool = False  # the lost-answer rule gave back the current certificate; nothing was created
-    note: str | None = None  # edge.wire's `message`: set when a dead renewal's certificate is given
-
-
 def refused() -> RenewalRefused:
     return RenewalRefused(RENEWAL_REFUSED)
 
 
 class Renewal(Plan):
-    """The renewal plan: the renewal lease of a provisioned device (`begin`); the commit makes the new certificate
-    current and the old one the previous; after it, the previous certificate is retired."""
+    """The renewal plan: a provisioned device's renewal lease (`begin`); the commit makes the new certificate current,
+    then the previous one is retired."""
 
-    kind = "renewal"
-    stages = "renewal-"
-    commit_step = "complete"
-    after_step = "retire"
+    kind, stages, commit_step, after_step = "renewal", "renewal-", "complete", "retire"
 
     def __init__(self, service: RenewalService, state: RenewalState, csr: x509.CertificateSigningRequest | None,
                  choice: RegionChoice, location: Location | None, begin: Callable[[datetime, int], Claim],
@@ -111,25 +93,17 @@ class RenewalService:
                  clock: Callable[[], datetime] = utcnow, skew_seconds: int = 300,
                  admission: Admission | None = None, budget_seconds: float = DEFAULT_BUDGET_SECONDS,
                  lease_margin_seconds: int = LEASE_MARGIN_SECONDS, checkpoint: Checkpoint = no_checkpoint) -> None:
-        self.registry = registry
-        self._issuer = issuer
-        self._locator = locator
-        self.regions = regions
-        self._relocation = relocation
-        self._lease_seconds = lease_seconds
-        self._budget = budget_seconds
-        self._lease_margin = lease_margin_seconds
-        self._clock = clock
-        self._skew = skew_seconds
+        self.registry, self._issuer, self._locator, self.regions = registry, issuer, locator, regions
+        self._relocation, self._clock, self._skew, self._budget = relocation, clock, skew_seconds, budget_seconds
+        self._lease_seconds, self._lease_margin = lease_seconds, lease_margin_seconds
         self._saga = Saga(registry, issuer, admission, lease_seconds, lease_margin_seconds, clock, checkpoint)
 
     def renew(self, request: RenewalRequest, client_ip: str, steps: Steps | None = None,
-              deadline: Deadline | None = None) -> RenewalResult:
-        deadline = deadline or Deadline(self._budget)
-        steps = steps or Steps()
+              deadline: Deadline | None = None) -> Answer:
+        deadline, steps = deadline or Deadline(self._budget), steps or Steps()
         with deadlines.running(deadline):
             with steps.step("verify"):
-                self._check_timestamp(request)
+                check_fresh(request.timestamp, self._clock(), self._skew)
                 state = self.registry.renewal_state(request.thing_name)
                 if state is None or not state.provisioned or not state.region or not state.certificate_id:
                     raise refused()
@@ -147,7 +121,7 @@ class RenewalService:
 
             def begin(now: datetime, lease: int) -> Claim:
                 return self.registry.begin_renewal(request.thing_name, certificate_id, now, lease,
-                                                   Nonce(request.nonce, now + timedelta(seconds=2 * self._skew)))
+                                                   remembered(request.nonce, now, self._skew))
             try:
                 return self._reissue(state, request.csr, client_ip, steps, deadline, begin, admit=True,
                                      arn=current.arn, decide=lambda location: self._relocation.decide(
@@ -156,11 +130,9 @@ class RenewalService:
                 return self._recovered_meanwhile(request, state, client_ip)
 
     def rekey(self, thing_name: str, client_ip: str, fleet_key: bool, window_seconds: int,
-              steps: Steps | None = None, deadline: Deadline | None = None) -> RenewalResult:
-        """A device provisioned with a server-made key lost the answer (and the key with it) and asks again, signed
-        as for provisioning, without a CSR, within `window_seconds` of its provisioning: a new certificate and key in
-        its region, the previous certificate revoked once the new one is recorded, exactly as a renewal in place.
-        The caller checked the signature and admitted the request; its nonce is used up already."""
+              steps: Steps | None = None, deadline: Deadline | None = None) -> Answer:
+        """A server-made key lost with its answer: the device asks again (checked, admitted, its nonce used up by
+        provisioning) within `window_seconds`: a renewal in place with a new key pair."""
         deadline = deadline or Deadline(self._budget)
         state = self.registry.renewal_state(thing_name)
         if state is None or not state.provisioned or not state.region or not state.certificate_id:
@@ -183,7 +155,7 @@ class RenewalService:
 
     def _reissue(self, state: RenewalState, csr: x509.CertificateSigningRequest | None, client_ip: str,
                  steps: Steps, deadline: Deadline, begin: Callable[[datetime, int], Claim], admit: bool,
-                 arn: str | None, decide: Callable[[Location | None], RegionChoice]) -> RenewalResult:
+                 arn: str | None, decide: Callable[[Location | None], RegionChoice]) -> Answer:
         """A renewal's and a re-key's issuance: finish what an earlier renewal left, choose, then the sequence."""
         assert state.certificate_id is not None
         if state.retire_pending:  # an earlier renewal was cut short after its record: finish it first
@@ -193,16 +165,7 @@ class RenewalService:
             location = self._locator.locate(client_ip)
             plan = Renewal(self, state, csr, decide(location), location, begin, admit, arn)
         issued, _ = self._saga.run(plan, steps, deadline)
-        return RenewalResult(state.thing_name, plan.choice, issued, state.certificate_id, note=plan.note)
-
-    # -- verify ---------------------------------------------------------------------------------------------
-
-    def _check_timestamp(self, request: RenewalRequest) -> None:
-        now = self._clock()
-        skew = abs((now - request.timestamp).total_seconds())
-        if skew > self._skew:
-            raise SignatureInvalid(f"the timestamp is {skew:.0f} s away from the server's clock, "
-                                   f"{timestamp(now)} (at most {self._skew} s allowed)", "stale-timestamp")
+        return Answer(state.thing_name, plan.choice, issued, plan.note, previous_certificate_id=state.certificate_id)
 
     def _verify(self, request: RenewalRequest, state: RenewalState) -> CertificateInfo:
         """The one 403 for every mismatch; then the CSR's key must be new. Returns the current certificate."""
@@ -228,7 +191,7 @@ class RenewalService:
                                    "malformed-csr")
         return current
 
-    def _lost_answer(self, request: RenewalRequest, state: RenewalState, client_ip: str) -> RenewalResult | None:
+    def _lost_answer(self, request: RenewalRequest, state: RenewalState, client_ip: str) -> Answer | None:
         """The device lost the answer to its renewal: it still holds only its previous certificate and key, and
         asks again with the key it sent. It gets the current certificate back; nothing is created."""
         if (request.csr is None or state.previous_certificate_id is None
@@ -251,18 +214,16 @@ class RenewalService:
                               location.country if location else None)
         issued = IssuedCertificate(state.region, state.certificate_id, cert.certificate_pem,
                                    self._issuer.endpoint(state.region), thing_name=state.thing_name)
-        return RenewalResult(state.thing_name, choice, issued, state.previous_certificate_id, recovered=True)
+        return Answer(state.thing_name, choice, issued, previous_certificate_id=state.previous_certificate_id,
+                      recovered=True)
 
     def _unanswered(self, request: RenewalRequest, state: RenewalState) -> RenewalState:
-        """The device asks again with its previous certificate and key, for another key than the one its last
-        renewal recorded, and that renewal never retired the previous certificate: it died before answering (an
-        answered renewal retires it at once). A lease's time after that renewal (a request still answering is
-        over by then), its certificate is set aside on the write-ahead record, for the settler to revoke, and the
-        previous certificate is current again; this renewal goes on from there. Returns the state to go on with."""
+        """The previous certificate and key ask for another key than the last renewal recorded, which never retired
+        the previous certificate: it died before answering. A lease's time later its certificate goes to the
+        write-ahead record (the settler revokes it) and the previous one is current again; returns that state."""
         if (not state.retire_pending or state.previous_certificate_id is None or state.previous_public_key is None
                 or state.previous_region is None or state.certificate_id is None or state.last_renewal is None
-                or request.certificate_id != state.previous_certificate_id
-                or (self._clock() - datetime.fromisoformat(state.last_renewal)).total_seconds() <= self._lease_window()
+                or request.certificate_id != state.previous_certificate_id or self._just_renewed(state)
                 or not _signed_by(state.previous_public_key, request)):
             return state
         previous = self._issuer.certificate(state.previous_certificate_id, state.previous_region)
@@ -274,11 +235,9 @@ class RenewalService:
                         state.thing_name, state.certificate_id)
         return self.registry.renewal_state(state.thing_name) or state
 
-    def _recovered_meanwhile(self, request: RenewalRequest, seen: RenewalState, client_ip: str) -> RenewalResult:
-        """The request was refused: maybe another renewal of the device was recorded meanwhile (and revoked the
-        certificate this request names). An identical request is then a lost-answer recovery; another one,
-        correctly signed for the certificate that was current until just now, lost the race: 409, as while the
-        winner was at work (a lease's time after that renewal it is just a stale certificate id: the 403)."""
+    def _recovered_meanwhile(self, request: RenewalRequest, seen: RenewalState, client_ip: str) -> Answer:
+        """A refused request may have lost a race with a renewal recorded meanwhile: the same request is then a lost
+        answer; another one, signed for the certificate current until just now, is told 409; else the 403."""
         later = self.registry.renewal_state(request.thing_name)
         if later is None:
             raise refused()
@@ -287,9 +246,7 @@ class RenewalService:
             if recovered is not None:
                 return recovered
         if (request.certificate_id == later.previous_certificate_id and later.previous_public_key is not None
-                and later.last_renewal is not None
-                and (self._clock() - datetime.fromisoformat(later.last_renewal)).total_seconds() <= self._lease_window()
-                and _signed_by(later.previous_public_key, request)):
+                and self._just_renewed(later) and _signed_by(later.previous_public_key, request)):
             raise RenewalInProgress(f"{request.thing_name} was renewed by another request just now", retry_after=1)
         raise refused()
 
@@ -303,6 +260,11 @@ class RenewalService:
     def _lease_window(self) -> float:
         """How long a renewal can hold its lease: a request's whole time plus the margin."""
         return self._lease_seconds or self._budget + self._lease_margin
+
+    def _just_renewed(self, state: RenewalState) -> bool:
+        """A renewal completed less than a lease's time ago: its request may still be answering."""
+        return state.last_renewal is not None and (
+            self._clock() - datetime.fromisoformat(state.last_renewal)).total_seconds() <= self._lease_window()
 
 
 def _signed_by(public_key_pem_text: str, request: RenewalRequest) -> bool:

@@ -1,12 +1,7 @@
-"""The one issuance sequence (design.md, "One skeleton per kind of work"): provisioning, renewal and re-key are
-small plans over it.
-
-    admit -> claim -> settle what a dead attempt left -> write ahead -> issue -> record -> commit -> after
-                      any failure before the commit is undone in reverse, inside the deadline's reserve
-
-A plan says how a step differs: which lease it takes, what the commit writes, what follows the commit. The
-stages between the steps are named (`Stage`): the crash tests stop a process dead at `plan.stages + stage`.
-Every step starts only when it fits in the request's deadline (domain/deadline.py).
+"""The one issuance sequence; provisioning, renewal and re-key are small plans over it (docs/architecture.md):
+admit, claim, settle what a dead attempt left, write ahead, issue, record, commit, what follows; a failure before
+the commit is undone in reverse. A plan says how a step differs. The stages between the steps are named (`Stage`):
+the crash tests stop a real process at each. Each step starts only when it fits in the request's deadline.
 """
 from __future__ import annotations
 
@@ -33,9 +28,10 @@ from chalicelib.services.settle import Settler
 log = logging.getLogger(__name__)
 
 # What the steps after the claim may take at worst (seconds), each checked against the request's deadline before
-# it starts; the rollback reserve comes on top (domain/deadline.py).
+# it starts; the rollback reserve comes on top.
 ISSUE_SECONDS = 8.0      # AWS IoT: thing and certificate side by side, then two attachments
 COMMIT_SECONDS = 4.0     # one conditional registry write, one attempt
+Checkpoint = Callable[[str, str], None]
 
 
 class Stage(StrEnum):
@@ -47,43 +43,38 @@ class Stage(StrEnum):
     COMMITTED = "committed"
 
 
-Checkpoint = Callable[[str, str], None]
-
-
 def no_checkpoint(stage: str, thing_name: str) -> None:
     pass
 
 
 class Plan:
-    """One kind of issuance. Set by the plan: `thing_name`, `region` (where to issue), `csr`, `in_place` (the
-    device's thing stays as it is: never made, never deleted), `keep` (the device's own certificates, never a dead
-    attempt's), `admit` (pay admission's budget first)."""
+    """One kind of issuance. `in_place`: the device's thing stays as it is (never made, never deleted); `keep`: the
+    device's own certificates, never a dead attempt's; `admit`: pay admission's budget first."""
 
-    kind = "issuance"       # what the plan does, in messages and in last_error
-    stages = ""             # the stages' names' prefix, for the crash tests
-    commit_step = "commit"  # the commit's step name in the log line
-    after_step = ""         # what follows the commit, by its step name in the log line ("": nothing)
+    kind = "issuance"       # in messages and last_error
+    stages = ""             # the stages' names' prefix
+    commit_step = "commit"  # the commit's and what follows it, by their names in the log line
+    after_step = ""
     thing_name: str
-    region: str
+    region: str             # where to issue
     csr: x509.CertificateSigningRequest | None = None
     in_place = False
     keep: tuple[str | None, ...] = ()
     admit = True
 
     def claim(self, now: datetime, lease_seconds: int) -> Claim:
-        """Take the device (one conditional write), carrying what a dead attempt left."""
+        """Take the device (one conditional write), with what a dead attempt left."""
         raise NotImplementedError
 
     def reused(self, issued: IssuedCertificate) -> None:
-        """A dead attempt's certificate for this very key is given instead of a new one (the plan's answer says so)."""
+        """A dead attempt's certificate for this very key is given instead of a new one."""
 
     def commit(self, claim: Claim, certified: Certified, now: datetime) -> None:
         """Record the certificate as the device's, only while `claim` holds."""
         raise NotImplementedError
 
     def after(self, issued: IssuedCertificate) -> None:
-        """What follows the commit (a renewal retires the previous certificate); its failure is left to the next
-        request or the audit: the device has its answer."""
+        """What follows the commit; a failure is left to the next request or the audit (the device has its answer)."""
 
 
 class Saga:
@@ -99,18 +90,15 @@ class Saga:
         self._checkpoint = checkpoint
         self.settler = Settler(registry, issuer)
 
-    def lease_seconds(self, deadline: Deadline) -> int:
-        return self._lease_seconds or deadline.lease_seconds(self._lease_margin)
-
     def run(self, plan: Plan, steps: Steps, deadline: Deadline) -> tuple[IssuedCertificate, bool]:
-        """Issue exactly once for `plan`; returns the certificate and whether it is a dead attempt's (reused)."""
+        """Issue exactly once for `plan`; returns the certificate and whether a dead attempt made it (reused)."""
         if plan.admit and self._admission is not None:
             with steps.step("admit"):  # a request too late to issue anyway takes no slot of the region's budget
                 deadline.require("admitting the device", ISSUE_SECONDS + COMMIT_SECONDS)
                 self._admission.admit(plan.region, server_key=plan.csr is None)
         with steps.step("claim"):
             deadline.require("claiming the device", ISSUE_SECONDS + COMMIT_SECONDS)
-            claim = plan.claim(self._clock(), self.lease_seconds(deadline))
+            claim = plan.claim(self._clock(), self._lease_seconds or deadline.lease_seconds(self._lease_margin))
         self._stage(plan, Stage.CLAIMED)
         wanted = key_fingerprint(plan.csr.public_key()) if plan.csr is not None else None
         issued, intent, reused, issuing = None, None, False, False
@@ -154,14 +142,14 @@ class Saga:
                     if isinstance(cause, ProvisioningError):
                         raise cause from (exc if cause is not exc else None)
                     raise ServiceUnavailable(f"{plan.kind} failed on the server side; try again later") from cause
-            log.warning("%s of %s: the commit's answer failed (%s) but the certificate is recorded",
-                        plan.kind, plan.thing_name, type(exc).__name__)
+            log.warning("%s of %s: the commit's answer failed (%s) but it is recorded", plan.kind, plan.thing_name,
+                        type(exc).__name__)
         assert issued is not None
         if plan.after_step:
             with steps.step(plan.after_step), deadline.rolling_back():  # nothing is left to undo: the reserve is free
                 try:
                     plan.after(issued)
-                except Exception:  # the device has its certificate; the next request or the audit finishes this
+                except Exception:
                     log.exception("%s of %s: %s is not done yet", plan.kind, plan.thing_name, plan.after_step)
         return issued, reused
 
@@ -173,17 +161,16 @@ class Saga:
         try:
             record = self._registry.get(plan.thing_name)
         except Exception as exc:
-            # Undoing a certificate that may be recorded could leave the device with none: leave it to the audit
-            # (an orphan once the lease ends) and to the device's retry (a lost answer asked for again).
+            # Undoing a certificate that may be recorded could leave the device with none: the audit and the
+            # device's retry (a lost answer asked for again) settle it.
             log.exception("%s: cannot tell whether certificate %s was recorded", plan.thing_name, issued.certificate_id)
             raise ServiceUnavailable("the service could not record the certificate; try again later") from exc
         return record is not None and record.certificate_id == issued.certificate_id
 
     def _undo(self, plan: Plan, claim: Claim, issued: IssuedCertificate | None, failure: Exception, unsure: bool,
               intent: PendingIssue | None) -> None:
-        """Compensate in reverse order. A failure here is logged and never hides the original error; the claim is
-        given back anyway (no stuck device) with last_error naming what is left, and the write-ahead record kept
-        when something may be left, so the next claim or the audit settles it."""
+        """Compensate in reverse order; a failure here is logged and never hides the original error. The claim is
+        given back with last_error naming what is left, keeping the write-ahead record when something may be."""
         cause = failure.error if isinstance(failure, IssueIncomplete) else failure
         log.error("%s of %s failed, rolling back: %s: %s", plan.kind, plan.thing_name, type(cause).__name__, cause)
         error = f"{plan.kind}: {type(cause).__name__}: {cause}"
@@ -192,7 +179,8 @@ class Saga:
             error = f"rollback incomplete, {failure.leftover}; {error}"
         if issued is not None:
             try:  # a thing this attempt did not make stays (in place it holds the device's current certificate)
-                self._issuer.revoke(ref(issued), delete_thing=issued.created_thing)
+                self._issuer.revoke(CertificateRef(issued.region, issued.certificate_id, issued.thing_name,
+                                                   issued.certificate_arn), delete_thing=issued.created_thing)
             except Exception:
                 log.exception("rollback of %s incomplete: certificate %s in %s may still be active", plan.thing_name,
                               issued.certificate_id, issued.region)
@@ -202,7 +190,3 @@ class Saga:
             self._registry.release(claim, error[:500], keep_pending=incomplete)
         except Exception:
             log.exception("could not give back the claim on %s; it frees itself when the lease ends", plan.thing_name)
-
-
-def ref(issued: IssuedCertificate) -> CertificateRef:
-    return CertificateRef(issued.region, issued.certificate_id, issued.thing_name, issued.certificate_arn)
