@@ -6,14 +6,16 @@ import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
 
 import pytest
 
 from admin import report, worldmap
-from admin.operations import AuditReport
+from admin.operations import AuditReport, MissingCertificate, OrphanThing
 from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.container import Container
+from chalicelib.domain.certificates import CertificateInfo
 from chalicelib.domain.records import PROVISIONED, PROVISIONING, UNPROVISIONED, DeviceRecord
 from chalicelib.domain.requests import ProvisioningRequest
 from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1
@@ -255,6 +257,54 @@ def test_hostile_registry_values_are_escaped():
     for hostile in ("<script>alert", "<img src=x>", "<q1>"):
         assert hostile not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;q1&gt;" in page and "&lt;img src=x&gt;" in page
+
+
+class Parsed(HTMLParser):
+    """A page as a browser's parser reads it: its elements, attributes and text (entities decoded)."""
+
+    def __init__(self, page):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.attributes, self.text = [], [], []
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attributes += attrs
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+HOSTILE = """<script>alert('&')</script>" onmouseover="alert(2)" data-pwned='&amp;'"""
+
+
+def test_hostile_text_from_the_registry_audit_and_settings_is_escaped_everywhere_on_the_page():
+    """Every place a registry value, an audit finding or a setting reaches the page: the browser's parser reads it
+    back as the same text, never as an element or an attribute of its own."""
+    name, country, reason, region = (f"{what}{HOSTILE}" for what in ("name", "country", "reason", "region"))
+    records = [_record(name, region="eu-west-2", country=country, reason=reason, when="2026-11-28T00:00:00+00:00"),
+               _record("mapped", region="eu-west-2", country="GB", reason=reason, when="2026-11-28T00:00:00+00:00"),
+               _record("moved", region=region, country="FR", reason="nearest", when="2026-11-28T00:00:00+00:00")]
+    findings = AuditReport(
+        stuck_claims=[DeviceRecord(name, PROVISIONING, lease_expires=NOW)],
+        orphan_certificates=[CertificateInfo(f"cert{HOSTILE}", region, "ACTIVE", thing_name=name)],
+        orphan_things=[OrphanThing(name, region)],
+        missing_certificates=[MissingCertificate(name, f"cert{HOSTILE}", region, f"status{HOSTILE}")])
+    fleet = report.aggregate(_facts(records), NOW, lambda device: NOW if device.thing_name == name else None)
+    page = report.render(fleet, stage=f"stage{HOSTILE}", enabled=["eu-west-2"], default_region="eu-west-2",
+                         generated=NOW, sources=[f"source{HOSTILE} https://db-ip.com"], findings=findings)
+    parsed = Parsed(page)
+    assert parsed.tags.count("script") == 1  # the page's own
+    assert not {attribute for attribute, _ in parsed.attributes} & {"onmouseover", "data-pwned"}
+    text = "".join(parsed.text)
+    values = [value for _, value in parsed.attributes]
+    for hostile in (name, country, reason, region, f"cert{HOSTILE}", f"status{HOSTILE}", f"stage{HOSTILE}",
+                    f"source{HOSTILE}"):
+        assert hostile in text, hostile  # shown as text...
+    assert any(f"countries: {country} 1" in value for value in values)  # ...and in attributes: a region's tip,
+    assert reason in values  # a line's data-reason
+    assert "<script>alert" not in page and 'onmouseover="' not in page
 
 
 def test_audit_findings_appear_only_when_asked_for():
