@@ -543,8 +543,9 @@ def parser() -> argparse.ArgumentParser:
                                    "sources, in one HTML file that needs no network to open.")
     p.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
     p.add_argument("--audit", action="store_true",
-                   help="also list stuck claims and audit findings, and certificates expiring within 30 days "
-                        "(asks the issuer about every provisioned device, like audit)")
+                   help="also list stuck claims and audit findings (asks the issuer about every provisioned "
+                        "device, like audit); the certificates expiring within 30 days are listed either way, "
+                        "from the registry")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("policy", help="print the stage's IAM policy, generated from its regions and settings",
                        description="Print the Lambda role's IAM policy for the stage's enabled regions, table, "

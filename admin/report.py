@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import AbstractSet, Callable, Iterable, NamedTuple
+from typing import AbstractSet, Iterable, NamedTuple
 
 from admin import operations, worldmap
 from admin.markup import Markup, Node, concat, el, join
@@ -51,14 +51,14 @@ class DeviceFacts(NamedTuple):  # a tuple, not a dataclass: 100,000 of them are 
     country: str | None
     reason: str | None
     provisioned_on: str | None  # YYYY-MM-DD, UTC
-    certificate_id: str | None
+    certificate_expires: datetime | None  # as provisioning and renewal recorded it
 
 
 def device_facts(record: DeviceRecord) -> DeviceFacts:
     """The one place that knows which of the record's fields the report uses."""
     return DeviceFacts(record.thing_name, str(record.status), record.region, record.country, record.region_reason,
                        record.provisioned_at.date().isoformat() if record.provisioned_at else None,
-                       record.certificate_id)
+                       record.certificate_expires)
 
 
 @dataclass
@@ -73,21 +73,25 @@ class Fleet:
     by_reason: Counter[str] = field(default_factory=Counter)
     per_day: Counter[str] = field(default_factory=Counter)  # YYYY-MM-DD -> provisionings recorded that day
     unknown_country: int = 0  # provisioned, no country recorded
-    expiry_checked: int = 0  # provisioned devices whose certificate's expiry is known
+    expiry_checked: int = 0  # provisioned devices whose certificate's expiry the registry records
     expiring: list[tuple[str, str, datetime]] = field(default_factory=list)  # (thing, region, not after), soonest first
 
     @property
     def provisioned(self) -> int:
         return self.by_status[PROVISIONED]
 
+    @property
+    def expiry_unknown(self) -> int:
+        """Provisioned devices whose record has no expiry (written before the registry kept it)."""
+        return self.provisioned - self.expiry_checked
+
     def default_share(self) -> float:
         """Share of provisioned devices sent to the default region because their location was unknown."""
         return self.by_reason["default"] / self.provisioned if self.provisioned else 0.0
 
 
-def aggregate(facts: Iterable[DeviceFacts], now: datetime,
-              not_after: Callable[[DeviceFacts], datetime | None] | None = None) -> Fleet:
-    """One pass. `not_after` looks a certificate's expiry up (the registry does not record it; the issuer knows)."""
+def aggregate(facts: Iterable[DeviceFacts], now: datetime) -> Fleet:
+    """One pass; each certificate's expiry is the one the registry records (no issuer is asked)."""
     fleet = Fleet()
     horizon = now + EXPIRY_WINDOW
     for device in facts:
@@ -105,7 +109,7 @@ def aggregate(facts: Iterable[DeviceFacts], now: datetime,
             fleet.unknown_country += 1
         if device.provisioned_on:
             fleet.per_day[device.provisioned_on] += 1
-        expires = not_after(device) if not_after else None
+        expires = device.certificate_expires
         if expires:
             fleet.expiry_checked += 1
             if expires <= horizon:
@@ -391,17 +395,19 @@ def render_audit(findings: AuditReport | None) -> Markup:
         if len(rows) > 200 else None)
 
 
-def render_expiring(fleet: Fleet, known: bool) -> Markup:
+def render_expiring(fleet: Fleet) -> Markup:
+    unknown = el("p", f"{_n(fleet.expiry_unknown)} provisioned device(s) with no expiry recorded: ",
+                 el("code", "admin list --expiring-within 30"), " lists them first.",
+                 class_="note") if fleet.expiry_unknown else None
     if not fleet.expiring:
-        if not known:
-            return el("p", "Not checked: the issuer knows each certificate's expiry, and with ", el("code", "--audit"),
-                      " the report asks it about every provisioned device.", class_="empty")
-        return el("p", "No certificate expires within 30 days.", class_="ok")
+        return concat(el("p", "No certificate expires within 30 days.", class_="ok") if fleet.expiry_checked
+                      or not fleet.provisioned else None, unknown)
     rows: list[list[Node]] = [[thing, region, timestamp(expires)] for thing, region, expires in fleet.expiring[:200]]
     return concat(
         el("p", f"{_n(len(fleet.expiring))} certificate(s) expire within 30 days.", class_="warn"),
         _table(["device", "region", "not after"], rows),
-        el("p", f"and {_n(len(fleet.expiring) - 200)} more.", class_="note") if len(fleet.expiring) > 200 else None)
+        el("p", f"and {_n(len(fleet.expiring) - 200)} more.", class_="note") if len(fleet.expiring) > 200 else None,
+        unknown)
 
 
 _CSS = Markup("""
@@ -499,7 +505,7 @@ def _section(width: str, title: str, *body: Node) -> Markup:
 
 
 def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str, generated: datetime,
-           sources: list[str], findings: AuditReport | None = None, expiry_known: bool = False) -> str:
+           sources: list[str], findings: AuditReport | None = None) -> str:
     frame = worldmap.Frame()
     provisioned = fleet.provisioned
     statuses = [str(s) for s in STATUSES] + sorted(s for s in fleet.by_status if s not in STATUSES)
@@ -567,7 +573,7 @@ def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str,
         _section("span6", f"Provisionings per day (last {DAYS_SHOWN} days, UTC)",
                  "\n", render_per_day(fleet, generated.date())),
         _section("span6", "Stuck claims and audit findings", render_audit(findings)),
-        _section("span6", "Certificates expiring within 30 days", "\n", render_expiring(fleet, expiry_known))]),
+        _section("span6", "Certificates expiring within 30 days", "\n", render_expiring(fleet))]),
         "\n")
     body = el("body", _lines([
         header, main,
@@ -584,35 +590,24 @@ class CannotWrite(Exception):
 
 
 def write(parts: Container, path: Path, audit: bool = False, now: datetime | None = None) -> Path:
-    """Read the stage's registry (and with `audit`, its issuer), write the report to `path`."""
+    """Read the stage's registry (and with `audit`, its issuer, for the audit only), write the report to `path`."""
     config = parts.settings
     now = now or utcnow()
     registry = parts.registry
     policy = parts.regions
-    findings = None
-    lookup = None
-    if audit:
-        issuer = parts.issuer
-        findings = operations.audit(registry, issuer, policy.enabled, now)
-
-        def lookup(device: DeviceFacts) -> datetime | None:
-            if not device.certificate_id or not device.region:
-                return None
-            found = issuer.certificate(device.certificate_id, device.region)
-            return found.not_after if found else None
-    fleet = aggregate((device_facts(record) for record in registry.list()), now, lookup)
+    findings = operations.audit(registry, parts.issuer, policy.enabled, now) if audit else None
+    fleet = aggregate((device_facts(record) for record in registry.list()), now)
     where = (f"DynamoDB table {config.table_name}" if config.registry == "dynamodb"
              else f"SQLite registry {config.registry_path}")
-    sources = [f"Registry: {where}, read {timestamp(now)}."]
+    sources = [f"Registry: {where}, read {timestamp(now)} (certificate expiry as recorded at issue)."]
     if audit:
         sources.append("Issuer: " + ("AWS IoT Core in each enabled region" if config.issuer == "aws-iot"
-                                     else f"local CAs in {config.ca_dir}") + " (audit and certificate expiry).")
+                                     else f"local CAs in {config.ca_dir}") + " (audit).")
     sources += [f"Geolocation: {s}" for s in geolocation_sources(config)]
     sources.append(f"Map: {worldmap.world().source}; Equal Earth projection.")
     sources.append("Region locations: the metro areas of AWS IoT Core regions in chalicelib/domain/regions.py.")
     page = render(fleet, stage=config.stage, enabled=list(policy.enabled), default_region=policy.default,
-                  generated=now, sources=sources, findings=findings,
-                  expiry_known=fleet.expiry_checked > 0)
+                  generated=now, sources=sources, findings=findings)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
