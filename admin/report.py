@@ -140,7 +140,8 @@ def _database_source(path: Path) -> str:
             meta = reader.metadata()
         kind, built = meta.database_type, datetime.fromtimestamp(meta.build_epoch, timezone.utc).date()
     except Exception as exc:  # unreadable: say so in the report rather than fail it
-        return f"{path.name}: cannot be read ({type(exc).__name__})"
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        return f"{path.name}: cannot be read ({cause})"
     if "geolite" in kind.lower() or "geoip" in kind.lower():
         credit = "This product includes GeoLite2 data created by MaxMind, available from https://www.maxmind.com."
     elif "dbip" in kind.lower() or "db-ip" in kind.lower():

@@ -211,6 +211,12 @@ def test_an_empty_registry_aggregates_to_zeros_and_renders():
     assert "No device has been provisioned yet." in page
 
 
+def test_an_unreadable_geolocation_database_is_named_with_its_cause(tmp_path):
+    (tmp_path / "bad.mmdb").write_bytes(b"not a database")
+    assert report._database_source(tmp_path / "gone.mmdb") == "gone.mmdb: cannot be read (No such file or directory)"
+    assert report._database_source(tmp_path / "bad.mmdb").startswith("bad.mmdb: cannot be read (Error opening")
+
+
 def test_shade_breaks_start_at_one_and_rise():
     assert report.shade_breaks(1) == [1]
     assert report.shade_breaks(4) == [1, 2, 3, 4]
