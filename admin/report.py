@@ -401,8 +401,9 @@ def render_expiring(fleet: Fleet) -> Markup:
                  el("code", "admin list --expiring-within 30"), " lists them first.",
                  class_="note") if fleet.expiry_unknown else None
     if not fleet.expiring:
-        return concat(el("p", "No certificate expires within 30 days.", class_="ok") if fleet.expiry_checked
-                      or not fleet.provisioned else None, unknown)
+        nothing_known = fleet.provisioned > 0 and fleet.expiry_checked == 0  # then the note is the whole answer
+        return concat(None if nothing_known else el("p", "No certificate expires within 30 days.", class_="ok"),
+                      unknown)
     rows: list[list[Node]] = [[thing, region, timestamp(expires)] for thing, region, expires in fleet.expiring[:200]]
     return concat(
         el("p", f"{_n(len(fleet.expiring))} certificate(s) expire within 30 days.", class_="warn"),
