@@ -62,22 +62,24 @@ def ip_address(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not an IPv4 or IPv6 address: {text!r}") from None
 
 
-def aws_problem(exc: Exception) -> str | None:
-    """One line an operator can act on for a botocore failure; None for anything else."""
+def aws_problem(exc: Exception) -> tuple[str, int] | None:
+    """One line an operator can act on for a botocore failure, with the exit code (2: the setup, 1: AWS); None for
+    anything else."""
     if "botocore" not in sys.modules or not type(exc).__module__.startswith("botocore"):
         return None
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
     if isinstance(exc, NoRegionError):
         return ("no AWS region: set one with `export AWS_DEFAULT_REGION=eu-west-2` (the region of the table and "
-                "the API), or `aws configure`")
+                "the API), or `aws configure`", 2)
     if isinstance(exc, NoCredentialsError):
-        return "no AWS credentials: run `aws configure`, or set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        return ("no AWS credentials: run `aws configure`, or set AWS_PROFILE or "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY", 1)
     if isinstance(exc, EndpointConnectionError):
-        return f"cannot reach AWS: {exc}"
+        return f"cannot reach AWS: {exc}", 1
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
-        return f"AWS refused {exc.operation_name}: {error.get('Code')}: {error.get('Message')}"
-    return f"AWS call failed: {exc}"
+        return f"AWS refused {exc.operation_name}: {error.get('Code')}: {error.get('Message')}", 1
+    return f"AWS call failed: {exc}", 1
 
 
 def cmd_keygen(parts: Container, args: Args) -> int:
@@ -252,6 +254,28 @@ def cmd_register(parts: Container, args: Args) -> int:
     return 0
 
 
+def device_status(text: str) -> DeviceStatus:
+    try:
+        return DeviceStatus(text)
+    except ValueError:  # argparse would name the type: "invalid DeviceStatus value"
+        raise argparse.ArgumentTypeError(f"not a device status: {text!r} (choose from "
+                                         f"{', '.join(STATUSES)})") from None
+
+
+MAX_DAYS = 36_500
+
+
+def days(text: str) -> float:
+    """A number of days from now: 0 to MAX_DAYS (past it, a date is out of range)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not 0 <= value <= MAX_DAYS:  # NaN too
+        raise argparse.ArgumentTypeError(f"a number of days from 0 to {MAX_DAYS} is expected, not {text!r}")
+    return value
+
+
 def parse_since(text: str) -> datetime:
     """An ISO date or date-time; without a zone it is UTC, like every time the registry stores."""
     try:
@@ -261,9 +285,19 @@ def parse_since(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def known_region(parts: Container, registry: Any, region: str) -> str:
+    """An enabled region of the stage, or one the registry still places devices in (a region disabled since)."""
+    enabled = parts.regions.enabled
+    if region not in enabled and (not region or next(registry.list(region=region), None) is None):
+        raise CommandError(f"--region {region}: not an enabled region of the {parts.settings.stage} stage, and no "
+                           f"device is in it; the enabled regions: {', '.join(enabled)}")
+    return region
+
+
 def cmd_list(parts: Container, args: Args) -> int:
-    records = sorted(existing_registry(parts).list(args.status, args.region, args.since),
-                     key=lambda record: natural_key(record.thing_name))
+    registry = existing_registry(parts)
+    region = None if args.region is None else known_region(parts, registry, args.region)
+    records = sorted(registry.list(args.status, region, args.since), key=lambda record: natural_key(record.thing_name))
     columns: tuple[str, ...] = TABLE_COLUMNS
     if args.expiring_within is not None:
         records = operations.expiring_within(records, args.expiring_within, utcnow())
@@ -490,11 +524,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("list", help="list registered devices")
-    p.add_argument("--status", type=DeviceStatus, choices=STATUSES, help="only devices in this state")
-    p.add_argument("--region", help="only devices provisioned in this region")
+    p.add_argument("--status", type=device_status, choices=STATUSES, help="only devices in this state")
+    p.add_argument("--region", help="only devices provisioned in this region (an enabled region of the stage, or "
+                                    "one where the registry still places devices)")
     p.add_argument("--since", type=parse_since, metavar="DATE",
                    help="only devices provisioned at or after DATE (ISO date or date-time; UTC unless it says)")
-    p.add_argument("--expiring-within", type=float, metavar="DAYS",
+    p.add_argument("--expiring-within", type=days, metavar="DAYS",
                    help="only provisioned devices whose certificate expires within DAYS, soonest first "
                         "(the device client renews by itself 30 days before)")
     output = p.add_mutually_exclusive_group()
@@ -543,8 +578,9 @@ def parser() -> argparse.ArgumentParser:
                                    "sources, in one HTML file that needs no network to open.")
     p.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
     p.add_argument("--audit", action="store_true",
-                   help="also list stuck claims and audit findings, and certificates expiring within 30 days "
-                        "(asks the issuer about every provisioned device, like audit)")
+                   help="also list stuck claims and audit findings (asks the issuer about every provisioned "
+                        "device, like audit); the certificates expiring within 30 days are listed either way, "
+                        "from the registry")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("policy", help="print the stage's IAM policy, generated from its regions and settings",
                        description="Print the Lambda role's IAM policy for the stage's enabled regions, table, "
@@ -596,8 +632,9 @@ def main(argv: list[str] | None = None) -> int:
         problem = aws_problem(exc)  # no region, no credentials, access denied: one line, no traceback
         if problem is None:
             raise
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
+        line, code = problem
+        print(f"error: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

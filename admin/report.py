@@ -7,16 +7,16 @@ reads the same offline years later.
 """
 from __future__ import annotations
 
-import html
 import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import AbstractSet, Callable, Iterable, NamedTuple
+from typing import AbstractSet, Iterable, NamedTuple
 
 from admin import operations, worldmap
+from admin.markup import Markup, Node, concat, el, join
 from admin.operations import AuditReport
 from chalicelib.adapters.geo import bundled_database
 from chalicelib.config import Settings
@@ -51,14 +51,14 @@ class DeviceFacts(NamedTuple):  # a tuple, not a dataclass: 100,000 of them are 
     country: str | None
     reason: str | None
     provisioned_on: str | None  # YYYY-MM-DD, UTC
-    certificate_id: str | None
+    certificate_expires: datetime | None  # as provisioning and renewal recorded it
 
 
 def device_facts(record: DeviceRecord) -> DeviceFacts:
     """The one place that knows which of the record's fields the report uses."""
     return DeviceFacts(record.thing_name, str(record.status), record.region, record.country, record.region_reason,
                        record.provisioned_at.date().isoformat() if record.provisioned_at else None,
-                       record.certificate_id)
+                       record.certificate_expires)
 
 
 @dataclass
@@ -73,21 +73,25 @@ class Fleet:
     by_reason: Counter[str] = field(default_factory=Counter)
     per_day: Counter[str] = field(default_factory=Counter)  # YYYY-MM-DD -> provisionings recorded that day
     unknown_country: int = 0  # provisioned, no country recorded
-    expiry_checked: int = 0  # provisioned devices whose certificate's expiry is known
+    expiry_checked: int = 0  # provisioned devices whose certificate's expiry the registry records
     expiring: list[tuple[str, str, datetime]] = field(default_factory=list)  # (thing, region, not after), soonest first
 
     @property
     def provisioned(self) -> int:
         return self.by_status[PROVISIONED]
 
+    @property
+    def expiry_unknown(self) -> int:
+        """Provisioned devices whose record has no expiry (written before the registry kept it)."""
+        return self.provisioned - self.expiry_checked
+
     def default_share(self) -> float:
         """Share of provisioned devices sent to the default region because their location was unknown."""
         return self.by_reason["default"] / self.provisioned if self.provisioned else 0.0
 
 
-def aggregate(facts: Iterable[DeviceFacts], now: datetime,
-              not_after: Callable[[DeviceFacts], datetime | None] | None = None) -> Fleet:
-    """One pass. `not_after` looks a certificate's expiry up (the registry does not record it; the issuer knows)."""
+def aggregate(facts: Iterable[DeviceFacts], now: datetime) -> Fleet:
+    """One pass; each certificate's expiry is the one the registry records (no issuer is asked)."""
     fleet = Fleet()
     horizon = now + EXPIRY_WINDOW
     for device in facts:
@@ -105,7 +109,7 @@ def aggregate(facts: Iterable[DeviceFacts], now: datetime,
             fleet.unknown_country += 1
         if device.provisioned_on:
             fleet.per_day[device.provisioned_on] += 1
-        expires = not_after(device) if not_after else None
+        expires = device.certificate_expires
         if expires:
             fleet.expiry_checked += 1
             if expires <= horizon:
@@ -136,7 +140,8 @@ def _database_source(path: Path) -> str:
             meta = reader.metadata()
         kind, built = meta.database_type, datetime.fromtimestamp(meta.build_epoch, timezone.utc).date()
     except Exception as exc:  # unreadable: say so in the report rather than fail it
-        return f"{path.name}: cannot be read ({type(exc).__name__})"
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        return f"{path.name}: cannot be read ({cause})"
     if "geolite" in kind.lower() or "geoip" in kind.lower():
         credit = "This product includes GeoLite2 data created by MaxMind, available from https://www.maxmind.com."
     elif "dbip" in kind.lower() or "db-ip" in kind.lower():
@@ -147,10 +152,6 @@ def _database_source(path: Path) -> str:
 
 
 # --- rendering -------------------------------------------------------------------------------------------
-
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
 
 def _n(value: int) -> str:
     return f"{value:,}"
@@ -195,7 +196,7 @@ def _arc(start: tuple[float, float], end: tuple[float, float]) -> str:
 
 
 def _place_label(text: str, x: float, y: float, radius: float,
-                 placed: list[tuple[float, float, float, float]]) -> str | None:
+                 placed: list[tuple[float, float, float, float]]) -> Markup | None:
     """A region's name beside its marker, on the first side where it overlaps no label placed before."""
     width, height = 6.2 * len(text), 12.0
     for lx, ly, anchor in ((x + radius + 3, y + 4, "start"), (x - radius - 3, y + 4, "end"),
@@ -204,11 +205,21 @@ def _place_label(text: str, x: float, y: float, radius: float,
         box = (left, ly - height + 2, left + width, ly + 2)
         if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
             placed.append(box)
-            return f'<text class="label" x="{lx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{_esc(text)}</text>'
+            return el("text", text, class_="label", x=f"{lx:.1f}", y=f"{ly:.1f}", text_anchor=anchor)
     return None
 
 
-def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: worldmap.Frame) -> str:
+def _reason_line(reason: str) -> Markup:
+    """A short line in the colour the map draws the reason's lines in."""
+    return el("span", class_="line", style=f"background:{REASON_COLOURS.get(reason, UNKNOWN_REASON_COLOUR)}")
+
+
+def _lines(items: Iterable[Node]) -> Markup:
+    """Each item on a line of its own (the page's source stays readable)."""
+    return concat(("\n", item) for item in items)
+
+
+def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: worldmap.Frame) -> Markup:
     shapes = worldmap.shapes(frame)
     by_code = {s.code: s for s in shapes if s.code}
     breaks = shade_breaks(max(fleet.by_country.values(), default=0))
@@ -228,32 +239,24 @@ def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: wor
         return "\n".join(lines)
 
     sphere = worldmap.sphere_outline(frame)
-    out = [f'<svg id="map" viewBox="0 0 {frame.width:.0f} {frame.height:.0f}" role="img" '
-           f'aria-label="World map of the fleet" xmlns="http://www.w3.org/2000/svg">',
-           f'<defs><clipPath id="globe"><path d="{sphere}"/></clipPath></defs>',
-           f'<path class="sphere" d="{sphere}"/>',
-           f'<path class="graticule" d="{worldmap.graticule(frame)}"/>', '<g class="countries">']
-    small = []
+    countries, dots = [], []
     for shape in shapes:
         count = fleet.by_country.get(shape.code, 0) if shape.code else 0
         if count:
             tip = country_tip(shape.code, shape.name)
-            out.append(f'<path class="country shaded" data-code="{shape.code}" data-count="{count}" '
-                       f'style="fill:{shade_for(count, breaks)}" data-tip="{_esc(tip)}" d="{shape.path}"/>')
+            countries.append(el("path", class_="country shaded", data_code=shape.code, data_count=count,
+                                style=f"fill:{shade_for(count, breaks)}", data_tip=tip, d=shape.path))
             if shape.area < 12:  # too small to see or hover: a dot on top, like an atlas's city-state
-                small.append((shape, count, tip))
+                x, y = frame.point(*shape.anchor)
+                dots.append(el("circle", class_="country shaded dot", data_code=shape.code, data_count=count,
+                               style=f"fill:{shade_for(count, breaks)}", cx=f"{x:.1f}", cy=f"{y:.1f}", r="2.6",
+                               data_tip=tip))
         else:
             label = f"{shape.name} ({shape.code})" if shape.code else shape.name
-            tip = f"{label}\nno devices"
-            out.append(f'<path class="country" data-code="{shape.code}" data-tip="{_esc(tip)}" d="{shape.path}"/>')
-    out.append("</g>")
-    for shape, count, tip in small:
-        x, y = frame.point(*shape.anchor)
-        out.append(f'<circle class="country shaded dot" data-code="{shape.code}" data-count="{count}" '
-                   f'style="fill:{shade_for(count, breaks)}" cx="{x:.1f}" cy="{y:.1f}" r="2.6" '
-                   f'data-tip="{_esc(tip)}"/>')
+            countries.append(el("path", class_="country", data_code=shape.code, data_tip=f"{label}\nno devices",
+                                d=shape.path))
 
-    out.append('<g class="flows" clip-path="url(#globe)">')
+    flows = []
     largest_flow = max(fleet.flows.values(), default=1)
     # Ordinary (nearest) lines first and faint; rules and the default drawn on top, where the eye goes.
     for (country, region, reason), count in sorted(fleet.flows.items(), key=lambda f: (f[0][2] != "nearest", f[1])):
@@ -266,21 +269,18 @@ def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: wor
             turn = 360 if lon2 < lon1 else -360
             ends = [((lon1, lat1), (lon2 + turn, lat2)), ((lon1 - turn, lat1), (lon2, lat2))]
         width = 0.7 + 2.6 * math.log1p(count) / math.log1p(largest_flow)
-        colour = REASON_COLOURS.get(reason, UNKNOWN_REASON_COLOUR)
-        tip = f"{country} → {region}\n{_n(count)} device{'s' if count != 1 else ''} ({reason})"
-        d = "".join(_arc(frame.point(*a), frame.point(*b)) for a, b in ends)
-        out.append(f'<path class="flow{" usual" if reason == "nearest" else ""}" data-reason="{_esc(reason)}" '
-                   f'stroke="{colour}" stroke-width="{width:.1f}" data-tip="{_esc(tip)}" d="{d}"/>')
-    out.append("</g>")
+        flows.append(el("path", class_="flow usual" if reason == "nearest" else "flow", data_reason=reason,
+                        stroke=REASON_COLOURS.get(reason, UNKNOWN_REASON_COLOUR), stroke_width=f"{width:.1f}",
+                        data_tip=f"{country} → {region}\n{_n(count)} device{'s' if count != 1 else ''} ({reason})",
+                        d="".join(_arc(frame.point(*a), frame.point(*b)) for a, b in ends)))
 
-    out.append('<g class="regions">')
     largest = max((fleet.by_region[r] for r in enabled), default=0)
     placed: list[tuple[float, float, float, float]] = []  # boxes labels must not cover: busy markers, then labels
     for region in (r for r in enabled if fleet.by_region[r]):
         x, y = frame.point(CATALOGUE[region].longitude, CATALOGUE[region].latitude)
         r = _marker_radius(fleet.by_region[region], largest)
         placed.append((x - r, y - r, x + r, y + r))
-    labels = []
+    markers, labels = [], []
     for region in sorted(enabled, key=lambda r: -fleet.by_region[r]):  # big circles under small ones
         info = CATALOGUE[region]
         x, y = frame.point(info.longitude, info.latitude)
@@ -291,42 +291,49 @@ def render_map(fleet: Fleet, enabled: list[str], default_region: str, frame: wor
         if countries_of[region]:
             lines.append(f"from {len(countries_of[region])} countr{'ies' if len(countries_of[region]) != 1 else 'y'}: "
                          + ", ".join(f"{c} {_n(n)}" for c, n in countries_of[region].most_common(5)))
-        cls = "region used" if count else "region idle"
-        out.append(f'<circle class="{cls}" data-region="{region}" data-count="{count}" cx="{x:.1f}" cy="{y:.1f}" '
-                   f'r="{radius:.1f}" data-tip="{_esc(chr(10).join(lines))}"/>')
+        markers.append(el("circle", class_="region used" if count else "region idle", data_region=region,
+                          data_count=count, cx=f"{x:.1f}", cy=f"{y:.1f}", r=f"{radius:.1f}",
+                          data_tip="\n".join(lines)))
         if count:
-            text = _place_label(region, x, y, radius, placed)
-            if text:
-                labels.append(text)
-    out.append("</g>")
-    out.append('<g class="labels">' + "".join(labels) + "</g></svg>")
+            labels.append(_place_label(region, x, y, radius, placed))
 
-    legend = ['<div class="legend"><div class="group"><span class="legend-title">Devices per country</span>']
+    svg = el("svg", _lines([
+        el("defs", el("clipPath", el("path", d=sphere), id="globe")),
+        el("path", class_="sphere", d=sphere),
+        el("path", class_="graticule", d=worldmap.graticule(frame)),
+        el("g", _lines(countries), "\n", class_="countries"),
+        *dots,
+        el("g", _lines(flows), "\n", class_="flows", clip_path="url(#globe)"),
+        el("g", _lines(markers), "\n", class_="regions"),
+        el("g", labels, class_="labels")]),
+        id="map", viewBox=f"0 0 {frame.width:.0f} {frame.height:.0f}", role="img",
+        aria_label="World map of the fleet", xmlns="http://www.w3.org/2000/svg")
+
     most = max(fleet.by_country.values(), default=1)
+    shades = []
     for i, lower in enumerate(breaks):
         upper = breaks[i + 1] - 1 if i + 1 < len(breaks) else most
-        text = _n(lower) if upper <= lower else f"{_n(lower)}–{_n(upper)}"
-        legend.append(f'<span class="key"><span class="swatch" style="background:{shade_for(lower, breaks)}"></span>'
-                      f'{text}</span>')
-    legend.append('</div><div class="group"><span class="legend-title">Sent to a region by</span>')
+        shades.append(el("span", el("span", class_="swatch", style=f"background:{shade_for(lower, breaks)}"),
+                         _n(lower) if upper <= lower else f"{_n(lower)}–{_n(upper)}", class_="key"))
     drawn = {reason for _, _, reason in fleet.flows}
-    for reason in [r for r in REASON_COLOURS if r in drawn] + sorted(drawn - set(REASON_COLOURS)) or ["nearest"]:
-        colour = REASON_COLOURS.get(reason, UNKNOWN_REASON_COLOUR)
-        legend.append(f'<span class="key"><span class="line" style="background:{colour}"></span>{_esc(reason)}</span>')
-    legend.append('</div><div class="group">'
-                  '<span class="key"><span class="dot-key"></span>region, sized by devices</span>'
-                  '<span class="key"><span class="idle-key"></span>enabled, none yet</span></div></div>')
+    reasons = [el("span", _reason_line(reason), reason, class_="key")
+               for reason in [r for r in REASON_COLOURS if r in drawn] + sorted(drawn - set(REASON_COLOURS))
+               or ["nearest"]]
+    legend = el("div",
+                el("div", el("span", "Devices per country", class_="legend-title"), shades, class_="group"),
+                el("div", el("span", "Sent to a region by", class_="legend-title"), reasons, class_="group"),
+                el("div", el("span", el("span", class_="dot-key"), "region, sized by devices", class_="key"),
+                   el("span", el("span", class_="idle-key"), "enabled, none yet", class_="key"), class_="group"),
+                class_="legend")
     missing = sorted(c for c in fleet.by_country if c not in by_code)
-    note = ""
-    if missing:
-        note = ('<p class="note">Not on the map (no outline for the code): '
-                + ", ".join(f"{_esc(c)} ({_n(fleet.by_country[c])})" for c in missing) + "</p>")
-    return "\n".join(out) + "".join(legend) + note
+    note = el("p", "Not on the map (no outline for the code): ",
+              join(", ", (f"{c} ({_n(fleet.by_country[c])})" for c in missing)), class_="note") if missing else None
+    return concat(svg, legend, note)
 
 
-def render_per_day(fleet: Fleet, today: date) -> str:
+def render_per_day(fleet: Fleet, today: date) -> Markup:
     if not fleet.per_day:
-        return '<p class="empty">No device has been provisioned yet.</p>'
+        return el("p", "No device has been provisioned yet.", class_="empty")
     last = max(today, max(date.fromisoformat(d) for d in fleet.per_day))
     days = [last - timedelta(days=DAYS_SHOWN - 1 - i) for i in range(DAYS_SHOWN)]
     counts = [fleet.per_day.get(d.isoformat(), 0) for d in days]
@@ -334,74 +341,78 @@ def render_per_day(fleet: Fleet, today: date) -> str:
     top = max(counts) or 1
     width, height, pad = 600, 150, 24
     bar = (width - 2 * pad) / len(days)
-    parts = [f'<svg id="per-day" viewBox="0 0 {width} {height + 22}" role="img" '
-             f'aria-label="Provisionings per day" xmlns="http://www.w3.org/2000/svg">',
-             f'<line class="axis" x1="{pad}" y1="{height}" x2="{width - pad}" y2="{height}"/>',
-             f'<text class="tick" x="{pad}" y="14">{_n(top)}</text>']
+    shapes = [el("line", class_="axis", x1=pad, y1=height, x2=width - pad, y2=height),
+              el("text", _n(top), class_="tick", x=pad, y=14)]
     for i, (day, count) in enumerate(zip(days, counts)):
         h = (height - 24) * count / top
         x = pad + i * bar
-        parts.append(f'<rect class="bar" x="{x + 1:.1f}" y="{height - h:.1f}" width="{max(bar - 2, 1):.1f}" '
-                     f'height="{h:.1f}" data-tip="{day.isoformat()}\n{_n(count)} provisioned"/>')
+        shapes.append(el("rect", class_="bar", x=f"{x + 1:.1f}", y=f"{height - h:.1f}", width=f"{max(bar - 2, 1):.1f}",
+                         height=f"{h:.1f}", data_tip=f"{day.isoformat()}\n{_n(count)} provisioned"))
         if i % 10 == 0 or i == len(days) - 1:
-            parts.append(f'<text class="tick" x="{x + bar / 2:.1f}" y="{height + 16}" text-anchor="middle">'
-                         f'{day.strftime("%d %b")}</text>')
-    parts.append("</svg>")
+            shapes.append(el("text", day.strftime("%d %b"), class_="tick", x=f"{x + bar / 2:.1f}", y=height + 16,
+                             text_anchor="middle"))
     busiest = max(range(len(days)), key=lambda i: counts[i])
-    parts.append(f'<p class="note">{_n(sum(counts))} in these {DAYS_SHOWN} days · last 7 days: {_n(sum(counts[-7:]))}'
-                 f' · busiest day: {days[busiest].strftime("%d %b")} ({_n(counts[busiest])})</p>')
-    if earlier:
-        parts.append(f'<p class="note">{_n(earlier)} earlier provisioning(s), before {days[0].isoformat()}.</p>')
-    return "".join(parts)
+    return concat(
+        el("svg", shapes, id="per-day", viewBox=f"0 0 {width} {height + 22}", role="img",
+           aria_label="Provisionings per day", xmlns="http://www.w3.org/2000/svg"),
+        el("p", f"{_n(sum(counts))} in these {DAYS_SHOWN} days · last 7 days: {_n(sum(counts[-7:]))}"
+                f" · busiest day: {days[busiest].strftime('%d %b')} ({_n(counts[busiest])})", class_="note"),
+        el("p", f"{_n(earlier)} earlier provisioning(s), before {days[0].isoformat()}.", class_="note")
+        if earlier else None)
 
 
-def _table(header: list[str], rows: list[list[str]], numeric: AbstractSet[int] = frozenset(), cls: str = "") -> str:
-    head = "".join(f'<th{" class=num" if i in numeric else ""}>{h}</th>' for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{c}</td>' for i, c in enumerate(row))
-                   + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+def _table(header: list[str], rows: Iterable[list[Node]], numeric: AbstractSet[int] = frozenset()) -> Markup:
+    def cells(tag: str, row: list[Node]) -> list[Markup]:
+        return [el(tag, cell, class_="num" if i in numeric else None) for i, cell in enumerate(row)]
+    return el("table", el("thead", el("tr", cells("th", list(header)))),
+              el("tbody", (el("tr", cells("td", row)) for row in rows)))
 
 
-def _bar(part: int, whole: int) -> str:
-    return f'<span class="hbar"><span style="width:{100 * part / whole if whole else 0:.1f}%"></span></span>'
+def _bar(part: int, whole: int) -> Markup:
+    return el("span", el("span", style=f"width:{100 * part / whole if whole else 0:.1f}%"), class_="hbar")
 
 
-def render_audit(findings: AuditReport | None) -> str:
+def render_audit(findings: AuditReport | None) -> Markup:
     if findings is None:
-        return ('<p class="empty">Not checked: run <code>python -m admin report --html FILE --audit</code> '
-                'to list stuck claims, orphan certificates and things, and missing certificates.</p>')
-    rows = []
+        return el("p", "Not checked: run ", el("code", "python -m admin report --html FILE --audit"),
+                  " to list stuck claims, orphan certificates and things, and missing certificates.", class_="empty")
+    rows: list[list[Node]] = []
     for record in findings.stuck_claims:
         ended = timestamp(record.lease_expires) if record.lease_expires else "?"
-        rows.append(["stuck claim", _esc(record.thing_name), "", f"lease ended {ended}"])
+        rows.append(["stuck claim", record.thing_name, "", f"lease ended {ended}"])
     for cert in findings.orphan_certificates:
-        rows.append(["orphan certificate", _esc(cert.thing_name or ""), _esc(cert.region), _esc(cert.certificate_id)])
+        rows.append(["orphan certificate", cert.thing_name or "", cert.region, cert.certificate_id])
     for thing in findings.orphan_things:
-        rows.append(["orphan thing", _esc(thing.thing_name), _esc(thing.region), "no registry item places it there"])
+        rows.append(["orphan thing", thing.thing_name, thing.region, "no registry item places it there"])
     for missing in findings.missing_certificates:
-        rows.append(["missing certificate", _esc(missing.thing_name), _esc(missing.region),
-                     f"{_esc(missing.certificate_id)} is {_esc(missing.status)}"])
+        rows.append(["missing certificate", missing.thing_name, missing.region,
+                     f"{missing.certificate_id} is {missing.status}"])
     if not rows:
-        return '<p class="ok">Nothing found: no stuck claim, orphan or missing certificate.</p>'
-    more = (f'<p class="note">and {_n(len(rows) - 200)} more; <code>admin audit</code> lists them all.</p>'
-            if len(rows) > 200 else "")
-    return (f'<p class="warn">{_n(len(rows))} finding(s); <code>admin audit --fix</code> repairs them.</p>'
-            + _table(["finding", "device", "region", "detail"], rows[:200]) + more)
+        return el("p", "Nothing found: no stuck claim, orphan or missing certificate.", class_="ok")
+    return concat(
+        el("p", f"{_n(len(rows))} finding(s); ", el("code", "admin audit --fix"), " repairs them.", class_="warn"),
+        _table(["finding", "device", "region", "detail"], rows[:200]),
+        el("p", f"and {_n(len(rows) - 200)} more; ", el("code", "admin audit"), " lists them all.", class_="note")
+        if len(rows) > 200 else None)
 
 
-def render_expiring(fleet: Fleet, known: bool) -> str:
+def render_expiring(fleet: Fleet) -> Markup:
+    unknown = el("p", f"{_n(fleet.expiry_unknown)} provisioned device(s) with no expiry recorded: ",
+                 el("code", "admin list --expiring-within 30"), " lists them first.",
+                 class_="note") if fleet.expiry_unknown else None
     if not fleet.expiring:
-        if not known:
-            return ('<p class="empty">Not checked: the issuer knows each certificate\'s expiry, and with '
-                    '<code>--audit</code> the report asks it about every provisioned device.</p>')
-        return '<p class="ok">No certificate expires within 30 days.</p>'
-    rows = [[_esc(thing), _esc(region), timestamp(expires)] for thing, region, expires in fleet.expiring[:200]]
-    more = f'<p class="note">and {_n(len(fleet.expiring) - 200)} more.</p>' if len(fleet.expiring) > 200 else ""
-    return (f'<p class="warn">{_n(len(fleet.expiring))} certificate(s) expire within 30 days.</p>'
-            + _table(["device", "region", "not after"], rows) + more)
+        nothing_known = fleet.provisioned > 0 and fleet.expiry_checked == 0  # then the note is the whole answer
+        return concat(None if nothing_known else el("p", "No certificate expires within 30 days.", class_="ok"),
+                      unknown)
+    rows: list[list[Node]] = [[thing, region, timestamp(expires)] for thing, region, expires in fleet.expiring[:200]]
+    return concat(
+        el("p", f"{_n(len(fleet.expiring))} certificate(s) expire within 30 days.", class_="warn"),
+        _table(["device", "region", "not after"], rows),
+        el("p", f"and {_n(len(fleet.expiring) - 200)} more.", class_="note") if len(fleet.expiring) > 200 else None,
+        unknown)
 
 
-_CSS = """
+_CSS = Markup("""
 :root{--ink:#1f2a37;--muted:#64748b;--line:#e2e8f0;--card:#fff;--bg:#f4f6f9;--accent:#167a68}
 *{box-sizing:border-box}
 body{margin:0;background:var(--bg);color:var(--ink);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
@@ -461,10 +472,10 @@ footer li{margin:2px 0}
 #tip{position:fixed;pointer-events:none;display:none;background:#0f172a;color:#f8fafc;padding:7px 10px;
 border-radius:6px;font-size:12.5px;white-space:pre-line;max-width:340px;box-shadow:0 4px 14px rgba(15,23,42,.25);
 z-index:10}
-"""
+""")
 
 # The hover box: shows the data-tip text of whatever the pointer is over (no network, no library).
-_SCRIPT = """
+_SCRIPT = Markup("""
 (function(){var tip=document.getElementById('tip');
 document.addEventListener('mouseover',function(e){var t=e.target.closest&&e.target.closest('[data-tip]');
 if(!t){tip.style.display='none';return;}
@@ -474,40 +485,55 @@ if(lines.length>1)tip.appendChild(document.createTextNode('\\n'+lines.slice(1).j
 document.addEventListener('mousemove',function(e){var w=tip.offsetWidth,h=tip.offsetHeight;
 var x=e.clientX+14,y=e.clientY+14;if(x+w>innerWidth-8)x=e.clientX-w-14;if(y+h>innerHeight-8)y=e.clientY-h-14;
 tip.style.left=x+'px';tip.style.top=y+'px';});})();
-"""
+""")
+
+
+_URL = re.compile(r"https://[\w./-]*\w")
+
+
+def _linked(text: str) -> Markup:
+    """The text with each https address in it a link (DB-IP's licence asks pages showing its results to link)."""
+    parts: list[Node] = []
+    at = 0
+    for url in _URL.finditer(text):
+        parts += [text[at:url.start()], el("a", url.group(), href=url.group())]
+        at = url.end()
+    parts.append(text[at:])
+    return concat(parts)
+
+
+def _section(width: str, title: str, *body: Node) -> Markup:
+    return el("section", el("h2", title), *body, class_=f"card {width}")
 
 
 def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str, generated: datetime,
-           sources: list[str], findings: AuditReport | None = None, expiry_known: bool = False) -> str:
+           sources: list[str], findings: AuditReport | None = None) -> str:
     frame = worldmap.Frame()
     provisioned = fleet.provisioned
     statuses = [str(s) for s in STATUSES] + sorted(s for s in fleet.by_status if s not in STATUSES)
-    status_rows = [[_esc(s), _n(fleet.by_status[s]), _pct(fleet.by_status[s], fleet.total)] for s in statuses]
+    status_rows: list[list[Node]] = [[s, _n(fleet.by_status[s]), _pct(fleet.by_status[s], fleet.total)]
+                                     for s in statuses]
     region_names = list(enabled) + sorted(r for r in fleet.by_region if r not in enabled)
-    region_rows = []
+    region_rows: list[list[Node]] = []
     for region in sorted(region_names, key=lambda r: (-fleet.by_region[r], r)):
         info = CATALOGUE.get(region)
-        tags = []
-        if region == default_region:
-            tags.append('<span class="tag">default</span>')
-        if region not in enabled:
-            tags.append('<span class="tag">not enabled</span>')
-        region_rows.append([f"{_esc(region)} {''.join(tags)}", _esc(info.metro if info else "?"),
-                            _n(fleet.by_region[region]), _pct(fleet.by_region[region], provisioned),
-                            _bar(fleet.by_region[region], provisioned)])
+        tags = [el("span", "default", class_="tag") if region == default_region else None,
+                el("span", "not enabled", class_="tag") if region not in enabled else None]
+        region_rows.append([[region, " ", tags], info.metro if info else "?", _n(fleet.by_region[region]),
+                            _pct(fleet.by_region[region], provisioned), _bar(fleet.by_region[region], provisioned)])
     names = {s.code: s.name for s in worldmap.shapes(frame) if s.code}
     regions_of: dict[str, Counter[str]] = defaultdict(Counter)
     for (country, region, _), count in fleet.flows.items():
         regions_of[country][region] += count
-    country_rows = [[f"{_esc(names.get(code, code))} <span class=tag>{_esc(code)}</span>", _n(count),
-                     _pct(count, provisioned),
-                     ", ".join(f"{_esc(r)} {_n(n)}" for r, n in regions_of[code].most_common(3))]
-                    for code, count in fleet.by_country.most_common(15)]
+    country_rows: list[list[Node]] = [
+        [[names.get(code, code), " ", el("span", code, class_="tag")], _n(count), _pct(count, provisioned),
+         ", ".join(f"{r} {_n(n)}" for r, n in regions_of[code].most_common(3))]
+        for code, count in fleet.by_country.most_common(15)]
     if fleet.unknown_country:
-        country_rows.append(["<em>unknown location</em>", _n(fleet.unknown_country),
+        country_rows.append([el("em", "unknown location"), _n(fleet.unknown_country),
                              _pct(fleet.unknown_country, provisioned), ""])
-    reason_rows = [[f'<span class="line" style="background:{REASON_COLOURS.get(r, UNKNOWN_REASON_COLOUR)}"></span> '
-                    f"{_esc(r)}", _n(n), _pct(n, provisioned)] for r, n in fleet.by_reason.most_common()]
+    reason_rows: list[list[Node]] = [
+        [[_reason_line(r), " ", r], _n(n), _pct(n, provisioned)] for r, n in fleet.by_reason.most_common()]
     stuck = len(findings.stuck_claims) if findings is not None else None
     share = fleet.default_share()
     kpis = [("devices", _n(fleet.total), False),
@@ -515,53 +541,48 @@ def render(fleet: Fleet, *, stage: str, enabled: list[str], default_region: str,
             ("in provisioning now", _n(fleet.by_status[PROVISIONING]), False),
             ("countries", _n(len(fleet.by_country)), False),
             ("regions in use", f"{sum(1 for r in enabled if fleet.by_region[r])} / {len(enabled)}", False),
-            (f"sent to the default region ({_esc(default_region)}): location unknown",
-             f"{share * 100:.1f}%", share > 0.05)]
+            (f"sent to the default region ({default_region}): location unknown", f"{share * 100:.1f}%", share > 0.05)]
     if stuck is not None:
         kpis.append(("stuck claims", _n(stuck), stuck > 0))
-    kpi_html = "".join(f'<div class="card kpi{" alert" if alert else ""}"><div class="v">{v}</div>'
-                       f'<div class="l">{label}</div></div>' for label, v, alert in kpis)
     generated_text = timestamp(generated)
-    nothing_yet = '<p class="empty">No device provisioned yet.</p>'
-    # DB-IP's licence asks pages that show its results to link to it: a source's https address is a link
-    source_items = "".join("<li>" + re.sub(r"https://[\w./-]*\w", r'<a href="\g<0>">\g<0></a>', _esc(s)) + "</li>"
-                           for s in sources)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<meta http-equiv="Content-Security-Policy"
- content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">
-<title>Fleet report · {_esc(stage)} · {generated_text}</title>
-<style>{_CSS}</style></head>
-<body>
-<header><h1>Fleet report</h1>
-<div class="sub">stage <b>{_esc(stage)}</b> · generated {generated_text} · {_n(fleet.total)} registered devices ·
-{_n(provisioned)} provisioned in {_n(len(fleet.by_country))} countries</div></header>
-<main>
-<div class="kpis">{kpi_html}</div>
-<section class="card span12"><h2>Where the devices are, and which region each country was sent to</h2>
-{render_map(fleet, enabled, default_region, frame)}</section>
-<section class="card span6"><h2>Provisioned devices by region</h2>
-{_table(["region", "location", "devices", "share", ""], region_rows, {2, 3})}</section>
-<section class="card span6"><h2>Devices by status</h2>
-{_table(["status", "devices", "share"], status_rows, {1, 2})}
-<h2 style="margin-top:18px">Why each region was chosen</h2>
-{_table(["reason", "devices", "share"], reason_rows, {1, 2}) if reason_rows else nothing_yet}
-</section>
-<section class="card span6"><h2>Top countries</h2>
-{_table(["country", "devices", "share", "sent to"], country_rows, {1, 2}) if country_rows else nothing_yet}
-</section>
-<section class="card span6"><h2>Provisionings per day (last {DAYS_SHOWN} days, UTC)</h2>
-{render_per_day(fleet, generated.date())}</section>
-<section class="card span6"><h2>Stuck claims and audit findings</h2>{render_audit(findings)}</section>
-<section class="card span6"><h2>Certificates expiring within 30 days</h2>
-{render_expiring(fleet, expiry_known)}</section>
-</main>
-<footer><b>Data sources</b><ul>{source_items}</ul></footer>
-<div id="tip" role="tooltip"></div>
-<script>{_SCRIPT}</script>
-</body></html>
-"""
+    nothing_yet = el("p", "No device provisioned yet.", class_="empty")
+    head = el("head", join("\n", [
+        el("meta", charset="utf-8"),
+        el("meta", name="viewport", content="width=device-width,initial-scale=1"),
+        el("meta", http_equiv="Content-Security-Policy",
+           content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"),
+        el("title", f"Fleet report · {stage} · {generated_text}"),
+        el("style", _CSS)]))
+    header = el("header", el("h1", "Fleet report"), "\n", el(
+        "div", "stage ", el("b", stage), f" · generated {generated_text} · {_n(fleet.total)} registered devices ·\n"
+        f"{_n(provisioned)} provisioned in {_n(len(fleet.by_country))} countries", class_="sub"))
+    main = el("main", _lines([
+        el("div", (el("div", el("div", value, class_="v"), el("div", label, class_="l"),
+                      class_="card kpi alert" if alert else "card kpi") for label, value, alert in kpis),
+           class_="kpis"),
+        _section("span12", "Where the devices are, and which region each country was sent to",
+                 "\n", render_map(fleet, enabled, default_region, frame)),
+        _section("span6", "Provisioned devices by region",
+                 "\n", _table(["region", "location", "devices", "share", ""], region_rows, {2, 3})),
+        _section("span6", "Devices by status",
+                 "\n", _table(["status", "devices", "share"], status_rows, {1, 2}),
+                 "\n", el("h2", "Why each region was chosen", style="margin-top:18px"),
+                 "\n", _table(["reason", "devices", "share"], reason_rows, {1, 2}) if reason_rows else nothing_yet,
+                 "\n"),
+        _section("span6", "Top countries",
+                 "\n", _table(["country", "devices", "share", "sent to"], country_rows, {1, 2})
+                 if country_rows else nothing_yet, "\n"),
+        _section("span6", f"Provisionings per day (last {DAYS_SHOWN} days, UTC)",
+                 "\n", render_per_day(fleet, generated.date())),
+        _section("span6", "Stuck claims and audit findings", render_audit(findings)),
+        _section("span6", "Certificates expiring within 30 days", "\n", render_expiring(fleet))]),
+        "\n")
+    body = el("body", _lines([
+        header, main,
+        el("footer", el("b", "Data sources"), el("ul", (el("li", _linked(s)) for s in sources))),
+        el("div", id="tip", role="tooltip"),
+        el("script", _SCRIPT)]), "\n")
+    return concat(Markup("<!doctype html>\n"), el("html", head, "\n", body, lang="en"), "\n")
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -571,35 +592,24 @@ class CannotWrite(Exception):
 
 
 def write(parts: Container, path: Path, audit: bool = False, now: datetime | None = None) -> Path:
-    """Read the stage's registry (and with `audit`, its issuer), write the report to `path`."""
+    """Read the stage's registry (and with `audit`, its issuer, for the audit only), write the report to `path`."""
     config = parts.settings
     now = now or utcnow()
     registry = parts.registry
     policy = parts.regions
-    findings = None
-    lookup = None
-    if audit:
-        issuer = parts.issuer
-        findings = operations.audit(registry, issuer, policy.enabled, now)
-
-        def lookup(device: DeviceFacts) -> datetime | None:
-            if not device.certificate_id or not device.region:
-                return None
-            found = issuer.certificate(device.certificate_id, device.region)
-            return found.not_after if found else None
-    fleet = aggregate((device_facts(record) for record in registry.list()), now, lookup)
+    findings = operations.audit(registry, parts.issuer, policy.enabled, now) if audit else None
+    fleet = aggregate((device_facts(record) for record in registry.list()), now)
     where = (f"DynamoDB table {config.table_name}" if config.registry == "dynamodb"
              else f"SQLite registry {config.registry_path}")
-    sources = [f"Registry: {where}, read {timestamp(now)}."]
+    sources = [f"Registry: {where}, read {timestamp(now)} (certificate expiry as recorded at issue)."]
     if audit:
         sources.append("Issuer: " + ("AWS IoT Core in each enabled region" if config.issuer == "aws-iot"
-                                     else f"local CAs in {config.ca_dir}") + " (audit and certificate expiry).")
+                                     else f"local CAs in {config.ca_dir}") + " (audit).")
     sources += [f"Geolocation: {s}" for s in geolocation_sources(config)]
     sources.append(f"Map: {worldmap.world().source}; Equal Earth projection.")
     sources.append("Region locations: the metro areas of AWS IoT Core regions in chalicelib/domain/regions.py.")
     page = render(fleet, stage=config.stage, enabled=list(policy.enabled), default_region=policy.default,
-                  generated=now, sources=sources, findings=findings,
-                  expiry_known=fleet.expiry_checked > 0)
+                  generated=now, sources=sources, findings=findings)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

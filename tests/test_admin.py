@@ -236,6 +236,35 @@ def test_list_refuses_an_unknown_status(cli):
     assert exit_.value.code == 2
 
 
+def _provisioned(cli, name, region, expires):
+    registry = cli.registry()
+    claim = registry.claim(name, datetime.now(timezone.utc), 300)
+    registry.finalize(claim, region, f"cert-{name}", datetime.now(timezone.utc), expires=expires)
+
+
+def test_list_by_region_finds_devices_in_a_region_disabled_since(cli, monkeypatch):
+    assert cli("register", "dev-a", "dev-b", "dev-c")[0] == 0
+    _provisioned(cli, "dev-a", "eu-west-2", "2030-01-01T00:00:00Z")
+    _provisioned(cli, "dev-b", "us-west-1", "2030-01-01T00:00:00Z")  # a region the stage enabled then
+    monkeypatch.setenv("GIP_ENABLED_REGIONS", "eu-west-2,us-east-1")
+    monkeypatch.setenv("GIP_DEFAULT_REGION", "eu-west-2")
+    code, out, err = cli("list", "--region", "us-west-1")
+    assert code == 0 and err == ""
+    assert [line.split()[:3] for line in out.splitlines()[1:-1]] == [["dev-b", "provisioned", "us-west-1"]]
+    code, out, _ = cli("list", "--region", "us-east-1")  # enabled, nobody there yet: an empty list, no error
+    assert code == 0 and out.splitlines()[-1] == "(0 device(s))"
+
+
+def test_list_expiring_within_zero_days_lists_what_has_expired(cli):
+    assert cli("register", "dev-a", "dev-b")[0] == 0
+    _provisioned(cli, "dev-a", "eu-west-2", "2020-01-01T00:00:00Z")
+    _provisioned(cli, "dev-b", "eu-west-2", "2999-01-01T00:00:00Z")
+    code, out, _ = cli("list", "--expiring-within", "0", "--json")
+    assert code == 0
+    assert [(item["thing_name"], item["certificate_expires"]) for item in json.loads(out)] == [
+        ("dev-a", "2020-01-01T00:00:00Z")]
+
+
 @pytest.mark.parametrize("argv", [("list",), ("show", "dev-a")])
 def test_list_and_show_before_init_do_not_crash(cli, argv):
     code, out, err = cli(*argv)

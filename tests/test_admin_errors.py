@@ -27,7 +27,7 @@ def test_prod_without_an_aws_region_says_how_to_set_it(clean_env, argv):
                AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
     result = subprocess.run([sys.executable, "-m", "admin", "--stage", "prod", *argv], cwd=PROJECT_DIR,
                             env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a setup problem, as the README says
     assert result.stderr.splitlines() == [
         "error: no AWS region: set one with `export AWS_DEFAULT_REGION=eu-west-2` (the region of the table and the "
         "API), or `aws configure`"]
@@ -98,3 +98,47 @@ def test_the_top_help_names_the_state_directory(clean_env, capsys):
     with pytest.raises(SystemExit):
         admin.main(["--help"])
     assert str(clean_env / "xdg" / "iot-global-provisioning") in " ".join(capsys.readouterr().out.split())
+
+
+def _usage_error(capsys, argv) -> str:
+    """argparse's refusal: exit 2 and its last line on stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        admin.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_an_unknown_status_is_named_with_the_statuses_not_an_internal_type(clean_env, capsys):
+    line = _usage_error(capsys, ["list", "--status", "bogus"])
+    assert line == ("python -m admin list: error: argument --status: not a device status: 'bogus' "
+                    "(choose from unprovisioned, provisioning, provisioned)")
+    assert "DeviceStatus" not in line
+
+
+@pytest.mark.parametrize("days", ["-1", "-0.5", "nan", "inf", "1e7"])
+def test_expiring_within_refuses_what_is_not_a_number_of_days_ahead(clean_env, capsys, days):
+    line = _usage_error(capsys, ["list", "--expiring-within", days])
+    assert line == (f"python -m admin list: error: argument --expiring-within: a number of days from 0 to "
+                    f"{admin.MAX_DAYS} is expected, not '{days}'")
+
+
+def test_expiring_within_refuses_what_is_not_a_number(clean_env, capsys):
+    assert _usage_error(capsys, ["list", "--expiring-within", "soon"]).endswith(
+        "argument --expiring-within: not a number of days: 'soon'")
+
+
+@pytest.mark.parametrize("region", ["eu-wset-2", "us-west-1", ""])  # a typo; a real region this stage does not use
+def test_list_refuses_a_region_the_stage_does_not_have_naming_the_enabled_ones(clean_env, capsys, monkeypatch,
+                                                                              region):
+    monkeypatch.setenv("GIP_ENABLED_REGIONS", "eu-west-2,us-east-1")
+    monkeypatch.setenv("GIP_DEFAULT_REGION", "eu-west-2")
+    state = str(clean_env / "state")
+    assert admin.main(["--state-dir", state, "register", "dev-a"]) == 0
+    capsys.readouterr()
+    assert admin.main(["--state-dir", state, "list", "--region", region]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (f"error: --region {region}: not an enabled region of the local stage, and no device is in it; "
+                   "the enabled regions: eu-west-2, us-east-1\n")

@@ -5,15 +5,19 @@ import math
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
 
 import pytest
 
 from admin import report, worldmap
-from admin.operations import AuditReport
+from admin.operations import AuditReport, MissingCertificate, OrphanThing
 from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.container import Container
+from chalicelib.domain.certificates import CertificateInfo
+from chalicelib.domain.clock import timestamp
 from chalicelib.domain.records import PROVISIONED, PROVISIONING, UNPROVISIONED, DeviceRecord
 from chalicelib.domain.requests import ProvisioningRequest
 from tests.conftest import LONDON_IP, SYDNEY_IP, TOKYO_IP, make_csr, sign_v1
@@ -136,9 +140,12 @@ def test_the_outlines_are_small_credited_and_cover_the_world():
 
 # --- aggregation ---------------------------------------------------------------------------------------
 
-def _record(name, status=PROVISIONED, region=None, country=None, reason=None, when=None):
+def _record(name, status=PROVISIONED, region=None, country=None, reason=None, when=None, expires=None):
     return DeviceRecord(name, status, when and datetime.fromisoformat(when), region, country=country,
-                        region_reason=reason)
+                        region_reason=reason, certificate_expires=expires)
+
+
+EXPIRY = {"a5": datetime(2026, 12, 10, tzinfo=timezone.utc), "a6": datetime(2027, 6, 1, tzinfo=timezone.utc)}
 
 
 RECORDS = [
@@ -146,13 +153,14 @@ RECORDS = [
     _record("a2", region="eu-west-2", country="GB", reason="nearest", when="2026-11-28T09:00:00+00:00"),
     _record("a3", region="eu-central-1", country="CH", reason="country-rule", when="2026-11-28T09:30:00+00:00"),
     _record("a4", region="eu-west-2", reason="default", when="2026-11-28T11:00:00+00:00"),  # location unknown
-    _record("a5", region="ap-northeast-1", country="JP", reason="nearest", when="2026-10-01T00:00:00+00:00"),
-    _record("a6", region="ap-northeast-1", country="JP", reason="nearest", when="2026-10-01T00:00:00+00:00"),
+    _record("a5", region="ap-northeast-1", country="JP", reason="nearest", when="2026-10-01T00:00:00+00:00",
+            expires=EXPIRY["a5"]),
+    _record("a6", region="ap-northeast-1", country="JP", reason="nearest", when="2026-10-01T00:00:00+00:00",
+            expires=EXPIRY["a6"]),
     _record("b1", status=PROVISIONING),
     _record("c1", status=UNPROVISIONED),
     _record("c2", status=UNPROVISIONED),
 ]
-EXPIRY = {"a5": datetime(2026, 12, 10, tzinfo=timezone.utc), "a6": datetime(2027, 6, 1, tzinfo=timezone.utc)}
 
 
 def _facts(records=RECORDS):
@@ -160,7 +168,7 @@ def _facts(records=RECORDS):
 
 
 def test_aggregate_counts_every_device_once_by_status_region_country_reason_and_day():
-    fleet = report.aggregate(_facts(), NOW, lambda device: EXPIRY.get(device.thing_name))
+    fleet = report.aggregate(_facts(), NOW)
     assert fleet.total == 9
     assert dict(fleet.by_status) == {"provisioned": 6, "provisioning": 1, "unprovisioned": 2}
     assert dict(fleet.by_region) == {"eu-west-2": 3, "eu-central-1": 1, "ap-northeast-1": 2}
@@ -172,27 +180,26 @@ def test_aggregate_counts_every_device_once_by_status_region_country_reason_and_
     assert dict(fleet.per_day) == {"2026-11-27": 1, "2026-11-28": 3, "2026-10-01": 2}
     # Within 30 days of NOW: only a5's certificate (12 days left); a6's has months.
     assert fleet.expiring == [("a5", "ap-northeast-1", EXPIRY["a5"])]
-    assert fleet.expiry_checked == 2
+    assert fleet.expiry_checked == 2 and fleet.expiry_unknown == 4
 
 
-def test_aggregate_asks_about_provisioned_devices_only_and_lists_the_soonest_first():
-    asked = []
-    expiry = {**EXPIRY, "a1": datetime(2026, 11, 30, tzinfo=timezone.utc), "a2": datetime(2025, 1, 1, tzinfo=timezone.utc)}
-
-    def not_after(device):
-        asked.append(device.thing_name)
-        return expiry.get(device.thing_name)
-
-    fleet = report.aggregate(_facts(), NOW, not_after)
-    assert sorted(asked) == ["a1", "a2", "a3", "a4", "a5", "a6"]
-    # Soonest first; an already expired certificate is listed too.
+def test_aggregate_counts_provisioned_devices_only_and_lists_the_soonest_first():
+    expiry = {**EXPIRY, "a1": datetime(2026, 11, 30, tzinfo=timezone.utc), "a2": datetime(2025, 1, 1, tzinfo=timezone.utc),
+              "b1": datetime(2026, 11, 29, tzinfo=timezone.utc), "c1": datetime(2026, 11, 29, tzinfo=timezone.utc)}
+    records = [replace(r, certificate_expires=expiry.get(r.thing_name)) for r in RECORDS]
+    fleet = report.aggregate(_facts(records), NOW)
+    # Soonest first; an already expired certificate is listed too; a device not provisioned is not, whatever its
+    # record holds.
     assert [e[0] for e in fleet.expiring] == ["a2", "a1", "a5"]
-    assert report.aggregate(_facts(), NOW).expiry_checked == 0  # without a lookup, nothing is known
+    assert fleet.expiry_checked == 4
+    unrecorded = [replace(r, certificate_expires=None) for r in RECORDS]
+    assert report.aggregate(_facts(unrecorded), NOW).expiry_checked == 0  # nothing recorded, nothing known
 
 
 def test_the_adapter_reads_what_the_report_needs_from_a_record():
     facts = report.device_facts(RECORDS[0])
     assert facts == ("a1", "provisioned", "eu-west-2", "GB", "nearest", "2026-11-27", None)
+    assert report.device_facts(RECORDS[4]).certificate_expires == EXPIRY["a5"]
     assert type(facts.status) is str  # a plain string, whatever enum the registry uses
 
 
@@ -202,6 +209,12 @@ def test_an_empty_registry_aggregates_to_zeros_and_renders():
     page = report.render(fleet, stage="local", enabled=["eu-west-2"], default_region="eu-west-2", generated=NOW,
                          sources=["x"])
     assert "No device has been provisioned yet." in page
+
+
+def test_an_unreadable_geolocation_database_is_named_with_its_cause(tmp_path):
+    (tmp_path / "bad.mmdb").write_bytes(b"not a database")
+    assert report._database_source(tmp_path / "gone.mmdb") == "gone.mmdb: cannot be read (No such file or directory)"
+    assert report._database_source(tmp_path / "bad.mmdb").startswith("bad.mmdb: cannot be read (Error opening")
 
 
 def test_shade_breaks_start_at_one_and_rise():
@@ -257,6 +270,55 @@ def test_hostile_registry_values_are_escaped():
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;q1&gt;" in page and "&lt;img src=x&gt;" in page
 
 
+class Parsed(HTMLParser):
+    """A page as a browser's parser reads it: its elements, attributes and text (entities decoded)."""
+
+    def __init__(self, page):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.attributes, self.text = [], [], []
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attributes += attrs
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+HOSTILE = """<script>alert('&')</script>" onmouseover="alert(2)" data-pwned='&amp;'"""
+
+
+def test_hostile_text_from_the_registry_audit_and_settings_is_escaped_everywhere_on_the_page():
+    """Every place a registry value, an audit finding or a setting reaches the page: the browser's parser reads it
+    back as the same text, never as an element or an attribute of its own."""
+    name, country, reason, region = (f"{what}{HOSTILE}" for what in ("name", "country", "reason", "region"))
+    records = [_record(name, region="eu-west-2", country=country, reason=reason, when="2026-11-28T00:00:00+00:00",
+                       expires=NOW),  # expiring: its name is in that table
+               _record("mapped", region="eu-west-2", country="GB", reason=reason, when="2026-11-28T00:00:00+00:00"),
+               _record("moved", region=region, country="FR", reason="nearest", when="2026-11-28T00:00:00+00:00")]
+    findings = AuditReport(
+        stuck_claims=[DeviceRecord(name, PROVISIONING, lease_expires=NOW)],
+        orphan_certificates=[CertificateInfo(f"cert{HOSTILE}", region, "ACTIVE", thing_name=name)],
+        orphan_things=[OrphanThing(name, region)],
+        missing_certificates=[MissingCertificate(name, f"cert{HOSTILE}", region, f"status{HOSTILE}")])
+    fleet = report.aggregate(_facts(records), NOW)
+    page = report.render(fleet, stage=f"stage{HOSTILE}", enabled=["eu-west-2"], default_region="eu-west-2",
+                         generated=NOW, sources=[f"source{HOSTILE} https://db-ip.com"], findings=findings)
+    parsed = Parsed(page)
+    assert parsed.tags.count("script") == 1  # the page's own
+    assert not {attribute for attribute, _ in parsed.attributes} & {"onmouseover", "data-pwned"}
+    text = "".join(parsed.text)
+    values = [value for _, value in parsed.attributes]
+    for hostile in (name, country, reason, region, f"cert{HOSTILE}", f"status{HOSTILE}", f"stage{HOSTILE}",
+                    f"source{HOSTILE}"):
+        assert hostile in text, hostile  # shown as text...
+    assert any(f"countries: {country} 1" in value for value in values)  # ...and in attributes: a region's tip,
+    assert reason in values  # a line's data-reason
+    assert "<script>alert" not in page and 'onmouseover="' not in page
+
+
 def test_audit_findings_appear_only_when_asked_for():
     assert "Not checked" in _page()
     page = _page(findings=AuditReport(stuck_claims=[RECORDS[6]]))
@@ -299,12 +361,75 @@ def test_admin_report_audit_lists_stuck_claims_and_expiring_certificates(stage, 
     assert stage.admin("report", "--html", str(out), "--audit") == 0
     page = out.read_text()
     assert "stuck claim" in page and "mydevice4" in page
-    assert "No certificate expires within 30 days." in page  # the issuer was asked: the CA's are long-lived
-    # Ten years on, the same certificate is inside the window: the date came from the issuer.
+    assert "No certificate expires within 30 days." in page  # the registry records the expiry: a year ahead
+    # Ten years on, the same certificate is inside the window: the date came from the registry, with or
+    # without the audit.
     config = Settings.for_stage("local", str(stage.state_dir))
     later = datetime.now(timezone.utc) + timedelta(days=3650 - 10)
-    report.write(Container(config), out, audit=True, now=later)
-    assert re.search(r"<td>mydevice1</td><td>eu-west-2</td><td>20\d\d-", out.read_text())
+    for audit in (True, False):
+        report.write(Container(config), out, audit=audit, now=later)
+        assert re.search(r"<td>mydevice1</td><td>eu-west-2</td><td>20\d\d-", out.read_text())
+
+
+class OtherwiseIssuer:
+    """The stage's issuer, except that it says every certificate is good for ten more years than it is; counts
+    what `certificate` is asked."""
+
+    def __init__(self, issuer):
+        self._issuer, self.asked = issuer, []
+
+    def certificate(self, certificate_id, region):
+        self.asked.append(certificate_id)
+        found = self._issuer.certificate(certificate_id, region)
+        return found and replace(found, not_after=found.not_after + timedelta(days=3650))
+
+    def __getattr__(self, name):
+        return getattr(self._issuer, name)
+
+
+class NoIssuer:
+    """An issuer that fails the test when the report touches it at all."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the report used the issuer ({name}) without --audit")
+
+
+def test_the_report_reads_each_certificate_s_expiry_from_the_registry(stage, tmp_path, monkeypatch):
+    monkeypatch.setenv("GIP_CERT_VALIDITY_DAYS", "10")  # the local CA issues 10-day certificates, and
+    provision_from(stage, [("mydevice1", LONDON_IP)])   # provisioning records the end in the registry
+    monkeypatch.delenv("GIP_CERT_VALIDITY_DAYS")
+    provision_from(stage, [("mydevice2", TOKYO_IP)])  # a year
+    config = Settings.for_stage("local", str(stage.state_dir))
+    registry = SqliteRegistry(stage.state_dir / "registry.sqlite3")
+    expires = registry.get("mydevice1").certificate_expires
+    assert timedelta(days=9) < expires - datetime.now(timezone.utc) <= timedelta(days=10)
+    row = f"<td>mydevice1</td><td>eu-west-2</td><td>{timestamp(expires)}</td>"
+    out = tmp_path / "report.html"
+
+    # Without --audit: listed, and the issuer is not touched at all.
+    report.write(Container(config, issuer=NoIssuer()), out)
+    page = out.read_text()
+    assert "1 certificate(s) expire within 30 days." in page and row in page and "<td>mydevice2</td>" not in page
+    assert "no expiry recorded" not in page
+    assert stage.admin("report", "--html", str(out)) == 0  # the command, as an operator runs it
+    assert row in out.read_text()
+
+    # With --audit: the issuer says ten more years, the page says what the registry recorded, and the issuer is
+    # asked once per provisioned device (the audit's own check that the certificate is active), not again.
+    issuer = OtherwiseIssuer(Container(config).issuer)
+    report.write(Container(config, issuer=issuer), out, audit=True)
+    page = out.read_text()
+    assert "1 certificate(s) expire within 30 days." in page and row in page
+    assert "Nothing found" in page  # the audit ran
+    assert sorted(issuer.asked) == sorted(r.certificate_id for r in registry.list(PROVISIONED))
+
+
+def test_devices_with_no_recorded_expiry_are_counted_not_hidden():
+    page = _page()  # a1-a4 have no certificate_expires (written before the registry kept it)
+    assert "4 provisioned device(s) with no expiry recorded" in page and "<td>a5</td>" in page
+    page = _page([replace(r, certificate_expires=None) for r in RECORDS])
+    assert "No certificate expires within 30 days." not in page
+    assert "6 provisioned device(s) with no expiry recorded" in page
 
 
 def test_admin_report_needs_a_file(stage, capsys):
