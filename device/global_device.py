@@ -868,7 +868,9 @@ class Publisher:
         try:
             return self._run()
         finally:
-            self._close()
+            if self.client is not None:
+                self._close()
+                print("=> session closed (MQTT DISCONNECT)")
             self._report()
 
     def _run(self) -> int:
@@ -1288,7 +1290,7 @@ def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep
         print("\n=> interrupted; bye", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated:
-        print("=> SIGTERM: stopped (session closed, files intact)")
+        print("=> SIGTERM: stopped, files intact")
         return EXIT_OK
     finally:
         for signum, handler in restore.items():
