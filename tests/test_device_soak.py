@@ -60,20 +60,14 @@ def stack(tmp_path_factory):
     # A short claim lease: a second copy of a device is re-keyed after 2 s rather than after the default 50 s.
     env = {"GIP_STATE_DIR": str(state), "GIP_MQTT_BASE_PORT": str(free_port_run(1)), "GIP_ENABLED_REGIONS": REGION,
            "GIP_DEFAULT_REGION": REGION, "GIP_CLAIM_LEASE_SECONDS": "2"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
         settings = Settings.for_stage("local", str(state))
         admin(settings, "keygen")
         admin(settings, "register", "soak1", "copy1", "renew1", "sample1")
         with LocalStack(settings, free_port(), quiet=True) as running:
             yield running
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class Api:
