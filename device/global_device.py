@@ -18,6 +18,7 @@ import collections
 import datetime as dt
 import email.utils
 import hashlib
+import io
 import json
 import os
 import queue
@@ -42,7 +43,7 @@ from cryptography.x509.oid import NameOID
 
 EXIT_OK, EXIT_LOCAL, EXIT_REFUSED, EXIT_CONFLICT, EXIT_BAD_REQUEST = 0, 2, 3, 4, 5
 EXIT_UNAVAILABLE, EXIT_MQTT, EXIT_INTERRUPTED = 6, 7, 130
-EXIT_CERT_REFUSED = 8  # the broker refused our certificate at the TLS handshake
+EXIT_CERT_REFUSED = 8  # the broker refused our certificate (revoked, or not issued for its region)
 # Busy, down, or a gateway that gave up waiting: the same request may work a little later.
 RETRYABLE_STATUS = {429, 502, 503, 504}
 # The longest Retry-After the device waits out (main's default). In an onboarding storm the service gives each
@@ -1242,7 +1243,7 @@ def install_signals(renewal: RenewalRequest) -> dict:
 def main(argv=None, *, session: requests.Session | None = None, sleep=time.sleep, clock=None,
          monotonic=time.monotonic) -> int:
     args = parse_args(argv)
-    if isinstance(sys.stdout, __import__("io").TextIOWrapper):
+    if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)  # under a service manager, each line as it happens
 
     def pause():
