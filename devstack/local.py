@@ -41,6 +41,7 @@ def main(argv=None) -> int:
         for listener in stack.files.listeners():
             print(f"  {listener.region:<15} localhost:{listener.port}")
         print(f"State (registry, CAs, keys, devices' files, logs): {settings.state_dir}")
+        print(f"API for devices (-a): {stack.api_url}")
         print(f"CA bundle for devices (--root-ca): {stack.files.bundle}")
         print(f"Logs: {stack.log_dir}\nPress Ctrl-C to stop.", flush=True)
         # A broker that dies is restarted by the stack; one that keeps dying, or a dead API, ends it all here.

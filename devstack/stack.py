@@ -316,7 +316,7 @@ class LocalStack:
                                                "local", "--stage", "local", "--host", "127.0.0.1",
                                                "--port", str(self.api_port), "--no-autoreload"])
             self._wait_http(f"{self.api_url}/health", self.api)
-            self._say(f"[stack] API (chalice local): {self.api_url}/device-provisioning")
+            self._say(f"[stack] API (chalice local): {self.api_url}")
             self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
             self._supervisor.start()
         except BaseException:

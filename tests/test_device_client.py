@@ -11,8 +11,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -373,9 +375,9 @@ def test_help_documents_exit_codes(capsys):
 
 
 def test_sample_message_shape():
-    message = gd.sample_message("mydevice3")
-    assert set(message) == {"thing-name", "global", "datetime"}
-    assert message["thing-name"] == "mydevice3"
+    message = gd.sample_message("mydevice3", 7)
+    assert set(message) == {"thing-name", "global", "datetime", "sequence"}  # the sample's, and a number to dedupe
+    assert (message["thing-name"], message["sequence"]) == ("mydevice3", 7)
     assert message["datetime"].endswith("Z")
 
 
@@ -424,3 +426,150 @@ def test_an_unusable_root_ca_stops_before_any_request(tmp_path, signing_key_file
     assert server.requests == []
     assert f"--root-ca {root_ca}" in capsys.readouterr().err
     assert not (tmp_path / "mydevice3.endpoint").exists()
+
+
+# ---------- the original sample's users switch (issue 25) ----------
+
+@pytest.mark.parametrize("suffix", ["device-provisioning", "device-provisioning/"])
+def test_the_full_url_the_original_sample_takes_is_accepted(tmp_path, signing_key_file, suffix):
+    with ScriptedServer([(200, success_body(), {})]) as server:
+        assert run_client(server.url + suffix, signing_key_file, tmp_path) == 0
+    assert [r["path"] for r in server.requests] == ["/api/device-provisioning"]
+
+
+def test_the_script_is_committed_executable_and_its_default_state_files_are_ignored_by_git():
+    git = ["git", "-C", str(ROOT)]
+    if subprocess.run([*git, "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    mode = subprocess.run([*git, "ls-files", "-s", "device/global_device.py"], capture_output=True, text=True)
+    assert mode.stdout.startswith("100755 ")
+    # What `--state-dir .` (the sample's default) leaves in the project directory, renewal and revocation included.
+    written = [f"mydevice1{suffix}" for suffix in (
+        ".device.key.pem", ".device.cert.pem", ".endpoint", ".renewal.key.pem", ".endpoint.renewal.json",
+        ".device.key.pem.previous", ".device.cert.pem.previous", ".endpoint.previous", ".endpoint.revoked",
+        ".device.key.pem.revoked", ".device.cert.pem.revoked", ".endpoint.tmp", ".device.key.pem.tmp")]
+    ignored = subprocess.run([*git, "check-ignore", "--no-index", *written], capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == sorted(written)
+
+
+# ---------- fast, clear failures of the HTTP calls (issue 25) ----------
+
+class FakeClock:
+    """A monotonic clock that the client's sleeps advance; `stop_after` sleeps end the run (for 'forever')."""
+
+    class Enough(Exception):
+        pass
+
+    def __init__(self, stop_after: int | None = None):
+        self.now, self.sleeps, self.stop_after = 0.0, [], stop_after
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        if self.stop_after is not None and len(self.sleeps) >= self.stop_after:
+            raise self.Enough()
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unreachable_client(api, signing_key_file, state_dir, clock, *extra):
+    argv = ["-t", "mydevice3", "-a", api, "-c", "--count", "0", "--signing-key", str(signing_key_file),
+            "--state-dir", str(state_dir), *extra]
+    return gd.main(argv, sleep=clock.sleep, monotonic=clock.monotonic)
+
+
+@pytest.mark.parametrize("api, said", [
+    ("http://127.0.0.1:{port}", "nothing is listening at http://127.0.0.1:{port}/device-provisioning"),
+    ("http://gip-device-test.invalid:{port}", "the host name gip-device-test.invalid of "
+                                              "http://gip-device-test.invalid:{port}/device-provisioning does not resolve"),
+])
+def test_an_api_that_cannot_be_reached_is_named_once_and_given_up_after_about_10_s(tmp_path, signing_key_file,
+                                                                                     capsys, api, said):
+    port, clock = closed_port(), FakeClock()
+    # Plenty of attempts: the time limit is what ends it.
+    assert unreachable_client(api.format(port=port), signing_key_file, tmp_path, clock, "--max-attempts", "100") == 6
+    out, err = capsys.readouterr()
+    said = said.format(port=port)
+    [line] = [line for line in out.splitlines() if said in line]  # one line, whatever the number of attempts
+    assert line.endswith("; retrying for up to 10 s") and len(line) < 200
+    assert err.startswith(f"error: provisioning failed: {said}") and err.count("\n") == 1
+    assert err.rstrip().endswith("; gave up after 10 s (--max-attempts 0 retries forever)")
+    assert clock.now == pytest.approx(gd.NETWORK_GIVE_UP_SECONDS) and len(clock.sleeps) > 1
+    assert "HTTPConnectionPool" not in out + err and "Traceback" not in out + err
+
+
+def test_max_attempts_0_retries_an_unreachable_api_forever_with_capped_backoff(tmp_path, signing_key_file, capsys):
+    clock = FakeClock(stop_after=40)
+    with pytest.raises(FakeClock.Enough):
+        unreachable_client(f"http://127.0.0.1:{closed_port()}", signing_key_file, tmp_path, clock,
+                           "--max-attempts", "0")
+    assert clock.now > 10 * gd.NETWORK_GIVE_UP_SECONDS
+    assert max(clock.sleeps) <= 30.0  # the client's max_delay
+    out = capsys.readouterr().out
+    assert out.count("nothing is listening at") == 1 and "retrying forever" in out
+
+
+def test_a_503_with_retry_after_is_waited_out_saying_how_long(tmp_path, signing_key_file, capsys):
+    busy = (503, error_body("admission-control", "come back later"), {"Retry-After": "7"})
+    sleeps = []
+    with ScriptedServer([busy, (200, success_body(), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path, sleeps=sleeps) == 0
+    assert sleeps == [7.0]
+    assert "retrying in 7.0 s (the server's Retry-After)" in capsys.readouterr().out
+
+
+def test_a_damaged_endpoint_file_is_still_a_local_error(tmp_path, signing_key_file, capsys):
+    (tmp_path / "mydevice3.device.key.pem").write_text(SERVER_KEY_PEM)
+    (tmp_path / "mydevice3.device.cert.pem").write_text(CERT_PEM)
+    for damaged in ("not an endpoint", "{}", "::eu-west-2", "[1, 2]"):
+        (tmp_path / "mydevice3.endpoint").write_text(damaged)
+        with ScriptedServer([(200, success_body(), {})]) as server:
+            assert run_client(server.url, signing_key_file, tmp_path) == 2
+        assert server.requests == []
+        assert "damaged state file" in capsys.readouterr().err
+
+
+# ---------- the device that stays up: its queue and its back-off (issue 25) ----------
+
+def test_the_outbox_drops_the_oldest_when_full_and_sends_again_what_a_lost_connection_left():
+    outbox = gd.Outbox(3)
+    assert [outbox.add(gd.Message(n, str(n))) for n in (1, 2, 3, 4)] == [True, True, True, False]
+    assert [m.sequence for m in outbox.waiting] == [2, 3, 4] and outbox.dropped == 1
+    outbox.mark_sent(1, mid=11)
+    outbox.mark_sent(1, mid=12)
+    assert outbox.acknowledge(1, 12).sequence == 3 and outbox.acknowledge(1, 12) is None
+    outbox.add(gd.Message(5, "5"))
+    outbox.requeue(1)  # the connection is lost with message 2 unacknowledged: it goes first again
+    assert [m.sequence for m in outbox.waiting] == [2, 4, 5] and (outbox.acknowledged, len(outbox)) == (1, 3)
+
+
+def test_reconnection_backoff_is_full_jitter_from_1_s_doubling_up_to_120_s():
+    assert [gd.reconnect_delay(n, lambda: 1.0) for n in range(9)] == [1, 2, 4, 8, 16, 32, 64, 120, 120]
+    assert gd.reconnect_delay(5, lambda: 0.0) == 0.0 and gd.reconnect_delay(10_000, lambda: 0.5) == 60
+
+
+def test_without_a_broker_messages_wait_in_the_bounded_queue_and_the_outage_is_said_once(tmp_path, capsys):
+    from tests.test_device_renewal import certificate_for  # a certificate for our key; no broker will see it
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "mydevice3.device.key.pem").write_bytes(gd.key_to_pem(key))
+    (tmp_path / "mydevice3.device.cert.pem").write_text(certificate_for(key.public_key(), 365))
+    port = closed_port()
+    (tmp_path / "mydevice3.endpoint").write_text(json.dumps({"endpointAddress": "127.0.0.1", "endpointPort": port}))
+    argv = ["-t", "mydevice3", "-a", "http://127.0.0.1:9", "-c", "--state-dir", str(tmp_path), "--root-ca",
+            str(tmp_path / "mydevice3.device.cert.pem"), "--interval", "0.02", "--queue-size", "3",
+            "--max-reconnects", "3"]
+    assert gd.main(argv) == 7
+    out, err = capsys.readouterr()
+    assert out.count("<= cannot connect to") == 1 and "connection refused" in out  # one line per state change
+    assert out.count("warning: the queue is full (3 messages") == 1
+    dropped = int(re.search(r"0 message\(s\) acknowledged by the broker, (\d+) dropped \(queue full\), "
+                            r"3 not sent or not acknowledged", out)[1])
+    assert dropped > 0
+    assert f"could not connect to 127.0.0.1:{port} in 3 attempt(s) (--max-reconnects 3)" in err

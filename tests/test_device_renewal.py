@@ -148,9 +148,80 @@ def test_an_answer_stored_but_not_applied_is_applied_at_the_next_start(tmp_path,
     assert serialization.load_pem_private_key(open(paths.key, "rb").read(), None).public_key() == pending.public_key()
 
 
-def test_a_refused_renewal_keeps_the_current_credentials(tmp_path, provisioned, signing_key_file):
+def test_a_refused_renewal_keeps_the_current_credentials(tmp_path, provisioned, signing_key_file, capsys):
     paths, _ = provisioned
     before = [open(p, "rb").read() for p in (paths.key, paths.cert, paths.endpoint)]
     with ScriptedServer([(403, error_body("renewal-refused", "renewal refused"), {})]) as server:
         assert run_client(server.url, signing_key_file, tmp_path, "--renew") == 3
     assert [open(p, "rb").read() for p in (paths.key, paths.cert, paths.endpoint)] == before
+    out, err = capsys.readouterr()
+    # The refusal names the call; the broker is asked about the certificate (here it cannot be: no such host).
+    assert err.startswith("error: renewal refused: HTTP 403 renewal-refused") and "provisioning refused" not in err
+    assert "asking the broker whether the current certificate still works" in out
+    assert "the broker could not be asked" in err
+
+
+def test_a_renewal_refused_by_itself_leaves_the_device_running_on_its_certificate(tmp_path, provisioned,
+                                                                                   signing_key_file, capsys):
+    """Not asked for (--renew-before): a refusal the broker does not confirm is said, and the device goes on."""
+    paths, _ = provisioned
+    with ScriptedServer([(403, error_body("renewal-refused", "renewal refused"), {})]) as server:
+        assert run_client(server.url, signing_key_file, tmp_path) == 0  # 10 days left, --renew-before 30
+    assert len(server.requests) == 1
+    out = capsys.readouterr().out
+    assert "warning: renewal refused: HTTP 403" in out and "carrying on with the current certificate" in out
+    assert json.loads(open(paths.endpoint).read())["certificateId"] == "a" * 64
+
+
+# ---------- a state directory written by the original sample's script ----------
+
+@pytest.fixture()
+def sample_state(tmp_path):
+    """What the original sample's script leaves: an RSA key (PKCS#1, as pyOpenSSL wrote it), the certificate, and
+    <thing>.endpoint as host::region without a newline; no certificate id anywhere."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / f"{THING}.device.key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    cert_pem = certificate_for(key.public_key(), 200)
+    (tmp_path / f"{THING}.device.cert.pem").write_text(cert_pem)
+    (tmp_path / f"{THING}.endpoint").write_text("a1b2c3-ats.iot.eu-west-2.amazonaws.com::eu-west-2")
+    return gd.StatePaths.for_thing(str(tmp_path), THING), key, cert_pem
+
+
+def test_a_sample_state_directory_is_used_as_it_is(tmp_path, sample_state, signing_key_file, capsys):
+    paths, _, _ = sample_state
+    before = {p: open(p, "rb").read() for p in (paths.key, paths.cert, paths.endpoint)}
+    with Renewals() as server:
+        assert run_client(server.url, signing_key_file, tmp_path) == 0
+    assert server.requests == []  # neither provisioned again nor called damaged
+    assert {p: open(p, "rb").read() for p in before} == before  # nothing written: the sample could still read it
+    assert "region: eu-west-2, endpoint: a1b2c3-ats.iot.eu-west-2.amazonaws.com" in capsys.readouterr().out
+    assert gd.read_endpoint(paths.endpoint)["endpointPort"] == 8883
+
+
+def test_a_sample_device_renews_with_the_certificate_id_derived_and_its_state_is_upgraded(tmp_path, sample_state,
+                                                                                         signing_key_file):
+    paths, key, cert_pem = sample_state
+    derived = hashlib.sha256(x509.load_pem_x509_certificate(cert_pem.encode()).public_bytes(
+        serialization.Encoding.DER)).hexdigest()
+    with Renewals() as server:
+        assert run_client(server.url, signing_key_file, tmp_path, "--renew") == 0
+    body = server.requests[0]["body"]
+    assert body["certificateId"] == derived
+    csr_hash = hashlib.sha256(body["CSR"].encode()).hexdigest()
+    text = f"renew-v1\n{THING}\n{derived}\n{body['timestamp']}\n{body['nonce']}\n{csr_hash}"
+    assert verifies(key.public_key(), body["signature"], text)
+    assert json.loads(open(paths.endpoint).read())["certificateId"] == "b" * 64  # ours now, JSON
+    assert open(paths.previous().endpoint).read() == "a1b2c3-ats.iot.eu-west-2.amazonaws.com::eu-west-2"
+
+
+def test_the_derived_certificate_id_is_the_local_cas(tmp_path):
+    """The local CA's id, as the service records it, is what the device derives (AWS IoT's: see certificate_id_of)."""
+    from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
+    issuer = LocalIssuer(tmp_path / "ca", local_endpoints(["eu-west-2"], "localhost", 18883))
+    csr = x509.load_pem_x509_csr(gd.make_csr(THING, ec.generate_private_key(ec.SECP256R1())).encode())
+    issued = issuer.issue(THING, "eu-west-2", csr)
+    (tmp_path / "cert.pem").write_text(issued.certificate_pem)
+    assert gd.certificate_id_of(str(tmp_path / "cert.pem")) == issued.certificate_id
+    assert gd.certificate_id_of(str(tmp_path / "missing.pem")) is None
