@@ -317,8 +317,8 @@ def certificate_id_of(cert_path: str) -> str | None:
 
     AWS IoT's certificateId is the SHA-256 of the certificate's DER, in lower-case hex (not in its API reference,
     which says only "64 hex characters"; confirmed by AWS support in getmoto/moto#3321, which moto follows), and the
-    local CA forms its ids the same way (chalicelib/issuers/local_ca.py, certificate_id): so a state directory that
-    never stored one, the original sample's, still renews."""
+    local CA forms its ids the same way (chalicelib/adapters/issuers/local_ca.py, certificate_id): so a state
+    directory that never stored one, the original sample's, still renews."""
     try:
         with open(cert_path, "rb") as f:
             cert = x509.load_pem_x509_certificate(f.read())

@@ -218,7 +218,7 @@ def test_a_sample_device_renews_with_the_certificate_id_derived_and_its_state_is
 
 def test_the_derived_certificate_id_is_the_local_cas(tmp_path):
     """The local CA's id, as the service records it, is what the device derives (AWS IoT's: see certificate_id_of)."""
-    from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
+    from chalicelib.adapters.issuers.local_ca import LocalIssuer, local_endpoints
     issuer = LocalIssuer(tmp_path / "ca", local_endpoints(["eu-west-2"], "localhost", 18883))
     csr = x509.load_pem_x509_csr(gd.make_csr(THING, ec.generate_private_key(ec.SECP256R1())).encode())
     issued = issuer.issue(THING, "eu-west-2", csr)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(mosquitto_binary() is None,
                                 reason="mosquitto is not installed (.ci/run installs it)")
 
 # The operator CLI, in one place (it is about to move to `python -m admin`).
-ADMIN = [sys.executable, "-m", "chalicelib.admin"]
+ADMIN = [sys.executable, "-m", "admin"]
 REGION = "eu-west-2"
 PATIENCE = 60.0  # the longest any one step may take on a loaded machine; no step normally needs more than a few s
 ACK = re.compile(r"^<= message (\d+) acknowledged")
