@@ -185,6 +185,22 @@ def test_geolocation_is_cached_per_ip_with_a_bound():
     assert calls == ["1.1.1.1", "8.8.8.8", "9.9.9.9", "8.8.8.8"]  # 8.8.8.8 was evicted by 9.9.9.9
 
 
+def test_a_cached_location_is_asked_again_after_its_time_limit():
+    """An answer kept from a fallback during an outage (or for an address that moved) does not stay for ever."""
+    answers, now = {"1.1.1.1": "fallback"}, [0.0]
+
+    class Provider:
+        def locate(self, ip):
+            return answers[ip]
+    cached = CachingLocator(Provider(), ttl_seconds=600, clock=lambda: now[0])
+    assert cached.locate("1.1.1.1") == "fallback"
+    answers["1.1.1.1"] = "ipstack"  # the provider is back
+    now[0] = 599
+    assert cached.locate("1.1.1.1") == "fallback"
+    now[0] = 601
+    assert cached.locate("1.1.1.1") == "ipstack"
+
+
 @pytest.fixture
 def ruled_client(stage, monkeypatch):
     monkeypatch.setenv("GIP_REGION_RULES", json.dumps(RULES))

@@ -3,12 +3,12 @@
 Providers answer a Location or None (unknown, or the provider is down); FallbackLocator asks them in
 order, so an outage of one never blocks provisioning: the last resort is the region policy's default.
 """
-import functools
 import ipaddress
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -36,6 +36,10 @@ def public_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
 
 
 BUNDLED_DATABASE = Path(__file__).resolve().parent.parent / "data" / "city-reduced.mmdb"
+# How long a located address is kept: long enough that a burst of devices behind one address costs one lookup, short
+# enough that a fallback answer given during a provider's outage (or an address that moved) does not stay for the
+# container's life.
+CACHE_SECONDS = 600.0
 
 
 def bundled_database() -> str:
@@ -203,7 +207,28 @@ class FallbackLocator:
 
 
 class CachingLocator:
-    """Remembers answers per IP for the container's life, at most `size` of them (least recently used go)."""
+    """Remembers answers per IP, at most `size` of them (least recently used go), each for `ttl_seconds`: an answer
+    the fallback gave during an ipstack outage, or an address that moved, is asked again after that."""
 
-    def __init__(self, inner: GeoLocator, size: int = 10_000) -> None:
-        self.locate = functools.lru_cache(maxsize=size)(inner.locate)
+    def __init__(self, inner: GeoLocator, size: int = 10_000, ttl_seconds: float = CACHE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._inner, self._size, self._ttl, self._clock = inner, size, ttl_seconds, clock
+        self._answers: OrderedDict[str, tuple[float, Location | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def locate(self, ip: str) -> Location | None:
+        now = self._clock()
+        with self._lock:
+            kept = self._answers.get(ip)
+            if kept is not None and now - kept[0] < self._ttl:
+                self._answers.move_to_end(ip)
+                return kept[1]
+        location = self._inner.locate(ip)  # outside the lock: a slow provider holds up no other address
+        with self._lock:
+            self._answers[ip] = (now, location)
+            self._answers.move_to_end(ip)
+            while len(self._answers) > self._size:
+                self._answers.popitem(last=False)
+        return location
+
+
