@@ -87,6 +87,18 @@ def test_role_policy_is_exactly_the_policy_file(package):
 
 
 @pytest.mark.parametrize("which", ["package", "built"])
+def test_zip_holds_no_operator_code_and_no_map_data(which, request):
+    """The function never imports the operator's tools (admin/: CLI, use cases, report, world map, IAM policy and
+    lean-model generators): they stay out of its package (size, attack surface)."""
+    _, zip_path = request.getfixturevalue(which)
+    with zipfile.ZipFile(zip_path) as archive:
+        names = archive.namelist()
+    assert not [n for n in names if n.startswith("admin/") or "world-countries" in n or "worldmap" in n]
+    ours = {n.split("/")[0] for n in names if n.endswith(".py") and (n == "app.py" or n.startswith("chalicelib/"))}
+    assert ours == {"app.py", "chalicelib"}
+
+
+@pytest.mark.parametrize("which", ["package", "built"])
 def test_zip_holds_no_secret(which, request):
     _, zip_path = request.getfixturevalue(which)
     with zipfile.ZipFile(zip_path) as archive:
