@@ -45,27 +45,42 @@ class ProvisioningRequest:
     @classmethod
     def from_body(cls, body: Any) -> ProvisioningRequest:
         """Check the wire format; anything wrong is a MalformedRequest naming the field and rule."""
-        if not isinstance(body, Mapping):
-            raise MalformedRequest("the body must be a JSON object")
-        thing_name = _thing_name(body)
+        thing_name = _thing_name(_object(body))
         signature = decode_signature(_required_text(body, "thing-name-sig"))
-        timestamp, stamp, nonce = None, None, None
-        if body.get("timestamp") is not None or body.get("nonce") is not None:
-            stamp, nonce = _required_text(body, "timestamp"), _required_text(body, "nonce")
-            timestamp = parse_timestamp(stamp)
-            if len(nonce) > MAX_NONCE_CHARS:
-                raise MalformedRequest(f"nonce must be at most {MAX_NONCE_CHARS} characters", "malformed-nonce")
-        csr_pem = body.get("CSR")
-        if csr_pem == "":
-            csr_pem = None
-        if csr_pem is not None and not isinstance(csr_pem, str):
-            raise MalformedRequest("CSR must be a PEM string", "malformed-csr")
-        csr = parse_csr(csr_pem, thing_name) if csr_pem is not None else None
+        stamp, timestamp, nonce = None, None, None
+        if body.get("timestamp") is not None or body.get("nonce") is not None:  # v2
+            stamp, timestamp, nonce = _stamped(body)
+        csr_pem, csr = _csr(body, thing_name)
         # v2 covers the timestamp as sent, not as re-formatted
         signed = v1_text(thing_name) if stamp is None or nonce is None else v2_text(thing_name, stamp, nonce, csr_pem)
         return cls(thing_name, signature, csr, csr_pem, timestamp, nonce, signed)
 
 
+
+
+def _object(body: Any) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise MalformedRequest("the body must be a JSON object")
+    return body
+
+
+def _stamped(body: Mapping[str, Any]) -> tuple[str, datetime, str]:
+    """A signed request's timestamp (as sent, and parsed) and nonce."""
+    stamp, nonce = _required_text(body, "timestamp"), _required_text(body, "nonce")
+    timestamp = parse_timestamp(stamp)
+    if len(nonce) > MAX_NONCE_CHARS:
+        raise MalformedRequest(f"nonce must be at most {MAX_NONCE_CHARS} characters", "malformed-nonce")
+    return stamp, timestamp, nonce
+
+
+def _csr(body: Mapping[str, Any], thing_name: str) -> tuple[str | None, x509.CertificateSigningRequest | None]:
+    """The optional CSR as sent (PEM; empty is none) and parsed."""
+    csr_pem = body.get("CSR")
+    if csr_pem == "":
+        csr_pem = None
+    if csr_pem is not None and not isinstance(csr_pem, str):
+        raise MalformedRequest("CSR must be a PEM string", "malformed-csr")
+    return csr_pem, parse_csr(csr_pem, thing_name) if csr_pem is not None else None
 
 
 def _thing_name(body: Mapping[str, Any]) -> str:
@@ -157,24 +172,14 @@ class RenewalRequest:
     @classmethod
     def from_body(cls, body: Any) -> RenewalRequest:
         """Check the wire format; anything wrong is a MalformedRequest naming the field and rule."""
-        if not isinstance(body, Mapping):
-            raise MalformedRequest("the body must be a JSON object")
-        thing_name = _thing_name(body)
+        thing_name = _thing_name(_object(body))
         certificate_id = _required_text(body, "certificateId")
         if len(certificate_id) > MAX_CERTIFICATE_ID_CHARS or not certificate_id.isascii() \
                 or not certificate_id.isalnum():
             raise MalformedRequest("certificateId must be the certificate id the device was given", "malformed-request")
-        stamp, nonce = _required_text(body, "timestamp"), _required_text(body, "nonce")
-        timestamp = parse_timestamp(stamp)
-        if len(nonce) > MAX_NONCE_CHARS:
-            raise MalformedRequest(f"nonce must be at most {MAX_NONCE_CHARS} characters", "malformed-nonce")
+        stamp, timestamp, nonce = _stamped(body)
         signature = decode_signature(_required_text(body, "signature"), "signature")
-        csr_pem = body.get("CSR")
-        if csr_pem == "":
-            csr_pem = None
-        if csr_pem is not None and not isinstance(csr_pem, str):
-            raise MalformedRequest("CSR must be a PEM string", "malformed-csr")
-        csr = parse_csr(csr_pem, thing_name) if csr_pem is not None else None
+        csr_pem, csr = _csr(body, thing_name)
         return cls(thing_name, certificate_id, timestamp, nonce, signature, csr, csr_pem,
                    renew_v1_text(thing_name, certificate_id, stamp, nonce, csr_pem))
 
