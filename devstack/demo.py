@@ -286,13 +286,15 @@ class Demo:
         seen = self.messages("after the move", {("mydevice1", "ap-northeast-1"): 2})
         expect(seen[("mydevice1", "ap-northeast-1")] >= 2 and not seen[("mydevice1", "eu-west-2")],
                "mydevice1's messages now reach the Tokyo broker, none the London one")
-        london = next(item for item in self.stack.files.listeners() if item.region == "eu-west-2")
         client = device_module()
         old = client.StatePaths.for_thing(str(copy), "mydevice1")
+        london = client.read_endpoint(old.endpoint, old.cert)
         print("Now the old London credentials, from the copy:")
-        # The revocation reaches the broker a moment after the answer (its CRL is rewritten, then reloaded).
+        # The revocation reaches the broker a moment after the answer (its CRL is rewritten, then reloaded): wait
+        # until the broker refuses the certificate, asking as the device asks (a TLS handshake only).
         deadline = time.monotonic() + WAIT
-        while client.probe_certificate("localhost", london.port, str(self.stack.files.bundle), old)[0] is None:
+        while client.probe_certificate(london["endpointAddress"], int(london["endpointPort"]),
+                                       str(self.stack.files.bundle), old)[0] is None:
             if time.monotonic() > deadline:
                 raise DemoFailed("the London broker still accepts mydevice1's old certificate")
             time.sleep(0.1)
