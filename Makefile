@@ -2,28 +2,46 @@
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
+PIP      := $(PY) -m pip install --disable-pip-version-check --progress-bar off
 API_PORT ?= 8000
 export API_PORT
 
-.PHONY: install demo test local bench bench-quick report-screenshot storm chaos package deploy clean
+# One virtualenv, two tiers, each installed once (and again when one of its requirements files changes), each
+# with its stamp: the local tier (requirements-local.txt: the service, the device client, chalice) is what
+# make demo, local, package and deploy run; the dev tier (requirements-dev.txt) adds the tools on top of it for
+# make test and the benchmarks. So `make test` after `make demo` installs the tools only, and `make demo` after
+# `make test` installs nothing.
+LOCAL_TIER := $(VENV)/.installed-local
+DEV_TIER   := $(VENV)/.installed-dev
 
-install: $(VENV)/.installed
+.PHONY: install install-local demo test local bench bench-quick report-screenshot storm chaos package deploy clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt device/requirements.txt
+install: $(DEV_TIER)
+install-local: $(LOCAL_TIER)
+
+$(VENV)/pyvenv.cfg:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "Python 3.11 or newer is needed (found: $$($(PYTHON) --version 2>&1))."; exit 1; }
-	@echo "make install: creating the virtualenv $(VENV) with $$($(PYTHON) --version 2>&1) (once, and again when a requirements file changes)"
+	@echo "make: creating the virtualenv $(VENV) with $$($(PYTHON) --version 2>&1)"
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
 	  echo "python venv is missing. Install it with: apt-get install -y python3-venv"; exit 1; }
-	@echo "make install: installing the service, device and test packages from PyPI into $(VENV) (about a minute)"
-	$(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements-dev.txt
+
+$(LOCAL_TIER): requirements-local.txt requirements.txt device/requirements.txt | $(VENV)/pyvenv.cfg
+	@echo "make: installing the service, device and local-stage packages into $(VENV) (once; about 20 s)"
+	$(PIP) -r requirements-local.txt
 	@touch $@
-	@echo "make install: done; $(VENV)/bin has python and chalice"
 
-demo: install
-	$(PY) -m devstack.demo
+$(DEV_TIER): $(LOCAL_TIER) requirements-dev.txt
+	@echo "make: adding the development tools (tests, lint, types, benchmarks) to $(VENV) (once; about a minute)"
+	$(PIP) -r requirements-dev.txt
+	@touch $@
 
-local: install
+# The whole story on the local stage, in a directory of its own (git ignores ./demo), replaced at every run.
+DEMO_DIR ?= demo
+demo: install-local
+	$(PY) -m devstack.demo --dir "$(DEMO_DIR)"
+
+local: install-local
 	$(PY) -m devstack.local --api-port $(API_PORT)
 
 # Lint, types and the layers' import contracts first; then the suite. pytest's exit code 5 (no tests collected)
@@ -52,11 +70,13 @@ chaos: install
 	$(PY) -m bench.chaos --size default
 
 # The prod stage's Lambda package with bytecode, trimmed (devstack/lambda_package.py); deploy uploads it.
-package: install
+package: install-local
 	$(PY) -m devstack.lambda_package build/lambda
 
-deploy: install
+deploy: install-local
 	$(PY) -m devstack.lambda_package --deploy build/lambda
 
+# The demo's directory only when the demo made it (devstack/demo.py leaves that marker in it).
 clean:
 	rm -rf $(VENV) .state .pytest_cache build
+	@if [ -f "$(DEMO_DIR)/.made-by-make-demo" ]; then rm -rf "$(DEMO_DIR)"; echo "rm -rf $(DEMO_DIR)"; fi

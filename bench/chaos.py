@@ -99,9 +99,9 @@ class Stage:
         port = free_port()
         env = {**self._env, "GIP_MQTT_BASE_PORT": str(free_port_run(11))}
         with open(self._log, "ab") as log:
-            # -o install: `make chaos` did it; PY: the interpreter running this script (a worktree may lack .venv).
+            # -o install-local: `make chaos` did it; PY: the interpreter running this script (a worktree may lack .venv).
             self.process = subprocess.Popen(
-                ["make", "--no-print-directory", "-s", "-o", "install", "local", f"PY={sys.executable}",
+                ["make", "--no-print-directory", "-s", "-o", "install-local", "local", f"PY={sys.executable}",
                  f"API_PORT={port}"], cwd=PROJECT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         self.url = f"http://127.0.0.1:{port}"

@@ -3,7 +3,8 @@
 RUN is the explicit list of the README's commands this test runs, in the README's order; NOT_RUN the others,
 with the reason. A command added to, changed in or removed from the README without this list fails
 test_the_lists_are_the_readmes_commands, so the two cannot drift apart. `.venv/bin/python` is the interpreter
-running the tests (the same one under `make test`), and `make` is told the virtualenv is installed.
+running the tests (the same one under `make test`), and `make` is told the virtualenv is installed. `make demo` is
+run by tests/test_demo.py.
 """
 import os
 import re
@@ -15,10 +16,10 @@ import sys
 from chalicelib.config import PROJECT_DIR
 from devstack.stack import free_port, free_port_run, mosquitto_binary
 from tests.conftest import needs_tool
+from tests.tiers import guarded_environment, local_tier
 
 README = PROJECT_DIR / "README.md"
 RUN = {
-    "demo": ["make demo"],
     "hand-run": [  # with `make local` running, as the README says
         "STATE=${XDG_STATE_HOME:-$HOME/.local/state}/iot-global-provisioning/local",
         ".venv/bin/python -m admin keygen",
@@ -30,6 +31,7 @@ RUN = {
     ],
 }
 NOT_RUN = {
+    "make demo": "run by tests/test_demo.py, as written, with the checks of the story it tells",
     "make test": "the test suite itself",
     "make local": "runs until Ctrl-C: started around the hand-run commands, stopped after them",
 }
@@ -63,7 +65,7 @@ def readme_commands() -> list[str]:
 def test_the_lists_are_the_readmes_commands():
     found = readme_commands()
     offline = [c for c in found if not c.startswith(AWS_PREFIXES)]
-    assert sorted(offline) == sorted([*RUN["demo"], *RUN["hand-run"], *NOT_RUN])
+    assert sorted(offline) == sorted([*RUN["hand-run"], *NOT_RUN])
     assert [c for c in offline if c in RUN["hand-run"]] == RUN["hand-run"]  # in the README's order
     assert len(found) - len(offline) >= 5  # the deploy section is still there, and still not run here
 
@@ -76,20 +78,13 @@ def environment(home) -> dict:
 
 def as_written(commands: list[str]) -> str:
     script = "\n".join(commands).replace(".venv/bin/python", shlex.quote(sys.executable))
-    return "set -euo pipefail\n" + re.sub(r"^make ", f"make -o .venv/.installed PY={shlex.quote(sys.executable)} ",
+    return "set -euo pipefail\n" + re.sub(r"^make ", f"make -o .venv/.installed-local PY={shlex.quote(sys.executable)} ",
                                           script, flags=re.M)
 
 
-def test_make_demo_runs_and_returns(tmp_path):
-    result = subprocess.run(["bash", "-c", as_written(RUN["demo"])], cwd=PROJECT_DIR, env=environment(tmp_path),
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stdout + result.stderr
-    assert (tmp_path / ".local" / "state" / "iot-global-provisioning" / "demo" / "registry.sqlite3").is_file()
-
-
 def test_the_hand_run_section_runs_top_to_bottom_and_returns(tmp_path):
-    env = environment(tmp_path)
+    # make local and the commands beside it, with the packages of make local's install only (tests/tiers.py).
+    env = guarded_environment(tmp_path / "tier", local_tier(), environment(tmp_path))
     state = tmp_path / ".local" / "state" / "iot-global-provisioning" / "local"
     local = subprocess.Popen(["bash", "-c", as_written(["make local"])], cwd=PROJECT_DIR, env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
