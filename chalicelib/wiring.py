@@ -21,7 +21,7 @@ from chalicelib.signatures import FleetKeyVerifier, load_public_key
 
 if TYPE_CHECKING:
     from chalicelib.aws import AwsClients
-    from chalicelib.health import Health
+    from chalicelib.health import Health, Probe
     from chalicelib.issuers.aws_iot import AwsIotIssuer
     from chalicelib.issuers.local_ca import LocalIssuer
 
@@ -117,10 +117,11 @@ def issuer(config: Settings, policy: RegionPolicy | None = None,
             return client
         return AwsIotIssuer(lambda region: clients.client("iot", region), pool("aws-iot"),
                             mutating_client_for_region=mutating, on_throttle=gate.throttled, shared_endpoints=shared)
-    from chalicelib.issuers.local_ca import LocalIssuer, local_endpoints
+    from chalicelib.issuers.local_ca import LocalIssuer, StackRevocations, local_endpoints
     policy = policy or region_policy(config)
+    # A revocation returns once the running local stack's brokers refuse it (at once when no stack runs).
     return LocalIssuer(config.ca_dir, local_endpoints(policy.enabled, config.mqtt_host, config.mqtt_base_port),
-                       validity_days=config.cert_validity_days)
+                       validity_days=config.cert_validity_days, enforce=StackRevocations(config.state_dir))
 
 
 def locator(config: Settings) -> GeoLocator:
@@ -186,7 +187,7 @@ def build_service(config: Settings, checkpoint: Callable[[str, str], None] | Non
 _health = None
 
 
-def health_probes(config: Settings) -> dict[str, Callable[[], str | dict[str, str] | None]]:
+def health_probes(config: Settings) -> dict[str, Probe]:
     """What provisioning needs, each checked cheaply (see chalicelib/health.py)."""
     known_ip = "81.2.69.142"  # London in every GeoLite2 and DB-IP build
     database: list[GeoLocator] = []
@@ -234,8 +235,15 @@ def health_probes(config: Settings) -> dict[str, Callable[[], str | dict[str, st
         if not verifier[0].keys:
             raise RuntimeError("no fleet public key")
 
-    return {"registry": registry_probe, "issuer": issuer_probe, "geolocation": geolocation_probe,
-            "fleet_key": fleet_key_probe}
+    probes: dict[str, Probe] = {"registry": registry_probe, "issuer": issuer_probe,
+                                "geolocation": geolocation_probe, "fleet_key": fleet_key_probe}
+    if config.registry == "sqlite":  # the local stage: its state directory's room, and the stack serving it if any
+        from chalicelib.health import free_space_probe, served_by_stack, stack_probes
+        from chalicelib.issuers.local_ca import stack_status_path
+        probes["free_space"] = free_space_probe(config.state_dir)
+        if served_by_stack(stack_status_path(config.state_dir)):
+            probes.update(stack_probes(stack_status_path(config.state_dir)))
+    return probes
 
 
 def health() -> Health:
