@@ -617,8 +617,15 @@ class LocalStack:
                 self._reload_pending.discard(region)  # not started yet, or restarting: it reads the new CRL
             elif catches_sighup(broker.pid):
                 broker.send_signal(signal.SIGHUP)
+                self._wake(region)
                 self._signalled[region] = time.monotonic()
                 self._reload_pending.discard(region)
+
+    def _wake(self, region: str) -> None:
+        """mosquitto blocks signals while it waits for traffic (up to 100 ms): a connection to its listener ends the
+        wait, so the SIGHUP is taken now. It costs one line in the broker's log ("Client connection ... failed")."""
+        with socket.socket() as poke:
+            poke.connect_ex(("127.0.0.1", self.files.issuer.endpoint(region).port))
 
     def _confirm_reloads(self, now: float) -> None:
         """Each running broker must report the number of the CRL last written for it; ask again meanwhile."""
