@@ -464,13 +464,13 @@ class LocalStack:
             self._say(f"[stack] mosquitto: a mutual-TLS broker per region ({len(listeners)}) on 127.0.0.1:"
                       f"{listeners[0].port}-{listeners[-1].port}")
             self._write_status(force=True)  # before chalice local: its /health finds the stack it serves
-            self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
-            self._supervisor.start()
             self.api = self._spawn("chalice", [sys.executable, str(PROJECT_DIR / "devstack" / "chalice_local.py"),
                                                "local", "--stage", "local", "--host", "127.0.0.1",
                                                "--port", str(self.api_port), "--no-autoreload"])
             self._wait_http(f"{self.api_url}/health", self.api)
             self._say(f"[stack] API (chalice local): {self.api_url}/device-provisioning")
+            self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
+            self._supervisor.start()
         except BaseException:
             self.stop()
             raise
