@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from chalicelib.adapters.aws import AwsClients, SsmSecret
     from chalicelib.adapters.issuers.aws_iot import AwsIotIssuer
     from chalicelib.adapters.issuers.local_ca import LocalIssuer
-    from chalicelib.edge.health import Health
+    from chalicelib.edge.health import Health, Probe
 
 T = TypeVar("T")
 # Worker threads per pool: the registry runs a v2 claim's two DynamoDB writes side by side; AWS IoT's issue()
@@ -151,10 +151,11 @@ class Container:
                                                                                              retries=False),
                                     on_throttle=gate.throttled if gate is not None else None,
                                     shared_endpoints=shared)
-            from chalicelib.adapters.issuers.local_ca import LocalIssuer, local_endpoints
+            from chalicelib.adapters.issuers.local_ca import LocalIssuer, StackRevocations, local_endpoints
+            # A revocation returns once the running local stack's brokers refuse it (at once when no stack runs).
             return LocalIssuer(config.ca_dir, local_endpoints(self.regions.enabled, config.mqtt_host,
                                                               config.mqtt_base_port),
-                               validity_days=config.cert_validity_days)
+                               validity_days=config.cert_validity_days, enforce=StackRevocations(config.state_dir))
         return self._once("issuer", make)
 
     @property
@@ -236,7 +237,7 @@ class Container:
             return Health(self.health_probes(), log_and_count, ttl=ttl)
         return self._once("health", make)
 
-    def health_probes(self) -> dict[str, Callable[[], str | dict[str, str] | None]]:
+    def health_probes(self) -> dict[str, Probe]:
         """What provisioning needs, each checked cheaply (edge/health.py), on the parts the services use."""
         config = self.settings
 
@@ -271,5 +272,12 @@ class Container:
             if not self.fleet_verifier.keys:
                 raise RuntimeError("no fleet public key")
 
-        return {"registry": registry_probe, "issuer": issuer_probe, "geolocation": geolocation_probe,
-                "fleet_key": fleet_key_probe}
+        probes: dict[str, Probe] = {"registry": registry_probe, "issuer": issuer_probe,
+                                    "geolocation": geolocation_probe, "fleet_key": fleet_key_probe}
+        if config.registry == "sqlite":  # the local stage: its state directory's room, and the stack serving it
+            from chalicelib.adapters.issuers.local_ca import stack_status_path
+            from chalicelib.edge.health import free_space_probe, served_by_stack, stack_probes
+            probes["free_space"] = free_space_probe(config.state_dir)
+            if served_by_stack(stack_status_path(config.state_dir)):
+                probes.update(stack_probes(stack_status_path(config.state_dir)))
+        return probes

@@ -35,6 +35,9 @@ def main(argv=None) -> int:
         return 1
     stack = LocalStack(settings, args.api_port)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below on kill too
+    # Ctrl-C stops everything even when started in the background (`make local &` inherits SIGINT ignored, while
+    # the brokers take it and stop: they must not be restarted as if they had died).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start()
         print("\nRunning. Region endpoints (mqtts, mutual TLS):")
@@ -43,10 +46,15 @@ def main(argv=None) -> int:
         print(f"State (registry, CAs, keys, devices' files, logs): {settings.state_dir}")
         print(f"API for devices (-a): {stack.api_url}")
         print(f"CA bundle for devices (--root-ca): {stack.files.bundle}")
-        print(f"Logs: {stack.log_dir}\nPress Ctrl-C to stop.", flush=True)
-        # A broker that dies is restarted by the stack; one that keeps dying, or a dead API, ends it all here.
+        print(f"Logs: {stack.log_dir} ({', '.join(f'{name}.log' for name in stack.log_names()[:2])}, ...; the "
+              f"previous runs' as .log.1 to .log.{stack.log_keep}, each file at most "
+              f"{stack.log_max_bytes // 2**20} MB)\nPress Ctrl-C to stop.", flush=True)
+        # A broker that dies is restarted by the stack; one that keeps dying, a dead API or a supervisor that ended
+        # (it sets `failed` itself; checked here too) ends it all here.
         while not stack.failed.wait(1):
-            pass
+            if not stack.supervising and not stack.failed.is_set():
+                stack.failure = "the stack's supervisor is not running"
+                break
         print(f"error: stopping the local stack: {stack.failure}", file=sys.stderr)
         return 1
     except (StackError, ConfigError) as exc:

@@ -1,6 +1,7 @@
 """GET /health tells the truth (issue 16): each part checked, the answer cached a few seconds, 503 naming the
 failing part, `degraded` with 200 when provisioning works on a fallback; the same facts in the log and a metric."""
 import json
+import os
 import re
 
 import boto3
@@ -9,8 +10,8 @@ from moto import mock_aws
 
 from chalicelib.adapters.geo import Backoff
 from chalicelib.container import Container
-from chalicelib.edge.health import Health, log_and_count
-from devstack.stack import free_port
+from chalicelib.edge.health import Health, log_and_count, served_by_stack, stack_probes
+from devstack.stack import StackStatus, free_port
 from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr
 from tests.fake_ipstack import FakeIpstack
 
@@ -59,7 +60,7 @@ def test_a_missing_fleet_key_is_a_503_naming_it_and_the_other_parts_are_ok(stage
     assert answer["status"] == "error" and answer["code"] == "unhealthy"
     assert answer["message"].startswith("not ready: fleet_key: fleet provisioning public key not found")
     assert {part: check["status"] for part, check in answer["checks"].items()} == {
-        "registry": "ok", "issuer": "ok", "geolocation": "ok", "fleet_key": "failing"}
+        "registry": "ok", "issuer": "ok", "geolocation": "ok", "fleet_key": "failing", "free_space": "ok"}
 
 
 def test_a_healthy_local_stage_says_ok(stage):
@@ -67,7 +68,8 @@ def test_a_healthy_local_stage_says_ok(stage):
         response = client.http.get("/health")
     answer = json.loads(response.body)
     assert response.status_code == 200 and answer["status"] == "ok", answer
-    assert set(answer["checks"]) == {"registry", "issuer", "geolocation", "fleet_key"}
+    # No local stack serves this process: no broker parts (make local's chalice local has them, test_broker).
+    assert set(answer["checks"]) == {"registry", "issuer", "geolocation", "fleet_key", "free_space"}
 
 
 def _ipstack_on_the_local_stage(monkeypatch, tmp_path, url: str) -> None:
@@ -122,7 +124,7 @@ def test_ipstack_held_off_by_its_back_off_is_degraded_until_it_answers(stage, mo
             assert geo["detail"].startswith(f"ipstack failing since {geo['since']} ({reason}")
             assert geo["detail"].endswith("next try in 30 s); running on the bundled database")
             assert {part: check["status"] for part, check in answer["checks"].items()} == {
-                "registry": "ok", "issuer": "ok", "geolocation": "degraded", "fleet_key": "ok"}
+                "registry": "ok", "issuer": "ok", "geolocation": "degraded", "fleet_key": "ok", "free_space": "ok"}
             out = capsys.readouterr().out
             health_lines = [json.loads(line) for line in out.splitlines() if '"message":"health"' in line]
             assert health_lines[-1]["health"] == "degraded"
@@ -156,3 +158,31 @@ def test_an_unreadable_ipstack_key_is_degraded_naming_why_and_since_when(stage, 
     assert geo["reason"] == "its key cannot be read: ParameterNotFound" and geo["since"].endswith("Z")
     assert geo["detail"].startswith(f"ipstack failing since {geo['since']} (its key cannot be read: ParameterNotFound")
     assert ipstack.calls == []  # without its key ipstack is never asked
+
+
+def test_the_local_stacks_parts_fail_on_a_silent_supervisor_a_fault_or_a_crl_near_its_next_update(tmp_path):
+    """The parts as make local's chalice local reads them from the status the stack's supervisor keeps writing."""
+    path, clock = tmp_path / "stack.json", Clock()
+    status = StackStatus(path)
+    fine = {"pid": os.getpid(), "heartbeat": 1000.0, "stale_after": 15.0, "stopped": False, "faults": {},
+            "crl_next_update": {"eu-west-2": 1000.0 + 86400, "us-east-1": 1000.0 + 86400}, "crl_margin": 21600.0}
+
+    def parts(record: dict, now: float) -> dict:
+        status.write(record)
+        clock.now = now
+        return {part: check.get("detail", check["status"])
+                for part, check in Health(stack_probes(path, clock), ttl=0).check()["checks"].items()}
+
+    assert served_by_stack(path) is False  # nothing written yet
+    assert parts(fine, 1010.0) == {"supervisor": "ok", "brokers": "ok", "revocation": "ok"}
+    assert served_by_stack(path) and not served_by_stack(tmp_path / "none.json")
+    assert parts(fine, 1016.0)["supervisor"].startswith("the stack's supervisor has not run for 16 s")
+    fault = "the CRL of us-east-1 could not be written (No space left on device): revoked certificates may still connect"
+    assert parts({**fine, "faults": {"revocation": fault}}, 1001.0)["revocation"] == fault
+    assert parts({**fine, "faults": {"brokers": "the broker of eu-west-2 is down"}}, 1001.0)["brokers"] == (
+        "the broker of eu-west-2 is down")
+    assert parts({**fine, "heartbeat": 66000.0}, 66000.0)["revocation"] == (
+        "the CRL of eu-west-2 expires in 21400 s and has not been remade: its broker will refuse every device")
+    assert parts({**fine, "heartbeat": 88000.0}, 88000.0)["revocation"].startswith("the CRL of eu-west-2 has expired")
+    assert set(parts({**fine, "stopped": True}, 1001.0).values()) == {"the local stack is not running"}
+    assert served_by_stack(path) is False  # a stopped stack serves nobody

@@ -14,6 +14,7 @@ import time
 from contextlib import closing
 from dataclasses import replace
 
+import pytest
 import requests
 
 from chalicelib.adapters.registry.sqlite import SqliteRegistry
@@ -21,6 +22,7 @@ from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.container import Container
 from devstack.stack import free_port
 from tests.conftest import LONDON_IP, api, make_csr
+from tests.tmpfs import fill, read_only, tmpfs
 
 BODY_KEYS = {"status", "code", "message"}
 
@@ -87,7 +89,7 @@ def test_a_read_only_registry_answers_503_to_devices_and_health_names_it(stage):
     assert status["code"] == "unhealthy" and "registry: it cannot be written (read-only)" in status["message"]
     assert status["checks"]["registry"]["status"] == "failing"
     assert {part: check["status"] for part, check in status["checks"].items() if part != "registry"} == {
-        "issuer": "ok", "geolocation": "ok", "fleet_key": "ok"}
+        "issuer": "ok", "geolocation": "ok", "fleet_key": "ok", "free_space": "ok"}
     assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("mydevice1").status == "unprovisioned"
     assert certificates(stage) == []
 
@@ -181,3 +183,51 @@ def test_a_full_disk_under_chalice_locals_log_still_answers_every_request(stage)
     finally:
         server.kill()
         server.wait(10)
+
+
+@pytest.fixture
+def small_state(tmp_path):
+    """The stage's state directory on a 16 MB tmpfs (mounted before the `stage` fixture writes into it)."""
+    with tmpfs(tmp_path / "state", "16m") as where:
+        yield where
+
+
+def fresh_health(client) -> tuple[int, dict]:
+    response = client.http.get("/health")
+    return response.status_code, json.loads(response.body)
+
+
+def test_a_full_disk_fails_health_and_provisioning_until_space_returns(small_state, stage):
+    csr_pem = make_csr("mydevice1")[0]
+    with api("local", Container(health_cache_seconds=0)) as client:  # each /health answer afresh
+        assert fresh_health(client)[0] == 200
+        filler = fill(small_state)
+        try:
+            status, health = fresh_health(client)
+            response, answer = post(client, stage.body("mydevice1", csr_pem))
+        finally:
+            filler.unlink()
+        assert status == 503 and health["checks"]["free_space"]["status"] == "failing", health
+        assert health["checks"]["free_space"]["detail"].startswith("0.0 MB free on the state directory's file system, "
+                                                                   "below the floor of 0.8 MB")
+        assert_storage_503(response, answer)
+        status, health = fresh_health(client)
+        assert status == 200 and health["status"] == "ok", health
+        response, answer = post(client, stage.body("mydevice1", csr_pem))
+    assert response.status_code == 200, answer
+
+
+def test_read_only_certificate_records_fail_health_though_they_can_be_read(stage):
+    """The CA records are a store every provisioning writes: /health probes them with a committed write."""
+    config = Settings.from_env()
+    Container(config).issuer.check(config.enabled_regions)  # the CAs and their records exist
+    gc.collect()  # their connections close now: a file open for writing keeps a remount busy
+    with read_only(config.ca_dir / "certificates.sqlite3"):
+        with api("local") as client:
+            status, health = fresh_health(client)
+    assert status == 503, health
+    assert health["checks"]["issuer"] == {"status": "failing", "detail": "it cannot be written (read-only); check "
+                                          "the file system's mount and the file's permissions"}, health
+    assert {part: check["status"] for part, check in health["checks"].items() if part != "issuer"} == {
+        "registry": "ok", "geolocation": "ok", "fleet_key": "ok", "free_space": "ok"}
+    assert "/" not in health["message"]  # no server path on a public endpoint

@@ -33,20 +33,21 @@ DEVICE_MESSAGE = "the service's storage is unavailable; try again later"
 
 
 class StorageUnavailable(ServiceUnavailable):
-    """The registry's storage cannot be used; `message` names the file and the cure (operators only)."""
+    """A store (the registry, the local CA's records) cannot be used; `message` names the file and the cure
+    (operators only)."""
 
     code = "storage-unavailable"
 
-    def __init__(self, path: Path, cause: str):
-        super().__init__(f"registry {path}: {cause}", retry_after=30)
+    def __init__(self, path: Path, cause: str, store: str = "registry"):
+        super().__init__(f"{store} {path}: {cause}", retry_after=30)
         self.path = path
         self.cause = cause
 
 
-def explain(path: Path, error: sqlite3.Error) -> StorageUnavailable:
+def explain(path: Path, error: sqlite3.Error, store: str = "registry") -> StorageUnavailable:
     text = str(error).lower()
     cause = next((meaning for needle, meaning in _CAUSES if needle in text), f"SQLite failed: {error}")
-    return StorageUnavailable(path, cause)
+    return StorageUnavailable(path, cause, store)
 
 
 def translated(method: F) -> F:

@@ -17,16 +17,26 @@
  *   so a forbidden filter got a grant that delivers nothing. Here a filter outside data/<thing>/ is denied,
  *   and mosquitto answers 0x80 (MQTT 3.1.1) or 0x87 (MQTT 5) in the SUBACK, as AWS IoT does.
  *
- * Options: plugin_opt_crl_file <PEM CRL of the region's CA> (required), plugin_opt_observer <CN> (optional: an
- * identity that may read data/#, with client ids <CN> or <CN>-<anything>; the stack's monitor).
+ * - "revoked" means refused when the operator's command returns: after loading a CRL (at start and on each reload)
+ *   the plugin writes the CRL's number into `plugin_opt_loaded_file`, so the stack observes that a broker has the
+ *   new list instead of assuming it. mosquitto runs the reload and then the re-check of every client in one pass
+ *   of its (single-threaded) loop, so once the number is written no later packet is served without it.
+ *
+ * Options: plugin_opt_crl_file <PEM CRL of the region's CA> (required), plugin_opt_loaded_file <path> (optional:
+ * where the number of the CRL loaded is written), plugin_opt_observer <CN> (optional: an identity that may read
+ * data/#, with client ids <CN> or <CN>-<anything>; the stack's monitor).
  *
  * Built by devstack/stack.py (gcc, Debian's mosquitto-dev, libmosquitto-dev and libssl-dev headers).
  */
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
+#include <openssl/bn.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <openssl/x509v3.h>
 
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
@@ -39,6 +49,32 @@ static mosquitto_plugin_id_t *plugin_id;
 static X509_CRL *crl;
 static char observer[CN_MAX + 1];
 static char *crl_path; /* kept: mosquitto 2.0.11 passes no options with MOSQ_EVT_RELOAD */
+static char *loaded_path;
+
+#define NUMBER_WIDTH 40 /* the CRL number in decimal, right-aligned: the record keeps one size */
+
+/* Writes the loaded CRL's number over the previous one, in place and in one write of a fixed size: no new file
+ * and no new block (it works on a full disk), and a reader sees the old number or the new one. */
+static void report_loaded(X509_CRL *loaded)
+{
+	ASN1_INTEGER *number = X509_CRL_get_ext_d2i(loaded, NID_crl_number, NULL, NULL);
+	BIGNUM *big = number ? ASN1_INTEGER_to_BN(number, NULL) : NULL;
+	char *text = big ? BN_bn2dec(big) : NULL;
+	char record[NUMBER_WIDTH + 2];
+	int fd;
+
+	snprintf(record, sizeof(record), "%*s\n", NUMBER_WIDTH, text ? text : "0");
+	mosquitto_log_printf(MOSQ_LOG_INFO, "gip_auth: loaded CRL number %s", text ? text : "(none)");
+	OPENSSL_free(text);
+	BN_free(big);
+	ASN1_INTEGER_free(number);
+	if(!loaded_path) return;
+	fd = open(loaded_path, O_WRONLY | O_CREAT, 0644);
+	if(fd < 0 || pwrite(fd, record, strlen(record), 0) != (ssize_t)strlen(record)){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "gip_auth: cannot write %s", loaded_path);
+	}
+	if(fd >= 0) close(fd);
+}
 
 static const char *option(struct mosquitto_opt *options, int count, const char *key)
 {
@@ -66,6 +102,7 @@ static int load_crl(const char *path)
 	}
 	X509_CRL_free(crl);
 	crl = fresh;
+	report_loaded(crl);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -178,6 +215,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 {
 	const char *name = option(options, option_count, "observer");
 	const char *path = option(options, option_count, "crl_file");
+	const char *loaded = option(options, option_count, "loaded_file");
 	int rc;
 
 	(void)userdata;
@@ -188,6 +226,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		return MOSQ_ERR_INVAL;
 	}
 	crl_path = mosquitto_strdup(path);
+	if(loaded && !(loaded_path = mosquitto_strdup(loaded))) return MOSQ_ERR_NOMEM;
 	rc = crl_path ? load_crl(crl_path) : MOSQ_ERR_NOMEM;
 	if(rc) return rc;
 	if(mosquitto_callback_register(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, NULL)
@@ -210,5 +249,7 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	crl = NULL;
 	mosquitto_free(crl_path);
 	crl_path = NULL;
+	mosquitto_free(loaded_path);
+	loaded_path = NULL;
 	return MOSQ_ERR_SUCCESS;
 }

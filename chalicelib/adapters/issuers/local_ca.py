@@ -5,8 +5,12 @@ recorded (serial, thing, region, time, status) in one SQLite file, so revocation
 """
 import fcntl
 import hashlib
+import logging
+import os
+import socket
 import sqlite3
 import threading
+import time
 import warnings
 from datetime import datetime, timedelta
 from ipaddress import ip_address
@@ -20,12 +24,17 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chalicelib.adapters.files import write_private
+from chalicelib.adapters.storage import explain
+from chalicelib.domain import deadline
 from chalicelib.domain.certificates import CertificateInfo, CertificateRef, Endpoint, IssuedCertificate
 from chalicelib.domain.clock import timestamp, utcnow
+from chalicelib.domain.errors import ServiceUnavailable
 from chalicelib.domain.keypolicy import MIN_RSA_BITS
 
 # See LocalCertificateAuthority.sign: a CN over 64 characters is deliberate here.
 warnings.filterwarnings("ignore", message="Attribute's length must be", category=UserWarning)
+
+log = logging.getLogger(__name__)
 
 CA_LIFETIME = timedelta(days=3650 * 3)
 DEVICE_LIFETIME = timedelta(days=3650)
@@ -138,11 +147,17 @@ CREATE TABLE IF NOT EXISTS certificates (
 
 
 class LocalIssuer:
-    """Issues device certificates from the chosen region's local CA and records each one."""
+    """Issues device certificates from the chosen region's local CA and records each one.
+
+    `enforce` (wiring: a `StackRevocations`) is called after every revocation is recorded and returns once the
+    brokers refuse it, or raises `RevocationNotEnforced`: so "revoked" means refused when `revoke` returns.
+    """
 
     def __init__(self, ca_dir: Path, endpoints: Mapping[str, Endpoint],
-                 clock: Callable[[], datetime] = utcnow, validity_days: int = 365) -> None:
+                 clock: Callable[[], datetime] = utcnow, validity_days: int = 365,
+                 enforce: Callable[[], None] | None = None) -> None:
         self._lifetime = timedelta(days=validity_days)  # GIP_CERT_VALIDITY_DAYS
+        self._enforce = enforce
         self._ca_dir = Path(ca_dir)
         self._endpoints = dict(endpoints)
         self._clock = clock
@@ -162,11 +177,23 @@ class LocalIssuer:
         return self._endpoints[region]
 
     def check(self, regions: Iterable[str]) -> None:
-        """Raise unless every region's CA can sign (its key file still there) and the records can be read."""
+        """Raise unless every region's CA can sign (its key file still there) and the records can be written:
+        a committed write on a fresh connection (one opened before a read-only remount keeps writing), in a
+        table of its own that no listing or audit reads."""
         for region in regions:
             if not self.authority(region).key_path.is_file():
                 raise FileNotFoundError(f"the CA key of {region} is missing")
-        self._db().execute("SELECT 1 FROM certificates LIMIT 1").fetchall()
+        path = self._ca_dir / "certificates.sqlite3"
+        try:
+            self._db().execute("SELECT 1 FROM certificates LIMIT 1").fetchall()
+            probe = sqlite3.connect(path, isolation_level=None, timeout=2)
+            try:
+                probe.execute("CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)")
+                probe.execute("INSERT OR REPLACE INTO health_probe VALUES (1, ?)", (time.time(),))
+            finally:
+                probe.close()
+        except sqlite3.Error as error:
+            raise explain(path, error, "certificate records") from error
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -206,6 +233,8 @@ class LocalIssuer:
     def revoke(self, certificate: IssuedCertificate | CertificateRef, *, delete_thing: bool) -> None:
         self._db().execute("UPDATE certificates SET status = 'REVOKED' WHERE certificate_id = ?",
                            (certificate.certificate_id,))
+        if self._enforce is not None:  # also when it was revoked before: then it confirms that one is in force
+            self._enforce()
 
     def find_issued(self, thing_name: str, region: str, since: datetime, fingerprint: str | None) -> list[str]:
         # issued_at has whole seconds: one second of slack keeps a certificate signed in the same second.
@@ -276,15 +305,96 @@ def records_version(issuer: LocalIssuer) -> int:
 
 
 def certificate_revocation_list(ca: LocalCertificateAuthority, serials: Iterable[int],
-                                lifetime: timedelta = CRL_LIFETIME) -> bytes:
+                                lifetime: timedelta = CRL_LIFETIME, number: int | None = None) -> bytes:
     """The CA's signed CRL (PEM) naming `serials`. OpenSSL refuses every certificate once nextUpdate has
-    passed, so whoever serves it must make a new one well before `lifetime` ends."""
+    passed, so whoever serves it must make a new one well before `lifetime` ends. `number` (the CRL Number
+    extension, increasing) is what the brokers' plugin reports having loaded."""
     now = ca._clock()
     builder = (x509.CertificateRevocationListBuilder()
                .issuer_name(ca.certificate.subject)
                .last_update(now - _BACKDATE).next_update(now + lifetime)
                .add_extension(ca._authority_key_id, critical=False))
+    if number is not None:
+        builder = builder.add_extension(x509.CRLNumber(number), critical=False)
     for serial in sorted(serials):
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - _BACKDATE).build())
     return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+# ---- "revoked" means refused when the command returns: the running local stack confirms it ----
+# devstack/stack.py serves the other end (chalicelib never imports devstack); wiring gives the local issuer a
+# StackRevocations, so the admin CLI and chalice local both wait, and a process with no stack pays one failed
+# connect per revocation.
+
+STACK_CONFIRM_SECONDS = 10.0  # a revoker's wait for the stack; the stack itself gives up on a broker sooner
+STACK_OK = "ok"
+
+
+def stack_address(state_dir: Path) -> bytes:
+    """The abstract Unix socket (Linux) of the local stack serving `state_dir`: named after the directory's
+    real path, and gone with the process that holds it, so there is no file to go stale after a kill -9."""
+    digest = hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:32]
+    return f"\0gip-stack-{digest}".encode()
+
+
+def stack_status_path(state_dir: Path) -> Path:
+    """The local stack's status file (devstack.stack.StackStatus writes it, chalicelib.edge.health reads it)."""
+    return Path(state_dir) / "mqtt" / "stack.json"
+
+
+class RevocationNotEnforced(ServiceUnavailable):
+    """The revocation is in the CA records, but the running local stack could not confirm that its brokers refuse
+    it; the stack keeps trying, and /health and make local's console name the fault."""
+
+    code = "revocation-not-enforced"
+
+
+class StackRevocations:
+    """Returns once the local stack serving `state_dir` has written the CA records' revocations into its brokers'
+    CRLs and every broker has reported loading them (each broker's plugin names the CRL number it loaded).
+
+    With no stack running there is nothing to wait for: brokers start from the CA records. That is said once.
+    """
+
+    def __init__(self, state_dir: Path, timeout: float = STACK_CONFIRM_SECONDS) -> None:
+        self._state_dir = Path(state_dir)
+        self._address = stack_address(self._state_dir)
+        self._timeout = timeout
+        self._told = False
+
+    def __call__(self) -> None:
+        timeout = self._timeout
+        current = deadline.current()
+        if current is not None:  # inside a request: never past its deadline (the revoke then counts as not done)
+            timeout = max(0.1, min(timeout, current.remaining() - deadline.ANSWER_MARGIN_SECONDS))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as link:
+            link.settimeout(timeout)
+            try:
+                link.connect(self._address)
+            except (ConnectionRefusedError, FileNotFoundError):
+                if not self._told:
+                    self._told = True
+                    log.warning("no local stack is running on %s: its brokers refuse the revoked certificate from "
+                                "their start (they build their CRLs from the CA records)", self._state_dir)
+                return
+            except OSError as exc:
+                raise RevocationNotEnforced(f"the local stack on {self._state_dir} could not be asked to load the "
+                                            f"revocation into its brokers ({exc}); run the command again") from exc
+            answer = b""
+            try:
+                while not answer.endswith(b"\n"):
+                    chunk = link.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+            except OSError as exc:  # socket.timeout included
+                raise RevocationNotEnforced(
+                    f"the local stack on {self._state_dir} did not confirm within {timeout:.0f} s that its brokers "
+                    f"refuse the revoked certificate ({exc or 'timed out'}); see make local's console and /health, "
+                    "then run the command again") from exc
+        text = answer.decode(errors="replace").strip()
+        if text != STACK_OK:
+            raise RevocationNotEnforced(
+                f"revoked in the CA records, but not yet refused by the brokers: {text or 'the stack hung up'}; "
+                "the stack keeps trying (make local's console and /health name the fault): run the command again")

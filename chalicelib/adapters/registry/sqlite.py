@@ -5,6 +5,7 @@ import builtins
 import secrets
 import sqlite3
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -260,19 +261,25 @@ class SqliteRegistry:
                            _moment(row["lease"]), _pending(row)) for row in rows]
 
     def check(self) -> None:
-        """Raise StorageUnavailable unless the file is whole (quick_check) and can be written. A missing file is
-        made, as on any first use."""
+        """Raise StorageUnavailable unless the file is whole (quick_check) and a write to it commits. A missing file
+        is made, as on any first use."""
         try:
             db = self._db()
             problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise StorageUnavailable(self._path, "it is damaged (" + "; ".join(problems)[:200] + "); restore it "
                                          "from a backup, or move it away and run `python -m admin init`")
-            db.execute("BEGIN IMMEDIATE")  # a real write, undone: SQLITE_READONLY or SQLITE_FULL show here
+            # A committed write on a fresh connection (one opened before a read-only remount keeps writing), in a
+            # table of its own that no list, report or stat reads. A full disk may still take it (WAL reuses its
+            # space): health's free-space floor covers that.
+            probe = sqlite3.connect(self._path, isolation_level=None, timeout=2)
             try:
-                db.execute("CREATE TABLE health_probe (x)")
+                if self._on_connect is not None:
+                    self._on_connect(probe)
+                probe.execute("CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)")
+                probe.execute("INSERT OR REPLACE INTO health_probe VALUES (1, ?)", (time.time(),))
             finally:
-                db.execute("ROLLBACK")
+                probe.close()
         except sqlite3.Error as error:
             self.close()  # a damaged file may be replaced: the next use opens it afresh
             raise explain(self._path, error) from error
