@@ -10,7 +10,9 @@ such pairs of 101 from its pools many times and counts how often the slower medi
 Three comparisons, each against an unknown name:
 - provisioning, a device with its own signing key (EC P-256), signed with a garbage ECDSA signature;
 - renewal, a provisioned device, a made-up certificate id (an attacker does not know the real one);
-- renewal, the device's real certificate id (seen in a TLS 1.2 handshake, say) and a garbage signature.
+- renewal, the device's real certificate id (seen in a TLS 1.2 handshake, say) and a garbage signature;
+and a control, two unknown names: what the method reads when there is nothing to tell (the pools are finite, so
+it sits a little above 0.5).
 
 `python -m bench.timing [--size quick]` runs it alone; `make bench` writes it into bench/results.json.
 """
@@ -146,12 +148,16 @@ def bench(size: str = "full") -> dict:
             results["renewal_right_certificate_id"] = compare(
                 renew, lambda name: renewal_body(name, certificate_id if name == "timing-1" else made_up),
                 "timing-1", unknown, n["requests"], n["trials"])
+            # The control: two unknown names, which nothing can tell apart; what this reads is the method's floor.
+            results["control_two_unknown_names"] = compare(provision, provisioning_body, unknown, f"{unknown}-b",
+                                                           n["requests"], n["trials"])
     return results
 
 
 LABELS = {"provisioning_own_key": "provisioning, device with its own key",
           "renewal_wrong_certificate_id": "renewal, made-up certificate id",
-          "renewal_right_certificate_id": "renewal, real certificate id, forged signature"}
+          "renewal_right_certificate_id": "renewal, real certificate id, forged signature",
+          "control_two_unknown_names": "control, provisioning"}
 
 
 def rows(result: dict) -> list[tuple[str, str, str]]:
@@ -159,7 +165,8 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
     out = []
     for key, label in LABELS.items():
         r = result[key]
-        out.append((f"403 timing, {label}: registered vs unknown name, medians of {r['per_median']}",
+        names = "two unknown names" if key.startswith("control") else "registered vs unknown name"
+        out.append((f"403 timing, {label}: {names}, medians of {r['per_median']}",
                     f"{100 * r['fraction_right']:.1f}% right",
                     f"50% is a coin toss; medians {r['registered_median_us']} / {r['unknown_median_us']} us, "
                     f"{r['requests_per_name']} requests per name"

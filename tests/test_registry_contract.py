@@ -106,6 +106,11 @@ def test_register_counts_duplicates_in_the_input_once(registry):
 
 def test_get_unknown_is_none(registry):
     assert item(registry.get("nobody")) is None
+    assert registry.renewal_state("nobody") is None
+    registry.register(["somebody"])  # an unknown device is read through a stand-in: it never leaks out
+    assert [record.thing_name for record in registry.list()] == ["somebody"]
+    assert registry.get("nobody") is None and registry.renewal_state("nobody") is None
+    assert registry.renewal_state("somebody").thing_name == "somebody"
 
 
 def test_list_is_sorted_and_filtered_by_status(registry):

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.adapters.aws import error_code as _code
-from chalicelib.adapters.registry.items import ITEM_ATTRIBUTES, attributes_json, record_from_item
+from chalicelib.adapters.registry.items import ITEM_ATTRIBUTES, STAND_IN_ITEM, attributes_json, record_from_item
 from chalicelib.domain.clock import timestamp as _timestamp
 from chalicelib.domain.errors import (
     RENEWAL_REFUSED,
@@ -63,6 +63,12 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#rlease": "renewal_lease", "#expires": "certificate_expires", "#serverkey": "server_key"}
 # The write-ahead record of an issuance (registry/base.py PendingIssue), as attribute placeholders.
 _PENDING_NAMES = ("#pregion", "#psince", "#pfingerprint", "#pcert", "#pcreated", "#pmove")
+
+
+# The stand-in an unknown device's read is converted from (items.STAND_IN_ITEM); botocore's parse of the larger
+# answer a registered device gets is not mirrored: it is small beside DynamoDB's own round trip.
+_STAND_IN = {name: {"S": value} if isinstance(value, str) else {"N": repr(value)}
+             for name, value in STAND_IN_ITEM.items()}
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -198,7 +204,8 @@ class DynamoDbRegistry:
 
     def get(self, thing_name: str) -> DeviceRecord | None:
         raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
-        return _record(raw) if raw else None
+        record = _record(raw or _STAND_IN)  # the same work for an unknown device (items.STAND_IN_ITEM)
+        return record if raw else None
 
     def list(self, status: DeviceStatus | None = None, region: str | None = None,
              since: datetime | None = None) -> Iterator[DeviceRecord]:
@@ -453,7 +460,8 @@ class DynamoDbRegistry:
 
     def renewal_state(self, thing_name: str) -> RenewalState | None:
         raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
-        return _renewal_state(raw) if raw else None
+        state = _renewal_state(raw or _STAND_IN)  # the same work for an unknown device (items.STAND_IN_ITEM)
+        return state if raw else None
 
     def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
                       nonce: Nonce | None = None) -> Claim:

@@ -20,6 +20,21 @@ ITEM_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "
                    "previous_region", "retire_pending", "renewal_lease", "server_key")
 
 
+# Reading a device that is not registered goes through the same steps as reading one that is, on this stand-in
+# (then answers None), so that it costs the same: the refusals of an unknown and of a registered device take the
+# same time (domain/decoys.py, bench/timing.py). Its name is no thing name; its values have a typical device's
+# sizes (provisioned, renewed once, with a signing key of its own); the backends' own columns are included.
+STAND_IN_NAME = "*not-registered*"
+_PEM = ("-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJm7h50X1JEeH9PlOvbEbgXS1roS/\n"
+        "fucOdLoVjkavQnDYLx93UZK0LbAPnbaM68xKK0OTlKcAbrUGYSdV2mTcvA==\n-----END PUBLIC KEY-----\n")
+STAND_IN_ITEM: dict[str, str | int | float] = {
+    "thing_name": STAND_IN_NAME, "prov_status": "provisioned", "prov_datetime": "2026-01-01T00:00:00Z",
+    "aws_region": "eu-west-2", "certificate_id": "0" * 64, "public_key_fingerprint": "0" * 64, "public_key": _PEM,
+    "country": "GB", "region_reason": "nearest", "attempts": 1, "certificate_expires": "2027-01-01T00:00:00Z",
+    "renewal_count": 1, "last_renewal": "2026-06-01T00:00:00Z", "previous_certificate_id": "1" * 64,
+    "previous_region": "eu-west-2", "certificate_public_key": _PEM, "previous_public_key": _PEM}
+
+
 def record_from_item(item: Mapping[str, Any]) -> DeviceRecord:
     """A record from an item as stored: absent or null attributes are absent; `attributes` is JSON text,
     `lease_expires` epoch seconds."""

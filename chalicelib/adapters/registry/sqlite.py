@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-from chalicelib.adapters.registry.items import attributes_json, record_from_item
+from chalicelib.adapters.registry.items import STAND_IN_ITEM, STAND_IN_NAME, attributes_json, record_from_item
 from chalicelib.adapters.storage import StorageUnavailable, explain, translated
 from chalicelib.domain.clock import timestamp as _timestamp
 from chalicelib.domain.errors import (
@@ -96,6 +96,10 @@ _ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_
                   ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
                   ("pending_created_thing", "INTEGER"), *_RENEWAL_COLUMNS.items(), ("pending_move", "INTEGER"),
                   ("server_key", "INTEGER"))
+# What renewal_state reads.
+_RENEWAL_STATE = ("thing_name", "prov_status", "aws_region", "certificate_id", "certificate_public_key",
+                  "public_key_fingerprint", "previous_certificate_id", "previous_public_key", "previous_region",
+                  "retire_pending", "renewal_lease", "renewal_count", "last_renewal")
 _PENDING = ("pending_region, pending_since, pending_fingerprint, pending_certificate_id, pending_created_thing, "
             "pending_move")
 _NO_PENDING = ("pending_region = NULL, pending_since = NULL, pending_fingerprint = NULL, "
@@ -158,9 +162,18 @@ class SqliteRegistry:
 
     @translated
     def get(self, thing_name: str) -> DeviceRecord | None:
-        row = self._db().execute(
-            f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-        return record_from_item(dict(row)) if row else None
+        record = record_from_item(dict(self._row(_PUBLIC_COLUMNS, thing_name)))
+        return None if record.thing_name == STAND_IN_NAME else record
+
+    def _row(self, columns: tuple[str, ...], thing_name: str) -> sqlite3.Row:
+        """The device's row, else (not registered) the stand-in's (items.STAND_IN_ITEM): one statement run to its end
+        (two lookups), one row and the same work after it either way, so that an unknown device costs what a
+        registered one does."""
+        [row] = self._db().execute(
+            f"SELECT {', '.join(columns)} FROM devices WHERE thing_name = ? UNION ALL SELECT "
+            f"{', '.join('?' * len(columns))} WHERE NOT EXISTS (SELECT 1 FROM devices WHERE thing_name = ?)",
+            (thing_name, *(STAND_IN_ITEM.get(column) for column in columns), thing_name)).fetchall()
+        return row
 
     @translated
     def list(self, status: DeviceStatus | None = None, region: str | None = None,
@@ -331,14 +344,13 @@ class SqliteRegistry:
 
     @translated
     def renewal_state(self, thing_name: str) -> RenewalState | None:
-        row = self._db().execute("SELECT * FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-        if row is None:
-            return None
-        return RenewalState(
-            thing_name, row["prov_status"] == PROVISIONED.value, row["aws_region"], row["certificate_id"],
+        row = self._row(_RENEWAL_STATE, thing_name)
+        state = RenewalState(
+            row["thing_name"], row["prov_status"] == PROVISIONED.value, row["aws_region"], row["certificate_id"],
             row["certificate_public_key"], row["public_key_fingerprint"], row["previous_certificate_id"],
             row["previous_public_key"], row["previous_region"], bool(row["retire_pending"]), row["renewal_lease"],
             row["renewal_count"] or 0, row["last_renewal"])
+        return None if state.thing_name == STAND_IN_NAME else state
 
     @translated
     def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
