@@ -7,9 +7,15 @@ import sqlite3
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
-from chalicelib.adapters.registry.items import STAND_IN_ITEM, STAND_IN_NAME, attributes_json, record_from_item
+from chalicelib.adapters.registry.items import (
+    STAND_IN_ITEM,
+    STAND_IN_NAME,
+    attributes_json,
+    record_from_item,
+    revocations_json,
+)
 from chalicelib.adapters.storage import StorageUnavailable, explain, translated
 from chalicelib.domain.clock import timestamp as _timestamp
 from chalicelib.domain.errors import (
@@ -31,6 +37,7 @@ from chalicelib.domain.records import (
     PendingIssue,
     RenewalState,
     RenewedCertificate,
+    Revocation,
 )
 from chalicelib.domain.refusals import claim_refusal, rekey_refusal
 
@@ -71,7 +78,9 @@ CREATE TABLE IF NOT EXISTS devices (
     renewal_token  TEXT,
     renewal_lease  REAL,
     -- the current certificate's key was made by the service (no CSR): a re-key may replace it in its window
-    server_key     INTEGER
+    server_key     INTEGER,
+    -- a reset begun and not finished: the certificates it revokes (items.revocations_json)
+    reset_pending  TEXT
 ) WITHOUT ROWID;
 -- No index on prov_status: it would double the cost of every claim and finalize, and only operator
 -- commands (list, stats, audit) filter on it, where a scan of even a million rows is quick enough.
@@ -90,12 +99,13 @@ _RENEWAL_COLUMNS = {"certificate_public_key": "TEXT", "previous_certificate_id":
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
                    "attributes", "lease_expires", "certificate_expires", "renewal_count", "last_renewal",
-                   "previous_certificate_id", "previous_region", "retire_pending", "renewal_lease", "server_key")
+                   "previous_certificate_id", "previous_region", "retire_pending", "renewal_lease", "server_key",
+                   "reset_pending")
 # Added after the first release: a registry made before them gets them on first open.
 _ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_since", "REAL"),
                   ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
                   ("pending_created_thing", "INTEGER"), *_RENEWAL_COLUMNS.items(), ("pending_move", "INTEGER"),
-                  ("server_key", "INTEGER"))
+                  ("server_key", "INTEGER"), ("reset_pending", "TEXT"))
 # What renewal_state reads.
 _RENEWAL_STATE = ("thing_name", "prov_status", "aws_region", "certificate_id", "certificate_public_key",
                   "public_key_fingerprint", "previous_certificate_id", "previous_public_key", "previous_region",
@@ -156,7 +166,8 @@ class SqliteRegistry:
             added = db.total_changes - before
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # not after SQLite ended it itself (SQLITE_FULL): the cause is the error raised
+                db.execute("ROLLBACK")
             raise
         return added
 
@@ -315,24 +326,37 @@ class SqliteRegistry:
             (thing_name, now.timestamp())).rowcount == 1
 
     @translated
-    def reset(self, thing_name: str) -> DeviceRecord | None:
+    def begin_reset(self, thing_name: str, revocations: Sequence[Revocation]) -> bool:
+        return self._db().execute("UPDATE devices SET reset_pending = ? WHERE thing_name = ?",
+                                  (revocations_json(revocations), thing_name)).rowcount == 1
+
+    @translated
+    def reset(self, thing_name: str, revoked: Collection[str] | None = None) -> DeviceRecord | None:
+        condition, ids = "", sorted(set(revoked or ()))
+        if revoked is not None:  # nothing the device may still use is left out
+            marks = ", ".join("?" * len(ids))
+            current = "certificate_id IS NULL" + (f" OR certificate_id IN ({marks})" if ids else "")
+            previous = "COALESCE(retire_pending, 0) = 0" + (f" OR previous_certificate_id IN ({marks})" if ids else "")
+            condition = f" AND ({current}) AND ({previous})"
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # the item returned is the one replaced
         try:
             before = self.get(thing_name)
-            db.execute(
+            changed = db.execute(
                 "UPDATE devices SET prov_status = 'unprovisioned', prov_datetime = NULL, aws_region = NULL, "
                 "certificate_id = NULL, public_key_fingerprint = NULL, country = NULL, region_reason = NULL, "
                 "claim_token = NULL, lease_expires = NULL, "
                 "certificate_public_key = NULL, previous_certificate_id = NULL, previous_public_key = NULL, "
                 "previous_region = NULL, retire_pending = NULL, renewal_token = NULL, renewal_lease = NULL, "
-                "certificate_expires = NULL, server_key = NULL, "
-                "last_error = NULL WHERE thing_name = ?", (thing_name,))
+                "certificate_expires = NULL, server_key = NULL, reset_pending = NULL, "
+                "last_error = NULL WHERE thing_name = ?" + condition, (thing_name, *ids, *ids)).rowcount
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite ends the transaction itself on some faults (SQLITE_FULL): a ROLLBACK then would hide the cause.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        return before
+        return before if changed == 1 else None
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
