@@ -16,7 +16,6 @@ it sits a little above 0.5).
 
 `python -m bench.timing [--size quick]` runs it alone; `make bench` writes it into bench/results.json.
 """
-import argparse
 import base64
 import json
 import os
@@ -28,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from bench import run_alone
 
 SIZES = {"full": dict(requests=3030, trials=4000), "quick": dict(requests=1212, trials=4000),
          "tiny": dict(requests=24, trials=200)}
@@ -175,14 +176,7 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.timing", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--size", choices=SIZES, default="quick")
-    args = parser.parse_args(argv)
-    result = bench(args.size)
-    print(json.dumps(result, indent=2))
-    for row in rows(result):
-        print(f"| {' | '.join(row)} |")
-    return 0
+    return run_alone("python -m bench.timing", __doc__, SIZES, bench, rows, argv)
 
 
 if __name__ == "__main__":
