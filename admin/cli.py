@@ -37,7 +37,12 @@ Args = argparse.Namespace
 
 
 class CommandError(Exception):
-    """A problem the operator can fix; printed without a traceback."""
+    """A problem the operator can fix; printed without a traceback, exit code `code` (2: how the command was asked;
+    1: what it met)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def existing_registry(parts: Container) -> Any:
@@ -372,11 +377,26 @@ def cmd_show(parts: Container, args: Args) -> int:
 
 
 def cmd_reset(parts: Container, args: Args) -> int:
-    outcome = operations.reset(existing_registry(parts), parts.issuer, args.name)
+    try:
+        outcome = operations.reset(existing_registry(parts), parts.issuer, args.name)
+    except operations.ResetIncomplete as stopped:
+        raise CommandError(stopped_reset(stopped, f"run `python -m admin reset {args.name}` again"), 1) from None
+    if outcome.before.reset_pending:
+        print(f"{args.name}: finishing a reset begun earlier that did not finish")
     for revoked in outcome.revoked:
-        print(f"revoked certificate {revoked.certificate_id} in {revoked.region} and removed the thing")
+        print(f"revoked certificate {revoked.certificate_id} in {revoked.region}"
+              + (" and removed the thing" if revoked.delete_thing else ""))
     print(f"{args.name}: {outcome.before.status.value} -> unprovisioned; it can provision again")
     return 0
+
+
+def stopped_reset(stopped: operations.ResetIncomplete, again: str) -> str:
+    """One line: whose reset stopped, what it had done, why, and what to do: 'reset of dev1 stopped: certificate X
+    in R revoked, registry not updated (...): registry ...: the disk is full ...; run ... again'."""
+    cause = problem(stopped.cause)
+    why = cause[0] if cause else f"{type(stopped.cause).__name__}: {stopped.cause}"
+    listed = "; `python -m admin audit` lists it meanwhile" if stopped.recorded else ""
+    return f"reset of {stopped.thing_name} stopped: {stopped.done()}: {why}; {again}{listed}"
 
 
 def _attempt_json(attempt: operations.Attempt) -> dict[str, Any]:
@@ -387,7 +407,10 @@ def _attempt_json(attempt: operations.Attempt) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None or name in ("region", "key")}
 
 
-def audit_json(report: operations.AuditReport, fixed: list[str]) -> dict[str, Any]:
+AUDIT_AGAIN = "run `python -m admin audit --fix` again"
+
+
+def audit_json(report: operations.AuditReport, repairs: operations.Repairs) -> dict[str, Any]:
     return {
         "in_flight": [_attempt_json(a) for a in report.in_flight],
         "stuck_claims": [_attempt_json(a) for a in report.stuck_claims],
@@ -400,7 +423,13 @@ def audit_json(report: operations.AuditReport, fixed: list[str]) -> dict[str, An
         **({"unfinished_renewals": [{"thing_name": u.thing_name, "previous_certificate_id": u.previous_certificate_id,
                                      "previous_region": u.previous_region, "region": u.region, "move": u.move}
                                     for u in report.unfinished_renewals]} if report.unfinished_renewals else {}),
-        "fixed": fixed}
+        **({"unfinished_resets": [{"thing_name": u.thing_name, "prov_status": u.status.value,
+                                   "certificates": [{"certificate_id": c.certificate_id, "region": c.region}
+                                                    for c in u.certificates]}
+                                  for u in report.unfinished_resets]} if report.unfinished_resets else {}),
+        "fixed": repairs.fixed,
+        **({"not_fixed": [stopped_reset(stopped, AUDIT_AGAIN) for stopped in repairs.failed]}
+           if repairs.failed else {})}
 
 
 def _issued(attempt: operations.Attempt) -> str:
@@ -415,9 +444,11 @@ def cmd_audit(parts: Container, args: Args) -> int:
     registry, issuer = existing_registry(parts), parts.issuer
     now = utcnow()
     report = operations.audit(registry, issuer, config.enabled_regions, now)
-    fixed = operations.repair(registry, issuer, report, now, config.lease_for_audit()) if args.fix else []
+    repairs = (operations.repair(registry, issuer, report, now, config.lease_for_audit()) if args.fix
+               else operations.Repairs())
+    fixed = repairs.fixed
     if args.json:
-        print(json.dumps(audit_json(report, fixed), indent=2, default=str))
+        print(json.dumps(audit_json(report, repairs), indent=2, default=str))
     else:
         for attempt in report.in_flight:
             print(f"in flight: {attempt.thing_name}{' renewal' if attempt.renewal else ''} claimed "
@@ -440,8 +471,14 @@ def cmd_audit(parts: Container, args: Args) -> int:
             print(f"unfinished {'move' if unfinished.move else 'renewal'}: {unfinished.thing_name} now has a "
                   f"certificate in {unfinished.region}; its previous certificate {unfinished.previous_certificate_id} "
                   f"in {unfinished.previous_region} is not removed yet")
+        for reset in report.unfinished_resets:
+            print(f"unfinished reset: {reset.thing_name} is still {reset.status.value}; its reset revokes "
+                  + ", ".join(f"{c.certificate_id} in {c.region}" for c in reset.certificates)
+                  + f" (revoked, or not yet): `python -m admin reset {reset.thing_name}` or --fix finishes it")
         for line in fixed:
             print(f"fixed: {line}")
+        for stopped in repairs.failed:
+            print(f"not fixed: {stopped_reset(stopped, AUDIT_AGAIN)}")
         total = report.findings
         print(f"{total} finding(s)" + (f", {len(fixed)} fixed" if args.fix else
                                         ("; run with --fix to repair" if total else ""))
@@ -553,9 +590,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_where)
 
     p = sub.add_parser("reset", help="deprovision a device so it can provision again",
-                       description="Revoke and delete the device's certificate, delete its thing, and set it back "
-                                   "to unprovisioned (after a factory reset, a lost server-made key, or a move "
-                                   "to another continent).")
+                       description="Revoke and delete the device's certificate (and a previous one whose "
+                                   "retirement is pending), delete its thing, and set it back to unprovisioned (after "
+                                   "a factory reset, a lost server-made key, or a move to another continent). The "
+                                   "intent is recorded first: a reset stopped part-way (a storage fault, a crash) says "
+                                   "what it did, `audit` lists it, and running the reset again (or `audit --fix`) "
+                                   "finishes it. Exit code 1 when it stopped.")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_reset)
 
@@ -564,11 +604,12 @@ def parser() -> argparse.ArgumentParser:
                                    "being issued; not a finding), claims whose lease ended (a process died mid-way) "
                                    "and rollbacks that could not finish, with what their attempt issued, active "
                                    "certificates and things in any enabled region that no registry item refers to, "
-                                   "and provisioned devices whose certificate is gone. Exit code 1 when something "
-                                   "is found and not fixed.")
+                                   "provisioned devices whose certificate is gone, and resets that did not finish. "
+                                   "Exit code 1 when something is found and not fixed.")
     p.add_argument("--fix", action="store_true",
                    help="settle stuck claims (a certificate for the device's own key is kept and recorded, any "
-                        "other revoked), revoke orphan certificates, reset devices whose certificate is gone")
+                        "other revoked), revoke orphan certificates, finish unfinished resets and renewals, reset "
+                        "devices whose certificate is gone")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_audit)
 
@@ -611,28 +652,36 @@ def cmd_policy(parts: Container, args: Args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def problem(exc: BaseException) -> tuple[str, int] | None:
+    """One line an operator can act on, with the exit code, for a failure the CLI expects; None for anything else
+    (a bug: its traceback is shown)."""
+    if isinstance(exc, CommandError):
+        return str(exc), exc.code
+    if isinstance(exc, (ConfigError, operations.NotRegisteredDevice)):
+        return str(exc), 2
+    if isinstance(exc, ProvisioningError):  # a backend is unreachable, throttled or refuses our credentials; storage
+        return exc.message, 1
+    if isinstance(exc, sqlite3.Error):  # the local CA's records (the registry's own errors are named above)
+        return f"local certificate records: {exc}", 1
+    if isinstance(exc, Exception):
+        return aws_problem(exc)  # no region, no credentials, access denied: one line, no traceback
+    return None
+
+
+def main(argv: list[str] | None = None, parts: Container | None = None) -> int:
+    """`parts` (tests): the container to work on, instead of one built from --stage and --state-dir."""
     args = parser().parse_args(argv)
     try:
         func: Callable[[Container, Args], int] = args.func
-        return func(Container(Settings.for_stage(args.stage, args.state_dir)), args)
-    except (CommandError, ConfigError, operations.NotRegisteredDevice) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ProvisioningError as exc:  # a backend is unreachable, throttled or refuses our credentials; storage
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    except sqlite3.Error as exc:  # the local CA's records (the registry's own errors are named above)
-        print(f"error: local certificate records: {exc}", file=sys.stderr)
-        return 1
+        return func(parts or Container(Settings.for_stage(args.stage, args.state_dir)), args)
     except BrokenPipeError:  # `list | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
     except Exception as exc:
-        problem = aws_problem(exc)  # no region, no credentials, access denied: one line, no traceback
-        if problem is None:
+        found = problem(exc)
+        if found is None:
             raise
-        line, code = problem
+        line, code = found
         print(f"error: {line}", file=sys.stderr)
         return code
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from chalicelib.adapters.files import write_private
 from chalicelib.domain.certificates import CertificateInfo, CertificateRef, certify
 from chalicelib.domain.errors import AlreadyProvisioned, ProvisioningInProgress, RenewalInProgress, RenewalRefused
-from chalicelib.domain.records import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord, DeviceStatus
+from chalicelib.domain.records import PROVISIONED, PROVISIONING, STATUSES, DeviceRecord, DeviceStatus, Revocation
 from chalicelib.ports.issuer import CertificateInventory, Issuer, ThingInventory
 from chalicelib.ports.registry import Registry, RenewalRegistry
 from chalicelib.services.settle import Settler
@@ -82,6 +82,15 @@ class UnfinishedRenewal:
 
 
 @dataclass(frozen=True)
+class UnfinishedReset:
+    """A reset that recorded its intent and stopped (a storage fault, a crash) before the record was reset."""
+
+    thing_name: str
+    status: DeviceStatus
+    certificates: tuple[Revocation, ...]  # revoked, or still to revoke: the next reset revokes them (again)
+
+
+@dataclass(frozen=True)
 class AuditReport:
     """What a crashed or half-failed provisioning or renewal can leave behind, on any backend. `in_flight` is
     work under a live claim: reported with its age, not a finding, never fixed."""
@@ -93,11 +102,13 @@ class AuditReport:
     unfinished_rollbacks: list[Attempt] = field(default_factory=list)
     in_flight: list[Attempt] = field(default_factory=list)
     unfinished_renewals: list[UnfinishedRenewal] = field(default_factory=list)
+    unfinished_resets: list[UnfinishedReset] = field(default_factory=list)
 
     @property
     def findings(self) -> int:
         return (len(self.stuck_claims) + len(self.unfinished_rollbacks) + len(self.orphan_certificates)
-                + len(self.orphan_things) + len(self.missing_certificates) + len(self.unfinished_renewals))
+                + len(self.orphan_things) + len(self.missing_certificates) + len(self.unfinished_renewals)
+                + len(self.unfinished_resets))
 
 
 def audit(registry: RenewalRegistry, issuer: AuditedIssuer, regions: Iterable[str], now: datetime) -> AuditReport:
@@ -128,11 +139,16 @@ def audit(registry: RenewalRegistry, issuer: AuditedIssuer, regions: Iterable[st
     # it points at, which settling it deals with: both are reported above, not as orphans.
     live_claims = {attempt.thing_name for attempt in in_flight}
     provisioned = [r for r in records if r.status is PROVISIONED]
+    # An unfinished reset covers all the device holds (finishing it revokes its certificates): reported once, so.
+    resets = [UnfinishedReset(r.thing_name, r.status, r.reset_pending) for r in records if r.reset_pending]
+    resetting = {u.thing_name for u in resets}
     renewals = [UnfinishedRenewal(r.thing_name, r.previous_certificate_id, r.previous_region, r.region)
-                for r in provisioned if r.retire_pending and r.previous_certificate_id and r.previous_region]
+                for r in provisioned if r.retire_pending and r.previous_certificate_id and r.previous_region
+                and r.thing_name not in resetting]
     referenced = {(r.region, r.certificate_id) for r in provisioned}
     referenced |= {(a.region, cert) for a in in_flight + stuck + unfinished for cert in a.certificates}
     referenced |= {(u.previous_region, u.previous_certificate_id) for u in renewals}
+    referenced |= {(c.region, c.certificate_id) for u in resets for c in u.certificates}
     orphans = [cert for region in regions for cert in issuer.active_certificates(region)
                if (region, cert.certificate_id) not in referenced and cert.thing_name not in live_claims]
     things: list[OrphanThing] = []
@@ -144,18 +160,28 @@ def audit(registry: RenewalRegistry, issuer: AuditedIssuer, regions: Iterable[st
                   if (region, name) not in placed and name not in live_claims]
     missing = []
     for record in provisioned:
+        if record.thing_name in resetting:
+            continue
         cert = issuer.certificate(record.certificate_id or "", record.region)
         if cert is None or not cert.active:
             missing.append(MissingCertificate(record.thing_name, record.certificate_id, record.region,
                                               cert.status if cert else GONE))
-    return AuditReport(stuck, orphans, things, missing, unfinished, in_flight, renewals)
+    return AuditReport(stuck, orphans, things, missing, unfinished, in_flight, renewals, resets)
+
+
+@dataclass(frozen=True)
+class Repairs:
+    fixed: list[str] = field(default_factory=list)  # one line per repair made
+    failed: list[ResetIncomplete] = field(default_factory=list)  # resets that stopped part-way: run --fix again
 
 
 def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport, now: datetime,
-           lease_seconds: int) -> list[str]:
-    """audit --fix: settle stuck claims and unfinished rollbacks (as a retry would), revoke orphans, reset
-    devices whose certificate is gone, finish unfinished renewals. Returns one line per repair made."""
-    fixed = []
+           lease_seconds: int) -> Repairs:
+    """audit --fix: settle stuck claims and unfinished rollbacks (as a retry would), revoke orphans, finish
+    unfinished resets and reset devices whose certificate is gone (as `reset` does: a reset that stops part-way is
+    reported and the others go on), finish unfinished renewals."""
+    fixed: list[str] = []
+    failed: list[ResetIncomplete] = []
     settler = Settler(registry, issuer)
     for attempt in report.stuck_claims + report.unfinished_rollbacks:
         try:
@@ -175,13 +201,20 @@ def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport
         if isinstance(issuer, ThingInventory):
             issuer.delete_thing(thing.region, thing.thing_name)
             fixed.append(f"deleted orphan thing {thing.thing_name} in {thing.region}")
-    for missing in report.missing_certificates:
-        region = missing.region or ""
-        issuer.revoke(CertificateRef(region, missing.certificate_id or "", missing.thing_name), delete_thing=True)
-        if isinstance(issuer, ThingInventory):
-            issuer.delete_thing(region, missing.thing_name)
-        registry.reset(missing.thing_name)
-        fixed.append(f"reset {missing.thing_name} (its certificate is {missing.status}) to unprovisioned")
+    resets: list[tuple[str, str | None, str]] = [
+        (u.thing_name, None, f"finished the reset of {u.thing_name}: unprovisioned") for u in report.unfinished_resets]
+    resets += [(m.thing_name, m.region, f"reset {m.thing_name} (its certificate is {m.status}) to unprovisioned")
+               for m in report.missing_certificates]
+    for thing_name, region, what in resets:
+        try:
+            outcome = reset(registry, issuer, thing_name)
+        except ResetIncomplete as stopped:
+            failed.append(stopped)
+            continue
+        if region and isinstance(issuer, ThingInventory):  # a certificate gone may have left its thing
+            issuer.delete_thing(region, thing_name)
+        revoked = ", ".join(r.certificate_id for r in outcome.revoked)
+        fixed.append(what + (f" (revoked {revoked})" if revoked else ""))
     for unfinished in report.unfinished_renewals:
         issuer.revoke(CertificateRef(unfinished.previous_region, unfinished.previous_certificate_id,
                                      unfinished.thing_name), delete_thing=unfinished.move)
@@ -189,7 +222,7 @@ def repair(registry: RenewalRegistry, issuer: AuditedIssuer, report: AuditReport
         fixed.append(f"finished the {'move' if unfinished.move else 'renewal'} of {unfinished.thing_name}: revoked "
                      f"{unfinished.previous_certificate_id} in {unfinished.previous_region}"
                      + (" and deleted the thing there" if unfinished.move else ""))
-    return fixed
+    return Repairs(fixed, failed)
 
 
 def settle_for_audit(registry: RenewalRegistry, settler: Settler, thing_name: str, now: datetime,
@@ -254,28 +287,89 @@ def expiring_within(records: Iterable[DeviceRecord], days: float, now: datetime)
 @dataclass(frozen=True)
 class ResetOutcome:
     before: DeviceRecord
-    revoked: tuple[CertificateRef, ...]  # the certificates revoked (and things removed): what the device held
+    revoked: tuple[Revocation, ...]  # the certificates revoked (and things removed): what the device held
+
+
+class ResetIncomplete(Exception):
+    """A reset stopped part-way by `cause` (a storage fault, the issuer, ...): what it had done. Once its intent is
+    recorded (`recorded`), the audit lists it and the next reset, or audit --fix, finishes it."""
+
+    def __init__(self, thing_name: str, recorded: bool, revoked: tuple[Revocation, ...],
+                 not_revoked: tuple[Revocation, ...], cause: BaseException) -> None:
+        super().__init__(f"reset of {thing_name} stopped: {cause}")
+        self.thing_name, self.recorded, self.cause = thing_name, recorded, cause
+        self.revoked, self.not_revoked = revoked, not_revoked
+
+    def done(self) -> str:
+        """What was done, in words: 'certificate X in R revoked, registry not updated'."""
+        if not self.recorded and not self.revoked:
+            return "nothing changed"
+        parts = [f"certificate {r.certificate_id} in {r.region} revoked" for r in self.revoked]
+        parts += [f"certificate {r.certificate_id} in {r.region} not revoked" for r in self.not_revoked]
+        return ", ".join(parts + ["registry not updated (the reset is recorded as pending)"])
+
+
+RESET_ROUNDS = 3  # a device renewed during its reset is reset again with what it holds then; not forever
 
 
 def reset(registry: Registry, issuer: Issuer, thing_name: str) -> ResetOutcome:
-    """Deprovision a device so it can provision again. Every certificate it may still use is revoked first: its
-    current one, and the previous one while a renewal's retirement of it is pending (else the reset device would
-    keep a working credential). If a revocation fails the device stays as it is and the command can be run again."""
+    """Deprovision a device so it can provision again, all or nothing from the operator's view.
+
+    Every certificate it may still use is revoked: its current one, and the previous one while a renewal's
+    retirement of it is pending (else the reset device would keep a working credential). The intent is recorded
+    first (`begin_reset`), then the certificates are revoked, then the record is reset, which clears the intent, on
+    the condition that the device holds nothing else (a renewal recorded meanwhile starts another round). A reset an
+    earlier run left (a storage fault, a crash) is finished on the way: its certificates are revoked again. Raises
+    ResetIncomplete, naming what was done, when it stops part-way."""
     record = registry.get(thing_name)
     if record is None:
         raise NotRegisteredDevice(thing_name)
-    revoked = []
+    first, revoked = record, list[Revocation]()
+    for _ in range(RESET_ROUNDS):
+        revocations = _to_revoke(record)
+        recorded, done = bool(record.reset_pending), list[Revocation]()
+        try:
+            if revocations:
+                if not registry.begin_reset(thing_name, revocations):
+                    raise NotRegisteredDevice(thing_name)
+                recorded = True
+            for revocation in revocations:
+                issuer.revoke(CertificateRef(revocation.region, revocation.certificate_id, thing_name),
+                              delete_thing=revocation.delete_thing)
+                done.append(revocation)
+            before = registry.reset(thing_name, [revocation.certificate_id for revocation in revocations])
+        except NotRegisteredDevice:
+            raise
+        except Exception as exc:
+            raise ResetIncomplete(thing_name, recorded, (*revoked, *done),
+                                  tuple(r for r in revocations if r not in done), exc) from exc
+        revoked += done
+        if before is not None:
+            return ResetOutcome(first, tuple(dict.fromkeys(revoked)))
+        record = registry.get(thing_name)  # it holds another certificate now: again, with that one
+        if record is None:
+            raise NotRegisteredDevice(thing_name)
+    raise ResetIncomplete(thing_name, True, tuple(dict.fromkeys(revoked)), (), RuntimeError(
+        f"{thing_name} was renewed again during each of {RESET_ROUNDS} rounds of its reset"))
+
+
+def _to_revoke(record: DeviceRecord) -> tuple[Revocation, ...]:
+    """What a reset revokes: an unfinished reset's certificates, the previous certificate while its retirement is
+    pending, the current one; each once (its thing removed if any of them says so)."""
+    found = list(record.reset_pending)
     if record.retire_pending and record.previous_certificate_id and record.previous_region:
         # After a move its thing is the old region's; in place it is the current certificate's, which goes next.
-        previous = CertificateRef(record.previous_region, record.previous_certificate_id, thing_name)
-        issuer.revoke(previous, delete_thing=record.previous_region != record.region)
-        revoked.append(previous)
+        found.append(Revocation(record.previous_region, record.previous_certificate_id,
+                                delete_thing=record.previous_region != record.region))
     if record.certificate_id and record.region:
-        current = CertificateRef(record.region, record.certificate_id, thing_name)
-        issuer.revoke(current, delete_thing=True)
-        revoked.append(current)
-    registry.reset(thing_name)
-    return ResetOutcome(record, tuple(revoked))
+        found.append(Revocation(record.region, record.certificate_id))
+    merged: dict[tuple[str, str], Revocation] = {}
+    for revocation in found:
+        key = (revocation.region, revocation.certificate_id)
+        if key in merged:
+            revocation = replace(revocation, delete_thing=revocation.delete_thing or merged[key].delete_thing)
+        merged[key] = revocation
+    return tuple(merged.values())
 
 
 @dataclass(frozen=True)

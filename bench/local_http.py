@@ -5,7 +5,6 @@ The in-process row times the service alone; this one adds Chalice's dev server, 
 gap between the two is what the local HTTP server costs. `python -m bench.local_http [--size quick]` runs it
 alone; `make bench` runs it as one of its rows.
 """
-import argparse
 import base64
 import json
 import os
@@ -17,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
+
+from bench import run_alone
 
 SIZES = {"full": dict(health=2000, devices=400), "quick": dict(health=500, devices=100),
          "tiny": dict(health=16, devices=8)}
@@ -127,14 +128,7 @@ def rows(result: dict, inprocess_us_per_device: float | None = None) -> list[tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.local_http", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--size", choices=SIZES, default="quick")
-    args = parser.parse_args(argv)
-    result = bench(args.size)
-    print(json.dumps(result, indent=2))
-    for row in rows(result):
-        print(f"| {' | '.join(row)} |")
-    return 0
+    return run_alone("python -m bench.local_http", __doc__, SIZES, bench, rows, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from bench import local_http
+from bench import local_http, timing
 from bench.devices import make_csr
 from chalicelib.config import PROJECT_DIR
 
@@ -427,6 +427,7 @@ def table(r: dict) -> str:
         (f"HTTP, chalice local, {h['clients']} clients, {h['devices']} devices", f"{h['requests_per_s']:.0f} req/s",
          f"p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, errors {h['errors']}"),
         *local_http.rows(r["local_http"], i["us_per_device"]),
+        *timing.rows(r["timing"]),
         ("AWS calls, first provisioning in a container", str(len(a["bundled"]["first_calls"])),
          ", ".join(a["bundled"]["first_calls"])),
         ("AWS calls, steady state", str(len(a["bundled"]["steady_calls"])), ", ".join(a["bundled"]["steady_calls"])),
@@ -463,6 +464,7 @@ def main(argv=None) -> int:
     say("2/5 HTTP throughput against the local stage")
     results["http"] = bench_http(size["http"])
     results["local_http"] = local_http.bench(args.size)  # p50/p99 of GET /health and provisioning, 1 and 8 clients
+    results["timing"] = timing.bench(args.size)  # how well a 403's time tells a registered name from an unknown one
     say("3/5 AWS path under moto: calls and simulated latency")
     results["aws"] = bench_aws(size["aws"])
     say("4/5 cold start")

@@ -12,7 +12,8 @@ def test_bench_runs_and_reports_every_measurement(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results) >= {"inprocess", "http", "local_http", "aws", "cold", "bulk"}
+    assert set(results) >= {"inprocess", "http", "local_http", "timing", "aws", "cold", "bulk"}
+    assert all(comparison["one_answer"] for comparison in results["timing"].values())  # one 403 body, every time
     assert [r["errors"] for route in ("health", "provisioning") for r in results["local_http"][route]] == [0] * 4
     assert results["http"]["errors"] == 0
     assert results["aws"]["bundled"]["steady_calls"] == sorted(

@@ -3,6 +3,7 @@
 DynamoDB failures are made with botocore event hooks on the injected client, never by patching our modules.
 """
 import json
+import re
 import threading
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -32,6 +33,7 @@ from chalicelib.domain.records import (
     Nonce,
     PendingIssue,
     RenewedCertificate,
+    Revocation,
 )
 
 LEASE = 300
@@ -106,6 +108,11 @@ def test_register_counts_duplicates_in_the_input_once(registry):
 
 def test_get_unknown_is_none(registry):
     assert item(registry.get("nobody")) is None
+    assert registry.renewal_state("nobody") is None
+    registry.register(["somebody"])  # an unknown device is read through a stand-in: it never leaks out
+    assert [record.thing_name for record in registry.list()] == ["somebody"]
+    assert registry.get("nobody") is None and registry.renewal_state("nobody") is None
+    assert registry.renewal_state("somebody").thing_name == "somebody"
 
 
 def test_list_is_sorted_and_filtered_by_status(registry):
@@ -575,6 +582,58 @@ def test_set_public_key_only_for_the_current_certificate_and_reset_forgets_renew
     assert (state.provisioned, state.certificate_id, state.public_key, state.previous_certificate_id,
             state.retire_pending) == (False, None, None, None, False)
     assert registry.get("dev1").renewal_count == 1  # the history stays
+
+
+# --- a reset's intent (issue 26): recorded first, cleared by the reset, which changes nothing it did not revoke -----
+
+def test_a_resets_intent_is_recorded_in_the_sample_shape_and_cleared_by_the_reset(registry):
+    renewable(registry)
+    intent = (Revocation("eu-west-2", "cert-a"), Revocation("us-east-1", "cert-old", delete_thing=False))
+    assert registry.begin_reset("dev1", intent) is True
+    assert registry.begin_reset("nobody", intent) is False and registry.get("nobody") is None
+    record = registry.get("dev1")
+    assert (record.status, record.certificate_id, record.reset_pending) == (PROVISIONED, "cert-a", intent)
+    assert item(record)["reset_pending"] == [
+        {"region": "eu-west-2", "certificate_id": "cert-a", "delete_thing": True},
+        {"region": "us-east-1", "certificate_id": "cert-old", "delete_thing": False}]
+    assert registry.reset("dev1", ["cert-a", "cert-old"]) == record  # the record as it was
+    assert item(registry.get("dev1")) == {"thing_name": "dev1", "prov_status": UNPROVISIONED, "attempts": 1}
+    assert registry.reset("nobody", []) is None
+
+
+def test_a_reset_changes_nothing_while_the_device_holds_a_certificate_it_did_not_revoke(registry):
+    renewable(registry)
+    registry.begin_reset("dev1", [Revocation("eu-west-2", "cert-a")])
+    # A renewal recorded meanwhile: cert-b current, cert-a previous and still to retire.
+    registry.complete_renewal(registry.begin_renewal("dev1", "cert-a", T0, LEASE), renewed(), T0)
+    before = item(registry.get("dev1"))
+    assert registry.reset("dev1", ["cert-a"]) is None  # cert-b is current
+    assert registry.reset("dev1", ["cert-b"]) is None  # cert-a waits to be retired
+    assert registry.reset("dev1", []) is None
+    assert item(registry.get("dev1")) == before
+    assert registry.reset("dev1", ["cert-a", "cert-b"]).certificate_id == "cert-b"
+    assert registry.get("dev1").status == UNPROVISIONED
+    registry.register(["fresh"])  # holding nothing, a device is reset with nothing revoked
+    assert registry.reset("fresh", []).status == UNPROVISIONED
+
+
+def test_a_storage_fault_in_a_resets_writes_is_raised_and_changes_nothing(registry, request):
+    renewable(registry)
+    if isinstance(registry, SqliteRegistry):  # a read-only registry: SQLite's own SQLITE_READONLY
+        faulty = SqliteRegistry(registry.path, lambda db: db.execute("PRAGMA query_only = ON"))
+        cause = "it cannot be written (read-only)"
+    else:  # the client's own hook answers DynamoDB's 500
+        faulty = registry
+        request.getfixturevalue("dynamodb_client").meta.events.register(
+            "before-call.dynamodb.UpdateItem",
+            lambda **_: answer(500, {"Error": {"Code": "InternalServerError", "Message": "injected"}}))
+        cause = "update_item failed with InternalServerError"
+    with pytest.raises(ServiceUnavailable, match=re.escape(cause)):
+        faulty.begin_reset("dev1", [Revocation("eu-west-2", "cert-a")])
+    with pytest.raises(ServiceUnavailable, match=re.escape(cause)):
+        faulty.reset("dev1", ["cert-a"])
+    record = faulty.get("dev1")
+    assert (record.status, record.certificate_id, record.reset_pending) == (PROVISIONED, "cert-a", ())
 
 
 # --- write-ahead issuance for renewals (issue 16): the renewal lease carries the record, as a claim does --------

@@ -21,7 +21,7 @@ from chalicelib.adapters.registry.sqlite import SqliteRegistry
 from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.container import Container
 from devstack.stack import free_port
-from tests.conftest import LONDON_IP, api, make_csr
+from tests.conftest import LONDON_IP, api, make_csr, needs_tool
 from tests.tmpfs import fill, read_only, tmpfs
 
 BODY_KEYS = {"status", "code", "message"}
@@ -231,3 +231,37 @@ def test_read_only_certificate_records_fail_health_though_they_can_be_read(stage
     assert {part: check["status"] for part, check in health["checks"].items() if part != "issuer"} == {
         "registry": "ok", "geolocation": "ok", "fleet_key": "ok", "free_space": "ok"}
     assert "/" not in health["message"]  # no server path on a public endpoint
+
+
+def _can_mount_tmpfs() -> bool:
+    """A private mount namespace where a tmpfs can be mounted (root, or a user namespace that allows it)."""
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],  # not seen outside
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@needs_tool(_can_mount_tmpfs(), "a private mount namespace for a small tmpfs (unshare -m, as root)")
+def test_a_disk_that_fills_during_a_reset_is_named_and_the_next_reset_finishes_it(tmp_path):
+    """A real ENOSPC on a 1 MiB tmpfs (tests/full_disk_child.py): the certificate was revoked, the registry's last
+    write fails at its commit, where SQLite ends the transaction itself; the message names the full disk (not a
+    failed ROLLBACK's 'no transaction is active') and what was done; the next reset, with room again, finishes."""
+    child = subprocess.run(["unshare", "-m", sys.executable, "-m", "tests.full_disk_child", str(tmp_path)],
+                           cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-3000:]
+    runs = json.loads(child.stdout)
+    first, second = runs["first"], runs["second"]
+    certificate = first["certificate"]
+
+    def errors(run: dict) -> list[str]:  # without the local issuer's note that no stack runs (nothing to tell)
+        return [line for line in run["stderr"].splitlines() if not line.startswith("no local stack is running")]
+    assert first["code"] == 1
+    [line] = errors(first)
+    assert line.startswith(f"error: reset of dev1 stopped: certificate {certificate} in eu-west-2 revoked, "
+                           "registry not updated")
+    assert "the disk is full (SQLITE_FULL)" in line and "rollback" not in line
+    assert (first["certificate_status"], first["status"], first["reset_pending"]) == (
+        "REVOKED", "provisioned", [certificate])
+    assert (second["code"], errors(second), second["status"], second["reset_pending"]) == (
+        0, [], "unprovisioned", [])

@@ -25,6 +25,15 @@ STATUSES = tuple(DeviceStatus)
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """A certificate a reset revokes, with its thing when `delete_thing`: what the reset's intent records."""
+
+    region: str
+    certificate_id: str
+    delete_thing: bool = True
+
+
+@dataclass(frozen=True)
 class DeviceRecord:
     """One device as the registry holds it. `attempts` counts claims so far (0: never claimed)."""
 
@@ -52,6 +61,9 @@ class DeviceRecord:
     # The current certificate's key was made by the service (no CSR): a lost answer lost the key with it, so the
     # device may ask again for a new one within the re-key window (services/renewal.py, RenewalService.rekey).
     server_key: bool = False
+    # A reset begun (admin reset, audit --fix) and not finished: the certificates it revokes before the record is
+    # reset. Whoever resets the device next revokes them again (it is harmless) and finishes it.
+    reset_pending: tuple[Revocation, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 from datetime import datetime
-from typing import Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from chalicelib.domain.records import (
     Claim,
@@ -15,6 +15,7 @@ from chalicelib.domain.records import (
     PendingIssue,
     RenewalState,
     RenewedCertificate,
+    Revocation,
 )
 
 
@@ -89,9 +90,18 @@ class Registry(Protocol):
     def release_stuck(self, thing_name: str, now: datetime) -> bool:
         """provisioning with an ended lease -> unprovisioned; False when it is no longer stuck."""
 
-    def reset(self, thing_name: str) -> DeviceRecord | None:
-        """Back to unprovisioned whatever the state, forgetting region and certificate; returns the record as
-        it was, or None when the device is not registered."""
+    def begin_reset(self, thing_name: str, revocations: Sequence[Revocation]) -> bool:
+        """Record a reset's intent on the device (`reset_pending`): the certificates it is about to revoke, in one
+        conditional write (the device is registered; False when it is not), replacing an earlier intent. A reset cut
+        short after it (a storage fault, a crash) leaves it there: the audit lists it, and the next reset (admin
+        reset, audit --fix) revokes them again and finishes."""
+
+    def reset(self, thing_name: str, revoked: Collection[str] | None = None) -> DeviceRecord | None:
+        """Back to unprovisioned whatever the state, forgetting region, certificates, claim, last error and the
+        reset's intent, in one conditional write; returns the record as it was. With `revoked` (certificate ids)
+        only while every certificate the device may still use (its current one, a previous one waiting to be
+        retired) is among them. None when nothing changed: the device is not registered, or it holds a certificate
+        outside `revoked` (a renewal recorded meanwhile)."""
 
 
 class RenewalRegistry(Registry, Protocol):

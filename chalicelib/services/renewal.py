@@ -13,12 +13,14 @@ from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from chalicelib.domain import deadline as deadlines
 from chalicelib.domain.answers import Answer
 from chalicelib.domain.certificates import CertificateInfo, CertificateRef, Certified, IssuedCertificate
 from chalicelib.domain.clock import utcnow
 from chalicelib.domain.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
+from chalicelib.domain.decoys import signed_by
 from chalicelib.domain.errors import (
     RENEWAL_REFUSED,
     AlreadyProvisioned,
@@ -31,7 +33,6 @@ from chalicelib.domain.records import Claim, RenewalState, RenewedCertificate
 from chalicelib.domain.regions import Location, RegionChoice, RegionPolicy
 from chalicelib.domain.relocation import RELOCATED, RENEWAL, RelocationPolicy
 from chalicelib.domain.requests import RenewalRequest, check_fresh, remembered
-from chalicelib.domain.signatures import verifies
 from chalicelib.domain.steps import Steps
 from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.issuer import Issuer
@@ -104,20 +105,19 @@ class RenewalService:
         with deadlines.running(deadline):
             with steps.step("verify"):
                 check_fresh(request.timestamp, self._clock(), self._skew)
-                state = self.registry.renewal_state(request.thing_name)
-                if state is None or not state.provisioned or not state.region or not state.certificate_id:
-                    raise refused()
-                recovered = self._lost_answer(request, state, client_ip)
-                if recovered is not None:
-                    return recovered
-                state = self._unanswered(request, state)
-                if not state.provisioned or not state.region or not state.certificate_id:  # reset meanwhile
-                    raise refused()
-                certificate_id, region = state.certificate_id, state.region
-                try:
+                found = self.registry.renewal_state(request.thing_name)
+                state = found if found and found.provisioned and found.region and found.certificate_id else None
+                if state is not None:
+                    recovered = self._lost_answer(request, state, client_ip)
+                    if recovered is not None:
+                        return recovered
+                    state = self._unanswered(request, state)
+                try:  # an unknown device is refused by the same work as a wrong certificate id or key
                     current = self._verify(request, state)
                 except RenewalRefused:
                     return self._recovered_meanwhile(request, state, client_ip)
+                assert state is not None and state.certificate_id is not None and state.region is not None
+                certificate_id, region = state.certificate_id, state.region
 
             def begin(now: datetime, lease: int) -> Claim:
                 return self.registry.begin_renewal(request.thing_name, certificate_id, now, lease,
@@ -167,21 +167,25 @@ class RenewalService:
         issued, _ = self._saga.run(plan, steps, deadline)
         return Answer(state.thing_name, plan.choice, issued, plan.note, previous_certificate_id=state.certificate_id)
 
-    def _verify(self, request: RenewalRequest, state: RenewalState) -> CertificateInfo:
-        """The one 403 for every mismatch; then the CSR's key must be new. Returns the current certificate."""
-        assert state.certificate_id is not None and state.region is not None
-        if request.certificate_id != state.certificate_id:
-            raise refused()
+    def _verify(self, request: RenewalRequest, state: RenewalState | None) -> CertificateInfo:
+        """The one 403 for every mismatch, each after the same signature work: an unknown or unprovisioned device
+        (`state` None) and a wrong certificate id are checked against a decoy key. Then the CSR's key must be new.
+        Returns the current certificate."""
+        known = (state if state is not None and state.provisioned and state.region
+                 and state.certificate_id == request.certificate_id else None)
         current = None
-        pem = state.public_key
-        if pem is None:  # provisioned before the registry kept keys: read it once from the certificate, keep it
-            current = self._issuer.certificate(state.certificate_id, state.region)
+        pem = known.public_key if known is not None else None
+        if known is not None and pem is None:
+            # provisioned before the registry kept keys: read it once from the certificate, keep it
+            current = self._issuer.certificate(request.certificate_id, known.region)
             if current is None or current.certificate_pem is None:
                 raise refused()
             pem = public_key_pem(x509.load_pem_x509_certificate(current.certificate_pem.encode()).public_key())
-            self.registry.set_public_key(state.thing_name, state.certificate_id, pem)
-        if not _signed_by(pem, request):
+            self.registry.set_public_key(known.thing_name, request.certificate_id, pem)
+        if not _signed_by(pem, request) or known is None:
             raise refused()
+        state = known
+        assert state.certificate_id is not None and state.region is not None
         # Revocation is the issuer's to know (an operator may have revoked the certificate there).
         current = current or self._issuer.certificate(state.certificate_id, state.region)
         if current is None or not current.active:
@@ -235,13 +239,14 @@ class RenewalService:
                         state.thing_name, state.certificate_id)
         return self.registry.renewal_state(state.thing_name) or state
 
-    def _recovered_meanwhile(self, request: RenewalRequest, seen: RenewalState, client_ip: str) -> Answer:
+    def _recovered_meanwhile(self, request: RenewalRequest, seen: RenewalState | None, client_ip: str) -> Answer:
         """A refused request may have lost a race with a renewal recorded meanwhile: the same request is then a lost
-        answer; another one, signed for the certificate current until just now, is told 409; else the 403."""
+        answer; another one, signed for the certificate current until just now, is told 409; else the 403. Every
+        refusal comes this way, an unknown device's too (`seen` None): the same reads whatever the cause."""
         later = self.registry.renewal_state(request.thing_name)
         if later is None:
             raise refused()
-        if later.certificate_id != seen.certificate_id:
+        if later.certificate_id != (seen.certificate_id if seen else None):
             recovered = self._lost_answer(request, later, client_ip)
             if recovered is not None:
                 return recovered
@@ -267,10 +272,14 @@ class RenewalService:
             self._clock() - datetime.fromisoformat(state.last_renewal)).total_seconds() <= self._lease_window()
 
 
-def _signed_by(public_key_pem_text: str, request: RenewalRequest) -> bool:
+def _signed_by(public_key_pem_text: str | None, request: RenewalRequest) -> bool:
+    """Whether the request is signed by the key (None: no key; a decoy does the same work, domain/decoys.py)."""
     try:
-        key = serialization.load_pem_public_key(public_key_pem_text.encode())
+        return signed_by(public_key_pem_text, request.signed_text(), request.signature, _load_key)
     except ValueError:
         log.error("the certificate key kept for %s cannot be read", request.thing_name)
         return False
-    return verifies(key, request.signed_text(), request.signature)
+
+
+def _load_key(pem: str) -> PublicKeyTypes:
+    return serialization.load_pem_public_key(pem.encode())

@@ -8,12 +8,18 @@ import secrets
 import time
 from concurrent.futures import Executor
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.adapters.aws import error_code as _code
-from chalicelib.adapters.registry.items import ITEM_ATTRIBUTES, attributes_json, record_from_item
+from chalicelib.adapters.registry.items import (
+    ITEM_ATTRIBUTES,
+    STAND_IN_ITEM,
+    attributes_json,
+    record_from_item,
+    revocations_json,
+)
 from chalicelib.domain.clock import timestamp as _timestamp
 from chalicelib.domain.errors import (
     RENEWAL_REFUSED,
@@ -36,6 +42,7 @@ from chalicelib.domain.records import (
     PendingIssue,
     RenewalState,
     RenewedCertificate,
+    Revocation,
 )
 from chalicelib.domain.refusals import claim_refusal, rekey_refusal
 
@@ -60,9 +67,16 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#certkey": "certificate_public_key", "#prevcert": "previous_certificate_id",
           "#prevkey": "previous_public_key", "#prevregion": "previous_region", "#retire": "retire_pending",
           "#renewals": "renewal_count", "#renewed": "last_renewal", "#rtoken": "renewal_token",
-          "#rlease": "renewal_lease", "#expires": "certificate_expires", "#serverkey": "server_key"}
+          "#rlease": "renewal_lease", "#expires": "certificate_expires", "#serverkey": "server_key",
+          "#reset": "reset_pending"}
 # The write-ahead record of an issuance (registry/base.py PendingIssue), as attribute placeholders.
 _PENDING_NAMES = ("#pregion", "#psince", "#pfingerprint", "#pcert", "#pcreated", "#pmove")
+
+
+# The stand-in an unknown device's read is converted from (items.STAND_IN_ITEM); botocore's parse of the larger
+# answer a registered device gets is not mirrored: it is small beside DynamoDB's own round trip.
+_STAND_IN = {name: {"S": value} if isinstance(value, str) else {"N": repr(value)}
+             for name, value in STAND_IN_ITEM.items()}
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -198,7 +212,8 @@ class DynamoDbRegistry:
 
     def get(self, thing_name: str) -> DeviceRecord | None:
         raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
-        return _record(raw) if raw else None
+        record = _record(raw or _STAND_IN)  # the same work for an unknown device (items.STAND_IN_ITEM)
+        return record if raw else None
 
     def list(self, status: DeviceStatus | None = None, region: str | None = None,
              since: datetime | None = None) -> Iterator[DeviceRecord]:
@@ -428,21 +443,37 @@ class DynamoDbRegistry:
             return False
         return True
 
-    def reset(self, thing_name: str) -> DeviceRecord | None:
+    def begin_reset(self, thing_name: str, revocations: Sequence[Revocation]) -> bool:
+        try:
+            self._call("update_item", TableName=self._table, Key=self._key(thing_name),
+                       UpdateExpression="SET #reset = :reset", ConditionExpression="attribute_exists(#name)",
+                       ExpressionAttributeNames={k: _NAMES[k] for k in ("#reset", "#name")},
+                       ExpressionAttributeValues={":reset": {"S": revocations_json(revocations)}})
+        except ClientError as e:
+            if _code(e) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
+
+    def reset(self, thing_name: str, revoked: Collection[str] | None = None) -> DeviceRecord | None:
+        update = ("SET #status = :unprovisioned REMOVE #datetime, #region, #cert, #fingerprint, #country, #reason, "
+                  "#token, #lease, #error, #certkey, #prevcert, #prevkey, #prevregion, #retire, #rtoken, #rlease, "
+                  "#expires, #serverkey, #reset")
+        condition = "attribute_exists(#name)"
+        values = {":unprovisioned": {"S": UNPROVISIONED.value}}
+        if revoked is not None:  # nothing the device may still use is left out
+            ids = {f":revoked{i}": {"S": certificate_id} for i, certificate_id in enumerate(sorted(set(revoked)))}
+            among = ", ".join(ids)
+            current = "attribute_not_exists(#cert)" + (f" OR #cert IN ({among})" if ids else "")
+            previous = "attribute_not_exists(#retire)" + (f" OR #prevcert IN ({among})" if ids else "")
+            condition += f" AND ({current}) AND ({previous})"
+            values.update(ids)
         try:
             old = self._call(
-                "update_item", TableName=self._table, Key=self._key(thing_name),
-                UpdateExpression="SET #status = :unprovisioned REMOVE #datetime, #region, #cert, #fingerprint, "
-                                 "#country, #reason, #token, #lease, #error, "
-                                 "#certkey, #prevcert, #prevkey, #prevregion, #retire, #rtoken, #rlease, #expires, "
-                                 "#serverkey",
-                ConditionExpression="attribute_exists(#name)",
-                ExpressionAttributeNames={k: _NAMES[k] for k in ("#name", "#status", "#datetime", "#region", "#cert",
-                                                                 "#fingerprint", "#country", "#reason", "#token",
-                                                                 "#lease", "#error", "#certkey", "#prevcert",
-                                                                 "#prevkey", "#prevregion", "#retire", "#rtoken",
-                                                                 "#rlease", "#expires", "#serverkey")},
-                ExpressionAttributeValues={":unprovisioned": {"S": UNPROVISIONED.value}}, ReturnValues="ALL_OLD")
+                "update_item", TableName=self._table, Key=self._key(thing_name), UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeNames={k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}"))},
+                ExpressionAttributeValues=values, ReturnValues="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
@@ -453,7 +484,8 @@ class DynamoDbRegistry:
 
     def renewal_state(self, thing_name: str) -> RenewalState | None:
         raw = self._call("get_item", TableName=self._table, Key=self._key(thing_name), ConsistentRead=True).get("Item")
-        return _renewal_state(raw) if raw else None
+        state = _renewal_state(raw or _STAND_IN)  # the same work for an unknown device (items.STAND_IN_ITEM)
+        return state if raw else None
 
     def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
                       nonce: Nonce | None = None) -> Claim:

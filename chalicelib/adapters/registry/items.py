@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from chalicelib.domain.clock import timestamp
-from chalicelib.domain.records import UNPROVISIONED, DeviceRecord, DeviceStatus
+from chalicelib.domain.records import UNPROVISIONED, DeviceRecord, DeviceStatus, Revocation
 
 
 def attributes_json(attributes: Mapping[str, str] | None) -> str | None:
@@ -14,10 +14,41 @@ def attributes_json(attributes: Mapping[str, str] | None) -> str | None:
     return json.dumps(dict(attributes), sort_keys=True, separators=(",", ":")) if attributes else None
 
 
+def revocations_json(revocations: Iterable[Revocation]) -> str:
+    """A reset's intent as stored (`reset_pending`): one JSON array string, the same text on both backends."""
+    return json.dumps([_revocation_item(revocation) for revocation in revocations], sort_keys=True,
+                      separators=(",", ":"))
+
+
+def _revocation_item(revocation: Revocation) -> dict[str, Any]:
+    return {"region": revocation.region, "certificate_id": revocation.certificate_id,
+            "delete_thing": revocation.delete_thing}
+
+
+def _revocations(text: str | None) -> tuple[Revocation, ...]:
+    return tuple(Revocation(item["region"], item["certificate_id"], bool(item["delete_thing"]))
+                 for item in json.loads(text)) if text else ()
+
+
 ITEM_ATTRIBUTES = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
                    "attributes", "certificate_expires", "renewal_count", "last_renewal", "previous_certificate_id",
-                   "previous_region", "retire_pending", "renewal_lease", "server_key")
+                   "previous_region", "retire_pending", "renewal_lease", "server_key", "reset_pending")
+
+
+# Reading a device that is not registered goes through the same steps as reading one that is, on this stand-in
+# (then answers None), so that it costs the same: the refusals of an unknown and of a registered device take the
+# same time (domain/decoys.py, bench/timing.py). Its name is no thing name; its values have a typical device's
+# sizes (provisioned, renewed once, with a signing key of its own); the backends' own columns are included.
+STAND_IN_NAME = "*not-registered*"
+_PEM = ("-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJm7h50X1JEeH9PlOvbEbgXS1roS/\n"
+        "fucOdLoVjkavQnDYLx93UZK0LbAPnbaM68xKK0OTlKcAbrUGYSdV2mTcvA==\n-----END PUBLIC KEY-----\n")
+STAND_IN_ITEM: dict[str, str | int | float] = {
+    "thing_name": STAND_IN_NAME, "prov_status": "provisioned", "prov_datetime": "2026-01-01T00:00:00Z",
+    "aws_region": "eu-west-2", "certificate_id": "0" * 64, "public_key_fingerprint": "0" * 64, "public_key": _PEM,
+    "country": "GB", "region_reason": "nearest", "attempts": 1, "certificate_expires": "2027-01-01T00:00:00Z",
+    "renewal_count": 1, "last_renewal": "2026-06-01T00:00:00Z", "previous_certificate_id": "1" * 64,
+    "previous_region": "eu-west-2", "certificate_public_key": _PEM, "previous_public_key": _PEM}
 
 
 def record_from_item(item: Mapping[str, Any]) -> DeviceRecord:
@@ -49,6 +80,7 @@ def record_from_item(item: Mapping[str, Any]) -> DeviceRecord:
         renewal_lease=(datetime.fromtimestamp(float(item["renewal_lease"]), timezone.utc)
                        if item.get("renewal_lease") is not None else None),
         server_key=bool(item.get("server_key")),
+        reset_pending=_revocations(item.get("reset_pending")),
     )
 
 
@@ -69,7 +101,8 @@ def item_of(record: DeviceRecord) -> dict[str, Any]:
         "renewal_count": record.renewal_count or None,
         "last_renewal": record.last_renewal and timestamp(record.last_renewal),
         "previous_certificate_id": record.previous_certificate_id, "previous_region": record.previous_region,
-        "retire_pending": record.retire_pending or None, "server_key": record.server_key or None}
+        "retire_pending": record.retire_pending or None, "server_key": record.server_key or None,
+        "reset_pending": [_revocation_item(revocation) for revocation in record.reset_pending] or None}
     return {name: value for name, value in values.items() if value is not None}
 
 

@@ -8,9 +8,15 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
-from chalicelib.adapters.registry.items import attributes_json, record_from_item
+from chalicelib.adapters.registry.items import (
+    STAND_IN_ITEM,
+    STAND_IN_NAME,
+    attributes_json,
+    record_from_item,
+    revocations_json,
+)
 from chalicelib.adapters.storage import StorageUnavailable, explain, translated
 from chalicelib.domain.clock import timestamp as _timestamp
 from chalicelib.domain.errors import (
@@ -32,6 +38,7 @@ from chalicelib.domain.records import (
     PendingIssue,
     RenewalState,
     RenewedCertificate,
+    Revocation,
 )
 from chalicelib.domain.refusals import claim_refusal, rekey_refusal
 
@@ -72,7 +79,9 @@ CREATE TABLE IF NOT EXISTS devices (
     renewal_token  TEXT,
     renewal_lease  REAL,
     -- the current certificate's key was made by the service (no CSR): a re-key may replace it in its window
-    server_key     INTEGER
+    server_key     INTEGER,
+    -- a reset begun and not finished: the certificates it revokes (items.revocations_json)
+    reset_pending  TEXT
 ) WITHOUT ROWID;
 -- No index on prov_status: it would double the cost of every claim and finalize, and only operator
 -- commands (list, stats, audit) filter on it, where a scan of even a million rows is quick enough.
@@ -91,12 +100,17 @@ _RENEWAL_COLUMNS = {"certificate_public_key": "TEXT", "previous_certificate_id":
 _PUBLIC_COLUMNS = ("thing_name", "prov_status", "prov_datetime", "aws_region", "certificate_id",
                    "public_key_fingerprint", "public_key", "country", "region_reason", "last_error", "attempts",
                    "attributes", "lease_expires", "certificate_expires", "renewal_count", "last_renewal",
-                   "previous_certificate_id", "previous_region", "retire_pending", "renewal_lease", "server_key")
+                   "previous_certificate_id", "previous_region", "retire_pending", "renewal_lease", "server_key",
+                   "reset_pending")
 # Added after the first release: a registry made before them gets them on first open.
 _ADDED_COLUMNS = (("claimed_at", "REAL"), ("pending_region", "TEXT"), ("pending_since", "REAL"),
                   ("pending_fingerprint", "TEXT"), ("pending_certificate_id", "TEXT"),
                   ("pending_created_thing", "INTEGER"), *_RENEWAL_COLUMNS.items(), ("pending_move", "INTEGER"),
-                  ("server_key", "INTEGER"))
+                  ("server_key", "INTEGER"), ("reset_pending", "TEXT"))
+# What renewal_state reads.
+_RENEWAL_STATE = ("thing_name", "prov_status", "aws_region", "certificate_id", "certificate_public_key",
+                  "public_key_fingerprint", "previous_certificate_id", "previous_public_key", "previous_region",
+                  "retire_pending", "renewal_lease", "renewal_count", "last_renewal")
 _PENDING = ("pending_region, pending_since, pending_fingerprint, pending_certificate_id, pending_created_thing, "
             "pending_move")
 _NO_PENDING = ("pending_region = NULL, pending_since = NULL, pending_fingerprint = NULL, "
@@ -153,15 +167,25 @@ class SqliteRegistry:
             added = db.total_changes - before
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # not after SQLite ended it itself (SQLITE_FULL): the cause is the error raised
+                db.execute("ROLLBACK")
             raise
         return added
 
     @translated
     def get(self, thing_name: str) -> DeviceRecord | None:
-        row = self._db().execute(
-            f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-        return record_from_item(dict(row)) if row else None
+        record = record_from_item(dict(self._row(_PUBLIC_COLUMNS, thing_name)))
+        return None if record.thing_name == STAND_IN_NAME else record
+
+    def _row(self, columns: tuple[str, ...], thing_name: str) -> sqlite3.Row:
+        """The device's row, else (not registered) the stand-in's (items.STAND_IN_ITEM): one statement run to its end
+        (two lookups), one row and the same work after it either way, so that an unknown device costs what a
+        registered one does."""
+        [row] = self._db().execute(
+            f"SELECT {', '.join(columns)} FROM devices WHERE thing_name = ? UNION ALL SELECT "
+            f"{', '.join('?' * len(columns))} WHERE NOT EXISTS (SELECT 1 FROM devices WHERE thing_name = ?)",
+            (thing_name, *(STAND_IN_ITEM.get(column) for column in columns), thing_name)).fetchall()
+        return row
 
     @translated
     def list(self, status: DeviceStatus | None = None, region: str | None = None,
@@ -309,24 +333,37 @@ class SqliteRegistry:
             (thing_name, now.timestamp())).rowcount == 1
 
     @translated
-    def reset(self, thing_name: str) -> DeviceRecord | None:
+    def begin_reset(self, thing_name: str, revocations: Sequence[Revocation]) -> bool:
+        return self._db().execute("UPDATE devices SET reset_pending = ? WHERE thing_name = ?",
+                                  (revocations_json(revocations), thing_name)).rowcount == 1
+
+    @translated
+    def reset(self, thing_name: str, revoked: Collection[str] | None = None) -> DeviceRecord | None:
+        condition, ids = "", sorted(set(revoked or ()))
+        if revoked is not None:  # nothing the device may still use is left out
+            marks = ", ".join("?" * len(ids))
+            current = "certificate_id IS NULL" + (f" OR certificate_id IN ({marks})" if ids else "")
+            previous = "COALESCE(retire_pending, 0) = 0" + (f" OR previous_certificate_id IN ({marks})" if ids else "")
+            condition = f" AND ({current}) AND ({previous})"
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # the item returned is the one replaced
         try:
             before = self.get(thing_name)
-            db.execute(
+            changed = db.execute(
                 "UPDATE devices SET prov_status = 'unprovisioned', prov_datetime = NULL, aws_region = NULL, "
                 "certificate_id = NULL, public_key_fingerprint = NULL, country = NULL, region_reason = NULL, "
                 "claim_token = NULL, lease_expires = NULL, "
                 "certificate_public_key = NULL, previous_certificate_id = NULL, previous_public_key = NULL, "
                 "previous_region = NULL, retire_pending = NULL, renewal_token = NULL, renewal_lease = NULL, "
-                "certificate_expires = NULL, server_key = NULL, "
-                "last_error = NULL WHERE thing_name = ?", (thing_name,))
+                "certificate_expires = NULL, server_key = NULL, reset_pending = NULL, "
+                "last_error = NULL WHERE thing_name = ?" + condition, (thing_name, *ids, *ids)).rowcount
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite ends the transaction itself on some faults (SQLITE_FULL): a ROLLBACK then would hide the cause.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        return before
+        return before if changed == 1 else None
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -338,14 +375,13 @@ class SqliteRegistry:
 
     @translated
     def renewal_state(self, thing_name: str) -> RenewalState | None:
-        row = self._db().execute("SELECT * FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-        if row is None:
-            return None
-        return RenewalState(
-            thing_name, row["prov_status"] == PROVISIONED.value, row["aws_region"], row["certificate_id"],
+        row = self._row(_RENEWAL_STATE, thing_name)
+        state = RenewalState(
+            row["thing_name"], row["prov_status"] == PROVISIONED.value, row["aws_region"], row["certificate_id"],
             row["certificate_public_key"], row["public_key_fingerprint"], row["previous_certificate_id"],
             row["previous_public_key"], row["previous_region"], bool(row["retire_pending"]), row["renewal_lease"],
             row["renewal_count"] or 0, row["last_renewal"])
+        return None if state.thing_name == STAND_IN_NAME else state
 
     @translated
     def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
