@@ -264,10 +264,11 @@ def test_one_device_process_lives_through_its_bad_days(stack, api, tmp_path, cap
         provisioned = json.loads(endpoint.read_text())["certificateId"]
         assert provisioned != revoked
 
-        # 3. Renewal in place, asked for with SIGUSR1: new certificate, a new connection, the same process.
+        # 3. Renewal in place, asked for with SIGUSR1: new certificate, a new connection, the same process. The
+        #    renewal revokes the previous certificate before it answers (the local stage's brokers refuse it when
+        #    the revocation returns), so the old session closes first and the device connects with the new one.
         device.process.send_signal(signal.SIGUSR1)
-        mark = device.wait_said(mark, "renewal asked for", "<= renewed", "reconnecting with the new certificate",
-                                "<= connected again")
+        mark = device.wait_said(mark, "renewal asked for", "<= renewed", "<= connected again")
         assert json.loads(endpoint.read_text())["certificateId"] not in (revoked, provisioned)
 
         # 4. The API stops: a renewal asked for meanwhile fails with one clear line and the device carries on;
