@@ -594,6 +594,8 @@ def table(results: dict[str, StormResult]) -> str:
     def fmt(value: Any, unit: str = "") -> str:
         if value is None:
             return "not reached"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
         return f"{value:g}{unit}" if isinstance(value, (int, float)) else str(value)
     for label, key, unit in (("devices", "devices", ""), ("makespan", "makespan_s", " s"),
                              ("quota bound (admitted budget)", "quota_bound_s", " s"),
@@ -680,10 +682,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = quota_budget({api: q * scale for api, q in IOT_QUOTAS.items()})
     out = {key: r.summary() for key, r in results.items()}
     out["parameters"] = {**size, "regions": len(REGION_IPS), "admitted_per_region_s": budget.csr_per_s}
+    from bench import docs
+    out["run"] = docs.provenance("bench.storm", argv)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     chart(results, args.chart, budget.csr_per_s, len(REGION_IPS))
     print(table(results))
     say(f"wrote {args.out} and {args.chart}")
+    docs.refresh(args.out)
     return 0
 
 
