@@ -49,7 +49,7 @@ SIZES = {
     # More containers made the storm with admission slower here, not faster: they fight over this one
     # interpreter's CPU and moto's lock (48: 98 s against 76 s with 11, in the same hour).
     # The default is the largest storm this simulator serves at the quota's pace on this machine: the issue's
-    # 1,000 devices at 10/s admit 24 devices a second, about 2.5 cores of one interpreter (README, "Onboarding
+    # 1,000 devices at 10/s admit 24 devices a second, about 2.5 cores of one interpreter (docs/performance.md, "Onboarding
     # storm"); "large" is that size, for a machine that can.
     "default": dict(devices=450, containers=None, uncapped=150, latency=0.1, ramp=5.0, quota=3.0),
     "large": dict(devices=1000, containers=None, uncapped=300, latency=0.1, ramp=2.0, quota=10.0),
