@@ -490,11 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as exc:
         say(f"error: {exc}")
         return 2
-    from bench import docs
-    report["run"] = docs.provenance("bench.chaos", argv)
+    from bench import provenance
+    report["run"] = provenance.provenance("bench.chaos", argv)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
-    docs.refresh(Path(args.json))
+    provenance.refresh(Path(args.json))
     return 0 if report["ok"] else 1
 
 

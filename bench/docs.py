@@ -2,10 +2,11 @@
 
 Three runs are committed, each written only by its own full-size command: `make bench` (bench/bench.json),
 `make storm` (bench/storm.json), `make chaos` (bench/chaos.json). Each records how it was made (`run`: the command,
-when, the machine's cores and load average) and then calls `refresh`, which rewrites the generated blocks of
-docs/performance.md (between `<!-- generated: NAME -->` and `<!-- end: NAME -->`; the prose around them is edited
-by hand). `make bench-quick` and the tests write elsewhere (bench/results.json, a temporary directory), so a quick
-run never makes the page and the committed JSON disagree; tests/test_docs.py fails when they do.
+when, the machine's cores and load average) and then runs this module (bench/provenance.py), which rewrites the
+generated blocks of docs/performance.md: between `<!-- generated: NAME -->` and `<!-- end: NAME -->`; the prose
+around them is edited by hand. The tables are the benches' own (their `table` functions). `make bench-quick` and the
+tests write elsewhere (bench/results.json, a temporary directory), so a quick run never makes the page and the
+committed JSON disagree; tests/test_docs.py fails when they do.
 
     python -m bench.docs            rewrite the page's generated blocks from the committed JSON
     python -m bench.docs --check    exit 1 when the page is not what the committed JSON makes
@@ -14,22 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shlex
 import sys
-from datetime import datetime, timezone
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from bench.provenance import COMMITTED, PROJECT_DIR
+
 PAGE = PROJECT_DIR / "docs" / "performance.md"
-BENCH_JSON = PROJECT_DIR / "bench" / "bench.json"      # make bench (--size full) only
-SCRATCH_JSON = PROJECT_DIR / "bench" / "results.json"  # make bench-quick and other sizes (ignored by git)
-STORM_JSON = PROJECT_DIR / "bench" / "storm.json"
-CHAOS_JSON = PROJECT_DIR / "bench" / "chaos.json"
-COMMITTED = {"bench": BENCH_JSON, "storm": STORM_JSON, "chaos": CHAOS_JSON}
 MAKE_TARGETS = {"python -m bench.run --size full": "make bench", "python -m bench.run --size quick": "make bench-quick",
                 "python -m bench.storm --size default": "make storm", "python -m bench.chaos --size default": "make chaos"}
 
@@ -47,31 +40,6 @@ BENCH_TARGETS: list[tuple[str, str, str, float, str]] = [
     ("bulk enrolment into SQLite: 100,000 devices in under 5 s", "bulk.sqlite_rows_per_s", ">=", 20_000, " rows/s"),
 ]
 STORM_TARGET_RATIO = 1.2  # with admission control: the makespan within 1.2x the quota bound
-
-
-def bench_out(size: str) -> Path:
-    """Where `python -m bench.run --size SIZE` writes by default: only the full size writes the committed file."""
-    return BENCH_JSON if size == "full" else SCRATCH_JSON
-
-
-def provenance(module: str, argv: list[str] | None) -> dict[str, Any]:
-    """How a run was made, for the page: the command, when it ended, the machine's cores and load average."""
-    args = sys.argv[1:] if argv is None else argv
-    return {"command": f"python -m {module} {shlex.join(args)}".strip(),
-            "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
-
-
-def refresh(written: Path) -> None:
-    """After a bench wrote `written`: rewrite the page when that is a committed file, else leave it alone."""
-    if Path(written).resolve() not in {path.resolve() for path in COMMITTED.values()}:
-        print(f"(docs/performance.md is made from {', '.join(p.name for p in COMMITTED.values())}: not changed)",
-              file=sys.stderr)
-        return
-    text = render(PAGE.read_text(), load())
-    if text != PAGE.read_text():
-        PAGE.write_text(text)
-    print(f"(docs/performance.md regenerated from {Path(written).name})", file=sys.stderr)
 
 
 def load() -> dict[str, dict]:

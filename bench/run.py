@@ -470,13 +470,13 @@ def main(argv=None) -> int:
     results["cold"] = bench_cold(size["cold"])
     say("5/5 bulk enrolment")
     results["bulk"] = bench_bulk(size["sqlite_rows"], size["dynamo_rows"])
-    from bench import docs
-    out = Path(args.out) if args.out else docs.bench_out(args.size)
-    results["run"] = docs.provenance("bench.run", argv)
+    from bench import provenance
+    out = Path(args.out) if args.out else provenance.bench_out(args.size)
+    results["run"] = provenance.provenance("bench.run", argv)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"\n(written to {out})")
-    docs.refresh(out)
+    provenance.refresh(out)
     return 0
 
 

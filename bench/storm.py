@@ -682,13 +682,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = quota_budget({api: q * scale for api, q in IOT_QUOTAS.items()})
     out = {key: r.summary() for key, r in results.items()}
     out["parameters"] = {**size, "regions": len(REGION_IPS), "admitted_per_region_s": budget.csr_per_s}
-    from bench import docs
-    out["run"] = docs.provenance("bench.storm", argv)
+    from bench import provenance
+    out["run"] = provenance.provenance("bench.storm", argv)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     chart(results, args.chart, budget.csr_per_s, len(REGION_IPS))
     print(table(results))
     say(f"wrote {args.out} and {args.chart}")
-    docs.refresh(args.out)
+    provenance.refresh(args.out)
     return 0
 
 

@@ -5,7 +5,7 @@ import copy
 import re
 from pathlib import Path
 
-from bench import docs
+from bench import docs, provenance
 from chalicelib.config import PROJECT_DIR
 
 PAGES = [PROJECT_DIR / "README.md", PROJECT_DIR / "CHANGELOG.md", *sorted((PROJECT_DIR / "docs").glob("*.md"))]
@@ -32,8 +32,8 @@ def test_the_page_follows_the_json_and_says_how_each_run_was_made():
 
 
 def test_only_a_full_bench_writes_the_committed_json():
-    assert docs.bench_out("full") == docs.BENCH_JSON
-    assert {docs.bench_out(size) for size in ("quick", "tiny")} == {docs.SCRATCH_JSON}
+    assert provenance.bench_out("full") == provenance.BENCH_JSON
+    assert {provenance.bench_out(size) for size in ("quick", "tiny")} == {provenance.SCRATCH_JSON}
     makefile = (PROJECT_DIR / "Makefile").read_text()
     assert re.search(r"^bench:.*\n\t\$\(PY\) -m bench\.run --size full$", makefile, re.M)
     assert re.search(r"^bench-quick:.*\n\t\$\(PY\) -m bench\.run --size quick$", makefile, re.M)
