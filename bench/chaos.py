@@ -352,7 +352,7 @@ def run(size: str, seed: int, devices_n: int | None, rounds_n: int | None, concu
         say(f"[chaos] waiting {max(wait, 0):.0f} s for the claim lease to pass, then every device retries")
         time.sleep(max(wait, 0))
         # Devices still without a certificate, and every CSR device (a lost answer must get the same one back).
-        # A server-made key lost with its answer is re-keyed on the device's own retry (README, "Exactly once").
+        # A server-made key lost with its answer is re-keyed on the device's own retry (docs/exactly-once.md).
         retried = [d for d in devices if d.certificate_id is None or d.csr_pem is not None]
         retry = retry_all(stage, retried, params["concurrency"])
         say(f"[chaos] retries: {retry['outcomes']}")
@@ -490,8 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as exc:
         say(f"error: {exc}")
         return 2
+    from bench import provenance
+    report["run"] = provenance.provenance("bench.chaos", argv)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
+    provenance.refresh(Path(args.json))
     return 0 if report["ok"] else 1
 
 

@@ -451,7 +451,8 @@ def table(r: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="full", help="full (make bench), quick, tiny (the tests)")
-    parser.add_argument("--out", default=str(PROJECT_DIR / "bench" / "results.json"), help="where to write JSON")
+    parser.add_argument("--out", help="where to write JSON (default: bench/bench.json for --size full, which "
+                        "docs/performance.md is made from; bench/results.json for the other sizes)")
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     cpus = os.sched_getaffinity(0)
@@ -471,9 +472,13 @@ def main(argv=None) -> int:
     results["cold"] = bench_cold(size["cold"])
     say("5/5 bulk enrolment")
     results["bulk"] = bench_bulk(size["sqlite_rows"], size["dynamo_rows"])
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    from bench import provenance
+    out = Path(args.out) if args.out else provenance.bench_out(args.size)
+    results["run"] = provenance.provenance("bench.run", argv)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
-    print(f"\n(written to {args.out})")
+    print(f"\n(written to {out})")
+    provenance.refresh(out)
     return 0
 
 

@@ -49,7 +49,7 @@ SIZES = {
     # More containers made the storm with admission slower here, not faster: they fight over this one
     # interpreter's CPU and moto's lock (48: 98 s against 76 s with 11, in the same hour).
     # The default is the largest storm this simulator serves at the quota's pace on this machine: the issue's
-    # 1,000 devices at 10/s admit 24 devices a second, about 2.5 cores of one interpreter (README, "Onboarding
+    # 1,000 devices at 10/s admit 24 devices a second, about 2.5 cores of one interpreter (docs/performance.md, "Onboarding
     # storm"); "large" is that size, for a machine that can.
     "default": dict(devices=450, containers=None, uncapped=150, latency=0.1, ramp=5.0, quota=3.0),
     "large": dict(devices=1000, containers=None, uncapped=300, latency=0.1, ramp=2.0, quota=10.0),
@@ -594,6 +594,8 @@ def table(results: dict[str, StormResult]) -> str:
     def fmt(value: Any, unit: str = "") -> str:
         if value is None:
             return "not reached"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
         return f"{value:g}{unit}" if isinstance(value, (int, float)) else str(value)
     for label, key, unit in (("devices", "devices", ""), ("makespan", "makespan_s", " s"),
                              ("quota bound (admitted budget)", "quota_bound_s", " s"),
@@ -680,10 +682,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = quota_budget({api: q * scale for api, q in IOT_QUOTAS.items()})
     out = {key: r.summary() for key, r in results.items()}
     out["parameters"] = {**size, "regions": len(REGION_IPS), "admitted_per_region_s": budget.csr_per_s}
+    from bench import provenance
+    out["run"] = provenance.provenance("bench.storm", argv)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     chart(results, args.chart, budget.csr_per_s, len(REGION_IPS))
     print(table(results))
     say(f"wrote {args.out} and {args.chart}")
+    provenance.refresh(args.out)
     return 0
 
 

@@ -17,6 +17,7 @@ from chalicelib.config import PROJECT_DIR
 from devstack import build_geodata
 
 README = (PROJECT_DIR / "README.md").read_text()
+GEOLOCATION = (PROJECT_DIR / "docs" / "geolocation.md").read_text()
 
 
 def city_record(latitude, longitude, country, continent, city="Somewhere"):
@@ -137,8 +138,8 @@ def test_the_bundled_database_is_what_the_readme_and_the_credit_say():
     assert meta.database_type == build_geodata.DATABASE_TYPE
     assert meta.description["en"] == build_geodata.DESCRIPTION.format(date=built)
     assert "IP Geolocation by DB-IP" in meta.description["en"] and "https://db-ip.com" in meta.description["en"]
-    section = README[README.index("### Geolocation data"):]
-    section = section[:section.index("\n## ")]
+    section = GEOLOCATION[GEOLOCATION.index("## The bundled database"):]
+    section = section[:section.index("\n## ", 1)]
     assert f"DB-IP City Lite of {built}" in section
     credits = README[README.index("## Credits"):]
     assert "IP Geolocation by DB-IP" in credits and "https://db-ip.com" in credits and "CC BY 4.0" in credits
