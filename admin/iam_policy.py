@@ -15,7 +15,7 @@ APP_NAME = "iot-global-provisioning"
 
 # action -> the resource kinds IAM evaluates it against ("*": the action takes no resource ARN).
 # AttachPolicy/DetachPolicy are evaluated against the *target* (cert or thing group), not the policy attached,
-# so no ARN can bound which policy the role attaches: see README "IAM: what the policy cannot bound".
+# so no ARN can bound which policy the role attaches: see docs/deploy.md, "IAM".
 ACTIONS: dict[str, tuple[str, ...]] = {
     "logs:CreateLogGroup": ("log-group",),
     "logs:CreateLogStream": ("log-group",),

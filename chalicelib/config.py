@@ -54,7 +54,7 @@ class Settings:
     cert_validity_days: int = 365  # the local CA's device certificates; AWS IoT sets its own
     relocation: str = "distance:1000"  # GIP_RELOCATION, checked by relocation.RelocationPolicy.parse
     # A device provisioned with a server-made key that lost the answer (and the key) may ask again for a new one this
-    # long after its provisioning (README, "Exactly once"); 0: never, an operator resets it.
+    # long after its provisioning (docs/exactly-once.md); 0: never, an operator resets it.
     rekey_window_seconds: int = 900
     admission: bool = False  # admission control per region (on by default where the issuer is AWS IoT)
     admission_rates: Mapping[str, float] = field(default_factory=dict)  # region or "*" -> devices/s (CSR)

