@@ -47,7 +47,8 @@ EXIT_CERT_REFUSED = 8  # the broker refused our certificate (revoked, or not iss
 # Busy, down, or a gateway that gave up waiting: the same request may work a little later.
 RETRYABLE_STATUS = {429, 502, 503, 504}
 # The longest Retry-After the device waits out (main's default). In an onboarding storm the service gives each
-# device its own slot; 100,000 devices in one region at AWS IoT's default quotas take about 2.3 h (docs/performance.md, the storm).
+# device its own slot; 100,000 devices in one region at AWS IoT's default quotas take about 2.3 h
+# (docs/performance.md, the storm).
 MAX_RETRY_AFTER = 6 * 3600
 # Signed request version sent unless --signature-version/--legacy-signature says otherwise.
 DEFAULT_SIGNATURE_VERSION = 2
