@@ -4,7 +4,7 @@ dead at a named step boundary: it writes a marker file and waits there for the p
 
     python -m tests.crash_child --port PORT [--pause-at BOUNDARY --marker FILE]
 
-BOUNDARY: claimed|issued|recorded|committed (provisioning) or renewal-claimed|-issued|-recorded|-committed: the
+BOUNDARY: claimed|issued|committed (provisioning) or renewal-claimed|-issued|-committed: the
 issuance sequence's stages (chalicelib/services/saga.py).
 """
 import argparse
