@@ -299,16 +299,17 @@ class DynamoDbRegistry:
 
     def _update(self, thing_name: str, update: str, condition: str, values: dict[str, Any],
                 names: Mapping[str, str] | None = None, table: str | None = None,
-                key: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One conditional UpdateItem; returns the item as it was (ALL_OLD), or raises _Refused with the item the
-        refused condition saw, so that telling why costs no second read. `names`: placeholders beyond _NAMES."""
+                key: dict[str, Any] | None = None, old: bool = False) -> dict[str, Any]:
+        """One conditional UpdateItem; raises _Refused with the item the refused condition saw, so that telling why
+        costs no second read. With `old`, returns the item as it was (ALL_OLD). `names`: placeholders beyond
+        _NAMES."""
         all_names = {k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}")) if k in _NAMES}
         all_names.update(names or {})
         try:
             response = self._call(
                 "update_item", TableName=table or self._table, Key=key or self._key(thing_name),
                 UpdateExpression=update, ConditionExpression=condition, ExpressionAttributeNames=all_names,
-                ExpressionAttributeValues=values, ReturnValues="ALL_OLD",
+                ExpressionAttributeValues=values, ReturnValues="ALL_OLD" if old else "NONE",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
@@ -331,7 +332,7 @@ class DynamoDbRegistry:
             sets, condition = [*sets, "#nonce = :nonce"], f"{condition} AND {_NONCE_UNSEEN}"
             values.update({":nonce": {"N": repr(nonce.expires.timestamp())}, ":at": {"N": repr(at)}})
         token = values[":token"]["S"]
-        old = self._update(thing_name, f"SET {', '.join(sets)}{adds}", condition, values, names)
+        old = self._update(thing_name, f"SET {', '.join(sets)}{adds}", condition, values, names, old=True)
         return Claim(thing_name, token, None if intent is not None else _pending(old), renewal=renewal, intent=intent,
                      restore={"item": old, "stale": _stale_nonces(old, at)})
 
