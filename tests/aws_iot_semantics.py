@@ -10,11 +10,12 @@ from typing import Any, Iterable
 from botocore.exceptions import ClientError
 
 
-def create_thing_as_aws_does(clients: Iterable[Any], look: Any) -> list:
+def create_thing_as_aws_does(clients: Iterable[Any], look: Any, refused: list | None = None) -> list:
     """On each of `clients`, CreateThing for an existing thing with a different configuration (attributes, thing
     type) raises ResourceAlreadyExistsException; the same configuration succeeds. `look`: a client of the same
-    region that the hook reads the thing with (never hooked). Returns the names of the things it was refused for."""
-    refused: list = []
+    region that the hook reads the thing with (never hooked). Returns the names of the things it was refused for
+    (`refused`, when given, is that list)."""
+    refused = [] if refused is None else refused
 
     def hook(params, **_):
         try:

@@ -18,7 +18,6 @@ from cryptography import x509
 
 from chalicelib.adapters.issuers.aws_iot import ATTEMPT_ATTRIBUTE
 from chalicelib.domain.errors import AlreadyProvisioned, ServiceUnavailable
-from tests import aws_iot_semantics
 from tests.conftest import LONDON_IP, make_csr
 from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
 
@@ -32,8 +31,9 @@ def aws_error(operation: str, code: str, status: int = 409) -> ClientError:
 
 
 def create_thing_as_aws_does(backend) -> list:
-    """CreateThing as AWS answers it on the service's IoT client; returns the names of the things it refused."""
-    return aws_iot_semantics.create_thing_as_aws_does([backend.iot[REGION]], backend.look[REGION])
+    """The backend's IoT clients answer CreateThing as AWS does (tests/aws_iot_semantics.py, set up with the
+    backend): the names of the things it was refused for."""
+    return backend.refused_things
 
 
 def test_whether_this_attempt_made_the_thing_is_told_by_create_things_answer_alone(backend):
