@@ -193,7 +193,8 @@ class DynamoDbRegistry:
                 if _code(e) != "ResourceInUseException":  # already there (or being made): wait for it below
                     raise
             self._client.get_waiter("table_exists").wait(TableName=table)
-        # DynamoDB deletes expired nonces by itself (within days; _remember_nonce ignores expired ones meanwhile).
+        # DynamoDB deletes the nonces of names not registered by itself once they expire (within days; the conditions
+        # treat an expired nonce as unseen meanwhile).
         ttl = self._call("describe_time_to_live", TableName=self._nonces)["TimeToLiveDescription"]
         if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
             self._call("update_time_to_live", TableName=self._nonces,
