@@ -389,9 +389,12 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
             http.answers[ip] = where
             return ip
 
-        def provision(name: str, csr: str | None = None):
-            body = v2_csr_body(fleet, name, csr) if csr else v2_body(fleet, name)  # the device's default request
-            return parts.provisioning.provision(ProvisioningRequest.from_body(body), address(LONDON))
+        def device_request(name: str, csr: str | None = None) -> ProvisioningRequest:
+            """The device's default request (signed request v2), made before the clock starts, as the device does."""
+            return ProvisioningRequest.from_body(v2_csr_body(fleet, name, csr) if csr else v2_body(fleet, name))
+
+        def provision(request: ProvisioningRequest):
+            return parts.provisioning.provision(request, address(LONDON))
 
         def renewal(answer, key) -> tuple[RenewalRequest, object]:
             """The device's renewal request (a CSR for a new key), signed with its current key; and the new key."""
@@ -429,18 +432,18 @@ def _aws_path(geo: str, reps: int, fleet, delays: dict, prod_env: dict) -> dict:
                             UpdateExpression="SET prov_status = :p",
                             ExpressionAttributeValues={":p": {"S": "provisioned"}})
 
-        _, first_ms, first = timed(provision, "aws-first")  # a new container in a new account
+        _, first_ms, first = timed(provision, device_request("aws-first"))  # a new container in a new account
         runs, steady, csr_path, in_place, relocation = [], [], [], [], []
         for run in range(AWS_RUNS):
             ours, theirs, answers = [], [], []
             for i in range(reps):  # in turns, so that the machine's drifts weigh on both alike
-                answer, took, shape = timed(provision, f"aws-{run}-{i}")
+                answer, took, shape = timed(provision, device_request(f"aws-{run}-{i}"))
                 ours.append(took)
                 steady.append(shape)
                 answers.append(answer)
                 registry.register([f"sample-{run}-{i}"])
                 theirs.append(timed(sample, f"sample-{run}-{i}")[1])
-            csr_path.append(timed(provision, f"aws-{run}-{reps}", make_csr(f"aws-{run}-{reps}"))[2])
+            csr_path.append(timed(provision, device_request(f"aws-{run}-{reps}", make_csr(f"aws-{run}-{reps}")))[2])
             # A renewal in place (London still), then the same device renewed from Tokyo: a relocation.
             request, renewed_key = renewal(answers[0], serialization.load_pem_private_key(
                 answers[0].issued.private_key_pem.encode(), password=None))
