@@ -952,6 +952,9 @@ def test_a_fleet_key_request_for_a_device_with_its_own_key_uses_up_none_of_its_n
         registry.claim("own", T0, LEASE, fleet_key=True, nonce=nonce("n-1", T0))
     assert refused.value.code == "invalid-signature"
     assert registry.claim("own", T0, LEASE, nonce=nonce("n-1", T0)).previous is None  # the device's own request
+    with pytest.raises(SignatureInvalid) as again:  # whatever its nonce: the fleet key's signature does not count
+        registry.claim("own", T0, LEASE, fleet_key=True, nonce=nonce("n-1", T0))
+    assert again.value.code == "invalid-signature"
 
 
 def test_dynamodb_a_device_item_keeps_only_live_nonces_once_committed(dynamodb_client, executor):

@@ -358,11 +358,11 @@ class DynamoDbRegistry:
                 if nonce is not None:
                     self._remember_unregistered(thing_name, nonce, at)
                 raise claim_refusal(thing_name, None, fleet_key, now)
-            if nonce is not None and _nonce_live(old, nonce, at):
-                raise replayed_request()
             record = _record(old)
             if fleet_key and record.public_key:  # not the device's signature: nothing is used up
                 raise claim_refusal(thing_name, record, fleet_key, now)
+            if nonce is not None and _nonce_live(old, nonce, at):
+                raise replayed_request()
             if intent is not None and "pending_region" in old and _claimable(record, at):
                 intent = None  # a dead attempt's record: the claim alone takes it over, the holder settles it
                 continue
