@@ -22,7 +22,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "logs:PutLogEvents": ("log-group",),
     "dynamodb:GetItem": ("table", "nonce-table"),  # the nonce table keeps each region's IoT endpoint too
     "dynamodb:UpdateItem": ("table", "nonce-table"),  # the nonce table keeps admission's schedules too
-    "dynamodb:PutItem": ("nonce-table",),
+    "dynamodb:PutItem": ("nonce-table",),  # an endpoint first looked up
     "ssm:GetParameter": ("parameters",),
     "kms:Decrypt": ("kms-key",),
     "iot:DescribeEndpoint": ("*",),
@@ -37,7 +37,6 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "iot:UpdateCertificate": ("cert",),
     "iot:DeleteCertificate": ("cert",),
     "iot:DescribeCertificate": ("cert",),
-    "iot:DescribeThing": ("thing",),
     "iot:ListThingPrincipals": ("thing",),
     "iot:ListCertificates": ("*",),
     "iot:ListPrincipalThings": ("*",),

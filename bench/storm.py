@@ -61,7 +61,7 @@ REGION_IPS = {"eu-west-2": "81.2.69.142", "ap-northeast-1": "126.0.0.1", "ap-sou
 TABLE = "iot-global-provisioning"
 # Quotas of the calls outside admission's table (chalicelib.domain.admission.IOT_QUOTAS), requests per second, scaled
 # like the others: DescribeEndpoint (L-F30831DF) and GetPolicy (L-5CE9072D) are small (10/s assumed here), which
-# is why the issuer shares the endpoint and never reads the policy; DescribeThing is made once per device.
+# is why the issuer shares the endpoint and never reads the policy; DescribeThing only by the operator's tools.
 OTHER_QUOTAS = {"DescribeEndpoint": 10.0, "GetPolicy": 10.0, "CreatePolicy": 10.0, "DescribeThing": 350.0,
                 "ListThingPrincipals": 10.0}
 OTHER_DEFAULT = 10.0
@@ -295,7 +295,7 @@ class Container:
         gate = None
         if admission:  # as chalicelib.container composes the prod stage
             gate = Admission(DynamoDbAdmissionStore(dynamodb, f"{TABLE}-nonces"),
-                             budgets_from({"*": rate}, DEFAULT_BUDGET))
+                             budgets_from({"*": rate}, DEFAULT_BUDGET), executor=ContextExecutor(2))
 
             issuer = AwsIotIssuer(lambda region: clients.client("iot", region), executor,
                                   mutating_client_for_region=lambda region: clients.client("iot", region, retries=False),
@@ -382,7 +382,8 @@ class Gateway:
 
 
 class ContextExecutor(cf.ThreadPoolExecutor):
-    """The registry's pool, carrying the caller's context (its Stalls) to the nonce write it runs beside the claim."""
+    """A container's pool (the registry's, admission's), carrying the caller's context (its Stalls) to what it runs
+    beside the request's own work (admission's write beside the claim)."""
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> cf.Future:  # type: ignore[override]
         return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)

@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from chalicelib.edge.health import Health, Probe
 
 T = TypeVar("T")
-# Worker threads per pool: the registry runs a v2 claim's two DynamoDB writes side by side; AWS IoT's issue()
-# runs its four calls side by side.
-POOL_SIZES = {"registry": 4, "aws-iot": 8}
+# Worker threads per pool: admission decides beside the claim; the registry reads side by side while registering;
+# AWS IoT's issue() runs its calls two by two, a revocation three then two.
+POOL_SIZES = {"admission": 4, "registry": 4, "aws-iot": 8}
 KNOWN_IP = "81.2.69.142"  # London in every GeoLite2 and DB-IP build: the geolocation probe's question
 
 
@@ -131,7 +131,8 @@ class Container:
             else:
                 from chalicelib.adapters.admission.sqlite import SqliteAdmissionStore
                 store = SqliteAdmissionStore(config.registry_path)
-            return Admission(store, budgets_from(config.admission_rates, DEFAULT_BUDGET))
+            return Admission(store, budgets_from(config.admission_rates, DEFAULT_BUDGET),
+                             executor=self.pool("admission"))
         return self._once("admission", make)
 
     @property

@@ -1,10 +1,11 @@
 """A child process for the crash tests: the app served by chalice local's own server, with the stage's settings
 from the environment, and a step checkpoint injected into the service (no patching) that can stop a request
-dead at a named step boundary: it writes a marker file and waits there for the parent's `kill -9`.
+dead at a named step boundary: it writes a marker file and waits there for the parent's `kill -9`. On AWS IoT
+(moto's server) CreateThing answers as AWS does (tests/aws_iot_semantics.py).
 
     python -m tests.crash_child --port PORT [--pause-at BOUNDARY --marker FILE]
 
-BOUNDARY: claimed|issued|recorded|committed (provisioning) or renewal-claimed|-issued|-recorded|-committed: the
+BOUNDARY: claimed|issued|committed (provisioning) or renewal-claimed|-issued|-committed: the
 issuance sequence's stages (chalicelib/services/saga.py).
 """
 import argparse
@@ -37,7 +38,15 @@ def main() -> None:
             while True:  # until SIGKILL
                 time.sleep(60)
 
-    app = create_app(Container(Settings.from_env(), checkpoint=checkpoint))
+    parts = Container(Settings.from_env(), checkpoint=checkpoint)
+    if parts.settings.issuer == "aws-iot":  # moto's server answers CreateThing looser than AWS: as AWS does
+        import boto3
+
+        from tests.aws_iot_semantics import create_thing_as_aws_does
+        for region in parts.settings.enabled_regions:
+            create_thing_as_aws_does([parts.aws.client("iot", region, retries=retries) for retries in (True, False)],
+                                     boto3.client("iot", region_name=region))
+    app = create_app(parts)
     server = create_local_server(app, Config.create(chalice_stage="local", app_name="crash-child",
                                                     lambda_timeout=60), "127.0.0.1", args.port)
     sys.stdout.flush()

@@ -1,6 +1,7 @@
 """A stand-in for ipstack on 127.0.0.1 (the prod stage's HTTP geolocation), for tests and the bench.
 
-Answers GET /<ip> with what was put in `answers` (404 otherwise), after `delay` seconds; records each call.
+Answers GET /<ip> with what was put in `answers` (404 otherwise), after `delay` seconds; records each call, and
+when it started and ended (`spans`, perf_counter seconds: the bench's critical path).
 """
 import json
 import time
@@ -13,6 +14,7 @@ class FakeIpstack(LoopbackServer):
     def __init__(self, delay: float = 0.0):
         self.answers: dict[str, dict] = {}
         self.calls: list[tuple[str, dict]] = []
+        self.spans: list[tuple[float, float]] = []
         fake = self
 
         class Handler(QuietHandler):
@@ -20,6 +22,7 @@ class FakeIpstack(LoopbackServer):
                 parts = urlsplit(self.path)
                 ip = parts.path.strip("/")
                 fake.calls.append((ip, parse_qs(parts.query)))
+                began = time.perf_counter()
                 time.sleep(fake.delay)
                 answer = fake.answers.get(ip)
                 body = json.dumps(answer if answer is not None else {"success": False}).encode()
@@ -28,6 +31,7 @@ class FakeIpstack(LoopbackServer):
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+                fake.spans.append((began, time.perf_counter()))
 
         self.delay = delay
         super().__init__(Handler, path="/{ip}", poll=0.05)

@@ -2,6 +2,7 @@
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import boto3
 import pytest
@@ -12,12 +13,22 @@ from moto import mock_aws
 from chalicelib.adapters.aws import AwsClients
 from chalicelib.adapters.issuers.aws_iot import (
     DEVICE_POLICY_NAME,
+    MUTATING_OPERATIONS,
     AwsIotIssuer,
     device_policy_document,
 )
 from chalicelib.adapters.registry.sqlite import SqliteRegistry
+from chalicelib.container import Container
+from chalicelib.domain.clock import utcnow
+from chalicelib.domain.errors import ServiceUnavailable, SignatureInvalid
 from chalicelib.domain.records import UNPROVISIONED
+from chalicelib.domain.requests import ProvisioningRequest, RenewalRequest, remembered
+from tests import test_prod_stage
 from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr
+from tests.test_prod_stage import body
+from tests.test_renewal import renewal_body
+
+prod = test_prod_stage.prod
 
 
 def post(client, body, ip):
@@ -143,3 +154,43 @@ def test_a_call_throttled_past_the_issuers_retries_is_undone_and_unavailable(aws
     look = boto3.client("iot", region_name="eu-west-2")
     assert look.list_things()["things"] == []
     assert [c for c in look.list_certificates()["certificates"] if c["status"] == "ACTIVE"] == []
+
+
+# ---------------------------------------------------------------- the prod stage: admission beside the claim
+
+def test_a_request_admission_refuses_changes_nothing_visible_though_its_claim_was_taken_beside(prod):
+    """Admission's write and the claim's go side by side (one round trip); when admission refuses, the claim
+    written meanwhile is withdrawn: the device's record, its claims and its renewal state are as they were, no IoT
+    call that changes anything is made, and the request's nonce stays used. For provisioning and for a renewal."""
+    settings, fleet_key, http, _ = prod
+    http.answers[LONDON_IP] = {"latitude": 51.5, "longitude": -0.12, "country_code": "GB"}
+    parts = Container(replace(settings, admission_rates={"*": 0.01}))  # one device per 100 s per region
+    registry, iot_calls, writes = parts.registry, [], []
+    for client in (parts.aws.client("iot", "eu-west-2", retries=retries) for retries in (True, False)):
+        client.meta.events.register("before-call.iot.*", lambda event_name, **_: iot_calls.append(
+            event_name.rsplit(".", 1)[1]))
+    parts.aws.client("dynamodb").meta.events.register(
+        "provide-client-params.dynamodb.UpdateItem", lambda params, **_: writes.append(params["Key"].get("thing_name")))
+    csr_pem, key = make_csr("mydevice1")
+    first = parts.provisioning.provision(ProvisioningRequest.from_body(body(fleet_key, "mydevice1", csr_pem)),
+                                         LONDON_IP)  # the burst's one device
+    registry.release(registry.claim("mydevice2", utcnow(), 60), "an earlier failure")  # some history to keep
+
+    def seen(name):
+        return (registry.get(name), [c for c in registry.claims(utcnow()) if c.thing_name == name],
+                registry.renewal_state(name))
+    provisioning = ProvisioningRequest.from_body(body(fleet_key, "mydevice2"))
+    renewal = RenewalRequest.from_body(renewal_body("mydevice1", first.issued.certificate_id, key,
+                                                    make_csr("mydevice1")[0]))
+    for name, request, run in (("mydevice2", provisioning, parts.provisioning.provision),
+                               ("mydevice1", renewal, parts.renewal.renew)):
+        before, iot_calls[:], writes[:] = seen(name), [], []
+        with pytest.raises(ServiceUnavailable) as busy:
+            run(request, LONDON_IP)
+        assert busy.value.code == "admission-control"
+        assert writes.count({"S": name}) == 2, writes  # its claim was written beside admission's, then withdrawn
+        assert seen(name) == before and not set(iot_calls) & MUTATING_OPERATIONS
+    assert provisioning.nonce is not None
+    with pytest.raises(SignatureInvalid) as replay:  # the refused request's nonce stays used up
+        registry.claim("mydevice2", utcnow(), 60, nonce=remembered(provisioning.nonce, utcnow(), 300))
+    assert replay.value.code == "replayed-request"

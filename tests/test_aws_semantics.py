@@ -4,16 +4,19 @@ service's own IoT clients, each citing the AWS API reference page it follows.
 CreateThing, https://docs.aws.amazon.com/iot/latest/apireference/API_CreateThing.html : "If this call is made
 multiple times using the same thing name and configuration, the call will succeed. If this call is made with the
 same thing name but different configuration a ResourceAlreadyExistsException is thrown." moto answers success
-either way.
+either way (tests/aws_iot_semantics.py makes it answer as AWS does).
 
-What the service does about it: a thing that exists with no certificate attached is adopted (kept as it is, and
-never deleted by a rollback, since this attempt did not make it); one with another certificate attached is
-refused with 409 `thing-exists`, naming the thing and the region, and nothing is left behind.
+What the service does about it: each CreateThing carries an attribute of its own call, so its success says this
+attempt made the thing (a rollback deletes only that), with no DescribeThing first; a thing that exists with no
+certificate attached is adopted (kept as it is, and never deleted by a rollback); one with another certificate
+attached is refused with 409 `thing-exists`, naming the thing and the region, and nothing is left behind.
 """
 # ruff: noqa: F811 - `backend` is the fixture imported from test_exactly_once, taken as an argument
 import pytest
 from botocore.exceptions import ClientError
+from cryptography import x509
 
+from chalicelib.adapters.issuers.aws_iot import ATTEMPT_ATTRIBUTE
 from chalicelib.domain.errors import AlreadyProvisioned, ServiceUnavailable
 from tests.conftest import LONDON_IP, make_csr
 from tests.test_exactly_once import backend, iot_fault  # noqa: F401 - the two-backend fixture
@@ -28,23 +31,26 @@ def aws_error(operation: str, code: str, status: int = 409) -> ClientError:
 
 
 def create_thing_as_aws_does(backend) -> list:
-    """CreateThing on an existing thing with a different configuration (attributes, thing type) raises
-    ResourceAlreadyExistsException (API_CreateThing.html, above); the same configuration succeeds. Returns the
-    names of the things it was refused for."""
-    refused: list = []
+    """The backend's IoT clients answer CreateThing as AWS does (tests/aws_iot_semantics.py, set up with the
+    backend): the names of the things it was refused for."""
+    return backend.refused_things
 
-    def hook(params, **_):
-        look = backend.look[REGION]
-        try:
-            found = look.describe_thing(thingName=params["thingName"])
-        except look.exceptions.ResourceNotFoundException:
-            return
-        asked = params.get("attributePayload", {}).get("attributes", {})
-        if found.get("attributes", {}) != asked or found.get("thingTypeName") != params.get("thingTypeName"):
-            refused.append(params["thingName"])
-            raise aws_error("CreateThing", "ResourceAlreadyExistsException")
-    backend.iot[REGION].meta.events.register("provide-client-params.iot.CreateThing", hook)
-    return refused
+
+def test_whether_this_attempt_made_the_thing_is_told_by_create_things_answer_alone(backend):
+    """No DescribeThing: a thing this call made carries its attribute; the next CreateThing for it, with an attribute
+    of its own, is refused as AWS refuses it, so that attempt knows the thing is not its own to delete."""
+    refusals = create_thing_as_aws_does(backend)
+    csr = x509.load_pem_x509_csr(make_csr("dev-5")[0].encode())
+
+    first = backend.issuer.issue("dev-5", REGION, csr)
+    made = backend.look[REGION].describe_thing(thingName="dev-5")["attributes"]
+    backend.issuer.revoke(first, delete_thing=False)  # its certificate goes, the thing stays
+    second = backend.issuer.issue("dev-5", REGION, csr)
+
+    assert (first.created_thing, second.created_thing) == (True, False) and refusals == ["dev-5"]
+    assert list(made) == [ATTEMPT_ATTRIBUTE]
+    assert backend.look[REGION].describe_thing(thingName="dev-5")["attributes"] == made  # adopted as it was
+    assert backend.calls["DescribeThing"] == 0
 
 
 def test_a_thing_made_beforehand_with_no_certificate_is_adopted_as_it_is(backend):
@@ -93,10 +99,10 @@ def test_a_thing_another_certificate_uses_is_refused_with_409_naming_thing_and_r
     assert backend.registry.get("dev-3").status == "unprovisioned"
 
 
-def test_a_thing_made_by_someone_else_meanwhile_is_met_with_resource_already_exists_and_adopted(backend):
-    """DescribeThing finds nothing, then another party makes the thing with its own configuration before our
-    CreateThing: AWS answers ResourceAlreadyExistsException, and the thing (no certificate) is adopted."""
-    refusals = create_thing_as_aws_does(backend)
+def test_a_thing_made_by_someone_else_just_before_our_create_thing_is_adopted(backend):
+    """Another party makes the thing, with its own configuration, after the device was claimed and just before our
+    CreateThing reaches AWS: AWS answers ResourceAlreadyExistsException, and the thing (no certificate) is adopted
+    as it is."""
     look = backend.look[REGION]
     raced = []
 
@@ -104,8 +110,8 @@ def test_a_thing_made_by_someone_else_meanwhile_is_met_with_resource_already_exi
         if not raced:
             raced.append(True)
             look.create_thing(thingName=params["thingName"], attributePayload={"attributes": {"by": "ops"}})
-            raise aws_error("DescribeThing", "ResourceNotFoundException", 404)
-    backend.iot[REGION].meta.events.register("provide-client-params.iot.DescribeThing", made_meanwhile)
+    backend.iot[REGION].meta.events.register_first("provide-client-params.iot.CreateThing", made_meanwhile)
+    refusals = create_thing_as_aws_does(backend)
 
     result = backend.service().provision(backend.request("dev-4", make_csr("dev-4")[0]), LONDON_IP)
 

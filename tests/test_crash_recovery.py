@@ -36,8 +36,10 @@ from devstack.stack import free_port
 from tests.conftest import LONDON_IP, make_csr, sign_v1, v2_body
 
 LEASE = 3  # seconds: short, so that the suite waits little; injected through the settings
-BOUNDARIES = ("claimed", "issued", "recorded", "committed")
-REKEY_BOUNDARIES = ("renewal-claimed", "renewal-recorded", "renewal-committed")  # a re-key is a renewal in place
+# The issuance sequence's stages (services/saga.py): after the claim and its write-ahead intent, after the issuer
+# answered (nothing on the record names what it made: the next holder asks the issuer), after the commit.
+BOUNDARIES = ("claimed", "issued", "committed")
+REKEY_BOUNDARIES = ("renewal-claimed", "renewal-issued", "renewal-committed")  # a re-key is a renewal in place
 HEADERS = {"X-Forwarded-For": LONDON_IP}  # every device is placed in eu-west-2
 REGION = "eu-west-2"
 
@@ -268,7 +270,7 @@ def test_a_device_provisioned_with_its_own_key_is_not_rekeyed_without_a_csr(stag
 
 @pytest.mark.parametrize("boundary", REKEY_BOUNDARIES)
 def test_a_rekey_killed_in_the_middle_leaves_one_active_certificate(stage, boundary, capsys):
-    """The re-key itself dies (after its lease, after its certificate id is recorded, after the new certificate is
+    """The re-key itself dies (after its lease, after its certificate is issued, after the new certificate is
     current but before the old one is revoked): the device's next retry settles it, one certificate stays active."""
     thing = f"rekey-{boundary}"
     status, first, _ = stage.healthy.post(stage.body(thing, version=2))
@@ -290,9 +292,9 @@ def test_a_rekey_killed_in_the_middle_leaves_one_active_certificate(stage, bound
 def test_audit_fix_settles_a_dead_attempt_for_the_devices_key_without_a_retry(stage, capsys):
     """Nobody retries: after the lease the audit finds the stuck claim and its certificate (exit 1), --fix
     finalizes with it (the device's own key), and the device's retry then gets that very certificate."""
-    thing = "recorded-samecsr-2"
+    thing = "issued-samecsr-2"
     csr_pem, _ = make_csr(thing)
-    killed = kill_at(stage, "recorded", stage.body(thing, csr_pem))
+    killed = kill_at(stage, "issued", stage.body(thing, csr_pem))
     [left] = stage.certificates(thing)
     time.sleep(max(0.0, killed + LEASE + 0.3 - time.time()))
     code, found = stage.audit(capsys)

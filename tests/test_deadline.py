@@ -300,9 +300,9 @@ def test_the_renewal_lease_follows_the_requests_deadline(backend):
         def __getattr__(self, name):
             return getattr(backend.registry, name)
 
-        def begin_renewal(self, thing_name, certificate_id, now, lease_seconds, nonce=None):
+        def begin_renewal(self, thing_name, certificate_id, now, lease_seconds, nonce=None, intent=None):
             leases.append(lease_seconds)
-            return backend.registry.begin_renewal(thing_name, certificate_id, now, lease_seconds, nonce)
+            return backend.registry.begin_renewal(thing_name, certificate_id, now, lease_seconds, nonce, intent)
 
     renewals(backend, registry=Watched(), lease_seconds=None).renew(request, LONDON_IP,
                                                                      deadline=Deadline(20, FakeClock()))

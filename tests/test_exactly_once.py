@@ -42,6 +42,7 @@ from chalicelib.domain.requests import ProvisioningRequest
 from chalicelib.domain.signatures import FleetKeyVerifier
 from chalicelib.edge.wire import response_body
 from chalicelib.services.provisioning import ProvisioningService
+from tests import aws_iot_semantics
 from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr, sign_v1
 
 PROD_ENV = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]["environment_variables"]
@@ -72,6 +73,7 @@ class Backend:
     look: dict = field(default_factory=dict)      # aws: separate IoT clients for inspection (never hooked)
     look_db: Any = None                           # aws: a separate DynamoDB client for inspection
     calls: Counter = field(default_factory=Counter)  # aws: IoT requests the service's clients sent (each attempt)
+    refused_things: list = field(default_factory=list)  # aws: things CreateThing was refused for, as AWS refuses
     parts: Any = None                             # the stage's container: what the HTTP route and the CLI use
 
     def all_iot(self) -> list:
@@ -233,6 +235,9 @@ def backend(request, tmp_path, monkeypatch, fleet_key, locator):
         for client in b.all_iot():
             client.meta.events.register("before-send.iot.*",
                                         lambda event_name, **_: b.calls.update([event_name.rsplit(".", 1)[1]]))
+        for region in REGIONS:  # CreateThing answers as AWS does, where moto is looser (tests/aws_iot_semantics.py)
+            aws_iot_semantics.create_thing_as_aws_does([b.iot[region], parts.aws.client("iot", region, retries=False)],
+                                                       b.look[region], b.refused_things)
         yield b
 
 

@@ -24,6 +24,7 @@ from chalicelib.config import PROJECT_DIR, Settings
 from chalicelib.container import Container
 from chalicelib.domain.requests import ProvisioningRequest
 from chalicelib.domain.signatures import v2_text
+from tests import aws_iot_semantics
 from tests.conftest import LONDON_IP, TOKYO_IP, api, make_csr, sign_v1
 from tests.fake_ipstack import FakeIpstack
 
@@ -220,13 +221,16 @@ def test_policy_grants_exactly_the_actions_the_lambda_calls(prod, monkeypatch):
         service.provision(request("mydevice3"), LONDON_IP)
     iot.meta.events.unregister("before-call.iot.AttachThingPrincipal", fail)
 
-    # A thing made beforehand with no certificate is adopted (DescribeThing, ListThingPrincipals), and
-    # GET /health's registry check describes both tables.
-    parts.aws.client("iot", "eu-west-2").create_thing(thingName="mydevice4")
-    service.provision(request("mydevice4", make_csr("mydevice4")[0]), LONDON_IP)
+    # A thing made beforehand with no certificate is adopted (CreateThing refused as AWS refuses it, then
+    # ListThingPrincipals), and GET /health's registry check describes both tables.
+    look = boto3.client("iot", region_name="eu-west-2")
+    look.create_thing(thingName="mydevice4")
+    refused = aws_iot_semantics.create_thing_as_aws_does(iot_clients(parts, "eu-west-2"), look)
+    assert service.provision(request("mydevice4", make_csr("mydevice4")[0]), LONDON_IP).issued.created_thing is False
+    assert refused == ["mydevice4"]
     parts.health.check()
 
-    assert actions >= {"dynamodb:GetItem", "dynamodb:PutItem"}
+    assert actions >= {"dynamodb:GetItem", "dynamodb:UpdateItem"}  # the nonce is written on the device's item
     actions.update(seen_before)
     assert actions == _policy_actions()
     item = boto3.client("dynamodb").get_item(TableName=settings.table_name, Key={"thing_name": {"S": "mydevice3"}})
@@ -323,7 +327,7 @@ def test_endpoint_and_policy_lookups_are_once_per_container(prod):
     # No GetPolicy: the first AttachPolicy finds no policy (a new account), which is made then, once.
     assert actions.count("GetPolicy") == 0 and actions.count("CreatePolicy") == 1
     per_device = [a for a in actions if a not in ("DescribeEndpoint", "CreatePolicy")]
-    assert sorted(per_device) == sorted(["DescribeThing", "CreateThing", "CreateKeysAndCertificate", "AttachPolicy",
+    assert sorted(per_device) == sorted(["CreateThing", "CreateKeysAndCertificate", "AttachPolicy",
                                          "AttachThingPrincipal"] * 3 + ["AttachPolicy"])
 
 

@@ -872,3 +872,178 @@ def test_no_rekey_while_a_rekeys_answer_may_still_be_on_its_way(registry):
         assert (state.certificate_id, state.renewing_until, state.retire_pending) == ("cert-b", None, not retired)
     again = registry.begin_rekey("dev1", done + timedelta(seconds=50), LEASE, WINDOW, quiet_seconds=50)
     assert again.renewal and registry.renewal_state("dev1").renewing_until is not None
+
+
+# --- the hot path's one write (issue 27): the claim with its nonce and write-ahead intent, for both backends ------
+
+def visible(registry, name: str, at: datetime) -> tuple:
+    """Everything a caller can see of a device: its record and its entry among the claims, if any."""
+    return registry.get(name), [state for state in registry.claims(at) if state.thing_name == name]
+
+
+def test_the_claim_writes_the_write_ahead_intent_in_the_same_write(registry):
+    registry.register(["dev1"])
+    intent = PendingIssue("eu-west-2", T0, "ab" * 32)
+    claim = registry.claim("dev1", T0, LEASE, nonce=nonce("n-1", T0), intent=intent)
+
+    assert (claim.intent, claim.previous) == (intent, None)
+    [state] = registry.claims(T0)
+    assert (state.status, state.pending, state.live(T0)) == (PROVISIONING, intent, True)
+    registry.finalize(claim, "eu-west-2", "cert-1", T0 + timedelta(seconds=1))  # the commit clears it
+    assert registry.claims(T0) == [] and registry.get("dev1").certificate_id == "cert-1"
+
+
+def test_a_dead_attempts_record_is_handed_over_never_written_over_by_the_next_claims_intent(registry):
+    registry.register(["dev1"])
+    dead = registry.claim("dev1", T0, LEASE, intent=PendingIssue("eu-west-2", T0, "ab" * 32))
+    left = dead.intent
+    registry.release(dead, "issuer failed", keep_pending=True)  # a rollback that left something
+
+    later = T0 + timedelta(seconds=1)
+    taken = registry.claim("dev1", later, LEASE, nonce=nonce("n-2", later),
+                           intent=PendingIssue("ap-northeast-1", later))
+    assert (taken.previous, taken.intent) == (left, None)  # to settle first; then record_intent
+    assert registry.claims(later)[0].pending == left
+    with pytest.raises(SignatureInvalid):  # its nonce was recorded by that same write
+        registry.claim("dev1", later, LEASE, nonce=nonce("n-2", later))
+
+
+def test_a_replayed_claim_changes_nothing(registry):
+    registry.register(["dev1"])
+    registry.release(registry.claim("dev1", T0, LEASE, nonce=nonce("n-1", T0)), "failed")
+    before = visible(registry, "dev1", T0)
+
+    with pytest.raises(SignatureInvalid) as replay:
+        registry.claim("dev1", T0 + timedelta(seconds=1), LEASE, nonce=nonce("n-1", T0),
+                       intent=PendingIssue("eu-west-2", T0))
+    assert replay.value.code == "replayed-request"
+    assert visible(registry, "dev1", T0) == before
+
+
+def test_a_withdrawn_claim_leaves_no_trace_but_its_nonce_stays_used(registry):
+    registry.register(["fresh", "dead"])
+    registry.release(registry.claim("fresh", T0, LEASE), "an earlier failure")  # some history to keep
+    registry.claim("dead", T0, LEASE)  # a claim that died before writing ahead: its lease ends
+    later = T0 + timedelta(seconds=LEASE + 1)
+    for name in ("fresh", "dead"):
+        before = visible(registry, name, later)
+        claim = registry.claim(name, later, LEASE, nonce=nonce(f"n-{name}", later),
+                               intent=PendingIssue("eu-west-2", later))
+        registry.withdraw(claim)
+        assert visible(registry, name, later) == before, name
+        assert replayed(registry, name, f"n-{name}", later)  # a replay of the refused request is still refused
+        assert not replayed(registry, name, f"m-{name}", later)  # the device's own retry is claimed as usual
+
+
+def test_a_withdrawn_claim_gives_back_a_dead_attempts_record_as_it_found_it(registry):
+    registry.register(["dev1"])
+    dead = registry.claim("dev1", T0, LEASE, intent=PendingIssue("eu-west-2", T0))
+    registry.record_certificate(dead, "cert-dead", True)
+    later = T0 + timedelta(seconds=LEASE + 1)
+    before = visible(registry, "dev1", later)
+
+    registry.withdraw(registry.claim("dev1", later, LEASE, intent=PendingIssue("ap-northeast-1", later)))
+
+    assert visible(registry, "dev1", later) == before
+    assert registry.claim("dev1", later, LEASE).previous.certificate_id == "cert-dead"
+
+
+def test_a_stale_withdraw_changes_nothing(registry):
+    registry.register(["dev1"])
+    first = registry.claim("dev1", T0, LEASE)
+    second = registry.claim("dev1", T0 + timedelta(seconds=LEASE + 1), LEASE)  # the first's lease ended
+    registry.withdraw(first)
+    registry.finalize(second, "eu-west-2", "cert-1", T0 + timedelta(seconds=LEASE + 2))
+    assert registry.get("dev1").status == PROVISIONED
+
+
+def test_a_withdrawn_renewal_lease_leaves_no_trace(registry):
+    renewable(registry)
+    before = visible(registry, "dev1", T0), registry.renewal_state("dev1")
+    lease = registry.begin_renewal("dev1", "cert-a", T0, LEASE, nonce("r-1", T0),
+                                   PendingIssue("eu-west-2", T0, "fp-new"))
+    assert lease.intent is not None and registry.claims(T0)[0].pending == lease.intent
+
+    registry.withdraw(lease)
+
+    assert (visible(registry, "dev1", T0), registry.renewal_state("dev1")) == before
+    with pytest.raises(SignatureInvalid):
+        registry.begin_renewal("dev1", "cert-a", T0, LEASE, nonce("r-1", T0))
+
+
+def test_a_renewal_lease_writes_its_intent_unless_a_dead_renewal_left_one(registry):
+    renewable(registry)
+    dead = registry.begin_renewal("dev1", "cert-a", T0, LEASE, intent=PendingIssue("eu-west-2", T0, "fp-dead"))
+    assert dead.intent == PendingIssue("eu-west-2", T0, "fp-dead")
+    later = T0 + timedelta(seconds=LEASE + 1)
+    taken = registry.begin_renewal("dev1", "cert-a", later, LEASE, nonce("r-2", later),
+                                   PendingIssue("ap-northeast-1", later, "fp-new", move=True))
+    assert (taken.previous, taken.intent) == (dead.intent, None)
+    with pytest.raises(SignatureInvalid):  # the nonce went with the lease
+        registry.begin_renewal("dev1", "cert-a", later + timedelta(seconds=LEASE + 1), LEASE, nonce("r-2", later))
+
+
+def test_a_rekey_lease_writes_its_intent_unless_a_dead_rekey_left_one(registry):
+    server_keyed(registry)
+    at = T0 + timedelta(seconds=10)
+    dead = registry.begin_rekey("dev1", at, LEASE, WINDOW, intent=PendingIssue("eu-west-2", at))
+    assert dead.intent == PendingIssue("eu-west-2", at) and registry.claims(at)[0].pending == dead.intent
+    later = at + timedelta(seconds=LEASE + 1)
+    taken = registry.begin_rekey("dev1", later, LEASE, WINDOW, intent=PendingIssue("eu-west-2", later))
+    assert (taken.previous, taken.intent) == (dead.intent, None)
+
+
+def test_a_nonce_refused_before_the_device_was_registered_is_refused_after(registry):
+    with pytest.raises(NotRegistered):
+        registry.claim("late", T0, LEASE, nonce=nonce("n-1", T0))
+    with pytest.raises(SignatureInvalid):  # a replay before registration too
+        registry.claim("late", T0, LEASE, nonce=nonce("n-1", T0))
+    registry.register(["late"])
+
+    assert replayed(registry, "late", "n-1", T0 + timedelta(seconds=1))
+    assert registry.get("late").attempts == 0
+    assert not replayed(registry, "late", "n-2", T0 + timedelta(seconds=2))
+
+
+def test_a_fleet_key_request_for_a_device_with_its_own_key_uses_up_none_of_its_nonces(registry):
+    registry.register(["own"], {"own": "PEM"})
+    with pytest.raises(SignatureInvalid) as refused:
+        registry.claim("own", T0, LEASE, fleet_key=True, nonce=nonce("n-1", T0))
+    assert refused.value.code == "invalid-signature"
+    assert registry.claim("own", T0, LEASE, nonce=nonce("n-1", T0)).previous is None  # the device's own request
+    with pytest.raises(SignatureInvalid) as again:  # whatever its nonce: the fleet key's signature does not count
+        registry.claim("own", T0, LEASE, fleet_key=True, nonce=nonce("n-1", T0))
+    assert again.value.code == "invalid-signature"
+
+
+def test_dynamodb_a_device_item_keeps_only_live_nonces_once_committed(dynamodb_client, executor):
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, executor=executor)
+    registry.create()
+    registry.register(["dev1"])
+    for i in range(3):  # refused requests of the past: their nonces expire
+        registry.release(registry.claim("dev1", T0 + timedelta(seconds=i), LEASE, nonce=nonce(f"old-{i}", T0)), "x")
+    later = T0 + timedelta(hours=1)
+    registry.finalize(registry.claim("dev1", later, LEASE, nonce=nonce("new", later)), "eu-west-2", "cert-1", later)
+
+    item = dynamodb_client.get_item(TableName=TABLE, Key={"thing_name": {"S": "dev1"}})["Item"]
+    assert sorted(name for name in item if name.startswith("nonce:")) == ["nonce:new"]
+
+
+def test_dynamodb_a_nonce_refused_while_the_name_was_being_registered_is_carried_onto_its_item(dynamodb_client,
+                                                                                             executor):
+    """The refusal lands after registration looked for such nonces and before it wrote the item: registration's
+    second look carries it over."""
+    registry = DynamoDbRegistry(dynamodb_client, TABLE, executor=executor)
+    registry.create()
+    gets: list = []
+
+    def refused_between(**_):
+        if not gets:
+            gets.append(True)
+            with pytest.raises(NotRegistered):
+                registry.claim("late", T0, LEASE, nonce=nonce("n-1", T0))
+    dynamodb_client.meta.events.register("before-call.dynamodb.BatchWriteItem", refused_between)
+    registry.register(["late"])
+    dynamodb_client.meta.events.unregister("before-call.dynamodb.BatchWriteItem", refused_between)
+
+    assert gets and replayed(registry, "late", "n-1", T0 + timedelta(seconds=1))

@@ -1,7 +1,7 @@
 """Crash safety of renewal with a REAL `kill -9` (issue 16): as tests/test_crash_recovery.py does for provisioning,
-a child process serves the app and stops dead at a renewal step boundary (renewal-claimed, -issued, -recorded,
--completed) through the checkpoint injected into the renewal service (tests/crash_child.py); the parent kills it
-there, and then checks that
+a child process serves the app and stops dead at a renewal step boundary (renewal-claimed, -issued, -committed)
+through the checkpoint injected into the renewal service (tests/crash_child.py); the parent kills it there, and then
+checks that
 
 - while the renewal lease runs, a retry gets 409 with Retry-After and `admin audit` shows the dead renewal's work
   in flight (with its age), not as a finding;
@@ -26,7 +26,7 @@ from tests.conftest import make_csr
 from tests.test_crash_recovery import HEADERS, LEASE, REGION, Stage, _environment, kill_at
 from tests.test_renewal import renewal_body
 
-BOUNDARIES = ("renewal-claimed", "renewal-issued", "renewal-recorded", "renewal-committed")
+BOUNDARIES = ("renewal-claimed", "renewal-issued", "renewal-committed")
 RETRIES = ("samecsr", "otherkey")
 
 
@@ -163,7 +163,7 @@ def test_audit_fix_settles_a_dead_renewal_without_a_retry_and_the_device_keeps_i
     revokes that certificate and gives the lease back. The device's current certificate stays and renews."""
     thing = "audit-only"
     current, key = provisioned(stage, thing)
-    killed = kill_renewal_at(stage, "renewal-recorded", renewal_body(thing, current, key, make_csr(thing)[0]))
+    killed = kill_renewal_at(stage, "renewal-issued", renewal_body(thing, current, key, make_csr(thing)[0]))
     [left] = active(stage, thing) - {current}
     time.sleep(max(0.0, killed + LEASE + 0.3 - time.time()))
     code, found = stage.audit(capsys)

@@ -56,27 +56,49 @@ def assert_storage_503(response, answer) -> None:
     assert "/" not in answer["message"]  # no server path to a device
 
 
-def test_a_full_database_answers_503_and_leaves_nothing_half_written(stage):
-    SqliteRegistry(stage.state_dir / "registry.sqlite3").register(
-        # A row that must grow onto a new page: sized so that it stays under SQLite's overflow threshold after
-        # the claim (~50 bytes) and goes over it with the write-ahead record (~80 bytes more); each column the
-        # table gains moves the threshold by a byte.
-        ["big1"], attributes={"big1": {"note": "x" * 860}})
+def full_at(stage, note: int) -> Container:
+    """The stage's container over a registry that cannot grow by a page, with device big1 registered with a `note`
+    of that many bytes: the row grows onto a new page (and the write fails with SQLITE_FULL) once what a request
+    writes on it takes it over SQLite's overflow threshold. Each column the table gains moves it by a byte."""
+    SqliteRegistry(stage.state_dir / "registry.sqlite3").register(["big1"], attributes={"big1": {"note": "x" * note}})
     with closing(sqlite3.connect(stage.state_dir / "registry.sqlite3")) as db:
         pages = db.execute("PRAGMA page_count").fetchone()[0]
+    return with_registry(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"), 1)
+
+
+def test_a_full_database_answers_503_and_leaves_nothing_half_written(stage):
+    # Over the threshold with the claim and its write-ahead record (~130 bytes, one transaction).
+    parts = full_at(stage, 860)
+    before = SqliteRegistry(stage.state_dir / "registry.sqlite3").get("big1")
     csr_pem = make_csr("big1")[0]
-    with api("local", with_registry(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"), 1)) as client:
+    with api("local", parts) as client:
         response, answer = post(client, stage.body("big1", csr_pem))
         assert_storage_503(response, answer)
-        # The write-ahead record could not be written, so nothing was issued; nor could the release (it writes
-        # last_error): the claim is freed by its lease, and the next request, with room again, provisions.
+        # The claim and its write-ahead record could not be written: nothing was issued, nothing changed.
         assert certificates(stage) == []
-        assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("big1").status == "provisioning"
-        time.sleep(1.1)
+        assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("big1") == before
     with api("local") as client:  # with room again
         response, answer = post(client, stage.body("big1", csr_pem))
     assert response.status_code == 200, answer
     assert certificates(stage) == [("big1", "ACTIVE")]
+
+
+def test_a_database_full_at_the_commit_revokes_what_was_issued_and_the_lease_frees_the_claim(stage):
+    # Under the threshold with the claim and its write-ahead record, over it with the commit's (the certificate, its
+    # key), and with the rollback's last_error too.
+    csr_pem = make_csr("big1")[0]
+    with api("local", full_at(stage, 790)) as client:
+        response, answer = post(client, stage.body("big1", csr_pem))
+        assert_storage_503(response, answer)
+        # The commit could not be written: the certificate issued is revoked; nor could the release (it writes
+        # last_error): the claim, with its write-ahead record, is freed by its lease.
+        assert certificates(stage) == [("big1", "REVOKED")]
+        assert SqliteRegistry(stage.state_dir / "registry.sqlite3").get("big1").status == "provisioning"
+        time.sleep(1.1)
+    with api("local") as client:  # with room again: the next request settles the record, then provisions
+        response, answer = post(client, stage.body("big1", csr_pem))
+    assert response.status_code == 200, answer
+    assert sorted(certificates(stage)) == [("big1", "ACTIVE"), ("big1", "REVOKED")]
 
 
 def test_a_read_only_registry_answers_503_to_devices_and_health_names_it(stage):

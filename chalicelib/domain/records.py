@@ -68,14 +68,15 @@ class DeviceRecord:
 
 @dataclass(frozen=True)
 class PendingIssue:
-    """Write-ahead record of an issuance: written on the claim before the issuer is asked, completed with the
-    certificate id as soon as the issuer answers, cleared by finalize or by a complete rollback. Whoever finds
-    one left by a dead attempt settles it before going on (chalicelib/services/settle.py)."""
+    """Write-ahead record of an issuance: written with the claim (or right after it, once a dead attempt's record is
+    settled) before the issuer is asked, cleared by the commit or by a complete rollback. Whoever finds one left by
+    a dead attempt settles it before going on (chalicelib/services/settle.py): by the certificate id when the record
+    names one, else by asking the issuer what it made for the device since then."""
 
     region: str
     since: datetime                      # when it was written: the certificate, if any, is not older
     fingerprint: str | None = None       # the device's key (its CSR's), when the key is the device's
-    certificate_id: str | None = None    # recorded right after the issuer answered
+    certificate_id: str | None = None    # recorded when a rollback could not undo what the issuer made
     created_thing: bool | None = None    # whether the attempt made the thing (None: not known yet)
     move: bool = False                   # a renewal moving the device to `region` (its thing made or adopted there)
 
@@ -88,6 +89,9 @@ class Claim:
     token: str
     previous: PendingIssue | None = None  # what a dead (or half rolled back) attempt left, to settle first
     renewal: bool = False  # the renewal lease of a provisioned device (begin_renewal), not a provisioning claim
+    intent: PendingIssue | None = None  # the write-ahead record written by the claim's own write (none: `previous`)
+    # The backend's own note of the record as the claim found it, so that `withdraw` can put it back; opaque here.
+    restore: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -39,15 +39,25 @@ class Registry(Protocol):
         """Records sorted by name; only those in `status`, in `region`, provisioned at or after `since` when given."""
 
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
-              nonce: Nonce | None = None) -> Claim:
+              nonce: Nonce | None = None, intent: PendingIssue | None = None) -> Claim:
         """unprovisioned (or provisioning with a lease that ended before `now`) -> provisioning, atomically.
 
         With `fleet_key` (the request was signed with the fleet key) the claim also requires that the device
-        has no key of its own. Each successful claim adds one to the record's `attempts`. `nonce` (a v2
-        request's) is recorded whatever becomes of the claim; one seen before and not yet expired refuses the
-        request (replayed-request). Other refusals are `claim_refusal`'s, from the record the write saw. The
-        claim carries the write-ahead record a dead attempt left (`previous`), read in the same atomic write.
+        has no key of its own (refused so, the request changes nothing). Each successful claim adds one to the
+        record's `attempts`. `nonce` (a v2 request's) is recorded whatever else becomes of the claim, also for a
+        device not registered yet; one seen before and not yet expired refuses the request (replayed-request)
+        and changes nothing. Other refusals are `claim_refusal`'s, from the record the write saw.
+
+        The claim carries the write-ahead record a dead attempt left (`previous`), read in the same atomic write.
+        `intent` is written as the write-ahead record by that same write when no dead attempt left one
+        (`claim.intent`); a record left is handed over instead and kept (the holder settles it, then
+        `record_intent`).
         """
+
+    def withdraw(self, claim: Claim) -> None:
+        """Give back a claim (or renewal lease) that issued nothing and must leave no trace, because the request it
+        was taken for was refused beside it (admission control): the record as the claim found it, attempts and
+        write-ahead record included; only the request's nonce stays used up. Only while `claim` holds."""
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
@@ -75,7 +85,8 @@ class Registry(Protocol):
         else raises ProvisioningInProgress (RenewalInProgress for a renewal's claim)."""
 
     def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
-        """Add the certificate id the issuer answered to the write-ahead record; only while `claim` holds."""
+        """Add a certificate id to the write-ahead record (what a rollback could not undo); only while `claim`
+        holds."""
 
     def claims(self, now: datetime) -> builtins.list[ClaimState]:
         """Every device in provisioning, under a renewal lease (live or ended), or with a write-ahead record,
@@ -111,22 +122,24 @@ class RenewalRegistry(Registry, Protocol):
         """The device's renewal view; None when it is not registered."""
 
     def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
-                      nonce: Nonce | None = None) -> Claim:
+                      nonce: Nonce | None = None, intent: PendingIssue | None = None) -> Claim:
         """Take the renewal lease of a provisioned device whose current certificate is `certificate_id`, with no
         other renewal in flight and no previous certificate left to retire; records the nonce in the same step
-        (one seen before refuses the request). Raises RenewalInProgress, RenewalRefused or SignatureInvalid.
+        (one seen before refuses the request, which then changes nothing). Raises RenewalInProgress,
+        RenewalRefused or SignatureInvalid.
 
         The claim (`renewal`) carries the write-ahead record a dead renewal left (`previous`), read in the same
-        write; `record_intent` and `record_certificate` take it as they take a provisioning claim."""
+        write; `intent` is written by that write when there is none, as `claim` does. `record_intent` and
+        `record_certificate` take it as they take a provisioning claim."""
 
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
-                    fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
+                    fleet_key: bool = False, quiet_seconds: int = 0, intent: PendingIssue | None = None) -> Claim:
         """Take the renewal lease of a device provisioned with a server-made key (`server_key`) between
         `now - window_seconds` and `now - quiet_seconds` (the provisioning request is over), whose last re-key or
         renewal (`last_renewal`), if any, completed by `now - quiet_seconds` too (its answer is over), with no
         renewal lease live and no previous certificate left to retire, in one conditional write, as `claim` (the
-        fleet-key rule included). The claim carries what a dead re-key left (`previous`). Refusals are
-        `rekey_refusal`'s."""
+        fleet-key rule included). The claim carries what a dead re-key left (`previous`), or `intent` written with
+        it. Refusals are `rekey_refusal`'s."""
 
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
         """Make `renewed` the current certificate while `claim` holds: the old one becomes the previous one (to

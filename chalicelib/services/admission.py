@@ -1,9 +1,11 @@
 """Admission control per region, over the shared schedule (domain/admission.py's arithmetic)."""
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import time
+from concurrent.futures import Executor, Future
 from typing import Callable
 
 from chalicelib.domain.admission import BURST_SECONDS, SLOW_FACTOR, SLOW_SECONDS, Budget
@@ -17,11 +19,13 @@ class Admission:
     """What the orchestrator (and renewal) calls before spending IoT calls in a region."""
 
     def __init__(self, store: AdmissionStore, budgets: Callable[[str], Budget | None],
-                 clock: Callable[[], float] = time.time, burst_seconds: float = BURST_SECONDS):
+                 clock: Callable[[], float] = time.time, burst_seconds: float = BURST_SECONDS,
+                 executor: Executor | None = None):
         self._store = store
         self._budgets = budgets
         self._clock = clock
         self._burst = burst_seconds
+        self._executor = executor  # the composition root's pool: `begin` runs admit() there (None: at once)
         self._slow_until: dict[str, float] = {}  # this container's latest view of the shared slow-down
 
     def budget(self, region: str) -> Budget | None:
@@ -46,6 +50,19 @@ class Admission:
             retry_after = max(1, math.ceil(ticket.wait))
             raise ServiceUnavailable(f"{region} is issuing at its budget ({rate:.3g} devices/s); your turn comes "
                                      f"in {retry_after} s", "admission-control", retry_after=retry_after)
+
+    def begin(self, region: str, server_key: bool = False) -> Future[None]:
+        """admit(), started beside the caller's own next step (the claim) in a copy of its context (the request's
+        deadline); `.result()` raises what admit() raises. Without an executor it is decided before returning."""
+        if self._executor is not None:
+            return self._executor.submit(contextvars.copy_context().run, self.admit, region, server_key)
+        decided: Future[None] = Future()
+        try:
+            self.admit(region, server_key)
+            decided.set_result(None)
+        except Exception as exc:
+            decided.set_exception(exc)
+        return decided
 
     def rollback(self, region: str) -> None:
         """A rollback's calls are not asked for (an undo must run); they are paid for from the schedule."""

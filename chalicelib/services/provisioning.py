@@ -13,7 +13,7 @@ from chalicelib.domain.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECO
 from chalicelib.domain.decoys import signed_by
 from chalicelib.domain.errors import REFUSED, AlreadyProvisioned, ServiceUnavailable, SignatureInvalid
 from chalicelib.domain.keypolicy import key_fingerprint
-from chalicelib.domain.records import PROVISIONED, Claim
+from chalicelib.domain.records import PROVISIONED, Claim, PendingIssue
 from chalicelib.domain.regions import RegionChoice, RegionPolicy
 from chalicelib.domain.requests import ProvisioningRequest, check_fresh, remembered
 from chalicelib.domain.signatures import FleetKeyVerifier, load_device_key
@@ -46,11 +46,11 @@ class NewDevice(Plan):
         self.refused: AlreadyProvisioned | None = None  # the claim's refusal: the device is provisioned already
         self._service, self._request, self._fleet_key, self._distance = service, request, fleet_key, distance_km
 
-    def claim(self, now: datetime, lease_seconds: int) -> Claim:
+    def claim(self, now: datetime, lease_seconds: int, intent: PendingIssue) -> Claim:
         # The nonce is recorded only now, for a correctly signed request: nobody can use up a device's.
         nonce = remembered(self._request.nonce, now, self._service.skew) if self._request.nonce is not None else None
         try:
-            return self._service.registry.claim(self.thing_name, now, lease_seconds, self._fleet_key, nonce)
+            return self._service.registry.claim(self.thing_name, now, lease_seconds, self._fleet_key, nonce, intent)
         except AlreadyProvisioned as refused:
             self.refused = refused
             raise

@@ -29,7 +29,7 @@ from chalicelib.domain.errors import (
     RenewalRefused,
 )
 from chalicelib.domain.keypolicy import key_fingerprint, public_key_pem
-from chalicelib.domain.records import Claim, RenewalState, RenewedCertificate
+from chalicelib.domain.records import Claim, PendingIssue, RenewalState, RenewedCertificate
 from chalicelib.domain.regions import Location, RegionChoice, RegionPolicy
 from chalicelib.domain.relocation import RELOCATED, RENEWAL, RelocationPolicy
 from chalicelib.domain.requests import RenewalRequest, check_fresh, remembered
@@ -42,6 +42,7 @@ from chalicelib.services.saga import Checkpoint, Plan, Saga, no_checkpoint
 
 log = logging.getLogger(__name__)
 REKEYED = "rekeyed"  # the answer's reason for a re-key (a lost answer's new server-made key, in place)
+Begin = Callable[[datetime, int, PendingIssue], Claim]  # takes the renewal lease, writing the intent ahead with it
 
 
 def refused() -> RenewalRefused:
@@ -55,8 +56,7 @@ class Renewal(Plan):
     kind, stages, commit_step, after_step = "renewal", "renewal-", "complete", "retire"
 
     def __init__(self, service: RenewalService, state: RenewalState, csr: x509.CertificateSigningRequest | None,
-                 choice: RegionChoice, location: Location | None, begin: Callable[[datetime, int], Claim],
-                 admit: bool, arn: str | None) -> None:
+                 choice: RegionChoice, location: Location | None, begin: Begin, admit: bool, arn: str | None) -> None:
         assert state.certificate_id is not None
         self.thing_name, self.region, self.csr, self.choice = state.thing_name, choice.region, csr, choice
         self.in_place, self.admit = choice.region == state.region, admit
@@ -64,8 +64,12 @@ class Renewal(Plan):
         self.keep = (state.certificate_id, state.previous_certificate_id)  # never what a dead renewal left
         self._service, self._state, self._location, self._begin, self._arn = service, state, location, begin, arn
 
-    def claim(self, now: datetime, lease_seconds: int) -> Claim:
-        return self._begin(now, lease_seconds)
+    @property
+    def moves(self) -> bool:
+        return not self.in_place
+
+    def claim(self, now: datetime, lease_seconds: int, intent: PendingIssue) -> Claim:
+        return self._begin(now, lease_seconds, intent)
 
     def reused(self, issued: IssuedCertificate) -> None:
         """The dead renewal's certificate, for this very key: its region is where the device goes."""
@@ -119,9 +123,9 @@ class RenewalService:
                 assert state is not None and state.certificate_id is not None and state.region is not None
                 certificate_id, region = state.certificate_id, state.region
 
-            def begin(now: datetime, lease: int) -> Claim:
+            def begin(now: datetime, lease: int, intent: PendingIssue) -> Claim:
                 return self.registry.begin_renewal(request.thing_name, certificate_id, now, lease,
-                                                   remembered(request.nonce, now, self._skew))
+                                                   remembered(request.nonce, now, self._skew), intent)
             try:
                 return self._reissue(state, request.csr, client_ip, steps, deadline, begin, admit=True,
                                      arn=current.arn, decide=lambda location: self._relocation.decide(
@@ -139,11 +143,11 @@ class RenewalService:
             raise AlreadyProvisioned(f"{thing_name} is not provisioned any more; ask again")
         region = state.region
 
-        def begin(now: datetime, lease: int) -> Claim:
+        def begin(now: datetime, lease: int, intent: PendingIssue) -> Claim:
             # Not while the provisioning request may still be answering (a lease's time): a duplicate request
             # then waits (409) instead of revoking the certificate that answer carries.
             return self.registry.begin_rekey(thing_name, now, lease, window_seconds, fleet_key,
-                                             math.ceil(self._lease_window()))
+                                             math.ceil(self._lease_window()), intent)
 
         def decide(location: Location | None) -> RegionChoice:
             return RegionChoice(region, self.regions.distance_km(location, region), REKEYED,
@@ -154,7 +158,7 @@ class RenewalService:
                                  decide=decide)
 
     def _reissue(self, state: RenewalState, csr: x509.CertificateSigningRequest | None, client_ip: str,
-                 steps: Steps, deadline: Deadline, begin: Callable[[datetime, int], Claim], admit: bool,
+                 steps: Steps, deadline: Deadline, begin: Begin, admit: bool,
                  arn: str | None, decide: Callable[[Location | None], RegionChoice]) -> Answer:
         """A renewal's and a re-key's issuance: finish what an earlier renewal left, choose, then the sequence."""
         assert state.certificate_id is not None

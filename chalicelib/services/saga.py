@@ -1,11 +1,17 @@
 """The one issuance sequence; provisioning, renewal and re-key are small plans over it (docs/architecture.md):
-admit, claim, settle what a dead attempt left, write ahead, issue, record, commit, what follows; a failure before
-the commit is undone in reverse. A plan says how a step differs. The stages between the steps are named (`Stage`):
-the crash tests stop a real process at each. Each step starts only when it fits in the request's deadline.
+admit beside the claim (which writes the write-ahead intent with it), settle what a dead attempt left (then write
+ahead), issue, commit (the certificate recorded as the device's), what follows; a failure before the commit is undone
+in reverse. A plan says how a step differs. The stages between the steps are named (`Stage`): the crash tests stop a
+real process at each. Each step starts only when it fits in the request's deadline.
+
+In steady state that is one registry round (admission's write and the claim side by side), the issuer's rounds,
+and one registry write (the commit): the write-ahead intent rides on the claim's write, and the commit's write is
+the certificate's record, since until it the issuer can be asked what it made for the device since the intent.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from datetime import datetime
 from enum import StrEnum
 from typing import Callable
@@ -35,11 +41,11 @@ Checkpoint = Callable[[str, str], None]
 
 
 class Stage(StrEnum):
-    """Where a sequence stands between two steps (and where a crash test may stop it)."""
+    """Where a sequence stands between two writes or calls (and where a crash test may stop it): claimed (with the
+    write-ahead intent), issued (the issuer's objects exist, the record names none of them), committed."""
 
     CLAIMED = "claimed"
     ISSUED = "issued"
-    RECORDED = "recorded"
     COMMITTED = "committed"
 
 
@@ -62,8 +68,14 @@ class Plan:
     keep: tuple[str | None, ...] = ()
     admit = True
 
-    def claim(self, now: datetime, lease_seconds: int) -> Claim:
-        """Take the device (one conditional write), with what a dead attempt left."""
+    @property
+    def moves(self) -> bool:
+        """Whether the issuance moves a provisioned device to another region (the write-ahead record says so)."""
+        return False
+
+    def claim(self, now: datetime, lease_seconds: int, intent: PendingIssue) -> Claim:
+        """Take the device (one conditional write, writing `intent` ahead unless a dead attempt's record is there:
+        the claim then carries that one)."""
         raise NotImplementedError
 
     def reused(self, issued: IssuedCertificate) -> None:
@@ -92,16 +104,16 @@ class Saga:
 
     def run(self, plan: Plan, steps: Steps, deadline: Deadline) -> tuple[IssuedCertificate, bool]:
         """Issue exactly once for `plan`; returns the certificate and whether a dead attempt made it (reused)."""
+        admitting = None
         if plan.admit and self._admission is not None:
-            with steps.step("admit"):  # a request too late to issue anyway takes no slot of the region's budget
-                deadline.require("admitting the device", ISSUE_SECONDS + COMMIT_SECONDS)
-                self._admission.admit(plan.region, server_key=plan.csr is None)
-        with steps.step("claim"):
-            deadline.require("claiming the device", ISSUE_SECONDS + COMMIT_SECONDS)
-            claim = plan.claim(self._clock(), self._lease_seconds or deadline.lease_seconds(self._lease_margin))
-        self._stage(plan, Stage.CLAIMED)
+            # A request too late to issue anyway takes no slot of the region's budget.
+            deadline.require("admitting the device", ISSUE_SECONDS + COMMIT_SECONDS)
+            admitting = self._admission.begin(plan.region, server_key=plan.csr is None)
         wanted = key_fingerprint(plan.csr.public_key()) if plan.csr is not None else None
-        issued, intent, reused, issuing = None, None, False, False
+        with steps.step("claim"):
+            claim = self._claim(plan, wanted, deadline, admitting)
+        self._stage(plan, Stage.CLAIMED)
+        issued, intent, reused, issuing = None, claim.intent, False, False
         # Whether the write-ahead record may describe something that still exists, and whether the issuer, should
         # it fail, can be trusted to have undone its own steps (a domain error; else it raises IssueIncomplete).
         left, issuer_cleans_up = claim.previous is not None, False
@@ -114,19 +126,17 @@ class Saga:
                     plan.reused(issued)
             if issued is None:
                 deadline.require("issuing the certificate", ISSUE_SECONDS + COMMIT_SECONDS)
-                intent = PendingIssue(plan.region, self._clock(), wanted, move=claim.renewal and not plan.in_place)
-                with steps.step("intent"):
-                    self._registry.record_intent(claim, intent)
+                if intent is None:  # the claim took a dead attempt's record over, settled now: write ahead anew
+                    intent = PendingIssue(plan.region, self._clock(), wanted, move=plan.moves)
+                    with steps.step("intent"):
+                        self._registry.record_intent(claim, intent)
                 left, issuer_cleans_up, issuing = True, True, True
                 with steps.step("issue"):
                     issued = self._issuer.issue(plan.thing_name, plan.region, plan.csr, in_place=plan.in_place)
                 issuer_cleans_up = False
                 self._stage(plan, Stage.ISSUED)
-                with steps.step("record"):
-                    self._registry.record_certificate(claim, issued.certificate_id, issued.created_thing)
-                self._stage(plan, Stage.RECORDED)
             deadline.require("recording the certificate", COMMIT_SECONDS)
-            with steps.step(plan.commit_step):
+            with steps.step(plan.commit_step):  # the certificate's record and the commit, in one write
                 plan.commit(claim, certify(issued, plan.csr), self._clock())
             self._stage(plan, Stage.COMMITTED)
         except Exception as exc:
@@ -152,6 +162,30 @@ class Saga:
                 except Exception:
                     log.exception("%s of %s: %s is not done yet", plan.kind, plan.thing_name, plan.after_step)
         return issued, reused
+
+    def _claim(self, plan: Plan, wanted: str | None, deadline: Deadline, admitting: Future[None] | None) -> Claim:
+        """The claim and its write-ahead intent, beside admission's decision (`admitting`), which is the answer when
+        it refuses: a claim taken for a refused request is withdrawn and leaves no trace."""
+        try:
+            deadline.require("claiming the device", ISSUE_SECONDS + COMMIT_SECONDS)
+            now = self._clock()
+            claim = plan.claim(now, self._lease_seconds or deadline.lease_seconds(self._lease_margin),
+                               PendingIssue(plan.region, now, wanted, move=plan.moves))
+        except BaseException:
+            if admitting is not None:
+                admitting.result()  # admission refused too: its answer (with the device's own slot) is the one
+            raise
+        if admitting is not None:
+            try:
+                admitting.result()
+            except BaseException:
+                try:
+                    self._registry.withdraw(claim)
+                except Exception:
+                    log.exception("could not withdraw the claim on %s; it frees itself when the lease ends",
+                                  plan.thing_name)
+                raise
+        return claim
 
     def _stage(self, plan: Plan, stage: Stage) -> None:
         self._checkpoint(f"{plan.stages}{stage}", plan.thing_name)

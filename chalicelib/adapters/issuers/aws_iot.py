@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import random
+import secrets
 import threading
 import time
 from datetime import datetime, timedelta
@@ -46,6 +47,12 @@ THROTTLED_WAITS = (0.2, 0.4, 0.8, 1.6, 3.2)
 # A throttled create/attach of issue() is tried again after about the time a bucket takes to refill, at most
 # twice: within the request's deadline, and inside the budget admission control keeps in reserve.
 _THROTTLE_WAITS = (0.5, 1.0)
+# CreateThing, https://docs.aws.amazon.com/iot/latest/apireference/API_CreateThing.html : "If this call is made
+# multiple times using the same thing name and configuration, the call will succeed. If this call is made with the
+# same thing name but different configuration a ResourceAlreadyExistsException is thrown." Each CreateThing carries
+# this attribute with a value of its own, so no thing made before (by anyone) has its configuration. (A thing
+# without a thing type has at most three attributes; this is one.)
+ATTEMPT_ATTRIBUTE = "gip_attempt"
 MUTATING_OPERATIONS = frozenset({"CreateThing", "CreateCertificateFromCsr", "CreateKeysAndCertificate",
                                  "AttachPolicy", "AttachThingPrincipal", "DetachThingPrincipal", "DetachPolicy",
                                  "UpdateCertificate", "DeleteCertificate", "DeleteThing"})
@@ -259,20 +266,18 @@ class AwsIotIssuer:
 
     def _ensure_thing(self, client: Any, region: str, thing_name: str, principal: str | None = None) -> bool:
         """The device's thing, made now (True) or adopted (False) when it exists with no certificate attached
-        other than `principal`. AWS answers CreateThing on an existing thing with another configuration with
-        ResourceAlreadyExistsException (moto does not): so look first, and never take over a thing that some
-        other certificate uses, nor delete one this attempt did not make."""
+        other than `principal`; never take over a thing that some other certificate uses, nor delete one this
+        attempt did not make. One CreateThing, no look first: it carries an attribute of this call's own
+        (ATTEMPT_ATTRIBUTE), and AWS answers CreateThing for an existing thing with the same configuration as
+        made, with another one by ResourceAlreadyExistsException (API_CreateThing.html, quoted above): so a
+        success means this very call made the thing, and only a thing that was there already is looked at."""
         try:
-            client.describe_thing(thingName=thing_name)
-        except ClientError as exc:
-            if not _is_not_found(exc):
+            client.create_thing(thingName=thing_name,
+                                attributePayload={"attributes": {ATTEMPT_ATTRIBUTE: secrets.token_hex(8)}})
+            return True
+        except ClientError as exists:
+            if _code(exists) != "ResourceAlreadyExistsException":
                 raise
-            try:
-                client.create_thing(thingName=thing_name)
-                return True
-            except ClientError as exists:
-                if _code(exists) != "ResourceAlreadyExistsException":  # made meanwhile, with another configuration
-                    raise
         others = [p for p in client.list_thing_principals(thingName=thing_name)["principals"] if p != principal]
         if others:
             raise AlreadyProvisioned(
@@ -406,43 +411,56 @@ class AwsIotIssuer:
 
     def _undo(self, client: Any, region: str, thing_name: str | None, cert: dict[str, Any] | None,
               delete_thing: bool = True) -> bool:
-        """Remove, in reverse order of creation, what issue made; logs failures and returns whether any.
+        """Remove, in reverse order of creation, what issue made; logs failures and returns whether any. Two rounds
+        of calls side by side: detach (thing and policy) and revoke, then delete (certificate, and thing).
 
         Runs in the request's rollback time (deadline reserve); each call is retried while the deadline allows,
         so a throttled rollback still finishes, or says what is left."""
-        steps: list[tuple[str, Callable[[], Any]]] = []
+        detach: list[tuple[str, Callable[[], Any]]] = []
+        delete: list[tuple[str, Callable[[], Any]]] = []
         if cert:
             arn, cert_id = cert["certificateArn"], cert["certificateId"]
             if thing_name:
-                steps.append(("detach thing", lambda: client.detach_thing_principal(
+                detach.append(("detach thing", lambda: client.detach_thing_principal(
                     thingName=thing_name, principal=arn)))
-            steps += [
+            detach += [
                 ("detach policy", lambda: client.detach_policy(policyName=self._policy_name, target=arn)),
                 # REVOKED, not INACTIVE: either makes AWS IoT disconnect the certificate's devices "within a few
                 # minutes" and refuse them after, but only REVOKED is final, so a certificate whose deletion fails
                 # can never be switched back on. docs.aws.amazon.com/iot/latest/apireference/API_UpdateCertificate.html
                 ("revoke certificate", lambda: client.update_certificate(
                     certificateId=cert_id, newStatus="REVOKED")),
-                ("delete certificate", lambda: self._after_detach(
-                    "DeleteConflictException", client.delete_certificate, certificateId=cert_id)),
             ]
+            delete.append(("delete certificate", lambda: self._after_detach(
+                "DeleteConflictException", client.delete_certificate, certificateId=cert_id)))
         if thing_name and delete_thing:
             # AWS answers InvalidRequestException while the thing still has a principal attached.
-            steps.append(("delete thing", lambda: self._after_detach(
+            delete.append(("delete thing", lambda: self._after_detach(
                 "InvalidRequestException", client.delete_thing, thingName=thing_name)))
         failed = False
-        for step, call in steps:
-            try:
-                with deadline.rollback():
-                    self._while_throttled(call)
-            except Exception as exc:
-                if _is_not_found(exc):
-                    continue
-                failed = True
-                log.error("cleanup step %r failed for thing %s in %s (certificate %s): %s: %s", step,
-                          thing_name, region, cert and cert["certificateId"], type(exc).__name__,
-                          _code(exc) if isinstance(exc, ClientError) else exc)
+        with deadline.rollback():  # for the whole undo: the steps side by side share the request's deadline
+            for steps in (detach, delete):
+                for (step, _), exc in zip(steps, self._side_by_side([call for _, call in steps])):
+                    if exc is None or _is_not_found(exc):
+                        continue
+                    failed = True
+                    log.error("cleanup step %r failed for thing %s in %s (certificate %s): %s: %s", step,
+                              thing_name, region, cert and cert["certificateId"], type(exc).__name__,
+                              _code(exc) if isinstance(exc, ClientError) else exc)
         return failed
+
+    def _side_by_side(self, calls: list[Callable[[], Any]]) -> list[Exception | None]:
+        """Run `calls` at once on the executor (one alone on this thread), each retried while throttled; returns
+        each one's failure, or None."""
+        if len(calls) == 1:
+            try:
+                self._while_throttled(calls[0])
+                return [None]
+            except Exception as exc:
+                return [exc]
+        futures = [self._submit(self._while_throttled, call) for call in calls]
+        cf.wait(futures)
+        return [future.exception() for future in futures]  # type: ignore[misc]
 
     def _while_throttled(self, call: Callable[[], Any]) -> Any:
         """A rollback step is worth more than the device's time: retry throttling for as long as the deadline's

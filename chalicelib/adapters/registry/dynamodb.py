@@ -23,7 +23,6 @@ from chalicelib.adapters.registry.items import (
 from chalicelib.domain.clock import timestamp as _timestamp
 from chalicelib.domain.errors import (
     RENEWAL_REFUSED,
-    ProvisioningError,
     ProvisioningInProgress,
     RenewalInProgress,
     RenewalRefused,
@@ -71,6 +70,19 @@ _NAMES = {"#name": "thing_name", "#status": "prov_status", "#datetime": "prov_da
           "#reset": "reset_pending"}
 # The write-ahead record of an issuance (registry/base.py PendingIssue), as attribute placeholders.
 _PENDING_NAMES = ("#pregion", "#psince", "#pfingerprint", "#pcert", "#pcreated", "#pmove")
+# A v2 nonce lives on its device's own item, as the attribute "nonce:<value>" holding the epoch second until which it
+# is remembered: the claim's one conditional write checks and records it. Expired ones are removed by the device's
+# next writes that know them (the commit, or the nonce's own write after a refused claim).
+NONCE_PREFIX = "nonce:"
+# A nonce of a request for a name not registered (yet): kept in the nonces table under this key plus the name (no
+# nonce or thing name has '#'), with a TTL, and carried onto the item when the name is registered.
+UNREGISTERED_PREFIX = "#unregistered/"
+_NONCE_UNSEEN = "(attribute_not_exists(#nonce) OR #nonce < :at)"  # its last instant still counts as seen
+_PRUNE_LIMIT = 64  # stale nonces removed by one write at most (the expression stays far below its 4 KB)
+# What a claim changes, by kind, put back as it was by `withdraw`.
+_TAKEN = {False: (("#status", "prov_status"), ("#token", "claim_token"), ("#lease", "lease_expires"),
+                  ("#claimed", "claimed_at"), ("#attempts", "attempts")),
+          True: (("#rtoken", "renewal_token"), ("#rlease", "renewal_lease"), ("#claimed", "claimed_at"))}
 
 
 # The stand-in an unknown device's read is converted from (items.STAND_IN_ITEM); botocore's parse of the larger
@@ -79,9 +91,54 @@ _STAND_IN = {name: {"S": value} if isinstance(value, str) else {"N": repr(value)
              for name, value in STAND_IN_ITEM.items()}
 
 
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+class _Refused(Exception):
+    """A conditional write was refused; `item` is the item as the condition saw it (None: there is none)."""
+
+    def __init__(self, item: dict[str, Any] | None) -> None:
+        super().__init__("conditional write refused")
+        self.item = item
+
+
+def _nonce_name(nonce: Nonce) -> str:
+    return NONCE_PREFIX + nonce.value
+
+
+def _nonce_live(raw: Mapping[str, Any], nonce: Nonce, at: float) -> bool:
+    seen = raw.get(_nonce_name(nonce), {}).get("N")
+    return seen is not None and float(seen) >= at
+
+
+def _stale_nonces(raw: Mapping[str, Any], at: float) -> builtins.list[str]:
+    return [name for name, value in raw.items()
+            if name.startswith(NONCE_PREFIX) and float(value.get("N", "0")) < at][:_PRUNE_LIMIT]
+
+
+def _intent_update(intent: PendingIssue) -> tuple[builtins.list[str], dict[str, Any]]:
+    """The SET clauses and values that write `intent` as the write-ahead record over none."""
+    values = {":pregion": {"S": intent.region}, ":psince": {"N": repr(intent.since.timestamp())},
+              ":pmove": {"BOOL": intent.move}}
+    sets = ["#pregion = :pregion", "#psince = :psince", "#pmove = :pmove"]
+    if intent.fingerprint:
+        values[":pfingerprint"] = {"S": intent.fingerprint}
+        sets.append("#pfingerprint = :pfingerprint")
+    return sets, values
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _stale_names(claim: Claim) -> dict[str, str]:
+    """Placeholders of the expired nonces the claim's write saw, for the commit to remove."""
+    stale = claim.restore.get("stale")
+    return {f"#stale{i}": name for i, name in enumerate(stale)} if isinstance(stale, list) else {}
+
+
+def _claimable(record: DeviceRecord, at: float) -> bool:
+    """The claim's condition on the device's state, read from the item a refused claim saw."""
+    return record.status is UNPROVISIONED or (record.status is PROVISIONING and record.lease_expires is not None
+                                               and record.lease_expires.timestamp() < at)
 
 
 def _moment(raw: Mapping[str, Any] | None) -> datetime | None:
@@ -108,14 +165,14 @@ def _record(raw: Mapping[str, Any]) -> DeviceRecord:
 
 
 class DynamoDbRegistry:
-    """`executor` (the composition root's pool) runs a v2 claim's two writes side by side; `sleep` waits
-    between retries of unprocessed batch items."""
+    """`executor` (the composition root's pool) runs registration's reads side by side; `sleep` waits between
+    retries of unprocessed batch items."""
 
     def __init__(self, client: Any, table_name: str = DEFAULT_TABLE_NAME, page_size: int | None = None, *,
                  executor: Executor, sleep: Callable[[float], None] = time.sleep) -> None:
         self._client = client
         self._table = table_name
-        self._nonces = f"{table_name}-nonces"  # v2 request nonces, kept apart so scans of devices stay lean
+        self._nonces = f"{table_name}-nonces"  # nonces of names not registered; admission's and endpoints' items
         self._page_size = page_size  # Scan's Limit; None lets DynamoDB fill 1 MB pages
         self._executor = executor
         self._sleep = sleep
@@ -150,7 +207,8 @@ class DynamoDbRegistry:
                 if _code(e) != "ResourceInUseException":  # already there (or being made): wait for it below
                     raise
             self._client.get_waiter("table_exists").wait(TableName=table)
-        # DynamoDB deletes expired nonces by itself (within days; _remember_nonce ignores expired ones meanwhile).
+        # DynamoDB deletes the nonces of names not registered by itself once they expire (within days; the conditions
+        # treat an expired nonce as unseen meanwhile).
         ttl = self._call("describe_time_to_live", TableName=self._nonces)["TimeToLiveDescription"]
         if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
             self._call("update_time_to_live", TableName=self._nonces,
@@ -164,13 +222,23 @@ class DynamoDbRegistry:
         added = 0
         # One BatchGetItem's worth of names at a time, so progress moves and memory stays flat on large fleets.
         for done, names_chunk in enumerate(_chunks(names, _BATCH_GET_LIMIT)):
+            refused = self._executor.submit(self._unregistered_nonces, names_chunk)  # beside the next read
             existing = self._existing(names_chunk)
             new = [name for name in names_chunk if name not in existing]
+            carried = refused.result()
             # BatchWriteItem cannot be conditional, so existing names were filtered out above. Only a concurrent
             # register of the same new name can race this, and it writes the same fresh item.
             for chunk in _chunks(new, _BATCH_WRITE_LIMIT):
-                self._write_batch([{"PutRequest": {"Item": self._new_item(name, keys.get(name), attrs.get(name))}}
-                                   for name in chunk])
+                self._write_batch([{"PutRequest": {"Item": {
+                    **self._new_item(name, keys.get(name), attrs.get(name)), **carried.get(name, {})}}}
+                    for name in chunk])
+            # A nonce refused while this ran was written after the read above: look once more, now that the items
+            # exist (a request refused later finds the item and writes its nonce there itself).
+            for name, nonces in (self._unregistered_nonces(new) if new else {}).items():
+                late = {attribute: expires for attribute, expires in nonces.items()
+                        if attribute not in carried.get(name, {})}
+                if late:
+                    self._carry_nonces(name, late)
             added += len(new)
             if progress:
                 progress(min((done + 1) * _BATCH_GET_LIMIT, len(names)))
@@ -194,14 +262,21 @@ class DynamoDbRegistry:
         raise ServiceUnavailable("registry unavailable: DynamoDB batch_write_item kept items unprocessed")
 
     def _existing(self, names: builtins.list[str]) -> set[str]:
-        found: set[str] = set()
-        for chunk in _chunks(names, _BATCH_GET_LIMIT):
-            request: dict[str, Any] | None = {self._table: {
-                "Keys": [self._key(name) for name in chunk], "ConsistentRead": True,
-                "ProjectionExpression": "#name", "ExpressionAttributeNames": {"#name": "thing_name"}}}
+        return {raw["thing_name"]["S"] for raw in self._batch_get(
+            self._table, [self._key(name) for name in names], "#name", {"#name": "thing_name"})}
+
+    def _batch_get(self, table: str, keys: builtins.list[dict[str, Any]], projection: str | None = None,
+                   names: dict[str, str] | None = None) -> builtins.list[dict[str, Any]]:
+        """Strongly consistent BatchGetItem of `keys`, 100 at a time, retrying unprocessed keys."""
+        found: builtins.list[dict[str, Any]] = []
+        for chunk in _chunks(keys, _BATCH_GET_LIMIT):
+            wanted: dict[str, Any] = {"Keys": chunk, "ConsistentRead": True}
+            if projection:
+                wanted.update(ProjectionExpression=projection, ExpressionAttributeNames=names)
+            request: dict[str, Any] | None = {table: wanted}
             for attempt in range(_BATCH_ATTEMPTS):
                 response = self._call("batch_get_item", RequestItems=request)
-                found.update(raw["thing_name"]["S"] for raw in response["Responses"].get(self._table, []))
+                found.extend(response["Responses"].get(table, []))
                 request = response.get("UnprocessedKeys")
                 if not request:
                     break
@@ -238,52 +313,101 @@ class DynamoDbRegistry:
         # A scan comes back in hash order; sort like the SQLite backend does.
         yield from sorted(records, key=lambda record: record.thing_name)
 
-    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
-              nonce: Nonce | None = None) -> Claim:
-        if nonce is None:
-            return self._claim(thing_name, now, lease_seconds, fleet_key)
-        # Two tables, two round trips: run them side by side rather than one after the other.
-        fresh = self._executor.submit(self._remember_nonce, thing_name, nonce, now)
+    def _update(self, thing_name: str, update: str, condition: str, values: dict[str, Any],
+                names: Mapping[str, str] | None = None, table: str | None = None,
+                key: dict[str, Any] | None = None, old: bool = False) -> dict[str, Any]:
+        """One conditional UpdateItem; raises _Refused with the item the refused condition saw, so that telling why
+        costs no second read. With `old`, returns the item as it was (ALL_OLD). `names`: placeholders beyond
+        _NAMES."""
+        all_names = {k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}")) if k in _NAMES}
+        all_names.update(names or {})
         try:
-            claim = self._claim(thing_name, now, lease_seconds, fleet_key)
-        except ProvisioningError:
-            if not fresh.result():
-                raise replayed_request() from None
-            raise
-        if not fresh.result():
-            self.release(claim, "replayed request refused")
-            raise replayed_request()
-        return claim
-
-    def _claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool) -> Claim:
-        token = secrets.token_hex(16)
-        at = now.timestamp()
-        condition = ("attribute_exists(#name) AND (#status = :unprovisioned "
-                     "OR (#status = :provisioning AND #lease < :now))")
-        names: tuple[str, ...] = ("#name", "#status", "#token", "#lease", "#attempts", "#claimed")
-        if fleet_key:  # a device with a key of its own may not be claimed with the fleet key's signature
-            condition += " AND attribute_not_exists(#key)"
-            names += ("#key",)
-        try:
-            # ALL_OLD: the write-ahead record a dead attempt left comes back with the won claim, no second read.
-            won = self._call(
-                "update_item", TableName=self._table, Key=self._key(thing_name),
-                UpdateExpression="SET #status = :provisioning, #token = :token, #lease = :lease, #claimed = :now "
-                                 "ADD #attempts :one",
-                ConditionExpression=condition,
-                ExpressionAttributeNames={k: _NAMES[k] for k in names},
-                ExpressionAttributeValues={":provisioning": {"S": PROVISIONING.value},
-                                           ":unprovisioned": {"S": UNPROVISIONED.value},
-                                           ":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
-                                           ":now": {"N": repr(at)}, ":one": {"N": "1"}},
-                ReturnValues="ALL_OLD", ReturnValuesOnConditionCheckFailure="ALL_OLD")
+            response = self._call(
+                "update_item", TableName=table or self._table, Key=key or self._key(thing_name),
+                UpdateExpression=update, ConditionExpression=condition, ExpressionAttributeNames=all_names,
+                ExpressionAttributeValues=values, ReturnValues="ALL_OLD" if old else "NONE",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as e:
             if _code(e) != "ConditionalCheckFailedException":
                 raise
-            # The refusal carries the item as it was, so telling why costs no second read.
-            old = e.response.get("Item")
-            raise claim_refusal(thing_name, _record(old) if old else None, fleet_key, now) from None
-        return Claim(thing_name, token, _pending(won.get("Attributes", {})))
+            raise _Refused(e.response.get("Item")) from None
+        return response.get("Attributes", {})
+
+    def _take(self, thing_name: str, sets: builtins.list[str], condition: str, values: dict[str, Any], at: float,
+              nonce: Nonce | None, intent: PendingIssue | None, renewal: bool, adds: str = "") -> Claim:
+        """The one write of a claim or a renewal lease: with the nonce (unseen, or expired) and the write-ahead
+        intent (over none) when given. Raises _Refused."""
+        names: dict[str, str] = {}
+        values = dict(values)
+        if intent is not None:  # a dead attempt's record is never written over: its holder settles it first
+            intent_sets, intent_values = _intent_update(intent)
+            sets, condition = [*sets, *intent_sets], f"{condition} AND attribute_not_exists(#pregion)"
+            values.update(intent_values)
+        if nonce is not None:
+            names["#nonce"] = _nonce_name(nonce)
+            sets, condition = [*sets, "#nonce = :nonce"], f"{condition} AND {_NONCE_UNSEEN}"
+            values.update({":nonce": {"N": repr(nonce.expires.timestamp())}, ":at": {"N": repr(at)}})
+        token = values[":token"]["S"]
+        old = self._update(thing_name, f"SET {', '.join(sets)}{adds}", condition, values, names, old=True)
+        return Claim(thing_name, token, None if intent is not None else _pending(old), renewal=renewal, intent=intent,
+                     restore={"item": old, "stale": _stale_nonces(old, at)})
+
+    def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
+              nonce: Nonce | None = None, intent: PendingIssue | None = None) -> Claim:
+        at = now.timestamp()
+        condition = ("attribute_exists(#name) AND (#status = :unprovisioned "
+                     "OR (#status = :provisioning AND #lease < :now))")
+        if fleet_key:  # a device with a key of its own may not be claimed with the fleet key's signature
+            condition += " AND attribute_not_exists(#key)"
+        sets = ["#status = :provisioning", "#token = :token", "#lease = :lease", "#claimed = :now"]
+        while True:
+            values = {":provisioning": {"S": PROVISIONING.value}, ":unprovisioned": {"S": UNPROVISIONED.value},
+                      ":token": {"S": secrets.token_hex(16)}, ":lease": {"N": repr(at + lease_seconds)},
+                      ":now": {"N": repr(at)}, ":one": {"N": "1"}}
+            try:
+                # ALL_OLD: the write-ahead record a dead attempt left comes back with the won claim, no second read.
+                return self._take(thing_name, sets, condition, values, at, nonce, intent, False, " ADD #attempts :one")
+            except _Refused as refused:
+                old = refused.item
+            if old is None:  # not registered: the nonce is kept apart until the name is
+                if nonce is not None:
+                    self._remember_unregistered(thing_name, nonce, at)
+                raise claim_refusal(thing_name, None, fleet_key, now)
+            record = _record(old)
+            if fleet_key and record.public_key:  # not the device's signature: nothing is used up
+                raise claim_refusal(thing_name, record, fleet_key, now)
+            if nonce is not None and _nonce_live(old, nonce, at):
+                raise replayed_request()
+            if intent is not None and "pending_region" in old and _claimable(record, at):
+                intent = None  # a dead attempt's record: the claim alone takes it over, the holder settles it
+                continue
+            if nonce is not None:  # a refused claim still uses up its nonce
+                self._remember_nonce(thing_name, nonce, at, _stale_nonces(old, at))
+            raise claim_refusal(thing_name, record, fleet_key, now)
+
+    def withdraw(self, claim: Claim) -> None:
+        old = claim.restore.get("item")
+        if not isinstance(old, dict):  # not a claim of this registry's making: its lease frees it
+            return
+        values: dict[str, Any] = {":token": {"S": claim.token}}
+        sets, removes = [], [*(_PENDING_NAMES if claim.intent is not None else ())]
+        for name, attribute in _TAKEN[claim.renewal]:
+            if attribute in old:
+                values[f":old{name[1:]}"] = old[attribute]
+                sets.append(f"{name} = :old{name[1:]}")
+            else:
+                removes.append(name)
+        if claim.renewal:
+            condition = "#rtoken = :token"
+        else:
+            condition = "#token = :token AND #status = :provisioning"
+            values[":provisioning"] = {"S": PROVISIONING.value}
+        update = " ".join(part for part in (sets and f"SET {', '.join(sets)}",
+                                            removes and f"REMOVE {', '.join(removes)}") if part)
+        try:
+            self._update(claim.thing_name, update, condition, values)
+        except _Refused:  # the lease is gone already: nothing to give back
+            pass
 
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
                  fingerprint: str | None = None, country: str | None = None, reason: str | None = None,
@@ -305,19 +429,11 @@ class DynamoDbRegistry:
             sets.append("#serverkey = :serverkey")
         else:
             removes.append("#serverkey")
-        update = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
+        stale = _stale_names(claim)
+        update = f"SET {', '.join(sets)} REMOVE {', '.join([*removes, *stale])}"
         try:
-            self._call(
-                "update_item", TableName=self._table, Key=self._key(claim.thing_name), UpdateExpression=update,
-                ConditionExpression="#status = :provisioning AND #token = :token",
-                ExpressionAttributeNames={k: _NAMES[k] for k in ("#status", "#datetime", "#region", "#cert", "#token",
-                                                                 "#lease", "#error", "#fingerprint", "#country",
-                                                                 "#reason", "#certkey", "#expires", "#serverkey",
-                                                                 *_PENDING_NAMES)},
-                ExpressionAttributeValues=values)
-        except ClientError as e:
-            if _code(e) != "ConditionalCheckFailedException":
-                raise
+            self._update(claim.thing_name, update, "#status = :provisioning AND #token = :token", values, stale)
+        except _Refused:
             raise ProvisioningInProgress(
                 f"{claim.thing_name}: the claim's lease ran out before provisioning ended") from None
 
@@ -399,18 +515,52 @@ class DynamoDbRegistry:
             if status != "ACTIVE":
                 raise ServiceUnavailable(f"registry unavailable: DynamoDB table {table} is {status}")
 
-    def _remember_nonce(self, thing_name: str, nonce: Nonce, now: datetime) -> bool:
+    def _remember_nonce(self, thing_name: str, nonce: Nonce, at: float, stale: builtins.list[str]) -> None:
+        """Record a refused request's nonce on the device's item (removing the `stale` ones it knows of); raises
+        replayed-request when the nonce was recorded meanwhile."""
+        stale = [name for name in stale if name != _nonce_name(nonce)]
+        names = {"#nonce": _nonce_name(nonce), **{f"#stale{i}": name for i, name in enumerate(stale)}}
+        update = "SET #nonce = :nonce" + (f" REMOVE {', '.join(f'#stale{i}' for i in range(len(stale)))}"
+                                          if stale else "")
         try:
-            self._call("put_item", TableName=self._nonces,
-                       Item={"nonce_key": {"S": f"{thing_name}\n{nonce.value}"},
-                             "expires": {"N": repr(nonce.expires.timestamp())}},
-                       ConditionExpression="attribute_not_exists(nonce_key) OR expires < :now",
-                       ExpressionAttributeValues={":now": {"N": repr(now.timestamp())}})
-        except ClientError as e:
-            if _code(e) != "ConditionalCheckFailedException":
-                raise
-            return False
-        return True
+            self._update(thing_name, update, f"attribute_exists(#name) AND {_NONCE_UNSEEN}",
+                         {":nonce": {"N": repr(nonce.expires.timestamp())}, ":at": {"N": repr(at)}}, names)
+        except _Refused:
+            raise replayed_request() from None
+
+    def _carry_nonces(self, thing_name: str, nonces: Mapping[str, Any]) -> None:
+        """Nonces refused while the name was not registered, onto its item (one recorded since stays as it is)."""
+        names = {f"#carried{i}": attribute for i, attribute in enumerate(nonces)}
+        update = "SET " + ", ".join(f"{name} = if_not_exists({name}, :{name[1:]})" for name in names)
+        try:
+            self._update(thing_name, update, "attribute_exists(#name)",
+                         {f":{name[1:]}": nonces[attribute] for name, attribute in names.items()}, names)
+        except _Refused:  # not registered after all
+            pass
+
+    def _remember_unregistered(self, thing_name: str, nonce: Nonce, at: float) -> None:
+        """A nonce of a request for a name not registered: kept in the nonces table (with a TTL) until the name is
+        registered, which carries it onto the new item; raises replayed-request when it was seen before."""
+        expires = {"N": repr(nonce.expires.timestamp())}
+        try:
+            self._update(thing_name, "SET #nonce = :nonce, #ttl = :nonce", _NONCE_UNSEEN,
+                         {":nonce": expires, ":at": {"N": repr(at)}}, {"#nonce": _nonce_name(nonce), "#ttl": "expires"},
+                         table=self._nonces, key={"nonce_key": {"S": UNREGISTERED_PREFIX + thing_name}})
+        except _Refused:
+            raise replayed_request() from None
+        # Registered meanwhile: register carries what it finds, but may have looked just before this write.
+        if self.get(thing_name) is not None:
+            self._carry_nonces(thing_name, {_nonce_name(nonce): expires})
+
+    def _unregistered_nonces(self, names: builtins.list[str]) -> dict[str, dict[str, Any]]:
+        """Nonces of requests refused before each name was registered, by name (expired ones too: the item's next
+        commit removes those)."""
+        found = {}
+        for raw in self._batch_get(self._nonces, [{"nonce_key": {"S": UNREGISTERED_PREFIX + name}} for name in names]):
+            nonces = {k: v for k, v in raw.items() if k.startswith(NONCE_PREFIX)}
+            if nonces:
+                found[raw["nonce_key"]["S"][len(UNREGISTERED_PREFIX):]] = nonces
+        return found
 
     def stuck(self, now: datetime) -> builtins.list[DeviceRecord]:
         kwargs: dict[str, Any] = {
@@ -488,70 +638,61 @@ class DynamoDbRegistry:
         return state if raw else None
 
     def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
-                      nonce: Nonce | None = None) -> Claim:
-        token, at = secrets.token_hex(16), now.timestamp()
-        try:
-            # ALL_OLD: the write-ahead record a dead renewal left comes back with the lease, no second read.
-            won = self._call(
-                "update_item", TableName=self._table, Key=self._key(thing_name),
-                UpdateExpression="SET #rtoken = :token, #rlease = :lease, #claimed = :now",
-                ConditionExpression="#status = :provisioned AND #cert = :cert "
-                                    "AND (attribute_not_exists(#rlease) OR #rlease < :now) "
-                                    "AND attribute_not_exists(#retire)",
-                ExpressionAttributeNames={k: _NAMES[k] for k in ("#rtoken", "#rlease", "#claimed", "#status", "#cert",
-                                                                 "#retire")},
-                ExpressionAttributeValues={":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
-                                           ":provisioned": {"S": PROVISIONED.value}, ":cert": {"S": certificate_id},
-                                           ":now": {"N": repr(at)}},
-                ReturnValues="ALL_OLD", ReturnValuesOnConditionCheckFailure="ALL_OLD")
-        except ClientError as e:
-            if _code(e) != "ConditionalCheckFailedException":
-                raise
-            old = e.response.get("Item")
+                      nonce: Nonce | None = None, intent: PendingIssue | None = None) -> Claim:
+        at = now.timestamp()
+        condition = ("#status = :provisioned AND #cert = :cert AND (attribute_not_exists(#rlease) OR #rlease < :now) "
+                     "AND attribute_not_exists(#retire)")
+        while True:
+            values = {":token": {"S": secrets.token_hex(16)}, ":lease": {"N": repr(at + lease_seconds)},
+                      ":provisioned": {"S": PROVISIONED.value}, ":cert": {"S": certificate_id}, ":now": {"N": repr(at)}}
+            try:
+                # ALL_OLD: the write-ahead record a dead renewal left comes back with the lease, no second read.
+                return self._take(thing_name, ["#rtoken = :token", "#rlease = :lease", "#claimed = :now"], condition,
+                                  values, at, nonce, intent, True)
+            except _Refused as refused:
+                old = refused.item
             state = _renewal_state(old) if old else None
-            if state is not None and state.certificate_id == certificate_id and state.renewing_until:
+            # The lease's own condition first, as the item showed it; then the nonce; then a dead renewal's record.
+            if state is None or not state.provisioned or state.certificate_id != certificate_id or state.retire_pending:
+                raise RenewalRefused(RENEWAL_REFUSED)
+            if state.renewing_until is not None and state.renewing_until >= at:
                 raise RenewalInProgress(f"{thing_name} is being renewed by another request",
-                                        retry_after=max(1, min(30, int(state.renewing_until - at) + 1))) from None
-            raise RenewalRefused(RENEWAL_REFUSED) from None
-        claim = Claim(thing_name, token, _pending(won.get("Attributes", {})), renewal=True)
-        # The nonce after the lease (DynamoDB has no cheap two-table commit here): a replay gives the lease back,
-        # and leaves a dead renewal's record for the next one to settle.
-        if nonce is not None and not self._remember_nonce(thing_name, nonce, now):
-            self.release(claim, "replayed request refused", keep_pending=True)
-            raise replayed_request()
-        return claim
+                                        retry_after=max(1, min(30, int(state.renewing_until - at) + 1)))
+            if nonce is not None and old is not None and _nonce_live(old, nonce, at):
+                raise replayed_request()
+            if intent is None:
+                raise RenewalRefused(RENEWAL_REFUSED)
+            intent = None  # a dead renewal's record: the lease alone takes it over, the holder settles it
 
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
-                    fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
-        token, at = secrets.token_hex(16), now.timestamp()
+                    fleet_key: bool = False, quiet_seconds: int = 0, intent: PendingIssue | None = None) -> Claim:
+        at = now.timestamp()
         # prov_datetime and last_renewal are clock.timestamp text: they sort as time does.
         condition = ("#status = :provisioned AND #serverkey = :one AND #datetime >= :since AND #datetime <= :quiet "
                      "AND (attribute_not_exists(#renewed) OR #renewed <= :quiet) "
                      "AND (attribute_not_exists(#rlease) OR #rlease < :now) AND attribute_not_exists(#retire)")
         if fleet_key:  # as in claim: a device with a key of its own does not take the fleet key's signature
             condition += " AND attribute_not_exists(#key)"
-        update = "SET #rtoken = :token, #rlease = :lease, #claimed = :now"
-        try:
-            won = self._call(
-                "update_item", TableName=self._table, Key=self._key(thing_name), UpdateExpression=update,
-                ConditionExpression=condition,
-                ExpressionAttributeNames={k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}"))},
-                ExpressionAttributeValues={":token": {"S": token}, ":lease": {"N": repr(at + lease_seconds)},
-                                           ":provisioned": {"S": PROVISIONED.value}, ":one": {"N": "1"},
-                                           ":since": {"S": _timestamp(now - timedelta(seconds=window_seconds))},
-                                           ":quiet": {"S": _timestamp(now - timedelta(seconds=quiet_seconds))},
-                                           ":now": {"N": repr(at)}},
-                ReturnValues="ALL_OLD", ReturnValuesOnConditionCheckFailure="ALL_OLD")
-        except ClientError as e:
-            if _code(e) != "ConditionalCheckFailedException":
-                raise
-            old = e.response.get("Item")
-            raise rekey_refusal(thing_name, _record(old) if old else None, fleet_key, now, quiet_seconds) from None
-        return Claim(thing_name, token, _pending(won.get("Attributes", {})), renewal=True)
+        while True:
+            values = {":token": {"S": secrets.token_hex(16)}, ":lease": {"N": repr(at + lease_seconds)},
+                      ":provisioned": {"S": PROVISIONED.value}, ":one": {"N": "1"},
+                      ":since": {"S": _timestamp(now - timedelta(seconds=window_seconds))},
+                      ":quiet": {"S": _timestamp(now - timedelta(seconds=quiet_seconds))}, ":now": {"N": repr(at)}}
+            try:
+                return self._take(thing_name, ["#rtoken = :token", "#rlease = :lease", "#claimed = :now"], condition,
+                                  values, at, None, intent, True)
+            except _Refused as refused:
+                old = refused.item
+            if intent is None or old is None or "pending_region" not in old:
+                raise rekey_refusal(thing_name, _record(old) if old else None, fleet_key, now, quiet_seconds)
+            intent = None  # perhaps only a dead re-key's record stood in the way: the lease alone takes it over
 
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
-        old = self._call("get_item", TableName=self._table, Key=self._key(claim.thing_name),
-                         ConsistentRead=True).get("Item") or {}
+        # The item as the lease found it (the condition below proves its certificate is still current).
+        old = claim.restore.get("item")
+        if not isinstance(old, dict):
+            old = self._call("get_item", TableName=self._table, Key=self._key(claim.thing_name),
+                             ConsistentRead=True).get("Item") or {}
         values = {":region": {"S": renewed.region}, ":cert": {"S": renewed.certificate_id},
                   ":certkey": {"S": renewed.public_key}, ":fingerprint": {"S": renewed.fingerprint},
                   ":one": {"N": "1"}, ":renewed": {"S": _timestamp(now)}, ":token": {"S": claim.token},
@@ -585,16 +726,11 @@ class DynamoDbRegistry:
         if "S" in old.get("certificate_id", {}):
             condition += " AND #cert = :oldcert"
             values[":oldcert"] = old["certificate_id"]
-        update = f"SET {', '.join(sets)} ADD #renewals :one REMOVE {', '.join(removes)}"
+        stale = _stale_names(claim)
+        update = f"SET {', '.join(sets)} ADD #renewals :one REMOVE {', '.join([*removes, *stale])}"
         try:
-            self._call(
-                "update_item", TableName=self._table, Key=self._key(claim.thing_name), UpdateExpression=update,
-                ConditionExpression=condition,
-                ExpressionAttributeNames={k: _NAMES[k] for k in set(re.findall(r"#\w+", f"{update} {condition}"))},
-                ExpressionAttributeValues=values)
-        except ClientError as e:
-            if _code(e) != "ConditionalCheckFailedException":
-                raise
+            self._update(claim.thing_name, update, condition, values, stale)
+        except _Refused:
             raise RenewalInProgress(f"{claim.thing_name}: the renewal's lease ran out before it was recorded") from None
 
     def _abandon_renewal(self, claim: Claim, error: str, keep_pending: bool) -> None:

@@ -115,6 +115,10 @@ _PENDING = ("pending_region, pending_since, pending_fingerprint, pending_certifi
             "pending_move")
 _NO_PENDING = ("pending_region = NULL, pending_since = NULL, pending_fingerprint = NULL, "
                "pending_certificate_id = NULL, pending_created_thing = NULL, pending_move = NULL")
+_INTENT = ("pending_region = ?, pending_since = ?, pending_fingerprint = ?, pending_certificate_id = NULL, "
+           "pending_created_thing = NULL, pending_move = ?")
+# What a claim or a renewal lease changes, read as it was so that `withdraw` can put it back.
+_CLAIM_COLUMNS = "prov_status, claim_token, lease_expires, claimed_at, attempts, renewal_token, renewal_lease"
 _REGISTER_CHUNK = 5000  # rows per executemany between progress reports, all inside one transaction
 
 
@@ -201,13 +205,17 @@ class SqliteRegistry:
 
     @translated
     def claim(self, thing_name: str, now: datetime, lease_seconds: int, fleet_key: bool = False,
-              nonce: Nonce | None = None) -> Claim:
+              nonce: Nonce | None = None, intent: PendingIssue | None = None) -> Claim:
         token = secrets.token_hex(16)
         at = now.timestamp()
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")  # the nonce and the claim in one commit
+        db.execute("BEGIN IMMEDIATE")  # the nonce, the claim and the write-ahead intent in one commit
         try:
-            if nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
+            before = db.execute(f"SELECT {_CLAIM_COLUMNS}, public_key FROM devices WHERE thing_name = ?",
+                                (thing_name,)).fetchone()
+            own_key = fleet_key and before is not None and before["public_key"] is not None
+            # A fleet-key signature does not count for a device with its own key: such a request uses up nothing.
+            if nonce is not None and not own_key and not self._remember_nonce(db, thing_name, nonce, at):
                 db.execute("ROLLBACK")
                 raise replayed_request()
             # The write-ahead record is left as it is: RETURNING hands over what a dead attempt wrote.
@@ -218,15 +226,43 @@ class SqliteRegistry:
                 "OR (prov_status = 'provisioning' AND lease_expires < ?)) AND (? = 0 OR public_key IS NULL) "
                 f"RETURNING {_PENDING}",
                 (token, at + lease_seconds, at, thing_name, at, int(fleet_key))).fetchone()
+            written = self._intent_if_none(db, thing_name, "claim_token", token, won, intent)
             db.execute("COMMIT")  # a refused claim still uses up its nonce
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         if won is not None:
-            return Claim(thing_name, token, _pending(won))
+            return Claim(thing_name, token, None if written else _pending(won), intent=written,
+                         restore=dict(before))
         # The write was refused; read only to say why.
         raise claim_refusal(thing_name, self.get(thing_name), fleet_key, now)
+
+    @staticmethod
+    def _intent_if_none(db: sqlite3.Connection, thing_name: str, token_column: str, token: str,
+                        won: sqlite3.Row | None, intent: PendingIssue | None) -> PendingIssue | None:
+        """In the claim's transaction: `intent` becomes the write-ahead record unless a dead attempt left one."""
+        if won is None or intent is None or won["pending_region"] is not None:
+            return None
+        db.execute(f"UPDATE devices SET {_INTENT} WHERE thing_name = ? AND {token_column} = ?",
+                   (*_intent_values(intent), thing_name, token))
+        return intent
+
+    @translated
+    def withdraw(self, claim: Claim) -> None:
+        if not claim.restore:  # not a claim of this registry's making: its lease frees it
+            return
+        columns: tuple[str, ...] = ("renewal_token", "renewal_lease", "claimed_at")
+        where = "renewal_token = ? AND prov_status = ?"
+        if not claim.renewal:
+            columns = ("prov_status", "claim_token", "lease_expires", "claimed_at", "attempts")
+            where = "claim_token = ? AND prov_status = ?"
+        assignments = ", ".join(f"{column} = ?" for column in columns)
+        if claim.intent is not None:  # the claim wrote the write-ahead record: it goes too
+            assignments += f", {_NO_PENDING}"
+        self._db().execute(f"UPDATE devices SET {assignments} WHERE thing_name = ? AND {where}",
+                           (*(claim.restore.get(column) for column in columns), claim.thing_name, claim.token,
+                            (PROVISIONED if claim.renewal else PROVISIONING).value))
 
     @translated
     def finalize(self, claim: Claim, region: str, certificate_id: str, now: datetime,
@@ -254,9 +290,7 @@ class SqliteRegistry:
 
     @translated
     def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
-        self._holding(claim, "pending_region = ?, pending_since = ?, pending_fingerprint = ?, "
-                             "pending_certificate_id = NULL, pending_created_thing = NULL, pending_move = ?",
-                      (pending.region, pending.since.timestamp(), pending.fingerprint, int(pending.move)))
+        self._holding(claim, _INTENT, _intent_values(pending))
 
     @translated
     def record_certificate(self, claim: Claim, certificate_id: str, created_thing: bool) -> None:
@@ -385,11 +419,12 @@ class SqliteRegistry:
 
     @translated
     def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
-                      nonce: Nonce | None = None) -> Claim:
+                      nonce: Nonce | None = None, intent: PendingIssue | None = None) -> Claim:
         token, at = secrets.token_hex(16), now.timestamp()
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")  # the lease and the nonce in one commit
+        db.execute("BEGIN IMMEDIATE")  # the lease, the nonce and the write-ahead intent in one commit
         try:
+            before = db.execute(f"SELECT {_CLAIM_COLUMNS} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
             # The write-ahead record is left as it is: RETURNING hands over what a dead renewal wrote.
             won = db.execute(
                 "UPDATE devices SET renewal_token = ?, renewal_lease = ?, claimed_at = ? WHERE thing_name = ? "
@@ -399,13 +434,15 @@ class SqliteRegistry:
             if won is not None and nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
                 db.execute("ROLLBACK")
                 raise replayed_request()
+            written = self._intent_if_none(db, thing_name, "renewal_token", token, won, intent)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         if won is not None:
-            return Claim(thing_name, token, _pending(won), renewal=True)
+            return Claim(thing_name, token, None if written else _pending(won), renewal=True, intent=written,
+                         restore=dict(before))
         state = self.renewal_state(thing_name)
         if state is not None and state.certificate_id == certificate_id and state.renewing_until:
             raise RenewalInProgress(f"{thing_name} is being renewed by another request",
@@ -414,20 +451,31 @@ class SqliteRegistry:
 
     @translated
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
-                    fleet_key: bool = False, quiet_seconds: int = 0) -> Claim:
+                    fleet_key: bool = False, quiet_seconds: int = 0, intent: PendingIssue | None = None) -> Claim:
         token, at = secrets.token_hex(16), now.timestamp()
         quiet = _timestamp(now - timedelta(seconds=quiet_seconds))
-        # prov_datetime and last_renewal are clock.timestamp text: they sort as time does.
-        won = self._db().execute(
-            "UPDATE devices SET renewal_token = ?, renewal_lease = ?, claimed_at = ? WHERE thing_name = ? "
-            "AND prov_status = ? AND server_key = 1 AND prov_datetime >= ? AND prov_datetime <= ? "
-            "AND (last_renewal IS NULL OR last_renewal <= ?) "
-            "AND (renewal_lease IS NULL OR renewal_lease < ?) AND COALESCE(retire_pending, 0) = 0 "
-            f"AND (? = 0 OR public_key IS NULL) RETURNING {_PENDING}",
-            (token, at + lease_seconds, at, thing_name, PROVISIONED.value,
-             _timestamp(now - timedelta(seconds=window_seconds)), quiet, quiet, at, int(fleet_key))).fetchone()
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # the lease and the write-ahead intent in one commit
+        try:
+            before = db.execute(f"SELECT {_CLAIM_COLUMNS} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
+            # prov_datetime and last_renewal are clock.timestamp text: they sort as time does.
+            won = db.execute(
+                "UPDATE devices SET renewal_token = ?, renewal_lease = ?, claimed_at = ? WHERE thing_name = ? "
+                "AND prov_status = ? AND server_key = 1 AND prov_datetime >= ? AND prov_datetime <= ? "
+                "AND (last_renewal IS NULL OR last_renewal <= ?) "
+                "AND (renewal_lease IS NULL OR renewal_lease < ?) AND COALESCE(retire_pending, 0) = 0 "
+                f"AND (? = 0 OR public_key IS NULL) RETURNING {_PENDING}",
+                (token, at + lease_seconds, at, thing_name, PROVISIONED.value,
+                 _timestamp(now - timedelta(seconds=window_seconds)), quiet, quiet, at, int(fleet_key))).fetchone()
+            written = self._intent_if_none(db, thing_name, "renewal_token", token, won, intent)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         if won is not None:
-            return Claim(thing_name, token, _pending(won), renewal=True)
+            return Claim(thing_name, token, None if written else _pending(won), renewal=True, intent=written,
+                         restore=dict(before))
         raise rekey_refusal(thing_name, self.get(thing_name), fleet_key, now, quiet_seconds)
 
     @translated
@@ -496,6 +544,10 @@ def _add_columns(db: sqlite3.Connection) -> None:
 
 def _moment(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def _intent_values(pending: PendingIssue) -> tuple:
+    return pending.region, pending.since.timestamp(), pending.fingerprint, int(pending.move)
 
 
 def _pending(row: sqlite3.Row) -> PendingIssue | None:
