@@ -22,7 +22,7 @@ from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.issuer import Issuer
 from chalicelib.ports.registry import RenewalRegistry
 from chalicelib.services.admission import Admission
-from chalicelib.services.saga import Checkpoint, Plan, Saga, no_checkpoint
+from chalicelib.services.saga import Checkpoint, Plan, Saga, again, no_checkpoint, placed
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,9 @@ class ProvisioningService:
         if record is None or record.key_fingerprint != key_fingerprint(request.csr.public_key()):
             raise AlreadyProvisioned(f"{request.thing_name} is already provisioned with another key")
         region, certificate_id = record.region, record.certificate_id
-        cert = self.issuer.certificate(certificate_id, region) if region and certificate_id else None
-        if region is None or cert is None or not cert.active or cert.certificate_pem is None:
+        issued = again(self.issuer, request.thing_name, region, certificate_id) if region and certificate_id else None
+        if region is None or issued is None:
             raise AlreadyProvisioned(f"{request.thing_name} is provisioned but its certificate is no longer active; "
                                      "an operator must reset it (admin reset)")
-        location = self._locator.locate(client_ip)
-        choice = RegionChoice(region, self._regions.distance_km(location, region), "previous",
-                              location.country if location else None)
-        issued = IssuedCertificate(region, cert.certificate_id, cert.certificate_pem, self.issuer.endpoint(region),
-                                   thing_name=request.thing_name)
-        return Answer(request.thing_name, choice, issued,
+        return Answer(request.thing_name, placed(self._locator, self._regions, client_ip, region, "previous"), issued,
                       "already provisioned with this key: the same certificate again")

@@ -38,7 +38,7 @@ from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.issuer import Issuer
 from chalicelib.ports.registry import RenewalRegistry
 from chalicelib.services.admission import Admission
-from chalicelib.services.saga import Checkpoint, Plan, Saga, no_checkpoint
+from chalicelib.services.saga import Checkpoint, Plan, Saga, again, no_checkpoint, placed
 
 log = logging.getLogger(__name__)
 REKEYED = "rekeyed"  # the answer's reason for a re-key (a lost answer's new server-made key, in place)
@@ -208,8 +208,8 @@ class RenewalService:
                 or not _signed_by(state.previous_public_key, request)):
             return None
         assert state.region is not None and state.certificate_id is not None
-        cert = self._issuer.certificate(state.certificate_id, state.region)
-        if cert is None or not cert.active or cert.certificate_pem is None:
+        issued = again(self._issuer, state.thing_name, state.region, state.certificate_id)
+        if issued is None:
             raise refused()
         if state.retire_pending:  # the renewal whose answer was lost may have died before retiring its previous
             try:
@@ -217,13 +217,8 @@ class RenewalService:
             except Exception:
                 log.exception("renewal of %s: the previous certificate %s in %s is not retired yet",
                               state.thing_name, state.previous_certificate_id, state.previous_region)
-        location = self._locator.locate(client_ip)
-        choice = RegionChoice(state.region, self.regions.distance_km(location, state.region), RENEWAL,
-                              location.country if location else None)
-        issued = IssuedCertificate(state.region, state.certificate_id, cert.certificate_pem,
-                                   self._issuer.endpoint(state.region), thing_name=state.thing_name)
-        return Answer(state.thing_name, choice, issued, previous_certificate_id=state.previous_certificate_id,
-                      recovered=True)
+        return Answer(state.thing_name, placed(self._locator, self.regions, client_ip, state.region, RENEWAL), issued,
+                      previous_certificate_id=state.previous_certificate_id, recovered=True)
 
     def _unanswered(self, request: RenewalRequest, state: RenewalState) -> RenewalState:
         """The previous certificate and key ask for another key than the last renewal recorded, which never retired

@@ -1,12 +1,8 @@
 """The one issuance sequence; provisioning, renewal and re-key are small plans over it (docs/architecture.md):
-admit beside the claim (which writes the write-ahead intent with it), settle what a dead attempt left (then write
-ahead), issue, commit (the certificate recorded as the device's), what follows; a failure before the commit is undone
-in reverse. A plan says how a step differs. The stages between the steps are named (`Stage`): the crash tests stop a
-real process at each. Each step starts only when it fits in the request's deadline.
-
-In steady state that is one registry round (admission's write and the claim side by side), the issuer's rounds,
-and one registry write (the commit): the write-ahead intent rides on the claim's write, and the commit's write is
-the certificate's record, since until it the issuer can be asked what it made for the device since the intent.
+admit beside the claim, which writes the write-ahead intent; settle what a dead attempt left (then write ahead);
+issue; commit (the certificate's record); what follows. A failure before the commit is undone in reverse. The
+stages between the steps are named (`Stage`): the crash tests stop a real process at each. In steady state: one
+registry round, the issuer's rounds, one registry write. Each step starts only when it fits in the deadline.
 """
 from __future__ import annotations
 
@@ -25,7 +21,9 @@ from chalicelib.domain.deadline import Deadline
 from chalicelib.domain.errors import IssueIncomplete, ProvisioningError, ServiceUnavailable
 from chalicelib.domain.keypolicy import key_fingerprint
 from chalicelib.domain.records import Claim, PendingIssue
+from chalicelib.domain.regions import RegionChoice, RegionPolicy
 from chalicelib.domain.steps import Steps
+from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.issuer import Issuer
 from chalicelib.ports.registry import RenewalRegistry
 from chalicelib.services.admission import Admission
@@ -41,8 +39,7 @@ Checkpoint = Callable[[str, str], None]
 
 
 class Stage(StrEnum):
-    """Where a sequence stands between two writes or calls (and where a crash test may stop it): claimed (with the
-    write-ahead intent), issued (the issuer's objects exist, the record names none of them), committed."""
+    """Where a sequence stands between two writes or calls (where a crash test may stop it)."""
 
     CLAIMED = "claimed"
     ISSUED = "issued"
@@ -224,3 +221,18 @@ class Saga:
             self._registry.release(claim, error[:500], keep_pending=incomplete)
         except Exception:
             log.exception("could not give back the claim on %s; it frees itself when the lease ends", plan.thing_name)
+
+
+def placed(locator: GeoLocator, regions: RegionPolicy, client_ip: str, region: str, reason: str) -> RegionChoice:
+    """Where an answer places the device: `region`, with the caller's distance to it and country."""
+    location = locator.locate(client_ip)
+    return RegionChoice(region, regions.distance_km(location, region), reason, location.country if location else None)
+
+
+def again(issuer: Issuer, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate | None:
+    """The device's current certificate answered again (a lost answer asked for); None unless it is still active."""
+    cert = issuer.certificate(certificate_id, region)
+    if cert is None or not cert.active or cert.certificate_pem is None:
+        return None
+    return IssuedCertificate(region, certificate_id, cert.certificate_pem, issuer.endpoint(region),
+                             thing_name=thing_name)
