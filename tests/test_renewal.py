@@ -787,3 +787,91 @@ def test_a_retry_that_fails_after_settling_a_dead_renewal_leaves_the_device_its_
     assert dead not in {c for _, c in b.all_active_certificates()}
     result = after_the_lease(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
     assert_renewed(b, device, result, device.certificate_id)
+
+
+def test_the_lost_answer_rule_answers_only_a_request_naming_the_previous_certificate(backend):
+    """Signed with the previous key and carrying the CSR the renewal was answered for, a request naming another
+    certificate than the previous one (the current one, a made-up one) gets the one 403: the retired key alone
+    never fetches the current certificate. (Kills: the lost-answer rule without its certificate-id check.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    csr_pem, _ = make_csr("dev-1")
+    service = renewals(b)
+    result = service.renew(device.request(csr_pem), LONDON_IP)
+    after = b.registry.get("dev-1")
+    for named in (result.issued.certificate_id, "ab" * 32):
+        with pytest.raises(RenewalRefused):
+            service.renew(RenewalRequest.from_body(renewal_body("dev-1", named, device.key, csr_pem)), LONDON_IP)
+    assert b.registry.get("dev-1") == after
+
+
+def test_a_lost_answer_whose_certificate_was_revoked_meanwhile_gets_the_one_403(backend):
+    """The renewed certificate was revoked at the issuer meanwhile (an operator, in the CA or the AWS console): the
+    device asking again for its lost answer gets the one 403, never a success carrying a dead certificate. (Kills:
+    the lost-answer rule answering with a certificate that is no longer active.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    csr_pem, _ = make_csr("dev-1")
+    service = renewals(b)
+    renewed = service.renew(device.request(csr_pem), LONDON_IP).issued
+    if b.name == "local":
+        b.issuer.revoke(renewed, delete_thing=False)
+    else:  # revoked in the console, not deleted: AWS IoT still describes it
+        b.look[renewed.region].update_certificate(certificateId=renewed.certificate_id, newStatus="REVOKED")
+    with pytest.raises(RenewalRefused):
+        service.renew(device.request(csr_pem), LONDON_IP)
+
+
+def test_a_request_with_the_previous_key_while_a_renewal_may_be_answering_waits_and_changes_nothing(backend):
+    """A renewal was recorded and answered, but retiring the previous certificate failed. Within a lease's time of it,
+    a request signed with the previous key for another key may be racing that answer: it gets 409, and the recorded
+    certificate (the one the answer carries) is neither set aside nor revoked. (Kills: an unanswered renewal
+    reopened within the lease window.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    answered = renewals(b, issuer=Faulty(b.issuer, "revoke")).renew(device.request(make_csr("dev-1")[0]),
+                                                                    LONDON_IP).issued
+    with pytest.raises(RenewalInProgress):
+        renewals(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    item = b.registry.get("dev-1")
+    assert (item.certificate_id, item.previous_certificate_id) == (answered.certificate_id, device.certificate_id)
+    assert b.active_certificates("dev-1") == {(answered.region, answered.certificate_id),
+                                               (device.region, device.certificate_id)}
+
+
+def test_a_retry_whose_commit_fails_keeps_the_dead_renewals_certificate_for_the_next_try(backend):
+    """A move died after issuing in Tokyo. The device's retry (same CSR, after the lease) adopts that certificate,
+    then its record fails: the rollback leaves the adopted certificate active and on the write-ahead record (it is
+    for the device's own key), so the next retry completes the move with that very certificate, and no second one
+    is issued. (Kills: the rollback revoking a certificate it adopted.)"""
+    b = backend
+    device = Device(b, "dev-1", LONDON_IP)
+    csr_pem, _ = make_csr("dev-1")
+    with pytest.raises(Died):
+        renewals(b, "nearest", checkpoint=dies_at("renewal-issued")).renew(device.request(csr_pem), TOKYO_IP)
+    [(_, dead)] = b.active_certificates("dev-1") - {(device.region, device.certificate_id)}
+    issued = b.certificate_records("dev-1")
+    with pytest.raises(ServiceUnavailable):
+        renewals(b, "nearest", registry=Faulty(b.registry, "complete_renewal"),
+                 clock=lambda: now() + timedelta(seconds=LEASE + 1), skew_seconds=LEASE + 300).renew(
+            device.request(csr_pem), TOKYO_IP)
+    assert ("ap-northeast-1", dead) in b.active_certificates("dev-1")
+    result = after_the_lease(b).renew(device.request(csr_pem), TOKYO_IP)
+    assert result.issued.certificate_id == dead and b.certificate_records("dev-1") == issued
+    assert_renewed(b, device, result, device.certificate_id)
+
+
+def test_a_dead_renewal_with_a_server_made_key_is_never_given_again_without_its_key(backend):
+    """A renewal without a CSR died after issuing: its private key died with it. The retry (again without a CSR)
+    revokes that certificate and gets a new one with a key that matches it. (Kills: the settler adopting a dead
+    attempt's certificate when neither side has a device key.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    with pytest.raises(Died):
+        renewals(b, checkpoint=dies_at("renewal-recorded")).renew(device.request(), LONDON_IP)
+    [(_, dead)] = b.active_certificates("dev-1") - {(device.region, device.certificate_id)}
+    result = after_the_lease(b).renew(device.request(), LONDON_IP)
+    assert result.issued.certificate_id != dead and result.issued.private_key_pem
+    key = serialization.load_pem_private_key(result.issued.private_key_pem.encode(), None)
+    assert cert_key_fingerprint(result.issued.certificate_pem) == key_fingerprint(key.public_key())
+    assert_renewed(b, device, result, device.certificate_id)
