@@ -406,3 +406,36 @@ def test_an_unreadable_shared_endpoint_falls_back_to_aws_iot(aws, executor):
     issuer = AwsIotIssuer(aws.issuer._client, executor, shared_endpoints=Broken())  # noqa: SLF001
     issued = issuer.issue("dev-1", REGION_A, None)
     assert issued.endpoint.address.endswith(f"-ats.iot.{REGION_A}.amazonaws.com")
+
+
+def test_a_certificate_whose_deletion_fails_is_left_revoked_for_good(aws):
+    """REVOKED, not INACTIVE: both stop the certificate's devices, but only REVOKED can never be switched back on, and
+    a certificate whose DeleteCertificate fails stays as the undo left it, in a revocation and in issue()'s own undo.
+    (Kills: the undo setting INACTIVE.)"""
+    prepared(aws)
+    look = boto3.client("iot", region_name=REGION_A)
+    issued = aws.issuer.issue("dev-1", REGION_A, None)
+    fail(aws.clients[REGION_A], "DeleteCertificate", "AccessDeniedException", 403)
+    with pytest.raises(ServiceUnavailable, match="incomplete"):
+        aws.issuer.revoke(issued, delete_thing=True)
+    fail(aws.clients[REGION_A], "AttachThingPrincipal", "InternalFailureException", 500)
+    with pytest.raises(IssueIncomplete) as undone:
+        aws.issuer.issue("dev-2", REGION_A, None)
+    assert undone.value.certificate is not None
+    for certificate_id in (issued.certificate_id, undone.value.certificate[0]):
+        assert look.describe_certificate(certificateId=certificate_id)["certificateDescription"]["status"] == "REVOKED"
+
+
+def test_adopting_a_dead_renewals_certificate_in_place_attaches_it_with_the_policy(aws):
+    """A renewal in place that died inside issue() left a certificate with nothing attached; adopting it in place
+    attaches the device policy (without it the certificate cannot connect) and the device's thing, which keeps its
+    current certificate. (Kills: in-place adoption not attaching the policy.)"""
+    look = boto3.client("iot", region_name=REGION_A)
+    current = aws.issuer.issue("dev-1", REGION_A, None)
+    left = look.create_keys_and_certificate(setAsActive=True)
+    adopted = aws.issuer.adopt("dev-1", REGION_A, left["certificateId"], in_place=True)
+    assert (adopted.certificate_id, adopted.created_thing) == (left["certificateId"], False)
+    policies = look.list_attached_policies(target=left["certificateArn"])["policies"]
+    assert [p["policyName"] for p in policies] == [DEVICE_POLICY_NAME]
+    assert look.list_principal_things(principal=left["certificateArn"])["things"] == ["dev-1"]
+    assert aws.active_certificates("dev-1", REGION_A) == {current.certificate_id, left["certificateId"]}

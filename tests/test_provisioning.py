@@ -493,3 +493,18 @@ def test_a_rekey_whose_revocation_fails_answers_and_the_audit_finishes_it(rekeyi
     assert {r.certificate_id: r.status for r in issuer.certificates("dev-1")} == {
         first.issued.certificate_id: "REVOKED", again.issued.certificate_id: "ACTIVE"}
     assert operations.audit(registry, issuer, SAMPLE_REGIONS, clock()).findings == 0
+
+
+def test_a_v2_nonce_is_remembered_for_as_long_as_its_timestamp_is_accepted(build, registry, issuer, fleet_key, clock):
+    """A request dated the skew (300 s) ahead passes the timestamp check until twice the skew later, so its nonce is
+    kept that long: a captured request without a CSR (its answer would carry the device's private key) whose first use
+    failed after the claim is refused when replayed just before then, and nothing is issued. (Kills: the nonce kept
+    for 1x the skew.)"""
+    captured = ProvisioningRequest.from_body(v2_body(fleet_key, "dev-1", at=clock() + timedelta(seconds=300)))
+    with pytest.raises(ServiceUnavailable):
+        build(issuer=FailingIssuer(issuer, issue_error=RuntimeError("injected"))).provision(captured, LONDON_IP)
+    clock.advance(2 * 300 - 1)  # the timestamp is now 299 s old
+    with pytest.raises(SignatureInvalid) as replay:
+        build().provision(captured, LONDON_IP)
+    assert replay.value.code == "replayed-request"
+    assert registry.get("dev-1").status == "unprovisioned" and issuer.certificates("dev-1") == []

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from admin import operations
 from admin.operations import AuditReport, UnfinishedRenewal
 from chalicelib.adapters.admission.sqlite import SqliteAdmissionStore
 from chalicelib.adapters.issuers.local_ca import LocalIssuer, local_endpoints
@@ -651,3 +652,230 @@ def test_a_renewal_whose_issuer_failed_in_an_unknown_way_is_settled_by_its_own_r
     assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
     assert b.registry.claims(now()) == [] and b.audit() == EMPTY_AUDIT
     assert "RuntimeError" in b.registry.get("dev-1").last_error
+
+
+# ------------------------------------------------------------------------------------------- what mutations showed
+# Each test below fails on a single change to a security or exactly-once line that the rest of the suite let pass
+# (issue 24, item 6); the change it kills is named in its docstring.
+
+def test_the_timestamp_window_is_the_skew_either_way_of_the_servers_clock(backend):
+    """A renewal dated more than the skew ahead of the server's clock is refused as one dated behind it, and changes
+    nothing; exactly the skew ahead is accepted. (Kills: the skew checked without abs(), or with >=.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    at = now().replace(microsecond=0)  # the stamps have whole seconds
+    service = renewals(b, clock=lambda: at, skew_seconds=300)
+    before = b.registry.get("dev-1")
+    for off in (301, -301):
+        with pytest.raises(SignatureInvalid) as stale:
+            service.renew(device.request(stamp=timestamp(at + timedelta(seconds=off))), LONDON_IP)
+        assert stale.value.code == "stale-timestamp", off
+    assert b.registry.get("dev-1") == before
+    assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
+    result = service.renew(device.request(stamp=timestamp(at + timedelta(seconds=300))), LONDON_IP)
+    assert_renewed(b, device, result, device.certificate_id)
+
+
+def test_a_renewals_nonce_is_remembered_for_as_long_as_its_timestamp_is_accepted(backend):
+    """A request dated the skew ahead of the server passes the timestamp check until twice the skew later, so its
+    nonce is kept that long: a captured request (without a CSR, its answer would carry a new private key) whose
+    first use failed after taking the lease is refused when replayed just before then. (Kills: the nonce kept for
+    1x the skew.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    at, skew = now().replace(microsecond=0), 300
+    captured = device.body(stamp=timestamp(at + timedelta(seconds=skew)))
+    with pytest.raises(ServiceUnavailable):  # the lease (and the nonce) taken, then the issuer fails
+        renewals(b, issuer=Faulty(b.issuer, "issue"), clock=lambda: at, skew_seconds=skew).renew(
+            RenewalRequest.from_body(captured), LONDON_IP)
+    replayed_at = at + timedelta(seconds=2 * skew - 1)  # the timestamp is skew - 1 s old: it passes
+    with pytest.raises(SignatureInvalid) as replay:
+        renewals(b, clock=lambda: replayed_at, skew_seconds=skew).renew(RenewalRequest.from_body(captured), LONDON_IP)
+    assert replay.value.code == "replayed-request"
+    assert b.registry.get("dev-1").certificate_id == device.certificate_id
+    assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
+
+
+def test_a_lost_answer_request_not_signed_by_the_previous_key_gets_the_one_403(backend):
+    """Whoever knows a renewed device's previous certificate id and the CSR it sent (neither is secret) but not its
+    key gets the one 403, not the device's current certificate. (Kills: the lost-answer rule applied without checking
+    the previous key's signature.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    csr_pem, _ = make_csr("dev-1")
+    service = renewals(b)
+    result = service.renew(device.request(csr_pem), LONDON_IP)
+    after = b.registry.get("dev-1")
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    for key in (stranger, rsa.generate_private_key(public_exponent=65537, key_size=2048)):
+        forged = renewal_body("dev-1", device.certificate_id, key, csr_pem)
+        with pytest.raises(RenewalRefused):
+            service.renew(RenewalRequest.from_body(forged), LONDON_IP)
+    assert b.registry.get("dev-1") == after
+    # The device itself, signing with its previous key, does get its answer back.
+    assert service.renew(device.request(csr_pem), LONDON_IP).issued.certificate_id == result.issued.certificate_id
+
+
+def test_a_lost_answer_request_replayed_after_the_skew_is_refused_as_stale(backend):
+    """The timestamp is checked before the lost-answer rule: a captured lost-answer request replayed once its
+    timestamp is out of the window is refused (stale-timestamp) and answered nothing. (Kills: the timestamp
+    checked after the lost-answer rule.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    at = now().replace(microsecond=0)
+    body = device.body(make_csr("dev-1")[0], stamp=timestamp(at))
+    renewals(b, clock=lambda: at).renew(RenewalRequest.from_body(body), LONDON_IP)  # its answer is lost
+    assert renewals(b, clock=lambda: at + timedelta(seconds=300)).renew(RenewalRequest.from_body(body),
+                                                                         LONDON_IP).recovered
+    with pytest.raises(SignatureInvalid) as stale:
+        renewals(b, clock=lambda: at + timedelta(seconds=301)).renew(RenewalRequest.from_body(body), LONDON_IP)
+    assert stale.value.code == "stale-timestamp"
+
+
+def test_an_in_place_renewal_undone_after_issuing_keeps_the_devices_thing_and_leaves_nothing(backend):
+    """In place the device's thing holds its current certificate: a renewal whose record fails revokes the new
+    certificate only; the thing stays with the current certificate attached, the rollback is complete (nothing
+    kept for the settler) and the audit is clean. (Kills: the in-place rollback deleting the thing.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    with pytest.raises(ServiceUnavailable):
+        renewals(b, registry=Faulty(b.registry, "complete_renewal")).renew(device.request(make_csr("dev-1")[0]),
+                                                                           LONDON_IP)
+    item = b.registry.get("dev-1")
+    assert item.certificate_id == device.certificate_id and "incomplete" not in item.last_error
+    assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
+    if b.name == "aws":
+        assert b.things("dev-1") == ["eu-west-2"]
+        [principal] = b.look["eu-west-2"].list_thing_principals(thingName="dev-1")["principals"]
+        assert principal.endswith(device.certificate_id)
+    assert b.audit(now() + timedelta(seconds=LEASE + 1)) == EMPTY_AUDIT
+
+
+def dead_in_place_renewal(b, device: Device) -> str:
+    """An in-place renewal that died after issuing, before recording its certificate's id: returns that id. The
+    server's clock runs 30 s behind the issuer's, so the settler's search from the write-ahead time certainly finds
+    the device's current certificate too (issued moments before), which it must keep."""
+    with pytest.raises(Died):
+        renewals(b, clock=lambda: now() - timedelta(seconds=30), checkpoint=dies_at("renewal-issued")).renew(
+            device.request(make_csr(device.thing)[0]), LONDON_IP)
+    [(_, dead)] = b.active_certificates(device.thing) - {(device.region, device.certificate_id)}
+    return dead
+
+
+def test_audit_fix_of_a_dead_in_place_renewal_revokes_its_certificate_and_keeps_the_devices(backend):
+    """(Kills: the settler revoking a certificate it should keep, in the audit's settling of a renewal.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    dead = dead_in_place_renewal(b, device)
+    later = now() + timedelta(seconds=LEASE + 1)
+    found = b.audit(later)
+    assert [(s.thing_name, s.renewal, s.certificates) for s in found.stuck_claims] == [("dev-1", True, [dead])]
+    operations.repair(b.registry, b.issuer, found, later, LEASE)
+    assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
+    assert b.audit(later) == EMPTY_AUDIT
+    result = after_the_lease(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    assert_renewed(b, device, result, device.certificate_id)
+
+
+def test_a_retry_that_fails_after_settling_a_dead_renewal_leaves_the_device_its_certificate(backend):
+    """The retry with another key revokes the dead renewal's certificate, then its own issuance fails: the device's
+    current certificate is still active, and it renews with it. (Kills: the settler revoking a certificate it should
+    keep, in a retry.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    dead = dead_in_place_renewal(b, device)
+    with pytest.raises(ServiceUnavailable):
+        renewals(b, issuer=Faulty(b.issuer, "issue"), clock=lambda: now() + timedelta(seconds=LEASE + 1),
+                 skew_seconds=LEASE + 300).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    assert b.active_certificates("dev-1") == {(device.region, device.certificate_id)}
+    assert dead not in {c for _, c in b.all_active_certificates()}
+    result = after_the_lease(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    assert_renewed(b, device, result, device.certificate_id)
+
+
+def test_the_lost_answer_rule_answers_only_a_request_naming_the_previous_certificate(backend):
+    """Signed with the previous key and carrying the CSR the renewal was answered for, a request naming another
+    certificate than the previous one (the current one, a made-up one) gets the one 403: the retired key alone
+    never fetches the current certificate. (Kills: the lost-answer rule without its certificate-id check.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    csr_pem, _ = make_csr("dev-1")
+    service = renewals(b)
+    result = service.renew(device.request(csr_pem), LONDON_IP)
+    after = b.registry.get("dev-1")
+    for named in (result.issued.certificate_id, "ab" * 32):
+        with pytest.raises(RenewalRefused):
+            service.renew(RenewalRequest.from_body(renewal_body("dev-1", named, device.key, csr_pem)), LONDON_IP)
+    assert b.registry.get("dev-1") == after
+
+
+def test_a_lost_answer_whose_certificate_was_revoked_meanwhile_gets_the_one_403(backend):
+    """The renewed certificate was revoked at the issuer meanwhile (an operator, in the CA or the AWS console): the
+    device asking again for its lost answer gets the one 403, never a success carrying a dead certificate. (Kills:
+    the lost-answer rule answering with a certificate that is no longer active.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    csr_pem, _ = make_csr("dev-1")
+    service = renewals(b)
+    renewed = service.renew(device.request(csr_pem), LONDON_IP).issued
+    if b.name == "local":
+        b.issuer.revoke(renewed, delete_thing=False)
+    else:  # revoked in the console, not deleted: AWS IoT still describes it
+        b.look[renewed.region].update_certificate(certificateId=renewed.certificate_id, newStatus="REVOKED")
+    with pytest.raises(RenewalRefused):
+        service.renew(device.request(csr_pem), LONDON_IP)
+
+
+def test_a_request_with_the_previous_key_while_a_renewal_may_be_answering_waits_and_changes_nothing(backend):
+    """A renewal was recorded and answered, but retiring the previous certificate failed. Within a lease's time of it,
+    a request signed with the previous key for another key may be racing that answer: it gets 409, and the recorded
+    certificate (the one the answer carries) is neither set aside nor revoked. (Kills: an unanswered renewal
+    reopened within the lease window.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    answered = renewals(b, issuer=Faulty(b.issuer, "revoke")).renew(device.request(make_csr("dev-1")[0]),
+                                                                    LONDON_IP).issued
+    with pytest.raises(RenewalInProgress):
+        renewals(b).renew(device.request(make_csr("dev-1")[0]), LONDON_IP)
+    item = b.registry.get("dev-1")
+    assert (item.certificate_id, item.previous_certificate_id) == (answered.certificate_id, device.certificate_id)
+    assert b.active_certificates("dev-1") == {(answered.region, answered.certificate_id),
+                                               (device.region, device.certificate_id)}
+
+
+def test_a_retry_whose_commit_fails_keeps_the_dead_renewals_certificate_for_the_next_try(backend):
+    """A move died after issuing in Tokyo. The device's retry (same CSR, after the lease) adopts that certificate,
+    then its record fails: the rollback leaves the adopted certificate active and on the write-ahead record (it is
+    for the device's own key), so the next retry completes the move with that very certificate, and no second one
+    is issued. (Kills: the rollback revoking a certificate it adopted.)"""
+    b = backend
+    device = Device(b, "dev-1", LONDON_IP)
+    csr_pem, _ = make_csr("dev-1")
+    with pytest.raises(Died):
+        renewals(b, "nearest", checkpoint=dies_at("renewal-issued")).renew(device.request(csr_pem), TOKYO_IP)
+    [(_, dead)] = b.active_certificates("dev-1") - {(device.region, device.certificate_id)}
+    issued = b.certificate_records("dev-1")
+    with pytest.raises(ServiceUnavailable):
+        renewals(b, "nearest", registry=Faulty(b.registry, "complete_renewal"),
+                 clock=lambda: now() + timedelta(seconds=LEASE + 1), skew_seconds=LEASE + 300).renew(
+            device.request(csr_pem), TOKYO_IP)
+    assert ("ap-northeast-1", dead) in b.active_certificates("dev-1")
+    result = after_the_lease(b).renew(device.request(csr_pem), TOKYO_IP)
+    assert result.issued.certificate_id == dead and b.certificate_records("dev-1") == issued
+    assert_renewed(b, device, result, device.certificate_id)
+
+
+def test_a_dead_renewal_with_a_server_made_key_is_never_given_again_without_its_key(backend):
+    """A renewal without a CSR died after issuing: its private key died with it. The retry (again without a CSR)
+    revokes that certificate and gets a new one with a key that matches it. (Kills: the settler adopting a dead
+    attempt's certificate when neither side has a device key.)"""
+    b = backend
+    device = Device(b, "dev-1")
+    with pytest.raises(Died):
+        renewals(b, checkpoint=dies_at("renewal-recorded")).renew(device.request(), LONDON_IP)
+    [(_, dead)] = b.active_certificates("dev-1") - {(device.region, device.certificate_id)}
+    result = after_the_lease(b).renew(device.request(), LONDON_IP)
+    assert result.issued.certificate_id != dead and result.issued.private_key_pem
+    key = serialization.load_pem_private_key(result.issued.private_key_pem.encode(), None)
+    assert cert_key_fingerprint(result.issued.certificate_pem) == key_fingerprint(key.public_key())
+    assert_renewed(b, device, result, device.certificate_id)

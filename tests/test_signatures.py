@@ -136,3 +136,14 @@ def test_the_device_client_signs_renew_v1_as_the_vectors(vectors):
     text = vectors["renew_v1_ec_without_csr"]["signed_text"].encode()
     assert verifies(public(vectors, "device_ec_public_key_pem"), text, decode_signature(body["signature"]))
     assert "CSR" not in body
+
+
+@pytest.mark.parametrize("present, missing", [("timestamp", "nonce"), ("nonce", "timestamp")])
+def test_a_request_with_a_timestamp_or_a_nonce_is_v2_and_needs_both(vectors, present, missing):
+    """Either field makes a request v2: one stripped of the other is malformed (400), never read as v1, whose
+    signature covers only the thing name and can be replayed. (Kills: v2 detection's `or` changed to `and`.)"""
+    v2 = vectors["request_v2_with_csr"]
+    body = {**vectors["request_v1_without_csr"], present: v2[present]}
+    with pytest.raises(MalformedRequest) as malformed:
+        ProvisioningRequest.from_body(body)
+    assert malformed.value.code == "missing-field" and missing in malformed.value.message
