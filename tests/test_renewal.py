@@ -872,7 +872,7 @@ def test_a_dead_renewal_with_a_server_made_key_is_never_given_again_without_its_
     b = backend
     device = Device(b, "dev-1")
     with pytest.raises(Died):
-        renewals(b, checkpoint=dies_at("renewal-recorded")).renew(device.request(), LONDON_IP)
+        renewals(b, checkpoint=dies_at("renewal-issued")).renew(device.request(), LONDON_IP)
     [(_, dead)] = b.active_certificates("dev-1") - {(device.region, device.certificate_id)}
     result = after_the_lease(b).renew(device.request(), LONDON_IP)
     assert result.issued.certificate_id != dead and result.issued.private_key_pem
