@@ -60,13 +60,10 @@ class Renewal(Plan):
         assert state.certificate_id is not None
         self.thing_name, self.region, self.csr, self.choice = state.thing_name, choice.region, csr, choice
         self.in_place, self.admit = choice.region == state.region, admit
+        self.moves = not self.in_place
         self.note: str | None = None
         self.keep = (state.certificate_id, state.previous_certificate_id)  # never what a dead renewal left
         self._service, self._state, self._location, self._begin, self._arn = service, state, location, begin, arn
-
-    @property
-    def moves(self) -> bool:
-        return not self.in_place
 
     def claim(self, now: datetime, lease_seconds: int, intent: PendingIssue) -> Claim:
         return self._begin(now, lease_seconds, intent)
@@ -74,6 +71,7 @@ class Renewal(Plan):
     def reused(self, issued: IssuedCertificate) -> None:
         """The dead renewal's certificate, for this very key: its region is where the device goes."""
         self.in_place = issued.region == self._state.region
+        self.moves = not self.in_place
         if issued.region != self.choice.region:
             self.choice = RegionChoice(issued.region, self._service.regions.distance_km(self._location, issued.region),
                                        RENEWAL if self.in_place else RELOCATED, self.choice.country)

@@ -64,15 +64,10 @@ class Plan:
     in_place = False
     keep: tuple[str | None, ...] = ()
     admit = True
-
-    @property
-    def moves(self) -> bool:
-        """Whether the issuance moves a provisioned device to another region (the write-ahead record says so)."""
-        return False
+    moves = False           # the issuance moves a provisioned device to another region (its write-ahead record says)
 
     def claim(self, now: datetime, lease_seconds: int, intent: PendingIssue) -> Claim:
-        """Take the device (one conditional write, writing `intent` ahead unless a dead attempt's record is there:
-        the claim then carries that one)."""
+        """Take the device, writing `intent` ahead unless a dead attempt's record is there (then carried instead)."""
         raise NotImplementedError
 
     def reused(self, issued: IssuedCertificate) -> None:
@@ -90,14 +85,9 @@ class Saga:
     def __init__(self, registry: RenewalRegistry, issuer: Issuer, admission: Admission | None = None,
                  lease_seconds: int | None = None, lease_margin_seconds: int = deadlines.LEASE_MARGIN_SECONDS,
                  clock: Callable[[], datetime] = utcnow, checkpoint: Checkpoint = no_checkpoint) -> None:
-        self._registry = registry
-        self._issuer = issuer
-        self._admission = admission
-        self._lease_seconds = lease_seconds  # None: derived from the request's deadline
-        self._lease_margin = lease_margin_seconds
-        self._clock = clock
-        self._checkpoint = checkpoint
-        self.settler = Settler(registry, issuer)
+        self._registry, self._issuer, self._admission, self._clock = registry, issuer, admission, clock
+        self._lease_seconds, self._lease_margin = lease_seconds, lease_margin_seconds  # None: from the deadline
+        self._checkpoint, self.settler = checkpoint, Settler(registry, issuer)
 
     def run(self, plan: Plan, steps: Steps, deadline: Deadline) -> tuple[IssuedCertificate, bool]:
         """Issue exactly once for `plan`; returns the certificate and whether a dead attempt made it (reused)."""
