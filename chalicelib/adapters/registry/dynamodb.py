@@ -455,12 +455,7 @@ class DynamoDbRegistry:
                 raise
 
     def record_intent(self, claim: Claim, pending: PendingIssue) -> None:
-        values = {":pregion": {"S": pending.region}, ":psince": {"N": repr(pending.since.timestamp())},
-                  ":pmove": {"BOOL": pending.move}}
-        sets = ["#pregion = :pregion", "#psince = :psince", "#pmove = :pmove"]
-        if pending.fingerprint:
-            values[":pfingerprint"] = {"S": pending.fingerprint}
-            sets.append("#pfingerprint = :pfingerprint")
+        sets, values = _intent_update(pending)
         removes = [name for name in ("#pfingerprint", "#pcert", "#pcreated")
                    if name != "#pfingerprint" or not pending.fingerprint]
         self._holding(claim, f"SET {', '.join(sets)} REMOVE {', '.join(removes)}", values)

@@ -420,29 +420,12 @@ class SqliteRegistry:
     @translated
     def begin_renewal(self, thing_name: str, certificate_id: str, now: datetime, lease_seconds: int,
                       nonce: Nonce | None = None, intent: PendingIssue | None = None) -> Claim:
-        token, at = secrets.token_hex(16), now.timestamp()
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")  # the lease, the nonce and the write-ahead intent in one commit
-        try:
-            before = db.execute(f"SELECT {_CLAIM_COLUMNS} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-            # The write-ahead record is left as it is: RETURNING hands over what a dead renewal wrote.
-            won = db.execute(
-                "UPDATE devices SET renewal_token = ?, renewal_lease = ?, claimed_at = ? WHERE thing_name = ? "
-                "AND prov_status = ? AND certificate_id = ? AND (renewal_lease IS NULL OR renewal_lease < ?) "
-                f"AND COALESCE(retire_pending, 0) = 0 RETURNING {_PENDING}",
-                (token, at + lease_seconds, at, thing_name, PROVISIONED.value, certificate_id, at)).fetchone()
-            if won is not None and nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
-                db.execute("ROLLBACK")
-                raise replayed_request()
-            written = self._intent_if_none(db, thing_name, "renewal_token", token, won, intent)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        if won is not None:
-            return Claim(thing_name, token, None if written else _pending(won), renewal=True, intent=written,
-                         restore=dict(before))
+        at = now.timestamp()
+        claim = self._lease(thing_name, at, lease_seconds, nonce, intent,
+                            "prov_status = ? AND certificate_id = ? AND (renewal_lease IS NULL OR renewal_lease < ?) "
+                            "AND COALESCE(retire_pending, 0) = 0", (PROVISIONED.value, certificate_id, at))
+        if claim is not None:
+            return claim
         state = self.renewal_state(thing_name)
         if state is not None and state.certificate_id == certificate_id and state.renewing_until:
             raise RenewalInProgress(f"{thing_name} is being renewed by another request",
@@ -452,31 +435,45 @@ class SqliteRegistry:
     @translated
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
                     fleet_key: bool = False, quiet_seconds: int = 0, intent: PendingIssue | None = None) -> Claim:
-        token, at = secrets.token_hex(16), now.timestamp()
-        quiet = _timestamp(now - timedelta(seconds=quiet_seconds))
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")  # the lease and the write-ahead intent in one commit
+        at, quiet = now.timestamp(), _timestamp(now - timedelta(seconds=quiet_seconds))
+        # prov_datetime and last_renewal are clock.timestamp text: they sort as time does.
+        claim = self._lease(thing_name, at, lease_seconds, None, intent,
+                            "prov_status = ? AND server_key = 1 AND prov_datetime >= ? AND prov_datetime <= ? "
+                            "AND (last_renewal IS NULL OR last_renewal <= ?) "
+                            "AND (renewal_lease IS NULL OR renewal_lease < ?) AND COALESCE(retire_pending, 0) = 0 "
+                            "AND (? = 0 OR public_key IS NULL)",
+                            (PROVISIONED.value, _timestamp(now - timedelta(seconds=window_seconds)), quiet, quiet,
+                             at, int(fleet_key)))
+        if claim is not None:
+            return claim
+        raise rekey_refusal(thing_name, self.get(thing_name), fleet_key, now, quiet_seconds)
+
+    def _lease(self, thing_name: str, at: float, lease_seconds: int, nonce: Nonce | None,
+               intent: PendingIssue | None, condition: str, values: tuple) -> Claim | None:
+        """A renewal lease where `condition` holds, with the nonce and the write-ahead intent, in one commit; None
+        when the condition refused it. The write-ahead record is left as it is: RETURNING hands over what a dead
+        renewal wrote."""
+        token, db = secrets.token_hex(16), self._db()
+        db.execute("BEGIN IMMEDIATE")
         try:
             before = db.execute(f"SELECT {_CLAIM_COLUMNS} FROM devices WHERE thing_name = ?", (thing_name,)).fetchone()
-            # prov_datetime and last_renewal are clock.timestamp text: they sort as time does.
             won = db.execute(
                 "UPDATE devices SET renewal_token = ?, renewal_lease = ?, claimed_at = ? WHERE thing_name = ? "
-                "AND prov_status = ? AND server_key = 1 AND prov_datetime >= ? AND prov_datetime <= ? "
-                "AND (last_renewal IS NULL OR last_renewal <= ?) "
-                "AND (renewal_lease IS NULL OR renewal_lease < ?) AND COALESCE(retire_pending, 0) = 0 "
-                f"AND (? = 0 OR public_key IS NULL) RETURNING {_PENDING}",
-                (token, at + lease_seconds, at, thing_name, PROVISIONED.value,
-                 _timestamp(now - timedelta(seconds=window_seconds)), quiet, quiet, at, int(fleet_key))).fetchone()
+                f"AND {condition} RETURNING {_PENDING}", (token, at + lease_seconds, at, thing_name, *values)
+            ).fetchone()
+            if won is not None and nonce is not None and not self._remember_nonce(db, thing_name, nonce, at):
+                db.execute("ROLLBACK")
+                raise replayed_request()
             written = self._intent_if_none(db, thing_name, "renewal_token", token, won, intent)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        if won is not None:
-            return Claim(thing_name, token, None if written else _pending(won), renewal=True, intent=written,
-                         restore=dict(before))
-        raise rekey_refusal(thing_name, self.get(thing_name), fleet_key, now, quiet_seconds)
+        if won is None:
+            return None
+        return Claim(thing_name, token, None if written else _pending(won), renewal=True, intent=written,
+                     restore=dict(before))
 
     @translated
     def complete_renewal(self, claim: Claim, renewed: RenewedCertificate, now: datetime) -> None:
