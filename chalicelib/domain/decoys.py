@@ -74,7 +74,12 @@ def _decoy(kind: _Kind) -> Decoy:
     return Decoy(pem, key)
 
 
-def signed_by(pem: str | None, text: bytes, signature: bytes, load: Callable[[str], PublicKeyTypes]) -> bool:
+def load_pem(pem: str) -> PublicKeyTypes:
+    return serialization.load_pem_public_key(pem.encode())
+
+
+def signed_by(pem: str | None, text: bytes, signature: bytes,
+              load: Callable[[str], PublicKeyTypes] = load_pem) -> bool:
     """Whether `signature` over `text` is the key's (`pem`; None when the device is unknown or has no key), doing the
     same work either way: `load` (how the caller reads a device's key) of one PEM, one verification of the signature's
     kind. A device's `pem` that `load` refuses raises its ValueError after that work."""

@@ -95,6 +95,9 @@ class RenewalRefused(ProvisioningError):
 
     code = "renewal-refused"
 
+    def __init__(self) -> None:  # one message for every cause
+        super().__init__(RENEWAL_REFUSED)
+
 
 RENEWAL_REFUSED = "renewal refused: the device, its current certificate and the signature do not match"
 

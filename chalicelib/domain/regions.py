@@ -195,17 +195,19 @@ class RegionPolicy:
         metro = CATALOGUE[region]
         return round(great_circle_km(*point, metro.latitude, metro.longitude), 1)
 
+    def place(self, location: Location | None, region: str, reason: str) -> RegionChoice:
+        """`region` for a caller at `location`, with its distance and country."""
+        return RegionChoice(region, self.distance_km(location, region), reason, location.country if location else None)
+
     def choose(self, location: Location | None) -> RegionChoice:
         country = location.country if location is not None else None
         if country in self.blocked:
             raise RegionBlocked(f"devices in {country} may not be provisioned by this service")
         if country in self.countries:
-            region = self.countries[country]
-            return RegionChoice(region, self.distance_km(location, region), "country-rule", country)
+            return self.place(location, self.countries[country], "country-rule")
         continent = location.continent if location is not None else None
         if continent in self.continents:
-            region = self.continents[continent]
-            return RegionChoice(region, self.distance_km(location, region), "continent-rule", country)
+            return self.place(location, self.continents[continent], "continent-rule")
         point = _point(location)
         if point is None:
             return RegionChoice(self.default, None, "default", country)

@@ -49,7 +49,7 @@ class RelocationPolicy:
         country = choice.country
 
         def stay() -> RegionChoice:
-            return RegionChoice(current, regions.distance_km(location, current), RENEWAL, country)
+            return regions.place(location, current, RENEWAL)
 
         def move() -> RegionChoice:
             return RegionChoice(choice.region, choice.distance_km, RELOCATED, country)

@@ -3,7 +3,7 @@ issuance sequence (services/saga.py) with the provisioning plan. A provisioned d
 earlier answer (the same key: the same certificate), or with a server-made key lost with its answer a re-key."""
 import logging
 from datetime import datetime
-from typing import Callable, Protocol
+from typing import Callable
 
 from chalicelib.domain import deadline as deadlines
 from chalicelib.domain.answers import Answer
@@ -14,7 +14,7 @@ from chalicelib.domain.decoys import signed_by
 from chalicelib.domain.errors import REFUSED, AlreadyProvisioned, ServiceUnavailable, SignatureInvalid
 from chalicelib.domain.keypolicy import key_fingerprint
 from chalicelib.domain.records import PROVISIONED, Claim, PendingIssue
-from chalicelib.domain.regions import RegionChoice, RegionPolicy
+from chalicelib.domain.regions import Location, RegionPolicy
 from chalicelib.domain.requests import ProvisioningRequest, check_fresh, remembered
 from chalicelib.domain.signatures import FleetKeyVerifier, load_device_key
 from chalicelib.domain.steps import Steps
@@ -22,16 +22,10 @@ from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.issuer import Issuer
 from chalicelib.ports.registry import RenewalRegistry
 from chalicelib.services.admission import Admission
-from chalicelib.services.saga import Checkpoint, Plan, Saga, again, no_checkpoint, placed
+from chalicelib.services.renewal import RenewalService
+from chalicelib.services.saga import Checkpoint, Plan, Saga, again, no_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-class Rekeyer(Protocol):
-    """Gives a device provisioned with a server-made key a new certificate and key (services/renewal.py)."""
-
-    def rekey(self, thing_name: str, client_ip: str, fleet_key: bool, window_seconds: int,
-              steps: Steps | None = None, deadline: Deadline | None = None) -> Answer: ...
 
 
 class NewDevice(Plan):
@@ -40,11 +34,12 @@ class NewDevice(Plan):
     kind, commit_step = "provisioning", "finalize"
 
     def __init__(self, service: "ProvisioningService", request: ProvisioningRequest, fleet_key: bool,
-                 choice: RegionChoice, distance_km: Callable[[str], float | None]) -> None:
-        self.thing_name, self.region, self.csr, self.choice = request.thing_name, choice.region, request.csr, choice
+                 location: Location | None) -> None:
+        self.choice = choice = service.regions.choose(location)
+        self.thing_name, self.region, self.csr = request.thing_name, choice.region, request.csr
         self.note: str | None = None
         self.refused: AlreadyProvisioned | None = None  # the claim's refusal: the device is provisioned already
-        self._service, self._request, self._fleet_key, self._distance = service, request, fleet_key, distance_km
+        self._service, self._request, self._fleet_key, self._location = service, request, fleet_key, location
 
     def claim(self, now: datetime, lease_seconds: int, intent: PendingIssue) -> Claim:
         # The nonce is recorded only now, for a correctly signed request: nobody can use up a device's.
@@ -56,7 +51,7 @@ class NewDevice(Plan):
             raise
 
     def reused(self, issued: IssuedCertificate) -> None:
-        self.choice = RegionChoice(issued.region, self._distance(issued.region), "previous", self.choice.country)
+        self.choice = self._service.regions.place(self._location, issued.region, "previous")
         self.note = "an earlier attempt with this key was interrupted: its certificate, not a second one"
 
     def commit(self, claim: Claim, certified: Certified, now: datetime) -> None:
@@ -72,8 +67,8 @@ class ProvisioningService:
                  clock: Callable[[], datetime] = utcnow, allow_v1: bool = True, skew_seconds: int = 300,
                  budget_seconds: float = DEFAULT_BUDGET_SECONDS, lease_margin_seconds: int = LEASE_MARGIN_SECONDS,
                  checkpoint: Checkpoint = no_checkpoint, admission: Admission | None = None,
-                 rekeyer: Rekeyer | None = None, rekey_window_seconds: int = 0) -> None:
-        self.registry, self.issuer, self._locator, self._regions = registry, issuer, locator, regions
+                 rekeyer: RenewalService | None = None, rekey_window_seconds: int = 0) -> None:
+        self.registry, self.issuer, self._locator, self.regions = registry, issuer, locator, regions
         self._verifier, self._budget, self._clock = verifier, budget_seconds, clock
         self._allow_v1, self.skew = allow_v1, skew_seconds
         self._saga = Saga(registry, issuer, admission, lease_seconds, lease_margin_seconds, clock, checkpoint)
@@ -87,9 +82,7 @@ class ProvisioningService:
             with steps.step("verify"):
                 fleet_key = self._authenticate(request)
             with steps.step("geo"):  # the region is known before the claim: admission charges that region
-                location = self._locator.locate(client_ip)
-                plan = NewDevice(self, request, fleet_key, self._regions.choose(location),
-                                 lambda region: self._regions.distance_km(location, region))
+                plan = NewDevice(self, request, fleet_key, self._locator.locate(client_ip))
             try:
                 issued, _ = self._saga.run(plan, steps, deadline)
             except AlreadyProvisioned as refused:
@@ -154,5 +147,5 @@ class ProvisioningService:
         if region is None or issued is None:
             raise AlreadyProvisioned(f"{request.thing_name} is provisioned but its certificate is no longer active; "
                                      "an operator must reset it (admin reset)")
-        return Answer(request.thing_name, placed(self._locator, self._regions, client_ip, region, "previous"), issued,
-                      "already provisioned with this key: the same certificate again")
+        return Answer(request.thing_name, self.regions.place(self._locator.locate(client_ip), region, "previous"),
+                      issued, "already provisioned with this key: the same certificate again")

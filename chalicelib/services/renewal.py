@@ -13,7 +13,6 @@ from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from chalicelib.domain import deadline as deadlines
 from chalicelib.domain.answers import Answer
@@ -21,13 +20,7 @@ from chalicelib.domain.certificates import CertificateInfo, CertificateRef, Cert
 from chalicelib.domain.clock import utcnow
 from chalicelib.domain.deadline import DEFAULT_BUDGET_SECONDS, LEASE_MARGIN_SECONDS, Deadline
 from chalicelib.domain.decoys import signed_by
-from chalicelib.domain.errors import (
-    RENEWAL_REFUSED,
-    AlreadyProvisioned,
-    MalformedRequest,
-    RenewalInProgress,
-    RenewalRefused,
-)
+from chalicelib.domain.errors import AlreadyProvisioned, MalformedRequest, RenewalInProgress, RenewalRefused
 from chalicelib.domain.keypolicy import key_fingerprint, public_key_pem
 from chalicelib.domain.records import Claim, PendingIssue, RenewalState, RenewedCertificate
 from chalicelib.domain.regions import Location, RegionChoice, RegionPolicy
@@ -38,15 +31,11 @@ from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.issuer import Issuer
 from chalicelib.ports.registry import RenewalRegistry
 from chalicelib.services.admission import Admission
-from chalicelib.services.saga import Checkpoint, Plan, Saga, again, no_checkpoint, placed
+from chalicelib.services.saga import Checkpoint, Plan, Saga, again, no_checkpoint
 
 log = logging.getLogger(__name__)
 REKEYED = "rekeyed"  # the answer's reason for a re-key (a lost answer's new server-made key, in place)
 Begin = Callable[[datetime, int, PendingIssue], Claim]  # takes the renewal lease, writing the intent ahead with it
-
-
-def refused() -> RenewalRefused:
-    return RenewalRefused(RENEWAL_REFUSED)
 
 
 class Renewal(Plan):
@@ -73,8 +62,8 @@ class Renewal(Plan):
         self.in_place = issued.region == self._state.region
         self.moves = not self.in_place
         if issued.region != self.choice.region:
-            self.choice = RegionChoice(issued.region, self._service.regions.distance_km(self._location, issued.region),
-                                       RENEWAL if self.in_place else RELOCATED, self.choice.country)
+            self.choice = self._service.regions.place(self._location, issued.region,
+                                                      RENEWAL if self.in_place else RELOCATED)
         self.note = "an earlier renewal with this key was interrupted: its certificate, not a second one"
 
     def commit(self, claim: Claim, certified: Certified, now: datetime) -> None:
@@ -147,13 +136,9 @@ class RenewalService:
             return self.registry.begin_rekey(thing_name, now, lease, window_seconds, fleet_key,
                                              math.ceil(self._lease_window()), intent)
 
-        def decide(location: Location | None) -> RegionChoice:
-            return RegionChoice(region, self.regions.distance_km(location, region), REKEYED,
-                                location.country if location else None)
-
         with deadlines.running(deadline):
             return self._reissue(state, None, client_ip, steps or Steps(), deadline, begin, admit=False, arn=None,
-                                 decide=decide)
+                                 decide=lambda location: self.regions.place(location, region, REKEYED))
 
     def _reissue(self, state: RenewalState, csr: x509.CertificateSigningRequest | None, client_ip: str,
                  steps: Steps, deadline: Deadline, begin: Begin, admit: bool,
@@ -175,24 +160,21 @@ class RenewalService:
         Returns the current certificate."""
         known = (state if state is not None and state.provisioned and state.region
                  and state.certificate_id == request.certificate_id else None)
-        current = None
-        pem = known.public_key if known is not None else None
+        current, pem = None, known.public_key if known is not None else None
         if known is not None and pem is None:
             # provisioned before the registry kept keys: read it once from the certificate, keep it
             current = self._issuer.certificate(request.certificate_id, known.region)
             if current is None or current.certificate_pem is None:
-                raise refused()
+                raise RenewalRefused()
             pem = public_key_pem(x509.load_pem_x509_certificate(current.certificate_pem.encode()).public_key())
             self.registry.set_public_key(known.thing_name, request.certificate_id, pem)
         if not _signed_by(pem, request) or known is None:
-            raise refused()
-        state = known
-        assert state.certificate_id is not None and state.region is not None
+            raise RenewalRefused()
         # Revocation is the issuer's to know (an operator may have revoked the certificate there).
-        current = current or self._issuer.certificate(state.certificate_id, state.region)
+        current = current or self._issuer.certificate(request.certificate_id, known.region)
         if current is None or not current.active:
-            raise refused()
-        if request.csr is not None and key_fingerprint(request.csr.public_key()) == state.fingerprint:
+            raise RenewalRefused()
+        if request.csr is not None and key_fingerprint(request.csr.public_key()) == known.fingerprint:
             raise MalformedRequest("CSR refused: the new key must differ from the current certificate's key",
                                    "malformed-csr")
         return current
@@ -208,15 +190,15 @@ class RenewalService:
         assert state.region is not None and state.certificate_id is not None
         issued = again(self._issuer, state.thing_name, state.region, state.certificate_id)
         if issued is None:
-            raise refused()
+            raise RenewalRefused()
         if state.retire_pending:  # the renewal whose answer was lost may have died before retiring its previous
             try:
                 self.retire(state)
             except Exception:
                 log.exception("renewal of %s: the previous certificate %s in %s is not retired yet",
                               state.thing_name, state.previous_certificate_id, state.previous_region)
-        return Answer(state.thing_name, placed(self._locator, self.regions, client_ip, state.region, RENEWAL), issued,
-                      previous_certificate_id=state.previous_certificate_id, recovered=True)
+        return Answer(state.thing_name, self.regions.place(self._locator.locate(client_ip), state.region, RENEWAL),
+                      issued, previous_certificate_id=state.previous_certificate_id, recovered=True)
 
     def _unanswered(self, request: RenewalRequest, state: RenewalState) -> RenewalState:
         """The previous certificate and key ask for another key than the last renewal recorded, which never retired
@@ -229,7 +211,7 @@ class RenewalService:
             return state
         previous = self._issuer.certificate(state.previous_certificate_id, state.previous_region)
         if previous is None or not previous.active:  # revoked meanwhile (an operator, the audit): nothing to go on
-            raise refused()
+            raise RenewalRefused()
         fingerprint = key_fingerprint(serialization.load_pem_public_key(state.previous_public_key.encode()))
         if self.registry.reopen_renewal(state.thing_name, state.certificate_id, fingerprint, self._clock()):
             log.warning("renewal of %s: certificate %s was recorded but never answered; set aside for the settler",
@@ -242,7 +224,7 @@ class RenewalService:
         refusal comes this way, an unknown device's too (`seen` None): the same reads whatever the cause."""
         later = self.registry.renewal_state(request.thing_name)
         if later is None:
-            raise refused()
+            raise RenewalRefused()
         if later.certificate_id != (seen.certificate_id if seen else None):
             recovered = self._lost_answer(request, later, client_ip)
             if recovered is not None:
@@ -250,7 +232,7 @@ class RenewalService:
         if (request.certificate_id == later.previous_certificate_id and later.previous_public_key is not None
                 and self._just_renewed(later) and _signed_by(later.previous_public_key, request)):
             raise RenewalInProgress(f"{request.thing_name} was renewed by another request just now", retry_after=1)
-        raise refused()
+        raise RenewalRefused()
 
     def retire(self, state: RenewalState, arn: str | None = None) -> None:
         """Revoke the previous certificate, and after a move delete the old region's thing; then say so."""
@@ -272,11 +254,7 @@ class RenewalService:
 def _signed_by(public_key_pem_text: str | None, request: RenewalRequest) -> bool:
     """Whether the request is signed by the key (None: no key; a decoy does the same work, domain/decoys.py)."""
     try:
-        return signed_by(public_key_pem_text, request.signed_text(), request.signature, _load_key)
+        return signed_by(public_key_pem_text, request.signed_text(), request.signature)
     except ValueError:
         log.error("the certificate key kept for %s cannot be read", request.thing_name)
         return False
-
-
-def _load_key(pem: str) -> PublicKeyTypes:
-    return serialization.load_pem_public_key(pem.encode())

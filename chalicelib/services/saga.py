@@ -1,7 +1,7 @@
 """The one issuance sequence; provisioning, renewal and re-key are small plans over it (docs/architecture.md):
 admit beside the claim, which writes the write-ahead intent; settle what a dead attempt left (then write ahead);
 issue; commit (the certificate's record); what follows. A failure before the commit is undone in reverse. The
-stages between the steps are named (`Stage`): the crash tests stop a real process at each. In steady state: one
+stages between the steps are named (below): the crash tests stop a real process at each. In steady state: one
 registry round, the issuer's rounds, one registry write. Each step starts only when it fits in the deadline.
 """
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 from datetime import datetime
-from enum import StrEnum
 from typing import Callable
 
 from cryptography import x509
@@ -21,9 +20,7 @@ from chalicelib.domain.deadline import Deadline
 from chalicelib.domain.errors import IssueIncomplete, ProvisioningError, ServiceUnavailable
 from chalicelib.domain.keypolicy import key_fingerprint
 from chalicelib.domain.records import Claim, PendingIssue
-from chalicelib.domain.regions import RegionChoice, RegionPolicy
 from chalicelib.domain.steps import Steps
-from chalicelib.ports.geo import GeoLocator
 from chalicelib.ports.issuer import Issuer
 from chalicelib.ports.registry import RenewalRegistry
 from chalicelib.services.admission import Admission
@@ -38,12 +35,8 @@ COMMIT_SECONDS = 4.0     # one conditional registry write, one attempt
 Checkpoint = Callable[[str, str], None]
 
 
-class Stage(StrEnum):
-    """Where a sequence stands between two writes or calls (where a crash test may stop it)."""
-
-    CLAIMED = "claimed"
-    ISSUED = "issued"
-    COMMITTED = "committed"
+# Where a sequence stands between two writes or calls (where a crash test may stop it).
+CLAIMED, ISSUED, COMMITTED = "claimed", "issued", "committed"
 
 
 def no_checkpoint(stage: str, thing_name: str) -> None:
@@ -99,7 +92,7 @@ class Saga:
         wanted = key_fingerprint(plan.csr.public_key()) if plan.csr is not None else None
         with steps.step("claim"):
             claim = self._claim(plan, wanted, deadline, admitting)
-        self._stage(plan, Stage.CLAIMED)
+        self._stage(plan, CLAIMED)
         issued, intent, reused, issuing = None, claim.intent, False, False
         # Whether the write-ahead record may describe something that still exists, and whether the issuer, should
         # it fail, can be trusted to have undone its own steps (a domain error; else it raises IssueIncomplete).
@@ -121,11 +114,11 @@ class Saga:
                 with steps.step("issue"):
                     issued = self._issuer.issue(plan.thing_name, plan.region, plan.csr, in_place=plan.in_place)
                 issuer_cleans_up = False
-                self._stage(plan, Stage.ISSUED)
+                self._stage(plan, ISSUED)
             deadline.require("recording the certificate", COMMIT_SECONDS)
             with steps.step(plan.commit_step):  # the certificate's record and the commit, in one write
                 plan.commit(claim, certify(issued, plan.csr), self._clock())
-            self._stage(plan, Stage.COMMITTED)
+            self._stage(plan, COMMITTED)
         except Exception as exc:
             with deadline.rolling_back():
                 if issued is None or not self._committed(plan, issued):
@@ -174,7 +167,7 @@ class Saga:
                 raise
         return claim
 
-    def _stage(self, plan: Plan, stage: Stage) -> None:
+    def _stage(self, plan: Plan, stage: str) -> None:
         self._checkpoint(f"{plan.stages}{stage}", plan.thing_name)
 
     def _committed(self, plan: Plan, issued: IssuedCertificate) -> bool:
@@ -211,12 +204,6 @@ class Saga:
             self._registry.release(claim, error[:500], keep_pending=incomplete)
         except Exception:
             log.exception("could not give back the claim on %s; it frees itself when the lease ends", plan.thing_name)
-
-
-def placed(locator: GeoLocator, regions: RegionPolicy, client_ip: str, region: str, reason: str) -> RegionChoice:
-    """Where an answer places the device: `region`, with the caller's distance to it and country."""
-    location = locator.locate(client_ip)
-    return RegionChoice(region, regions.distance_km(location, region), reason, location.country if location else None)
 
 
 def again(issuer: Issuer, thing_name: str, region: str, certificate_id: str) -> IssuedCertificate | None:

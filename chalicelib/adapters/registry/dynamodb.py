@@ -22,7 +22,6 @@ from chalicelib.adapters.registry.items import (
 )
 from chalicelib.domain.clock import timestamp as _timestamp
 from chalicelib.domain.errors import (
-    RENEWAL_REFUSED,
     ProvisioningInProgress,
     RenewalInProgress,
     RenewalRefused,
@@ -649,14 +648,14 @@ class DynamoDbRegistry:
             state = _renewal_state(old) if old else None
             # The lease's own condition first, as the item showed it; then the nonce; then a dead renewal's record.
             if state is None or not state.provisioned or state.certificate_id != certificate_id or state.retire_pending:
-                raise RenewalRefused(RENEWAL_REFUSED)
+                raise RenewalRefused()
             if state.renewing_until is not None and state.renewing_until >= at:
                 raise RenewalInProgress(f"{thing_name} is being renewed by another request",
                                         retry_after=max(1, min(30, int(state.renewing_until - at) + 1)))
             if nonce is not None and old is not None and _nonce_live(old, nonce, at):
                 raise replayed_request()
             if intent is None:
-                raise RenewalRefused(RENEWAL_REFUSED)
+                raise RenewalRefused()
             intent = None  # a dead renewal's record: the lease alone takes it over, the holder settles it
 
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,

@@ -20,7 +20,6 @@ from chalicelib.adapters.registry.items import (
 from chalicelib.adapters.storage import StorageUnavailable, explain, translated
 from chalicelib.domain.clock import timestamp as _timestamp
 from chalicelib.domain.errors import (
-    RENEWAL_REFUSED,
     ProvisioningInProgress,
     RenewalInProgress,
     RenewalRefused,
@@ -430,7 +429,7 @@ class SqliteRegistry:
         if state is not None and state.certificate_id == certificate_id and state.renewing_until:
             raise RenewalInProgress(f"{thing_name} is being renewed by another request",
                                     retry_after=max(1, min(30, int(state.renewing_until - at) + 1)))
-        raise RenewalRefused(RENEWAL_REFUSED)
+        raise RenewalRefused()
 
     @translated
     def begin_rekey(self, thing_name: str, now: datetime, lease_seconds: int, window_seconds: int,
