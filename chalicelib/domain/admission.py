@@ -3,7 +3,7 @@
 Every request that will spend IoT calls in a region first takes a slot on that region's schedule, kept in
 the registry's store so that every container (every Lambda instance) shares it. The schedule is a GCRA
 ("theoretical arrival time", `tat`) that lets one second's worth of issuances through at once, like AWS's
-token buckets, and then one every 1/rate seconds. A request over the budget is refused with 503 and a
+token buckets (and a second's lateness, `tolerance`), and then one every 1/rate seconds. A request over the budget is refused with 503 and a
 `Retry-After` pointing at a slot of its own (`horizon`, the last slot promised), so the refused come back
 spread at the rate the region can take instead of all at once.
 """
@@ -43,6 +43,7 @@ ROLLBACK = ("DetachThingPrincipal", "DetachPolicy", "UpdateCertificate", "Delete
 # same account. (DescribeEndpoint and GetPolicy have quotas of their own and are no longer called per container.)
 RESERVE = 0.2
 BURST_SECONDS = 1.0    # AWS's buckets hold one second's worth of requests; so does the schedule
+RETRY_AFTER_SECONDS = 1.0  # a Retry-After is whole seconds (RFC 9110, section 10.2.3)
 # After a throttle seen anyway, the region runs at 3/4 of its budget for 2 s, shared by every container. AWS's
 # bucket refills in 1 s, so a throttle says it was empty just then; 2 s at 3/4 gives back half a bucket. Lasting
 # contention (another application on the same quota) throttles again and keeps the region slowed. (It was 5 s:
@@ -96,6 +97,23 @@ def budgets_from(rates: Mapping[str, float], default: Budget | None) -> Callable
         rate = rates.get(region, rates.get("*"))
         return base.scaled(float(rate)) if rate is not None else default
     return budget
+
+
+def tolerance(rate: float) -> float:
+    """How far ahead of the schedule a request may be admitted (the GCRA's tolerance), at `rate` per second.
+
+    One second's worth passes at once. A refused device is told whole seconds, so it comes back up to a second after
+    its slot: the schedule may then run up to a second ahead, or that lateness is budget lost for good (most at
+    small rates, where the refused come back 2 or 3 to a second). Only while what passes at once, 1 + rate, still
+    fits AWS's bucket (the quota's second: the budget with its reserve); below about 4/s it may not, and the
+    schedule keeps one second's worth.
+    """
+    interval = 1.0 / rate
+    at_once = 1 + math.floor(rate * RETRY_AFTER_SECONDS + 1e-9)
+    bucket = math.floor(rate * BURST_SECONDS / (1.0 - RESERVE) + 1e-9)
+    ahead = RETRY_AFTER_SECONDS if at_once <= bucket else 0.0
+    # (a microsecond of slack: float sums of intervals must not refuse the burst's last request)
+    return max(BURST_SECONDS - interval, ahead) + 1e-6
 
 
 @dataclass(frozen=True)

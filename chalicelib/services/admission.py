@@ -8,7 +8,7 @@ import time
 from concurrent.futures import Executor, Future
 from typing import Callable
 
-from chalicelib.domain.admission import BURST_SECONDS, SLOW_FACTOR, SLOW_SECONDS, Budget
+from chalicelib.domain.admission import SLOW_FACTOR, SLOW_SECONDS, Budget, tolerance
 from chalicelib.domain.errors import ServiceUnavailable
 from chalicelib.ports.admission import AdmissionStore
 
@@ -19,12 +19,10 @@ class Admission:
     """What the orchestrator (and renewal) calls before spending IoT calls in a region."""
 
     def __init__(self, store: AdmissionStore, budgets: Callable[[str], Budget | None],
-                 clock: Callable[[], float] = time.time, burst_seconds: float = BURST_SECONDS,
-                 executor: Executor | None = None):
+                 clock: Callable[[], float] = time.time, executor: Executor | None = None):
         self._store = store
         self._budgets = budgets
         self._clock = clock
-        self._burst = burst_seconds
         self._executor = executor  # the composition root's pool: `begin` runs admit() there (None: at once)
         self._slow_until: dict[str, float] = {}  # this container's latest view of the shared slow-down
 
@@ -42,9 +40,7 @@ class Admission:
             return
         now = self._clock()
         rate = self._rate(region, budget, server_key, now)
-        interval = 1.0 / rate
-        # (a microsecond of slack: float sums of intervals must not refuse the burst's last request)
-        ticket = self._store.schedule(region, now, interval, max(0.0, self._burst - interval) + 1e-6)
+        ticket = self._store.schedule(region, now, 1.0 / rate, tolerance(rate))
         self._slow_until[region] = ticket.slow_until
         if not ticket.admitted:
             retry_after = max(1, math.ceil(ticket.wait))
