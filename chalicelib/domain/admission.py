@@ -3,9 +3,9 @@
 Every request that will spend IoT calls in a region first takes a slot on that region's schedule, kept in
 the registry's store so that every container (every Lambda instance) shares it. The schedule is a GCRA
 ("theoretical arrival time", `tat`) that lets one second's worth of issuances through at once, like AWS's
-token buckets (and a second's lateness, `tolerance`), and then one every 1/rate seconds. A request over the budget is refused with 503 and a
-`Retry-After` pointing at a slot of its own (`horizon`, the last slot promised), so the refused come back
-spread at the rate the region can take instead of all at once.
+token buckets (and may run a second ahead: `tolerance`), and then one every 1/rate seconds. A request over
+the budget is refused with 503 and a `Retry-After` pointing at a slot of its own (`horizon`, the last slot
+promised), so the refused come back spread at the rate the region can take instead of all at once.
 """
 from __future__ import annotations
 
