@@ -120,20 +120,37 @@ def catches_sighup(pid: int) -> bool:
     return bool(int(caught, 16) & (1 << (signal.SIGHUP - 1)))
 
 
+_handed_out: set[int] = set()  # ports this process gave a server that may not have bound them yet
+
+
+def _listening_ports() -> range:
+    """Where to look for a port to listen on: below the kernel's ephemeral range. Ports in it are handed out as
+    outgoing connections' source ports, so one found free there can be taken before the server binds it (mosquitto's
+    "Address already in use" in a CI run)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return range(10000, low) if low > 12000 else range(20000, 60000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_run(1)
 
 
-def free_port_run(count: int, start: int = 20000, stop: int = 60000) -> int:
-    """The first port of `count` consecutive free ports (one MQTT listener per region)."""
-    for base in range(start + (os.getpid() % 997) * 37, stop, count):
-        if base + count >= stop:
-            break
-        if all(_port_free(base + i) for i in range(count)):
+def free_port_run(count: int) -> int:
+    """The first port of `count` consecutive free ports (one MQTT listener per region), never one this process
+    handed out before; where the search starts depends on the process, so that two test runs rarely meet."""
+    ports = _listening_ports()
+    slots = len(ports) // count
+    first = os.getpid() * 37 % slots
+    for i in range(slots):
+        base = ports.start + (first + i) % slots * count
+        run = range(base, base + count)
+        if not _handed_out.intersection(run) and all(_port_free(port) for port in run):
+            _handed_out.update(run)
             return base
-    raise StackError(f"no {count} consecutive free ports found")
+    raise StackError(f"no {count} consecutive free ports found in {ports.start}-{ports.stop - 1}")
 
 
 def _port_free(port: int) -> bool:
